@@ -1,0 +1,487 @@
+"""Fused LoRA kernels and their launchers (tensors in, tensors out; no autograd here).
+
+    y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ + b        x [M, K], W [N, K], A [r, K], B [N, r], b [N]
+
+Design, from a cost model (bf16, M = 8192, K = N = 4096, r = 16, H200: 4.8 TB/s, 989 TFLOP/s):
+
+- The base GEMM costs 2·M·N·K = 275 GFLOP ≈ 280-350 µs: the layer is compute-bound.
+- Forward, choice of where x·Aᵀ comes from:
+  (a) a separate *shrink* kernel xa = drop(x)·Aᵀ: one more read of x (64 MiB ≈ 14 µs, ~4 %),
+      which also applies dropout and yields xa [M, r] fp32 — the tensor the backward needs;
+  (b) x·Aᵀ recomputed inside every output tile of the GEMM: r/BLOCK_N more tensor-core work
+      (12.5 % at r = 16, 50 % at r = 64 with BLOCK_N = 128), the dropout mask regenerated
+      N/BLOCK_N times, and xa still has to be written for the backward.
+  (a) is cheaper for every r ≥ 5, so: `_lora_shrink_kernel`, then `_lora_forward_kernel` =
+  the GEMM x·Wᵀ with s·xa·Bᵀ + b added in its epilogue (y is written once, no M×N
+  intermediate; the epilogue costs r/K of the GEMM: 0.4 %).
+- Backward, g = dY·B [M, r]:
+  `_lora_backward_dy_kernel` reads dY once and produces both g and per-M-block partials of
+  dB = s·dYᵀ·xa (the two products that read dY).
+  `_lora_backward_dx_kernel` is the GEMM dY·W with s·(g·A)⊙mask/(1-p) added in its epilogue;
+  that epilogue already holds the M-block of g, so it also reads the x tile once and writes
+  the per-M-block partial of dA = s/(1-p)·gᵀ·(x⊙mask).
+  Extra HBM traffic over the frozen layer: one read of x (forward), one of dY and one of x
+  (backward), plus M×r tensors and the partials.
+- Reductions over M are deterministic: each M-block writes its own fp32 partial and the
+  launcher sums them (`torch.sum` over a fixed number of blocks); no float atomics. The
+  M-block size of the two backward kernels is therefore fixed per target, not autotuned.
+- Dropout: the keep mask of element (m, k) is a pure function of (seed, m, k) (Philox with an
+  int64 counter, one call per 4 elements; see `_dropout_keep`), independent of tile shapes, so
+  the backward regenerates exactly the forward's mask from the seed; no mask is stored.
+- All offsets along M (and the strides they multiply) are int64: M·K passes 2³¹ at long
+  sequences. Accumulation is fp32 throughout; xa and g are kept in fp32 and rounded to the
+  compute dtype only as tensor-core operands.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    check_launchable,
+    configs_for_this_target,
+    current_target,
+    dot_flags,
+    grouped_tile,
+    m_bucket,
+    mma,
+)
+
+# Rank is processed in chunks of at most this many columns (tl.dot needs ≥ 16).
+MAX_BLOCK_R = 64
+
+
+def block_r(r: int) -> int:
+    return min(MAX_BLOCK_R, max(16, triton.next_power_of_2(r)))
+
+
+def _gemm_configs(shapes):
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+# Autotune lists, one per target; `peft-ops compile` proves each one spill-free.
+# BLOCK_N here is the output-column tile of the forward GEMM.
+FORWARD_CONFIGS = {
+    "sm80": _gemm_configs([(128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (64, 128, 64, 4, 4), (128, 64, 32, 4, 4)]),
+    "sm90": _gemm_configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)]),
+    "interpreter": _gemm_configs([(32, 32, 32, 4, 1)]),
+}
+SHRINK_CONFIGS = {
+    "sm80": [triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk), num_warps=w, num_stages=s)
+             for bm, bk, w, s in [(64, 64, 4, 3), (128, 64, 4, 3), (32, 128, 4, 3), (16, 128, 4, 4)]],
+    "sm90": [triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk), num_warps=w, num_stages=s)
+             for bm, bk, w, s in [(64, 64, 4, 4), (128, 64, 8, 3), (32, 128, 4, 4), (16, 128, 4, 4)]],
+    "interpreter": [triton.Config(dict(BLOCK_M=32, BLOCK_K=32), num_warps=4, num_stages=1)],
+}
+# Backward: BLOCK_M is fixed per target (BACKWARD_BLOCK_M) because it sets how many partials
+# the M-reduction sums; only the other tile sizes are tuned. The dX kernel holds the GEMM
+# accumulator, the x tile, g and the regenerated dropout mask at once: at BLOCK_M = 128
+# every config spilled (ptxas), at 64 none does.
+BACKWARD_BLOCK_M = {"sm80": {"dy": 64, "dx": 64}, "sm90": {"dy": 64, "dx": 64},
+                    "interpreter": {"dy": 32, "dx": 32}}
+BACKWARD_DY_CONFIGS = {
+    "sm80": [triton.Config(dict(BLOCK_N=bn), num_warps=w, num_stages=s)
+             for bn, w, s in [(64, 4, 3), (128, 8, 3), (64, 4, 4)]],
+    "sm90": [triton.Config(dict(BLOCK_N=bn), num_warps=w, num_stages=s)
+             for bn, w, s in [(64, 4, 4), (128, 4, 3), (128, 8, 3)]],
+    "interpreter": [triton.Config(dict(BLOCK_N=32), num_warps=4, num_stages=1)],
+}
+BACKWARD_DX_CONFIGS = {
+    # BLOCK_K: output-column tile (in_features); BLOCK_N: reduction tile (out_features).
+    "sm80": [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+             for bn, bk, w, s in [(64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 256, 8, 3)]],
+    "sm90": [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+             for bn, bk, w, s in [(64, 128, 8, 3), (64, 256, 8, 3), (64, 64, 4, 4), (64, 64, 4, 3)]],
+    "interpreter": [triton.Config(dict(BLOCK_N=32, BLOCK_K=64, GROUP_M=8), num_warps=4, num_stages=1)],
+}
+
+
+@triton.jit
+def _dropout_keep(seed, rows, k0, n_cols, dropout_p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Keep mask of the tile rows × [k0, k0 + BLOCK_K) of an [·, n_cols] tensor (k0 % 4 == 0).
+
+    Element (m, k) takes lane k % 4 of the Philox call at counter m·⌈n_cols/4⌉ + k // 4: a pure
+    function of (seed, m, k), so every kernel and tile shape regenerates the same mask, and one
+    Philox call (10 rounds of 32-bit multiplies) serves 4 elements, as in PyTorch's dropout.
+    """
+    groups = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+    counters = rows[:, None] * tl.cdiv(n_cols, 4) + groups[None, :]
+    u0, u1, u2, u3 = tl.rand4x(seed, counters)
+    # join(join(u0, u2), join(u1, u3)) is [BM, BK/4, 2, 2] whose row-major flattening puts u_l at
+    # lane l of each group of 4.
+    u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), (BLOCK_M, BLOCK_K))
+    return u >= dropout_p
+
+
+@triton.autotune(configs=configs_for_this_target(SHRINK_CONFIGS), key=["M_BUCKET", "K", "R"])
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed per step must not trigger a recompile
+def _lora_shrink_kernel(
+    X, A, XA, M, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_ar, stride_ak,
+    seed, dropout_p, keep_scale,
+    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+    WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """XA[M, R] (fp32) = (X ⊙ keep)·Aᵀ · keep_scale, one program per (M-block, R-chunk)."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = offs_m.to(tl.int64)
+    m_mask = offs_m < M
+    r_mask = offs_r < R
+    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+    a_ptrs = A + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None].to(tl.int64) * stride_ak
+    x_step = BLOCK_K * tl.cast(stride_xk, tl.int64)
+    a_step = BLOCK_K * tl.cast(stride_ak, tl.int64)
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + offs_k) < K
+        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rows, k0, K, dropout_p, BLOCK_M, BLOCK_K)
+            x = tl.where(keep, x, 0.0)  # zeroing is exact; the 1/(1-p) is applied to the fp32 sum
+        a = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = mma(x, a.to(x.dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+        x_ptrs += x_step
+        a_ptrs += a_step
+    if HAS_DROPOUT:
+        acc = acc * keep_scale
+    xa_ptrs = XA + rows[:, None] * R + offs_r[None, :]
+    tl.store(xa_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.autotune(configs=configs_for_this_target(FORWARD_CONFIGS), key=["M_BUCKET", "N", "K", "R"])
+@triton.jit
+def _lora_forward_kernel(
+    X, W, XA, B, BIAS, Y, M, N, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
+    scaling,
+    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Y[M, N] = X·Wᵀ + scaling·XA·Bᵀ + BIAS, the LoRA term and bias in the epilogue."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows/columns past the edge wrap onto valid ones for the loads (the store is masked), so
+    # the main-loop loads need no M/N mask and stay vectorized.
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+    w_ptrs = W + cols[None, :] * stride_wn + offs_k[:, None].to(tl.int64) * stride_wk
+    x_step = BLOCK_K * tl.cast(stride_xk, tl.int64)
+    w_step = BLOCK_K * tl.cast(stride_wk, tl.int64)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+        acc = mma(x, w, acc, WIDEN_BF16_DOT, DOT_PRECISION)
+        x_ptrs += x_step
+        w_ptrs += w_step
+
+    # Epilogue: + scaling·xa·Bᵀ. Scaling is folded into the fp32 xa before its one rounding to
+    # the compute dtype, so the term accumulates straight into acc (no second M×N tile).
+    compute_dtype = X.dtype.element_ty
+    offs_r = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        r_mask = (r0 + offs_r) < R
+        xa = tl.load(XA + rows[:, None] * R + (r0 + offs_r)[None, :], mask=r_mask[None, :], other=0.0)
+        b = tl.load(B + cols[None, :] * stride_bn + (r0 + offs_r)[:, None].to(tl.int64) * stride_br,
+                    mask=r_mask[:, None], other=0.0)
+        acc = mma((xa * scaling).to(compute_dtype), b.to(compute_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols).to(tl.float32)[None, :]
+
+    out_rows = offs_m.to(tl.int64)
+    y_ptrs = Y + out_rows[:, None] * N + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.autotune(configs=configs_for_this_target(BACKWARD_DY_CONFIGS), key=["M_BUCKET", "N", "R"])
+@triton.jit
+def _lora_backward_dy_kernel(
+    DY, B, XA, G, DB_PARTIAL, M, N, R, M_BUCKET,
+    stride_dym, stride_dyn, stride_bn, stride_br,
+    COMPUTE_G: tl.constexpr, COMPUTE_DB: tl.constexpr, BLOCK_R: tl.constexpr,
+    WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One pass over dY for both products that read it, per (M-block, R-chunk):
+    G[M, R] = dY·B (fp32) and DB_PARTIAL[m_block, N, R] = dY[m_block]ᵀ·XA[m_block]."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)
+    m_mask = offs_m < M
+    r_mask = offs_r < R
+    compute_dtype = DY.dtype.element_ty
+    if COMPUTE_DB:
+        # Rows past M load as zero (not wrapped): they must add nothing to the dB sum.
+        xa = tl.load(XA + rows[:, None] * R + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        xa = xa.to(compute_dtype)
+    g = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    dy_ptrs = DY + rows[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn
+    b_ptrs = B + offs_n[:, None].to(tl.int64) * stride_bn + offs_r[None, :].to(tl.int64) * stride_br
+    dy_step = BLOCK_N * tl.cast(stride_dyn, tl.int64)
+    b_step = BLOCK_N * tl.cast(stride_bn, tl.int64)
+    partial_base = DB_PARTIAL + pid_m.to(tl.int64) * N * R
+    for n0 in range(0, N, BLOCK_N):
+        n_mask = (n0 + offs_n) < N
+        dy = tl.load(dy_ptrs, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        if COMPUTE_G:
+            b = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+            g = mma(dy, b.to(compute_dtype), g, WIDEN_BF16_DOT, DOT_PRECISION)
+        if COMPUTE_DB:
+            part = mma(tl.trans(dy), xa, tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32),
+                       WIDEN_BF16_DOT, DOT_PRECISION)
+            part_ptrs = partial_base + (n0 + offs_n)[:, None].to(tl.int64) * R + offs_r[None, :]
+            tl.store(part_ptrs, part, mask=n_mask[:, None] & r_mask[None, :])
+        dy_ptrs += dy_step
+        b_ptrs += b_step
+    if COMPUTE_G:
+        tl.store(G + rows[:, None] * R + offs_r[None, :], g, mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.autotune(configs=configs_for_this_target(BACKWARD_DX_CONFIGS), key=["M_BUCKET", "N", "K", "R"])
+@triton.jit(do_not_specialize=["seed"])
+def _lora_backward_dx_kernel(
+    DY, W, G, A, X, DX, DA_PARTIAL, M, N, K, R, M_BUCKET,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_xm, stride_xk,
+    seed, dropout_p, lora_scale,
+    COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Per output tile (M-block, K-block), with lora_scale = scaling/(1-p):
+    DX = dY·W + lora_scale·(G·A)⊙keep, and DA_PARTIAL[m_block, R, K-block] = Gᵀ·(X⊙keep)."""
+    pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_mask = offs_m < M
+    k_mask = offs_k < K
+    rows = offs_m.to(tl.int64)
+    cols = (offs_k % K).to(tl.int64)  # wrapped like the forward GEMM; the store is masked
+    compute_dtype = DY.dtype.element_ty
+
+    # dA partial first: x (masked) meets gᵀ, and both die before the GEMM starts.
+    if COMPUTE_DA:
+        # Rows past M load as zero (not wrapped) in both G and X: they must add nothing to dA.
+        x = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(_dropout_keep(seed, rows, pid_k * BLOCK_K, K, dropout_p, BLOCK_M, BLOCK_K), x, 0.0)
+        partial_base = DA_PARTIAL + pid_m.to(tl.int64) * R * K
+        for r0 in range(0, R, BLOCK_R):
+            r_mask = (r0 + offs_r) < R
+            g = tl.load(G + rows[:, None] * R + (r0 + offs_r)[None, :],
+                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            part = mma(tl.trans(g.to(compute_dtype)), x, tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32),
+                       WIDEN_BF16_DOT, DOT_PRECISION)
+            part_ptrs = partial_base + (r0 + offs_r)[:, None].to(tl.int64) * K + offs_k[None, :]
+            tl.store(part_ptrs, part, mask=r_mask[:, None] & k_mask[None, :])
+
+    # Then dX: the LoRA term goes first into the accumulator that the GEMM continues, so the
+    # dropout mask (which applies to this term only) needs no second M×K tile of registers.
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    if COMPUTE_DX:
+        for r0 in range(0, R, BLOCK_R):
+            r_mask = (r0 + offs_r) < R
+            g = tl.load(G + rows[:, None] * R + (r0 + offs_r)[None, :],
+                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            a = tl.load(A + (r0 + offs_r)[:, None].to(tl.int64) * stride_ar + cols[None, :] * stride_ak,
+                        mask=r_mask[:, None], other=0.0)
+            # lora_scale folds into fp32 g before its one rounding to the compute dtype.
+            acc = mma((g * lora_scale).to(compute_dtype), a.to(compute_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+        if HAS_DROPOUT:
+            # The mask is regenerated rather than kept from the dA step: holding a BM×BK mask
+            # in registers across both steps made ptxas spill.
+            acc = tl.where(_dropout_keep(seed, rows, pid_k * BLOCK_K, K, dropout_p, BLOCK_M, BLOCK_K), acc, 0.0)
+        wrapped_rows = (offs_m % M).to(tl.int64)
+        dy_ptrs = DY + wrapped_rows[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn
+        w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + cols[None, :] * stride_wk
+        dy_step = BLOCK_N * tl.cast(stride_dyn, tl.int64)
+        w_step = BLOCK_N * tl.cast(stride_wn, tl.int64)
+        for n0 in range(0, N, BLOCK_N):
+            n_mask = offs_n < N - n0
+            dy = tl.load(dy_ptrs, mask=n_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
+            acc = mma(dy, w, acc, WIDEN_BF16_DOT, DOT_PRECISION)
+            dy_ptrs += dy_step
+            w_ptrs += w_step
+        dx_ptrs = DX + rows[:, None] * K + offs_k[None, :]
+        tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_kernel(KEEP, M, K, seed, dropout_p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """KEEP[M, K] = the keep mask the LoRA kernels use for seed (for tests and the checker)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = offs_m.to(tl.int64)
+    keep = _dropout_keep(seed, rows, tl.program_id(1) * BLOCK_K, K, dropout_p, BLOCK_M, BLOCK_K)
+    tl.store(KEEP + rows[:, None] * K + offs_k[None, :], keep.to(tl.int8),
+             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+
+# --------------------------------------------------------------------------------------
+# Launchers. Inputs are validated by peft_ops.lora; these only shape, allocate and launch.
+# --------------------------------------------------------------------------------------
+
+def _target_block_m(kind: str) -> int:
+    return BACKWARD_BLOCK_M[current_target()][kind]
+
+
+def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """xa = dropout(x)·lora_Aᵀ in fp32, [M, r]; x is 2-D [M, K] with any strides."""
+    check_launchable(x, lora_A)
+    M, K = x.shape
+    R = lora_A.shape[0]
+    xa = torch.empty((M, R), device=x.device, dtype=torch.float32)
+    if M == 0:
+        return xa
+    BLOCK_R = block_r(R)
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(R, BLOCK_R))  # noqa: E731
+    _lora_shrink_kernel[grid](
+        x, lora_A, xa, M, K, R, m_bucket(M),
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
+        seed, dropout_p, 1.0 / (1.0 - dropout_p),
+        HAS_DROPOUT=dropout_p > 0, BLOCK_R=BLOCK_R, **dot_flags(x.dtype),
+    )
+    return xa
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor,
+            scaling: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x·weightᵀ + scaling·xa·lora_Bᵀ + bias, [M, N] in x's dtype."""
+    check_launchable(x, weight, lora_B)
+    M, K = x.shape
+    N = weight.shape[0]
+    R = lora_B.shape[1]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0:
+        return y
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
+    _lora_forward_kernel[grid](
+        x, weight, xa, lora_B, bias if bias is not None else y, y, M, N, K, R, m_bucket(M),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
+        float(scaling),
+        HAS_BIAS=bias is not None, BLOCK_R=block_r(R), **dot_flags(x.dtype),
+    )
+    return y
+
+
+def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+             lora_B: torch.Tensor, xa: torch.Tensor, scaling: float, dropout_p: float, seed: int,
+             need_dx: bool, need_dA: bool, need_dB: bool):
+    """(dx, dA, dB) of the LoRA layer (None where not needed); dW and db are the caller's.
+
+    dx = dy·W + s/(1-p)·((dy·B)·A)⊙keep       [M, K], x's dtype
+    dA = s/(1-p)·(dy·B)ᵀ·(x⊙keep)             [r, K], fp32 (caller casts)
+    dB = s·dyᵀ·xa                             [N, r], fp32 (caller casts)
+    """
+    check_launchable(dy, x, weight, lora_A, lora_B)
+    M, N = dy.shape
+    K = x.shape[1]
+    R = lora_A.shape[0]
+    device = dy.device
+    BLOCK_R = block_r(R)
+    flags = dot_flags(dy.dtype)
+    need_g = need_dx or need_dA
+    dx = dA = dB = None
+
+    if need_g or need_dB:
+        block_m = _target_block_m("dy")
+        num_blocks = triton.cdiv(M, block_m)
+        g = torch.empty((M, R), device=device, dtype=torch.float32) if need_g else xa  # xa: unused placeholder
+        db_partial = torch.empty((num_blocks, N, R), device=device, dtype=torch.float32) if need_dB else xa
+        grid = (num_blocks, triton.cdiv(R, BLOCK_R))
+        _lora_backward_dy_kernel[grid](
+            dy, lora_B, xa, g, db_partial, M, N, R, m_bucket(M),
+            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
+            COMPUTE_G=need_g, COMPUTE_DB=need_dB, BLOCK_R=BLOCK_R, BLOCK_M=block_m, **flags,
+        )
+        if need_dB:
+            dB = db_partial.sum(dim=0).mul_(scaling)
+
+    if need_g:
+        block_m = _target_block_m("dx")
+        num_blocks = triton.cdiv(M, block_m)
+        dx = torch.empty((M, K), device=device, dtype=x.dtype) if need_dx else None
+        da_partial = torch.empty((num_blocks, R, K), device=device, dtype=torch.float32) if need_dA else None
+        lora_scale = scaling / (1.0 - dropout_p)
+        grid = lambda META: (num_blocks * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
+        _lora_backward_dx_kernel[grid](
+            dy, weight, g, lora_A, x, dx if need_dx else g, da_partial if need_dA else g,
+            M, N, K, R, m_bucket(M),
+            dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
+            lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1),
+            seed, dropout_p, lora_scale,
+            COMPUTE_DX=need_dx, COMPUTE_DA=need_dA, HAS_DROPOUT=dropout_p > 0,
+            BLOCK_R=BLOCK_R, BLOCK_M=block_m, **flags,
+        )
+        if need_dA:
+            dA = da_partial.sum(dim=0).mul_(lora_scale)
+    return dx, dA, dB
+
+
+def dropout_keep_mask(seed: int, M: int, K: int, dropout_p: float, device) -> torch.Tensor:
+    """The bool keep mask [M, K] that the kernels above use for `seed` and `dropout_p`."""
+    keep = torch.empty((M, K), device=device, dtype=torch.int8)
+    check_launchable(keep)
+    # A tile shape unlike the LoRA kernels' on purpose: the mask must not depend on tiling.
+    BLOCK_M, BLOCK_K = 8, 16
+    if M * K:
+        _dropout_mask_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_K))](
+            keep, M, K, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+    return keep.bool()
+
+
+def compile_specs(target: str, dtype: str = "bf16") -> list:
+    """Every kernel of this file at every autotune config of `target`, in its heaviest variant
+    (r = 64, dropout, bias, all gradients): what the compile check builds."""
+    from ._common import KernelBuild
+
+    R = dict(BLOCK_R=64, WIDEN_BF16_DOT=False, DOT_PRECISION="ieee")
+    plain = ("M", "seed")
+    specs = []
+    for cfg in SHRINK_CONFIGS[target]:
+        specs.append(KernelBuild("lora_shrink", _lora_shrink_kernel, cfg,
+                                 dict(X=dtype, A=dtype, XA="fp32"), dict(HAS_DROPOUT=True, **R),
+                                 unit_strides=("stride_xk", "stride_ak"),
+                                 float_args=("dropout_p", "keep_scale"), plain_ints=plain))
+    for cfg in FORWARD_CONFIGS[target]:
+        specs.append(KernelBuild("lora_forward", _lora_forward_kernel, cfg,
+                                 dict(X=dtype, W=dtype, XA="fp32", B=dtype, BIAS=dtype, Y=dtype),
+                                 dict(HAS_BIAS=True, **R),
+                                 unit_strides=("stride_xk", "stride_wk", "stride_br"),
+                                 float_args=("scaling",), plain_ints=plain))
+    for cfg in BACKWARD_DY_CONFIGS[target]:
+        specs.append(KernelBuild("lora_backward_dy", _lora_backward_dy_kernel, cfg,
+                                 dict(DY=dtype, B=dtype, XA="fp32", G="fp32", DB_PARTIAL="fp32"),
+                                 dict(COMPUTE_G=True, COMPUTE_DB=True, BLOCK_M=BACKWARD_BLOCK_M[target]["dy"], **R),
+                                 unit_strides=("stride_dyn", "stride_br"), plain_ints=plain))
+    for cfg in BACKWARD_DX_CONFIGS[target]:
+        specs.append(KernelBuild("lora_backward_dx", _lora_backward_dx_kernel, cfg,
+                                 dict(DY=dtype, W=dtype, G="fp32", A=dtype, X=dtype, DX=dtype, DA_PARTIAL="fp32"),
+                                 dict(COMPUTE_DX=True, COMPUTE_DA=True, HAS_DROPOUT=True,
+                                      BLOCK_M=BACKWARD_BLOCK_M[target]["dx"], **R),
+                                 unit_strides=("stride_dyn", "stride_wk", "stride_ak", "stride_xk"),
+                                 float_args=("dropout_p", "lora_scale"), plain_ints=plain))
+    specs.append(KernelBuild("dropout_mask (tests only)", _dropout_mask_kernel,
+                             triton.Config(dict(BLOCK_M=8, BLOCK_K=16), num_warps=4, num_stages=1),
+                             dict(KEEP="i8"), {}, float_args=("dropout_p",), plain_ints=plain,
+                             uses_tensor_cores=False))
+    return specs

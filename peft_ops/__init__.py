@@ -1,0 +1,25 @@
+"""peft-ops: fused Triton kernels for parameter-efficient fine-tuning.
+
+    import peft_ops
+    y = peft_ops.lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
+    layer = peft_ops.LoraLinear.from_linear(linear, r=16, lora_alpha=32)
+
+Kernels are imported lazily, on the first op that runs them: set TRITON_INTERPRET=1 before
+that to run them on CPU tensors through the Triton interpreter.
+"""
+
+from . import reference
+from .backend import get_backend, set_backend, use_backend
+from .layers import LoraLinear
+from .lora import LoraLinearFunction, lora_linear
+
+__all__ = [
+    "LoraLinear",
+    "LoraLinearFunction",
+    "get_backend",
+    "lora_linear",
+    "reference",
+    "set_backend",
+    "use_backend",
+]
+__version__ = "0.1.0"

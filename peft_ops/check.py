@@ -1,0 +1,111 @@
+"""``peft-ops check``: every fused op against its float64 reference on the device at hand.
+
+On a CUDA machine the kernels run natively; on a CPU-only one they run in the Triton
+interpreter (small shapes), and the PyTorch path is checked beside them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+
+from .testing import DTYPE_NAMES, LoraCase, run_lora_case
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def lora_cases(quick: bool) -> list[LoraCase]:
+    cases = []
+    for dtype in DTYPES:
+        cases += [
+            LoraCase(M=33, K=64, N=48, r=8, dtype=dtype),
+            LoraCase(M=127, K=96, N=70, r=16, dtype=dtype, dropout_p=0.25, bias=False),
+            LoraCase(M=19, K=40, N=33, r=3, dtype=dtype, leading=(2,), train_base=True),
+        ]
+        if dtype != torch.float32:  # PEFT's fp32 adapters on a half-precision base
+            cases += [LoraCase(M=24, K=48, N=40, r=8, dtype=dtype, adapter_dtype=torch.float32, dropout_p=0.1)]
+        if not quick:
+            cases += [LoraCase(M=65, K=130, N=96, r=64, dtype=dtype, dropout_p=0.1)]
+    return cases
+
+
+@dataclasses.dataclass
+class Row:
+    op: str
+    path: str
+    shape: str
+    dtype: str
+    tensor: str
+    error: float
+    tol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.tol
+
+
+def run_checks(device: torch.device, paths: list[str], quick: bool = False, progress=None) -> list[Row]:
+    from .lora import TorchLoraOps
+
+    rows = []
+    for path in paths:
+        if path == "torch":
+            ops = TorchLoraOps
+        else:
+            from .kernels import lora as ops
+        for case in lora_cases(quick):
+            label = case.label() + (f" p={case.dropout_p}" if case.dropout_p else "")
+            dtype = DTYPE_NAMES[case.dtype] + ("+fp32 A,B" if case.adapter_dtype else "")
+            for result in run_lora_case(case, ops, device=device):
+                rows.append(Row("lora_linear", path, label, dtype, result.name, result.error(), case.tolerance()))
+            if progress:
+                progress(rows)
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    header = ("op", "path", "shape", "dtype", "tensor", "max err", "tol", "pass")
+    body = [(r.op, r.path, r.shape, r.dtype, r.tensor, f"{r.error:.2e}", f"{r.tol:.1e}", "ok" if r.ok else "FAIL")
+            for r in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="peft-ops check", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    args = parser.parse_args(argv)
+
+    from .backend import interpreting, triton_available
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and triton_available() and not interpreting():
+        if "peft_ops.kernels" in sys.modules:
+            print("peft-ops check: kernels already imported without TRITON_INTERPRET=1", file=sys.stderr)
+            return 2
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
+    if not triton_available():
+        paths = ["torch"]
+        where = "CPU, triton not installed: PyTorch path only"
+    elif device.type == "cuda":
+        paths = ["triton"]
+        where = f"CUDA: {torch.cuda.get_device_name()}"
+    else:
+        paths = ["triton", "torch"]
+        where = "CPU: Triton kernels in the interpreter, and the PyTorch path"
+    print(f"peft-ops check on {where}; torch {torch.__version__}", flush=True)
+
+    start = time.perf_counter()
+    rows = run_checks(device, paths, quick=args.quick)
+    print(format_table(rows))
+    failed = [r for r in rows if not r.ok]
+    print(f"\n{len(rows) - len(failed)}/{len(rows)} passed in {time.perf_counter() - start:.1f} s")
+    return 1 if failed else 0

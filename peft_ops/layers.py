@@ -1,0 +1,137 @@
+"""Drop-in layers over the fused ops."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import _checks
+from .lora import lora_linear
+
+
+class LoraLinear(nn.Module):
+    """``nn.Linear`` with a LoRA adapter: ``y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ``.
+
+    ``weight`` [out, in] and ``bias`` [out] are frozen; ``lora_A`` [r, in] (kaiming-uniform,
+    a = √5) and ``lora_B`` [out, r] (zeros, so the layer starts as the linear layer) train.
+    ``scaling = lora_alpha / r``, or ``lora_alpha / √r`` with ``use_rslora`` (rsLoRA).
+    Dropout applies to the adapter's input, in training mode only. The forward is one call to
+    the fused :func:`peft_ops.lora_linear`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self._configure(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory), requires_grad=False)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._create_adapter(self.weight.device, self.weight.dtype)
+        self.reset_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    use_rslora: bool = False) -> "LoraLinear":
+        """Wrap ``linear``: its weight and bias Parameters are shared (not copied) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._configure(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, use_rslora)
+        layer.weight = linear.weight.requires_grad_(False)
+        if linear.bias is not None:
+            layer.bias = linear.bias.requires_grad_(False)
+        else:
+            layer.register_parameter("bias", None)
+        layer._create_adapter(linear.weight.device, linear.weight.dtype)
+        layer.reset_lora_parameters()
+        return layer
+
+    def _configure(self, in_features, out_features, r, lora_alpha, lora_dropout, use_rslora) -> None:
+        # Every check runs before any attribute is set or any parameter is frozen.
+        in_features = _checks.positive_int("in_features", in_features)
+        out_features = _checks.positive_int("out_features", out_features)
+        r = _checks.positive_int("r", r)
+        lora_alpha = _checks.real_number("lora_alpha", lora_alpha)
+        lora_dropout = _checks.probability("lora_dropout", lora_dropout)
+        if not isinstance(use_rslora, bool):
+            raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.lora_alpha, self.lora_dropout, self.use_rslora = lora_alpha, lora_dropout, use_rslora
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.merged = False
+        self._adapter_disabled = False
+
+    def _create_adapter(self, device, dtype) -> None:
+        self.lora_A = nn.Parameter(torch.empty((self.r, self.in_features), device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty((self.out_features, self.r), device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialization for the base, then the adapter's."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default: A kaiming-uniform (a = √5), B zeros."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling·B·A`` [out, in], computed in fp32, returned in the weight's dtype."""
+        delta = self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        return delta.to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the adapter into ``weight`` (in place); the forward then runs the base alone."""
+        if self.merged:
+            return
+        self.weight.add_(self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the adapter from ``weight`` again (exact in fp32, one rounding per element
+        in half precision, as in PEFT)."""
+        if not self.merged:
+            return
+        self.weight.sub_(self.delta_weight())
+        self.merged = False
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator["LoraLinear"]:
+        """Run the base layer alone inside the block (unmerging for its duration if merged)."""
+        was_merged = self.merged
+        self.unmerge()
+        self._adapter_disabled = True
+        try:
+            yield self
+        finally:
+            self._adapter_disabled = False
+            if was_merged:
+                self.merge()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self._adapter_disabled:
+            return F.linear(x, self.weight, self.bias)
+        dropout_p = self.lora_dropout if self.training else 0.0
+        return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias, dropout_p)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout:g}, "
+                f"bias={self.bias is not None}, use_rslora={self.use_rslora}, merged={self.merged}")

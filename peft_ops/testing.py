@@ -1,0 +1,202 @@
+"""How a kernel is judged against its float64 reference: one error metric, per-dtype
+tolerances from a rounding analysis, and the LoRA case runner shared by ``peft-ops check``,
+the tests and ``benchmarks/error_survey.py``.
+
+Error metric, per element: ``|actual - expected| / scale``, where ``scale`` is the reference
+evaluated on the absolute values of every input (for y: |x|·|W|ᵀ + |s|·|x|·|A|ᵀ·|B|ᵀ + |b|).
+That is the standard forward-error bound of a sum of products: a result accumulated in fp32
+and rounded k times to a dtype of unit roundoff u is off by at most k·u·scale (plus the fp32
+accumulation error, ≤ K·2⁻²⁴·scale), however much its terms cancel. The scale is floored at
+the dtype's smallest normal number: below it (fp16 subnormals, < 6.1e-5) a rounding is off by
+up to half the subnormal spacing, which is u times that floor. Where no scale is given
+the error is relative to |expected| floored at rms(expected) (used for single-rounding results).
+
+Tolerance = ROUNDINGS·u + FP32_ACCUMULATION:
+- ROUNDINGS = 2: each output is rounded once, and one fp32 intermediate is rounded to the
+  compute dtype as a tensor-core operand on its way (xa·s in y, g in dx and dA, xa in dB).
+- u: fp16 2⁻¹¹; bf16 2⁻⁷, because the Triton interpreter truncates fp32→bf16 (a whole ulp);
+  a GPU or PyTorch rounds to nearest (2⁻⁸), so on a GPU bf16 sits at half its tolerance.
+- FP32_ACCUMULATION = 1e-5: fp32 sums over the reduction lengths tested here (K ≤ 300 gives a
+  worst case K·2⁻²⁴ = 1.8e-5; a random walk, √K·2⁻²⁴ ≈ 1e-6, is what happens).
+- fp32 adapters on a half-precision base: A and B are also rounded to the compute dtype for
+  the tensor cores, two more roundings (``tolerance(dtype, adapter_dtype)``).
+Measured maxima are printed by ``peft-ops check`` and ``benchmarks/error_survey.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-7}
+ROUNDINGS = 2
+FP32_ACCUMULATION = 1e-5
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def tolerance(dtype: torch.dtype, adapter_dtype: torch.dtype | None = None) -> float:
+    roundings = ROUNDINGS
+    if adapter_dtype is not None and adapter_dtype != dtype:
+        roundings += 2  # lora_A and lora_B rounded to the compute dtype
+    return roundings * UNIT_ROUNDOFF[dtype] + FP32_ACCUMULATION
+
+
+TOLERANCES = {dtype: tolerance(dtype) for dtype in UNIT_ROUNDOFF}
+
+
+def elementwise_error(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor | None = None,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-element error (see the module docstring); `dtype`: the compute dtype (default: actual's)."""
+    dtype = dtype or actual.dtype
+    actual = actual.detach().double()
+    expected = expected.detach().double()
+    if actual.shape != expected.shape:
+        raise ValueError(f"shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    diff = (actual - expected).abs()
+    if scale is None:
+        rms = expected.square().mean().sqrt() if expected.numel() else expected.new_zeros(())
+        denom = rms + expected.abs()
+    else:
+        denom = scale.detach().double().abs() + torch.finfo(dtype).tiny
+    err = diff / denom
+    # A zero scale must be matched exactly; NaN/inf in actual always fail.
+    err = torch.where(denom == 0, torch.where(diff == 0, 0.0, float("inf")), err)
+    return torch.where(torch.isfinite(actual), err, float("inf"))
+
+
+def max_error(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor | None = None,
+              dtype: torch.dtype | None = None) -> float:
+    err = elementwise_error(actual, expected, scale, dtype)
+    return float(err.max()) if err.numel() else 0.0
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "result",
+                 tol: float | None = None, scale: torch.Tensor | None = None) -> float:
+    """Fail with how many elements are off, the worst one and where; returns the max error."""
+    tol = TOLERANCES[dtype] if tol is None else tol
+    err = elementwise_error(actual, expected, scale, dtype)
+    if err.numel() == 0:
+        return 0.0
+    worst = float(err.max())
+    if not worst <= tol:
+        bad = int((err > tol).sum())
+        idx = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
+        raise AssertionError(
+            f"{what}: {bad} of {err.numel()} elements exceed tolerance {tol:.2e} "
+            f"(max error {worst:.3e} at {idx}: got {float(actual.detach()[idx]):.6g}, "
+            f"expected {float(expected.detach()[idx]):.6g})")
+    return worst
+
+
+# --------------------------------------------------------------------------------------
+# LoRA cases
+# --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LoraCase:
+    M: int
+    K: int  # in_features
+    N: int  # out_features
+    r: int
+    dtype: torch.dtype
+    dropout_p: float = 0.0
+    bias: bool = True
+    leading: tuple[int, ...] = ()  # x is [*leading, M, K] when set
+    adapter_dtype: torch.dtype | None = None  # None: x's dtype
+    train_base: bool = False  # weight and bias require grad too
+    scaling: float = 0.75
+
+    def tolerance(self) -> float:
+        return tolerance(self.dtype, self.adapter_dtype)
+
+    def label(self) -> str:
+        lead = "×".join(map(str, self.leading)) + "×" if self.leading else ""
+        return f"{lead}{self.M}×{self.K}→{self.N} r{self.r}"
+
+
+def make_lora_inputs(case: LoraCase, device="cpu", seed: int = 0) -> dict:
+    """Inputs of a LoRA case with unit-scale outputs; B is nonzero so every gradient is."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape, scale=1.0, dtype=case.dtype):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    adapter_dtype = case.adapter_dtype or case.dtype
+    x = rand(*case.leading, case.M, case.K)
+    return dict(
+        x=x,
+        weight=rand(case.N, case.K, scale=case.K ** -0.5),
+        lora_A=rand(case.r, case.K, scale=case.K ** -0.5, dtype=adapter_dtype),
+        lora_B=rand(case.N, case.r, scale=case.r ** -0.5, dtype=adapter_dtype),
+        bias=rand(case.N) if case.bias else None,
+        grad_out=rand(*case.leading, case.M, case.N),
+    )
+
+
+GRAD_NAMES = {"x": "dx", "weight": "dW", "lora_A": "dA", "lora_B": "dB", "bias": "db"}
+
+
+@dataclasses.dataclass
+class Compared:
+    name: str  # "y", "dx", "dW", "dA", "dB", "db"
+    actual: torch.Tensor
+    expected: torch.Tensor  # float64 reference
+    scale: torch.Tensor  # float64 reference on |inputs|: the magnitude of the summed terms
+    dtype: torch.dtype  # the compute dtype (x's)
+
+    def error(self) -> float:
+        return max_error(self.actual, self.expected, self.scale, self.dtype)
+
+    def check(self, what: str, tol: float) -> float:
+        return assert_close(self.actual, self.expected, self.dtype, f"{what} {self.name}", tol=tol, scale=self.scale)
+
+
+def lora_reference_with_scale(inputs: dict, scaling: float, dropout_p: float, mask, grad_out, trainable):
+    """Float64 reference values and error scales (the reference on |inputs|) of y and the
+    gradients of `trainable`: {name: (expected, scale)}."""
+    from . import reference
+
+    out = {}
+    for kind, transform in (("value", lambda t: t), ("scale", torch.abs)):
+        t = {k: transform(v.detach().double()).requires_grad_(k in trainable) if v is not None else None
+             for k, v in inputs.items()}
+        s = scaling if kind == "value" else abs(scaling)
+        y = reference.lora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], s, t["bias"], dropout_p,
+                                  dropout_mask=mask)
+        y.backward(transform(grad_out.double()))
+        out[("y", kind)] = y.detach()
+        for k in trainable:
+            if t[k] is not None:
+                out[(GRAD_NAMES[k], kind)] = t[k].grad
+    return {name: (out[(name, "value")], out[(name, "scale")]) for name, kind in out if kind == "value"}
+
+
+def run_lora_case(case: LoraCase, ops, device="cpu", seed: int = 0) -> list[Compared]:
+    """Run lora_linear's autograd Function with `ops` (kernel launchers or TorchLoraOps) and the
+    float64 reference on the same inputs and the same dropout mask: y and every gradient."""
+    from .lora import LoraLinearFunction, TorchLoraOps, _draw_seed, dropout_keep_mask
+
+    inp = make_lora_inputs(case, device, seed)
+    trainable = ["x", "lora_A", "lora_B"] + (["weight", "bias"] if case.train_base else [])
+    tensors = {k: v.clone().requires_grad_(k in trainable) if v is not None else None
+               for k, v in inp.items() if k != "grad_out"}
+    torch.manual_seed(seed)
+    y = LoraLinearFunction.apply(tensors["x"], tensors["weight"], tensors["lora_A"], tensors["lora_B"],
+                                 tensors["bias"], case.scaling, case.dropout_p, ops)
+    y.backward(inp["grad_out"])
+
+    mask = None
+    if case.dropout_p > 0:
+        torch.manual_seed(seed)  # the Function drew its seed right after this
+        path = "torch" if ops is TorchLoraOps else "triton"
+        M = tensors["x"].numel() // case.K
+        mask = dropout_keep_mask(_draw_seed(), (M, case.K), case.dropout_p, device, path)
+        mask = mask.view(tensors["x"].shape)
+    inputs = {k: v for k, v in inp.items() if k != "grad_out"}
+    refs = lora_reference_with_scale(inputs, case.scaling, case.dropout_p, mask, inp["grad_out"], trainable)
+    results = [Compared("y", y, *refs["y"], case.dtype)]
+    for k in trainable:
+        if tensors[k] is not None:
+            results.append(Compared(GRAD_NAMES[k], tensors[k].grad, *refs[GRAD_NAMES[k]], case.dtype))
+    return results

@@ -1,0 +1,52 @@
+"""Test set-up: Triton kernels run in the interpreter on CPU-only machines.
+
+TRITON_INTERPRET is read when @triton.jit decorates the kernels, i.e. when
+peft_ops.kernels.* is first imported: it is set here, before any test module imports them.
+On a CUDA machine the kernels run natively and the `gpu`-marked tests run too.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.pop("PEFT_OPS_BACKEND", None)  # tests choose their backend explicitly
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    import peft_ops.backend as backend
+
+    saved = backend._backend
+    yield
+    backend._backend = saved
+
+
+def lora_ops(path: str):
+    """The launchers behind LoraLinearFunction: "triton" (kernels) or "torch" (PyTorch path)."""
+    if path == "triton":
+        from peft_ops.kernels import lora
+
+        return lora
+    from peft_ops.lora import TorchLoraOps
+
+    return TorchLoraOps

@@ -1,0 +1,44 @@
+"""`peft-ops check`, the main job: table, exit code, time."""
+
+import subprocess
+import sys
+import time
+
+import torch
+
+import peft_ops.check as check
+
+
+def test_check_command_passes_and_prints_the_table():
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "peft_ops.cli", "check", "--quick"], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert time.perf_counter() - start < 120
+    lines = out.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("op "))
+    for column in ("op", "path", "shape", "dtype", "tensor", "max err", "tol", "pass"):
+        assert column in header
+    rows = [line for line in lines if line.startswith("lora_linear")]
+    for dtype in ("fp32", "fp16", "bf16"):
+        for tensor in ("y", "dx", "dA", "dB"):
+            assert any(f" {dtype} " in r and f" {tensor} " in r for r in rows), (dtype, tensor)
+    assert all(r.rstrip().endswith("ok") for r in rows)
+    if not torch.cuda.is_available():
+        assert any(" triton " in r for r in rows) and any(" torch " in r for r in rows)
+
+
+def test_check_exits_1_on_a_failure(monkeypatch, capsys):
+    # A zero tolerance fails every row with a nonzero error: the exit code must say so.
+    monkeypatch.setattr(check.LoraCase, "tolerance", lambda self: 0.0)
+    one_case = check.lora_cases(True)[:1]
+    monkeypatch.setattr(check, "lora_cases", lambda quick: one_case)
+    assert check.main(["--quick"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_cli_usage():
+    from peft_ops.cli import main
+
+    assert main(["--help"]) == 0
+    assert main(["frobnicate"]) == 2

@@ -1,0 +1,53 @@
+"""Every kernel at every autotune config compiles for sm_80 and sm_90a on this CPU-only
+machine, without register spills and with tensor-core instructions in the PTX.
+
+Runs `peft-ops compile` in a subprocess: the compile needs the real JIT functions, which the
+Triton interpreter (set for the other tests) replaces.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from peft_ops.compile_report import SHARED_LIMIT_BYTES, format_table
+
+pytestmark = pytest.mark.compile
+
+
+@pytest.fixture(scope="module")
+def compile_rows():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "peft_ops.compile_report", "--json"], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.stdout.strip(), out.stderr[-3000:]
+    return json.loads(out.stdout[out.stdout.index("["):])
+
+
+def test_compile_report(compile_rows, capsys):
+    with capsys.disabled():  # the registers / shared-memory table, in the test output
+        print("\n" + format_table(compile_rows))
+    kernels = {r["kernel"] for r in compile_rows}
+    assert {"lora_shrink", "lora_forward", "lora_backward_dy", "lora_backward_dx"} <= kernels
+    for target in ("sm80", "sm90"):
+        assert {r["kernel"] for r in compile_rows if r["target"] == target} == kernels
+
+
+def test_no_spills(compile_rows):
+    spilling = [(r["kernel"], r["target"], r["config"], r["spill_bytes"]) for r in compile_rows if r["spill_bytes"]]
+    assert not spilling
+
+
+def test_tensor_cores_used(compile_rows):
+    for r in compile_rows:
+        if r["needs_tensor_cores"]:
+            assert r["wgmma"] or r["mma_sync"], (r["kernel"], r["target"], r["config"])
+    # on sm_90 the large GEMM tiles use warpgroup MMA
+    assert all(r["wgmma"] for r in compile_rows if r["target"] == "sm90" and r["kernel"] == "lora_forward")
+
+
+def test_shared_memory_fits(compile_rows):
+    for r in compile_rows:
+        assert r["shared_bytes"] <= SHARED_LIMIT_BYTES[r["target"]], r

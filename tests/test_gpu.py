@@ -1,0 +1,35 @@
+"""Native kernels on a CUDA GPU at a model's shapes (skipped on CPU-only machines; every other
+test also runs natively there, since the `device` fixture is then CUDA)."""
+
+import pytest
+import torch
+
+from peft_ops.lora import LoraLinearFunction
+from peft_ops.testing import LoraCase, make_lora_inputs, run_lora_case
+
+from conftest import lora_ops
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.05])
+def test_model_shapes_match_float64(dtype, dropout_p):
+    case = LoraCase(M=512, K=4096, N=1024, r=16, dtype=dtype, dropout_p=dropout_p, leading=(2,))
+    for result in run_lora_case(case, lora_ops("triton"), device="cuda"):
+        result.check(f"cuda {case.label()}", case.tolerance())
+
+
+def test_backward_is_bitwise_deterministic():
+    inp = make_lora_inputs(LoraCase(M=1024, K=2048, N=2048, r=16, dtype=torch.bfloat16), "cuda")
+    grads = []
+    for _ in range(5):
+        x = inp["x"].clone().requires_grad_()
+        A = inp["lora_A"].clone().requires_grad_()
+        B = inp["lora_B"].clone().requires_grad_()
+        torch.manual_seed(0)
+        y = LoraLinearFunction.apply(x, inp["weight"], A, B, inp["bias"], 2.0, 0.1, lora_ops("triton"))
+        y.backward(inp["grad_out"])
+        grads.append((y.detach(), x.grad, A.grad, B.grad))
+    for later in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], later))
