@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import peft_ops
 from peft_ops import reference
+from peft_ops.testing import saved_activation_bytes
 
 GPU_SHAPES = [  # (tokens M, in, out, r)
     (512, 4096, 4096, 16), (4096, 4096, 4096, 16), (8192, 4096, 4096, 16),
@@ -48,20 +49,6 @@ def timer(device):
     return cpu_median_ms
 
 
-def saved_bytes(fn, params):
-    ptrs = {p.data_ptr() for p in params}
-    storages = {}
-
-    def pack(t):
-        if t.data_ptr() not in ptrs:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 def bench_shape(M, K, N, r, dtype, dropout_p, device, measure):
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = (torch.randn(M, K, generator=gen)).to(device, dtype).requires_grad_()
@@ -84,8 +71,10 @@ def bench_shape(M, K, N, r, dtype, dropout_p, device, measure):
     }
     times = {name: measure(fn) for name, fn in variants.items()}
     memory = {
-        "unfused (PEFT-style)": saved_bytes(lambda: reference.lora_linear(x, W, A, B, s, None, dropout_p), [W, A, B]),
-        "fused (peft_ops)": saved_bytes(lambda: peft_ops.lora_linear(x, W, A, B, s, None, dropout_p), [W, A, B]),
+        "unfused (PEFT-style)": saved_activation_bytes(
+            lambda: reference.lora_linear(x, W, A, B, s, None, dropout_p), [W, A, B])[0],
+        "fused (peft_ops)": saved_activation_bytes(
+            lambda: peft_ops.lora_linear(x, W, A, B, s, None, dropout_p), [W, A, B])[0],
     }
     base = times["base (frozen linear)"]
     return {

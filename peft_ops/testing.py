@@ -89,6 +89,24 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     return worst
 
 
+def saved_activation_bytes(fn, params) -> tuple[int, list[torch.Tensor], object]:
+    """Run ``fn()`` and measure what autograd saves for the backward, ``params`` excluded
+    (matched by data pointer): (bytes, saved tensors, fn's result). Each storage counts once,
+    so several views of one tensor are one tensor."""
+    param_ptrs = {p.data_ptr() for p in params if p is not None}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in param_ptrs:
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    return sum(storages.values()), saved, result
+
+
 # --------------------------------------------------------------------------------------
 # LoRA cases
 # --------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 import peft_ops
 from peft_ops import reference
 from peft_ops.lora import LoraLinearFunction, _draw_seed, dropout_keep_mask
-from peft_ops.testing import LoraCase, assert_close, make_lora_inputs, run_lora_case
+from peft_ops.testing import LoraCase, assert_close, make_lora_inputs, run_lora_case, saved_activation_bytes
 
 from conftest import lora_ops
 
@@ -207,25 +207,6 @@ def test_forward_mask_equals_backward_mask(path, device):
 # ---------------------------------------------------------------------------------------
 # Saved activations: x itself (no copy) + x·Aᵀ (M×r fp32), with or without dropout.
 # ---------------------------------------------------------------------------------------
-
-def saved_activation_bytes(fn, params):
-    """Bytes of the tensors autograd saves while fn runs, parameters excluded; and whether
-    each saved tensor is a view of x's storage (no copy)."""
-    param_ptrs = {p.data_ptr() for p in params}
-    saved = []
-
-    def pack(t):
-        if t.data_ptr() not in param_ptrs:
-            saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = fn()
-    storages = {}
-    for t in saved:  # count each storage once (x may be saved through views)
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(storages.values()), saved, y
-
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import peft_ops
-from peft_ops.testing import assert_close, tolerance
+from peft_ops.testing import assert_close, saved_activation_bytes, tolerance
 
 peft = pytest.importorskip("peft")
 
@@ -28,20 +28,6 @@ def peft_model(dropout_p, dtype=torch.bfloat16, use_rslora=False):
     with torch.no_grad():  # PEFT starts B at zero; make the adapter do something
         layer.lora_B["default"].weight.normal_(0, 0.3)
     return model, layer
-
-
-def saved_bytes(fn, params):
-    ptrs = {p.data_ptr() for p in params}
-    storages = {}
-
-    def pack(t):
-        if t.data_ptr() not in ptrs:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
@@ -106,9 +92,9 @@ def test_saves_less_than_peft(dropout_p, device):
     x = torch.randn(4, 32, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
     params = list(model.parameters())
     x_bytes = x.numel() * x.element_size()
-    theirs = saved_bytes(lambda: model(x), params)
-    ours = saved_bytes(lambda: peft_ops.lora_linear(x, base.weight, A, B, layer.scaling["default"], base.bias,
-                                                    dropout_p), params)
+    theirs, _, _ = saved_activation_bytes(lambda: model(x), params)
+    ours, _, _ = saved_activation_bytes(
+        lambda: peft_ops.lora_linear(x, base.weight, A, B, layer.scaling["default"], base.bias, dropout_p), params)
     tokens, r = 4 * 32, 8
     assert ours == x_bytes + tokens * r * 4
     assert theirs >= (4 if dropout_p else 2) * x_bytes, theirs / x_bytes  # PEFT: 2× x, 4× x with dropout
