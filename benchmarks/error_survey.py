@@ -41,7 +41,7 @@ def main():
                 for result in run_lora_case(case, ops, device=device, seed=i):
                     key = (path, DTYPE_NAMES[dtype], result.name)
                     worst[key] = max(worst[key], result.error())
-                    tol[key] = case.tolerance()
+                    tol[key] = case.tolerance(result.name)
     print(f"{'path':8s} {'dtype':6s} {'tensor':6s} {'max error':>10s} {'tolerance':>10s}   ({args.cases} cases each)")
     for (path, dtype, name), err in sorted(worst.items()):
         print(f"{path:8s} {dtype:6s} {name:6s} {err:10.3e} {tol[(path, dtype, name)]:10.3e}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -26,21 +28,65 @@ def current_target() -> str:
     return "sm80"  # nothing launches here; any list will do
 
 
-def configs_for_this_target(per_target: dict[str, list[triton.Config]]) -> list[triton.Config]:
-    # The interpreter cannot benchmark ("0 active drivers"): it gets exactly one config.
-    return per_target[current_target()]
+def configs_for_this_target(per_target: dict) -> list[triton.Config]:
+    """All configs for this process's target: per_target[target] maps operand families
+    ("half", "mixed" ⊂ "half", "fp32") to lists; for the interpreter, which cannot benchmark
+    ("0 active drivers"), it is exactly one config."""
+    entry = per_target[current_target()]
+    if not isinstance(entry, dict):
+        return entry
+    return entry["half"] + entry["fp32"]
 
 
-def dot_flags(dtype: torch.dtype) -> dict:
-    """Constexprs that every kernel with a `tl.dot` takes, from the compute dtype."""
+def by_dtype(per_target: dict, arg_name: str) -> dict | None:
+    """Autotune pruning to the configs of the launch's operand family: "fp32" when tensor
+    argument `arg_name` is fp32, "mixed" when the rank products are fp32 (RANK_FP32), else
+    "half"."""
+    entry = per_target[current_target()]
+    if not isinstance(entry, dict):
+        return None
+    family_ids = {family: {id(c) for c in configs} for family, configs in entry.items()}
+
+    def prune(configs, named_args, **kwargs):
+        if named_args[arg_name].dtype == torch.float32:
+            family = "fp32"
+        else:
+            family = "mixed" if kwargs.get("RANK_FP32") else "half"
+        return [c for c in configs if id(c) in family_ids[family]]
+
+    return {"early_config_prune": prune}
+
+
+def fp32_dot_precision() -> str:
+    """How fp32 operands meet the tensor cores, following PyTorch's switch for fp32 matmuls:
+    "tf32" when the user allowed TF32, else "tf32x3" (three TF32 products, about fp32
+    accuracy, still on tensor cores; plain "ieee" would run on FMA units and spill)."""
+    matmul = torch.backends.cuda.matmul
+    # torch ≥ 2.9 has fp32_precision ("none" = not set through it); reading the legacy
+    # allow_tf32 after the new API was used raises, so ask the new API first.
+    precision = getattr(matmul, "fp32_precision", "none")
+    if precision == "none":
+        try:
+            precision = "tf32" if matmul.allow_tf32 else "ieee"
+        except RuntimeError:
+            precision = "ieee"
+    return "tf32" if precision == "tf32" else "tf32x3"
+
+
+def dot_flags(dtype: torch.dtype, rank_dtype: torch.dtype | None = None) -> dict:
+    """Constexprs that every kernel with a `tl.dot` takes.
+
+    dtype: the compute dtype (x's). rank_dtype: the adapters' dtype; when it is fp32 on a
+    half-precision x (PEFT's default), the rank-r products are formed in fp32 (RANK_FP32), so
+    the adapter branch keeps fp32 accuracy as in PEFT, at r/K of the GEMM's work."""
     return {
         # The interpreter matmuls bf16 as raw uint16 bits (silently wrong). Widening to fp32 is
         # exact (a bf16×bf16 product fits in fp32), so the result still equals a bf16 tensor-core
         # dot with fp32 accumulation. Never set on a GPU.
         "WIDEN_BF16_DOT": INTERPRETED and dtype == torch.bfloat16,
-        # fp32 inputs follow PyTorch's own switch: TF32 tensor cores only when the user allowed
-        # them for matmuls (off by default), else exact fp32 FMA.
-        "DOT_PRECISION": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
+        "RANK_FP32": rank_dtype == torch.float32 and dtype != torch.float32,
+        # Used only by dots whose operands are fp32; bf16/fp16 dots ignore it.
+        "DOT_PRECISION": fp32_dot_precision(),
     }
 
 
@@ -49,7 +95,9 @@ def m_bucket(m: int) -> int:
     return triton.next_power_of_2(max(int(m), 1))
 
 
-def check_launchable(*tensors: torch.Tensor) -> None:
+def launch_guard(*tensors: torch.Tensor):
+    """Check the kernels can run on these tensors here, and make their GPU the current one:
+    Triton launches on the current device and stream, which need not be the tensors'."""
     for t in tensors:
         if t.device.type != "cuda" and not INTERPRETED:
             raise RuntimeError(
@@ -59,6 +107,8 @@ def check_launchable(*tensors: torch.Tensor) -> None:
         if t.device.type == "cuda" and INTERPRETED:
             raise RuntimeError("peft_ops Triton kernels were imported under TRITON_INTERPRET=1: "
                                "they cannot run on CUDA tensors in this process")
+    device = tensors[0].device
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @triton.jit

@@ -28,53 +28,75 @@ Design, from a cost model (bf16, M = 8192, K = N = 4096, r = 16, H200: 4.8 TB/s,
 - Dropout: the keep mask of element (m, k) is a pure function of (seed, m, k) (Philox with an
   int64 counter, one call per 4 elements; see `_dropout_keep`), independent of tile shapes, so
   the backward regenerates exactly the forward's mask from the seed; no mask is stored.
+- Partials take ⌈M/BLOCK_M⌉·(N+K)·r·4 bytes; to keep that bounded at long sequences the
+  backward runs over row chunks of at most PARTIAL_BUDGET_BYTES of partials each (one chunk
+  at M = 8192, d = 4096, r ≤ 32), adding the chunks' sums in order.
 - All offsets along M (and the strides they multiply) are int64: M·K passes 2³¹ at long
   sequences. Accumulation is fp32 throughout; xa and g are kept in fp32 and rounded to the
-  compute dtype only as tensor-core operands.
+  compute dtype only as tensor-core operands — or kept fp32 (RANK_FP32) when the adapters are
+  fp32 on a half-precision x, PEFT's default, so that branch has fp32 accuracy as in PEFT.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
-    check_launchable,
+    by_dtype,
     configs_for_this_target,
     current_target,
     dot_flags,
     grouped_tile,
+    launch_guard,
     m_bucket,
     mma,
 )
 
-# Rank is processed in chunks of at most this many columns (tl.dot needs ≥ 16).
-MAX_BLOCK_R = 64
+def block_r(r: int, fp32_rank: bool) -> int:
+    """Rank chunk (tl.dot needs ≥ 16): up to 64 columns, but 16 when the rank products take
+    fp32 operands (fp32 x, or fp32 adapters): tf32x3 splits every fp32 operand in two, and
+    wider chunks spilled (ptxas, sm_80)."""
+    return min(16 if fp32_rank else 64, max(16, triton.next_power_of_2(r)))
 
 
-def block_r(r: int) -> int:
-    return min(MAX_BLOCK_R, max(16, triton.next_power_of_2(r)))
+def _configs(names, rows):
+    return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
 
 
-def _gemm_configs(shapes):
-    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in shapes]
+def _families(names, base, wide, fp32):
+    """Autotune lists of one target by operand family: "half" (fp16/bf16 operands) = base +
+    wide; "mixed" (half x, fp32 adapters: fp32 rank products) = base only, as the wide tiles
+    spilled there; "fp32" (fp32 x: tf32x3 dots) = its own smaller tiles."""
+    base, wide = _configs(names, base), _configs(names, wide)
+    return {"half": base + wide, "mixed": base, "fp32": _configs(names, fp32)}
 
 
-# Autotune lists, one per target; `peft-ops compile` proves each one spill-free.
-# BLOCK_N here is the output-column tile of the forward GEMM.
+_GEMM = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+_SHRINK = ("BLOCK_M", "BLOCK_K")
+_DY = ("BLOCK_N",)
+_DX = ("BLOCK_N", "BLOCK_K", "GROUP_M")  # BLOCK_K: dX column tile (in); BLOCK_N: reduction (out)
+
+# Autotune lists per target; `peft-ops compile` proves every one spill-free in its family.
+# BLOCK_N in the forward is the output-column tile.
 FORWARD_CONFIGS = {
-    "sm80": _gemm_configs([(128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (64, 128, 64, 4, 4), (128, 64, 32, 4, 4)]),
-    "sm90": _gemm_configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3)]),
-    "interpreter": _gemm_configs([(32, 32, 32, 4, 1)]),
+    "sm80": _families(_GEMM, base=[(128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4), (128, 64, 32, 8, 4, 4)],
+                      wide=[(128, 256, 32, 8, 8, 3)],
+                      fp32=[(64, 64, 32, 8, 4, 3), (64, 128, 16, 8, 8, 3), (32, 64, 32, 8, 4, 3), (64, 64, 16, 8, 4, 3)]),
+    "sm90": _families(_GEMM, base=[(128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4), (64, 256, 64, 8, 8, 3)],
+                      wide=[(128, 256, 64, 8, 8, 3)],
+                      fp32=[(64, 64, 32, 8, 4, 3), (64, 128, 16, 8, 8, 3), (128, 128, 16, 8, 8, 2), (64, 64, 16, 8, 4, 3)]),
+    "interpreter": _configs(_GEMM, [(32, 32, 32, 8, 4, 1)]),
 }
 SHRINK_CONFIGS = {
-    "sm80": [triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk), num_warps=w, num_stages=s)
-             for bm, bk, w, s in [(64, 64, 4, 3), (128, 64, 4, 3), (32, 128, 4, 3), (16, 128, 4, 4)]],
-    "sm90": [triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk), num_warps=w, num_stages=s)
-             for bm, bk, w, s in [(64, 64, 4, 4), (128, 64, 8, 3), (32, 128, 4, 4), (16, 128, 4, 4)]],
-    "interpreter": [triton.Config(dict(BLOCK_M=32, BLOCK_K=32), num_warps=4, num_stages=1)],
+    "sm80": _families(_SHRINK, base=[(64, 64, 4, 3), (32, 128, 4, 3), (16, 128, 4, 4)], wide=[(128, 64, 4, 3)],
+                      fp32=[(32, 32, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2)]),
+    "sm90": _families(_SHRINK, base=[(64, 64, 4, 4), (128, 64, 8, 3), (32, 128, 4, 4), (16, 128, 4, 4)], wide=[],
+                      fp32=[(32, 32, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2)]),
+    "interpreter": _configs(_SHRINK, [(32, 32, 4, 1)]),
 }
 # Backward: BLOCK_M is fixed per target (BACKWARD_BLOCK_M) because it sets how many partials
 # the M-reduction sums; only the other tile sizes are tuned. The dX kernel holds the GEMM
@@ -83,19 +105,18 @@ SHRINK_CONFIGS = {
 BACKWARD_BLOCK_M = {"sm80": {"dy": 64, "dx": 64}, "sm90": {"dy": 64, "dx": 64},
                     "interpreter": {"dy": 32, "dx": 32}}
 BACKWARD_DY_CONFIGS = {
-    "sm80": [triton.Config(dict(BLOCK_N=bn), num_warps=w, num_stages=s)
-             for bn, w, s in [(64, 4, 3), (128, 8, 3), (64, 4, 4)]],
-    "sm90": [triton.Config(dict(BLOCK_N=bn), num_warps=w, num_stages=s)
-             for bn, w, s in [(64, 4, 4), (128, 4, 3), (128, 8, 3)]],
-    "interpreter": [triton.Config(dict(BLOCK_N=32), num_warps=4, num_stages=1)],
+    "sm80": _families(_DY, base=[(64, 4, 3), (64, 4, 4)], wide=[(128, 8, 3)],
+                      fp32=[(32, 4, 3), (32, 8, 3), (16, 4, 3)]),
+    "sm90": _families(_DY, base=[(64, 4, 4), (64, 8, 3)], wide=[(128, 4, 3), (128, 8, 3)],
+                      fp32=[(32, 4, 3), (32, 8, 3), (16, 4, 3)]),
+    "interpreter": _configs(_DY, [(32, 4, 1)]),
 }
 BACKWARD_DX_CONFIGS = {
-    # BLOCK_K: output-column tile (in_features); BLOCK_N: reduction tile (out_features).
-    "sm80": [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
-             for bn, bk, w, s in [(64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 256, 8, 3)]],
-    "sm90": [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
-             for bn, bk, w, s in [(64, 128, 8, 3), (64, 256, 8, 3), (64, 64, 4, 4), (64, 64, 4, 3)]],
-    "interpreter": [triton.Config(dict(BLOCK_N=32, BLOCK_K=64, GROUP_M=8), num_warps=4, num_stages=1)],
+    "sm80": _families(_DX, base=[(64, 128, 8, 8, 3), (64, 64, 8, 4, 3), (64, 64, 8, 4, 4)], wide=[(64, 256, 8, 8, 3)],
+                      fp32=[(32, 32, 8, 4, 3), (32, 64, 8, 8, 3), (16, 64, 8, 4, 3), (32, 32, 8, 4, 2)]),
+    "sm90": _families(_DX, base=[(64, 128, 8, 8, 3), (64, 64, 8, 4, 4), (64, 64, 8, 4, 3)], wide=[(64, 256, 8, 8, 3)],
+                      fp32=[(32, 32, 8, 4, 3), (32, 64, 8, 8, 3), (16, 64, 8, 4, 3), (32, 32, 8, 4, 2)]),
+    "interpreter": _configs(_DX, [(32, 64, 8, 4, 1)]),
 }
 
 
@@ -116,14 +137,16 @@ def _dropout_keep(seed, rows, k0, n_cols, dropout_p, BLOCK_M: tl.constexpr, BLOC
     return u >= dropout_p
 
 
-@triton.autotune(configs=configs_for_this_target(SHRINK_CONFIGS), key=["M_BUCKET", "K", "R"])
+@triton.autotune(configs=configs_for_this_target(SHRINK_CONFIGS),
+                 prune_configs_by=by_dtype(SHRINK_CONFIGS, "X"),
+                 key=["M_BUCKET", "K", "R", "HAS_DROPOUT", "RANK_FP32"])
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed per step must not trigger a recompile
 def _lora_shrink_kernel(
     X, A, XA, M, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_ar, stride_ak,
     seed, dropout_p, keep_scale,
     HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
-    WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """XA[M, R] (fp32) = (X ⊙ keep)·Aᵀ · keep_scale, one program per (M-block, R-chunk)."""
@@ -139,6 +162,7 @@ def _lora_shrink_kernel(
     a_ptrs = A + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None].to(tl.int64) * stride_ak
     x_step = BLOCK_K * tl.cast(stride_xk, tl.int64)
     a_step = BLOCK_K * tl.cast(stride_ak, tl.int64)
+    rank_dtype = tl.float32 if RANK_FP32 else X.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = (k0 + offs_k) < K
@@ -147,7 +171,7 @@ def _lora_shrink_kernel(
             keep = _dropout_keep(seed, rows, k0, K, dropout_p, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x, 0.0)  # zeroing is exact; the 1/(1-p) is applied to the fp32 sum
         a = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = mma(x, a.to(x.dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+        acc = mma(x.to(rank_dtype), a.to(rank_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
         x_ptrs += x_step
         a_ptrs += a_step
     if HAS_DROPOUT:
@@ -156,14 +180,16 @@ def _lora_shrink_kernel(
     tl.store(xa_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
 
 
-@triton.autotune(configs=configs_for_this_target(FORWARD_CONFIGS), key=["M_BUCKET", "N", "K", "R"])
+@triton.autotune(configs=configs_for_this_target(FORWARD_CONFIGS),
+                 prune_configs_by=by_dtype(FORWARD_CONFIGS, "X"),
+                 key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "RANK_FP32"])
 @triton.jit
 def _lora_forward_kernel(
     X, W, XA, B, BIAS, Y, M, N, K, R, M_BUCKET,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br, stride_bias,
     scaling,
     HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
-    WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Y[M, N] = X·Wᵀ + scaling·XA·Bᵀ + BIAS, the LoRA term and bias in the epilogue."""
@@ -190,29 +216,31 @@ def _lora_forward_kernel(
 
     # Epilogue: + scaling·xa·Bᵀ. Scaling is folded into the fp32 xa before its one rounding to
     # the compute dtype, so the term accumulates straight into acc (no second M×N tile).
-    compute_dtype = X.dtype.element_ty
+    rank_dtype = tl.float32 if RANK_FP32 else X.dtype.element_ty
     offs_r = tl.arange(0, BLOCK_R)
     for r0 in range(0, R, BLOCK_R):
         r_mask = (r0 + offs_r) < R
         xa = tl.load(XA + rows[:, None] * R + (r0 + offs_r)[None, :], mask=r_mask[None, :], other=0.0)
         b = tl.load(B + cols[None, :] * stride_bn + (r0 + offs_r)[:, None].to(tl.int64) * stride_br,
                     mask=r_mask[:, None], other=0.0)
-        acc = mma((xa * scaling).to(compute_dtype), b.to(compute_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+        acc = mma((xa * scaling).to(rank_dtype), b.to(rank_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
     if HAS_BIAS:
-        acc += tl.load(BIAS + cols).to(tl.float32)[None, :]
+        acc += tl.load(BIAS + cols * stride_bias).to(tl.float32)[None, :]
 
     out_rows = offs_m.to(tl.int64)
     y_ptrs = Y + out_rows[:, None] * N + offs_n[None, :]
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=configs_for_this_target(BACKWARD_DY_CONFIGS), key=["M_BUCKET", "N", "R"])
+@triton.autotune(configs=configs_for_this_target(BACKWARD_DY_CONFIGS),
+                 prune_configs_by=by_dtype(BACKWARD_DY_CONFIGS, "DY"),
+                 key=["M_BUCKET", "N", "R", "COMPUTE_G", "COMPUTE_DB", "RANK_FP32"])
 @triton.jit
 def _lora_backward_dy_kernel(
     DY, B, XA, G, DB_PARTIAL, M, N, R, M_BUCKET,
     stride_dym, stride_dyn, stride_bn, stride_br,
     COMPUTE_G: tl.constexpr, COMPUTE_DB: tl.constexpr, BLOCK_R: tl.constexpr,
-    WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One pass over dY for both products that read it, per (M-block, R-chunk):
@@ -225,11 +253,11 @@ def _lora_backward_dy_kernel(
     rows = offs_m.to(tl.int64)
     m_mask = offs_m < M
     r_mask = offs_r < R
-    compute_dtype = DY.dtype.element_ty
+    rank_dtype = tl.float32 if RANK_FP32 else DY.dtype.element_ty
     if COMPUTE_DB:
         # Rows past M load as zero (not wrapped): they must add nothing to the dB sum.
         xa = tl.load(XA + rows[:, None] * R + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        xa = xa.to(compute_dtype)
+        xa = xa.to(rank_dtype)
     g = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     dy_ptrs = DY + rows[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn
     b_ptrs = B + offs_n[:, None].to(tl.int64) * stride_bn + offs_r[None, :].to(tl.int64) * stride_br
@@ -238,10 +266,10 @@ def _lora_backward_dy_kernel(
     partial_base = DB_PARTIAL + pid_m.to(tl.int64) * N * R
     for n0 in range(0, N, BLOCK_N):
         n_mask = (n0 + offs_n) < N
-        dy = tl.load(dy_ptrs, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        dy = tl.load(dy_ptrs, mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(rank_dtype)
         if COMPUTE_G:
             b = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-            g = mma(dy, b.to(compute_dtype), g, WIDEN_BF16_DOT, DOT_PRECISION)
+            g = mma(dy, b.to(rank_dtype), g, WIDEN_BF16_DOT, DOT_PRECISION)
         if COMPUTE_DB:
             part = mma(tl.trans(dy), xa, tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32),
                        WIDEN_BF16_DOT, DOT_PRECISION)
@@ -253,18 +281,21 @@ def _lora_backward_dy_kernel(
         tl.store(G + rows[:, None] * R + offs_r[None, :], g, mask=m_mask[:, None] & r_mask[None, :])
 
 
-@triton.autotune(configs=configs_for_this_target(BACKWARD_DX_CONFIGS), key=["M_BUCKET", "N", "K", "R"])
+@triton.autotune(configs=configs_for_this_target(BACKWARD_DX_CONFIGS),
+                 prune_configs_by=by_dtype(BACKWARD_DX_CONFIGS, "DY"),
+                 key=["M_BUCKET", "N", "K", "R", "COMPUTE_DX", "COMPUTE_DA", "HAS_DROPOUT", "RANK_FP32"])
 @triton.jit(do_not_specialize=["seed"])
 def _lora_backward_dx_kernel(
-    DY, W, G, A, X, DX, DA_PARTIAL, M, N, K, R, M_BUCKET,
+    DY, W, G, A, X, DX, DA_PARTIAL, M, N, K, R, M_BUCKET, row0,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_xm, stride_xk,
     seed, dropout_p, lora_scale,
-    COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+    WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Per output tile (M-block, K-block), with lora_scale = scaling/(1-p):
-    DX = dY·W + lora_scale·(G·A)⊙keep, and DA_PARTIAL[m_block, R, K-block] = Gᵀ·(X⊙keep)."""
+    DX = dY·W + lora_scale·(G·A)⊙keep, and DA_PARTIAL[m_block, R, K-block] = Gᵀ·(X⊙keep).
+    Rows are those of a chunk starting at row `row0` of the whole x (for the dropout mask)."""
     pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -274,7 +305,8 @@ def _lora_backward_dx_kernel(
     k_mask = offs_k < K
     rows = offs_m.to(tl.int64)
     cols = (offs_k % K).to(tl.int64)  # wrapped like the forward GEMM; the store is masked
-    compute_dtype = DY.dtype.element_ty
+    mask_rows = rows + row0  # the dropout mask is indexed by the row of the whole x
+    rank_dtype = tl.float32 if RANK_FP32 else DY.dtype.element_ty
 
     # dA partial first: x (masked) meets gᵀ, and both die before the GEMM starts.
     if COMPUTE_DA:
@@ -282,13 +314,14 @@ def _lora_backward_dx_kernel(
         x = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(_dropout_keep(seed, rows, pid_k * BLOCK_K, K, dropout_p, BLOCK_M, BLOCK_K), x, 0.0)
+            x = tl.where(_dropout_keep(seed, mask_rows, pid_k * BLOCK_K, K, dropout_p, BLOCK_M, BLOCK_K), x, 0.0)
+        x = x.to(rank_dtype)
         partial_base = DA_PARTIAL + pid_m.to(tl.int64) * R * K
         for r0 in range(0, R, BLOCK_R):
             r_mask = (r0 + offs_r) < R
             g = tl.load(G + rows[:, None] * R + (r0 + offs_r)[None, :],
                         mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-            part = mma(tl.trans(g.to(compute_dtype)), x, tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32),
+            part = mma(tl.trans(g.to(rank_dtype)), x, tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32),
                        WIDEN_BF16_DOT, DOT_PRECISION)
             part_ptrs = partial_base + (r0 + offs_r)[:, None].to(tl.int64) * K + offs_k[None, :]
             tl.store(part_ptrs, part, mask=r_mask[:, None] & k_mask[None, :])
@@ -304,11 +337,11 @@ def _lora_backward_dx_kernel(
             a = tl.load(A + (r0 + offs_r)[:, None].to(tl.int64) * stride_ar + cols[None, :] * stride_ak,
                         mask=r_mask[:, None], other=0.0)
             # lora_scale folds into fp32 g before its one rounding to the compute dtype.
-            acc = mma((g * lora_scale).to(compute_dtype), a.to(compute_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+            acc = mma((g * lora_scale).to(rank_dtype), a.to(rank_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
         if HAS_DROPOUT:
             # The mask is regenerated rather than kept from the dA step: holding a BM×BK mask
             # in registers across both steps made ptxas spill.
-            acc = tl.where(_dropout_keep(seed, rows, pid_k * BLOCK_K, K, dropout_p, BLOCK_M, BLOCK_K), acc, 0.0)
+            acc = tl.where(_dropout_keep(seed, mask_rows, pid_k * BLOCK_K, K, dropout_p, BLOCK_M, BLOCK_K), acc, 0.0)
         wrapped_rows = (offs_m % M).to(tl.int64)
         dy_ptrs = DY + wrapped_rows[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn
         w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + cols[None, :] * stride_wk
@@ -340,33 +373,36 @@ def _dropout_mask_kernel(KEEP, M, K, seed, dropout_p, BLOCK_M: tl.constexpr, BLO
 # Launchers. Inputs are validated by peft_ops.lora; these only shape, allocate and launch.
 # --------------------------------------------------------------------------------------
 
+# Most bytes of fp32 partials (dA and dB) the backward holds at once; beyond it, row chunks.
+PARTIAL_BUDGET_BYTES = 128 * 2**20
+
+
 def _target_block_m(kind: str) -> int:
     return BACKWARD_BLOCK_M[current_target()][kind]
 
 
 def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
     """xa = dropout(x)·lora_Aᵀ in fp32, [M, r]; x is 2-D [M, K] with any strides."""
-    check_launchable(x, lora_A)
     M, K = x.shape
     R = lora_A.shape[0]
     xa = torch.empty((M, R), device=x.device, dtype=torch.float32)
     if M == 0:
         return xa
-    BLOCK_R = block_r(R)
+    BLOCK_R = block_r(R, lora_A.dtype == torch.float32)
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(R, BLOCK_R))  # noqa: E731
-    _lora_shrink_kernel[grid](
-        x, lora_A, xa, M, K, R, m_bucket(M),
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
-        seed, dropout_p, 1.0 / (1.0 - dropout_p),
-        HAS_DROPOUT=dropout_p > 0, BLOCK_R=BLOCK_R, **dot_flags(x.dtype),
-    )
+    with launch_guard(x, lora_A):
+        _lora_shrink_kernel[grid](
+            x, lora_A, xa, M, K, R, m_bucket(M),
+            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
+            seed, dropout_p, 1.0 / (1.0 - dropout_p),
+            HAS_DROPOUT=dropout_p > 0, BLOCK_R=BLOCK_R, **dot_flags(x.dtype, lora_A.dtype),
+        )
     return xa
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor,
             scaling: float, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x·weightᵀ + scaling·xa·lora_Bᵀ + bias, [M, N] in x's dtype."""
-    check_launchable(x, weight, lora_B)
     M, K = x.shape
     N = weight.shape[0]
     R = lora_B.shape[1]
@@ -374,12 +410,15 @@ def forward(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: tor
     if M == 0:
         return y
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
-    _lora_forward_kernel[grid](
-        x, weight, xa, lora_B, bias if bias is not None else y, y, M, N, K, R, m_bucket(M),
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
-        float(scaling),
-        HAS_BIAS=bias is not None, BLOCK_R=block_r(R), **dot_flags(x.dtype),
-    )
+    with launch_guard(x, weight, lora_B):
+        _lora_forward_kernel[grid](
+            x, weight, xa, lora_B, bias if bias is not None else y, y, M, N, K, R, m_bucket(M),
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
+            bias.stride(0) if bias is not None else 0,
+            float(scaling),
+            HAS_BIAS=bias is not None, BLOCK_R=block_r(R, lora_B.dtype == torch.float32),
+            **dot_flags(x.dtype, lora_B.dtype),
+        )
     return y
 
 
@@ -392,94 +431,119 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
     dA = s/(1-p)·(dy·B)ᵀ·(x⊙keep)             [r, K], fp32 (caller casts)
     dB = s·dyᵀ·xa                             [N, r], fp32 (caller casts)
     """
-    check_launchable(dy, x, weight, lora_A, lora_B)
     M, N = dy.shape
     K = x.shape[1]
     R = lora_A.shape[0]
     device = dy.device
-    BLOCK_R = block_r(R)
-    flags = dot_flags(dy.dtype)
     need_g = need_dx or need_dA
-    dx = dA = dB = None
+    dx = torch.empty((M, K), device=device, dtype=x.dtype) if need_dx else None
+    dA = torch.zeros((R, K), device=device, dtype=torch.float32) if need_dA else None
+    dB = torch.zeros((N, R), device=device, dtype=torch.float32) if need_dB else None
+    if M == 0 or not (need_g or need_dB):
+        return dx, dA, dB
 
-    if need_g or need_dB:
-        block_m = _target_block_m("dy")
-        num_blocks = triton.cdiv(M, block_m)
-        g = torch.empty((M, R), device=device, dtype=torch.float32) if need_g else xa  # xa: unused placeholder
-        db_partial = torch.empty((num_blocks, N, R), device=device, dtype=torch.float32) if need_dB else xa
-        grid = (num_blocks, triton.cdiv(R, BLOCK_R))
-        _lora_backward_dy_kernel[grid](
-            dy, lora_B, xa, g, db_partial, M, N, R, m_bucket(M),
-            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
-            COMPUTE_G=need_g, COMPUTE_DB=need_dB, BLOCK_R=BLOCK_R, BLOCK_M=block_m, **flags,
-        )
-        if need_dB:
-            dB = db_partial.sum(dim=0).mul_(scaling)
+    block_m_dy, block_m_dx = _target_block_m("dy"), _target_block_m("dx")
+    # Row chunks: a multiple of both M-blocks, as many rows as PARTIAL_BUDGET_BYTES allows
+    # (a function of the shapes only, so the summation order is fixed run to run).
+    step = block_m_dy * block_m_dx // math.gcd(block_m_dy, block_m_dx)
+    partial_bytes_per_row = (N * need_dB + K * need_dA) * R * 4 / min(block_m_dy, block_m_dx)
+    chunk = max(step, int(PARTIAL_BUDGET_BYTES // max(partial_bytes_per_row, 1)) // step * step)
+    chunk = min(chunk, triton.cdiv(M, step) * step)
 
-    if need_g:
-        block_m = _target_block_m("dx")
-        num_blocks = triton.cdiv(M, block_m)
-        dx = torch.empty((M, K), device=device, dtype=x.dtype) if need_dx else None
-        da_partial = torch.empty((num_blocks, R, K), device=device, dtype=torch.float32) if need_dA else None
-        lora_scale = scaling / (1.0 - dropout_p)
-        grid = lambda META: (num_blocks * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
-        _lora_backward_dx_kernel[grid](
-            dy, weight, g, lora_A, x, dx if need_dx else g, da_partial if need_dA else g,
-            M, N, K, R, m_bucket(M),
-            dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
-            lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1),
-            seed, dropout_p, lora_scale,
-            COMPUTE_DX=need_dx, COMPUTE_DA=need_dA, HAS_DROPOUT=dropout_p > 0,
-            BLOCK_R=BLOCK_R, BLOCK_M=block_m, **flags,
-        )
-        if need_dA:
-            dA = da_partial.sum(dim=0).mul_(lora_scale)
+    BLOCK_R = block_r(R, lora_A.dtype == torch.float32)
+    flags = dot_flags(dy.dtype, lora_A.dtype)
+    lora_scale = scaling / (1.0 - dropout_p)
+    g = torch.empty((chunk, R), device=device, dtype=torch.float32) if need_g else xa  # else: unused
+    db_partial = torch.empty((triton.cdiv(chunk, block_m_dy), N, R), device=device, dtype=torch.float32) \
+        if need_dB else xa
+    da_partial = torch.empty((triton.cdiv(chunk, block_m_dx), R, K), device=device, dtype=torch.float32) \
+        if need_dA else xa
+    with launch_guard(dy, x, weight, lora_A, lora_B):
+        for row0 in range(0, M, chunk):
+            rows = min(chunk, M - row0)
+            dy_c, x_c, xa_c = dy[row0:row0 + rows], x[row0:row0 + rows], xa[row0:row0 + rows]
+            blocks_dy, blocks_dx = triton.cdiv(rows, block_m_dy), triton.cdiv(rows, block_m_dx)
+            _lora_backward_dy_kernel[(blocks_dy, triton.cdiv(R, BLOCK_R))](
+                dy_c, lora_B, xa_c, g, db_partial, rows, N, R, m_bucket(rows),
+                dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
+                COMPUTE_G=need_g, COMPUTE_DB=need_dB, BLOCK_R=BLOCK_R, BLOCK_M=block_m_dy, **flags,
+            )
+            if need_dB:
+                dB += db_partial[:blocks_dy].sum(dim=0)
+            if need_g:
+                grid = lambda META: (blocks_dx * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
+                _lora_backward_dx_kernel[grid](
+                    dy_c, weight, g, lora_A, x_c, dx[row0:row0 + rows] if need_dx else g, da_partial,
+                    rows, N, K, R, m_bucket(rows), row0,
+                    dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
+                    lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1),
+                    seed, dropout_p, lora_scale,
+                    COMPUTE_DX=need_dx, COMPUTE_DA=need_dA, HAS_DROPOUT=dropout_p > 0,
+                    BLOCK_R=BLOCK_R, BLOCK_M=block_m_dx, **flags,
+                )
+                if need_dA:
+                    dA += da_partial[:blocks_dx].sum(dim=0)
+    if need_dA:
+        dA *= lora_scale
+    if need_dB:
+        dB *= scaling
     return dx, dA, dB
 
 
 def dropout_keep_mask(seed: int, M: int, K: int, dropout_p: float, device) -> torch.Tensor:
     """The bool keep mask [M, K] that the kernels above use for `seed` and `dropout_p`."""
     keep = torch.empty((M, K), device=device, dtype=torch.int8)
-    check_launchable(keep)
     # A tile shape unlike the LoRA kernels' on purpose: the mask must not depend on tiling.
     BLOCK_M, BLOCK_K = 8, 16
     if M * K:
-        _dropout_mask_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_K))](
-            keep, M, K, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+        with launch_guard(keep):
+            _dropout_mask_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_K))](
+                keep, M, K, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
     return keep.bool()
 
 
-def compile_specs(target: str, dtype: str = "bf16") -> list:
-    """Every kernel of this file at every autotune config of `target`, in its heaviest variant
-    (r = 64, dropout, bias, all gradients): what the compile check builds."""
+# What the compile check builds: each config in the variants that differ in registers.
+COMPILE_VARIANTS = {
+    "bf16": dict(dtype="bf16", rank_dtype="bf16", family="half"),
+    "bf16+fp32 A,B": dict(dtype="bf16", rank_dtype="fp32", family="mixed"),
+    "fp32": dict(dtype="fp32", rank_dtype="fp32", family="fp32"),
+}
+
+
+def compile_specs(target: str) -> list:
+    """Every kernel of this file at every autotune config of `target`, in each of
+    COMPILE_VARIANTS, at its heaviest settings (the widest rank chunk, dropout, bias, all
+    gradients)."""
     from ._common import KernelBuild
 
-    R = dict(BLOCK_R=64, WIDEN_BF16_DOT=False, DOT_PRECISION="ieee")
-    plain = ("M", "seed")
+    plain = ("M", "seed", "row0")
     specs = []
-    for cfg in SHRINK_CONFIGS[target]:
-        specs.append(KernelBuild("lora_shrink", _lora_shrink_kernel, cfg,
-                                 dict(X=dtype, A=dtype, XA="fp32"), dict(HAS_DROPOUT=True, **R),
-                                 unit_strides=("stride_xk", "stride_ak"),
-                                 float_args=("dropout_p", "keep_scale"), plain_ints=plain))
-    for cfg in FORWARD_CONFIGS[target]:
-        specs.append(KernelBuild("lora_forward", _lora_forward_kernel, cfg,
-                                 dict(X=dtype, W=dtype, XA="fp32", B=dtype, BIAS=dtype, Y=dtype),
-                                 dict(HAS_BIAS=True, **R),
-                                 unit_strides=("stride_xk", "stride_wk", "stride_br"),
-                                 float_args=("scaling",), plain_ints=plain))
-    for cfg in BACKWARD_DY_CONFIGS[target]:
-        specs.append(KernelBuild("lora_backward_dy", _lora_backward_dy_kernel, cfg,
-                                 dict(DY=dtype, B=dtype, XA="fp32", G="fp32", DB_PARTIAL="fp32"),
-                                 dict(COMPUTE_G=True, COMPUTE_DB=True, BLOCK_M=BACKWARD_BLOCK_M[target]["dy"], **R),
-                                 unit_strides=("stride_dyn", "stride_br"), plain_ints=plain))
-    for cfg in BACKWARD_DX_CONFIGS[target]:
-        specs.append(KernelBuild("lora_backward_dx", _lora_backward_dx_kernel, cfg,
-                                 dict(DY=dtype, W=dtype, G="fp32", A=dtype, X=dtype, DX=dtype, DA_PARTIAL="fp32"),
-                                 dict(COMPUTE_DX=True, COMPUTE_DA=True, HAS_DROPOUT=True,
-                                      BLOCK_M=BACKWARD_BLOCK_M[target]["dx"], **R),
-                                 unit_strides=("stride_dyn", "stride_wk", "stride_ak", "stride_xk"),
-                                 float_args=("dropout_p", "lora_scale"), plain_ints=plain))
+    for variant, v in COMPILE_VARIANTS.items():
+        dt, rt, family = v["dtype"], v["rank_dtype"], v["family"]
+        fp32_rank = rt == "fp32"
+        common = dict(BLOCK_R=block_r(64, fp32_rank), WIDEN_BF16_DOT=False, RANK_FP32=fp32_rank and dt != "fp32",
+                      DOT_PRECISION="tf32x3")
+
+        def build(name, kernel, configs, pointers, constexprs, **kw):
+            for cfg in configs[target][family]:
+                specs.append(KernelBuild(f"{name} [{variant}]", kernel, cfg, pointers, {**common, **constexprs},
+                                         plain_ints=plain, **kw))
+
+        build("lora_shrink", _lora_shrink_kernel, SHRINK_CONFIGS, dict(X=dt, A=rt, XA="fp32"),
+              dict(HAS_DROPOUT=True), unit_strides=("stride_xk", "stride_ak"),
+              float_args=("dropout_p", "keep_scale"))
+        build("lora_forward", _lora_forward_kernel, FORWARD_CONFIGS,
+              dict(X=dt, W=dt, XA="fp32", B=rt, BIAS=dt, Y=dt), dict(HAS_BIAS=True),
+              unit_strides=("stride_xk", "stride_wk", "stride_br", "stride_bias"), float_args=("scaling",))
+        build("lora_backward_dy", _lora_backward_dy_kernel, BACKWARD_DY_CONFIGS,
+              dict(DY=dt, B=rt, XA="fp32", G="fp32", DB_PARTIAL="fp32"),
+              dict(COMPUTE_G=True, COMPUTE_DB=True, BLOCK_M=BACKWARD_BLOCK_M[target]["dy"]),
+              unit_strides=("stride_dyn", "stride_br"))
+        build("lora_backward_dx", _lora_backward_dx_kernel, BACKWARD_DX_CONFIGS,
+              dict(DY=dt, W=dt, G="fp32", A=rt, X=dt, DX=dt, DA_PARTIAL="fp32"),
+              dict(COMPUTE_DX=True, COMPUTE_DA=True, HAS_DROPOUT=True, BLOCK_M=BACKWARD_BLOCK_M[target]["dx"]),
+              unit_strides=("stride_dyn", "stride_wk", "stride_ak", "stride_xk"),
+              float_args=("dropout_p", "lora_scale"))
     specs.append(KernelBuild("dropout_mask (tests only)", _dropout_mask_kernel,
                              triton.Config(dict(BLOCK_M=8, BLOCK_K=16), num_warps=4, num_stages=1),
                              dict(KEEP="i8"), {}, float_args=("dropout_p",), plain_ints=plain,

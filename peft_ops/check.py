@@ -61,7 +61,8 @@ def run_checks(device: torch.device, paths: list[str], quick: bool = False, prog
             label = case.label() + (f" p={case.dropout_p}" if case.dropout_p else "")
             dtype = DTYPE_NAMES[case.dtype] + ("+fp32 A,B" if case.adapter_dtype else "")
             for result in run_lora_case(case, ops, device=device):
-                rows.append(Row("lora_linear", path, label, dtype, result.name, result.error(), case.tolerance()))
+                rows.append(Row("lora_linear", path, label, dtype, result.name, result.error(),
+                                case.tolerance(result.name)))
             if progress:
                 progress(rows)
     return rows

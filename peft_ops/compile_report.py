@@ -25,8 +25,8 @@ TARGETS = ("sm80", "sm90")
 SHARED_LIMIT_BYTES = {"sm80": 166912, "sm90": 232448}
 
 
-def _specs(module_name: str, target: str, dtype: str):
-    return importlib.import_module(module_name).compile_specs(target, dtype)
+def _specs(module_name: str, target: str):
+    return importlib.import_module(module_name).compile_specs(target)
 
 
 def _ptxas_usage(log: str) -> dict:
@@ -39,11 +39,11 @@ def _ptxas_usage(log: str) -> dict:
             "spill_bytes": int(spills.group(2)) + int(spills.group(3))}
 
 
-def _compile_one(job: tuple[str, str, str, int]) -> dict:
-    module_name, target, dtype, index = job
+def _compile_one(job: tuple[str, str, int]) -> dict:
+    module_name, target, index = job
     import triton
 
-    spec = _specs(module_name, target, dtype)[index]
+    spec = _specs(module_name, target)[index]
     triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v report, printed to stdout
     triton.knobs.compilation.always_compile = True  # a cached build would skip ptxas and its report
     log = io.StringIO()
@@ -53,7 +53,8 @@ def _compile_one(job: tuple[str, str, str, int]) -> dict:
     seconds = time.perf_counter() - start
     ptx = compiled.asm["ptx"]
     return {
-        "kernel": spec.name, "target": target, "needs_tensor_cores": spec.uses_tensor_cores, "dtype": dtype, "config": spec.config_label,
+        "kernel": spec.name, "target": target, "needs_tensor_cores": spec.uses_tensor_cores,
+        "config": spec.config_label,
         **_ptxas_usage(log.getvalue()),
         "shared_bytes": compiled.metadata.shared,
         "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
@@ -62,8 +63,8 @@ def _compile_one(job: tuple[str, str, str, int]) -> dict:
     }
 
 
-def compile_all(dtype: str = "bf16", jobs: int | None = None) -> list[dict]:
-    work = [(m, t, dtype, i) for m in KERNEL_MODULES for t in TARGETS for i in range(len(_specs(m, t, dtype)))]
+def compile_all(jobs: int | None = None) -> list[dict]:
+    work = [(m, t, i) for m in KERNEL_MODULES for t in TARGETS for i in range(len(_specs(m, t)))]
     jobs = jobs or os.cpu_count() or 1
     if jobs == 1:
         return [_compile_one(w) for w in work]
@@ -97,7 +98,6 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="peft-ops compile", description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
@@ -105,7 +105,7 @@ def main(argv: list[str]) -> int:
         print("peft-ops compile needs TRITON_INTERPRET unset (the interpreter replaces the kernels)", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    rows = compile_all(args.dtype, args.jobs)
+    rows = compile_all(args.jobs)
     bad = [(r, problems(r)) for r in rows if problems(r)]
     if args.json:
         print(json.dumps(rows, indent=1))

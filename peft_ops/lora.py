@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _checks, reference
 from .backend import resolve
@@ -19,6 +20,8 @@ def _check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p) -> tup
     dropout_p = _checks.probability("dropout_p", dropout_p)
 
     out_features, in_features = weight.shape
+    if in_features == 0 or out_features == 0:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}: in_features and out_features must be ≥ 1")
     r = lora_A.shape[0]
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight "
@@ -47,8 +50,9 @@ def _check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p) -> tup
 
 def _draw_seed() -> int:
     # From PyTorch's default CPU generator: reproducible under torch.manual_seed, and no device
-    # sync. Below 2³¹ so the kernels' seed argument keeps one integer type.
-    return int(torch.randint(2**31 - 1, (), dtype=torch.int64).item())
+    # sync. In [2³¹, 2⁶²): the kernels' seed argument is always a 64-bit integer (one compiled
+    # variant), and two layer-steps sharing a mask is a 2⁻⁶² event, not a 2⁻³¹ one.
+    return int(torch.randint(2**31, 2**62, (), dtype=torch.int64).item())
 
 
 def torch_keep_mask(seed: int, M: int, K: int, dropout_p: float, device) -> torch.Tensor:
@@ -65,42 +69,51 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class TorchLoraOps:
     """The PyTorch path: the same steps, roundings and saved tensors as the kernels, in PyTorch
     ops (fp32 accumulation, each output rounded once). Same signatures as the launchers of
-    ``peft_ops.kernels.lora``. Half-precision operands are widened to fp32 transiently."""
+    ``peft_ops.kernels.lora``. Half-precision operands are widened to fp32 transiently.
+
+    Rank-r operands (xa, g, A, B) are rounded to the compute dtype as the tensor cores' inputs
+    are, except with fp32 adapters, where the kernels keep those products fp32 (RANK_FP32)."""
 
     @staticmethod
     def shrink(x, lora_A, dropout_p, seed):
         if dropout_p > 0:
             x = x * torch_keep_mask(seed, *x.shape, dropout_p, x.device)
-        xa = _mm32(x, lora_A.to(x.dtype).t())
+        xa = _mm32(x, _rank_operand(lora_A, x.dtype, lora_A.dtype).t())
         return xa.mul_(1.0 / (1.0 - dropout_p)) if dropout_p > 0 else xa
 
     @staticmethod
     def forward(x, weight, xa, lora_B, scaling, bias):
         y = _mm32(x, weight.t())
-        y += _mm32((xa * scaling).to(x.dtype), lora_B.to(x.dtype).t())
+        y += _mm32(_rank_operand(xa * scaling, x.dtype, lora_B.dtype), _rank_operand(lora_B, x.dtype, lora_B.dtype).t())
         if bias is not None:
             y += bias
         return y.to(x.dtype)
 
     @staticmethod
     def backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
-        dtype = dy.dtype
+        dtype, adapter = dy.dtype, lora_A.dtype
         lora_scale = scaling / (1.0 - dropout_p)
         keep = torch_keep_mask(seed, *x.shape, dropout_p, x.device) if dropout_p > 0 else None
         dx = dA = dB = None
         if need_dB:
-            dB = _mm32(dy.t(), xa.to(dtype)).mul_(scaling)
+            dB = _mm32(dy.t(), _rank_operand(xa, dtype, adapter)).mul_(scaling)
         if need_dx or need_dA:
-            g = _mm32(dy, lora_B.to(dtype))
+            g = _mm32(dy, _rank_operand(lora_B, dtype, adapter))
         if need_dx:
-            lora = _mm32((g * lora_scale).to(dtype), lora_A.to(dtype))
+            lora = _mm32(_rank_operand(g * lora_scale, dtype, adapter), _rank_operand(lora_A, dtype, adapter))
             if keep is not None:
                 lora *= keep
             dx = (_mm32(dy, weight) + lora).to(dtype)
         if need_dA:
             x_kept = x if keep is None else x * keep
-            dA = _mm32(g.to(dtype).t(), x_kept).mul_(lora_scale)
+            dA = _mm32(_rank_operand(g, dtype, adapter).t(), x_kept).mul_(lora_scale)
         return dx, dA, dB
+
+
+def _rank_operand(t: torch.Tensor, dtype: torch.dtype, adapter_dtype: torch.dtype) -> torch.Tensor:
+    """A rank-r operand as the kernels feed it to the tensor cores: in the compute dtype, or in
+    fp32 when the adapters are fp32."""
+    return t.float() if adapter_dtype == torch.float32 else t.to(dtype)
 
 
 def _kernel_ops():
@@ -137,6 +150,7 @@ class LoraLinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
+    @once_differentiable  # the backward is not itself differentiable: say so, don't return wrong
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, xa = ctx.saved_tensors
         need_dx, need_dW, need_dA, need_dB, need_db = ctx.needs_input_grad[:5]

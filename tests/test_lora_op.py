@@ -9,7 +9,7 @@ from peft_ops import reference
 from peft_ops.lora import LoraLinearFunction, _draw_seed, dropout_keep_mask
 from peft_ops.testing import LoraCase, assert_close, make_lora_inputs, run_lora_case, saved_activation_bytes
 
-from conftest import lora_ops
+from conftest import DEVICE, lora_ops
 
 PATHS = ["triton", "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -30,7 +30,7 @@ def check_case(case: LoraCase, path: str, device) -> None:
     for result in run_lora_case(case, lora_ops(path), device=device):
         expected_dtype = (case.adapter_dtype or case.dtype) if result.name in ("dA", "dB") else case.dtype
         assert result.actual.dtype == expected_dtype, result.name
-        result.check(f"{path} {case.label()}", case.tolerance())
+        result.check(f"{path} {case.label()}", case.tolerance(result.name))
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -98,6 +98,65 @@ def test_non_contiguous_inputs(dtype, path, device):
         assert_close(y, yr, dtype, f"{name} y")
         assert_close(x.grad, xr.grad, dtype, f"{name} dx")
         assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_non_contiguous_bias(path, device):
+    inp = make_lora_inputs(LoraCase(M=10, K=24, N=18, r=4, dtype=torch.float32), device)
+    bias = torch.randn(18, 3, generator=torch.Generator().manual_seed(2)).to(device)[:, 1]  # stride 3
+    assert bias.stride() == (3,)
+    y = LoraLinearFunction.apply(inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], bias, 0.5, 0.0,
+                                 lora_ops(path))
+    expected = reference.lora_linear(*(inp[k].double() for k in ("x", "weight", "lora_A", "lora_B")), 0.5,
+                                     bias.double())
+    assert_close(y, expected, torch.float32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="shrinks the partial budget; interpreter-sized")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_backward_in_row_chunks(dtype, monkeypatch, device):
+    """Past PARTIAL_BUDGET_BYTES of partials the backward runs in row chunks; the chunks' dA/dB
+    sums and the dropout mask (indexed by the row of the whole x) must not notice."""
+    from peft_ops.kernels import lora as kernels
+
+    case = LoraCase(M=150, K=40, N=36, r=8, dtype=dtype, dropout_p=0.3, train_base=True)
+    rows_per_chunk = 64  # partials of a 32-row block take (N + K)·r·4 = 2432 bytes
+    monkeypatch.setattr(kernels, "PARTIAL_BUDGET_BYTES", (36 + 40) * 8 * 4 * rows_per_chunk // 32)
+    calls = []
+    real = kernels._lora_backward_dy_kernel
+    monkeypatch.setattr(kernels, "_lora_backward_dy_kernel",
+                        type("Spy", (), {"__getitem__": lambda self, grid: calls.append(grid) or real[grid]})())
+    check_case(case, "triton", device)
+    assert len(calls) == 3  # 150 rows in chunks of 64
+
+
+def test_fp32_dot_precision_follows_pytorch(monkeypatch):
+    """TF32 only where the user allowed it, through either of PyTorch's switches; the new
+    switch must not make the legacy read (which then raises) break every launch."""
+    from peft_ops.kernels._common import fp32_dot_precision
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert fp32_dot_precision() == "tf32"
+        inp = make_lora_inputs(LoraCase(M=5, K=16, N=8, r=2, dtype=torch.bfloat16), DEVICE)
+        peft_ops.lora_linear(inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], 1.0)  # runs
+        matmul.fp32_precision = "ieee"
+        assert fp32_dot_precision() == "tf32x3"
+    finally:
+        matmul.fp32_precision = before
+    assert fp32_dot_precision() == ("tf32" if matmul.allow_tf32 else "tf32x3")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_double_backward_raises(path, device):
+    inp = make_lora_inputs(LoraCase(M=6, K=16, N=8, r=2, dtype=torch.float32), device)
+    x = inp["x"].requires_grad_()
+    y = LoraLinearFunction.apply(x, inp["weight"], inp["lora_A"], inp["lora_B"], None, 1.0, 0.0, lora_ops(path))
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        dx.sum().backward()
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -244,7 +303,7 @@ def test_bf16_tests_detect_a_wrong_dot(monkeypatch, device):
     check_case(case, "triton", device)  # passes as shipped
 
     real_flags = _common.dot_flags
-    monkeypatch.setattr(lora, "dot_flags", lambda dtype: {**real_flags(dtype), "WIDEN_BF16_DOT": False})
+    monkeypatch.setattr(lora, "dot_flags", lambda *args: {**real_flags(*args), "WIDEN_BF16_DOT": False})
     with pytest.raises(AssertionError, match="exceed tolerance"):
         check_case(case, "triton", device)
 

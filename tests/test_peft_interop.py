@@ -33,8 +33,8 @@ def peft_model(dropout_p, dtype=torch.bfloat16, use_rslora=False):
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_same_output_and_gradients_as_peft(use_rslora, device):
     """PEFT's default layout on a bf16 base: fp32 adapters. lora_linear takes PEFT's own
-    parameter tensors as they are and agrees with PEFT to within our bf16 tolerance of the
-    float64 result (both are judged against it)."""
+    parameter tensors as they are; both are judged against float64: y at bf16 tolerance, the
+    adapter gradients at fp32 tolerance (both keep the rank-r products in fp32)."""
     model, layer = peft_model(0.0, use_rslora=use_rslora)
     model.to(device).eval()
     base, A, B = layer.base_layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight
@@ -48,9 +48,10 @@ def test_same_output_and_gradients_as_peft(use_rslora, device):
     xd, W, b = x.double(), base.weight.double(), base.bias.double()
     exact = xd @ W.t() + b + scaling * (xd @ A.double().t()) @ B.double().t()
     scale = xd.abs() @ W.abs().t() + b.abs() + scaling * (xd.abs() @ A.double().abs().t()) @ B.double().abs().t()
-    tol = tolerance(torch.bfloat16, torch.float32)
+    tol = tolerance(torch.bfloat16, torch.float32, "y")
     assert_close(ours, exact, torch.bfloat16, "peft_ops", tol=tol, scale=scale)
     assert_close(theirs, exact, torch.bfloat16, "PEFT", tol=tol, scale=scale)
+    tol = tolerance(torch.bfloat16, torch.float32, "dA")
 
     # gradients of the adapter, ours vs PEFT's autograd, both against float64
     grad_out = torch.randn_like(theirs)

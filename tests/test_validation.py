@@ -24,6 +24,7 @@ def f32(*shape):
 # (argument changed, new value, exception, words the message must contain)
 BAD = [
     ("x", f32(5, 11), ValueError, "x"),
+    ("weight", f32(10, 0), ValueError, "weight"),
     ("x", f32(()), ValueError, "x"),
     ("weight", f32(10, 12, 1), ValueError, "weight"),
     ("lora_A", f32(4, 13), ValueError, "lora_A"),
