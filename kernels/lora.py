@@ -56,6 +56,7 @@ from ._common import (
     mma,
 )
 
+
 def block_r(r: int, fp32_rank: bool) -> int:
     """Rank chunk (tl.dot needs ≥ 16): up to 64 columns, but 16 when the rank products take
     fp32 operands (fp32 x, or fp32 adapters): tf32x3 splits every fp32 operand in two, and
@@ -85,10 +86,12 @@ _DX = ("BLOCK_N", "BLOCK_K", "GROUP_M")  # BLOCK_K: dX column tile (in); BLOCK_N
 FORWARD_CONFIGS = {
     "sm80": _families(_GEMM, base=[(128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4), (128, 64, 32, 8, 4, 4)],
                       wide=[(128, 256, 32, 8, 8, 3)],
-                      fp32=[(64, 64, 32, 8, 4, 3), (64, 128, 16, 8, 8, 3), (32, 64, 32, 8, 4, 3), (64, 64, 16, 8, 4, 3)]),
+                      fp32=[(64, 64, 32, 8, 4, 3), (64, 128, 16, 8, 8, 3), (32, 64, 32, 8, 4, 3),
+                            (64, 64, 16, 8, 4, 3)]),
     "sm90": _families(_GEMM, base=[(128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4), (64, 256, 64, 8, 8, 3)],
                       wide=[(128, 256, 64, 8, 8, 3)],
-                      fp32=[(64, 64, 32, 8, 4, 3), (64, 128, 16, 8, 8, 3), (128, 128, 16, 8, 8, 2), (64, 64, 16, 8, 4, 3)]),
+                      fp32=[(64, 64, 32, 8, 4, 3), (64, 128, 16, 8, 8, 3), (128, 128, 16, 8, 8, 2),
+                            (64, 64, 16, 8, 4, 3)]),
     "interpreter": _configs(_GEMM, [(32, 32, 32, 8, 4, 1)]),
 }
 SHRINK_CONFIGS = {
@@ -471,7 +474,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
             if need_dB:
                 dB += db_partial[:blocks_dy].sum(dim=0)
             if need_g:
-                grid = lambda META: (blocks_dx * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
+                grid = lambda META, blocks=blocks_dx: (blocks * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
                 _lora_backward_dx_kernel[grid](
                     dy_c, weight, g, lora_A, x_c, dx[row0:row0 + rows] if need_dx else g, da_partial,
                     rows, N, K, R, m_bucket(rows), row0,
@@ -524,7 +527,7 @@ def compile_specs(target: str) -> list:
         common = dict(BLOCK_R=block_r(64, fp32_rank), WIDEN_BF16_DOT=False, RANK_FP32=fp32_rank and dt != "fp32",
                       DOT_PRECISION="tf32x3")
 
-        def build(name, kernel, configs, pointers, constexprs, **kw):
+        def build(name, kernel, configs, pointers, constexprs, family=family, variant=variant, common=common, **kw):
             for cfg in configs[target][family]:
                 specs.append(KernelBuild(f"{name} [{variant}]", kernel, cfg, pointers, {**common, **constexprs},
                                          plain_ints=plain, **kw))

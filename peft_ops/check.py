@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from ._table import text_table
 from .testing import DTYPE_NAMES, LoraCase, run_lora_case
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -72,10 +73,7 @@ def format_table(rows: list[Row]) -> str:
     header = ("op", "path", "shape", "dtype", "tensor", "max err", "tol", "pass")
     body = [(r.op, r.path, r.shape, r.dtype, r.tensor, f"{r.error:.2e}", f"{r.tol:.1e}", "ok" if r.ok else "FAIL")
             for r in rows]
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in [header, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(header, body)
 
 
 def main(argv: list[str]) -> int:

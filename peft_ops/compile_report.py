@@ -1,6 +1,7 @@
 """``peft-ops compile``: build every kernel at every autotune config for sm_80 and sm_90a with
 ``triton.compile`` (no GPU needed) and report registers, spills (ptxas' own count of spill
-stores + loads), shared memory and whether the PTX uses tensor cores. Exit code 1 if any build spills or lacks tensor-core instructions.
+stores + loads), shared memory and whether the PTX uses tensor cores. Exit code 1 if any
+build spills, lacks tensor-core instructions or needs more shared memory than its GPU has.
 
 Must run without TRITON_INTERPRET=1 (the interpreter replaces the JIT functions).
 """
@@ -18,6 +19,8 @@ import os
 import re
 import sys
 import time
+
+from ._table import text_table
 
 KERNEL_MODULES = ("peft_ops.kernels.lora",)
 TARGETS = ("sm80", "sm90")
@@ -90,10 +93,7 @@ def format_table(rows: list[dict]) -> str:
              r["shared_bytes"],
              (f"wgmma×{r['wgmma']}" if r["wgmma"] else f"mma.sync×{r['mma_sync']}") if r["wgmma"] or r["mma_sync"]
              else ("NONE" if r["needs_tensor_cores"] else "- (no dot)"), r["seconds"]) for r in rows]
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in [header, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(header, body)
 
 
 def main(argv: list[str]) -> int:

@@ -1,6 +1,5 @@
 """The benchmark script runs end to end (tiny shapes; timings on CPU mean nothing)."""
 
-import json
 import os
 import pathlib
 import subprocess

@@ -100,7 +100,8 @@ def test_merge_unmerge_round_trip(device):
 
 
 def float64_forward_from(weight, layer, x):
-    y = x.double() @ weight.double().t() + layer.scaling * (x.double() @ layer.lora_A.double().t()) @ layer.lora_B.double().t()
+    lora = (x.double() @ layer.lora_A.double().t()) @ layer.lora_B.double().t()
+    y = x.double() @ weight.double().t() + layer.scaling * lora
     return y + layer.bias.double()
 
 

@@ -196,7 +196,8 @@ def test_public_function_dispatches_and_matches(device):
     """peft_ops.lora_linear (auto backend) on 3-D input equals the reference."""
     inp = make_lora_inputs(LoraCase(M=9, K=20, N=12, r=4, dtype=torch.float32, leading=(2,)), device)
     y = peft_ops.lora_linear(inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], 2.0, inp["bias"])
-    yr = reference.lora_linear(*(inp[k].double() for k in ("x", "weight", "lora_A", "lora_B")), 2.0, inp["bias"].double())
+    yr = reference.lora_linear(*(inp[k].double() for k in ("x", "weight", "lora_A", "lora_B")), 2.0,
+                               inp["bias"].double())
     assert y.shape == (2, 9, 12)
     assert_close(y, yr, torch.float32)
 
