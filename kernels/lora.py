@@ -17,9 +17,10 @@ Design, from a cost model (bf16, M = 8192, K = N = 4096, r = 16, H200: 4.8 TB/s,
 - Backward, g = dY·B [M, r]:
   `_lora_backward_dy_kernel` reads dY once and produces both g and per-M-block partials of
   dB = s·dYᵀ·xa (the two products that read dY).
-  `_lora_backward_dx_kernel` is the GEMM dY·W with s·(g·A)⊙mask/(1-p) added in its epilogue;
-  that epilogue already holds the M-block of g, so it also reads the x tile once and writes
-  the per-M-block partial of dA = s/(1-p)·gᵀ·(x⊙mask).
+  `_lora_backward_dx_kernel` is the GEMM dY·W fused with the LoRA term s·(g·A)⊙mask/(1-p)
+  (accumulated first, into the accumulator the GEMM then continues, so the mask touches that
+  term alone without a second tile of registers); holding the M-block of g, it also reads the
+  x tile once and writes the per-M-block partial of dA = s/(1-p)·gᵀ·(x⊙mask).
   Extra HBM traffic over the frozen layer: one read of x (forward), one of dY and one of x
   (backward), plus M×r tensors and the partials.
 - Reductions over M are deterministic: each M-block writes its own fp32 partial and the

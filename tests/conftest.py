@@ -12,7 +12,7 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["TRITON_INTERPRET"] = "1"
 os.environ.pop("PEFT_OPS_BACKEND", None)  # tests choose their backend explicitly
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
