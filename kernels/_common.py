@@ -14,10 +14,6 @@ from ..backend import interpreting
 # imported; remember the mode so a launch can refuse a mismatch instead of crashing obscurely.
 INTERPRETED = interpreting()
 
-TARGETS = ("sm80", "sm90")
-
-TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
 
 def current_target() -> str:
     """The key of the autotune lists for this process: "interpreter", "sm80" or "sm90"."""
