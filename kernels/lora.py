@@ -65,6 +65,12 @@ def block_r(r: int, fp32_rank: bool) -> int:
     return min(16 if fp32_rank else 64, max(16, triton.next_power_of_2(r)))
 
 
+def _launch_flags(dtype: torch.dtype, adapter_dtype: torch.dtype, r: int) -> dict:
+    """The constexprs every LoRA kernel takes: the dot switches and the rank chunk, both
+    decided by whether the rank-r products take fp32 operands (fp32 adapters)."""
+    return {**dot_flags(dtype, adapter_dtype), "BLOCK_R": block_r(r, adapter_dtype == torch.float32)}
+
+
 def _configs(names, rows):
     return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
 
@@ -392,14 +398,14 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -
     xa = torch.empty((M, R), device=x.device, dtype=torch.float32)
     if M == 0:
         return xa
-    BLOCK_R = block_r(R, lora_A.dtype == torch.float32)
-    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(R, BLOCK_R))  # noqa: E731
+    flags = _launch_flags(x.dtype, lora_A.dtype, R)
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(R, META["BLOCK_R"]))  # noqa: E731
     with launch_guard(x, lora_A):
         _lora_shrink_kernel[grid](
             x, lora_A, xa, M, K, R, m_bucket(M),
             x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
             seed, dropout_p, 1.0 / (1.0 - dropout_p),
-            HAS_DROPOUT=dropout_p > 0, BLOCK_R=BLOCK_R, **dot_flags(x.dtype, lora_A.dtype),
+            HAS_DROPOUT=dropout_p > 0, **flags,
         )
     return xa
 
@@ -420,8 +426,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: tor
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
             bias.stride(0) if bias is not None else 0,
             float(scaling),
-            HAS_BIAS=bias is not None, BLOCK_R=block_r(R, lora_B.dtype == torch.float32),
-            **dot_flags(x.dtype, lora_B.dtype),
+            HAS_BIAS=bias is not None, **_launch_flags(x.dtype, lora_B.dtype, R),
         )
     return y
 
@@ -454,8 +459,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
     chunk = max(step, int(PARTIAL_BUDGET_BYTES // max(partial_bytes_per_row, 1)) // step * step)
     chunk = min(chunk, triton.cdiv(M, step) * step)
 
-    BLOCK_R = block_r(R, lora_A.dtype == torch.float32)
-    flags = dot_flags(dy.dtype, lora_A.dtype)
+    flags = _launch_flags(dy.dtype, lora_A.dtype, R)
     lora_scale = scaling / (1.0 - dropout_p)
     g = torch.empty((chunk, R), device=device, dtype=torch.float32) if need_g else xa  # else: unused
     db_partial = torch.empty((triton.cdiv(chunk, block_m_dy), N, R), device=device, dtype=torch.float32) \
@@ -467,10 +471,10 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
             rows = min(chunk, M - row0)
             dy_c, x_c, xa_c = dy[row0:row0 + rows], x[row0:row0 + rows], xa[row0:row0 + rows]
             blocks_dy, blocks_dx = triton.cdiv(rows, block_m_dy), triton.cdiv(rows, block_m_dx)
-            _lora_backward_dy_kernel[(blocks_dy, triton.cdiv(R, BLOCK_R))](
+            _lora_backward_dy_kernel[(blocks_dy, triton.cdiv(R, flags["BLOCK_R"]))](
                 dy_c, lora_B, xa_c, g, db_partial, rows, N, R, m_bucket(rows),
                 dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
-                COMPUTE_G=need_g, COMPUTE_DB=need_dB, BLOCK_R=BLOCK_R, BLOCK_M=block_m_dy, **flags,
+                COMPUTE_G=need_g, COMPUTE_DB=need_dB, BLOCK_M=block_m_dy, **flags,
             )
             if need_dB:
                 dB += db_partial[:blocks_dy].sum(dim=0)
@@ -483,7 +487,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
                     lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1),
                     seed, dropout_p, lora_scale,
                     COMPUTE_DX=need_dx, COMPUTE_DA=need_dA, HAS_DROPOUT=dropout_p > 0,
-                    BLOCK_R=BLOCK_R, BLOCK_M=block_m_dx, **flags,
+                    BLOCK_M=block_m_dx, **flags,
                 )
                 if need_dA:
                     dA += da_partial[:blocks_dx].sum(dim=0)

@@ -78,42 +78,43 @@ class TorchLoraOps:
     def shrink(x, lora_A, dropout_p, seed):
         if dropout_p > 0:
             x = x * torch_keep_mask(seed, *x.shape, dropout_p, x.device)
-        xa = _mm32(x, _rank_operand(lora_A, x.dtype, lora_A.dtype).t())
+        xa = _mm32(x, lora_A.to(_rank_dtype(x.dtype, lora_A.dtype)).t())
         return xa.mul_(1.0 / (1.0 - dropout_p)) if dropout_p > 0 else xa
 
     @staticmethod
     def forward(x, weight, xa, lora_B, scaling, bias):
+        rank = _rank_dtype(x.dtype, lora_B.dtype)
         y = _mm32(x, weight.t())
-        y += _mm32(_rank_operand(xa * scaling, x.dtype, lora_B.dtype), _rank_operand(lora_B, x.dtype, lora_B.dtype).t())
+        y += _mm32((xa * scaling).to(rank), lora_B.to(rank).t())
         if bias is not None:
             y += bias
         return y.to(x.dtype)
 
     @staticmethod
     def backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
-        dtype, adapter = dy.dtype, lora_A.dtype
+        rank = _rank_dtype(dy.dtype, lora_A.dtype)
         lora_scale = scaling / (1.0 - dropout_p)
         keep = torch_keep_mask(seed, *x.shape, dropout_p, x.device) if dropout_p > 0 else None
         dx = dA = dB = None
         if need_dB:
-            dB = _mm32(dy.t(), _rank_operand(xa, dtype, adapter)).mul_(scaling)
+            dB = _mm32(dy.t(), xa.to(rank)).mul_(scaling)
         if need_dx or need_dA:
-            g = _mm32(dy, _rank_operand(lora_B, dtype, adapter))
+            g = _mm32(dy, lora_B.to(rank))
         if need_dx:
-            lora = _mm32(_rank_operand(g * lora_scale, dtype, adapter), _rank_operand(lora_A, dtype, adapter))
+            lora = _mm32((g * lora_scale).to(rank), lora_A.to(rank))
             if keep is not None:
                 lora *= keep
-            dx = (_mm32(dy, weight) + lora).to(dtype)
+            dx = (_mm32(dy, weight) + lora).to(dy.dtype)
         if need_dA:
             x_kept = x if keep is None else x * keep
-            dA = _mm32(_rank_operand(g, dtype, adapter).t(), x_kept).mul_(lora_scale)
+            dA = _mm32(g.to(rank).t(), x_kept).mul_(lora_scale)
         return dx, dA, dB
 
 
-def _rank_operand(t: torch.Tensor, dtype: torch.dtype, adapter_dtype: torch.dtype) -> torch.Tensor:
-    """A rank-r operand as the kernels feed it to the tensor cores: in the compute dtype, or in
-    fp32 when the adapters are fp32."""
-    return t.float() if adapter_dtype == torch.float32 else t.to(dtype)
+def _rank_dtype(dtype: torch.dtype, adapter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the rank-r operands (xa, g, A, B) as the kernels feed them to the tensor
+    cores: the compute dtype, or fp32 when the adapters are fp32 (RANK_FP32)."""
+    return torch.float32 if adapter_dtype == torch.float32 else dtype
 
 
 def _kernel_ops():

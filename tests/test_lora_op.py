@@ -130,7 +130,7 @@ def test_backward_in_row_chunks(dtype, monkeypatch, device):
     assert len(calls) == 3  # 150 rows in chunks of 64
 
 
-def test_fp32_dot_precision_follows_pytorch(monkeypatch):
+def test_fp32_dot_precision_follows_pytorch():
     """TF32 only where the user allowed it, through either of PyTorch's switches; the new
     switch must not make the legacy read (which then raises) break every launch."""
     from peft_ops.kernels._common import fp32_dot_precision
