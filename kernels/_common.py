@@ -145,11 +145,12 @@ class KernelBuild:
     divisible by 16 unless listed in `plain_ints` (what Triton's JIT specializes on)."""
 
     def __init__(self, name, kernel, config, pointer_dtypes, constexprs, unit_strides=(), float_args=(),
-                 plain_ints=(), uses_tensor_cores=True):
+                 plain_ints=(), uses_tensor_cores=True, options=None):
         self.name = name
         # the @triton.jit function, from under its autotuner if it has one
         self.fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
         self.uses_tensor_cores = uses_tensor_cores
+        self.options = {"enable_fp_fusion": True, **(options or {})}
         self.config = config
         self.num_warps = config.num_warps
         self.num_stages = config.num_stages
@@ -182,5 +183,5 @@ class KernelBuild:
         from triton.compiler import ASTSource
 
         src = ASTSource(fn=self.fn, signature=self.signature, constexprs=self.constexprs, attrs=self.attrs)
-        options = {"num_warps": self.num_warps, "num_stages": self.num_stages, "enable_fp_fusion": True}
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages, **self.options}
         return triton.compile(src, target=GPUTarget("cuda", GPU_TARGETS[target], 32), options=options)

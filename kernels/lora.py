@@ -190,6 +190,76 @@ def _lora_shrink_kernel(
     tl.store(xa_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
 
 
+@triton.jit
+def lora_epilogue(acc, XA, B, rows, cols, R, stride_bn, stride_br, scaling,
+                  BLOCK_R: tl.constexpr, RANK_FP32: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """acc + scaling·XA[rows]·B[cols]ᵀ: the LoRA term of a forward output tile (rows, cols are
+    valid int64 indices). Scaling is folded into the fp32 xa before its one rounding to the
+    compute dtype, so the term accumulates straight into acc (no second M×N tile)."""
+    # The rank operands' dtype: B's own (x's dtype, or fp32 when RANK_FP32 / fp32 x).
+    rank_dtype = B.dtype.element_ty
+    offs_r = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        r_mask = (r0 + offs_r) < R
+        xa = tl.load(XA + rows[:, None] * R + (r0 + offs_r)[None, :], mask=r_mask[None, :], other=0.0)
+        b = tl.load(B + cols[None, :] * stride_bn + (r0 + offs_r)[:, None].to(tl.int64) * stride_br,
+                    mask=r_mask[:, None], other=0.0)
+        acc = mma((xa * scaling).to(rank_dtype), b.to(rank_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def lora_da_partial(G, X, DA_PARTIAL, pid_m, rows, m_mask, offs_k, k_mask, mask_rows, K, R,
+                    stride_xm, stride_xk, seed, dropout_p, pid_k,
+                    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, RANK_FP32: tl.constexpr,
+                    WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """DA_PARTIAL[pid_m, :, offs_k] = G[rows]ᵀ·(X[rows, offs_k]⊙keep), for the dX kernels."""
+    rank_dtype = tl.float32 if RANK_FP32 else X.dtype.element_ty
+    # Rows past M load as zero (not wrapped) in both G and X: they must add nothing to dA.
+    x = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
+                mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+    if HAS_DROPOUT:
+        x = tl.where(_dropout_keep(seed, mask_rows, pid_k * BLOCK_K, K, dropout_p, BLOCK_M, BLOCK_K), x, 0.0)
+    x = x.to(rank_dtype)
+    offs_r = tl.arange(0, BLOCK_R)
+    partial_base = DA_PARTIAL + pid_m.to(tl.int64) * R * K
+    for r0 in range(0, R, BLOCK_R):
+        r_mask = (r0 + offs_r) < R
+        g = tl.load(G + rows[:, None] * R + (r0 + offs_r)[None, :],
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        part = mma(tl.trans(g.to(rank_dtype)), x, tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32),
+                   WIDEN_BF16_DOT, DOT_PRECISION)
+        part_ptrs = partial_base + (r0 + offs_r)[:, None].to(tl.int64) * K + offs_k[None, :]
+        tl.store(part_ptrs, part, mask=r_mask[:, None] & k_mask[None, :])
+
+
+@triton.jit
+def lora_dx_term(G, A, rows, m_mask, cols, mask_rows, R, K, stride_ar, stride_ak, seed, dropout_p, lora_scale,
+                 pid_k, HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """lora_scale·(G[rows]·A[:, cols])⊙keep as a fresh fp32 [BLOCK_M, BLOCK_K] accumulator: the
+    dX kernels start from it and continue with their GEMM, so the dropout mask (which applies
+    to this term only) needs no second M×K tile of registers."""
+    rank_dtype = A.dtype.element_ty  # x's dtype, or fp32 (RANK_FP32 / fp32 x)
+    offs_r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        r_mask = (r0 + offs_r) < R
+        g = tl.load(G + rows[:, None] * R + (r0 + offs_r)[None, :],
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        a = tl.load(A + (r0 + offs_r)[:, None].to(tl.int64) * stride_ar + cols[None, :] * stride_ak,
+                    mask=r_mask[:, None], other=0.0)
+        # lora_scale folds into fp32 g before its one rounding to the compute dtype.
+        acc = mma((g * lora_scale).to(rank_dtype), a.to(rank_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+    if HAS_DROPOUT:
+        # The mask is regenerated rather than kept from the dA step: holding a BM×BK mask
+        # in registers across both steps made ptxas spill.
+        acc = tl.where(_dropout_keep(seed, mask_rows, pid_k * BLOCK_K, K, dropout_p, BLOCK_M, BLOCK_K), acc, 0.0)
+    return acc
+
+
 @triton.autotune(configs=configs_for_this_target(FORWARD_CONFIGS),
                  prune_configs_by=by_dtype(FORWARD_CONFIGS, "X"),
                  key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "RANK_FP32"])
@@ -224,16 +294,8 @@ def _lora_forward_kernel(
         x_ptrs += x_step
         w_ptrs += w_step
 
-    # Epilogue: + scaling·xa·Bᵀ. Scaling is folded into the fp32 xa before its one rounding to
-    # the compute dtype, so the term accumulates straight into acc (no second M×N tile).
-    rank_dtype = tl.float32 if RANK_FP32 else X.dtype.element_ty
-    offs_r = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R, BLOCK_R):
-        r_mask = (r0 + offs_r) < R
-        xa = tl.load(XA + rows[:, None] * R + (r0 + offs_r)[None, :], mask=r_mask[None, :], other=0.0)
-        b = tl.load(B + cols[None, :] * stride_bn + (r0 + offs_r)[:, None].to(tl.int64) * stride_br,
-                    mask=r_mask[:, None], other=0.0)
-        acc = mma((xa * scaling).to(rank_dtype), b.to(rank_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+    acc = lora_epilogue(acc, XA, B, rows, cols, R, stride_bn, stride_br, scaling,
+                        BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + cols * stride_bias).to(tl.float32)[None, :]
 
@@ -310,48 +372,20 @@ def _lora_backward_dx_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
     m_mask = offs_m < M
     k_mask = offs_k < K
     rows = offs_m.to(tl.int64)
     cols = (offs_k % K).to(tl.int64)  # wrapped like the forward GEMM; the store is masked
     mask_rows = rows + row0  # the dropout mask is indexed by the row of the whole x
-    rank_dtype = tl.float32 if RANK_FP32 else DY.dtype.element_ty
 
     # dA partial first: x (masked) meets gᵀ, and both die before the GEMM starts.
     if COMPUTE_DA:
-        # Rows past M load as zero (not wrapped) in both G and X: they must add nothing to dA.
-        x = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if HAS_DROPOUT:
-            x = tl.where(_dropout_keep(seed, mask_rows, pid_k * BLOCK_K, K, dropout_p, BLOCK_M, BLOCK_K), x, 0.0)
-        x = x.to(rank_dtype)
-        partial_base = DA_PARTIAL + pid_m.to(tl.int64) * R * K
-        for r0 in range(0, R, BLOCK_R):
-            r_mask = (r0 + offs_r) < R
-            g = tl.load(G + rows[:, None] * R + (r0 + offs_r)[None, :],
-                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-            part = mma(tl.trans(g.to(rank_dtype)), x, tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32),
-                       WIDEN_BF16_DOT, DOT_PRECISION)
-            part_ptrs = partial_base + (r0 + offs_r)[:, None].to(tl.int64) * K + offs_k[None, :]
-            tl.store(part_ptrs, part, mask=r_mask[:, None] & k_mask[None, :])
-
-    # Then dX: the LoRA term goes first into the accumulator that the GEMM continues, so the
-    # dropout mask (which applies to this term only) needs no second M×K tile of registers.
-    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        lora_da_partial(G, X, DA_PARTIAL, pid_m, rows, m_mask, offs_k, k_mask, mask_rows, K, R,
+                        stride_xm, stride_xk, seed, dropout_p, pid_k,
+                        HAS_DROPOUT, BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION, BLOCK_M, BLOCK_K)
     if COMPUTE_DX:
-        for r0 in range(0, R, BLOCK_R):
-            r_mask = (r0 + offs_r) < R
-            g = tl.load(G + rows[:, None] * R + (r0 + offs_r)[None, :],
-                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-            a = tl.load(A + (r0 + offs_r)[:, None].to(tl.int64) * stride_ar + cols[None, :] * stride_ak,
-                        mask=r_mask[:, None], other=0.0)
-            # lora_scale folds into fp32 g before its one rounding to the compute dtype.
-            acc = mma((g * lora_scale).to(rank_dtype), a.to(rank_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
-        if HAS_DROPOUT:
-            # The mask is regenerated rather than kept from the dA step: holding a BM×BK mask
-            # in registers across both steps made ptxas spill.
-            acc = tl.where(_dropout_keep(seed, mask_rows, pid_k * BLOCK_K, K, dropout_p, BLOCK_M, BLOCK_K), acc, 0.0)
+        acc = lora_dx_term(G, A, rows, m_mask, cols, mask_rows, R, K, stride_ar, stride_ak, seed, dropout_p,
+                           lora_scale, pid_k, HAS_DROPOUT, BLOCK_R, WIDEN_BF16_DOT, DOT_PRECISION, BLOCK_M, BLOCK_K)
         wrapped_rows = (offs_m % M).to(tl.int64)
         dy_ptrs = DY + wrapped_rows[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn
         w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + cols[None, :] * stride_wk
@@ -440,6 +474,21 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
     dA = s/(1-p)·(dy·B)ᵀ·(x⊙keep)             [r, K], fp32 (caller casts)
     dB = s·dyᵀ·xa                             [N, r], fp32 (caller casts)
     """
+    def launch_dx(grid, dy_c, g, x_c, dx_c, da_partial, rows, row0, lora_scale, **constexprs):
+        _lora_backward_dx_kernel[grid](
+            dy_c, weight, g, lora_A, x_c, dx_c, da_partial, rows, weight.shape[0], x.shape[1], lora_A.shape[0],
+            m_bucket(rows), row0, dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
+            lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), seed, dropout_p, lora_scale, **constexprs)
+
+    with launch_guard(dy, x, weight, lora_A, lora_B):
+        return backward_with(launch_dx, dy, x, lora_A, lora_B, xa, scaling, dropout_p, need_dx, need_dA, need_dB)
+
+
+def backward_with(launch_dx, dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                  xa: torch.Tensor, scaling: float, dropout_p: float, need_dx: bool, need_dA: bool, need_dB: bool):
+    """The LoRA backward for any frozen base weight: row chunks, the dY kernel (g and dB
+    partials) and `launch_dx(grid, dy, g, x, dx, da_partial, rows, row0, lora_scale, **constexprs)`,
+    which launches a dX kernel for the caller's weight format (dense here, NF4 in nf4.py)."""
     M, N = dy.shape
     K = x.shape[1]
     R = lora_A.shape[0]
@@ -466,31 +515,24 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
         if need_dB else xa
     da_partial = torch.empty((triton.cdiv(chunk, block_m_dx), R, K), device=device, dtype=torch.float32) \
         if need_dA else xa
-    with launch_guard(dy, x, weight, lora_A, lora_B):
-        for row0 in range(0, M, chunk):
-            rows = min(chunk, M - row0)
-            dy_c, x_c, xa_c = dy[row0:row0 + rows], x[row0:row0 + rows], xa[row0:row0 + rows]
-            blocks_dy, blocks_dx = triton.cdiv(rows, block_m_dy), triton.cdiv(rows, block_m_dx)
-            _lora_backward_dy_kernel[(blocks_dy, triton.cdiv(R, flags["BLOCK_R"]))](
-                dy_c, lora_B, xa_c, g, db_partial, rows, N, R, m_bucket(rows),
-                dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
-                COMPUTE_G=need_g, COMPUTE_DB=need_dB, BLOCK_M=block_m_dy, **flags,
-            )
-            if need_dB:
-                dB += db_partial[:blocks_dy].sum(dim=0)
-            if need_g:
-                grid = lambda META, blocks=blocks_dx: (blocks * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
-                _lora_backward_dx_kernel[grid](
-                    dy_c, weight, g, lora_A, x_c, dx[row0:row0 + rows] if need_dx else g, da_partial,
-                    rows, N, K, R, m_bucket(rows), row0,
-                    dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
-                    lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1),
-                    seed, dropout_p, lora_scale,
-                    COMPUTE_DX=need_dx, COMPUTE_DA=need_dA, HAS_DROPOUT=dropout_p > 0,
-                    BLOCK_M=block_m_dx, **flags,
-                )
-                if need_dA:
-                    dA += da_partial[:blocks_dx].sum(dim=0)
+    for row0 in range(0, M, chunk):
+        rows = min(chunk, M - row0)
+        dy_c, x_c, xa_c = dy[row0:row0 + rows], x[row0:row0 + rows], xa[row0:row0 + rows]
+        blocks_dy, blocks_dx = triton.cdiv(rows, block_m_dy), triton.cdiv(rows, block_m_dx)
+        _lora_backward_dy_kernel[(blocks_dy, triton.cdiv(R, flags["BLOCK_R"]))](
+            dy_c, lora_B, xa_c, g, db_partial, rows, N, R, m_bucket(rows),
+            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
+            COMPUTE_G=need_g, COMPUTE_DB=need_dB, BLOCK_M=block_m_dy, **flags,
+        )
+        if need_dB:
+            dB += db_partial[:blocks_dy].sum(dim=0)
+        if need_g:
+            grid = lambda META, blocks=blocks_dx: (blocks * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
+            launch_dx(grid, dy_c, g, x_c, dx[row0:row0 + rows] if need_dx else g, da_partial, rows, row0,
+                      lora_scale, COMPUTE_DX=need_dx, COMPUTE_DA=need_dA, HAS_DROPOUT=dropout_p > 0,
+                      BLOCK_M=block_m_dx, **flags)
+            if need_dA:
+                dA += da_partial[:blocks_dx].sum(dim=0)
     if need_dA:
         dA *= lora_scale
     if need_dB:

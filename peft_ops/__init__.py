@@ -3,21 +3,31 @@
     import peft_ops
     y = peft_ops.lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
     layer = peft_ops.LoraLinear.from_linear(linear, r=16, lora_alpha=32)
+    qlayer = peft_ops.QLoraLinear.from_linear(linear, r=16, lora_alpha=32)   # NF4 base (QLoRA)
 
 Kernels are imported lazily, on the first op that runs them: set TRITON_INTERPRET=1 before
 that to run them on CPU tensors through the Triton interpreter.
 """
 
-from . import reference
+from . import nf4, reference
 from .backend import get_backend, set_backend, use_backend
-from .layers import LoraLinear
+from .layers import LoraLinear, QLoraLinear
 from .lora import LoraLinearFunction, lora_linear
+from .nf4 import NF4Weight
+from .qlora import NF4LinearFunction, QLoraLinearFunction, nf4_linear, qlora_linear
 
 __all__ = [
     "LoraLinear",
     "LoraLinearFunction",
+    "NF4LinearFunction",
+    "NF4Weight",
+    "QLoraLinear",
+    "QLoraLinearFunction",
     "get_backend",
     "lora_linear",
+    "nf4",
+    "nf4_linear",
+    "qlora_linear",
     "reference",
     "set_backend",
     "use_backend",

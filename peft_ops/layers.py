@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import types
 import math
 from typing import Iterator
 
@@ -12,9 +13,43 @@ import torch.nn.functional as F
 
 from . import _checks
 from .lora import lora_linear
+from .nf4 import NF4Weight, quantize
+from .qlora import nf4_linear, qlora_linear
 
 
-class LoraLinear(nn.Module):
+class _LoraAdapter:
+    """What LoraLinear and QLoraLinear share: configuration checks, the adapter parameters and
+    their initialization, and ΔW = scaling·B·A."""
+
+    def _configure(self, in_features, out_features, r, lora_alpha, lora_dropout, use_rslora) -> None:
+        # Every check runs before any attribute is set or any parameter is frozen.
+        in_features = _checks.positive_int("in_features", in_features)
+        out_features = _checks.positive_int("out_features", out_features)
+        r = _checks.positive_int("r", r)
+        lora_alpha = _checks.real_number("lora_alpha", lora_alpha)
+        lora_dropout = _checks.probability("lora_dropout", lora_dropout)
+        if not isinstance(use_rslora, bool):
+            raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.lora_alpha, self.lora_dropout, self.use_rslora = lora_alpha, lora_dropout, use_rslora
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.merged = False
+        self._adapter_disabled = False
+
+    def _create_adapter(self, device, dtype) -> None:
+        self.lora_A = nn.Parameter(torch.empty((self.r, self.in_features), device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty((self.out_features, self.r), device=device, dtype=dtype))
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default: A kaiming-uniform (a = √5), B zeros."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def _delta_weight_fp32(self) -> torch.Tensor:
+        return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+
+
+class LoraLinear(_LoraAdapter, nn.Module):
     """``nn.Linear`` with a LoRA adapter: ``y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ``.
 
     ``weight`` [out, in] and ``bias`` [out] are frozen; ``lora_A`` [r, in] (kaiming-uniform,
@@ -58,25 +93,6 @@ class LoraLinear(nn.Module):
         layer.reset_lora_parameters()
         return layer
 
-    def _configure(self, in_features, out_features, r, lora_alpha, lora_dropout, use_rslora) -> None:
-        # Every check runs before any attribute is set or any parameter is frozen.
-        in_features = _checks.positive_int("in_features", in_features)
-        out_features = _checks.positive_int("out_features", out_features)
-        r = _checks.positive_int("r", r)
-        lora_alpha = _checks.real_number("lora_alpha", lora_alpha)
-        lora_dropout = _checks.probability("lora_dropout", lora_dropout)
-        if not isinstance(use_rslora, bool):
-            raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
-        self.in_features, self.out_features, self.r = in_features, out_features, r
-        self.lora_alpha, self.lora_dropout, self.use_rslora = lora_alpha, lora_dropout, use_rslora
-        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.merged = False
-        self._adapter_disabled = False
-
-    def _create_adapter(self, device, dtype) -> None:
-        self.lora_A = nn.Parameter(torch.empty((self.r, self.in_features), device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty((self.out_features, self.r), device=device, dtype=dtype))
-
     def reset_parameters(self) -> None:
         """nn.Linear's initialization for the base, then the adapter's."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -85,15 +101,9 @@ class LoraLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
         self.reset_lora_parameters()
 
-    def reset_lora_parameters(self) -> None:
-        """PEFT's default: A kaiming-uniform (a = √5), B zeros."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-
     def delta_weight(self) -> torch.Tensor:
         """``scaling·B·A`` [out, in], computed in fp32, returned in the weight's dtype."""
-        delta = self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
-        return delta.to(self.weight.dtype)
+        return self._delta_weight_fp32().to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -135,3 +145,106 @@ class LoraLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout:g}, "
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}, merged={self.merged}")
+
+
+class QLoraLinear(_LoraAdapter, nn.Module):
+    """QLoRA: a frozen NF4 base weight plus a LoRA adapter,
+    ``y = x·dequant(W)ᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ``.
+
+    ``qweight`` is an :class:`~peft_ops.nf4.NF4Weight` (bitsandbytes' format; buffers, part of
+    ``state_dict``, never dequantized in place), ``bias`` a frozen Parameter; ``lora_A`` /
+    ``lora_B`` train, initialized and scaled as in :class:`LoraLinear`. The forward is one call
+    to :func:`peft_ops.qlora_linear` (or :func:`peft_ops.nf4_linear` with the adapter disabled).
+    Merging into 4 bits would lose the adapter's precision, so there is no ``merge``:
+    :meth:`merged_linear` returns a dense ``nn.Linear`` with dequant(W) + ΔW for export.
+    """
+
+    def __init__(self, qweight: NF4Weight, bias: torch.Tensor | None = None, r: int = 8, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, use_rslora: bool = False, adapter_dtype: torch.dtype | None = None) -> None:
+        if not isinstance(qweight, NF4Weight):
+            raise TypeError(f"qweight must be a peft_ops.nf4.NF4Weight, got {type(qweight).__name__}")
+        _checks.optional_tensor("bias", bias, ndim=1)
+        if bias is not None and bias.shape[0] != qweight.out_features:
+            raise ValueError(f"bias must be [out_features] = [{qweight.out_features}], got {tuple(bias.shape)}")
+        adapter_dtype = qweight.dtype if adapter_dtype is None else adapter_dtype
+        if adapter_dtype not in _checks.FLOAT_DTYPES:
+            raise TypeError(f"adapter_dtype must be float32, float16 or bfloat16, got {adapter_dtype}")
+        super().__init__()
+        self._configure(qweight.in_features, qweight.out_features, r, lora_alpha, lora_dropout, use_rslora)
+        self.qweight = qweight
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._create_adapter(qweight.device, adapter_dtype)
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, blocksize: int = 64, double_quant: bool = True) -> "QLoraLinear":
+        """Quantize ``linear.weight`` to NF4 (bitsandbytes' bytes) and add an adapter; the bias
+        is kept as is (frozen). ``linear`` itself is left untouched."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        _LoraAdapter._configure(types.SimpleNamespace(), linear.in_features, linear.out_features, r, lora_alpha,
+                                lora_dropout, use_rslora)  # check before the (costly) quantization
+        qweight = quantize(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls(qweight, bias, r, lora_alpha, lora_dropout, use_rslora)
+
+    @classmethod
+    def from_bnb(cls, module: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, adapter_dtype: torch.dtype | None = None) -> "QLoraLinear":
+        """From a bitsandbytes ``Linear4bit`` (duck-typed: ``module.weight`` holds the packed
+        bytes and ``module.weight.quant_state`` their QuantState). Its tensors are shared.
+        Adapters default to the QuantState's dtype (bitsandbytes' compute dtype may differ)."""
+        weight = getattr(module, "weight", None)
+        quant_state = getattr(weight, "quant_state", None)
+        if quant_state is None:
+            raise TypeError(f"module must be a bitsandbytes Linear4bit with a quantized weight (weight.quant_state); "
+                            f"got {type(module).__name__}")
+        qweight = NF4Weight.from_bnb(weight.data, quant_state)
+        bias = getattr(module, "bias", None)
+        bias = bias.detach().to(qweight.dtype) if bias is not None else None
+        return cls(qweight, bias, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling·B·A`` [out, in] in fp32."""
+        return self._delta_weight_fp32()
+
+    @torch.no_grad()
+    def merged_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A dense ``nn.Linear`` with weight dequant(W) + scaling·B·A (summed in fp32, rounded
+        once to `dtype`, default the quantized weight's dtype) and this layer's bias: for
+        export. This layer is unchanged."""
+        dtype = self.qweight.dtype if dtype is None else dtype
+        weight = self.qweight.dequantize(torch.float32)
+        if not self._adapter_disabled:
+            weight += self.delta_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=weight.device, dtype=dtype)
+        linear.weight.copy_(weight)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator["QLoraLinear"]:
+        """Run the NF4 base layer alone inside the block."""
+        self._adapter_disabled = True
+        try:
+            yield self
+        finally:
+            self._adapter_disabled = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None and self.bias.dtype != x.dtype else self.bias
+        if self._adapter_disabled:
+            return nf4_linear(x, self.qweight, bias)
+        dropout_p = self.lora_dropout if self.training else 0.0
+        return qlora_linear(x, self.qweight, self.lora_A, self.lora_B, self.scaling, bias, dropout_p)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout:g}, "
+                f"bias={self.bias is not None}, use_rslora={self.use_rslora}")

@@ -13,19 +13,28 @@ def _check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p) -> tup
     """Validate every argument of lora_linear; returns (scaling, dropout_p) as floats."""
     _checks.tensor("x", x, min_ndim=1)
     _checks.tensor("weight", weight, ndim=2)
+    out_features, in_features = weight.shape
+    if in_features == 0 or out_features == 0:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}: in_features and out_features must be ≥ 1")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight "
+                         f"{tuple(weight.shape)} expects in_features={in_features}")
+    _checks.float_dtype("x", x)
+    _checks.same_dtype("weight", weight, "x", x)
+    return check_adapter_args(x, out_features, in_features, lora_A, lora_B, scaling, bias, dropout_p,
+                              {"weight": weight})
+
+
+def check_adapter_args(x, out_features, in_features, lora_A, lora_B, scaling, bias, dropout_p,
+                       base_tensors: dict) -> tuple[float, float]:
+    """The checks lora_linear and qlora_linear share, once x and the base weight are checked:
+    the adapters, bias, scaling, dropout_p and devices. Returns (scaling, dropout_p)."""
     _checks.tensor("lora_A", lora_A, ndim=2)
     _checks.tensor("lora_B", lora_B, ndim=2)
     _checks.optional_tensor("bias", bias, ndim=1)
     scaling = _checks.real_number("scaling", scaling)
     dropout_p = _checks.probability("dropout_p", dropout_p)
-
-    out_features, in_features = weight.shape
-    if in_features == 0 or out_features == 0:
-        raise ValueError(f"weight has shape {tuple(weight.shape)}: in_features and out_features must be ≥ 1")
     r = lora_A.shape[0]
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight "
-                         f"{tuple(weight.shape)} expects in_features={in_features}")
     if r <= 0:
         raise ValueError(f"lora_A has shape {tuple(lora_A.shape)}: the rank r (its first dimension) must be ≥ 1")
     if lora_A.shape[1] != in_features:
@@ -34,9 +43,6 @@ def _check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p) -> tup
         raise ValueError(f"lora_B must be [out_features, r] = [{out_features}, {r}], got {tuple(lora_B.shape)}")
     if bias is not None and bias.shape[0] != out_features:
         raise ValueError(f"bias must be [out_features] = [{out_features}], got {tuple(bias.shape)}")
-
-    _checks.float_dtype("x", x)
-    _checks.same_dtype("weight", weight, "x", x)
     if bias is not None:
         _checks.same_dtype("bias", bias, "x", x)
     _checks.float_dtype("lora_A", lora_A)
@@ -44,7 +50,7 @@ def _check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p) -> tup
     if lora_A.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"lora_A has dtype {lora_A.dtype}: adapter weights must have x's dtype "
                         f"({x.dtype}) or float32")
-    _checks.same_device({"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B, "bias": bias})
+    _checks.same_device({"x": x, **base_tensors, "lora_A": lora_A, "lora_B": lora_B, "bias": bias})
     return scaling, dropout_p
 
 

@@ -27,3 +27,35 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
         lora_in = F.dropout(lora_in, p=dropout_p, training=True)
     lora = (lora_in @ lora_A.t()) @ lora_B.t()
     return base + (scaling * lora).to(base.dtype)
+
+
+def nf4_dequantize(qweight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W [out, in] = NF4_CODE[nibble]·absmax[block] in fp32, cast to `dtype` (default: the
+    weight's original dtype). Element f of the flattened weight is the high nibble of byte
+    f // 2 when f is even, the low one when odd; its block is f // blocksize."""
+    from .nf4 import ABSMAX_BLOCKSIZE, dynamic_map, nf4_code
+
+    q, device = qweight, qweight.packed.device
+    numel = q.out_features * q.in_features
+    absmax = q.absmax
+    if q.absmax_scale is not None:  # double quantization: map[code8]·scale + offset, two fp32 roundings
+        scale = q.absmax_scale.repeat_interleave(ABSMAX_BLOCKSIZE)[: absmax.numel()]
+        absmax = dynamic_map(device)[absmax.long()] * scale + q.absmax_offset
+    nibbles = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).reshape(-1)[:numel]
+    block = torch.arange(numel, device=device) // q.blocksize
+    weight = nf4_code(device)[nibbles.long()] * absmax[block]
+    return weight.view(q.out_features, q.in_features).to(q.dtype if dtype is None else dtype)
+
+
+def nf4_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x·dequant(W)ᵀ + bias, in x's dtype (W dequantized to x's dtype, as bitsandbytes does)."""
+    return F.linear(x, nf4_dequantize(qweight, x.dtype), bias)
+
+
+def qlora_linear(x: torch.Tensor, qweight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                 bias: torch.Tensor | None = None, dropout_p: float = 0.0, *,
+                 dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """x·dequant(W)ᵀ + bias + scaling·(dropout(x)·Aᵀ)·Bᵀ: :func:`lora_linear` on the
+    dequantized weight."""
+    return lora_linear(x, nf4_dequantize(qweight, x.dtype), lora_A, lora_B, scaling, bias, dropout_p,
+                       dropout_mask=dropout_mask)

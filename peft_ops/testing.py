@@ -218,3 +218,92 @@ def run_lora_case(case: LoraCase, ops, device="cpu", seed: int = 0) -> list[Comp
         if tensors[k] is not None:
             results.append(Compared(GRAD_NAMES[k], tensors[k].grad, *refs[GRAD_NAMES[k]], case.dtype))
     return results
+
+
+# --------------------------------------------------------------------------------------
+# NF4 / QLoRA cases: the LoRA harness with the weight quantized to NF4. The float64
+# reference uses the exact dequantized weight (its fp32 values), so the kernels' one extra
+# rounding — W decoded to x's dtype as a tensor-core operand — falls in the same budget:
+# each term of a sum is rounded once on its way in (W in x·Wᵀ, s·xa in the LoRA term) and
+# the output once, so the bound stays 2 roundings of the scale.
+# --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class QLoraCase(LoraCase):
+    blocksize: int = 64
+    double_quant: bool = True
+    lora: bool = True  # False: nf4_linear (no adapter)
+    regime: str | None = None  # "gemm" / "decode"; None: chosen by M
+    split_k: int | None = None  # decode path's K slices (kernels only)
+    x_transposed: bool = False  # x a non-contiguous view (a transpose of its storage)
+
+    def label(self) -> str:
+        extra = f" bs{self.blocksize}" + ("" if self.double_quant else " no-dq") + \
+            (f" {self.regime}" if self.regime else "") + (f" split{self.split_k}" if self.split_k else "")
+        return (super().label() if self.lora else super().label().rsplit(" r", 1)[0]) + extra
+
+
+def qlora_ops(path: str, regime: str | None = None, split_k: int | None = None):
+    """The ops behind the QLoRA Functions: "triton" (kernels, with an optional forced regime)
+    or "torch" (the PyTorch path)."""
+    from .qlora import KernelNF4Ops, TorchNF4Ops
+
+    if path == "torch":
+        return TorchNF4Ops
+    if regime is None and split_k is None:
+        return KernelNF4Ops
+
+    def forward(x, qw, xa, lora_B, scaling, bias):
+        from .kernels import nf4
+
+        return nf4.forward(x, qw, xa, lora_B, scaling, bias, regime=regime, split_k=split_k)
+
+    return type("ForcedRegimeNF4Ops", (KernelNF4Ops,), {"forward": staticmethod(forward)})
+
+
+def run_qlora_case(case: QLoraCase, path: str, device="cpu", seed: int = 0) -> list[Compared]:
+    """qlora_linear's (or nf4_linear's) autograd Function on `path` against the float64
+    reference on the exact dequantized weight: y and every gradient."""
+    from . import reference
+    from .lora import _draw_seed, dropout_keep_mask
+    from .nf4 import quantize
+    from .qlora import NF4LinearFunction, QLoraLinearFunction
+
+    ops = qlora_ops(path, case.regime, case.split_k)
+    inp = make_lora_inputs(case, device, seed)
+    qweight = quantize(inp["weight"], case.blocksize, case.double_quant)
+    q = qweight.tensors()
+    meta = (q.out_features, q.in_features, q.blocksize, q.dtype)
+    x = inp["x"]
+    if case.x_transposed:  # same values, column-major storage
+        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    trainable = ["x"] + (["lora_A", "lora_B"] if case.lora else []) + (["bias"] if case.train_base else [])
+    tensors = {k: v.clone().requires_grad_(k in trainable) if v is not None else None
+               for k, v in inp.items() if k not in ("grad_out", "weight")}
+    if case.x_transposed:
+        tensors["x"] = x.detach().requires_grad_(True)
+    torch.manual_seed(seed)
+    if case.lora:
+        y = QLoraLinearFunction.apply(tensors["x"], tensors["lora_A"], tensors["lora_B"], tensors["bias"],
+                                      q.packed, q.absmax, q.absmax_scale, q.absmax_offset, meta, case.scaling,
+                                      case.dropout_p, ops)
+    else:
+        y = NF4LinearFunction.apply(tensors["x"], tensors["bias"], q.packed, q.absmax, q.absmax_scale,
+                                    q.absmax_offset, meta, ops)
+    y.backward(inp["grad_out"])
+
+    mask = None
+    if case.dropout_p > 0:
+        torch.manual_seed(seed)
+        M = x.numel() // case.K
+        mask = dropout_keep_mask(_draw_seed(), (M, case.K), case.dropout_p, device,
+                                 "torch" if path == "torch" else "triton").view(x.shape)
+    inputs = {k: v for k, v in inp.items() if k != "grad_out"}
+    inputs["weight"] = reference.nf4_dequantize(qweight, torch.float32)
+    scaling = case.scaling if case.lora else 0.0  # no adapter: the LoRA term is zero
+    refs = lora_reference_with_scale(inputs, scaling, case.dropout_p, mask, inp["grad_out"], trainable)
+    results = [Compared("y", y, *refs["y"], case.dtype)]
+    for k in trainable:
+        if tensors[k] is not None:
+            results.append(Compared(GRAD_NAMES[k], tensors[k].grad, *refs[GRAD_NAMES[k]], case.dtype))
+    return results

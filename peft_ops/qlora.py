@@ -1,0 +1,200 @@
+"""QLoRA ops: ``nf4_linear`` (x·dequant(W)ᵀ + b) and ``qlora_linear`` (plus the LoRA term),
+with their autograd Functions over the Triton kernels or the PyTorch path."""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import _checks, reference
+from .backend import resolve
+from .lora import TorchLoraOps, _draw_seed, _mm32, check_adapter_args
+from .nf4 import NF4Tensors, NF4Weight
+
+
+def _check_base(x, qweight, bias) -> None:
+    """x, the NF4 weight and the bias of nf4_linear / qlora_linear."""
+    if not isinstance(qweight, NF4Weight):
+        raise TypeError(f"qweight must be a peft_ops.nf4.NF4Weight, got {type(qweight).__name__}")
+    _checks.tensor("x", x, min_ndim=1)
+    _checks.float_dtype("x", x)
+    if x.shape[-1] != qweight.in_features:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension but qweight "
+                         f"{tuple(qweight.shape)} expects in_features={qweight.in_features}")
+    _checks.optional_tensor("bias", bias, ndim=1)
+    if bias is not None:
+        if bias.shape[0] != qweight.out_features:
+            raise ValueError(f"bias must be [out_features] = [{qweight.out_features}], got {tuple(bias.shape)}")
+        _checks.same_dtype("bias", bias, "x", x)
+    _checks.same_device({"x": x, "qweight": qweight.packed, "bias": bias})
+
+
+class TorchNF4Ops:
+    """The PyTorch path: W dequantized transiently (never saved) in x's dtype — the tensor-core
+    operand the kernels decode to — then the steps of TorchLoraOps."""
+
+    shrink = staticmethod(TorchLoraOps.shrink)
+
+    @staticmethod
+    def forward(x, qw, xa, lora_B, scaling, bias):
+        weight = reference.nf4_dequantize(qw, x.dtype)
+        if xa is not None:
+            return TorchLoraOps.forward(x, weight, xa, lora_B, scaling, bias)
+        y = _mm32(x, weight.t())
+        if bias is not None:
+            y += bias
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward_dx(dy, qw, dtype):
+        return _mm32(dy, reference.nf4_dequantize(qw, dy.dtype)).to(dtype)
+
+    @staticmethod
+    def qlora_backward(dy, x, qw, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
+        weight = reference.nf4_dequantize(qw, dy.dtype)
+        return TorchLoraOps.backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed,
+                                     need_dx, need_dA, need_dB)
+
+
+class KernelNF4Ops:
+    """The Triton path: the launchers of ``peft_ops.kernels.nf4`` (and the LoRA shrink)."""
+
+    @staticmethod
+    def _nf4():
+        from .kernels import nf4  # imported late: TRITON_INTERPRET must be set first
+
+        return nf4
+
+    @staticmethod
+    def shrink(x, lora_A, dropout_p, seed):
+        from .kernels import lora
+
+        return lora.shrink(x, lora_A, dropout_p, seed)
+
+    @staticmethod
+    def forward(x, qw, xa, lora_B, scaling, bias):
+        return KernelNF4Ops._nf4().forward(x, qw, xa, lora_B, scaling, bias)
+
+    @staticmethod
+    def backward_dx(dy, qw, dtype):
+        return KernelNF4Ops._nf4().backward_dx(dy, qw, dtype)
+
+    @staticmethod
+    def qlora_backward(*args):
+        return KernelNF4Ops._nf4().qlora_backward(*args)
+
+
+def _ops(device):
+    return KernelNF4Ops if resolve(device) == "triton" else TorchNF4Ops
+
+
+class NF4LinearFunction(torch.autograd.Function):
+    """y = x·dequant(W)ᵀ + b, W frozen in NF4.
+
+    Backward: dX = dY·dequant(W) (W decoded again, tile by tile); db = Σ_m dY; W gets none.
+    Saved: the NF4 tensors only (x is not needed: there is no dW).
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, packed, absmax, absmax_scale, absmax_offset, meta, ops):
+        qw = NF4Tensors(packed, absmax, absmax_scale, absmax_offset, *meta)
+        x2d = x.reshape(-1, x.shape[-1])
+        y = ops.forward(x2d, qw, None, None, 0.0, bias)
+        ctx.save_for_backward(packed, absmax, absmax_scale, absmax_offset)
+        ctx.meta, ctx.ops, ctx.x_shape, ctx.x_dtype = meta, ops, x.shape, x.dtype
+        return y.view(*x.shape[:-1], qw.out_features)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        qw = NF4Tensors(*ctx.saved_tensors, *ctx.meta)
+        dy2d = dy.reshape(-1, qw.out_features)
+        dx = ctx.ops.backward_dx(dy2d, qw, ctx.x_dtype).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        db = dy2d.sum(dim=0) if ctx.needs_input_grad[1] else None
+        return dx, db, None, None, None, None, None, None
+
+
+class QLoraLinearFunction(torch.autograd.Function):
+    """y = x·dequant(W)ᵀ + s·(drop(x)·Aᵀ)·Bᵀ + b, W frozen in NF4, drop(x) = x⊙keep/(1-p).
+
+    Forward:  xa = drop(x)·Aᵀ                     (shrink: [M, r], fp32)
+              y  = x·dequant(W)ᵀ + s·xa·Bᵀ + b    (NF4 GEMM or decode GEMV, LoRA term in its epilogue)
+    Backward, with g = dY·B [M, r]:
+              dX = dY·dequant(W) + s·(g·A)⊙keep/(1-p)
+              dA = s/(1-p)·gᵀ·(x⊙keep)
+              dB = s·dYᵀ·xa
+              db = Σ_m dY                          (only when bias requires grad)
+    Saved: x itself, xa [M, r] fp32, the adapters, the NF4 tensors and the dropout seed — the
+    budget of lora_linear; no dequantized W and no mask.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, bias, packed, absmax, absmax_scale, absmax_offset, meta, scaling,
+                dropout_p, ops):
+        qw = NF4Tensors(packed, absmax, absmax_scale, absmax_offset, *meta)
+        x2d = x.reshape(-1, x.shape[-1])
+        seed = _draw_seed() if dropout_p > 0 else 0
+        xa = ops.shrink(x2d, lora_A, dropout_p, seed)
+        y = ops.forward(x2d, qw, xa, lora_B, scaling, bias)
+        ctx.save_for_backward(x, lora_A, lora_B, xa, packed, absmax, absmax_scale, absmax_offset)
+        ctx.meta, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.ops = meta, scaling, dropout_p, seed, ops
+        return y.view(*x.shape[:-1], qw.out_features)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, lora_A, lora_B, xa, *nf4_tensors = ctx.saved_tensors
+        qw = NF4Tensors(*nf4_tensors, *ctx.meta)
+        need_dx, need_dA, need_dB, need_db = ctx.needs_input_grad[:4]
+        x2d = x.reshape(-1, x.shape[-1])
+        dy2d = dy.reshape(-1, qw.out_features)
+        dx, dA, dB = ctx.ops.qlora_backward(dy2d, x2d, qw, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p,
+                                            ctx.seed, need_dx, need_dA, need_dB)
+        return (
+            dx.view(x.shape) if dx is not None else None,
+            dA.to(lora_A.dtype) if dA is not None else None,
+            dB.to(lora_B.dtype) if dB is not None else None,
+            dy2d.sum(dim=0) if need_db else None,
+            None, None, None, None, None, None, None, None,
+        )
+
+
+def _meta(qweight: NF4Weight) -> tuple:
+    q = qweight.tensors()
+    return q.out_features, q.in_features, q.blocksize, q.dtype
+
+
+def nf4_linear(x: torch.Tensor, qweight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x·dequant(qweight)ᵀ + bias`` without materializing the dequantized weight.
+
+    x [..., in] (fp32, fp16 or bf16; any leading dims and strides), qweight an
+    :class:`~peft_ops.nf4.NF4Weight` [out, in], bias [out] in x's dtype; the result is
+    [..., out] in x's dtype, W decoded to x's dtype as bitsandbytes does. Gradients flow to x
+    and bias; the frozen weight gets none. M ≤ 16 rows take the split-K decode kernel, more
+    rows the fused dequant-GEMM.
+    """
+    _check_base(x, qweight, bias)
+    if resolve(x.device) == "reference":
+        return reference.nf4_linear(x, qweight, bias)
+    q = qweight.tensors()
+    return NF4LinearFunction.apply(x, bias, q.packed, q.absmax, q.absmax_scale, q.absmax_offset, _meta(qweight),
+                                   _ops(x.device))
+
+
+def qlora_linear(x: torch.Tensor, qweight: NF4Weight, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                 scaling: float, bias: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """``x·dequant(qweight)ᵀ + bias + scaling·(dropout(x)·lora_Aᵀ)·lora_Bᵀ``, fused as
+    :func:`~peft_ops.lora_linear` is (one pass over x for the LoRA input, the LoRA term in the
+    base GEMM's epilogue, the dropout mask regenerated in the backward), on an NF4 base.
+
+    lora_A [r, in] and lora_B [out, r] share x's dtype or float32; the rest as
+    :func:`nf4_linear`. Gradients flow to x, lora_A, lora_B and bias.
+    """
+    _check_base(x, qweight, bias)
+    scaling, dropout_p = check_adapter_args(x, qweight.out_features, qweight.in_features, lora_A, lora_B,
+                                            scaling, bias, dropout_p, {"qweight": qweight.packed})
+    if resolve(x.device) == "reference":
+        return reference.qlora_linear(x, qweight, lora_A, lora_B, scaling, bias, dropout_p)
+    q = qweight.tensors()
+    return QLoraLinearFunction.apply(x, lora_A, lora_B, bias, q.packed, q.absmax, q.absmax_scale, q.absmax_offset,
+                                     _meta(qweight), scaling, dropout_p, _ops(x.device))
