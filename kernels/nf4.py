@@ -41,8 +41,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    by_dtype,
-    configs_for_this_target,
+    current_target,
     grouped_tile,
     launch_guard,
     m_bucket,
@@ -50,7 +49,6 @@ from ._common import (
 )
 from .lora import (
     _configs,
-    _families,
     _launch_flags,
     _target_block_m,
     BACKWARD_BLOCK_M,
@@ -126,38 +124,61 @@ def _nf4_dequantize_kernel(PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX
     tl.store(OUT + flat, (values * absmax).to(OUT.dtype.element_ty), mask=in_range)
 
 
-# Autotune lists: "half" = fp16/bf16 x and adapters, "mixed" = half x with fp32 adapters,
-# "fp32" = fp32 x (tf32x3 dots). `peft-ops compile` proves every one spill-free.
+# Autotune lists per target and operand family: "half" = fp16/bf16 x and adapters, "mixed" =
+# half x with fp32 adapters, "fp32" = fp32 x (tf32x3 dots), and "general" = any dtype when K
+# is odd or not a multiple of the blocksize (a scale per weight, not per row: more registers
+# and shared memory). `peft-ops compile` proves every one spill-free and within shared memory;
+# the pruned ones spilled or overflowed (e.g. 128×256 tiles, BLOCK_K ≥ 128 in the GEMV).
+def _lists(names, half, mixed, fp32, general):
+    return {"half": _configs(names, half), "mixed": _configs(names, mixed), "fp32": _configs(names, fp32),
+            "general": _configs(names, general)}
+
+
 _GEMM = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
-MATMUL_CONFIGS = {
-    "sm80": _families(_GEMM, base=[(128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 3), (128, 64, 64, 8, 4, 3)],
-                      wide=[], fp32=[(64, 64, 32, 8, 4, 3), (32, 64, 32, 8, 4, 3)]),
-    "sm90": _families(_GEMM, base=[(128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 3), (128, 64, 64, 8, 4, 3)],
-                      wide=[(128, 256, 64, 8, 8, 3)], fp32=[(64, 64, 32, 8, 4, 3), (32, 64, 32, 8, 4, 3)]),
-    "interpreter": _configs(_GEMM, [(32, 32, 32, 8, 4, 1)]),
-}
+_MATMUL_GPU = _lists(_GEMM, half=[(128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 3), (128, 64, 64, 8, 4, 3)],
+                     mixed=[(64, 128, 64, 8, 4, 3)], fp32=[(64, 64, 32, 8, 4, 3)], general=[(64, 64, 32, 8, 8, 2)])
+MATMUL_CONFIGS = {"sm80": _MATMUL_GPU, "sm90": _MATMUL_GPU, "interpreter": _configs(_GEMM, [(32, 32, 32, 8, 4, 1)])}
 _GEMV = ("BLOCK_N", "BLOCK_K")
-GEMV_CONFIGS = {
-    "sm80": _families(_GEMV, base=[(64, 128, 4, 3), (128, 64, 4, 3), (32, 256, 4, 3)], wide=[],
-                      fp32=[(64, 64, 4, 3), (32, 128, 4, 3)]),
-    "sm90": _families(_GEMV, base=[(64, 128, 4, 3), (128, 64, 4, 3), (32, 256, 4, 3)], wide=[],
-                      fp32=[(64, 64, 4, 3), (32, 128, 4, 3)]),
-    "interpreter": _configs(_GEMV, [(32, 32, 4, 1)]),
-}
+_GEMV_GPU = _lists(_GEMV, half=[(128, 64, 4, 3), (64, 64, 4, 3)], mixed=[(128, 64, 4, 3), (64, 64, 4, 3)],
+                   fp32=[(64, 64, 4, 3)], general=[(64, 32, 4, 2)])
+GEMV_CONFIGS = {"sm80": _GEMV_GPU, "sm90": _GEMV_GPU, "interpreter": _configs(_GEMV, [(32, 32, 4, 1)])}
 GEMV_BLOCK_N_FOR_SPLIT = 64  # the tile width the split-K heuristic assumes
 # dX: BLOCK_M is BACKWARD_BLOCK_M["dx"] (it fixes how many dA partials are summed).
 _DX = ("BLOCK_N", "BLOCK_K", "GROUP_M")
-BACKWARD_DX_CONFIGS = {
-    "sm80": _families(_DX, base=[(64, 64, 8, 4, 3), (32, 128, 8, 4, 3)], wide=[],
-                      fp32=[(32, 32, 8, 4, 3), (16, 64, 8, 4, 3)]),
-    "sm90": _families(_DX, base=[(64, 64, 8, 4, 3), (32, 128, 8, 4, 3)], wide=[],
-                      fp32=[(32, 32, 8, 4, 3), (16, 64, 8, 4, 3)]),
-    "interpreter": _configs(_DX, [(32, 32, 8, 4, 1)]),
-}
+_DX_GPU = _lists(_DX, half=[(64, 64, 8, 4, 3)], mixed=[(64, 64, 8, 4, 3)], fp32=[(32, 32, 8, 4, 3), (16, 64, 8, 4, 3)],
+                 general=[(32, 32, 8, 4, 2)])
+BACKWARD_DX_CONFIGS = {"sm80": _DX_GPU, "sm90": _DX_GPU, "interpreter": _configs(_DX, [(32, 32, 8, 4, 1)])}
+
+
+def _all_configs(per_target: dict) -> list:
+    entry = per_target[current_target()]
+    return entry if isinstance(entry, list) else [c for configs in entry.values() for c in configs]
+
+
+def _prune(per_target: dict, arg_name: str) -> dict | None:
+    """Autotune pruning to the launch's family: "general" when the weight's rows do not align
+    with its blocks (or K is odd), else by dtype as ``_common.by_dtype``."""
+    entry = per_target[current_target()]
+    if isinstance(entry, list):
+        return None
+    family_ids = {family: {id(c) for c in configs} for family, configs in entry.items()}
+
+    def prune(configs, named_args, **kwargs):
+        if not (kwargs.get("ROW_ALIGNED") and kwargs.get("EVEN_K")):
+            family = "general"
+        elif named_args[arg_name].dtype == torch.float32:
+            family = "fp32"
+        else:
+            family = "mixed" if kwargs.get("RANK_FP32") else "half"
+        return [c for c in configs if id(c) in family_ids[family]]
+
+    return {"early_config_prune": prune}
+
+
 _NF4_KEY = ["BLOCKSIZE", "NESTED", "EVEN_K", "ROW_ALIGNED", "RANK_FP32"]
 
 
-@triton.autotune(configs=configs_for_this_target(MATMUL_CONFIGS), prune_configs_by=by_dtype(MATMUL_CONFIGS, "X"),
+@triton.autotune(configs=_all_configs(MATMUL_CONFIGS), prune_configs_by=_prune(MATMUL_CONFIGS, "X"),
                  key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "HAS_BIAS"] + _NF4_KEY)
 @triton.jit
 def _nf4_matmul_kernel(
@@ -194,7 +215,7 @@ def _nf4_matmul_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=configs_for_this_target(GEMV_CONFIGS), prune_configs_by=by_dtype(GEMV_CONFIGS, "X"),
+@triton.autotune(configs=_all_configs(GEMV_CONFIGS), prune_configs_by=_prune(GEMV_CONFIGS, "X"),
                  key=["M", "N", "K", "R", "SPLIT_K", "HAS_LORA", "HAS_BIAS"] + _NF4_KEY)
 @triton.jit
 def _nf4_gemv_kernel(
@@ -238,8 +259,7 @@ def _nf4_gemv_kernel(
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=configs_for_this_target(BACKWARD_DX_CONFIGS),
-                 prune_configs_by=by_dtype(BACKWARD_DX_CONFIGS, "DY"),
+@triton.autotune(configs=_all_configs(BACKWARD_DX_CONFIGS), prune_configs_by=_prune(BACKWARD_DX_CONFIGS, "DY"),
                  key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "COMPUTE_DX", "COMPUTE_DA", "HAS_DROPOUT"] + _NF4_KEY)
 @triton.jit(do_not_specialize=["seed"])
 def _nf4_backward_dx_kernel(
@@ -403,7 +423,7 @@ def qlora_backward(dy: torch.Tensor, x: torch.Tensor, qw, lora_A: torch.Tensor, 
 
 # What the compile check builds: each config at the heaviest settings (LoRA, bias, dropout,
 # nested absmax) in the operand variants that differ in registers, with the fast decode
-# (K even, K % blocksize == 0: real models) and, for the first config, the general one.
+# (K even, K % blocksize == 0: real models) and the "general" configs with the general one.
 COMPILE_VARIANTS = {
     "bf16": dict(dtype="bf16", rank_dtype="bf16", family="half"),
     "bf16+fp32 A,B": dict(dtype="bf16", rank_dtype="fp32", family="mixed"),
@@ -428,8 +448,7 @@ def compile_specs(target: str) -> list:
         for fmt, fmt_flags in FORMAT_VARIANTS.items():
             def build(name, kernel, configs, pointers, constexprs, fmt=fmt, fmt_flags=fmt_flags, variant=variant,
                       family=family, common=common, **kw):
-                chosen = configs[target][family] if fmt == "aligned" else configs[target][family][:1]
-                for cfg in chosen:
+                for cfg in configs[target][family if fmt == "aligned" else "general"]:
                     specs.append(KernelBuild(f"{name} [{variant}, {fmt}]", kernel, cfg, {**fmt_pointers, **pointers},
                                              {**common, **fmt_flags, **constexprs}, plain_ints=plain,
                                              options=options, **kw))

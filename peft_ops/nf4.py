@@ -246,7 +246,7 @@ class NF4Weight(nn.Module):
                       blocksize=self.blocksize, quant_type="nf4")
         if self.double_quant:
             fields.update(offset=self.absmax_offset,
-                          state2=dict(absmax=self.absmax_scale, code=dynamic_map(self.device),
+                          state2=dict(absmax=self.absmax_scale, code=dynamic_map(self.device), dtype=torch.float32,
                                       blocksize=ABSMAX_BLOCKSIZE))
         return self.packed.view(-1, 1), fields
 
