@@ -14,7 +14,7 @@ import time
 import torch
 
 from ._table import text_table
-from .testing import DTYPE_NAMES, LoraCase, run_lora_case
+from .testing import DTYPE_NAMES, LoraCase, QLoraCase, run_lora_case, run_qlora_case
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -31,6 +31,25 @@ def lora_cases(quick: bool) -> list[LoraCase]:
             cases += [LoraCase(M=24, K=48, N=40, r=8, dtype=dtype, adapter_dtype=torch.float32, dropout_p=0.1)]
         if not quick:
             cases += [LoraCase(M=65, K=130, N=96, r=64, dtype=dtype, dropout_p=0.1)]
+    return cases
+
+
+def qlora_cases(quick: bool) -> list[QLoraCase]:
+    """NF4 rows: the decode GEMV (M ≤ 16, split-K) and the dequant-GEMM, with and without the
+    adapter, an unaligned weight (K odd, blocks straddling rows) and PEFT's fp32 adapters."""
+    cases = []
+    for dtype in DTYPES:
+        cases += [
+            QLoraCase(M=3, K=128, N=48, r=8, dtype=dtype, lora=False),
+            QLoraCase(M=1, K=96, N=40, r=8, dtype=dtype, dropout_p=0.1),
+            QLoraCase(M=70, K=64, N=40, r=16, dtype=dtype, dropout_p=0.25, leading=(2,)),
+            QLoraCase(M=33, K=45, N=20, r=4, dtype=dtype, blocksize=32, double_quant=False, lora=False,
+                      train_base=True),
+        ]
+        if dtype != torch.float32:
+            cases += [QLoraCase(M=24, K=64, N=40, r=8, dtype=dtype, adapter_dtype=torch.float32)]
+        if not quick:
+            cases += [QLoraCase(M=9, K=256, N=24, r=8, dtype=dtype, split_k=3)]
     return cases
 
 
@@ -66,6 +85,14 @@ def run_checks(device: torch.device, paths: list[str], quick: bool = False, prog
                                 case.tolerance(result.name)))
             if progress:
                 progress(rows)
+        for case in qlora_cases(quick):
+            if path == "torch" and case.split_k:
+                continue  # split-K is the kernels' own
+            label = case.label() + (f" p={case.dropout_p}" if case.dropout_p else "")
+            dtype = DTYPE_NAMES[case.dtype] + ("+fp32 A,B" if case.adapter_dtype else "")
+            op = "qlora_linear" if case.lora else "nf4_linear"
+            for result in run_qlora_case(case, path, device=device):
+                rows.append(Row(op, path, label, dtype, result.name, result.error(), case.tolerance(result.name)))
     return rows
 
 

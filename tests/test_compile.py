@@ -48,6 +48,17 @@ def test_tensor_cores_used(compile_rows):
             assert r["wgmma"] or r["mma_sync"], (r["kernel"], r["target"], r["config"])
     # on sm_90 the large GEMM tiles use warpgroup MMA
     assert all(r["wgmma"] for r in compile_rows if r["target"] == "sm90" and r["kernel"].startswith("lora_forward"))
+    # the NF4 training GEMM decodes W in registers and still feeds wgmma on sm_90a
+    assert all(r["wgmma"] for r in compile_rows if r["target"] == "sm90" and r["kernel"].startswith("nf4_matmul"))
+
+
+def test_nf4_kernels_are_covered(compile_rows):
+    builds = {r["kernel"] for r in compile_rows}
+    for kernel in ("nf4_matmul", "nf4_gemv", "nf4_backward_dx"):
+        for variant in ("bf16", "bf16+fp32 A,B", "fp32"):
+            for fmt in ("aligned", "odd K"):
+                assert f"{kernel} [{variant}, {fmt}]" in builds
+    assert {"nf4_dequantize [bf16]", "nf4_dequantize [fp32]"} <= builds
 
 
 def test_shared_memory_fits(compile_rows):
