@@ -26,25 +26,28 @@ def current_target() -> str:
 
 def configs_for_this_target(per_target: dict) -> list[triton.Config]:
     """All configs for this process's target: per_target[target] maps operand families
-    ("half", "mixed" ⊂ "half", "fp32") to lists; for the interpreter, which cannot benchmark
-    ("0 active drivers"), it is exactly one config."""
+    ("half", "mixed" ⊂ "half", "fp32", …) to lists (each config once); for the interpreter,
+    which cannot benchmark ("0 active drivers"), it is exactly one config."""
     entry = per_target[current_target()]
     if not isinstance(entry, dict):
         return entry
-    return entry["half"] + entry["fp32"]
+    unique = {id(c): c for configs in entry.values() for c in configs}
+    return list(unique.values())
 
 
-def by_dtype(per_target: dict, arg_name: str) -> dict | None:
+def by_dtype(per_target: dict, arg_name: str, general_when=None) -> dict | None:
     """Autotune pruning to the configs of the launch's operand family: "fp32" when tensor
     argument `arg_name` is fp32, "mixed" when the rank products are fp32 (RANK_FP32), else
-    "half"."""
+    "half"; or "general" whenever `general_when(constexpr kwargs)` is true."""
     entry = per_target[current_target()]
     if not isinstance(entry, dict):
         return None
     family_ids = {family: {id(c) for c in configs} for family, configs in entry.items()}
 
     def prune(configs, named_args, **kwargs):
-        if named_args[arg_name].dtype == torch.float32:
+        if general_when is not None and general_when(kwargs):
+            family = "general"
+        elif named_args[arg_name].dtype == torch.float32:
             family = "fp32"
         else:
             family = "mixed" if kwargs.get("RANK_FP32") else "half"

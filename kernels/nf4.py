@@ -41,7 +41,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    current_target,
+    by_dtype,
+    configs_for_this_target,
     grouped_tile,
     launch_guard,
     m_bucket,
@@ -150,35 +151,16 @@ _DX_GPU = _lists(_DX, half=[(64, 64, 8, 4, 3)], mixed=[(64, 64, 8, 4, 3)], fp32=
 BACKWARD_DX_CONFIGS = {"sm80": _DX_GPU, "sm90": _DX_GPU, "interpreter": _configs(_DX, [(32, 32, 8, 4, 1)])}
 
 
-def _all_configs(per_target: dict) -> list:
-    entry = per_target[current_target()]
-    return entry if isinstance(entry, list) else [c for configs in entry.values() for c in configs]
-
-
-def _prune(per_target: dict, arg_name: str) -> dict | None:
-    """Autotune pruning to the launch's family: "general" when the weight's rows do not align
-    with its blocks (or K is odd), else by dtype as ``_common.by_dtype``."""
-    entry = per_target[current_target()]
-    if isinstance(entry, list):
-        return None
-    family_ids = {family: {id(c) for c in configs} for family, configs in entry.items()}
-
-    def prune(configs, named_args, **kwargs):
-        if not (kwargs.get("ROW_ALIGNED") and kwargs.get("EVEN_K")):
-            family = "general"
-        elif named_args[arg_name].dtype == torch.float32:
-            family = "fp32"
-        else:
-            family = "mixed" if kwargs.get("RANK_FP32") else "half"
-        return [c for c in configs if id(c) in family_ids[family]]
-
-    return {"early_config_prune": prune}
+def _unaligned(constexprs: dict) -> bool:
+    """The "general" autotune family: K odd or not a multiple of the blocksize."""
+    return not (constexprs.get("ROW_ALIGNED") and constexprs.get("EVEN_K"))
 
 
 _NF4_KEY = ["BLOCKSIZE", "NESTED", "EVEN_K", "ROW_ALIGNED", "RANK_FP32"]
 
 
-@triton.autotune(configs=_all_configs(MATMUL_CONFIGS), prune_configs_by=_prune(MATMUL_CONFIGS, "X"),
+@triton.autotune(configs=configs_for_this_target(MATMUL_CONFIGS),
+                 prune_configs_by=by_dtype(MATMUL_CONFIGS, "X", _unaligned),
                  key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "HAS_BIAS"] + _NF4_KEY)
 @triton.jit
 def _nf4_matmul_kernel(
@@ -215,7 +197,8 @@ def _nf4_matmul_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=_all_configs(GEMV_CONFIGS), prune_configs_by=_prune(GEMV_CONFIGS, "X"),
+@triton.autotune(configs=configs_for_this_target(GEMV_CONFIGS),
+                 prune_configs_by=by_dtype(GEMV_CONFIGS, "X", _unaligned),
                  key=["M", "N", "K", "R", "SPLIT_K", "HAS_LORA", "HAS_BIAS"] + _NF4_KEY)
 @triton.jit
 def _nf4_gemv_kernel(
@@ -259,7 +242,8 @@ def _nf4_gemv_kernel(
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=_all_configs(BACKWARD_DX_CONFIGS), prune_configs_by=_prune(BACKWARD_DX_CONFIGS, "DY"),
+@triton.autotune(configs=configs_for_this_target(BACKWARD_DX_CONFIGS),
+                 prune_configs_by=by_dtype(BACKWARD_DX_CONFIGS, "DY", _unaligned),
                  key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "COMPUTE_DX", "COMPUTE_DA", "HAS_DROPOUT"] + _NF4_KEY)
 @triton.jit(do_not_specialize=["seed"])
 def _nf4_backward_dx_kernel(

@@ -77,7 +77,8 @@ def test_public_functions_match_the_references(device):
     torch.manual_seed(0)
     x = torch.randn(2, 5, 64, device=device)
     q = quantize(torch.randn(40, 64, device=device) / 8)
-    A, B, b = torch.randn(8, 64, device=device) / 8, torch.randn(40, 8, device=device) / 3, torch.randn(40, device=device)
+    A, B = torch.randn(8, 64, device=device) / 8, torch.randn(40, 8, device=device) / 3
+    b = torch.randn(40, device=device)
     for backend in ("auto", "reference"):
         with peft_ops.use_backend(backend):
             y = peft_ops.qlora_linear(x, q, A, B, 0.5, b)
