@@ -49,6 +49,15 @@ def timer(device):
     return cpu_median_ms
 
 
+def training_step(forward, dy, leaves):
+    """A function that runs forward() and its backward with dy, clearing the leaves' grads."""
+    def run():
+        for t in leaves:
+            t.grad = None
+        forward().backward(dy)
+    return run
+
+
 def bench_shape(M, K, N, r, dtype, dropout_p, device, measure):
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = (torch.randn(M, K, generator=gen)).to(device, dtype).requires_grad_()
@@ -59,10 +68,7 @@ def bench_shape(M, K, N, r, dtype, dropout_p, device, measure):
     s = 2.0
 
     def step(forward):
-        def run():
-            x.grad = A.grad = B.grad = None
-            forward().backward(dy)
-        return run
+        return training_step(forward, dy, (x, A, B))
 
     variants = {
         "base (frozen linear)": step(lambda: F.linear(x, W)),

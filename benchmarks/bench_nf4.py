@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import peft_ops
 from peft_ops.nf4 import quantize
 
-from bench_lora import timer
+from bench_lora import timer, training_step
 
 GPU_SHAPES = [(1, 4096, 14336), (16, 4096, 14336), (1, 14336, 4096), (512, 4096, 14336), (4096, 4096, 14336),
               (8192, 4096, 4096)]
@@ -38,10 +38,7 @@ def bench_shape(M, K, N, dtype, device, measure, r=16):
     dy = torch.randn(M, N, generator=gen).to(device, dtype)
 
     def train_step(forward):
-        def run():
-            xg.grad = A.grad = B.grad = None
-            forward().backward(dy)
-        return run
+        return training_step(forward, dy, (xg, A, B))
 
     forward_ms = {
         "dense bf16 (cuBLAS)": measure(lambda: F.linear(x, W)),

@@ -63,7 +63,6 @@ from .lora import (
 # M at or below which the forward takes the split-K GEMV (decode) path.
 DECODE_MAX_M = 16
 GEMV_BLOCK_M = 16  # tl.dot's smallest M; rows past M are masked
-ABSMAX_BLOCKSIZE = 256  # double quantization: absmax values per fp32 scale
 # No fused multiply-add: the absmax decode must round twice, as bitsandbytes does.
 NF4_LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
@@ -73,6 +72,7 @@ def nf4_block_absmax(ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, blocks, NE
     """fp32 absmax of NF4 blocks `blocks` (int64 indices, any shape)."""
     if NESTED:
         code8 = tl.load(ABSMAX + blocks)
+        # one fp32 scale per 256 absmax values (peft_ops.nf4.ABSMAX_BLOCKSIZE)
         absmax = tl.load(ABSMAX_MAP + code8) * tl.load(ABSMAX_SCALE + blocks // 256)
         absmax = absmax + tl.load(ABSMAX_OFFSET)  # a separate rounding (fp fusion is off)
     else:
@@ -88,6 +88,7 @@ def nf4_tile(PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, rows,
     NF4 bytes. `rows` are valid int64 row indices; columns past K wrap onto valid ones (the
     caller's other operand is zero there), so every load is in bounds and unmasked."""
     row_start = rows * K  # int64: n·K passes 2³¹ for big weights
+    flat = row_start[:, None] + ((k0 + tl.arange(0, BLOCK_K)) % K)[None, :]  # flat index of each weight
     if EVEN_K:
         # K even: each row starts on a byte, so byte j of the tile holds its columns 2j
         # (high nibble) and 2j+1 (low): one byte load per two weights.
@@ -95,7 +96,6 @@ def nf4_tile(PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, rows,
         byte = tl.load(PACKED + (row_start[:, None] + pair_cols[None, :]) // 2)
         values = tl.interleave(tl.load(NF4 + (byte >> 4)), tl.load(NF4 + (byte & 0xF)))
     else:
-        flat = row_start[:, None] + ((k0 + tl.arange(0, BLOCK_K)) % K)[None, :]
         byte = tl.load(PACKED + flat // 2)
         values = tl.load(NF4 + tl.where(flat % 2 == 0, byte >> 4, byte & 0xF))
     if ROW_ALIGNED and BLOCK_K <= BLOCKSIZE:
@@ -104,9 +104,25 @@ def nf4_tile(PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, rows,
         scale = nf4_block_absmax(ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET,
                                  (row_start + k0) // BLOCKSIZE, NESTED)[:, None]
     else:
-        flat = row_start[:, None] + ((k0 + tl.arange(0, BLOCK_K)) % K)[None, :]
         scale = nf4_block_absmax(ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, flat // BLOCKSIZE, NESTED)
     return values * scale
+
+
+@triton.jit
+def nf4_x_wt(acc, x_ptrs, x_step, k_begin, k_end, cols, PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP,
+             ABSMAX_OFFSET, K, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+             EVEN_K: tl.constexpr, ROW_ALIGNED: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    """acc + X[:, k_begin:k_end]·dequant(W)[cols, k_begin:k_end]ᵀ, W decoded tile by tile in
+    registers (k_begin a multiple of BLOCK_K; x_ptrs point at column k_begin of the x rows)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        x = tl.load(x_ptrs, mask=(offs_k < k_end - k0)[None, :], other=0.0)  # zero past the end: W wraps there
+        w = nf4_tile(PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, cols, k0, K,
+                     BLOCK_K, BLOCKSIZE, NESTED, EVEN_K, ROW_ALIGNED)
+        acc = mma(x, tl.trans(w.to(x.dtype)), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+        x_ptrs += x_step
+    return acc
 
 
 @triton.jit
@@ -180,14 +196,9 @@ def _nf4_matmul_kernel(
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
     x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
-    x_step = BLOCK_K * tl.cast(stride_xk, tl.int64)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptrs, mask=(offs_k < K - k0)[None, :], other=0.0)  # zero past K: W wraps there
-        w = nf4_tile(PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, cols, k0, K,
-                     BLOCK_K, BLOCKSIZE, NESTED, EVEN_K, ROW_ALIGNED)
-        acc = mma(x, tl.trans(w.to(X.dtype.element_ty)), acc, WIDEN_BF16_DOT, DOT_PRECISION)
-        x_ptrs += x_step
+    acc = nf4_x_wt(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), x_ptrs, BLOCK_K * tl.cast(stride_xk, tl.int64),
+                   0, K, cols, PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, K,
+                   BLOCK_K, BLOCKSIZE, NESTED, EVEN_K, ROW_ALIGNED, WIDEN_BF16_DOT, DOT_PRECISION)
     if HAS_LORA:
         acc = lora_epilogue(acc, XA, B, rows, cols, R, stride_bn, stride_br, scaling,
                             BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION)
@@ -224,14 +235,9 @@ def _nf4_gemv_kernel(
     k_begin = pid_s * k_per_split
     k_end = tl.minimum(K, k_begin + k_per_split)
     x_ptrs = X + rows[:, None] * stride_xm + (k_begin + offs_k)[None, :].to(tl.int64) * stride_xk
-    x_step = BLOCK_K * tl.cast(stride_xk, tl.int64)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        x = tl.load(x_ptrs, mask=(offs_k < k_end - k0)[None, :], other=0.0)
-        w = nf4_tile(PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, cols, k0, K,
-                     BLOCK_K, BLOCKSIZE, NESTED, EVEN_K, ROW_ALIGNED)
-        acc = mma(x, tl.trans(w.to(X.dtype.element_ty)), acc, WIDEN_BF16_DOT, DOT_PRECISION)
-        x_ptrs += x_step
+    acc = nf4_x_wt(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), x_ptrs, BLOCK_K * tl.cast(stride_xk, tl.int64),
+                   k_begin, k_end, cols, PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, K,
+                   BLOCK_K, BLOCKSIZE, NESTED, EVEN_K, ROW_ALIGNED, WIDEN_BF16_DOT, DOT_PRECISION)
     if pid_s == 0:
         if HAS_LORA:
             acc = lora_epilogue(acc, XA, B, rows, cols, R, stride_bn, stride_br, scaling,
@@ -371,11 +377,11 @@ def forward(x: torch.Tensor, qw, xa: torch.Tensor | None, lora_B: torch.Tensor |
     return y
 
 
-def backward_dx(dy: torch.Tensor, qw, dtype: torch.dtype) -> torch.Tensor:
-    """dx = dy·dequant(W) [M, K] in `dtype` (nf4_linear's backward; W gets no gradient)."""
+def backward_dx(dy: torch.Tensor, qw) -> torch.Tensor:
+    """dx = dy·dequant(W) [M, K] in dy's dtype (nf4_linear's backward; W gets no gradient)."""
     M, N = dy.shape
     K = qw.in_features
-    dx = torch.empty((M, K), device=dy.device, dtype=dtype)
+    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     if M == 0:
         return dx
     block_m = _target_block_m("dx")

@@ -68,6 +68,12 @@ class Row:
         return self.error <= self.tol
 
 
+def _rows(op: str, path: str, case: LoraCase, results) -> list[Row]:
+    label = case.label() + (f" p={case.dropout_p}" if case.dropout_p else "")
+    dtype = DTYPE_NAMES[case.dtype] + ("+fp32 A,B" if case.adapter_dtype else "")
+    return [Row(op, path, label, dtype, r.name, r.error(), case.tolerance(r.name)) for r in results]
+
+
 def run_checks(device: torch.device, paths: list[str], quick: bool = False, progress=None) -> list[Row]:
     from .lora import TorchLoraOps
 
@@ -78,21 +84,16 @@ def run_checks(device: torch.device, paths: list[str], quick: bool = False, prog
         else:
             from .kernels import lora as ops
         for case in lora_cases(quick):
-            label = case.label() + (f" p={case.dropout_p}" if case.dropout_p else "")
-            dtype = DTYPE_NAMES[case.dtype] + ("+fp32 A,B" if case.adapter_dtype else "")
-            for result in run_lora_case(case, ops, device=device):
-                rows.append(Row("lora_linear", path, label, dtype, result.name, result.error(),
-                                case.tolerance(result.name)))
+            rows += _rows("lora_linear", path, case, run_lora_case(case, ops, device=device))
             if progress:
                 progress(rows)
         for case in qlora_cases(quick):
             if path == "torch" and case.split_k:
                 continue  # split-K is the kernels' own
-            label = case.label() + (f" p={case.dropout_p}" if case.dropout_p else "")
-            dtype = DTYPE_NAMES[case.dtype] + ("+fp32 A,B" if case.adapter_dtype else "")
             op = "qlora_linear" if case.lora else "nf4_linear"
-            for result in run_qlora_case(case, path, device=device):
-                rows.append(Row(op, path, label, dtype, result.name, result.error(), case.tolerance(result.name)))
+            rows += _rows(op, path, case, run_qlora_case(case, path, device=device))
+            if progress:
+                progress(rows)
     return rows
 
 

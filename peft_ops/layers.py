@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import types
 import math
 from typing import Iterator
 
@@ -21,8 +20,9 @@ class _LoraAdapter:
     """What LoraLinear and QLoraLinear share: configuration checks, the adapter parameters and
     their initialization, and ΔW = scaling·B·A."""
 
-    def _configure(self, in_features, out_features, r, lora_alpha, lora_dropout, use_rslora) -> None:
-        # Every check runs before any attribute is set or any parameter is frozen.
+    @staticmethod
+    def _checked_config(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora) -> tuple:
+        """The validated configuration (each error names its argument); sets nothing."""
         in_features = _checks.positive_int("in_features", in_features)
         out_features = _checks.positive_int("out_features", out_features)
         r = _checks.positive_int("r", r)
@@ -30,6 +30,11 @@ class _LoraAdapter:
         lora_dropout = _checks.probability("lora_dropout", lora_dropout)
         if not isinstance(use_rslora, bool):
             raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
+        return in_features, out_features, r, lora_alpha, lora_dropout, use_rslora
+
+    def _configure(self, *config) -> None:
+        # Every check runs before any attribute is set or any parameter is frozen.
+        in_features, out_features, r, lora_alpha, lora_dropout, use_rslora = self._checked_config(*config)
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.lora_alpha, self.lora_dropout, self.use_rslora = lora_alpha, lora_dropout, use_rslora
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
@@ -186,8 +191,8 @@ class QLoraLinear(_LoraAdapter, nn.Module):
         is kept as is (frozen). ``linear`` itself is left untouched."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        _LoraAdapter._configure(types.SimpleNamespace(), linear.in_features, linear.out_features, r, lora_alpha,
-                                lora_dropout, use_rslora)  # check before the (costly) quantization
+        # check the configuration before the (costly) quantization
+        cls._checked_config(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, use_rslora)
         qweight = quantize(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(qweight, bias, r, lora_alpha, lora_dropout, use_rslora)

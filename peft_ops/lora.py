@@ -21,17 +21,27 @@ def _check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p) -> tup
                          f"{tuple(weight.shape)} expects in_features={in_features}")
     _checks.float_dtype("x", x)
     _checks.same_dtype("weight", weight, "x", x)
-    return check_adapter_args(x, out_features, in_features, lora_A, lora_B, scaling, bias, dropout_p,
-                              {"weight": weight})
+    check_bias(bias, out_features, x)
+    return check_adapter_args(x, out_features, in_features, lora_A, lora_B, scaling, dropout_p,
+                              {"weight": weight, "bias": bias})
 
 
-def check_adapter_args(x, out_features, in_features, lora_A, lora_B, scaling, bias, dropout_p,
+def check_bias(bias, out_features: int, x: torch.Tensor) -> None:
+    """bias: None, or [out_features] in x's dtype (lora_linear, nf4_linear, qlora_linear)."""
+    _checks.optional_tensor("bias", bias, ndim=1)
+    if bias is not None:
+        if bias.shape[0] != out_features:
+            raise ValueError(f"bias must be [out_features] = [{out_features}], got {tuple(bias.shape)}")
+        _checks.same_dtype("bias", bias, "x", x)
+
+
+def check_adapter_args(x, out_features, in_features, lora_A, lora_B, scaling, dropout_p,
                        base_tensors: dict) -> tuple[float, float]:
-    """The checks lora_linear and qlora_linear share, once x and the base weight are checked:
-    the adapters, bias, scaling, dropout_p and devices. Returns (scaling, dropout_p)."""
+    """The checks lora_linear and qlora_linear share once x, the base weight and the bias are
+    checked: the adapters, scaling, dropout_p, and that every tensor (x, `base_tensors`, the
+    adapters) is on one device. Returns (scaling, dropout_p)."""
     _checks.tensor("lora_A", lora_A, ndim=2)
     _checks.tensor("lora_B", lora_B, ndim=2)
-    _checks.optional_tensor("bias", bias, ndim=1)
     scaling = _checks.real_number("scaling", scaling)
     dropout_p = _checks.probability("dropout_p", dropout_p)
     r = lora_A.shape[0]
@@ -41,16 +51,12 @@ def check_adapter_args(x, out_features, in_features, lora_A, lora_B, scaling, bi
         raise ValueError(f"lora_A must be [r, in_features] = [{r}, {in_features}], got {tuple(lora_A.shape)}")
     if tuple(lora_B.shape) != (out_features, r):
         raise ValueError(f"lora_B must be [out_features, r] = [{out_features}, {r}], got {tuple(lora_B.shape)}")
-    if bias is not None and bias.shape[0] != out_features:
-        raise ValueError(f"bias must be [out_features] = [{out_features}], got {tuple(bias.shape)}")
-    if bias is not None:
-        _checks.same_dtype("bias", bias, "x", x)
     _checks.float_dtype("lora_A", lora_A)
     _checks.same_dtype("lora_B", lora_B, "lora_A", lora_A)
     if lora_A.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"lora_A has dtype {lora_A.dtype}: adapter weights must have x's dtype "
                         f"({x.dtype}) or float32")
-    _checks.same_device({"x": x, **base_tensors, "lora_A": lora_A, "lora_B": lora_B, "bias": bias})
+    _checks.same_device({"x": x, **base_tensors, "lora_A": lora_A, "lora_B": lora_B})
     return scaling, dropout_p
 
 
@@ -89,9 +95,11 @@ class TorchLoraOps:
 
     @staticmethod
     def forward(x, weight, xa, lora_B, scaling, bias):
-        rank = _rank_dtype(x.dtype, lora_B.dtype)
+        """xa None: the base layer alone (nf4_linear's PyTorch path)."""
         y = _mm32(x, weight.t())
-        y += _mm32((xa * scaling).to(rank), lora_B.to(rank).t())
+        if xa is not None:
+            rank = _rank_dtype(x.dtype, lora_B.dtype)
+            y += _mm32((xa * scaling).to(rank), lora_B.to(rank).t())
         if bias is not None:
             y += bias
         return y.to(x.dtype)

@@ -8,7 +8,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _checks, reference
 from .backend import resolve
-from .lora import TorchLoraOps, _draw_seed, _mm32, check_adapter_args
+from .lora import TorchLoraOps, _draw_seed, _mm32, check_adapter_args, check_bias
 from .nf4 import NF4Tensors, NF4Weight
 
 
@@ -21,11 +21,7 @@ def _check_base(x, qweight, bias) -> None:
     if x.shape[-1] != qweight.in_features:
         raise ValueError(f"x has {x.shape[-1]} features in its last dimension but qweight "
                          f"{tuple(qweight.shape)} expects in_features={qweight.in_features}")
-    _checks.optional_tensor("bias", bias, ndim=1)
-    if bias is not None:
-        if bias.shape[0] != qweight.out_features:
-            raise ValueError(f"bias must be [out_features] = [{qweight.out_features}], got {tuple(bias.shape)}")
-        _checks.same_dtype("bias", bias, "x", x)
+    check_bias(bias, qweight.out_features, x)
     _checks.same_device({"x": x, "qweight": qweight.packed, "bias": bias})
 
 
@@ -37,17 +33,11 @@ class TorchNF4Ops:
 
     @staticmethod
     def forward(x, qw, xa, lora_B, scaling, bias):
-        weight = reference.nf4_dequantize(qw, x.dtype)
-        if xa is not None:
-            return TorchLoraOps.forward(x, weight, xa, lora_B, scaling, bias)
-        y = _mm32(x, weight.t())
-        if bias is not None:
-            y += bias
-        return y.to(x.dtype)
+        return TorchLoraOps.forward(x, reference.nf4_dequantize(qw, x.dtype), xa, lora_B, scaling, bias)
 
     @staticmethod
-    def backward_dx(dy, qw, dtype):
-        return _mm32(dy, reference.nf4_dequantize(qw, dy.dtype)).to(dtype)
+    def backward_dx(dy, qw):
+        return _mm32(dy, reference.nf4_dequantize(qw, dy.dtype)).to(dy.dtype)
 
     @staticmethod
     def qlora_backward(dy, x, qw, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
@@ -76,8 +66,8 @@ class KernelNF4Ops:
         return KernelNF4Ops._nf4().forward(x, qw, xa, lora_B, scaling, bias)
 
     @staticmethod
-    def backward_dx(dy, qw, dtype):
-        return KernelNF4Ops._nf4().backward_dx(dy, qw, dtype)
+    def backward_dx(dy, qw):
+        return KernelNF4Ops._nf4().backward_dx(dy, qw)
 
     @staticmethod
     def qlora_backward(*args):
@@ -101,7 +91,7 @@ class NF4LinearFunction(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         y = ops.forward(x2d, qw, None, None, 0.0, bias)
         ctx.save_for_backward(packed, absmax, absmax_scale, absmax_offset)
-        ctx.meta, ctx.ops, ctx.x_shape, ctx.x_dtype = meta, ops, x.shape, x.dtype
+        ctx.meta, ctx.ops, ctx.x_shape = meta, ops, x.shape
         return y.view(*x.shape[:-1], qw.out_features)
 
     @staticmethod
@@ -109,7 +99,7 @@ class NF4LinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         qw = NF4Tensors(*ctx.saved_tensors, *ctx.meta)
         dy2d = dy.reshape(-1, qw.out_features)
-        dx = ctx.ops.backward_dx(dy2d, qw, ctx.x_dtype).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        dx = ctx.ops.backward_dx(dy2d, qw).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         db = dy2d.sum(dim=0) if ctx.needs_input_grad[1] else None
         return dx, db, None, None, None, None, None, None
 
@@ -192,7 +182,7 @@ def qlora_linear(x: torch.Tensor, qweight: NF4Weight, lora_A: torch.Tensor, lora
     """
     _check_base(x, qweight, bias)
     scaling, dropout_p = check_adapter_args(x, qweight.out_features, qweight.in_features, lora_A, lora_B,
-                                            scaling, bias, dropout_p, {"qweight": qweight.packed})
+                                            scaling, dropout_p, {"qweight": qweight.packed, "bias": bias})
     if resolve(x.device) == "reference":
         return reference.qlora_linear(x, qweight, lora_A, lora_B, scaling, bias, dropout_p)
     q = qweight.tensors()

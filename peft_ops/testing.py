@@ -193,7 +193,7 @@ def lora_reference_with_scale(inputs: dict, scaling: float, dropout_p: float, ma
 def run_lora_case(case: LoraCase, ops, device="cpu", seed: int = 0) -> list[Compared]:
     """Run lora_linear's autograd Function with `ops` (kernel launchers or TorchLoraOps) and the
     float64 reference on the same inputs and the same dropout mask: y and every gradient."""
-    from .lora import LoraLinearFunction, TorchLoraOps, _draw_seed, dropout_keep_mask
+    from .lora import LoraLinearFunction, TorchLoraOps
 
     inp = make_lora_inputs(case, device, seed)
     trainable = ["x", "lora_A", "lora_B"] + (["weight", "bias"] if case.train_base else [])
@@ -204,15 +204,25 @@ def run_lora_case(case: LoraCase, ops, device="cpu", seed: int = 0) -> list[Comp
                                  tensors["bias"], case.scaling, case.dropout_p, ops)
     y.backward(inp["grad_out"])
 
+    inputs = {k: v for k, v in inp.items() if k != "grad_out"}
+    return compare_with_reference(case, y, tensors, inputs, inp["grad_out"], trainable, case.scaling,
+                                  "torch" if ops is TorchLoraOps else "triton", device, seed)
+
+
+def compare_with_reference(case: LoraCase, y, tensors: dict, inputs: dict, grad_out, trainable: list[str],
+                           scaling: float, path: str, device, seed: int) -> list[Compared]:
+    """y and the gradients of `tensors` after a LoRA-type Function ran under
+    ``torch.manual_seed(seed)``, against the float64 reference on `inputs` (dense weight),
+    replaying the dropout mask that `path` ("triton" / "torch") drew."""
+    from .lora import _draw_seed, dropout_keep_mask
+
     mask = None
     if case.dropout_p > 0:
         torch.manual_seed(seed)  # the Function drew its seed right after this
-        path = "torch" if ops is TorchLoraOps else "triton"
-        M = tensors["x"].numel() // case.K
-        mask = dropout_keep_mask(_draw_seed(), (M, case.K), case.dropout_p, device, path)
-        mask = mask.view(tensors["x"].shape)
-    inputs = {k: v for k, v in inp.items() if k != "grad_out"}
-    refs = lora_reference_with_scale(inputs, case.scaling, case.dropout_p, mask, inp["grad_out"], trainable)
+        x = tensors["x"]
+        mask = dropout_keep_mask(_draw_seed(), (x.numel() // case.K, case.K), case.dropout_p, device, path)
+        mask = mask.view(x.shape)
+    refs = lora_reference_with_scale(inputs, scaling, case.dropout_p, mask, grad_out, trainable)
     results = [Compared("y", y, *refs["y"], case.dtype)]
     for k in trainable:
         if tensors[k] is not None:
@@ -265,7 +275,6 @@ def run_qlora_case(case: QLoraCase, path: str, device="cpu", seed: int = 0) -> l
     """qlora_linear's (or nf4_linear's) autograd Function on `path` against the float64
     reference on the exact dequantized weight: y and every gradient."""
     from . import reference
-    from .lora import _draw_seed, dropout_keep_mask
     from .nf4 import quantize
     from .qlora import NF4LinearFunction, QLoraLinearFunction
 
@@ -274,14 +283,11 @@ def run_qlora_case(case: QLoraCase, path: str, device="cpu", seed: int = 0) -> l
     qweight = quantize(inp["weight"], case.blocksize, case.double_quant)
     q = qweight.tensors()
     meta = (q.out_features, q.in_features, q.blocksize, q.dtype)
-    x = inp["x"]
-    if case.x_transposed:  # same values, column-major storage
-        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
     trainable = ["x"] + (["lora_A", "lora_B"] if case.lora else []) + (["bias"] if case.train_base else [])
     tensors = {k: v.clone().requires_grad_(k in trainable) if v is not None else None
                for k, v in inp.items() if k not in ("grad_out", "weight")}
-    if case.x_transposed:
-        tensors["x"] = x.detach().requires_grad_(True)
+    if case.x_transposed:  # same values, column-major storage: a non-contiguous view
+        tensors["x"] = inp["x"].transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_(True)
     torch.manual_seed(seed)
     if case.lora:
         y = QLoraLinearFunction.apply(tensors["x"], tensors["lora_A"], tensors["lora_B"], tensors["bias"],
@@ -291,19 +297,7 @@ def run_qlora_case(case: QLoraCase, path: str, device="cpu", seed: int = 0) -> l
         y = NF4LinearFunction.apply(tensors["x"], tensors["bias"], q.packed, q.absmax, q.absmax_scale,
                                     q.absmax_offset, meta, ops)
     y.backward(inp["grad_out"])
-
-    mask = None
-    if case.dropout_p > 0:
-        torch.manual_seed(seed)
-        M = x.numel() // case.K
-        mask = dropout_keep_mask(_draw_seed(), (M, case.K), case.dropout_p, device,
-                                 "torch" if path == "torch" else "triton").view(x.shape)
     inputs = {k: v for k, v in inp.items() if k != "grad_out"}
     inputs["weight"] = reference.nf4_dequantize(qweight, torch.float32)
     scaling = case.scaling if case.lora else 0.0  # no adapter: the LoRA term is zero
-    refs = lora_reference_with_scale(inputs, scaling, case.dropout_p, mask, inp["grad_out"], trainable)
-    results = [Compared("y", y, *refs["y"], case.dtype)]
-    for k in trainable:
-        if tensors[k] is not None:
-            results.append(Compared(GRAD_NAMES[k], tensors[k].grad, *refs[GRAD_NAMES[k]], case.dtype))
-    return results
+    return compare_with_reference(case, y, tensors, inputs, inp["grad_out"], trainable, scaling, path, device, seed)
