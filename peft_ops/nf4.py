@@ -112,10 +112,6 @@ class NF4Tensors(NamedTuple):
     blocksize: int
     dtype: torch.dtype
 
-    @property
-    def device(self) -> torch.device:
-        return self.packed.device
-
 
 class NF4Weight(nn.Module):
     """A frozen weight [out_features, in_features] in bitsandbytes' NF4 format.
