@@ -59,3 +59,27 @@ def qlora_linear(x: torch.Tensor, qweight, lora_A: torch.Tensor, lora_B: torch.T
     dequantized weight."""
     return lora_linear(x, nf4_dequantize(qweight, x.dtype), lora_A, lora_B, scaling, bias, dropout_p,
                        dropout_mask=dropout_mask)
+
+
+_ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+def bottleneck_adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None,
+                       up_weight: torch.Tensor, up_bias: torch.Tensor | None, activation: str = "relu",
+                       scaling: float = 1.0, dropout_p: float = 0.0, *,
+                       dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """x + scaling·dropout(act(x·W_downᵀ + b_down)·W_upᵀ + b_up), in x's dtype.
+
+    ``dropout_mask`` (bool, x's shape, keyword-only): use this keep mask instead of drawing one.
+    """
+    z = F.linear(_ACTIVATIONS[activation](F.linear(x, down_weight, down_bias)), up_weight, up_bias)
+    if dropout_mask is not None:
+        z = z * dropout_mask.to(z.dtype) / (1.0 - dropout_p)
+    elif dropout_p > 0:
+        z = F.dropout(z, p=dropout_p, training=True)
+    return x + scaling * z

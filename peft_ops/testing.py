@@ -301,3 +301,94 @@ def run_qlora_case(case: QLoraCase, path: str, device="cpu", seed: int = 0) -> l
     inputs["weight"] = reference.nf4_dequantize(qweight, torch.float32)
     scaling = case.scaling if case.lora else 0.0  # no adapter: the LoRA term is zero
     return compare_with_reference(case, y, tensors, inputs, inp["grad_out"], trainable, scaling, path, device, seed)
+
+
+# --------------------------------------------------------------------------------------
+# Bottleneck adapter cases. The same metric and budget: act(h) is rounded to x's dtype on its
+# way into the up projection and dh on its way into dX and dW_down (one rounding each), every
+# output once; h and dh are fp32 sums of exact products. The scale is the reference on |inputs|
+# (act and act′ at h evaluated there bound |act(h)| and, up to the 13 % overshoot of gelu′, |act′(h)|).
+# --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class AdapterCase:
+    M: int
+    d: int  # hidden size
+    m: int  # bottleneck size
+    dtype: torch.dtype
+    activation: str = "relu"
+    dropout_p: float = 0.0
+    bias: bool = True
+    leading: tuple[int, ...] = ()  # x is [*leading, M, d] when set
+    x_transposed: bool = False  # x a non-contiguous view
+    scaling: float = 0.75
+
+    def tolerance(self, tensor: str = "y") -> float:
+        return TOLERANCES[self.dtype]
+
+    def label(self) -> str:
+        lead = "×".join(map(str, self.leading)) + "×" if self.leading else ""
+        return f"{lead}{self.M}×{self.d} m{self.m} {self.activation}" + ("" if self.bias else " no-bias") + \
+            (" xᵀ" if self.x_transposed else "")
+
+
+ADAPTER_GRAD_NAMES = {"x": "dx", "down_weight": "dW_down", "down_bias": "db_down", "up_weight": "dW_up",
+                      "up_bias": "db_up"}
+
+
+def make_adapter_inputs(case: AdapterCase, device="cpu", seed: int = 0) -> dict:
+    """Inputs of an adapter case with unit-scale h and branch output; the up projection is
+    nonzero (not the identity init) so that every gradient is."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=case.dtype)
+
+    return dict(
+        x=rand(*case.leading, case.M, case.d),
+        down_weight=rand(case.m, case.d, scale=case.d ** -0.5),
+        down_bias=rand(case.m, scale=0.5) if case.bias else None,
+        up_weight=rand(case.d, case.m, scale=case.m ** -0.5),
+        up_bias=rand(case.d, scale=0.5) if case.bias else None,
+        grad_out=rand(*case.leading, case.M, case.d),
+    )
+
+
+def run_adapter_case(case: AdapterCase, path: str, device="cpu", seed: int = 0) -> list[Compared]:
+    """bottleneck_adapter's autograd Function on `path` ("triton" / "torch") against the float64
+    reference on the same inputs and dropout mask: y and every gradient."""
+    from . import reference
+    from .adapter import BottleneckAdapterFunction, TorchBottleneckOps, _kernel_ops
+    from .lora import _draw_seed, dropout_keep_mask
+
+    ops = TorchBottleneckOps if path == "torch" else _kernel_ops()
+    inp = make_adapter_inputs(case, device, seed)
+    names = [k for k in ADAPTER_GRAD_NAMES if inp[k] is not None]
+    tensors = {k: inp[k].clone().requires_grad_(True) for k in names}
+    if case.x_transposed:  # same values, column-major storage
+        tensors["x"] = inp["x"].transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_(True)
+    torch.manual_seed(seed)
+    y = BottleneckAdapterFunction.apply(tensors["x"], tensors["down_weight"], tensors.get("down_bias"),
+                                        tensors["up_weight"], tensors.get("up_bias"), case.activation, case.scaling,
+                                        case.dropout_p, ops)
+    y.backward(inp["grad_out"])
+
+    mask = None
+    if case.dropout_p > 0:
+        torch.manual_seed(seed)  # the Function drew its seed right after this
+        mask = dropout_keep_mask(_draw_seed(), (inp["x"].numel() // case.d, case.d), case.dropout_p, device, path)
+        mask = mask.view(inp["x"].shape)
+    out = {}
+    for kind, transform in (("value", lambda t: t), ("scale", torch.abs)):
+        t = {k: transform(inp[k].detach().double()).requires_grad_(True) for k in names}
+        ref = reference.bottleneck_adapter(t["x"], t["down_weight"], t.get("down_bias"), t["up_weight"],
+                                           t.get("up_bias"), case.activation,
+                                           case.scaling if kind == "value" else abs(case.scaling), case.dropout_p,
+                                           dropout_mask=mask)
+        ref.backward(transform(inp["grad_out"].double()))
+        out[kind] = {"y": ref.detach(), **{ADAPTER_GRAD_NAMES[k]: t[k].grad for k in names}}
+    results = [Compared("y", y, out["value"]["y"], out["scale"]["y"], case.dtype)]
+    for k in names:
+        name = ADAPTER_GRAD_NAMES[k]
+        results.append(Compared(name, tensors[k].grad, out["value"][name], out["scale"][name], case.dtype))
+    return results

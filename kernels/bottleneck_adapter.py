@@ -1,0 +1,407 @@
+"""Fused bottleneck-adapter kernels and their launchers (tensors in, tensors out; no autograd).
+
+    h = x·W_downᵀ + b_down          x [M, d], W_down [m, d], b_down [m]     (h: [M, m], fp32)
+    y = x + s·drop(act(h)·W_upᵀ + b_up)          W_up [d, m], b_up [d]       (y: [M, d])
+
+Design, from a cost model (bf16, M = 8192, d = 4096, m = 64):
+
+- 4·M·d·m = 8.6 GFLOP against ≥ 2·M·d·2 B = 134 MB of activations: ≈ m FLOP/byte, below every
+  GPU's ridge point, so the op is memory-bound and the only question is how many times the
+  M×d tensors cross HBM.
+- Eager PyTorch (linear, act, linear, ·s, + x): reads x for the down projection, writes and
+  reads h and act(h) (M×m, small), writes z = act(h)·W_upᵀ + b_up, reads it to scale it, writes
+  s·z, reads it and x again for the residual, writes y: 6 passes over M×d (403 MB at the shape
+  above; 7 with dropout). The forward kernel below makes 2 (read x, write y: 134 MB) plus
+  h [M, m] fp32 for the backward (2 MiB) and the weights once per program (from L2).
+- Forward, one program per BLOCK_M rows: phase 1 streams the row block of x to accumulate
+  h [BLOCK_M, m] in registers (m ≤ 256); phase 2 streams it again for the residual while it
+  forms act(h)·W_upᵀ chunk by chunk and writes y. The second read is meant for L2: phase 1
+  loads x with evict_last and phase 2 with evict_first (rows in flight: ~2 programs/SM ×
+  BLOCK_M × d × 2 B = 34 MiB at BLOCK_M = 16 on 132 SMs, under the 50 MiB L2 of an H100/H200).
+- Backward (dz = s·dY⊙keep/(1-p), the gradient reaching the branch's output):
+  `_bottleneck_adapter_backward_dh_kernel` reads dY once per row block: dh = (dz·W_up)⊙act′(h)
+  [M, m] fp32. `_bottleneck_adapter_backward_dx_kernel` owns a column block of d and a slice of
+  rows; it keeps W_down[:, cols] in registers, reads dY and x once, writes dX = dY + dh·W_down,
+  and accumulates dW_down = dhᵀ·x, dW_up = dzᵀ·act(h), db_up = Σ dz for its columns over its
+  rows. 4 passes over M×d (dY twice, x, dX) against eager's ≈ 8 (5 for the two linears'
+  gradients, the residual sum read twice and written once).
+- Reductions over M are deterministic: within a program in a fixed row order, across row
+  slices as fp32 partials summed by the launcher in slice order; the slice count and the
+  backward tiles are fixed per target and shape (never autotuned), so the order never changes.
+  No float atomics. db_down = Σ_M dh is a torch.sum of the fp32 dh.
+- Dropout (on the branch output, before the residual) reuses the LoRA kernels' Philox mask: a
+  pure function of (seed, row, column), regenerated in the backward, never stored.
+- Offsets along M (and the strides they multiply) are int64: M·d passes 2³¹ at long sequences.
+- Bottleneck sizes up to peft_ops.adapter.KERNEL_MAX_BOTTLENECK (256) run here: h, act(h), dh and the dW
+  accumulators are register tiles m wide. Beyond that the op is no longer memory-bound
+  (≥ 256 FLOP/byte, at or past the ridge of an A100/H100/H200) and peft_ops runs its PyTorch
+  path (cuBLAS GEMMs) instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..adapter import ACTIVATIONS  # constexpr ACTIVATION = the activation's index in it
+from ._common import configs_for_this_target, current_target, dot_flags, launch_guard, m_bucket, mma
+from .lora import _dropout_keep
+
+
+def block_bottleneck(bottleneck_size: int) -> int:
+    """The register tile width that holds the whole bottleneck (tl.dot needs ≥ 16)."""
+    return max(16, triton.next_power_of_2(bottleneck_size))
+
+
+def _size_class(block_b: int) -> str:
+    return "b64" if block_b <= 64 else f"b{block_b}"
+
+
+def _configs(rows):
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_D=bd), num_warps=w, num_stages=s) for bm, bd, w, s in rows]
+
+
+# Forward autotune lists per target, by bottleneck tile (the h and act(h) tiles grow with it,
+# so the row block shrinks); `peft-ops compile` proves every one spill-free in bf16 and fp32.
+FORWARD_CONFIGS = {
+    "sm80": {"b64": _configs([(16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3), (16, 64, 4, 4)]),
+             "b128": _configs([(16, 64, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3)]),
+             "b256": _configs([(16, 32, 4, 3), (16, 64, 8, 3), (32, 32, 8, 3)])},
+    "sm90": {"b64": _configs([(16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3)]),
+             "b128": _configs([(16, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3)]),
+             "b256": _configs([(16, 32, 4, 3), (16, 64, 8, 3), (32, 64, 8, 3)])},
+    "interpreter": _configs([(16, 32, 4, 1)]),
+}
+# The dh kernel reduces over d inside one row block, so its tiles may be tuned (like the LoRA
+# dY kernel); the dX kernel sums over rows, so its tiles are fixed (see the module docstring).
+BACKWARD_DH_CONFIGS = FORWARD_CONFIGS
+BACKWARD_DX_TILES = {  # (BLOCK_M, BLOCK_D, num_warps, num_stages) by bottleneck tile
+    "sm80": {"b64": (64, 64, 8, 3), "b128": (32, 32, 8, 3), "b256": (32, 16, 8, 2)},
+    "sm90": {"b64": (64, 64, 8, 3), "b128": (32, 32, 8, 3), "b256": (32, 16, 8, 2)},
+    "interpreter": {"b64": (16, 16, 4, 1), "b128": (16, 16, 4, 1), "b256": (16, 16, 4, 1)},
+}
+ROWS_PER_SLICE = 1024  # the dX kernel's row slices: at least this many rows each …
+TARGET_PROGRAMS = 256  # … and no more slices than it takes to reach this many programs
+
+
+def _by_bottleneck(per_target: dict) -> dict | None:
+    """Autotune pruning to the list of the launch's bottleneck tile (BLOCK_B)."""
+    entry = per_target[current_target()]
+    if not isinstance(entry, dict):
+        return None
+    ids = {cls: {id(c) for c in configs} for cls, configs in entry.items()}
+    return {"early_config_prune": lambda configs, named_args, **kw: [
+        c for c in configs if id(c) in ids[_size_class(kw["BLOCK_B"])]]}
+
+
+@triton.jit
+def activation(h, ACTIVATION: tl.constexpr):
+    """act(h) in fp32; act(0) = 0 for all four, so padded bottleneck columns stay zero."""
+    if ACTIVATION == 0:  # relu
+        return tl.maximum(h, 0.0)
+    elif ACTIVATION == 1:  # gelu: h·Φ(h), with the exact (erf) normal CDF, as F.gelu
+        return 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    elif ACTIVATION == 2:  # gelu_tanh: tanh(u) = 2σ(2u) - 1 (Triton has no portable tanh)
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        return h * tl.sigmoid(2.0 * u)  # = 0.5·h·(1 + tanh(u))
+    else:  # silu
+        return h * tl.sigmoid(h)
+
+
+@triton.jit
+def activation_grad(h, ACTIVATION: tl.constexpr):
+    """act′(h) in fp32 (relu′(0) = 0, as PyTorch)."""
+    if ACTIVATION == 0:
+        return tl.where(h > 0.0, 1.0, 0.0)
+    elif ACTIVATION == 1:  # Φ(h) + h·φ(h)
+        cdf = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
+        return cdf + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
+    elif ACTIVATION == 2:  # ½(1 + t) + ½·h·(1 - t²)·u′ with t = tanh(u)
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+        du = 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+        return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * du
+    else:  # σ(h)·(1 + h·(1 - σ(h)))
+        sig = tl.sigmoid(h)
+        return sig * (1.0 + h * (1.0 - sig))
+
+
+@triton.autotune(configs=configs_for_this_target(FORWARD_CONFIGS), prune_configs_by=_by_bottleneck(FORWARD_CONFIGS),
+                 key=["M_BUCKET", "D", "BOTTLENECK", "HAS_DROPOUT", "SAVE_H", "ACTIVATION"])
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed per step must not trigger a recompile
+def _bottleneck_adapter_forward_kernel(
+    X, W_DOWN, B_DOWN, W_UP, B_UP, Y, H, M, D, BOTTLENECK, M_BUCKET,
+    stride_xm, stride_xd, stride_down_b, stride_down_d, stride_up_d, stride_up_b,
+    scaling, seed, dropout_p, keep_scale,
+    ACTIVATION: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, SAVE_H: tl.constexpr, BLOCK_B: tl.constexpr,
+    WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Y = X + s·drop(act(X·W_downᵀ + b_down)·W_upᵀ + b_up) for one block of rows; H = the
+    pre-activation (fp32) when SAVE_H."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_m.to(tl.int64)
+    m_mask = offs_m < M
+    b_mask = offs_b < BOTTLENECK
+    x_row_ptrs = X + rows[:, None] * stride_xm
+
+    # Phase 1: h = x·W_downᵀ over the whole row, in registers.
+    h = tl.zeros([BLOCK_M, BLOCK_B], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = (d0 + offs_d).to(tl.int64)
+        d_mask = (d0 + offs_d) < D
+        # evict_last: phase 2 reads these rows again, and should find them in L2.
+        x = tl.load(x_row_ptrs + cols[None, :] * stride_xd, mask=m_mask[:, None] & d_mask[None, :], other=0.0,
+                    eviction_policy="evict_last")
+        w_down_t = tl.load(W_DOWN + offs_b[None, :] * stride_down_b + cols[:, None] * stride_down_d,
+                           mask=d_mask[:, None] & b_mask[None, :], other=0.0)
+        h = mma(x, w_down_t, h, WIDEN_BF16_DOT, DOT_PRECISION)
+    if HAS_DOWN_BIAS:
+        h += tl.load(B_DOWN + offs_b, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+    if SAVE_H:
+        tl.store(H + rows[:, None] * BOTTLENECK + offs_b[None, :], h, mask=m_mask[:, None] & b_mask[None, :])
+    # act(h) meets the tensor cores in x's dtype: its one rounding on the way to y.
+    act = activation(h, ACTIVATION).to(X.dtype.element_ty)
+
+    # Phase 2: y = x + s·drop(act·W_upᵀ + b_up), one column block at a time.
+    for d0 in range(0, D, BLOCK_D):
+        cols = (d0 + offs_d).to(tl.int64)
+        d_mask = (d0 + offs_d) < D
+        w_up_t = tl.load(W_UP + cols[None, :] * stride_up_d + offs_b[:, None] * stride_up_b,
+                         mask=b_mask[:, None] & d_mask[None, :], other=0.0)
+        z = mma(act, w_up_t, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), WIDEN_BF16_DOT, DOT_PRECISION)
+        if HAS_UP_BIAS:
+            z += tl.load(B_UP + cols, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_DROPOUT:
+            z = tl.where(_dropout_keep(seed, rows, d0, D, dropout_p, BLOCK_M, BLOCK_D), z * keep_scale, 0.0)
+        io_mask = m_mask[:, None] & d_mask[None, :]
+        x = tl.load(x_row_ptrs + cols[None, :] * stride_xd, mask=io_mask, other=0.0, eviction_policy="evict_first")
+        y = x.to(tl.float32) + scaling * z
+        tl.store(Y + rows[:, None] * D + cols[None, :], y.to(Y.dtype.element_ty), mask=io_mask)
+
+
+@triton.autotune(configs=configs_for_this_target(BACKWARD_DH_CONFIGS),
+                 prune_configs_by=_by_bottleneck(BACKWARD_DH_CONFIGS),
+                 key=["M_BUCKET", "D", "BOTTLENECK", "HAS_DROPOUT", "ACTIVATION"])
+@triton.jit(do_not_specialize=["seed"])
+def _bottleneck_adapter_backward_dh_kernel(
+    DY, W_UP, H, DH, M, D, BOTTLENECK, M_BUCKET,
+    stride_dym, stride_dyd, stride_up_d, stride_up_b,
+    branch_scale, seed, dropout_p,
+    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_B: tl.constexpr,
+    WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """DH[M, m] (fp32) = branch_scale·((dY⊙keep)·W_up)⊙act′(H), branch_scale = s/(1-p)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_m.to(tl.int64)
+    m_mask = offs_m < M
+    b_mask = offs_b < BOTTLENECK
+    grad_act = tl.zeros([BLOCK_M, BLOCK_B], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = (d0 + offs_d).to(tl.int64)
+        d_mask = (d0 + offs_d) < D
+        dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyd,
+                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        if HAS_DROPOUT:
+            dy = tl.where(_dropout_keep(seed, rows, d0, D, dropout_p, BLOCK_M, BLOCK_D), dy, 0.0)  # exact
+        w_up = tl.load(W_UP + cols[:, None] * stride_up_d + offs_b[None, :] * stride_up_b,
+                       mask=d_mask[:, None] & b_mask[None, :], other=0.0)
+        grad_act = mma(dy, w_up, grad_act, WIDEN_BF16_DOT, DOT_PRECISION)
+    h_ptrs = rows[:, None] * BOTTLENECK + offs_b[None, :]
+    hb_mask = m_mask[:, None] & b_mask[None, :]
+    h = tl.load(H + h_ptrs, mask=hb_mask, other=0.0)
+    tl.store(DH + h_ptrs, branch_scale * grad_act * activation_grad(h, ACTIVATION), mask=hb_mask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _bottleneck_adapter_backward_dx_kernel(
+    DY, X, H, DH, W_DOWN, DX, DW_DOWN_PARTIAL, DW_UP_PARTIAL, DB_UP_PARTIAL,
+    M, D, BOTTLENECK, rows_per_slice,
+    stride_dym, stride_dyd, stride_xm, stride_xd, stride_down_b, stride_down_d,
+    seed, dropout_p,
+    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    BLOCK_B: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """For the columns of program_id(0) and the rows of slice program_id(1):
+    DX = dY + DH·W_down, and the slice's partials DW_DOWN = DHᵀ·X, DW_UP = (dY⊙keep)ᵀ·act(H),
+    DB_UP = Σ dY⊙keep (the launcher applies s/(1-p) to the last two)."""
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_r = tl.arange(0, BLOCK_M)
+    cols = offs_d.to(tl.int64)
+    d_mask = offs_d < D
+    b_mask = offs_b < BOTTLENECK
+    dtype = X.dtype.element_ty
+    # W_down[:, cols] stays in registers for every row of the slice.
+    w_down = tl.load(W_DOWN + offs_b[:, None] * stride_down_b + cols[None, :] * stride_down_d,
+                     mask=b_mask[:, None] & d_mask[None, :], other=0.0)
+    dw_down = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    dw_up = tl.zeros([BLOCK_D, BLOCK_B], dtype=tl.float32)
+    db_up = tl.zeros([BLOCK_D], dtype=tl.float32)
+    row_start = pid_s.to(tl.int64) * rows_per_slice
+    row_end = tl.minimum(row_start + rows_per_slice, M)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + offs_r
+        m_mask = rows < row_end
+        io_mask = m_mask[:, None] & d_mask[None, :]
+        hb_mask = m_mask[:, None] & b_mask[None, :]
+        # Rows past the slice load as zero (not wrapped): they must add nothing to the sums.
+        dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyd, mask=io_mask, other=0.0)
+        dh = tl.load(DH + rows[:, None] * BOTTLENECK + offs_b[None, :], mask=hb_mask, other=0.0).to(dtype)
+        if COMPUTE_DX:
+            dx = mma(dh, w_down, dy.to(tl.float32), WIDEN_BF16_DOT, DOT_PRECISION)
+            tl.store(DX + rows[:, None] * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=io_mask)
+        if COMPUTE_DW:
+            x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=io_mask, other=0.0)
+            dw_down = mma(tl.trans(dh), x, dw_down, WIDEN_BF16_DOT, DOT_PRECISION)
+            h = tl.load(H + rows[:, None] * BOTTLENECK + offs_b[None, :], mask=hb_mask, other=0.0)
+            act = activation(h, ACTIVATION).to(dtype)  # as the forward fed it to W_up
+            if HAS_DROPOUT:
+                dy = tl.where(_dropout_keep(seed, rows, pid_d * BLOCK_D, D, dropout_p, BLOCK_M, BLOCK_D), dy, 0.0)
+            dw_up = mma(tl.trans(dy), act, dw_up, WIDEN_BF16_DOT, DOT_PRECISION)
+            db_up += tl.sum(dy.to(tl.float32), axis=0)
+    if COMPUTE_DW:
+        slice_base = pid_s.to(tl.int64) * BOTTLENECK * D
+        tl.store(DW_DOWN_PARTIAL + slice_base + offs_b[:, None] * D + cols[None, :], dw_down,
+                 mask=b_mask[:, None] & d_mask[None, :])
+        tl.store(DW_UP_PARTIAL + slice_base + cols[:, None] * BOTTLENECK + offs_b[None, :], dw_up,
+                 mask=d_mask[:, None] & b_mask[None, :])
+        tl.store(DB_UP_PARTIAL + pid_s.to(tl.int64) * D + cols, db_up, mask=d_mask)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers. Inputs are validated by peft_ops.bottleneck_adapter; these only shape,
+# allocate and launch. x and dy are 2-D [M, d] with any strides.
+# --------------------------------------------------------------------------------------
+
+def _flags(x: torch.Tensor, bottleneck_size: int, activation_name: str, dropout_p: float) -> dict:
+    flags = dot_flags(x.dtype)
+    del flags["RANK_FP32"]  # one dtype for every operand here
+    return {**flags, "ACTIVATION": ACTIVATIONS.index(activation_name), "HAS_DROPOUT": dropout_p > 0,
+            "BLOCK_B": block_bottleneck(bottleneck_size)}
+
+
+def forward(x, down_weight, down_bias, up_weight, up_bias, activation_name: str, scaling: float,
+            dropout_p: float, seed: int, save_h: bool):
+    """(y [M, d] in x's dtype, h [M, m] fp32 or None unless save_h)."""
+    M, D = x.shape
+    B = down_weight.shape[0]
+    y = torch.empty((M, D), device=x.device, dtype=x.dtype)
+    h = torch.empty((M, B), device=x.device, dtype=torch.float32) if save_h else None
+    if M == 0:
+        return y, h
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)  # noqa: E731
+    with launch_guard(x, down_weight, up_weight):
+        _bottleneck_adapter_forward_kernel[grid](
+            x, down_weight, down_bias if down_bias is not None else y, up_weight,
+            up_bias if up_bias is not None else y, y, h if save_h else y, M, D, B, m_bucket(M),
+            x.stride(0), x.stride(1), down_weight.stride(0), down_weight.stride(1),
+            up_weight.stride(0), up_weight.stride(1),
+            float(scaling), seed, dropout_p, 1.0 / (1.0 - dropout_p),
+            HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None, SAVE_H=save_h,
+            **_flags(x, B, activation_name, dropout_p),
+        )
+    return y, h
+
+
+def row_slices(M: int, D: int, block_m: int, block_d: int) -> tuple[int, int]:
+    """(slices, rows per slice) of the dX kernel: a function of the shapes only, so the
+    summation order of the parameter gradients is fixed. Rows per slice are whole row blocks."""
+    col_blocks = triton.cdiv(D, block_d)
+    slices = max(1, min(triton.cdiv(M, ROWS_PER_SLICE), triton.cdiv(TARGET_PROGRAMS, col_blocks)))
+    rows_per_slice = triton.cdiv(triton.cdiv(M, slices), block_m) * block_m
+    return triton.cdiv(M, rows_per_slice), rows_per_slice
+
+
+def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: float, dropout_p: float,
+             seed: int, need_dx: bool, need_dw: bool):
+    """(dx, dW_down, db_down, dW_up, db_up): dx in x's dtype (None unless need_dx), the
+    parameter gradients fp32 (None unless need_dw); the caller casts and drops what it needs not.
+
+    dz = s/(1-p)·dY⊙keep,  dh = (dz·W_up)⊙act′(h)
+    dx = dY + dh·W_down,  dW_down = dhᵀ·x,  db_down = Σ dh,  dW_up = dzᵀ·act(h),  db_up = Σ dz
+    """
+    M, D = x.shape
+    B = down_weight.shape[0]
+    device = x.device
+    branch_scale = scaling / (1.0 - dropout_p)
+    flags = _flags(x, B, activation_name, dropout_p)
+    dx = torch.empty((M, D), device=device, dtype=x.dtype) if need_dx else None
+    if M == 0 or not (need_dx or need_dw):
+        zeros = (lambda *shape: torch.zeros(shape, device=device)) if need_dw else (lambda *shape: None)
+        return dx, zeros(B, D), zeros(B), zeros(D, B), zeros(D)
+    dh = torch.empty((M, B), device=device, dtype=torch.float32)
+    block_m, block_d, warps, stages = BACKWARD_DX_TILES[current_target()][_size_class(flags["BLOCK_B"])]
+    slices, rows_per_slice = row_slices(M, D, block_m, block_d)
+    if need_dw:
+        dw_down_partial = torch.empty((slices, B, D), device=device, dtype=torch.float32)
+        dw_up_partial = torch.empty((slices, D, B), device=device, dtype=torch.float32)
+        db_up_partial = torch.empty((slices, D), device=device, dtype=torch.float32)
+    else:
+        dw_down_partial = dw_up_partial = db_up_partial = dh  # not written
+    with launch_guard(dy, x, down_weight, up_weight):
+        grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)  # noqa: E731
+        _bottleneck_adapter_backward_dh_kernel[grid](
+            dy, up_weight, h, dh, M, D, B, m_bucket(M),
+            dy.stride(0), dy.stride(1), up_weight.stride(0), up_weight.stride(1),
+            branch_scale, seed, dropout_p, **flags,
+        )
+        _bottleneck_adapter_backward_dx_kernel[(triton.cdiv(D, block_d), slices)](
+            dy, x, h, dh, down_weight, dx if need_dx else dy, dw_down_partial, dw_up_partial, db_up_partial,
+            M, D, B, rows_per_slice,
+            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), down_weight.stride(0), down_weight.stride(1),
+            seed, dropout_p, COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, BLOCK_M=block_m, BLOCK_D=block_d,
+            num_warps=warps, num_stages=stages, **flags,
+        )
+    if not need_dw:
+        return dx, None, None, None, None
+    # Slice partials summed in slice order: deterministic.
+    return (dx, dw_down_partial.sum(dim=0), dh.sum(dim=0), dw_up_partial.sum(dim=0).mul_(branch_scale),
+            db_up_partial.sum(dim=0).mul_(branch_scale))
+
+
+def compile_specs(target: str) -> list:
+    """Every kernel of this file at every config of `target`, in bf16 and fp32, at the
+    heaviest bottleneck tile of each size class, with dropout, biases and all gradients."""
+    from ._common import KernelBuild
+
+    plain = ("M", "seed", "rows_per_slice")
+    specs = []
+    for dt in ("bf16", "fp32"):
+        for size_class, block_b in (("b64", 64), ("b128", 128), ("b256", 256)):
+            common = dict(BLOCK_B=block_b, WIDEN_BF16_DOT=False, DOT_PRECISION="tf32x3", ACTIVATION=1,
+                          HAS_DROPOUT=True)
+            variant = f"{dt}, m≤{block_b}"
+            for cfg in FORWARD_CONFIGS[target][size_class]:
+                specs.append(KernelBuild(
+                    f"bottleneck_adapter_forward [{variant}]", _bottleneck_adapter_forward_kernel, cfg,
+                    dict(X=dt, W_DOWN=dt, B_DOWN=dt, W_UP=dt, B_UP=dt, Y=dt, H="fp32"),
+                    {**common, "HAS_DOWN_BIAS": True, "HAS_UP_BIAS": True, "SAVE_H": True},
+                    unit_strides=("stride_xd", "stride_down_d", "stride_up_b"),
+                    float_args=("scaling", "dropout_p", "keep_scale"), plain_ints=plain))
+            for cfg in BACKWARD_DH_CONFIGS[target][size_class]:
+                specs.append(KernelBuild(
+                    f"bottleneck_adapter_backward_dh [{variant}]", _bottleneck_adapter_backward_dh_kernel, cfg,
+                    dict(DY=dt, W_UP=dt, H="fp32", DH="fp32"), common,
+                    unit_strides=("stride_dyd", "stride_up_b"), float_args=("branch_scale", "dropout_p"),
+                    plain_ints=plain))
+            bm, bd, warps, stages = BACKWARD_DX_TILES[target][size_class]
+            specs.append(KernelBuild(
+                f"bottleneck_adapter_backward_dx [{variant}]", _bottleneck_adapter_backward_dx_kernel,
+                triton.Config(dict(BLOCK_M=bm, BLOCK_D=bd), num_warps=warps, num_stages=stages),
+                dict(DY=dt, X=dt, H="fp32", DH="fp32", W_DOWN=dt, DX=dt, DW_DOWN_PARTIAL="fp32",
+                     DW_UP_PARTIAL="fp32", DB_UP_PARTIAL="fp32"),
+                {**common, "COMPUTE_DX": True, "COMPUTE_DW": True},
+                unit_strides=("stride_dyd", "stride_xd", "stride_down_d"), float_args=("dropout_p",),
+                plain_ints=plain))
+    return specs

@@ -1,0 +1,186 @@
+"""The bottleneck adapter op: ``bottleneck_adapter`` and its autograd Function over the Triton
+or PyTorch path."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from . import _checks, reference
+from .backend import resolve
+from .lora import _draw_seed, _mm32, torch_keep_mask
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+KERNEL_MAX_BOTTLENECK = 256  # kernels/bottleneck_adapter.py holds the bottleneck in registers up to here
+
+
+def check_activation(activation: object) -> str:
+    if not isinstance(activation, str):
+        raise TypeError(f"activation must be a str, one of {ACTIVATIONS}; got {type(activation).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
+    return activation
+
+
+def _check_adapter_args(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p):
+    """Validate every argument of bottleneck_adapter; returns (scaling, dropout_p) as floats."""
+    _checks.tensor("x", x, min_ndim=1)
+    _checks.float_dtype("x", x)
+    _checks.tensor("down_weight", down_weight, ndim=2)
+    _checks.tensor("up_weight", up_weight, ndim=2)
+    _checks.optional_tensor("down_bias", down_bias, ndim=1)
+    _checks.optional_tensor("up_bias", up_bias, ndim=1)
+    check_activation(activation)
+    scaling = _checks.real_number("scaling", scaling)
+    dropout_p = _checks.probability("dropout_p", dropout_p)
+    hidden = x.shape[-1]
+    bottleneck = down_weight.shape[0]
+    if hidden == 0 or bottleneck == 0:
+        raise ValueError(f"down_weight has shape {tuple(down_weight.shape)} and x {tuple(x.shape)}: the hidden "
+                         "size and the bottleneck size must be ≥ 1")
+    if down_weight.shape[1] != hidden:
+        raise ValueError(f"down_weight must be [bottleneck_size, hidden_size] with hidden_size = x.shape[-1] = "
+                         f"{hidden}, got {tuple(down_weight.shape)}")
+    if tuple(up_weight.shape) != (hidden, bottleneck):
+        raise ValueError(f"up_weight must be [hidden_size, bottleneck_size] = [{hidden}, {bottleneck}], "
+                         f"got {tuple(up_weight.shape)}")
+    if down_bias is not None and tuple(down_bias.shape) != (bottleneck,):
+        raise ValueError(f"down_bias must be [bottleneck_size] = [{bottleneck}], got {tuple(down_bias.shape)}")
+    if up_bias is not None and tuple(up_bias.shape) != (hidden,):
+        raise ValueError(f"up_bias must be [hidden_size] = [{hidden}], got {tuple(up_bias.shape)}")
+    named = {"down_weight": down_weight, "down_bias": down_bias, "up_weight": up_weight, "up_bias": up_bias}
+    for name, t in named.items():
+        if t is not None:
+            _checks.same_dtype(name, t, "x", x)
+    _checks.same_device({"x": x, **named})
+    return scaling, dropout_p
+
+
+def activation_fp32(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(h) for fp32 h, as the kernels compute it."""
+    if activation == "relu":
+        return F.relu(h)
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    return F.silu(h)
+
+
+def activation_grad_fp32(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """act′(h) for fp32 h (relu′(0) = 0, as PyTorch)."""
+    if activation == "relu":
+        return (h > 0).to(h.dtype)
+    if activation == "gelu":
+        return 0.5 * (1.0 + torch.erf(h * 0.5**0.5)) + h * torch.exp(-0.5 * h * h) * (2 * torch.pi) ** -0.5
+    if activation == "gelu_tanh":
+        c = (2 / torch.pi) ** 0.5
+        t = torch.tanh(c * (h + 0.044715 * h**3))
+        return 0.5 * (1 + t) + 0.5 * h * (1 - t * t) * c * (1 + 3 * 0.044715 * h * h)
+    sig = torch.sigmoid(h)
+    return sig * (1 + h * (1 - sig))
+
+
+class TorchBottleneckOps:
+    """The PyTorch path: the kernels' steps, roundings and saved tensors in PyTorch ops (fp32
+    accumulation; act(h) and dh rounded to the compute dtype as the tensor cores' operands;
+    each output rounded once). Same signatures as the launchers of
+    ``peft_ops.kernels.bottleneck_adapter``."""
+
+    @staticmethod
+    def forward(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p, seed, save_h):
+        h = _mm32(x, down_weight.t())
+        if down_bias is not None:
+            h += down_bias
+        z = _mm32(activation_fp32(h, activation).to(x.dtype), up_weight.t())
+        if up_bias is not None:
+            z += up_bias
+        if dropout_p > 0:
+            z = torch.where(torch_keep_mask(seed, *x.shape, dropout_p, x.device), z * (1.0 / (1.0 - dropout_p)), 0.0)
+        return (x.float() + scaling * z).to(x.dtype), (h if save_h else None)
+
+    @staticmethod
+    def backward(dy, x, h, down_weight, up_weight, activation, scaling, dropout_p, seed, need_dx, need_dw):
+        branch_scale = scaling / (1.0 - dropout_p)
+        dy_kept = dy
+        if dropout_p > 0:
+            dy_kept = torch.where(torch_keep_mask(seed, *x.shape, dropout_p, x.device), dy, 0.0)
+        dh = (branch_scale * _mm32(dy_kept, up_weight)) * activation_grad_fp32(h, activation)
+        dh_operand = dh.to(x.dtype)
+        dx = (dy.float() + _mm32(dh_operand, down_weight)).to(x.dtype) if need_dx else None
+        if not need_dw:
+            return dx, None, None, None, None
+        act = activation_fp32(h, activation).to(x.dtype)
+        return (dx, _mm32(dh_operand.t(), x), dh.sum(dim=0), _mm32(dy_kept.t(), act).mul_(branch_scale),
+                dy_kept.float().sum(dim=0).mul_(branch_scale))
+
+
+def _kernel_ops():
+    from .kernels import bottleneck_adapter as adapter_kernels  # late: TRITON_INTERPRET must be set first
+
+    return adapter_kernels
+
+
+class BottleneckAdapterFunction(torch.autograd.Function):
+    """y = x + s·drop(act(x·W_downᵀ + b_down)·W_upᵀ + b_up), drop(z) = z⊙keep/(1-p).
+
+    Forward:  h = x·W_downᵀ + b_down       [M, m], fp32
+              y = x + s·drop(act(h)·W_upᵀ + b_up)
+    Backward, with dz = s·dY⊙keep/(1-p) (the gradient at the branch's output):
+              dh      = (dz·W_up) ⊙ act′(h)
+              dX      = dY + dh·W_down     (the residual passes dY through)
+              dW_up   = dzᵀ·act(h)          db_up   = Σ_M dz
+              dW_down = dhᵀ·x               db_down = Σ_M dh
+    Saved: x itself (no copy), h [M, m] fp32 — act(h) and act′(h) are recomputed from it, which
+    costs m FLOPs per row against the M×m bytes a second saved tensor would take — the two
+    weights, and the dropout seed as an int (the mask is regenerated, never stored).
+    """
+
+    @staticmethod
+    def forward(ctx, x, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p, ops):
+        x2d = x.reshape(-1, x.shape[-1])  # a view unless x's strides forbid one
+        seed = _draw_seed() if dropout_p > 0 else 0
+        y, h = ops.forward(x2d, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p, seed,
+                           save_h=any(ctx.needs_input_grad[:5]))
+        ctx.save_for_backward(x, down_weight, up_weight, h)
+        ctx.activation, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.ops = activation, scaling, dropout_p, seed, ops
+        return y.view(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, down_weight, up_weight, h = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]
+        need_dw = any(ctx.needs_input_grad[1:5])
+        x2d = x.reshape(-1, x.shape[-1])
+        dx, dw_down, db_down, dw_up, db_up = ctx.ops.backward(
+            dy.reshape(x2d.shape), x2d, h, down_weight, up_weight, ctx.activation, ctx.scaling, ctx.dropout_p,
+            ctx.seed, need_dx, need_dw)
+        grads = [dx.view(x.shape) if dx is not None else None]
+        for needed, grad in zip(ctx.needs_input_grad[1:5], (dw_down, db_down, dw_up, db_up)):
+            grads.append(grad.to(x.dtype) if needed else None)
+        return (*grads, None, None, None, None)
+
+
+def bottleneck_adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None,
+                       up_weight: torch.Tensor, up_bias: torch.Tensor | None, activation: str = "relu",
+                       scaling: float = 1.0, dropout_p: float = 0.0) -> torch.Tensor:
+    """``x + scaling·dropout(act(x·down_weightᵀ + down_bias)·up_weightᵀ + up_bias)``, fused.
+
+    x [..., d] (any leading dims, any strides); down_weight [m, d], down_bias [m] or None,
+    up_weight [d, m], up_bias [d] or None, all in x's dtype (fp32, fp16 or bf16); activation
+    "relu", "gelu" (erf), "gelu_tanh" or "silu". ``dropout_p`` applies inverted dropout to the
+    adapter branch before the residual sum. Returns [..., d] in x's dtype; gradients flow to
+    every input that requires grad.
+    """
+    scaling, dropout_p = _check_adapter_args(x, down_weight, down_bias, up_weight, up_bias, activation, scaling,
+                                             dropout_p)
+    impl = resolve(x.device)
+    if impl == "reference":
+        return reference.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, activation, scaling,
+                                            dropout_p)
+    use_kernels = impl == "triton" and down_weight.shape[0] <= KERNEL_MAX_BOTTLENECK
+    ops = _kernel_ops() if use_kernels else TorchBottleneckOps
+    return BottleneckAdapterFunction.apply(x, down_weight, down_bias, up_weight, up_bias, activation, scaling,
+                                           dropout_p, ops)
