@@ -32,10 +32,10 @@ Design, from a cost model (bf16, M = 8192, d = 4096, m = 64):
 - Dropout (on the branch output, before the residual) reuses the LoRA kernels' Philox mask: a
   pure function of (seed, row, column), regenerated in the backward, never stored.
 - Offsets along M (and the strides they multiply) are int64: M·d passes 2³¹ at long sequences.
-- Bottleneck sizes up to peft_ops.adapter.KERNEL_MAX_BOTTLENECK (256) run here: h, act(h), dh and the dW
-  accumulators are register tiles m wide. Beyond that the op is no longer memory-bound
-  (≥ 256 FLOP/byte, at or past the ridge of an A100/H100/H200) and peft_ops runs its PyTorch
-  path (cuBLAS GEMMs) instead.
+- Bottleneck sizes up to peft_ops.adapter.KERNEL_MAX_BOTTLENECK run here (256 in fp16/bf16,
+  128 in fp32): h, act(h), dh and the dW accumulators are register tiles m wide, and wider
+  ones spilled (ptxas). Past that the op nears compute-bound (m FLOP/byte against a ridge of
+  ≈ 150–300 on an A100/H100/H200) and peft_ops runs its PyTorch path (cuBLAS GEMMs) instead.
 """
 
 from __future__ import annotations
@@ -54,45 +54,76 @@ def block_bottleneck(bottleneck_size: int) -> int:
     return max(16, triton.next_power_of_2(bottleneck_size))
 
 
-def _size_class(block_b: int) -> str:
-    return "b64" if block_b <= 64 else f"b{block_b}"
+def tile_family(dtype: torch.dtype, block_b: int) -> str:
+    """Key of the tile tables: operand family ("half" or "fp32": tf32x3 dots split every fp32
+    operand in two) / bottleneck tile class (the h, act(h) and dW tiles grow with it)."""
+    return ("fp32" if dtype == torch.float32 else "half") + "/" + ("b64" if block_b <= 64 else f"b{block_b}")
 
 
 def _configs(rows):
     return [triton.Config(dict(BLOCK_M=bm, BLOCK_D=bd), num_warps=w, num_stages=s) for bm, bd, w, s in rows]
 
 
-# Forward autotune lists per target, by bottleneck tile (the h and act(h) tiles grow with it,
-# so the row block shrinks); `peft-ops compile` proves every one spill-free in bf16 and fp32.
+# Autotune lists (BLOCK_M, BLOCK_D, warps, stages) per target and tile family; `peft-ops
+# compile` proves every one spill-free. fp32 stops at m ≤ 128 (KERNEL_MAX_BOTTLENECK).
 FORWARD_CONFIGS = {
-    "sm80": {"b64": _configs([(16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3), (16, 64, 4, 4)]),
-             "b128": _configs([(16, 64, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3)]),
-             "b256": _configs([(16, 32, 4, 3), (16, 64, 8, 3), (32, 32, 8, 3)])},
-    "sm90": {"b64": _configs([(16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3)]),
-             "b128": _configs([(16, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3)]),
-             "b256": _configs([(16, 32, 4, 3), (16, 64, 8, 3), (32, 64, 8, 3)])},
+    "sm80": {"half/b64": _configs([(16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3), (16, 64, 4, 4)]),
+             "half/b128": _configs([(16, 64, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3)]),
+             "half/b256": _configs([(16, 32, 4, 3), (16, 64, 8, 3), (32, 32, 8, 3)]),
+             "fp32/b64": _configs([(16, 32, 4, 3), (32, 32, 8, 3)]),
+             "fp32/b128": _configs([(16, 32, 4, 3), (16, 32, 8, 3), (16, 64, 8, 3)])},
+    "sm90": {"half/b64": _configs([(16, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3)]),
+             "half/b128": _configs([(16, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3)]),
+             "half/b256": _configs([(16, 32, 4, 3), (16, 64, 8, 3), (32, 64, 8, 3)]),
+             "fp32/b64": _configs([(16, 32, 4, 3), (32, 32, 8, 3), (64, 64, 8, 3)]),
+             "fp32/b128": _configs([(16, 32, 4, 3), (16, 32, 8, 3), (16, 64, 8, 3)])},
     "interpreter": _configs([(16, 32, 4, 1)]),
 }
 # The dh kernel reduces over d inside one row block, so its tiles may be tuned (like the LoRA
 # dY kernel); the dX kernel sums over rows, so its tiles are fixed (see the module docstring).
-BACKWARD_DH_CONFIGS = FORWARD_CONFIGS
-BACKWARD_DX_TILES = {  # (BLOCK_M, BLOCK_D, num_warps, num_stages) by bottleneck tile
-    "sm80": {"b64": (64, 64, 8, 3), "b128": (32, 32, 8, 3), "b256": (32, 16, 8, 2)},
-    "sm90": {"b64": (64, 64, 8, 3), "b128": (32, 32, 8, 3), "b256": (32, 16, 8, 2)},
-    "interpreter": {"b64": (16, 16, 4, 1), "b128": (16, 16, 4, 1), "b256": (16, 16, 4, 1)},
+BACKWARD_DH_CONFIGS = {
+    "sm80": {"half/b64": _configs([(16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3), (16, 64, 4, 4)]),
+             "half/b128": _configs([(16, 64, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3)]),
+             "half/b256": _configs([(16, 32, 4, 3), (16, 64, 8, 3), (32, 32, 8, 3)]),
+             "fp32/b64": _configs([(16, 128, 4, 3), (32, 64, 4, 3), (16, 64, 4, 4)]),
+             "fp32/b128": _configs([(16, 64, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3)])},
+    "sm90": {"half/b64": _configs([(16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3)]),
+             "half/b128": _configs([(16, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3)]),
+             "half/b256": _configs([(16, 32, 4, 3), (16, 64, 8, 3), (32, 64, 8, 3)]),
+             "fp32/b64": _configs([(16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3)]),
+             "fp32/b128": _configs([(16, 64, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3)])},
+    "interpreter": _configs([(16, 32, 4, 1)]),
+}
+# The dX kernel's fixed tiles: one launch computing dX and the parameter gradients, or — where
+# that one launch spilled (ptxas) — a dX launch and a parameter-gradient launch ("dx", "dw"),
+# which costs one more read of dY.
+_ONE = (16, 16, 4, 1)
+BACKWARD_DX_TILES = {
+    "sm80": {"half/b64": (32, 32, 8, 3), "half/b128": (16, 32, 8, 3),
+             "half/b256": {"dx": (32, 64, 8, 3), "dw": (16, 32, 8, 2)},
+             "fp32/b64": (32, 32, 8, 2), "fp32/b128": (16, 16, 8, 2)},
+    "sm90": {"half/b64": (64, 64, 8, 3), "half/b128": (32, 32, 8, 3), "half/b256": (32, 16, 8, 2),
+             "fp32/b64": (32, 32, 8, 2), "fp32/b128": (16, 16, 8, 2)},
+    # the split variant here too, so that the CPU tests run it
+    "interpreter": {"half/b64": _ONE, "half/b128": _ONE, "half/b256": {"dx": _ONE, "dw": _ONE},
+                    "fp32/b64": _ONE, "fp32/b128": _ONE},
 }
 ROWS_PER_SLICE = 1024  # the dX kernel's row slices: at least this many rows each …
 TARGET_PROGRAMS = 256  # … and no more slices than it takes to reach this many programs
 
 
-def _by_bottleneck(per_target: dict) -> dict | None:
-    """Autotune pruning to the list of the launch's bottleneck tile (BLOCK_B)."""
+def _by_tile_family(per_target: dict) -> dict | None:
+    """Autotune pruning to the list of the launch's tile family."""
     entry = per_target[current_target()]
     if not isinstance(entry, dict):
         return None
-    ids = {cls: {id(c) for c in configs} for cls, configs in entry.items()}
-    return {"early_config_prune": lambda configs, named_args, **kw: [
-        c for c in configs if id(c) in ids[_size_class(kw["BLOCK_B"])]]}
+    ids = {family: {id(c) for c in configs} for family, configs in entry.items()}
+
+    def prune(configs, named_args, **kwargs):
+        family = tile_family(named_args["X" if "X" in named_args else "DY"].dtype, kwargs["BLOCK_B"])
+        return [c for c in configs if id(c) in ids[family]]
+
+    return {"early_config_prune": prune}
 
 
 @triton.jit
@@ -127,7 +158,7 @@ def activation_grad(h, ACTIVATION: tl.constexpr):
         return sig * (1.0 + h * (1.0 - sig))
 
 
-@triton.autotune(configs=configs_for_this_target(FORWARD_CONFIGS), prune_configs_by=_by_bottleneck(FORWARD_CONFIGS),
+@triton.autotune(configs=configs_for_this_target(FORWARD_CONFIGS), prune_configs_by=_by_tile_family(FORWARD_CONFIGS),
                  key=["M_BUCKET", "D", "BOTTLENECK", "HAS_DROPOUT", "SAVE_H", "ACTIVATION"])
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed per step must not trigger a recompile
 def _bottleneck_adapter_forward_kernel(
@@ -185,7 +216,7 @@ def _bottleneck_adapter_forward_kernel(
 
 
 @triton.autotune(configs=configs_for_this_target(BACKWARD_DH_CONFIGS),
-                 prune_configs_by=_by_bottleneck(BACKWARD_DH_CONFIGS),
+                 prune_configs_by=_by_tile_family(BACKWARD_DH_CONFIGS),
                  key=["M_BUCKET", "D", "BOTTLENECK", "HAS_DROPOUT", "ACTIVATION"])
 @triton.jit(do_not_specialize=["seed"])
 def _bottleneck_adapter_backward_dh_kernel(
@@ -285,6 +316,12 @@ def _bottleneck_adapter_backward_dx_kernel(
 # --------------------------------------------------------------------------------------
 
 def _flags(x: torch.Tensor, bottleneck_size: int, activation_name: str, dropout_p: float) -> dict:
+    from ..adapter import KERNEL_MAX_BOTTLENECK
+
+    if bottleneck_size > KERNEL_MAX_BOTTLENECK[x.dtype]:
+        raise ValueError(f"bottleneck size {bottleneck_size} is wider than the kernels hold in {x.dtype} "
+                         f"({KERNEL_MAX_BOTTLENECK[x.dtype]}): use peft_ops.bottleneck_adapter, which runs the "
+                         "PyTorch path there")
     flags = dot_flags(x.dtype)
     del flags["RANK_FP32"]  # one dtype for every operand here
     return {**flags, "ACTIVATION": ACTIVATIONS.index(activation_name), "HAS_DROPOUT": dropout_p > 0,
@@ -341,9 +378,13 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
         zeros = (lambda *shape: torch.zeros(shape, device=device)) if need_dw else (lambda *shape: None)
         return dx, zeros(B, D), zeros(B), zeros(D, B), zeros(D)
     dh = torch.empty((M, B), device=device, dtype=torch.float32)
-    block_m, block_d, warps, stages = BACKWARD_DX_TILES[current_target()][_size_class(flags["BLOCK_B"])]
-    slices, rows_per_slice = row_slices(M, D, block_m, block_d)
+    tiles = BACKWARD_DX_TILES[current_target()][tile_family(x.dtype, flags["BLOCK_B"])]
+    # (tiles, computes dX, computes the parameter gradients) of each dX-kernel launch
+    launches = [(tiles, need_dx, need_dw)] if isinstance(tiles, tuple) else \
+        [(tiles["dx"], need_dx, False), (tiles["dw"], False, need_dw)]
+    dw_tiles = next(t for t, _, dw in launches if dw) if need_dw else None
     if need_dw:
+        slices = row_slices(M, D, dw_tiles[0], dw_tiles[1])[0]
         dw_down_partial = torch.empty((slices, B, D), device=device, dtype=torch.float32)
         dw_up_partial = torch.empty((slices, D, B), device=device, dtype=torch.float32)
         db_up_partial = torch.empty((slices, D), device=device, dtype=torch.float32)
@@ -356,13 +397,17 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
             dy.stride(0), dy.stride(1), up_weight.stride(0), up_weight.stride(1),
             branch_scale, seed, dropout_p, **flags,
         )
-        _bottleneck_adapter_backward_dx_kernel[(triton.cdiv(D, block_d), slices)](
-            dy, x, h, dh, down_weight, dx if need_dx else dy, dw_down_partial, dw_up_partial, db_up_partial,
-            M, D, B, rows_per_slice,
-            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), down_weight.stride(0), down_weight.stride(1),
-            seed, dropout_p, COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, BLOCK_M=block_m, BLOCK_D=block_d,
-            num_warps=warps, num_stages=stages, **flags,
-        )
+        for (block_m, block_d, warps, stages), compute_dx, compute_dw in launches:
+            if not (compute_dx or compute_dw):
+                continue
+            slices, rows_per_slice = row_slices(M, D, block_m, block_d)
+            _bottleneck_adapter_backward_dx_kernel[(triton.cdiv(D, block_d), slices)](
+                dy, x, h, dh, down_weight, dx if compute_dx else dy, dw_down_partial, dw_up_partial, db_up_partial,
+                M, D, B, rows_per_slice,
+                dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), down_weight.stride(0), down_weight.stride(1),
+                seed, dropout_p, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, BLOCK_M=block_m, BLOCK_D=block_d,
+                num_warps=warps, num_stages=stages, **flags,
+            )
     if not need_dw:
         return dx, None, None, None, None
     # Slice partials summed in slice order: deterministic.
@@ -371,37 +416,38 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
 
 
 def compile_specs(target: str) -> list:
-    """Every kernel of this file at every config of `target`, in bf16 and fp32, at the
-    heaviest bottleneck tile of each size class, with dropout, biases and all gradients."""
+    """Every kernel of this file at every config of `target`, in each tile family (bf16 for
+    "half", and fp32) at its widest bottleneck tile, with dropout, biases and all gradients."""
     from ._common import KernelBuild
 
     plain = ("M", "seed", "rows_per_slice")
     specs = []
-    for dt in ("bf16", "fp32"):
-        for size_class, block_b in (("b64", 64), ("b128", 128), ("b256", 256)):
-            common = dict(BLOCK_B=block_b, WIDEN_BF16_DOT=False, DOT_PRECISION="tf32x3", ACTIVATION=1,
-                          HAS_DROPOUT=True)
-            variant = f"{dt}, m≤{block_b}"
-            for cfg in FORWARD_CONFIGS[target][size_class]:
-                specs.append(KernelBuild(
-                    f"bottleneck_adapter_forward [{variant}]", _bottleneck_adapter_forward_kernel, cfg,
-                    dict(X=dt, W_DOWN=dt, B_DOWN=dt, W_UP=dt, B_UP=dt, Y=dt, H="fp32"),
-                    {**common, "HAS_DOWN_BIAS": True, "HAS_UP_BIAS": True, "SAVE_H": True},
-                    unit_strides=("stride_xd", "stride_down_d", "stride_up_b"),
-                    float_args=("scaling", "dropout_p", "keep_scale"), plain_ints=plain))
-            for cfg in BACKWARD_DH_CONFIGS[target][size_class]:
-                specs.append(KernelBuild(
-                    f"bottleneck_adapter_backward_dh [{variant}]", _bottleneck_adapter_backward_dh_kernel, cfg,
-                    dict(DY=dt, W_UP=dt, H="fp32", DH="fp32"), common,
-                    unit_strides=("stride_dyd", "stride_up_b"), float_args=("branch_scale", "dropout_p"),
-                    plain_ints=plain))
-            bm, bd, warps, stages = BACKWARD_DX_TILES[target][size_class]
+    for family, dx_tiles in BACKWARD_DX_TILES[target].items():
+        dt = "fp32" if family.startswith("fp32") else "bf16"
+        block_b = {"b64": 64, "b128": 128, "b256": 256}[family.split("/")[1]]
+        common = dict(BLOCK_B=block_b, WIDEN_BF16_DOT=False, DOT_PRECISION="tf32x3", ACTIVATION=1, HAS_DROPOUT=True)
+        variant = f"{dt}, m≤{block_b}"
+        for cfg in FORWARD_CONFIGS[target][family]:
             specs.append(KernelBuild(
-                f"bottleneck_adapter_backward_dx [{variant}]", _bottleneck_adapter_backward_dx_kernel,
+                f"bottleneck_adapter_forward [{variant}]", _bottleneck_adapter_forward_kernel, cfg,
+                dict(X=dt, W_DOWN=dt, B_DOWN=dt, W_UP=dt, B_UP=dt, Y=dt, H="fp32"),
+                {**common, "HAS_DOWN_BIAS": True, "HAS_UP_BIAS": True, "SAVE_H": True},
+                unit_strides=("stride_xd", "stride_down_d", "stride_up_b"),
+                float_args=("scaling", "dropout_p", "keep_scale"), plain_ints=plain))
+        for cfg in BACKWARD_DH_CONFIGS[target][family]:
+            specs.append(KernelBuild(
+                f"bottleneck_adapter_backward_dh [{variant}]", _bottleneck_adapter_backward_dh_kernel, cfg,
+                dict(DY=dt, W_UP=dt, H="fp32", DH="fp32"), common,
+                unit_strides=("stride_dyd", "stride_up_b"), float_args=("branch_scale", "dropout_p"),
+                plain_ints=plain))
+        roles = {"dX+dW": dx_tiles} if isinstance(dx_tiles, tuple) else {"dX": dx_tiles["dx"], "dW": dx_tiles["dw"]}
+        for role, (bm, bd, warps, stages) in roles.items():
+            specs.append(KernelBuild(
+                f"bottleneck_adapter_backward_dx [{variant}, {role}]", _bottleneck_adapter_backward_dx_kernel,
                 triton.Config(dict(BLOCK_M=bm, BLOCK_D=bd), num_warps=warps, num_stages=stages),
                 dict(DY=dt, X=dt, H="fp32", DH="fp32", W_DOWN=dt, DX=dt, DW_DOWN_PARTIAL="fp32",
                      DW_UP_PARTIAL="fp32", DB_UP_PARTIAL="fp32"),
-                {**common, "COMPUTE_DX": True, "COMPUTE_DW": True},
+                {**common, "COMPUTE_DX": role != "dW", "COMPUTE_DW": role != "dX"},
                 unit_strides=("stride_dyd", "stride_xd", "stride_down_d"), float_args=("dropout_p",),
                 plain_ints=plain))
     return specs

@@ -4,25 +4,34 @@
     y = peft_ops.lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
     layer = peft_ops.LoraLinear.from_linear(linear, r=16, lora_alpha=32)
     qlayer = peft_ops.QLoraLinear.from_linear(linear, r=16, lora_alpha=32)   # NF4 base (QLoRA)
+    y = peft_ops.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, "gelu", scaling)
+    model = peft_ops.apply_adapters(model, ["self_attn", "mlp"], bottleneck_size=64)  # Houlsby
 
 Kernels are imported lazily, on the first op that runs them: set TRITON_INTERPRET=1 before
 that to run them on CPU tensors through the Triton interpreter.
 """
 
 from . import nf4, reference
+from .adapter import BottleneckAdapterFunction, bottleneck_adapter
 from .backend import get_backend, set_backend, use_backend
-from .layers import LoraLinear, QLoraLinear
+from .layers import BottleneckAdapter, LoraLinear, QLoraLinear, WithAdapter
+from .model import apply_adapters
 from .lora import LoraLinearFunction, lora_linear
 from .nf4 import NF4Weight
 from .qlora import NF4LinearFunction, QLoraLinearFunction, nf4_linear, qlora_linear
 
 __all__ = [
+    "BottleneckAdapter",
+    "BottleneckAdapterFunction",
     "LoraLinear",
     "LoraLinearFunction",
     "NF4LinearFunction",
     "NF4Weight",
     "QLoraLinear",
     "QLoraLinearFunction",
+    "WithAdapter",
+    "apply_adapters",
+    "bottleneck_adapter",
     "get_backend",
     "lora_linear",
     "nf4",

@@ -12,7 +12,9 @@ from .backend import resolve
 from .lora import _draw_seed, _mm32, torch_keep_mask
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
-KERNEL_MAX_BOTTLENECK = 256  # kernels/bottleneck_adapter.py holds the bottleneck in registers up to here
+# The widest bottleneck the kernels hold in registers (kernels/bottleneck_adapter.py: wider
+# tiles spilled); past it the op runs the PyTorch path.
+KERNEL_MAX_BOTTLENECK = {torch.float32: 128, torch.float16: 256, torch.bfloat16: 256}
 
 
 def check_activation(activation: object) -> str:
@@ -122,6 +124,14 @@ def _kernel_ops():
     return adapter_kernels
 
 
+def adapter_ops(impl: str, dtype: torch.dtype, bottleneck_size: int):
+    """The launchers behind the Function for `impl` ("triton" / "torch"): the kernels, unless
+    the bottleneck is wider than they hold (KERNEL_MAX_BOTTLENECK), then the PyTorch path."""
+    if impl == "triton" and bottleneck_size <= KERNEL_MAX_BOTTLENECK[dtype]:
+        return _kernel_ops()
+    return TorchBottleneckOps
+
+
 class BottleneckAdapterFunction(torch.autograd.Function):
     """y = x + s·drop(act(x·W_downᵀ + b_down)·W_upᵀ + b_up), drop(z) = z⊙keep/(1-p).
 
@@ -180,7 +190,6 @@ def bottleneck_adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: to
     if impl == "reference":
         return reference.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, activation, scaling,
                                             dropout_p)
-    use_kernels = impl == "triton" and down_weight.shape[0] <= KERNEL_MAX_BOTTLENECK
-    ops = _kernel_ops() if use_kernels else TorchBottleneckOps
+    ops = adapter_ops(impl, x.dtype, down_weight.shape[0])
     return BottleneckAdapterFunction.apply(x, down_weight, down_bias, up_weight, up_bias, activation, scaling,
                                            dropout_p, ops)

@@ -14,7 +14,7 @@ import time
 import torch
 
 from ._table import text_table
-from .testing import DTYPE_NAMES, LoraCase, QLoraCase, run_lora_case, run_qlora_case
+from .testing import DTYPE_NAMES, AdapterCase, LoraCase, QLoraCase, run_adapter_case, run_lora_case, run_qlora_case
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -53,6 +53,22 @@ def qlora_cases(quick: bool) -> list[QLoraCase]:
     return cases
 
 
+def adapter_cases(quick: bool) -> list[AdapterCase]:
+    """Bottleneck adapter rows: every activation, odd shapes, 3-D / non-contiguous input,
+    dropout, no biases, and the widest kernel tile (m = 130: two backward launches)."""
+    cases = []
+    for dtype in DTYPES:
+        cases += [
+            AdapterCase(M=37, d=70, m=20, dtype=dtype, activation="relu", leading=(2,)),
+            AdapterCase(M=45, d=64, m=16, dtype=dtype, activation="gelu", dropout_p=0.25, x_transposed=True),
+            AdapterCase(M=19, d=48, m=8, dtype=dtype, activation="gelu_tanh", bias=False),
+            AdapterCase(M=33, d=40, m=64, dtype=dtype, activation="silu", scaling=-1.5),
+        ]
+        if not quick:
+            cases += [AdapterCase(M=20, d=40, m=130, dtype=dtype, activation="gelu")]
+    return cases
+
+
 @dataclasses.dataclass
 class Row:
     op: str
@@ -68,9 +84,9 @@ class Row:
         return self.error <= self.tol
 
 
-def _rows(op: str, path: str, case: LoraCase, results) -> list[Row]:
+def _rows(op: str, path: str, case: LoraCase | AdapterCase, results) -> list[Row]:
     label = case.label() + (f" p={case.dropout_p}" if case.dropout_p else "")
-    dtype = DTYPE_NAMES[case.dtype] + ("+fp32 A,B" if case.adapter_dtype else "")
+    dtype = DTYPE_NAMES[case.dtype] + ("+fp32 A,B" if getattr(case, "adapter_dtype", None) else "")
     return [Row(op, path, label, dtype, r.name, r.error(), case.tolerance(r.name)) for r in results]
 
 
@@ -92,6 +108,10 @@ def run_checks(device: torch.device, paths: list[str], quick: bool = False, prog
                 continue  # split-K is the kernels' own
             op = "qlora_linear" if case.lora else "nf4_linear"
             rows += _rows(op, path, case, run_qlora_case(case, path, device=device))
+            if progress:
+                progress(rows)
+        for case in adapter_cases(quick):
+            rows += _rows("bottleneck_adapter", path, case, run_adapter_case(case, path, device=device))
             if progress:
                 progress(rows)
     return rows

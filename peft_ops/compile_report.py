@@ -22,7 +22,7 @@ import time
 
 from ._table import text_table
 
-KERNEL_MODULES = ("peft_ops.kernels.lora", "peft_ops.kernels.nf4")
+KERNEL_MODULES = ("peft_ops.kernels.lora", "peft_ops.kernels.nf4", "peft_ops.kernels.bottleneck_adapter")
 TARGETS = ("sm80", "sm90")
 # Largest shared memory a block may opt into: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
 SHARED_LIMIT_BYTES = {"sm80": 166912, "sm90": 232448}

@@ -358,10 +358,10 @@ def run_adapter_case(case: AdapterCase, path: str, device="cpu", seed: int = 0) 
     """bottleneck_adapter's autograd Function on `path` ("triton" / "torch") against the float64
     reference on the same inputs and dropout mask: y and every gradient."""
     from . import reference
-    from .adapter import BottleneckAdapterFunction, TorchBottleneckOps, _kernel_ops
+    from .adapter import BottleneckAdapterFunction, adapter_ops
     from .lora import _draw_seed, dropout_keep_mask
 
-    ops = TorchBottleneckOps if path == "torch" else _kernel_ops()
+    ops = adapter_ops(path, case.dtype, case.m)  # what bottleneck_adapter runs on `path`
     inp = make_adapter_inputs(case, device, seed)
     names = [k for k in ADAPTER_GRAD_NAMES if inp[k] is not None]
     tensors = {k: inp[k].clone().requires_grad_(True) for k in names}

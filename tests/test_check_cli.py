@@ -24,6 +24,13 @@ def test_check_command_passes_and_prints_the_table():
         for tensor in ("y", "dx", "dA", "dB"):
             assert any(f" {dtype} " in r and f" {tensor} " in r for r in rows), (dtype, tensor)
     assert all(r.rstrip().endswith("ok") for r in rows)
+    adapter_rows = [line for line in lines if line.startswith("bottleneck_adapter")]
+    for dtype in ("fp32", "fp16", "bf16"):
+        for tensor in ("y", "dx", "dW_down", "db_down", "dW_up", "db_up"):
+            assert any(f" {dtype} " in r and f" {tensor} " in r for r in adapter_rows), (dtype, tensor)
+    for activation in ("relu", "gelu", "gelu_tanh", "silu"):
+        assert any(f" {activation} " in r for r in adapter_rows), activation
+    assert all(r.rstrip().endswith("ok") for r in adapter_rows)
     if not torch.cuda.is_available():
         assert any(" triton " in r for r in rows) and any(" torch " in r for r in rows)
 
