@@ -7,11 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import peft_ops
 from peft_ops import BottleneckAdapter, WithAdapter, apply_adapters, reference
 from peft_ops.testing import assert_close
 
-from conftest import DEVICE
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -9,7 +9,6 @@ from peft_ops import reference
 from peft_ops.adapter import ACTIVATIONS, BottleneckAdapterFunction, TorchBottleneckOps, _kernel_ops
 from peft_ops.testing import AdapterCase, assert_close, make_adapter_inputs, run_adapter_case, saved_activation_bytes
 
-from conftest import DEVICE
 
 PATHS = ["triton", "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

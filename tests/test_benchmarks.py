@@ -25,3 +25,31 @@ def test_bench_nf4_smoke():
                          capture_output=True, text=True, timeout=300, cwd=ROOT / "benchmarks")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "decode GEMV (split-K)" in out.stdout and "dequant-GEMM" in out.stdout
+
+
+def test_bench_adapter_smoke():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_adapter.py"), "--smoke"], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=ROOT / "benchmarks")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "forward fused" in out.stdout and "fwd+bwd fused" in out.stdout
+
+
+def test_eager_adapter_bytes_are_counted_op_by_op():
+    # One linear layer on meta tensors: reads x and W, writes y — and nothing for the views.
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_adapter import CountBytes, eager_bytes, fused_bytes
+
+    x, w = torch.empty(64, 32, device="meta"), torch.empty(16, 32, device="meta")
+    with CountBytes() as counted:
+        torch.nn.functional.linear(x, w)
+    assert counted.bytes == (64 * 32 + 16 * 32 + 64 * 16) * 4
+    # The adapter's eager forward passes over M×d at least 7 times (x twice, z, s·z twice, y);
+    # the fused one twice, plus h and the weights.
+    M, d, m = 1024, 512, 16
+    eager, fused = eager_bytes(M, d, m), fused_bytes(M, d, m)
+    assert eager["forward"] >= 7 * M * d * 2
+    assert fused["forward"] == 2 * M * d * 2 + M * m * 4 + (2 * m * d + m + d) * 2
+    assert eager["backward"] > 2 * fused["backward"] > 8 * M * d * 2

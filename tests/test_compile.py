@@ -7,6 +7,7 @@ Triton interpreter (set for the other tests) replaces.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -33,8 +34,12 @@ def test_compile_report(compile_rows, capsys):
     for kernel in ("lora_shrink", "lora_forward", "lora_backward_dy", "lora_backward_dx"):
         for variant in ("bf16", "bf16+fp32 A,B", "fp32"):
             assert f"{kernel} [{variant}]" in builds
+    def kernel_and_variant(name):  # without the dX kernel's launch role, which differs by target
+        return re.sub(r", (dX\+dW|dX|dW)\]$", "]", name)
+
     for target in ("sm80", "sm90"):
-        assert {r["kernel"] for r in compile_rows if r["target"] == target} == builds
+        assert {kernel_and_variant(r["kernel"]) for r in compile_rows if r["target"] == target} == \
+            {kernel_and_variant(b) for b in builds}
 
 
 def test_no_spills(compile_rows):
@@ -64,3 +69,18 @@ def test_nf4_kernels_are_covered(compile_rows):
 def test_shared_memory_fits(compile_rows):
     for r in compile_rows:
         assert r["shared_bytes"] <= SHARED_LIMIT_BYTES[r["target"]], r
+
+
+def test_adapter_kernels_are_covered(compile_rows):
+    builds = {r["kernel"] for r in compile_rows}
+    for variant in ("bf16, m≤64", "bf16, m≤128", "bf16, m≤256", "fp32, m≤64", "fp32, m≤128"):
+        assert f"bottleneck_adapter_forward [{variant}]" in builds
+        assert f"bottleneck_adapter_backward_dh [{variant}]" in builds
+        assert any(b.startswith(f"bottleneck_adapter_backward_dx [{variant}, ") for b in builds), variant
+    # where one dX launch spilled (sm_80, m ≤ 256) the table splits it in two, both built
+    sm80 = {r["kernel"] for r in compile_rows if r["target"] == "sm80"}
+    assert {"bottleneck_adapter_backward_dx [bf16, m≤256, dX]", "bottleneck_adapter_backward_dx [bf16, m≤256, dW]"} \
+        <= sm80
+    # the 64-row tiles on sm_90 reach warpgroup MMA
+    assert any(r["wgmma"] for r in compile_rows
+               if r["target"] == "sm90" and r["kernel"].startswith("bottleneck_adapter_forward"))

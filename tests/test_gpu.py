@@ -33,3 +33,31 @@ def test_backward_is_bitwise_deterministic():
         grads.append((y.detach(), x.grad, A.grad, B.grad))
     for later in grads[1:]:
         assert all(torch.equal(a, b) for a, b in zip(grads[0], later))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m", [64, 256])
+def test_adapter_at_model_shapes_matches_float64(dtype, m):
+    from peft_ops.testing import AdapterCase, run_adapter_case
+
+    # m = 256 in fp32 runs the PyTorch path (past the fp32 kernel tile), in bf16 the widest tile
+    case = AdapterCase(M=1024, d=4096, m=m, dtype=dtype, activation="gelu", dropout_p=0.1, leading=(2,))
+    for result in run_adapter_case(case, "triton", device="cuda"):
+        result.check(f"cuda {case.label()}", case.tolerance(result.name))
+
+
+def test_adapter_backward_is_bitwise_deterministic():
+    from peft_ops.adapter import BottleneckAdapterFunction, _kernel_ops
+    from peft_ops.testing import AdapterCase, make_adapter_inputs
+
+    inp = make_adapter_inputs(AdapterCase(M=4096, d=4096, m=64, dtype=torch.bfloat16), "cuda")
+    names = ("x", "down_weight", "down_bias", "up_weight", "up_bias")
+    results = []
+    for _ in range(5):
+        tensors = [inp[k].clone().requires_grad_() for k in names]
+        torch.manual_seed(0)
+        y = BottleneckAdapterFunction.apply(*tensors, "silu", 1.0, 0.1, _kernel_ops())
+        y.backward(inp["grad_out"])
+        results.append([y.detach()] + [t.grad for t in tensors])
+    for later in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], later))

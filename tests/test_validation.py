@@ -104,3 +104,57 @@ def test_layer_rejects_bad_sizes_and_modules():
         LoraLinear(4, "4")
     with pytest.raises(TypeError, match="linear"):
         LoraLinear.from_linear(nn.Conv1d(2, 2, 1))
+
+
+# --------------------------------------------------------------------------------------
+# bottleneck_adapter
+# --------------------------------------------------------------------------------------
+
+def good_adapter_args():
+    from peft_ops.testing import AdapterCase, make_adapter_inputs
+
+    inp = make_adapter_inputs(AdapterCase(M=5, d=12, m=4, dtype=torch.float32))
+    return dict(x=inp["x"], down_weight=inp["down_weight"], down_bias=inp["down_bias"], up_weight=inp["up_weight"],
+                up_bias=inp["up_bias"], activation="gelu", scaling=0.5, dropout_p=0.1)
+
+
+BAD_ADAPTER = [
+    ("x", f32(5, 11), ValueError, "down_weight"),  # hidden size mismatch
+    ("x", f32(()), ValueError, "x"),
+    ("down_weight", f32(4, 13), ValueError, "down_weight"),
+    ("down_weight", f32(0, 12), ValueError, "bottleneck"),
+    ("down_weight", f32(4, 12, 1), ValueError, "down_weight"),
+    ("up_weight", f32(12, 5), ValueError, "up_weight"),
+    ("up_weight", f32(4, 12), ValueError, "up_weight"),
+    ("down_bias", f32(5), ValueError, "down_bias"),
+    ("up_bias", f32(11), ValueError, "up_bias"),
+    ("up_bias", f32(12, 1), ValueError, "up_bias"),
+    ("x", torch.zeros(5, 12, dtype=torch.float64), TypeError, "x"),
+    ("down_weight", torch.zeros(4, 12, dtype=torch.float16), TypeError, "down_weight"),
+    ("up_bias", torch.zeros(12, dtype=torch.bfloat16), TypeError, "up_bias"),
+    ("x", [[1.0] * 12] * 5, TypeError, "x"),
+    ("up_weight", None, TypeError, "up_weight"),
+    ("down_bias", 1.0, TypeError, "down_bias"),
+    ("activation", "tanh", ValueError, "activation"),
+    ("activation", "GELU", ValueError, "activation"),
+    ("activation", 1, TypeError, "activation"),
+    ("scaling", "1", TypeError, "scaling"),
+    ("scaling", float("inf"), ValueError, "scaling"),
+    ("dropout_p", 1.0, ValueError, "dropout_p"),
+]
+
+
+@pytest.mark.parametrize("name,value,exc,word", BAD_ADAPTER, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_ADAPTER)])
+def test_bottleneck_adapter_rejects(name, value, exc, word):
+    args = good_adapter_args() | {name: value}
+    with mock.patch("peft_ops.adapter.BottleneckAdapterFunction.apply") as launched:
+        with pytest.raises(exc, match=word):
+            peft_ops.bottleneck_adapter(**args)
+    launched.assert_not_called()
+
+
+def test_bottleneck_adapter_tensors_on_different_devices():
+    args = good_adapter_args()
+    args["up_bias"] = args["up_bias"].to("meta")
+    with pytest.raises(ValueError, match="up_bias"):
+        peft_ops.bottleneck_adapter(**args)

@@ -1,0 +1,164 @@
+"""Bottleneck adapter: HBM bytes per call of the fused kernels against eager PyTorch (exact on
+any machine), and on a CUDA GPU the times side by side in one run.
+
+    python benchmarks/bench_adapter.py            # bytes at 7–8B shapes; plus timings on a CUDA GPU
+    python benchmarks/bench_adapter.py --smoke    # tiny shapes, any device (checks the script)
+
+Eager bytes are measured, not modelled: every ATen op that eager PyTorch runs for the forward
+and the backward (on meta tensors: no memory, any shape) is counted as reading its tensor
+inputs and writing its outputs; views move nothing. The fused bytes come from the kernels'
+traffic model (`fused_bytes`), which assumes, as the forward kernel is built for, that its
+second read of a row block of x is served by L2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import peft_ops
+from peft_ops import reference
+
+GPU_SHAPES = [(512, 4096, 64), (4096, 4096, 64), (8192, 4096, 64), (8192, 4096, 16), (8192, 4096, 256),
+              (8192, 5120, 64)]
+SMOKE_SHAPES = [(64, 64, 8)]
+
+
+class CountBytes(TorchDispatchMode):
+    """Bytes each ATen op reads (tensor inputs) and writes (outputs), views excluded."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):
+            return out  # a view (or an in-place op returning its input): counted where it is read
+        flat = torch.utils._pytree.tree_leaves((args, kwargs, out))
+        self.bytes += sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
+        return out
+
+
+def eager_bytes(M: int, d: int, m: int, dtype=torch.bfloat16, dropout_p: float = 0.0) -> dict:
+    """Measured bytes of the eager reference (forward, backward) at this shape."""
+    meta = dict(device="meta", dtype=dtype)
+    x = torch.empty(M, d, **meta, requires_grad=True)
+    params = [torch.empty(m, d, **meta, requires_grad=True), torch.empty(m, **meta, requires_grad=True),
+              torch.empty(d, m, **meta, requires_grad=True), torch.empty(d, **meta, requires_grad=True)]
+    dy = torch.empty(M, d, **meta)
+    with CountBytes() as forward:
+        y = reference.bottleneck_adapter(x, *params, "gelu", 1.0, dropout_p)
+    with CountBytes() as backward:
+        y.backward(dy)
+    return {"forward": forward.bytes, "backward": backward.bytes}
+
+
+def fused_bytes(M: int, d: int, m: int, element_bytes: int = 2, dropout_p: float = 0.0) -> dict:
+    """HBM bytes of the fused kernels (kernels/bottleneck_adapter.py), per call.
+
+    forward: x read once (its second read from L2), y written, h [M, m] fp32 written, weights
+    and biases read once. backward: dh kernel reads dY and h, writes dh; dX kernel reads dY, x,
+    h, dh, writes dX and fp32 slice partials of dW_down, dW_up, db_up (read back by the sum);
+    one more read of dY where the dX and dW halves are two launches (the sm_90 tile table).
+    The dropout mask is regenerated from the seed: no bytes."""
+    from peft_ops.kernels.bottleneck_adapter import BACKWARD_DX_TILES, block_bottleneck, row_slices, tile_family
+
+    act = M * d * element_bytes
+    h = M * m * 4
+    weights = (2 * m * d + m + d) * element_bytes
+    dtype = torch.float32 if element_bytes == 4 else torch.bfloat16
+    tiles = BACKWARD_DX_TILES["sm90"][tile_family(dtype, block_bottleneck(m))]
+    split = isinstance(tiles, dict)
+    block_m, block_d = (tiles["dw"] if split else tiles)[:2]
+    slices = row_slices(M, d, block_m, block_d)[0]
+    partials = 2 * slices * (2 * m * d + d) * 4
+    return {"forward": 2 * act + h + weights,
+            "backward": (4 + split) * act + 4 * h + weights + partials + (2 * m * d + m + d) * element_bytes}
+
+
+def _inputs(M, d, m, dtype, device):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
+
+    x = rand(M, d).requires_grad_()
+    params = [rand(m, d, scale=d**-0.5).requires_grad_(), rand(m).requires_grad_(),
+              rand(d, m, scale=m**-0.5).requires_grad_(), rand(d).requires_grad_()]
+    return x, params, rand(M, d)
+
+
+def bench_shape(M, d, m, dtype, device, measure):
+    from bench_lora import training_step
+
+    x, params, dy = _inputs(M, d, m, dtype, device)
+    fused = lambda: peft_ops.bottleneck_adapter(x, *params, "gelu", 1.0)  # noqa: E731
+    eager = lambda: reference.bottleneck_adapter(x, *params, "gelu", 1.0)  # noqa: E731
+    leaves = (x, *params)
+    ms = {"forward": {"fused": measure(fused), "eager": measure(eager)},
+          "fwd_bwd": {"fused": measure(training_step(fused, dy, leaves)),
+                      "eager": measure(training_step(eager, dy, leaves))}}
+    nbytes = fused_bytes(M, d, m, dtype.itemsize)
+    return ms, nbytes["forward"] / ms["forward"]["fused"] / 1e6, \
+        (nbytes["forward"] + nbytes["backward"]) / ms["fwd_bwd"]["fused"] / 1e6
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on any device")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = SMOKE_SHAPES if args.smoke else GPU_SHAPES
+    rows = []
+    print("HBM bytes per call, bf16 (eager: measured op by op; fused: the kernels' traffic model)")
+    for M, d, m in shapes:
+        row = {"shape": {"M": M, "d": d, "m": m}}
+        for dropout_p in (0.0, 0.1):
+            eager, fused = eager_bytes(M, d, m, dropout_p=dropout_p), fused_bytes(M, d, m, 2, dropout_p)
+            row[f"bytes p={dropout_p}"] = {"eager": eager, "fused": fused}
+            act = M * d * 2
+            print(f"M={M:5d} d={d} m={m:3d} p={dropout_p}: forward eager {eager['forward'] / act:.2f}·x, fused "
+                  f"{fused['forward'] / act:.2f}·x (÷{eager['forward'] / fused['forward']:.1f}); backward eager "
+                  f"{eager['backward'] / act:.2f}·x, fused {fused['backward'] / act:.2f}·x "
+                  f"(÷{eager['backward'] / fused['backward']:.1f})", flush=True)
+        rows.append(row)
+
+    if device.type == "cuda" or args.smoke:
+        from bench_lora import timer
+
+        measure = timer(device)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        for row in rows:
+            s = row["shape"]
+            ms, fwd_gbps, train_gbps = bench_shape(s["M"], s["d"], s["m"], dtype, device, measure)
+            row.update(ms=ms, fused_forward_GBps=fwd_gbps, fused_fwd_bwd_GBps=train_gbps)
+            fwd, train = ms["forward"], ms["fwd_bwd"]
+            print(f"M={s['M']:5d} d={s['d']} m={s['m']:3d}: forward fused {fwd['fused']:.3f} ms "
+                  f"(eager ÷ fused ×{fwd['eager'] / fwd['fused']:.2f}, {fwd_gbps:.0f} GB/s) | "
+                  f"fwd+bwd fused {train['fused']:.3f} ms (eager ÷ fused ×{train['eager'] / train['fused']:.2f}, "
+                  f"{train_gbps:.0f} GB/s)", flush=True)
+    else:
+        print("no CUDA GPU: timings need one (the byte counts above hold anywhere)")
+
+    if device.type == "cuda" and not args.smoke:
+        import triton
+
+        record = {"command": "python benchmarks/bench_adapter.py",
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                  "rows": rows}
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"adapter_{record['device'].replace(' ', '_')}.json"
+        path.write_text(json.dumps(record, indent=1))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
