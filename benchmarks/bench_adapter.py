@@ -14,8 +14,6 @@ second read of a row block of x is served by L2.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import pathlib
 
 import torch
@@ -148,17 +146,9 @@ def main():
         print("no CUDA GPU: timings need one (the byte counts above hold anywhere)")
 
     if device.type == "cuda" and not args.smoke:
-        import triton
+        from bench_lora import write_record
 
-        record = {"command": "python benchmarks/bench_adapter.py",
-                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                  "rows": rows}
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"adapter_{record['device'].replace(' ', '_')}.json"
-        path.write_text(json.dumps(record, indent=1))
-        print(f"wrote {path}")
-
+        write_record("adapter", "python benchmarks/bench_adapter.py", rows, args.out)
 
 if __name__ == "__main__":
     main()

@@ -49,6 +49,21 @@ def timer(device):
     return cpu_median_ms
 
 
+def write_record(name: str, command: str, rows: list, out_dir: pathlib.Path, **extra) -> dict:
+    """Save a benchmark's rows with the command, date, device and versions to
+    out_dir/<name>_<device>.json; returns the record."""
+    import triton
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    record = {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": device, "torch": torch.__version__, "triton": triton.__version__, **extra, "rows": rows}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}_{device.replace(' ', '_')}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {path}")
+    return record
+
+
 def training_step(forward, dy, leaves):
     """A function that runs forward() and its backward with dy, clearing the leaves' grads."""
     def run():
@@ -112,20 +127,9 @@ def main():
                   f"fused ×{ratio['fused (peft_ops)']:.3f} | unfused ×{ratio['unfused (PEFT-style)']:.3f} | "
                   f"saved: fused {row['saved_bytes']['fused (peft_ops)'] / row['x_bytes']:.2f}·x, "
                   f"unfused {row['saved_bytes']['unfused (PEFT-style)'] / row['x_bytes']:.2f}·x", flush=True)
-    import triton
-
-    record = {
-        "command": "python benchmarks/bench_lora.py" + (" --smoke" if args.smoke else ""),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "triton": triton.__version__, "dtype": args.dtype, "rows": rows,
-    }
     if not args.smoke:
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"lora_{record['device'].replace(' ', '_')}_{args.dtype}.json"
-        path.write_text(json.dumps(record, indent=1))
-        print(f"wrote {path}")
-    return record
+        write_record(f"lora_{args.dtype}", f"python benchmarks/bench_lora.py --dtype {args.dtype}", rows, args.out,
+                     dtype=args.dtype)
 
 
 if __name__ == "__main__":

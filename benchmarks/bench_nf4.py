@@ -10,8 +10,6 @@ dequantize-then-GEMM crossover documented in kernels/nf4.py.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import pathlib
 
 import torch
@@ -20,7 +18,7 @@ import torch.nn.functional as F
 import peft_ops
 from peft_ops.nf4 import quantize
 
-from bench_lora import timer, training_step
+from bench_lora import timer, training_step, write_record
 
 GPU_SHAPES = [(1, 4096, 14336), (16, 4096, 14336), (1, 14336, 4096), (512, 4096, 14336), (4096, 4096, 14336),
               (8192, 4096, 4096)]
@@ -75,18 +73,8 @@ def main():
               f"×{f['nf4_linear (fused)'] / f['dequantize + matmul']:.2f} dequant+matmul, "
               f"×{f['nf4_linear (fused)'] / f['dense bf16 (cuBLAS)']:.2f} dense ({row['nf4_forward_GBps']:.0f} GB/s "
               f"of NF4 weight) | fwd+bwd: QLoRA ×{t['QLoRA (fused)'] / t['LoRA on dense']:.2f} LoRA", flush=True)
-    import triton
-
-    record = {"command": "python benchmarks/bench_nf4.py" + (" --smoke" if args.smoke else ""),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "triton": triton.__version__, "rows": rows}
     if not args.smoke:
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"nf4_{record['device'].replace(' ', '_')}.json"
-        path.write_text(json.dumps(record, indent=1))
-        print(f"wrote {path}")
-
+        write_record("nf4", "python benchmarks/bench_nf4.py", rows, args.out)
 
 if __name__ == "__main__":
     main()

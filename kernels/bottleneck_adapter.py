@@ -65,35 +65,38 @@ def _configs(rows):
 
 
 # Autotune lists (BLOCK_M, BLOCK_D, warps, stages) per target and tile family; `peft-ops
-# compile` proves every one spill-free. fp32 stops at m ≤ 128 (KERNEL_MAX_BOTTLENECK).
-FORWARD_CONFIGS = {
-    "sm80": {"half/b64": _configs([(16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3), (16, 64, 4, 4)]),
-             "half/b128": _configs([(16, 64, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3)]),
-             "half/b256": _configs([(16, 32, 4, 3), (16, 64, 8, 3), (32, 32, 8, 3)]),
-             "fp32/b64": _configs([(16, 32, 4, 3), (32, 32, 8, 3)]),
-             "fp32/b128": _configs([(16, 32, 4, 3), (16, 32, 8, 3), (16, 64, 8, 3)])},
-    "sm90": {"half/b64": _configs([(16, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3)]),
-             "half/b128": _configs([(16, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3)]),
-             "half/b256": _configs([(16, 32, 4, 3), (16, 64, 8, 3), (32, 64, 8, 3)]),
-             "fp32/b64": _configs([(16, 32, 4, 3), (32, 32, 8, 3), (64, 64, 8, 3)]),
-             "fp32/b128": _configs([(16, 32, 4, 3), (16, 32, 8, 3), (16, 64, 8, 3)])},
-    "interpreter": _configs([(16, 32, 4, 1)]),
+# compile` proves every one spill-free. fp32 stops at m ≤ 128 (KERNEL_MAX_BOTTLENECK). The
+# forward and the dh kernel share the half-precision lists; fp32 (tf32x3) differs: the dh
+# kernel's 64-row tile spilled on sm_80, the forward's 128-column one.
+_HALF = {
+    "sm80": {"half/b64": [(16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3), (16, 64, 4, 4)],
+             "half/b128": [(16, 64, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3)],
+             "half/b256": [(16, 32, 4, 3), (16, 64, 8, 3), (32, 32, 8, 3)]},
+    "sm90": {"half/b64": [(16, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3)],
+             "half/b128": [(16, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3)],
+             "half/b256": [(16, 32, 4, 3), (16, 64, 8, 3), (32, 64, 8, 3)]},
 }
+
+
+def _tables(fp32: dict) -> dict:
+    tables = {t: {family: _configs(rows) for family, rows in {**_HALF[t], **fp32[t]}.items()} for t in _HALF}
+    return {**tables, "interpreter": _configs([(16, 32, 4, 1)])}
+
+
+FORWARD_CONFIGS = _tables({
+    "sm80": {"fp32/b64": [(16, 32, 4, 3), (32, 32, 8, 3)],
+             "fp32/b128": [(16, 32, 4, 3), (16, 32, 8, 3), (16, 64, 8, 3)]},
+    "sm90": {"fp32/b64": [(16, 32, 4, 3), (32, 32, 8, 3), (64, 64, 8, 3)],
+             "fp32/b128": [(16, 32, 4, 3), (16, 32, 8, 3), (16, 64, 8, 3)]},
+})
 # The dh kernel reduces over d inside one row block, so its tiles may be tuned (like the LoRA
 # dY kernel); the dX kernel sums over rows, so its tiles are fixed (see the module docstring).
-BACKWARD_DH_CONFIGS = {
-    "sm80": {"half/b64": _configs([(16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3), (16, 64, 4, 4)]),
-             "half/b128": _configs([(16, 64, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3)]),
-             "half/b256": _configs([(16, 32, 4, 3), (16, 64, 8, 3), (32, 32, 8, 3)]),
-             "fp32/b64": _configs([(16, 128, 4, 3), (32, 64, 4, 3), (16, 64, 4, 4)]),
-             "fp32/b128": _configs([(16, 64, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3)])},
-    "sm90": {"half/b64": _configs([(16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3)]),
-             "half/b128": _configs([(16, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3)]),
-             "half/b256": _configs([(16, 32, 4, 3), (16, 64, 8, 3), (32, 64, 8, 3)]),
-             "fp32/b64": _configs([(16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3)]),
-             "fp32/b128": _configs([(16, 64, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3)])},
-    "interpreter": _configs([(16, 32, 4, 1)]),
-}
+BACKWARD_DH_CONFIGS = _tables({
+    "sm80": {"fp32/b64": [(16, 128, 4, 3), (32, 64, 4, 3), (16, 64, 4, 4)],
+             "fp32/b128": [(16, 64, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3)]},
+    "sm90": {"fp32/b64": [(16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3)],
+             "fp32/b128": [(16, 64, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3)]},
+})
 # The dX kernel's fixed tiles: one launch computing dX and the parameter gradients, or — where
 # that one launch spilled (ptxas) — a dX launch and a parameter-gradient launch ("dx", "dw"),
 # which costs one more read of dY.
