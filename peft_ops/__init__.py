@@ -6,6 +6,7 @@
     qlayer = peft_ops.QLoraLinear.from_linear(linear, r=16, lora_alpha=32)   # NF4 base (QLoRA)
     y = peft_ops.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, "gelu", scaling)
     model = peft_ops.apply_adapters(model, ["self_attn", "mlp"], bottleneck_size=64)  # Houlsby
+    wrapped = peft_ops.apply_prompt_learning(causal_lm, "prefix_tuning", num_virtual_tokens=20)
 
 Kernels are imported lazily, on the first op that runs them: set TRITON_INTERPRET=1 before
 that to run them on CPU tensors through the Triton interpreter.
@@ -15,7 +16,9 @@ from . import nf4, reference
 from .adapter import BottleneckAdapterFunction, bottleneck_adapter
 from .backend import get_backend, set_backend, use_backend
 from .layers import BottleneckAdapter, LoraLinear, QLoraLinear, WithAdapter
-from .model import apply_adapters
+from .model import apply_adapters, trainable_parameters, trainable_summary
+from .prompt import (PrefixTuning, PromptEncoder, PromptLearningModel, PromptTuning, apply_prompt_learning,
+                     load_prompt_learning, save_prompt_learning)
 from .lora import LoraLinearFunction, lora_linear
 from .nf4 import NF4Weight
 from .qlora import NF4LinearFunction, QLoraLinearFunction, nf4_linear, qlora_linear
@@ -27,18 +30,27 @@ __all__ = [
     "LoraLinearFunction",
     "NF4LinearFunction",
     "NF4Weight",
+    "PrefixTuning",
+    "PromptEncoder",
+    "PromptLearningModel",
+    "PromptTuning",
     "QLoraLinear",
     "QLoraLinearFunction",
     "WithAdapter",
     "apply_adapters",
+    "apply_prompt_learning",
     "bottleneck_adapter",
     "get_backend",
+    "load_prompt_learning",
     "lora_linear",
     "nf4",
     "nf4_linear",
     "qlora_linear",
     "reference",
+    "save_prompt_learning",
     "set_backend",
+    "trainable_parameters",
+    "trainable_summary",
     "use_backend",
 ]
 __version__ = "0.1.0"

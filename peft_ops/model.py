@@ -9,6 +9,7 @@ import torch.nn as nn
 from . import _checks
 from .adapter import check_activation
 from .layers import BottleneckAdapter, WithAdapter
+from .nf4 import NF4Weight
 
 
 def _check_target_modules(target_modules: object) -> str | tuple[str, ...]:
@@ -114,3 +115,25 @@ def apply_adapters(model: nn.Module, target_modules, bottleneck_size: int, activ
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
     return model
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts of `model`. An NF4-quantized weight counts as its
+    out×in weights, though it is stored as buffers (PEFT counts bitsandbytes' 4-bit weights
+    the same way), so the share is comparable across LoRA and QLoRA."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    trainable = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    total += sum(m.numel() for m in model.modules() if isinstance(m, NF4Weight))
+    return trainable, total
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """One line, as PEFT's ``print_trainable_parameters``:
+    ``trainable params: 8,192 || all params: 1,024,000 || trainable%: 0.8000``."""
+    trainable, total = trainable_parameters(model)
+    share = 100 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}"
