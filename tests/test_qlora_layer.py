@@ -131,3 +131,12 @@ def test_public_api():
     for name in ("QLoraLinear", "qlora_linear", "nf4_linear", "NF4Weight", "nf4"):
         assert hasattr(peft_ops, name)
     assert callable(peft_ops.nf4.quantize) and callable(peft_ops.nf4.dequantize)
+
+
+def test_trainable_parameters_count_nf4_weights_as_weights():
+    torch.manual_seed(0)
+    layer = peft_ops.QLoraLinear.from_linear(torch.nn.Linear(64, 32), r=4)
+    trainable, total = peft_ops.trainable_parameters(layer)
+    assert trainable == 4 * (64 + 32)
+    assert total == 64 * 32 + 32 + trainable  # the NF4 weight as 64×32 weights, the bias, the adapter
+    assert peft_ops.trainable_summary(layer).startswith("trainable params: 384 || all params: 2,464 ||")
