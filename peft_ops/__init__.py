@@ -16,7 +16,9 @@ from . import nf4, reference
 from .adapter import BottleneckAdapterFunction, bottleneck_adapter
 from .backend import get_backend, set_backend, use_backend
 from .layers import BottleneckAdapter, LoraLinear, QLoraLinear, WithAdapter
-from .model import apply_adapters, trainable_parameters, trainable_summary
+from .model import apply_adapters, apply_lora, merge_and_unload, trainable_parameters, trainable_summary
+from .peft_files import load_peft_adapter, save_peft_adapter
+from .peft_swap import FromPeftReport, from_peft
 from .prompt import (PrefixTuning, PromptEncoder, PromptLearningModel, PromptTuning, apply_prompt_learning,
                      load_prompt_learning, save_prompt_learning)
 from .lora import LoraLinearFunction, lora_linear
@@ -26,6 +28,7 @@ from .qlora import NF4LinearFunction, QLoraLinearFunction, nf4_linear, qlora_lin
 __all__ = [
     "BottleneckAdapter",
     "BottleneckAdapterFunction",
+    "FromPeftReport",
     "LoraLinear",
     "LoraLinearFunction",
     "NF4LinearFunction",
@@ -38,15 +41,20 @@ __all__ = [
     "QLoraLinearFunction",
     "WithAdapter",
     "apply_adapters",
+    "apply_lora",
     "apply_prompt_learning",
     "bottleneck_adapter",
+    "from_peft",
     "get_backend",
+    "load_peft_adapter",
     "load_prompt_learning",
     "lora_linear",
+    "merge_and_unload",
     "nf4",
     "nf4_linear",
     "qlora_linear",
     "reference",
+    "save_peft_adapter",
     "save_prompt_learning",
     "set_backend",
     "trainable_parameters",

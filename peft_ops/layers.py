@@ -17,6 +17,16 @@ from .nf4 import NF4Weight, quantize
 from .qlora import nf4_linear, qlora_linear
 
 
+def _adapter_dtype(adapter_dtype, weight_dtype: torch.dtype) -> torch.dtype:
+    """The adapters' dtype: the base weight's (None), or float32 on any base."""
+    if adapter_dtype is None:
+        return weight_dtype
+    if adapter_dtype not in (weight_dtype, torch.float32):
+        raise TypeError(f"adapter_dtype must be the weight's dtype ({weight_dtype}) or torch.float32, "
+                        f"got {adapter_dtype}")
+    return adapter_dtype
+
+
 class _LoraAdapter:
     """What LoraLinear and QLoraLinear share: configuration checks, the adapter parameters and
     their initialization, and ΔW = scaling·B·A."""
@@ -83,10 +93,13 @@ class LoraLinear(_LoraAdapter, nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                    use_rslora: bool = False) -> "LoraLinear":
-        """Wrap ``linear``: its weight and bias Parameters are shared (not copied) and frozen."""
+                    use_rslora: bool = False, adapter_dtype: torch.dtype | None = None) -> "LoraLinear":
+        """Wrap ``linear``: its weight and bias Parameters are shared (not copied) and frozen.
+        ``adapter_dtype``: the adapters' dtype, the weight's (default) or float32 (PEFT's
+        default on a half-precision base)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        adapter_dtype = _adapter_dtype(adapter_dtype, linear.weight.dtype)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._configure(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, use_rslora)
@@ -95,7 +108,7 @@ class LoraLinear(_LoraAdapter, nn.Module):
             layer.bias = linear.bias.requires_grad_(False)
         else:
             layer.register_parameter("bias", None)
-        layer._create_adapter(linear.weight.device, linear.weight.dtype)
+        layer._create_adapter(linear.weight.device, adapter_dtype)
         layer.reset_lora_parameters()
         return layer
 
@@ -187,16 +200,18 @@ class QLoraLinear(_LoraAdapter, nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, blocksize: int = 64, double_quant: bool = True) -> "QLoraLinear":
+                    use_rslora: bool = False, blocksize: int = 64, double_quant: bool = True,
+                    adapter_dtype: torch.dtype | None = None) -> "QLoraLinear":
         """Quantize ``linear.weight`` to NF4 (bitsandbytes' bytes) and add an adapter; the bias
         is kept as is (frozen). ``linear`` itself is left untouched."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
         # check the configuration before the (costly) quantization
         cls._checked_config(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, use_rslora)
+        adapter_dtype = _adapter_dtype(adapter_dtype, linear.weight.dtype)
         qweight = quantize(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
         bias = linear.bias.detach() if linear.bias is not None else None
-        return cls(qweight, bias, r, lora_alpha, lora_dropout, use_rslora)
+        return cls(qweight, bias, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype)
 
     @classmethod
     def from_bnb(cls, module: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,

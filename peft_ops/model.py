@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 
+import torch
 import torch.nn as nn
 
 from . import _checks
 from .adapter import check_activation
-from .layers import BottleneckAdapter, WithAdapter
+from .layers import BottleneckAdapter, LoraLinear, QLoraLinear, WithAdapter
 from .nf4 import NF4Weight
 
 
@@ -36,17 +37,19 @@ def matches_target(name: str, target_modules: str | tuple[str, ...]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def find_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every submodule of `model` that `target_modules` names; a target list
-    that matches nothing is a ValueError listing the model's module names."""
+def find_targets(model: nn.Module, target_modules, kind: type | None = None) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every submodule of `model` (of type `kind`, when given) that
+    `target_modules` names; none is a ValueError listing the names of the candidates."""
     target_modules = _check_target_modules(target_modules)
-    found = [(name, module) for name, module in model.named_modules()
-             if name and matches_target(name, target_modules)]
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if name and (kind is None or isinstance(module, kind))]
+    found = [(name, module) for name, module in candidates if matches_target(name, target_modules)]
     if not found:
-        names = [name for name, _ in model.named_modules() if name]
+        names = [name for name, _ in candidates]
+        what = f"{kind.__module__}.{kind.__name__} layer" if kind is not None else "module"
         shown = ", ".join(names[:40]) + (f", … ({len(names)} in all)" if len(names) > 40 else "")
-        raise ValueError(f"target_modules {target_modules!r} matches no module of {type(model).__name__}; "
-                         f"its modules are: {shown}")
+        raise ValueError(f"target_modules {target_modules!r} matches no {what} of {type(model).__name__}; "
+                         f"its {what} names are: {shown or '(none)'}")
     return found
 
 
@@ -137,3 +140,96 @@ def trainable_summary(model: nn.Module) -> str:
     trainable, total = trainable_parameters(model)
     share = 100 * trainable / total if total else 0.0
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}"
+
+
+# --------------------------------------------------------------------------------------
+# LoRA / QLoRA on a whole model
+# --------------------------------------------------------------------------------------
+
+def replace_linears(model: nn.Module, layers: list, quantize: str | None) -> nn.Module:
+    """Put a LoraLinear (QLoraLinear when quantize == "nf4") in place of each nn.Linear named in
+    `layers` = [(name, from_linear keyword arguments, (lora_A, lora_B) or None)], then freeze
+    every other parameter. Each configuration is checked before anything changes."""
+    layer_class = QLoraLinear if quantize == "nf4" else LoraLinear
+    for name, kw, _ in layers:
+        linear = model.get_submodule(name)
+        layer_class._checked_config(linear.in_features, linear.out_features, kw["r"], kw["lora_alpha"],
+                                    kw["lora_dropout"], kw["use_rslora"])
+    built = []
+    for name, kw, weights in layers:
+        layer = layer_class.from_linear(model.get_submodule(name), **kw)
+        if weights is not None:
+            with torch.no_grad():
+                layer.lora_A.copy_(weights[0])
+                layer.lora_B.copy_(weights[1])
+        built.append((name, layer))
+    model.requires_grad_(False)
+    for name, layer in built:
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    return model
+
+
+def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+               use_rslora: bool = False, quantize: str | None = None, rank_pattern: dict | None = None,
+               alpha_pattern: dict | None = None) -> nn.Module:
+    """Replace each ``nn.Linear`` of `model` that `target_modules` names with a
+    :class:`LoraLinear` sharing its weight and bias (a :class:`QLoraLinear` holding its NF4
+    quantization with ``quantize="nf4"``), freeze every other parameter, return the model.
+
+    Matching is PEFT's: a list of module-name suffixes, or one regex string matched against the
+    full name; only ``nn.Linear`` modules are candidates, and a target list that matches none is
+    a ValueError listing the model's linear layer names. ``rank_pattern`` / ``alpha_pattern``
+    ({regex: value}) override ``r`` / ``lora_alpha`` per module as in PEFT (the first key that
+    matches the end of the name). Everything is checked before the model changes.
+    """
+    from .peft_files import check_patterns, pattern_value
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    r = _checks.positive_int("r", r)
+    lora_alpha = _checks.real_number("lora_alpha", lora_alpha)
+    lora_dropout = _checks.probability("lora_dropout", lora_dropout)
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+    rank_pattern, alpha_pattern = check_patterns(rank_pattern, alpha_pattern)
+    targets = [(name, m) for name, m in find_targets(model, target_modules, nn.Linear)
+               if not isinstance(m, (LoraLinear, QLoraLinear))]
+    layers = [(name, dict(r=pattern_value(rank_pattern, name, r),
+                          lora_alpha=pattern_value(alpha_pattern, name, lora_alpha),
+                          lora_dropout=lora_dropout, use_rslora=use_rslora), None) for name, _ in targets]
+    return replace_linears(model, layers, quantize)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """For export: replace each :class:`LoraLinear` by an ``nn.Linear`` whose weight is
+    W + scaling·B·A (summed in fp32, rounded once) and each :class:`QLoraLinear` by one with
+    dequant(W) + scaling·B·A, in place; return the model. A Hugging Face ``PeftModel``
+    (including one passed through :func:`peft_ops.from_peft`) is merged by PEFT's own
+    ``merge_and_unload``. Bottleneck adapters (``WithAdapter``) are nonlinear: they cannot
+    fold into a weight and stay as they are."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if callable(getattr(model, "merge_and_unload", None)) and hasattr(model, "peft_config"):
+        return model.merge_and_unload()
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLinear, QLoraLinear))]:
+        if isinstance(layer, QLoraLinear):
+            merged = layer.merged_linear()
+        else:
+            merged = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                               device=layer.weight.device, dtype=layer.weight.dtype)
+            with torch.no_grad():
+                weight = layer.weight.float()
+                if not layer.merged and not layer._adapter_disabled:
+                    weight = weight + layer._delta_weight_fp32()
+                merged.weight.copy_(weight)
+                if layer.bias is not None:
+                    merged.bias.copy_(layer.bias)
+        merged.requires_grad_(False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, merged)
+    return model

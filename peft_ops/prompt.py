@@ -17,7 +17,6 @@ Module and parameter names follow PEFT's (``embedding``, ``mlp_head``, ``lstm_he
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 
@@ -25,13 +24,12 @@ import torch
 import torch.nn as nn
 
 from . import _checks
+from .peft_files import CONFIG_NAME, WEIGHTS_NAME, base_model_name, read_folder, write_folder
 
 METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
 PEFT_TYPES = {"prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING", "prefix_tuning": "PREFIX_TUNING"}
 PROMPT_TUNING_INITS = ("random", "vocab", "text")
 REPARAMETERIZATIONS = ("MLP", "LSTM")
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 class PromptTuning(nn.Module):
@@ -360,7 +358,7 @@ def _peft_config(wrapper: PromptLearningModel) -> dict:
         "num_virtual_tokens": wrapper.num_virtual_tokens, "num_transformer_submodules": 1,
         "num_layers": dims["num_layers"], "token_dim": dims["hidden_size"],
         "num_attention_heads": dims["num_attention_heads"],
-        "base_model_name_or_path": getattr(wrapper.config, "name_or_path", None) or None,
+        "base_model_name_or_path": base_model_name(wrapper.base_model),
         "revision": None, "modules_to_save": None, "auto_mapping": None,
     }
     if wrapper.method == "prompt_tuning":
@@ -384,39 +382,21 @@ def save_prompt_learning(wrapper: PromptLearningModel, path: str | os.PathLike) 
     """Write PEFT's files to folder `path`: adapter_config.json and adapter_model.safetensors
     holding ``prompt_embeddings`` — the prompt itself ([n, hidden]; for P-tuning the encoder's
     output, for prefix tuning the flattened prefixes [n, layers·2·kv_heads·head_dim])."""
-    from safetensors.torch import save_file
-
     if not isinstance(wrapper, PromptLearningModel):
         raise TypeError(f"wrapper must be a PromptLearningModel, got {type(wrapper).__name__}")
-    os.makedirs(path, exist_ok=True)
     with torch.no_grad():
-        prompt = wrapper.prompt_encoder.prompt().detach().float().cpu().contiguous()
-    save_file({"prompt_embeddings": prompt}, os.path.join(path, WEIGHTS_NAME))
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(_peft_config(wrapper), f, indent=2, sort_keys=True)
+        prompt = wrapper.prompt_encoder.prompt().float()
+    write_folder(path, _peft_config(wrapper), {"prompt_embeddings": prompt})
 
 
 def load_prompt_learning(model: nn.Module, path: str | os.PathLike) -> PromptLearningModel:
     """Read PEFT's prompt-learning files from folder `path` (written by PEFT or by
     :func:`save_prompt_learning`) and return `model` wrapped with that prompt. Every field,
     key and shape is checked against `model` before the model is frozen; safetensors only."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    config, tensors = read_folder(path)
     config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
-    if not os.path.isfile(weights_path):
-        if os.path.isfile(os.path.join(path, "adapter_model.bin")):
-            raise ValueError(f"{path} holds adapter_model.bin (a pickle): only safetensors files are loaded")
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {config_path}: {err}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} does not hold a JSON object")
     method = {v: k for k, v in PEFT_TYPES.items()}.get(config.get("peft_type"))
     if method is None:
         raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r} is not one of "
@@ -424,15 +404,9 @@ def load_prompt_learning(model: nn.Module, path: str | os.PathLike) -> PromptLea
     if config.get("num_transformer_submodules", 1) != 1:
         raise ValueError(f"{config_path}: num_transformer_submodules must be 1 (a decoder-only model)")
     n = _checks.positive_int("num_virtual_tokens", config.get("num_virtual_tokens"))
-    try:
-        tensors = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"cannot read {weights_path}: {err}") from None
     if set(tensors) != {"prompt_embeddings"}:
         raise ValueError(f"{weights_path} must hold exactly 'prompt_embeddings', found {sorted(tensors)}")
     prompt = tensors["prompt_embeddings"]
-    if not prompt.is_floating_point():
-        raise ValueError(f"prompt_embeddings must be floating point, got {prompt.dtype}")
 
     embeddings = _input_embeddings(model)
     dims = _model_dims(model)
@@ -456,8 +430,6 @@ def load_prompt_learning(model: nn.Module, path: str | os.PathLike) -> PromptLea
                              f"{dims['hidden_size']}")
     if tuple(prompt.shape) != expected:
         raise ValueError(f"prompt_embeddings has shape {tuple(prompt.shape)}; this config and model need {expected}")
-    if not torch.isfinite(prompt).all():
-        raise ValueError("prompt_embeddings holds NaN or infinite values")
     with torch.no_grad():
         encoder.embedding.weight.copy_(prompt)
     model.requires_grad_(False)

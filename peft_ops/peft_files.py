@@ -1,0 +1,227 @@
+"""Hugging Face PEFT's adapter folders (adapter_config.json + adapter_model.safetensors): the
+checked reading and writing that LoRA and the prompt methods share, and the LoRA files
+(``save_peft_adapter`` / ``load_peft_adapter``). safetensors only: nothing is unpickled."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+
+import torch
+import torch.nn as nn
+
+from . import _checks
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."  # PEFT's prefix of every saved key (the adapter name is stripped)
+
+
+# --------------------------------------------------------------------------------------
+# Reading and writing a folder
+# --------------------------------------------------------------------------------------
+
+def read_folder(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of a PEFT adapter folder, or a ValueError / FileNotFoundError that
+    says what is wrong. A pickled adapter_model.bin is refused, never opened."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(weights_path):
+        if os.path.isfile(os.path.join(path, "adapter_model.bin")):
+            raise ValueError(f"{path} holds adapter_model.bin (a pickle, which can run code when loaded): only "
+                             "safetensors files are read. Convert it where you trust it, or save it again with "
+                             "safe_serialization=True")
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {config_path}: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} does not hold a JSON object")
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"cannot read {weights_path} (damaged or not safetensors): {err}") from None
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{weights_path}: {key} has dtype {tensor.dtype}, not floating point")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{weights_path}: {key} holds NaN or infinite values")
+    return config, tensors
+
+
+def write_folder(path: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(path, WEIGHTS_NAME))
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def base_model_name(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "name_or_path", None) or None
+
+
+# --------------------------------------------------------------------------------------
+# LoRA files
+# --------------------------------------------------------------------------------------
+
+def pattern_value(patterns: dict | None, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that, as a regex, matches the
+    end of the module name at a dot boundary."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def check_patterns(rank_pattern, alpha_pattern) -> tuple[dict, dict]:
+    """Validated copies: rank_pattern {regex: r ≥ 1}, alpha_pattern {regex: real}."""
+    out = []
+    for arg, patterns, check in (("rank_pattern", rank_pattern, _checks.positive_int),
+                                 ("alpha_pattern", alpha_pattern, _checks.real_number)):
+        if patterns is None:
+            out.append({})
+            continue
+        if not isinstance(patterns, dict):
+            raise TypeError(f"{arg} must be a dict of module-name regex → value, got {type(patterns).__name__}")
+        checked = {}
+        for key, value in patterns.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{arg} keys must be strings, got {key!r}")
+            try:
+                re.compile(key)
+            except re.error as err:
+                raise ValueError(f"{arg} key {key!r} is not a valid regular expression: {err}") from None
+            checked[key] = check(f"{arg}[{key!r}]", value)
+        out.append(checked)
+    return out[0], out[1]
+
+
+# Config fields whose non-default values ask for something these layers do not do.
+_UNSUPPORTED = {
+    "use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out (GPT-2 Conv1D weights)", "modules_to_save": "modules_to_save",
+    "layers_to_transform": "layers_to_transform", "layers_pattern": "layers_pattern", "lora_bias": "lora_bias",
+    "target_parameters": "target_parameters", "trainable_token_indices": "trainable_token_indices",
+    "use_qalora": "QALoRA", "alora_invocation_tokens": "aLoRA", "megatron_config": "Megatron layers",
+}
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from .layers import LoraLinear, QLoraLinear
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (LoraLinear, QLoraLinear))]
+
+
+def _most_common(values):
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def save_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the LoRA layers of `model` (``LoraLinear`` / ``QLoraLinear``) as a PEFT adapter
+    folder that ``peft.PeftModel.from_pretrained`` loads: keys
+    ``base_model.model.<module>.lora_A.weight`` [r, in] and ``...lora_B.weight`` [out, r] in the
+    adapters' dtype; ``target_modules`` the exact module names; the most common r and
+    lora_alpha as ``r`` / ``lora_alpha``, the others in ``rank_pattern`` / ``alpha_pattern``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    layers = _lora_layers(model)
+    if not layers:
+        raise ValueError(f"model ({type(model).__name__}) has no LoraLinear or QLoraLinear layer to save")
+    rslora = {m.use_rslora for _, m in layers}
+    if len(rslora) > 1:
+        raise ValueError("some layers use rsLoRA and some do not: PEFT's config has one use_rslora for all")
+    r = _most_common(m.r for _, m in layers)
+    alpha = _most_common(m.lora_alpha for _, m in layers)
+    config = {
+        "peft_type": "LORA", "task_type": None, "inference_mode": True,
+        "r": r, "lora_alpha": alpha, "lora_dropout": _most_common(m.lora_dropout for _, m in layers),
+        "use_rslora": rslora.pop(), "target_modules": sorted(name for name, _ in layers),
+        "rank_pattern": {name: m.r for name, m in layers if m.r != r},
+        "alpha_pattern": {name: m.lora_alpha for name, m in layers if m.lora_alpha != alpha},
+        "bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None,
+        "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
+        "base_model_name_or_path": base_model_name(model), "revision": None,
+    }
+    tensors = {}
+    for name, layer in layers:
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B
+    write_folder(path, config, tensors)
+
+
+def _lora_config(config: dict, where: str) -> dict:
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{where}: peft_type is {config.get('peft_type')!r}, not 'LORA' (prompt-learning folders "
+                         "load with peft_ops.load_prompt_learning)")
+    for field, what in _UNSUPPORTED.items():
+        if config.get(field):
+            raise ValueError(f"{where}: {what} ({field}={config[field]!r}) is not supported")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{where}: bias={config['bias']!r} (trained biases) is not supported; only 'none'")
+    targets = config.get("target_modules")
+    if not targets:
+        raise ValueError(f"{where}: target_modules is missing (PEFT's per-architecture defaults are not guessed)")
+    use_rslora = config.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise ValueError(f"{where}: use_rslora must be true or false")
+    rank_pattern, alpha_pattern = check_patterns(config.get("rank_pattern") or None,
+                                                 config.get("alpha_pattern") or None)
+    return {"target_modules": targets, "r": _checks.positive_int("r", config.get("r", 8)),
+            "lora_alpha": _checks.real_number("lora_alpha", config.get("lora_alpha", 8)),
+            "lora_dropout": _checks.probability("lora_dropout", config.get("lora_dropout", 0.0)),
+            "use_rslora": use_rslora, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+            "exclude_modules": config.get("exclude_modules")}
+
+
+def load_peft_adapter(model: nn.Module, path: str | os.PathLike, quantize: str | None = None) -> nn.Module:
+    """Read a PEFT LoRA folder into a plain `model`: put a ``LoraLinear`` (``QLoraLinear`` with
+    ``quantize="nf4"``) on each linear layer the config's ``target_modules`` name (less
+    ``exclude_modules``), with its ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern`` and
+    ``alpha_pattern``, load the adapter weights, freeze the rest, and return the model.
+
+    Every field, key, shape, dtype and value is checked before the model changes: on any
+    error (missing or extra keys, shapes that disagree with the config, a damaged file, DoRA
+    or another unsupported option, a .bin pickle) the model is exactly as before."""
+    from .model import find_targets, matches_target, replace_linears
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+    config, tensors = read_folder(path)
+    where = os.path.join(path, CONFIG_NAME)
+    cfg = _lora_config(config, where)
+    targets = find_targets(model, cfg["target_modules"], nn.Linear)
+    if cfg["exclude_modules"]:
+        targets = [(n, m) for n, m in targets if not matches_target(n, cfg["exclude_modules"])]
+    expected, plan = set(), []
+    for name, linear in targets:
+        r = _checks.positive_int(f"rank_pattern for {name}", pattern_value(cfg["rank_pattern"], name, cfg["r"]))
+        alpha = pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"])
+        key_a, key_b = f"{KEY_PREFIX}{name}.lora_A.weight", f"{KEY_PREFIX}{name}.lora_B.weight"
+        expected |= {key_a, key_b}
+        for key, shape in ((key_a, (r, linear.in_features)), (key_b, (linear.out_features, r))):
+            if key in tensors and tuple(tensors[key].shape) != shape:
+                raise ValueError(f"{key} has shape {tuple(tensors[key].shape)}, but the config (r={r}) and the "
+                                 f"model's {name} ({linear.in_features}→{linear.out_features}) need {shape}")
+        plan.append((name, linear, r, alpha, key_a, key_b))
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or extra:
+        raise ValueError(f"{path}: the adapter weights do not fit the config on this model: "
+                         f"missing {missing[:6]}{' …' if len(missing) > 6 else ''}, "
+                         f"unexpected {extra[:6]}{' …' if len(extra) > 6 else ''}")
+    layers = []
+    for name, linear, r, alpha, key_a, key_b in plan:
+        a, b = tensors[key_a], tensors[key_b]
+        # PEFT's fp32 adapters stay fp32 on a half-precision base (our layers take them as they are)
+        adapter_dtype = torch.float32 if a.dtype == torch.float32 else linear.weight.dtype
+        layers.append((name, dict(r=r, lora_alpha=alpha, lora_dropout=cfg["lora_dropout"],
+                                  use_rslora=cfg["use_rslora"], adapter_dtype=adapter_dtype), (a, b)))
+    return replace_linears(model, layers, quantize)

@@ -1,0 +1,179 @@
+"""``from_peft``: run the LoRA layers of an existing Hugging Face ``PeftModel`` on the fused
+ops, in place, without changing the training script.
+
+Each supported layer keeps its object, its submodules and its Parameters — so the optimizer,
+``state_dict`` keys, ``save_pretrained``, ``merge_and_unload`` and ``disable_adapter`` keep
+working — and only its class changes, to a subclass of PEFT's own whose ``forward`` calls
+:func:`peft_ops.lora_linear` (or :func:`peft_ops.qlora_linear` over a bitsandbytes 4-bit
+base). Any call the fused op does not cover (adapters disabled or merged, a mixed-adapter
+batch, a dtype it does not take) goes to PEFT's forward, so results never silently differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+import torch.nn as nn
+
+
+@dataclasses.dataclass
+class FromPeftReport:
+    swapped: list[str]  # module names now on the fused ops
+    skipped: dict[str, str]  # module name → why it was left as PEFT's
+
+
+class _FusedLoraForward:
+    """Mixed in front of PEFT's LoRA layer class: the fused forward when it applies, else
+    PEFT's (see ``_fused_plan``)."""
+
+    def _fused_plan(self, x: torch.Tensor, args, kwargs):
+        """(adapter name, dropout p) when the fused op computes exactly PEFT's result, else None."""
+        if args or kwargs or self.disable_adapters or self.merged:
+            return None
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if len(active) != 1 or active[0] in getattr(self, "lora_variant", {}):
+            return None
+        adapter = active[0]
+        dropout = self.lora_dropout[adapter]
+        if isinstance(dropout, nn.Identity) or not self.training:
+            p = 0.0
+        elif type(dropout) is nn.Dropout:
+            p = dropout.p
+        else:
+            return None
+        if self.lora_B[adapter].bias is not None or self.lora_A[adapter].bias is not None:
+            return None
+        a_dtype = self.lora_A[adapter].weight.dtype
+        if a_dtype != self.lora_B[adapter].weight.dtype or a_dtype not in (x.dtype, torch.float32):
+            return None
+        return adapter, p
+
+    def _peft_forward(self, x, *args, **kwargs):
+        return super(_FusedLoraForward, self).forward(x, *args, **kwargs)  # PEFT's own class, next in the MRO
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        plan = self._fused_plan(x, args, kwargs)
+        if plan is None:
+            return self._peft_forward(x, *args, **kwargs)
+        adapter, p = plan
+        return self._fused_forward(x, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                                   self.scaling[adapter], p)
+
+
+class _FusedLinear(_FusedLoraForward):
+    def _fused_forward(self, x, lora_A, lora_B, scaling, p):
+        from .lora import lora_linear
+
+        base = self.base_layer
+        if x.dtype != base.weight.dtype:  # lora_linear takes one dtype for x and W: let PEFT cast
+            return self._peft_forward(x)
+        return lora_linear(x, base.weight, lora_A, lora_B, scaling, base.bias, p)
+
+
+class _FusedLinear4bit(_FusedLoraForward):
+    def _fused_forward(self, x, lora_A, lora_B, scaling, p):
+        from .qlora import qlora_linear
+
+        qweight = self._peft_ops_nf4  # NF4Weight over the layer's own bitsandbytes tensors
+        if x.dtype != qweight.dtype:
+            return self._peft_forward(x)
+        bias = self.get_base_layer().bias
+        bias = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
+        return qlora_linear(x, qweight, lora_A, lora_B, scaling, bias, p)
+
+
+_FUSED_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _fused_class(peft_class: type, mixin: type) -> type:
+    """PEFT's class with the fused forward in front; one class per (PEFT class, base kind),
+    since PEFT's plain Linear may sit over a dense or a bitsandbytes 4-bit base."""
+    key = (peft_class, mixin)
+    if key not in _FUSED_CLASSES:
+        kind = "NF4" if mixin is _FusedLinear4bit else ""
+        _FUSED_CLASSES[key] = type(f"Fused{kind}{peft_class.__name__}", (mixin, peft_class), {"__module__": __name__})
+    return _FUSED_CLASSES[key]
+
+
+def _why_not(layer) -> str | None:
+    """Why `layer` (a PEFT LoRA layer) must stay PEFT's, or None."""
+    if len(layer.active_adapters) > 1:
+        return f"{len(layer.active_adapters)} active adapters (the fused layer runs one)"
+    for adapter in layer.lora_A:
+        if layer.use_dora.get(adapter, False):
+            return f"DoRA (adapter {adapter!r})"
+        if getattr(layer, "lora_variant", {}).get(adapter) is not None:
+            return f"LoRA variant {type(layer.lora_variant[adapter]).__name__} (adapter {adapter!r})"
+        if getattr(layer, "lora_bias", {}).get(adapter, False):
+            return f"lora_bias (adapter {adapter!r})"
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out (a transposed Conv1D weight)"
+    return None
+
+
+def from_peft(peft_model: nn.Module) -> FromPeftReport:
+    """Swap, in place, the LoRA layers of a Hugging Face ``PeftModel`` — ``peft.tuners.lora.Linear``
+    over an ``nn.Linear``, and PEFT's bitsandbytes ``Linear4bit`` (NF4) LoRA layers — for the
+    fused ones, sharing every Parameter and buffer. Layers it cannot handle (several
+    adapters, DoRA or another variant, fan_in_fan_out, lora_bias, other base layers) are left
+    as they are and reported, in the returned report and as a warning."""
+    try:
+        from peft.tuners.lora import layer as lora_layers
+    except ImportError as err:
+        raise ImportError("from_peft needs the peft package (pip install 'peft-ops[interop]')") from err
+    if not isinstance(peft_model, nn.Module):
+        raise TypeError(f"peft_model must be a torch.nn.Module, got {type(peft_model).__name__}")
+    try:
+        from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+    except ImportError:  # no bitsandbytes
+        PeftLinear4bit = None
+
+    report = FromPeftReport([], {})
+    plans = []
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, lora_layers.LoraLayer) or isinstance(module, _FusedLoraForward):
+            continue
+        reason = _why_not(module)
+        linear_layer = isinstance(module, lora_layers.Linear) or \
+            (PeftLinear4bit is not None and isinstance(module, PeftLinear4bit))
+        base = module.get_base_layer()
+        if reason is None and linear_layer and type(base) is nn.Linear:
+            plans.append((name, module, _FusedLinear, None))
+        elif reason is None and linear_layer and hasattr(getattr(base, "weight", None), "quant_state"):
+            # bitsandbytes 4-bit: PEFT's Linear4bit layer, or its plain Linear where PEFT's bnb
+            # dispatch is off (bitsandbytes on a CPU-only machine)
+            nf4, reason = _nf4_of(base)
+            if nf4 is not None:
+                plans.append((name, module, _FusedLinear4bit, nf4))
+        elif reason is None:
+            reason = f"{type(module).__name__} over {type(base).__name__} (no fused op)"
+        if reason is not None:
+            report.skipped[name] = reason
+    for name, module, mixin, nf4 in plans:
+        if nf4 is not None:
+            # not a submodule: the state_dict must stay exactly PEFT's
+            object.__setattr__(module, "_peft_ops_nf4", nf4)
+        module.__class__ = _fused_class(type(module), mixin)
+        report.swapped.append(name)
+    if not plans and not report.skipped:
+        raise ValueError(f"{type(peft_model).__name__} has no PEFT LoRA layer")
+    if report.skipped:
+        warnings.warn("peft_ops.from_peft left these layers to PEFT: " +
+                      "; ".join(f"{n}: {why}" for n, why in report.skipped.items()), stacklevel=2)
+    return report
+
+
+def _nf4_of(base_layer):
+    """(NF4Weight sharing the bitsandbytes layer's tensors, None) or (None, why not)."""
+    from .nf4 import NF4Weight
+
+    weight = getattr(base_layer, "weight", None)
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None:
+        return None, "bitsandbytes 4-bit layer not quantized yet (no quant_state)"
+    try:
+        return NF4Weight.from_bnb(weight.data, quant_state), None
+    except (TypeError, ValueError) as err:
+        return None, f"bitsandbytes 4-bit layer not in NF4 as peft_ops reads it ({err})"
