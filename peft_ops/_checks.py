@@ -66,3 +66,12 @@ def positive_int(name: str, value: object) -> int:
     if value <= 0:
         raise ValueError(f"{name} must be ≥ 1, got {value}")
     return int(value)
+
+
+def one_of(name: str, value: object, choices: tuple[str, ...]) -> str:
+    """A string option: TypeError if not a str, ValueError if not one of `choices`."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {choices}; got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}; got {value!r}")
+    return value

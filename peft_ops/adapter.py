@@ -18,11 +18,7 @@ KERNEL_MAX_BOTTLENECK = {torch.float32: 128, torch.float16: 256, torch.bfloat16:
 
 
 def check_activation(activation: object) -> str:
-    if not isinstance(activation, str):
-        raise TypeError(f"activation must be a str, one of {ACTIVATIONS}; got {type(activation).__name__}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
-    return activation
+    return _checks.one_of("activation", activation, ACTIVATIONS)
 
 
 def _check_adapter_args(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p):

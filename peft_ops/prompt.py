@@ -44,8 +44,7 @@ class PromptTuning(nn.Module):
         super().__init__()
         self.num_virtual_tokens = _checks.positive_int("num_virtual_tokens", num_virtual_tokens)
         self.hidden_size = _checks.positive_int("hidden_size", hidden_size)
-        if init not in PROMPT_TUNING_INITS:
-            raise ValueError(f"init must be one of {PROMPT_TUNING_INITS}; got {init!r}")
+        _checks.one_of("init", init, PROMPT_TUNING_INITS)
         if init != "random" and not isinstance(word_embeddings, nn.Embedding):
             raise ValueError(f"init={init!r} needs word_embeddings, the model's input nn.Embedding")
         if init == "vocab":
@@ -295,14 +294,6 @@ _OPTIONS = {
 }
 
 
-def _check_method(method: object) -> str:
-    if not isinstance(method, str):
-        raise TypeError(f"method must be a str, one of {METHODS}; got {type(method).__name__}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-    return method
-
-
 def _build_prompt_encoder(model: nn.Module, method: str, num_virtual_tokens: int, options: dict) -> nn.Module:
     unknown = set(options) - _OPTIONS[method]
     if unknown:
@@ -339,7 +330,7 @@ def apply_prompt_learning(model: nn.Module, method: str = "prompt_tuning", num_v
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    method = _check_method(method)
+    method = _checks.one_of("method", method, METHODS)
     num_virtual_tokens = _checks.positive_int("num_virtual_tokens", num_virtual_tokens)
     prompt_encoder = _build_prompt_encoder(model, method, num_virtual_tokens, options)
     model.requires_grad_(False)

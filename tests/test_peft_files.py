@@ -315,3 +315,18 @@ def test_damaged_or_mismatched_files_change_nothing(what, tmp_path):
     assert [type(m) for m in model.modules()] == modules
     assert all(p.requires_grad for p in model.parameters())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_load_with_nf4_matches_peft_on_the_dequantized_base(tmp_path):
+    base = llama()
+    theirs = peft_lora(base, r=4, lora_alpha=8)
+    theirs.save_pretrained(tmp_path)
+    ours = load_peft_adapter(copy.deepcopy(base), tmp_path, quantize="nf4")
+    layers = lora_layers(ours)
+    assert len(layers) == 6 and all(isinstance(m, QLoraLinear) for m in layers.values())
+    with torch.no_grad():  # PEFT's twin on the very weights NF4 keeps
+        for name, layer in layers.items():
+            theirs.base_model.model.get_submodule(name).base_layer.weight.copy_(layer.qweight.dequantize(torch.float32))
+        x = ids()
+        error = max_logit_error(ours(x).logits, theirs(input_ids=x).logits)
+    assert error <= FP32_TOL, error
