@@ -7,8 +7,9 @@ any machine), and on a CUDA GPU the times side by side in one run.
 Eager bytes are measured, not modelled: every ATen op that eager PyTorch runs for the forward
 and the backward (on meta tensors: no memory, any shape) is counted as reading its tensor
 inputs and writing its outputs; views move nothing. The fused bytes come from the kernels'
-traffic model (`fused_bytes`), which assumes, as the forward kernel is built for, that its
-second read of a row block of x is served by L2.
+traffic model, which assumes, as the forward kernel is built for, that its second read of a
+row block of x is served by L2 (both in peft_ops.roofline; `peft-ops bench --ops adapter`
+reports the same with the other ops).
 """
 
 from __future__ import annotations
@@ -17,67 +18,26 @@ import argparse
 import pathlib
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import peft_ops
-from peft_ops import reference
+from peft_ops import reference, roofline
+from peft_ops.roofline import OpShape
 
 GPU_SHAPES = [(512, 4096, 64), (4096, 4096, 64), (8192, 4096, 64), (8192, 4096, 16), (8192, 4096, 256),
               (8192, 5120, 64)]
 SMOKE_SHAPES = [(64, 64, 8)]
 
 
-class CountBytes(TorchDispatchMode):
-    """Bytes each ATen op reads (tensor inputs) and writes (outputs), views excluded."""
-
-    def __init__(self):
-        super().__init__()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if any(r.alias_info is not None for r in func._schema.returns):
-            return out  # a view (or an in-place op returning its input): counted where it is read
-        flat = torch.utils._pytree.tree_leaves((args, kwargs, out))
-        self.bytes += sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
-        return out
-
-
 def eager_bytes(M: int, d: int, m: int, dtype=torch.bfloat16, dropout_p: float = 0.0) -> dict:
     """Measured bytes of the eager reference (forward, backward) at this shape."""
-    meta = dict(device="meta", dtype=dtype)
-    x = torch.empty(M, d, **meta, requires_grad=True)
-    params = [torch.empty(m, d, **meta, requires_grad=True), torch.empty(m, **meta, requires_grad=True),
-              torch.empty(d, m, **meta, requires_grad=True), torch.empty(d, **meta, requires_grad=True)]
-    dy = torch.empty(M, d, **meta)
-    with CountBytes() as forward:
-        y = reference.bottleneck_adapter(x, *params, "gelu", 1.0, dropout_p)
-    with CountBytes() as backward:
-        y.backward(dy)
-    return {"forward": forward.bytes, "backward": backward.bytes}
+    return roofline.unfused_bytes(OpShape("adapter", M, d, d, m, dtype.itemsize), dropout_p)
 
 
 def fused_bytes(M: int, d: int, m: int, element_bytes: int = 2, dropout_p: float = 0.0) -> dict:
-    """HBM bytes of the fused kernels (kernels/bottleneck_adapter.py), per call.
-
-    forward: x read once (its second read from L2), y written, h [M, m] fp32 written, weights
-    and biases read once. backward: dh kernel reads dY and h, writes dh; dX kernel reads dY, x,
-    h, dh, writes dX and fp32 slice partials of dW_down, dW_up, db_up (read back by the sum);
-    one more read of dY where the dX and dW halves are two launches (the sm_90 tile table).
-    The dropout mask is regenerated from the seed: no bytes."""
-    from peft_ops.kernels.bottleneck_adapter import BACKWARD_DX_TILES, block_bottleneck, row_slices, tile_family
-
-    act = M * d * element_bytes
-    h = M * m * 4
-    weights = (2 * m * d + m + d) * element_bytes
-    dtype = torch.float32 if element_bytes == 4 else torch.bfloat16
-    tiles = BACKWARD_DX_TILES["sm90"][tile_family(dtype, block_bottleneck(m))]
-    split = isinstance(tiles, dict)
-    block_m, block_d = (tiles["dw"] if split else tiles)[:2]
-    slices = row_slices(M, d, block_m, block_d)[0]
-    partials = 2 * slices * (2 * m * d + d) * 4
-    return {"forward": 2 * act + h + weights,
-            "backward": (4 + split) * act + 4 * h + weights + partials + (2 * m * d + m + d) * element_bytes}
+    """HBM bytes of the fused kernels per call (peft_ops.roofline's traffic model; the dropout
+    mask is regenerated from the seed, so dropout adds nothing)."""
+    shape = OpShape("adapter", M, d, d, m, element_bytes)
+    return {phase: roofline.fused_bytes(shape, phase) for phase in roofline.PHASES}
 
 
 def _inputs(M, d, m, dtype, device):

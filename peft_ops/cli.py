@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
+    "bench": "fused ops against PyTorch, PEFT and bitsandbytes: timings on a GPU, roofline and memory anywhere",
     "check": "run every fused op against its float64 reference on this machine",
     "compile": "compile every kernel for sm_80 and sm_90a (no GPU needed); registers, spills, shared memory",
 }
@@ -20,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "check":
         from .check import main as run
+    elif command == "bench":
+        from .bench import main as run
     else:
         from .compile_report import main as run
     return run(rest)

@@ -67,7 +67,11 @@ def _compile_one(job: tuple[str, str, int]) -> dict:
 
 
 def compile_all(jobs: int | None = None) -> list[dict]:
-    work = [(m, t, i) for m in KERNEL_MODULES for t in TARGETS for i in range(len(_specs(m, t)))]
+    return run_jobs([(m, t, i) for m in KERNEL_MODULES for t in TARGETS for i in range(len(_specs(m, t)))], jobs)
+
+
+def run_jobs(work: list[tuple[str, str, int]], jobs: int | None = None) -> list[dict]:
+    """Compile the builds (kernel module, target, index in its compile_specs) in parallel."""
     jobs = jobs or os.cpu_count() or 1
     if jobs == 1:
         return [_compile_one(w) for w in work]

@@ -35,17 +35,10 @@ def test_bench_adapter_smoke():
     assert "forward fused" in out.stdout and "fwd+bwd fused" in out.stdout
 
 
-def test_eager_adapter_bytes_are_counted_op_by_op():
-    # One linear layer on meta tensors: reads x and W, writes y — and nothing for the views.
-    import torch
-
+def test_adapter_bytes_script_matches_the_roofline_model():
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_adapter import CountBytes, eager_bytes, fused_bytes
+    from bench_adapter import eager_bytes, fused_bytes
 
-    x, w = torch.empty(64, 32, device="meta"), torch.empty(16, 32, device="meta")
-    with CountBytes() as counted:
-        torch.nn.functional.linear(x, w)
-    assert counted.bytes == (64 * 32 + 16 * 32 + 64 * 16) * 4
     # The adapter's eager forward passes over M×d at least 7 times (x twice, z, s·z twice, y);
     # the fused one twice, plus h and the weights.
     M, d, m = 1024, 512, 16
@@ -53,3 +46,11 @@ def test_eager_adapter_bytes_are_counted_op_by_op():
     assert eager["forward"] >= 7 * M * d * 2
     assert fused["forward"] == 2 * M * d * 2 + M * m * 4 + (2 * m * d + m + d) * 2
     assert eager["backward"] > 2 * fused["backward"] > 8 * M * d * 2
+
+
+def test_pytest_benchmark_suite_runs():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "benchmarks"),
+                          "--benchmark-disable"], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout

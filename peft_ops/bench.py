@@ -1,0 +1,525 @@
+"""``peft-ops bench``: how much faster and leaner the fused ops are than what people use now.
+
+On a CUDA GPU: forward, backward and forward+backward times (``triton.testing.do_bench``) of
+each fused op and of every baseline present — eager PyTorch (the reference chain, PEFT's
+way), the frozen base layer alone (cuBLAS: the bar LoRA is judged against), Hugging Face
+PEFT's LoRA layer, bitsandbytes' 4-bit path — with speedups, TFLOP/s, GB/s, % of the
+device's roofline, peak memory and activation bytes saved for backward.
+
+Without a GPU it says so, and reports what holds anyway: the roofline model of every op and
+shape (FLOPs, minimum / fused / eager bytes, predicted times on a chosen GPU), the static
+compile profile of every kernel for sm_80 and sm_90a, and the activation bytes our layers
+save for backward next to PEFT's (measured here).
+
+Writes bench.csv, bench.json (every row, with device, versions, date and command),
+bench.txt (the printed tables) and bench.png (speedup and % of roofline per op and shape) to
+the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib.metadata
+import json
+import pathlib
+import sys
+import time
+
+import torch
+
+from . import roofline
+from .roofline import OPS, OpShape
+
+PRESETS = {  # layer shapes (in, out), ranks, token counts M, adapter (d, m)
+    "default": dict(layers=[(4096, 4096), (4096, 11008), (4096, 14336)], ranks=[8, 16, 64],
+                    tokens=[1, 16, 512, 4096, 8192], adapters=[(4096, 16), (4096, 64), (4096, 256)]),
+    "quick": dict(layers=[(4096, 4096), (4096, 14336)], ranks=[16], tokens=[16, 8192], adapters=[(4096, 64)]),
+    # tiny shapes: exercises every code path on any device (timings meaningless)
+    "smoke": dict(layers=[(64, 48)], ranks=[8], tokens=[4, 40], adapters=[(64, 8)]),
+}
+PHASES = ("forward", "backward", "fwd+bwd")
+
+
+def shapes_for(ops: list[str], preset: dict) -> list[OpShape]:
+    out = []
+    for op in ops:
+        if op == "adapter":
+            out += [OpShape("adapter", M, d, d, m) for d, m in preset["adapters"] for M in preset["tokens"]]
+        elif op == "nf4":
+            out += [OpShape("nf4", M, K, N) for K, N in preset["layers"] for M in preset["tokens"]]
+        else:
+            out += [OpShape(op, M, K, N, r) for K, N in preset["layers"] for r in preset["ranks"]
+                    for M in preset["tokens"]]
+    return out
+
+
+def _sum_phases(values: dict) -> dict:
+    return {**values, "fwd+bwd": values["forward"] + values["backward"]}
+
+
+def model_row(s: OpShape, gpu_name: str, gpu: dict) -> list[dict]:
+    """The roofline rows (one per phase) of one op and shape."""
+    f = _sum_phases({p: roofline.flops(s, p) for p in roofline.PHASES})
+    low = _sum_phases({p: roofline.min_bytes(s, p) for p in roofline.PHASES})
+    fused = _sum_phases({p: roofline.fused_bytes(s, p) for p in roofline.PHASES})
+    eager = _sum_phases(roofline.unfused_bytes(s))
+    base_phases = {p: roofline.base_layer(s, p) for p in roofline.PHASES}
+    base = {**base_phases, "fwd+bwd": tuple(map(sum, zip(*base_phases.values())))}
+    rows = []
+    for phase in PHASES:
+        t_min = roofline.roofline_seconds(f[phase], low[phase], gpu)
+        t_fused = roofline.roofline_seconds(f[phase], fused[phase], gpu)
+        t_eager = roofline.roofline_seconds(f[phase], eager[phase], gpu)
+        row = {"op": s.op, "shape": s.label(), "M": s.M, "K": s.K, "N": s.N, "r": s.r, "phase": phase,
+               "flops": f[phase], "min_bytes": low[phase], "fused_bytes": fused[phase], "eager_bytes": eager[phase],
+               "flop_per_byte": f[phase] / low[phase], "model_gpu": gpu_name,
+               "predicted_fused_ms": t_fused * 1e3, "predicted_eager_ms": t_eager * 1e3,
+               "predicted_speedup_vs_eager": t_eager / t_fused, "predicted_pct_roofline": 100 * t_min / t_fused}
+        if s.op in ("lora", "qlora"):
+            row["predicted_fused_vs_base"] = t_fused / roofline.roofline_seconds(*base[phase], gpu)
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Timed runs (a CUDA GPU; or any device with --time-anyway, for testing the code path)
+# --------------------------------------------------------------------------------------
+
+def _timer(device: torch.device):
+    if device.type == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+    def cpu_median_ms(fn, reps=3):
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return sorted(times)[len(times) // 2]
+    return cpu_median_ms
+
+
+def implementations(s: OpShape, dtype: torch.dtype, device: torch.device) -> tuple[dict, torch.Tensor, list, list]:
+    """{name: forward function} for the fused op and every baseline present, the output
+    gradient, the leaves that require grad (x first), and the other non-activation tensors
+    (weights), which saved-byte counts leave out."""
+    import torch.nn.functional as F
+
+    import peft_ops
+    from peft_ops import reference
+
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0, grad=False):
+        return (torch.randn(*shape, generator=gen) * scale).to(device, dtype).requires_grad_(grad)
+
+    x = rand(s.M, s.K, grad=True)
+    if s.op == "adapter":
+        params = [rand(s.r, s.K, scale=s.K ** -0.5, grad=True), rand(s.r, grad=True),
+                  rand(s.K, s.r, scale=s.r ** -0.5, grad=True), rand(s.K, grad=True)]
+        impls = {"fused": lambda: peft_ops.bottleneck_adapter(x, *params, "gelu", 1.0),
+                 "eager": lambda: reference.bottleneck_adapter(x, *params, "gelu", 1.0)}
+        return impls, rand(s.M, s.K), [x, *params], []
+
+    W = rand(s.N, s.K, scale=s.K ** -0.5)
+    impls = {"base": lambda: F.linear(x, W)}
+    leaves, weights = [x], [W]
+    if s.op in ("qlora", "nf4"):
+        q = peft_ops.nf4.quantize(W)
+        weights += list(q.buffers())
+        if s.op == "nf4":
+            impls["fused"] = lambda: peft_ops.nf4_linear(x, q)
+            impls["eager"] = lambda: F.linear(x, peft_ops.nf4.dequantize(q, dtype))
+    if s.op in ("lora", "qlora"):
+        A, B = rand(s.r, s.K, scale=s.K ** -0.5, grad=True), rand(s.N, s.r, scale=s.r ** -0.5, grad=True)
+        leaves += [A, B]
+        if s.op == "lora":
+            impls["fused"] = lambda: peft_ops.lora_linear(x, W, A, B, 2.0)
+            impls["eager"] = lambda: reference.lora_linear(x, W, A, B, 2.0)
+        else:
+            impls["fused"] = lambda: peft_ops.qlora_linear(x, q, A, B, 2.0)
+            impls["eager"] = lambda: reference.qlora_linear(x, q, A, B, 2.0)
+            impls["lora (bf16 base)"] = lambda: peft_ops.lora_linear(x, W, A, B, 2.0)
+        peft_layer = _peft_layer(s, W, A, B, quantized=s.op == "qlora")
+        if peft_layer is not None:
+            impls["peft"] = lambda: peft_layer(x)
+            weights += [*peft_layer.parameters(), *peft_layer.buffers()]
+    elif s.op == "nf4":
+        bnb_layer = _bnb_layer(W)
+        if bnb_layer is not None:
+            impls["bitsandbytes"] = lambda: bnb_layer(x)
+            weights += [*bnb_layer.parameters(), *bnb_layer.buffers()]
+    return impls, rand(s.M, s.N), leaves, weights
+
+
+def _bnb_layer(W: torch.Tensor):
+    """bitsandbytes' Linear4bit (NF4, double quant) over W, or None without bitsandbytes."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return None
+    layer = bnb.nn.Linear4bit(W.shape[1], W.shape[0], bias=False, compute_dtype=W.dtype, compress_statistics=True,
+                              quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(W.detach().cpu().float(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+    layer = layer.to(W.device)  # quantizes on the move
+    if getattr(layer.weight, "quant_state", None) is None:  # bitsandbytes builds that did not
+        layer.weight = bnb.nn.Params4bit(W.detach().float(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True)._quantize(W.device)
+    return layer
+
+
+def _peft_layer(s: OpShape, W, A, B, quantized: bool):
+    """PEFT's LoRA layer over nn.Linear (or over bitsandbytes' Linear4bit), with A and B."""
+    try:
+        import peft
+    except ImportError:
+        return None
+    if quantized:
+        base = _bnb_layer(W)
+        if base is None:
+            return None
+    else:
+        base = torch.nn.Linear(s.K, s.N, bias=False, device=W.device, dtype=W.dtype)
+        with torch.no_grad():
+            base.weight.copy_(W)
+    holder = torch.nn.Module()
+    holder.proj = base
+    model = peft.get_peft_model(holder, peft.LoraConfig(r=s.r, lora_alpha=2 * s.r, target_modules=["proj"]))
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(A)
+        layer.lora_B["default"].weight.copy_(B)
+    return layer
+
+
+def timed_rows(s: OpShape, dtype: torch.dtype, device: torch.device, measure, gpu: dict) -> dict:
+    """{phase: {impl: ms}} plus peak memory and saved bytes of each implementation."""
+    from .testing import saved_activation_bytes
+
+    impls, dy, leaves, weights = implementations(s, dtype, device)
+    out = {phase: {} for phase in PHASES}
+    memory, saved = {}, {}
+    for name, forward in impls.items():
+        def step(forward=forward):
+            for t in leaves:
+                t.grad = None
+            forward().backward(dy)
+
+        out["forward"][name] = measure(forward)
+        y = forward()
+        out["backward"][name] = measure(lambda y=y: y.backward(dy, retain_graph=True))
+        out["fwd+bwd"][name] = measure(step)
+        del y
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            memory[name] = torch.cuda.max_memory_allocated() - start
+        saved[name] = saved_activation_bytes(forward, leaves[1:] + weights)[0]
+    return {"ms": out, "peak_memory_bytes": memory, "saved_bytes": saved}
+
+
+# --------------------------------------------------------------------------------------
+# Static facts without a GPU
+# --------------------------------------------------------------------------------------
+
+def saved_activation_rows(dtype=torch.bfloat16) -> list[dict]:
+    """Activation bytes saved for backward (saved_tensors_hooks, parameters excluded), in
+    units of x, measured here: our layers next to PEFT's (and eager for the adapter)."""
+    import peft_ops
+    from peft_ops import reference
+
+    from .testing import saved_activation_bytes
+
+    M, d, r = 256, 512, 16
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(M, d, generator=gen).to(dtype).requires_grad_()
+    x_bytes = x.numel() * x.element_size()
+    for dropout in (0.0, 0.1):
+        linear = torch.nn.Linear(d, d, bias=False, dtype=dtype)
+        layers = {"peft_ops LoraLinear": peft_ops.LoraLinear.from_linear(linear, r=r, lora_alpha=2 * r,
+                                                                          lora_dropout=dropout),
+                  "peft_ops QLoraLinear": peft_ops.QLoraLinear.from_linear(linear, r=r, lora_alpha=2 * r,
+                                                                            lora_dropout=dropout)}
+        try:
+            import peft
+
+            holder = torch.nn.Module()
+            holder.proj = torch.nn.Linear(d, d, bias=False, dtype=dtype)
+            layers["PEFT LoRA (fp32 adapters)"] = peft.get_peft_model(holder, peft.LoraConfig(
+                r=r, lora_alpha=2 * r, target_modules=["proj"], lora_dropout=dropout)).base_model.model.proj
+        except ImportError:
+            pass
+        found = {}
+        for name, layer in layers.items():
+            layer.train()
+            weights = [*layer.parameters(), *layer.buffers()]  # the NF4 weight is buffers
+            found[name] = saved_activation_bytes(lambda layer=layer: layer(x), weights)[0]
+        for name, nbytes in found.items():
+            rows.append({"layer": name, "shape": f"M={M} d={d} r={r}", "dropout": dropout, "saved_bytes": nbytes,
+                         "saved_per_x": nbytes / x_bytes, "x_plus_xa_per_x": (x_bytes + M * r * 4) / x_bytes})
+    adapter = peft_ops.BottleneckAdapter(d, 64, "gelu", dtype=dtype)
+    params = list(adapter.parameters())
+    for name, fn in (("peft_ops BottleneckAdapter", lambda: adapter(x)),
+                     ("eager adapter (reference)", lambda: reference.bottleneck_adapter(x, *params, "gelu", 1.0))):
+        nbytes = saved_activation_bytes(fn, params)[0]
+        rows.append({"layer": name, "shape": f"M={M} d={d} m=64", "dropout": 0.0, "saved_bytes": nbytes,
+                     "saved_per_x": nbytes / x_bytes, "x_plus_xa_per_x": None})
+    return rows
+
+
+def compile_profile(jobs: int | None, progress) -> list[dict]:
+    """One build per kernel and variant (its first autotune config) for sm_80 and sm_90a:
+    registers, spills, shared memory, tensor-core instructions (`peft-ops compile` builds
+    every config)."""
+    from . import compile_report
+
+    work = []
+    for module in compile_report.KERNEL_MODULES:
+        for target in compile_report.TARGETS:
+            seen = set()
+            for index, spec in enumerate(compile_report._specs(module, target)):
+                if spec.name not in seen:
+                    seen.add(spec.name)
+                    work.append((module, target, index))
+    progress(f"compiling {len(work)} kernel builds for sm_80 / sm_90a …")
+    return compile_report.run_jobs(work, jobs)
+
+
+# --------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------
+
+def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
+    columns = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_plot(path: pathlib.Path, rows: list[dict], timed: bool) -> bool:
+    """Speedup over eager and % of roofline per op and shape (fwd+bwd); False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in rows if r["phase"] == "fwd+bwd"]
+    ops = [op for op in OPS if any(r["op"] == op for r in rows)]
+    widest = max(sum(r["op"] == op for r in rows) for op in ops)
+    fig, axes = plt.subplots(len(ops), 1, figsize=(max(8.0, 0.3 * widest), 3.4 * len(ops)), squeeze=False)
+    kind = "measured" if timed else "predicted"
+    for ax, op in zip(axes[:, 0], ops):
+        mine = [r for r in rows if r["op"] == op]
+        speed = [r.get("speedup_vs_eager") or r["predicted_speedup_vs_eager"] for r in mine]
+        pct = [r.get("pct_roofline") or r["predicted_pct_roofline"] for r in mine]
+        xs = range(len(mine))
+        ax.bar(xs, speed, color="tab:blue", label=f"speedup over eager ({kind})")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_ylabel("× eager")
+        ax.set_title(f"{op}: fwd+bwd")
+        ax.set_xticks(list(xs), [r["shape"] for r in mine], rotation=70, fontsize=6)
+        twin = ax.twinx()
+        twin.plot(list(xs), pct, "o-", color="tab:red", ms=3, label=f"% of roofline ({kind})")
+        twin.set_ylim(0, 105)
+        twin.set_ylabel("% roofline")
+        ax.legend(loc="upper left", fontsize=7)
+        twin.legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _versions() -> dict:
+    import triton
+
+    versions = {"torch": torch.__version__, "triton": triton.__version__}
+    for package in ("peft", "bitsandbytes", "transformers"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def targets_report(rows: list[dict], saved: list[dict], on_gpu: bool) -> list[dict]:
+    """The performance targets (../shared/guide/performance.md) against what this run measured
+    (timings count only from a CUDA GPU); a missed target says by how much."""
+    def timed(op, phase, cond):
+        return [r for r in rows if on_gpu and r["op"] == op and r["phase"] == phase and cond(r) and "ms_fused" in r]
+
+    lora = timed("lora", "fwd+bwd", lambda r: r["M"] == 8192 and "ms_base" in r)
+    qlora = timed("qlora", "fwd+bwd", lambda r: "ms_lora (bf16 base)" in r)
+    gemv = timed("nf4", "forward", lambda r: r["M"] == 1 and "ms_base" in r)
+    adapter = timed("adapter", "fwd+bwd", lambda r: True)
+    lora_saved = [r for r in saved if r["layer"] == "peft_ops LoraLinear"]
+    worst = lambda values, pick: pick(values, default=None)  # noqa: E731
+    return [
+        _target("LoRA fwd+bwd ÷ frozen base fwd+bwd at M = 8192", "≤", 1.05,
+                worst([r["ms_fused"] / r["ms_base"] for r in lora], max)),
+        _target("QLoRA fwd+bwd ÷ bf16 LoRA fwd+bwd", "≤", 1.08,
+                worst([r["ms_fused"] / r["ms_lora (bf16 base)"] for r in qlora], max)),
+        _target("NF4 decode GEMV: % of HBM bandwidth", "≥", 85, worst([r["pct_bandwidth"] for r in gemv], min)),
+        _target("NF4 decode GEMV: speedup over the bf16 GEMV", "≥", 3,
+                worst([r["ms_base"] / r["ms_fused"] for r in gemv], min)),
+        _target("adapter fwd+bwd: % of HBM roofline", "≥", 80, worst([r["pct_roofline"] for r in adapter], min)),
+        _target("activation bytes saved per LoRA layer ÷ (x + x·Aᵀ)", "=", 1,
+                worst([r["saved_per_x"] / r["x_plus_xa_per_x"] for r in lora_saved], max)),
+    ]
+
+
+def _target(name: str, relation: str, goal: float, value: float | None) -> dict:
+    row = {"target": name, "goal": f"{relation} {goal:g}", "measured": None,
+           "status": "not measured (needs a CUDA GPU)"}
+    if value is None:
+        return row
+    ok = {"≤": value <= goal, "≥": value >= goal, "=": abs(value - goal) < 1e-9}[relation]
+    row.update(measured=round(value, 4), status="met" if ok else f"missed by {abs(value - goal):.4g}")
+    return row
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="peft-ops bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {','.join(OPS)}")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="shapes: default (7-8B model: d=4096, MLP 11008/14336, r 8/16/64, "
+                             "M 1…8192), quick, smoke (tiny)")
+    parser.add_argument("--quick", action="store_const", const="quick", dest="preset", help="= --preset quick")
+    parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-results"), help="output folder")
+    parser.add_argument("--gpu", choices=sorted(roofline.GPUS), default=None,
+                        help="the roofline's GPU (default: the device here, else H100-SXM)")
+    parser.add_argument("--peak-bandwidth", type=float, help="override: HBM GB/s")
+    parser.add_argument("--peak-tflops", type=float, help="override: dense bf16 TFLOP/s")
+    parser.add_argument("--no-compile", action="store_true", help="skip the static compile profile")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compiles")
+    parser.add_argument("--time-anyway", action="store_true", help=argparse.SUPPRESS)  # tests: time on a CPU
+    args = parser.parse_args(argv)
+    ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+    unknown = [op for op in ops if op not in OPS]
+    if unknown or not ops:
+        parser.error(f"--ops: unknown {unknown}; choose from {','.join(OPS)}")
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    gpu_name = args.gpu or (roofline.gpu_for_device_name(device_name) if device.type == "cuda" else None) or "H100-SXM"
+    gpu = dict(roofline.GPUS[gpu_name])
+    if args.peak_bandwidth:
+        gpu["bandwidth_GBps"] = args.peak_bandwidth
+    if args.peak_tflops:
+        gpu["bf16_TFLOPs"] = args.peak_tflops
+    timing = device.type == "cuda" or args.time_anyway
+
+    def progress(message):
+        print(message, flush=True)
+
+    start = time.perf_counter()
+    if device.type == "cuda":
+        progress(f"peft-ops bench on {device_name}; roofline: {gpu_name} ({gpu['bandwidth_GBps']:g} GB/s, "
+                 f"{gpu['bf16_TFLOPs']:g} TFLOP/s bf16)")
+    else:
+        progress("peft-ops bench: no CUDA GPU here, so no timings (they need one). Reporting what holds without "
+                 f"one: the roofline model on {gpu_name} ({gpu['bandwidth_GBps']:g} GB/s, {gpu['bf16_TFLOPs']:g} "
+                 "TFLOP/s bf16), the kernels' compile profile, and saved activation bytes.")
+    preset = PRESETS[args.preset]
+    shapes = shapes_for(ops, preset)
+    rows = []
+    measure = _timer(device) if timing else None
+    for i, s in enumerate(shapes, 1):
+        phase_rows = model_row(s, gpu_name, gpu)
+        if timing:
+            result = timed_rows(s, dtype, device, measure, gpu)
+            for row in phase_rows:
+                ms = result["ms"][row["phase"]]
+                for impl, value in ms.items():
+                    row[f"ms_{impl}"] = value
+                if "fused" in ms:
+                    fused_s = ms["fused"] / 1e3
+                    row["tflops"] = row["flops"] / fused_s / 1e12
+                    row["GBps"] = row["min_bytes"] / fused_s / 1e9
+                    row["pct_bandwidth"] = 100 * row["GBps"] / gpu["bandwidth_GBps"]
+                    row["pct_roofline"] = 100 * roofline.roofline_seconds(row["flops"], row["min_bytes"], gpu) / fused_s
+                    if "eager" in ms:
+                        row["speedup_vs_eager"] = ms["eager"] / ms["fused"]
+                    if "base" in ms:
+                        row["fused_vs_base"] = ms["fused"] / ms["base"]
+                for impl, value in result["peak_memory_bytes"].items():
+                    row[f"peak_memory_{impl}"] = value
+                for impl, value in result["saved_bytes"].items():
+                    row[f"saved_bytes_{impl}"] = value
+        rows += phase_rows
+        if i % 10 == 0 or i == len(shapes) or timing:
+            progress(f"  [{i}/{len(shapes)}] {s.op} {s.label()}")
+
+    progress("saved activation bytes (measured here) …")
+    saved = saved_activation_rows(dtype)
+    compiled = []
+    if not args.no_compile:
+        compiled = compile_profile(args.jobs, progress)
+    targets = targets_report(rows, saved, device.type == "cuda")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {"command": "peft-ops bench " + " ".join(argv), "date": datetime.datetime.now(
+        datetime.timezone.utc).isoformat(timespec="seconds"), "device": device_name, **_versions(),
+        "roofline_gpu": {"name": gpu_name, **gpu}, "timed": timing, "rows": rows, "saved_activations": saved,
+        "compile": compiled, "targets": targets}
+    (args.out / "bench.json").write_text(json.dumps(record, indent=1))
+    write_csv(args.out / "bench.csv", rows)
+    plotted = write_plot(args.out / "bench.png", rows, timing)
+    text = summary(rows, saved, compiled, targets, timing)
+    (args.out / "bench.txt").write_text(text + "\n")
+    print(text)
+    print(f"\nwrote {args.out / 'bench.csv'}, {args.out / 'bench.json'}, {args.out / 'bench.txt'}"
+          + (f", {args.out / 'bench.png'}" if plotted else " (no plot: pip install matplotlib)")
+          + f" in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def summary(rows, saved, compiled, targets, timed) -> str:
+    from ._table import text_table
+
+    lines = []
+    show = [r for r in rows if r["phase"] == "fwd+bwd"]
+    header = ("op", "shape", "FLOP/B", "fused B ÷ min", "eager B ÷ fused", "pred. × eager", "pred. % roofline")
+    body = [(r["op"], r["shape"], f"{r['flop_per_byte']:.0f}", f"{r['fused_bytes'] / r['min_bytes']:.2f}",
+             f"{r['eager_bytes'] / r['fused_bytes']:.2f}", f"{r['predicted_speedup_vs_eager']:.2f}",
+             f"{r['predicted_pct_roofline']:.0f}") for r in show]
+    if timed:
+        header += ("fused ms", "× eager", "% roofline")
+        body = [b + (f"{r.get('ms_fused', float('nan')):.3f}", f"{r.get('speedup_vs_eager', float('nan')):.2f}",
+                     f"{r.get('pct_roofline', float('nan')):.0f}") for b, r in zip(body, show)]
+    lines += ["\nfwd+bwd per op and shape (roofline model" + (" and timings)" if timed else ")"),
+              text_table(header, body)]
+    lines += ["\nactivation bytes saved for backward (measured here), in units of x",
+              text_table(("layer", "shape", "dropout", "saved ÷ x", "x + x·Aᵀ ÷ x"),
+                         [(r["layer"], r["shape"], r["dropout"], f"{r['saved_per_x']:.3f}",
+                           "" if r["x_plus_xa_per_x"] is None else f"{r['x_plus_xa_per_x']:.3f}") for r in saved])]
+    if compiled:
+        from .compile_report import format_table, problems
+
+        bad = sum(1 for r in compiled if problems(r))
+        lines += [f"\ncompile profile ({len(compiled)} builds, {bad} with problems)", format_table(compiled)]
+    lines += ["\ntargets", text_table(("target", "goal", "measured", "status"),
+                                      [(t["target"], t["goal"], "" if t["measured"] is None else t["measured"],
+                                        t["status"]) for t in targets])]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
