@@ -23,6 +23,7 @@ import csv
 import datetime
 import importlib.metadata
 import json
+import os
 import pathlib
 import sys
 import time
@@ -283,6 +284,9 @@ def compile_profile(jobs: int | None, progress) -> list[dict]:
     every config)."""
     from . import compile_report
 
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter replaces the kernels it would compile
+        progress("compile profile skipped: TRITON_INTERPRET=1 is set (run without it for the profile)")
+        return []
     work = []
     for module in compile_report.KERNEL_MODULES:
         for target in compile_report.TARGETS:
