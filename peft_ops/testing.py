@@ -124,6 +124,7 @@ class LoraCase:
     adapter_dtype: torch.dtype | None = None  # None: x's dtype
     train_base: bool = False  # weight and bias require grad too
     scaling: float = 0.75
+    x_transposed: bool = False  # x a non-contiguous view (a transpose of its storage)
 
     def tolerance(self, tensor: str = "y") -> float:
         return tolerance(self.dtype, self.adapter_dtype, tensor)
@@ -190,6 +191,11 @@ def lora_reference_with_scale(inputs: dict, scaling: float, dropout_p: float, ma
     return {name: (out[(name, "value")], out[(name, "scale")]) for name, kind in out if kind == "value"}
 
 
+def non_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x's values in column-major storage: a non-contiguous view, requiring grad."""
+    return x.transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_(True)
+
+
 def run_lora_case(case: LoraCase, ops, device="cpu", seed: int = 0) -> list[Compared]:
     """Run lora_linear's autograd Function with `ops` (kernel launchers or TorchLoraOps) and the
     float64 reference on the same inputs and the same dropout mask: y and every gradient."""
@@ -199,6 +205,8 @@ def run_lora_case(case: LoraCase, ops, device="cpu", seed: int = 0) -> list[Comp
     trainable = ["x", "lora_A", "lora_B"] + (["weight", "bias"] if case.train_base else [])
     tensors = {k: v.clone().requires_grad_(k in trainable) if v is not None else None
                for k, v in inp.items() if k != "grad_out"}
+    if case.x_transposed:
+        tensors["x"] = non_contiguous(inp["x"])
     torch.manual_seed(seed)
     y = LoraLinearFunction.apply(tensors["x"], tensors["weight"], tensors["lora_A"], tensors["lora_B"],
                                  tensors["bias"], case.scaling, case.dropout_p, ops)
@@ -245,7 +253,6 @@ class QLoraCase(LoraCase):
     lora: bool = True  # False: nf4_linear (no adapter)
     regime: str | None = None  # "gemm" / "decode"; None: chosen by M
     split_k: int | None = None  # decode path's K slices (kernels only)
-    x_transposed: bool = False  # x a non-contiguous view (a transpose of its storage)
 
     def label(self) -> str:
         extra = f" bs{self.blocksize}" + ("" if self.double_quant else " no-dq") + \
@@ -286,8 +293,8 @@ def run_qlora_case(case: QLoraCase, path: str, device="cpu", seed: int = 0) -> l
     trainable = ["x"] + (["lora_A", "lora_B"] if case.lora else []) + (["bias"] if case.train_base else [])
     tensors = {k: v.clone().requires_grad_(k in trainable) if v is not None else None
                for k, v in inp.items() if k not in ("grad_out", "weight")}
-    if case.x_transposed:  # same values, column-major storage: a non-contiguous view
-        tensors["x"] = inp["x"].transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_(True)
+    if case.x_transposed:
+        tensors["x"] = non_contiguous(inp["x"])
     torch.manual_seed(seed)
     if case.lora:
         y = QLoraLinearFunction.apply(tensors["x"], tensors["lora_A"], tensors["lora_B"], tensors["bias"],
@@ -358,15 +365,16 @@ def run_adapter_case(case: AdapterCase, path: str, device="cpu", seed: int = 0) 
     """bottleneck_adapter's autograd Function on `path` ("triton" / "torch") against the float64
     reference on the same inputs and dropout mask: y and every gradient."""
     from . import reference
-    from .adapter import BottleneckAdapterFunction, adapter_ops
+    from .adapter import BottleneckAdapterFunction, TorchBottleneckOps, adapter_ops
     from .lora import _draw_seed, dropout_keep_mask
 
     ops = adapter_ops(path, case.dtype, case.m)  # what bottleneck_adapter runs on `path`
+    path = "torch" if ops is TorchBottleneckOps else "triton"  # past the kernels' tile: the PyTorch path's mask
     inp = make_adapter_inputs(case, device, seed)
     names = [k for k in ADAPTER_GRAD_NAMES if inp[k] is not None]
     tensors = {k: inp[k].clone().requires_grad_(True) for k in names}
-    if case.x_transposed:  # same values, column-major storage
-        tensors["x"] = inp["x"].transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_(True)
+    if case.x_transposed:
+        tensors["x"] = non_contiguous(inp["x"])
     torch.manual_seed(seed)
     y = BottleneckAdapterFunction.apply(tensors["x"], tensors["down_weight"], tensors.get("down_bias"),
                                         tensors["up_weight"], tensors.get("up_bias"), case.activation, case.scaling,
