@@ -322,6 +322,10 @@ class WithAdapter(nn.Module):
     ``base_layer.``, as in PEFT."""
 
     def __init__(self, base_layer: nn.Module, adapter: BottleneckAdapter) -> None:
+        if not isinstance(base_layer, nn.Module):
+            raise TypeError(f"base_layer must be a torch.nn.Module, got {type(base_layer).__name__}")
+        if not isinstance(adapter, BottleneckAdapter):
+            raise TypeError(f"adapter must be a peft_ops.BottleneckAdapter, got {type(adapter).__name__}")
         super().__init__()
         self.base_layer = base_layer
         self.adapter = adapter

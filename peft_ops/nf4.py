@@ -211,6 +211,7 @@ class NF4Weight(nn.Module):
     def from_bnb(cls, packed: torch.Tensor, quant_state) -> "NF4Weight":
         """From bitsandbytes' packed tensor (uint8 [⌈numel/2⌉, 1]) and its ``QuantState``, read
         by attribute (bitsandbytes need not be importable). The tensors are shared, not copied."""
+        _checks.tensor("packed", packed)
         qs = quant_state
         for field in ("absmax", "shape", "blocksize", "quant_type", "dtype"):
             if not hasattr(qs, field):
@@ -220,7 +221,6 @@ class NF4Weight(nn.Module):
         code = getattr(qs, "code", None)
         if code is not None and not torch.equal(code.detach().float().cpu(), nf4_code()):
             raise ValueError("quant_state.code is not bitsandbytes' NF4 table")
-        _checks.tensor("packed", packed)
         if packed.dtype != torch.uint8:  # bnb can store the bytes in another dtype (quant_storage)
             packed = packed.contiguous().view(torch.uint8)
         scale = offset = None

@@ -184,12 +184,12 @@ def _model_dims(model: nn.Module) -> dict:
             "head_dim": first("head_dim") or (hidden // heads if heads else None)}
 
 
-def _input_embeddings(model: object) -> nn.Embedding:
+def _input_embeddings(model: object, name: str = "model") -> nn.Embedding:
     get = getattr(model, "get_input_embeddings", None)
     embeddings = get() if callable(get) else None
     if not isinstance(embeddings, nn.Embedding):
-        raise ValueError(f"model ({type(model).__name__}) has no input embeddings: prompt learning needs a model whose "
-                         "get_input_embeddings() returns an nn.Embedding and whose forward accepts inputs_embeds")
+        raise ValueError(f"{name} ({type(model).__name__}) has no input embeddings: prompt learning needs a model "
+                         "whose get_input_embeddings() returns an nn.Embedding and whose forward accepts inputs_embeds")
     return embeddings
 
 
@@ -202,6 +202,14 @@ class PromptLearningModel(nn.Module):
     generation arguments and returns the prompt ids followed by the new ones."""
 
     def __init__(self, base_model: nn.Module, method: str, prompt_encoder: nn.Module) -> None:
+        if not isinstance(base_model, nn.Module):
+            raise TypeError(f"base_model must be a torch.nn.Module, got {type(base_model).__name__}")
+        _input_embeddings(base_model, "base_model")
+        method = _checks.one_of("method", method, METHODS)
+        expected = PrefixTuning if method == "prefix_tuning" else (PromptTuning, PromptEncoder)
+        if not isinstance(prompt_encoder, expected):
+            raise TypeError(f"prompt_encoder for method={method!r} must be a {expected}, "
+                            f"got {type(prompt_encoder).__name__}")
         super().__init__()
         self.base_model = base_model
         self.method = method
