@@ -128,7 +128,10 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     folder that ``peft.PeftModel.from_pretrained`` loads: keys
     ``base_model.model.<module>.lora_A.weight`` [r, in] and ``...lora_B.weight`` [out, r] in the
     adapters' dtype; ``target_modules`` the exact module names; the most common r and
-    lora_alpha as ``r`` / ``lora_alpha``, the others in ``rank_pattern`` / ``alpha_pattern``."""
+    lora_alpha as ``r`` / ``lora_alpha``, the others in ``rank_pattern`` / ``alpha_pattern``.
+
+    In a process group (DDP, FSDP2) every rank calls it and rank 0 writes; FSDP2-sharded
+    adapters are gathered first."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     layers = _lora_layers(model)
@@ -151,9 +154,22 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     }
     tensors = {}
     for name, layer in layers:
-        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B
-    write_folder(path, config, tensors)
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = _full(layer.lora_A)
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = _full(layer.lora_B)
+    if _distributed_rank() in (None, 0):  # in a process group, rank 0 writes
+        write_folder(path, config, tensors)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2-sharded (DTensor) parameter — a collective: every rank must
+    call save_peft_adapter — or the tensor itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _distributed_rank() -> int | None:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
 
 
 def _lora_config(config: dict, where: str) -> dict:
