@@ -75,3 +75,16 @@ def one_of(name: str, value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}; got {value!r}")
     return value
+
+
+def autocast_dtype(x: object) -> torch.dtype | None:
+    """The autocast dtype when x is a tensor on a device where torch.autocast is on, else None.
+    The ops then run as F.linear does under autocast: every floating tensor in that dtype."""
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return None
+    return torch.get_autocast_dtype(x.device.type)
+
+
+def cast_all(dtype: torch.dtype, values: dict) -> dict:
+    """Floating tensors of `values` cast to dtype (autograd flows back through the cast)."""
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in values.items()}

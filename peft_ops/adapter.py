@@ -180,6 +180,12 @@ def bottleneck_adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: to
     adapter branch before the residual sum. Returns [..., d] in x's dtype; gradients flow to
     every input that requires grad.
     """
+    autocast = _checks.autocast_dtype(x)
+    if autocast is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return bottleneck_adapter(**_checks.cast_all(autocast, dict(
+                x=x, down_weight=down_weight, down_bias=down_bias, up_weight=up_weight, up_bias=up_bias,
+                activation=activation, scaling=scaling, dropout_p=dropout_p)))
     scaling, dropout_p = _check_adapter_args(x, down_weight, down_bias, up_weight, up_bias, activation, scaling,
                                              dropout_p)
     impl = resolve(x.device)

@@ -196,6 +196,11 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     applies inverted dropout to the LoRA input only. Gradients flow to every input that
     requires grad.
     """
+    autocast = _checks.autocast_dtype(x)
+    if autocast is not None:  # as F.linear under autocast: every operand in the autocast dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(**_checks.cast_all(autocast, dict(
+                x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, scaling=scaling, bias=bias, dropout_p=dropout_p)))
     scaling, dropout_p = _check_lora_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
     impl = resolve(x.device)
     if impl == "reference":

@@ -163,6 +163,10 @@ def nf4_linear(x: torch.Tensor, qweight: NF4Weight, bias: torch.Tensor | None = 
     and bias; the frozen weight gets none. M ≤ 16 rows take the split-K decode kernel, more
     rows the fused dequant-GEMM.
     """
+    autocast = _checks.autocast_dtype(x)
+    if autocast is not None:  # x and bias in the autocast dtype; W is decoded to x's dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return nf4_linear(**_checks.cast_all(autocast, dict(x=x, bias=bias)), qweight=qweight)
     _check_base(x, qweight, bias)
     if resolve(x.device) == "reference":
         return reference.nf4_linear(x, qweight, bias)
@@ -180,6 +184,11 @@ def qlora_linear(x: torch.Tensor, qweight: NF4Weight, lora_A: torch.Tensor, lora
     lora_A [r, in] and lora_B [out, r] share x's dtype or float32; the rest as
     :func:`nf4_linear`. Gradients flow to x, lora_A, lora_B and bias.
     """
+    autocast = _checks.autocast_dtype(x)
+    if autocast is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return qlora_linear(**_checks.cast_all(autocast, dict(
+                x=x, lora_A=lora_A, lora_B=lora_B, scaling=scaling, bias=bias, dropout_p=dropout_p)), qweight=qweight)
     _check_base(x, qweight, bias)
     scaling, dropout_p = check_adapter_args(x, qweight.out_features, qweight.in_features, lora_A, lora_B,
                                             scaling, dropout_p, {"qweight": qweight.packed, "bias": bias})
