@@ -9,7 +9,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _checks, reference
 from .backend import resolve
-from .lora import _draw_seed, _mm32, torch_keep_mask
+from .lora import _mm32, compiled, draw_seed, save_with_seed, saved_with_seed, torch_keep_mask
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 # The widest bottleneck the kernels hold in registers (kernels/bottleneck_adapter.py: wider
@@ -146,23 +146,23 @@ class BottleneckAdapterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p, ops):
         x2d = x.reshape(-1, x.shape[-1])  # a view unless x's strides forbid one
-        seed = _draw_seed() if dropout_p > 0 else 0
+        seed = draw_seed(ops, dropout_p)
         y, h = ops.forward(x2d, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p, seed,
                            save_h=any(ctx.needs_input_grad[:5]))
-        ctx.save_for_backward(x, down_weight, up_weight, h)
-        ctx.activation, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.ops = activation, scaling, dropout_p, seed, ops
+        save_with_seed(ctx, (x, down_weight, up_weight, h), seed)
+        ctx.activation, ctx.scaling, ctx.dropout_p, ctx.ops = activation, scaling, dropout_p, ops
         return y.view(x.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, down_weight, up_weight, h = ctx.saved_tensors
+        (x, down_weight, up_weight, h), seed = saved_with_seed(ctx)
         need_dx = ctx.needs_input_grad[0]
         need_dw = any(ctx.needs_input_grad[1:5])
         x2d = x.reshape(-1, x.shape[-1])
         dx, dw_down, db_down, dw_up, db_up = ctx.ops.backward(
             dy.reshape(x2d.shape), x2d, h, down_weight, up_weight, ctx.activation, ctx.scaling, ctx.dropout_p,
-            ctx.seed, need_dx, need_dw)
+            seed, need_dx, need_dw)
         grads = [dx.view(x.shape) if dx is not None else None]
         for needed, grad in zip(ctx.needs_input_grad[1:5], (dw_down, db_down, dw_up, db_up)):
             grads.append(grad.to(x.dtype) if needed else None)
@@ -192,6 +192,6 @@ def bottleneck_adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: to
     if impl == "reference":
         return reference.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, activation, scaling,
                                             dropout_p)
-    ops = adapter_ops(impl, x.dtype, down_weight.shape[0])
+    ops = compiled(adapter_ops(impl, x.dtype, down_weight.shape[0]), "adapter")
     return BottleneckAdapterFunction.apply(x, down_weight, down_bias, up_weight, up_bias, activation, scaling,
                                            dropout_p, ops)

@@ -5,6 +5,7 @@ Backends (``set_backend`` / ``get_backend`` / env var ``PEFT_OPS_BACKEND``):
 - ``"auto"`` (default): Triton kernels for CUDA tensors; for CPU tensors the kernels only
   when ``TRITON_INTERPRET=1`` (the Triton interpreter), else the PyTorch path.
 - ``"triton"``: always the kernels; CPU tensors without the interpreter are an error.
+- ``"torch"``: always the PyTorch path (below), on any device.
 - ``"reference"``: the plain PyTorch references of :mod:`peft_ops.reference`.
 
 The "PyTorch path" is not the reference: it is the same ``torch.autograd.Function`` as the
@@ -14,14 +15,13 @@ kernels, with the same saved tensors (memory-lean), doing its math with PyTorch 
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 from typing import Iterator
 
 import torch
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "torch", "reference")
 ENV_VAR = "PEFT_OPS_BACKEND"
 
 _backend: str | None = None  # None: not set by set_backend, read the environment
@@ -66,9 +66,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None  # once, at import (a plain value to torch.compile)
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def resolve(device: torch.device) -> str:
@@ -77,8 +79,8 @@ def resolve(device: torch.device) -> str:
     Raises RuntimeError when the "triton" backend is asked for but cannot run here.
     """
     backend = get_backend()
-    if backend == "reference":
-        return "reference"
+    if backend in ("reference", "torch"):
+        return backend
     kernels_can_run = triton_available() and (device.type == "cuda" or interpreting())
     if backend == "triton":
         if not triton_available():

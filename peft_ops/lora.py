@@ -67,6 +67,37 @@ def _draw_seed() -> int:
     return int(torch.randint(2**31, 2**62, (), dtype=torch.int64).item())
 
 
+def draw_seed(ops, dropout_p: float):
+    """The dropout seed of one call: an int in eager mode; inside torch.compile a 0-d int64
+    tensor drawn in the graph (ops.draw_seed, no .item()). 0 without dropout."""
+    if dropout_p <= 0:
+        return 0
+    return ops.draw_seed() if hasattr(ops, "draw_seed") else _draw_seed()
+
+
+def save_with_seed(ctx, tensors: tuple, seed) -> None:
+    """save_for_backward, plus the seed: a tensor seed (compiled) is saved, an int kept on ctx."""
+    ctx.seed_saved = isinstance(seed, torch.Tensor)
+    ctx.save_for_backward(*tensors, *((seed,) if ctx.seed_saved else ()))
+    ctx.seed = None if ctx.seed_saved else seed
+
+
+def saved_with_seed(ctx) -> tuple[tuple, object]:
+    saved = ctx.saved_tensors
+    return (saved[:-1], saved[-1]) if ctx.seed_saved else (saved, ctx.seed)
+
+
+def compiled(ops, family: str):
+    """Inside torch.compile, the same ops through torch.library custom ops (peft_ops.library)."""
+    if not torch.compiler.is_compiling():
+        return ops
+    from . import library
+
+    impl = "torch" if ops.__name__.startswith("Torch") else "triton"
+    return {"lora": library.CompiledLoraOps, "nf4": library.CompiledNF4Ops,
+            "adapter": library.CompiledAdapterOps}[family](impl)
+
+
 def torch_keep_mask(seed: int, M: int, K: int, dropout_p: float, device) -> torch.Tensor:
     """The keep mask the PyTorch path uses for `seed` (a generator seeded per call)."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -148,8 +179,9 @@ class LoraLinearFunction(torch.autograd.Function):
               dB = s·dYᵀ·xa
               dW = dYᵀ·x                   (only when weight requires grad)
               db = Σ_m dY                  (only when bias requires grad)
-    Saved: x itself (no copy), xa [M, r] fp32, the parameters, and the dropout seed as an int;
-    the keep mask is regenerated from the seed in the backward, never stored.
+    Saved: x itself (no copy), xa [M, r] fp32, the parameters, and the dropout seed as an int
+    (inside torch.compile a 0-d tensor); the keep mask is regenerated from the seed in the
+    backward, never stored.
     """
 
     @staticmethod
@@ -157,22 +189,22 @@ class LoraLinearFunction(torch.autograd.Function):
         in_features = x.shape[-1]
         out_features = weight.shape[0]
         x2d = x.reshape(-1, in_features)  # a view unless x's strides forbid one
-        seed = _draw_seed() if dropout_p > 0 else 0
+        seed = draw_seed(ops, dropout_p)
         xa = ops.shrink(x2d, lora_A, dropout_p, seed)
         y = ops.forward(x2d, weight, xa, lora_B, scaling, bias)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xa)
-        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.ops = scaling, dropout_p, seed, ops
+        save_with_seed(ctx, (x, weight, lora_A, lora_B, xa), seed)
+        ctx.scaling, ctx.dropout_p, ctx.ops = scaling, dropout_p, ops
         return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
     @once_differentiable  # the backward is not itself differentiable: say so, don't return wrong
     def backward(ctx, dy):
-        x, weight, lora_A, lora_B, xa = ctx.saved_tensors
+        (x, weight, lora_A, lora_B, xa), seed = saved_with_seed(ctx)
         need_dx, need_dW, need_dA, need_dB, need_db = ctx.needs_input_grad[:5]
         x2d = x.reshape(-1, x.shape[-1])
         dy2d = dy.reshape(-1, weight.shape[0])
         dx, dA, dB = ctx.ops.backward(dy2d, x2d, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p,
-                                      ctx.seed, need_dx, need_dA, need_dB)
+                                      seed, need_dx, need_dA, need_dB)
         dW = torch.mm(dy2d.t(), x2d) if need_dW else None
         db = dy2d.sum(dim=0) if need_db else None
         return (
@@ -205,7 +237,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     impl = resolve(x.device)
     if impl == "reference":
         return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
-    ops = _kernel_ops() if impl == "triton" else TorchLoraOps
+    ops = compiled(_kernel_ops() if impl == "triton" else TorchLoraOps, "lora")
     return LoraLinearFunction.apply(x, weight, lora_A, lora_B, bias, scaling, dropout_p, ops)
 
 

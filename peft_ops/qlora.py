@@ -8,7 +8,8 @@ from torch.autograd.function import once_differentiable
 
 from . import _checks, reference
 from .backend import resolve
-from .lora import TorchLoraOps, _draw_seed, _mm32, check_adapter_args, check_bias
+from .lora import TorchLoraOps, _mm32, check_adapter_args, check_bias, compiled, draw_seed, save_with_seed, \
+    saved_with_seed
 from .nf4 import NF4Tensors, NF4Weight
 
 
@@ -75,7 +76,7 @@ class KernelNF4Ops:
 
 
 def _ops(device):
-    return KernelNF4Ops if resolve(device) == "triton" else TorchNF4Ops
+    return compiled(KernelNF4Ops if resolve(device) == "triton" else TorchNF4Ops, "nf4")
 
 
 class NF4LinearFunction(torch.autograd.Function):
@@ -123,23 +124,23 @@ class QLoraLinearFunction(torch.autograd.Function):
                 dropout_p, ops):
         qw = NF4Tensors(packed, absmax, absmax_scale, absmax_offset, *meta)
         x2d = x.reshape(-1, x.shape[-1])
-        seed = _draw_seed() if dropout_p > 0 else 0
+        seed = draw_seed(ops, dropout_p)
         xa = ops.shrink(x2d, lora_A, dropout_p, seed)
         y = ops.forward(x2d, qw, xa, lora_B, scaling, bias)
-        ctx.save_for_backward(x, lora_A, lora_B, xa, packed, absmax, absmax_scale, absmax_offset)
-        ctx.meta, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.ops = meta, scaling, dropout_p, seed, ops
+        save_with_seed(ctx, (x, lora_A, lora_B, xa, packed, absmax, absmax_scale, absmax_offset), seed)
+        ctx.meta, ctx.scaling, ctx.dropout_p, ctx.ops = meta, scaling, dropout_p, ops
         return y.view(*x.shape[:-1], qw.out_features)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, lora_A, lora_B, xa, *nf4_tensors = ctx.saved_tensors
+        (x, lora_A, lora_B, xa, *nf4_tensors), seed = saved_with_seed(ctx)
         qw = NF4Tensors(*nf4_tensors, *ctx.meta)
         need_dx, need_dA, need_dB, need_db = ctx.needs_input_grad[:4]
         x2d = x.reshape(-1, x.shape[-1])
         dy2d = dy.reshape(-1, qw.out_features)
         dx, dA, dB = ctx.ops.qlora_backward(dy2d, x2d, qw, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p,
-                                            ctx.seed, need_dx, need_dA, need_dB)
+                                            seed, need_dx, need_dA, need_dB)
         return (
             dx.view(x.shape) if dx is not None else None,
             dA.to(lora_A.dtype) if dA is not None else None,

@@ -61,3 +61,30 @@ def test_adapter_backward_is_bitwise_deterministic():
         results.append([y.detach()] + [t.grad for t in tensors])
     for later in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], later))
+
+
+def test_compiled_model_on_the_kernels_equals_eager():
+    import sys
+
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from test_torch_compile import Model, run
+
+    torch._dynamo.reset()
+    model = Model().to("cuda", torch.bfloat16)
+    x = torch.randn(2, 64, 32, device="cuda", dtype=torch.bfloat16)
+    eager = run(model, x)
+    compiled = run(torch.compile(model, fullgraph=True), x)
+    for a, b in zip(eager, compiled):
+        assert torch.allclose(a, b, rtol=1e-2, atol=1e-3)
+
+
+def test_custom_ops_on_the_kernels_pass_opcheck():
+    import sys
+
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from test_torch_compile import _opcheck_cases
+
+    for op, args in _opcheck_cases().values():
+        args = tuple(a.cuda() if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in args)
+        args = tuple("triton" if isinstance(a, str) and a == "torch" else a for a in args)
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

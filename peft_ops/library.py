@@ -1,0 +1,238 @@
+"""The ops as ``torch.library`` custom ops, for ``torch.compile``.
+
+Inside a compiled region the autograd Functions call their launchers through these custom
+ops (each with a fake implementation that gives the output shapes), so Dynamo traces the
+Functions' forward and backward without a graph break and never looks inside a kernel launch.
+Eager calls go straight to the launchers, as before.
+
+Differences under compile: the dropout seed is a 0-d int64 tensor drawn in the graph
+(``torch.randint``, no ``.item()``), saved for the backward (8 bytes); outputs a call does
+not need come back as empty tensors and are dropped by the wrappers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.library import custom_op
+
+_EMPTY = (0,)
+
+
+def _lora(impl: str):
+    if impl == "triton":
+        from .kernels import lora
+
+        return lora
+    from .lora import TorchLoraOps
+
+    return TorchLoraOps
+
+
+def _nf4(impl: str):
+    from .qlora import KernelNF4Ops, TorchNF4Ops
+
+    return KernelNF4Ops if impl == "triton" else TorchNF4Ops
+
+
+def _adapter(impl: str):
+    if impl == "triton":
+        from .adapter import _kernel_ops
+
+        return _kernel_ops()
+    from .adapter import TorchBottleneckOps
+
+    return TorchBottleneckOps
+
+
+def _qw(packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype):
+    from .nf4 import NF4Tensors
+
+    return NF4Tensors(packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype)
+
+
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(_EMPTY) if t is None else t
+
+
+# --------------------------------------------------------------------------------------
+# LoRA
+# --------------------------------------------------------------------------------------
+
+@custom_op("peft_ops::lora_shrink", mutates_args=())
+def lora_shrink(x: Tensor, lora_A: Tensor, dropout_p: float, seed: Tensor, impl: str) -> Tensor:
+    return _lora(impl).shrink(x, lora_A, dropout_p, int(seed))
+
+
+@lora_shrink.register_fake
+def _(x, lora_A, dropout_p, seed, impl):
+    return x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
+
+
+@custom_op("peft_ops::lora_forward", mutates_args=())
+def lora_forward(x: Tensor, weight: Tensor, xa: Tensor, lora_B: Tensor, scaling: float, bias: Tensor | None,
+                 impl: str) -> Tensor:
+    return _lora(impl).forward(x, weight, xa, lora_B, scaling, bias)
+
+
+@lora_forward.register_fake
+def _(x, weight, xa, lora_B, scaling, bias, impl):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@custom_op("peft_ops::lora_backward", mutates_args=())
+def lora_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor, scaling: float,
+                  dropout_p: float, seed: Tensor, need_dx: bool, need_dA: bool, need_dB: bool,
+                  impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dA, dB = _lora(impl).backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, int(seed), need_dx,
+                                      need_dA, need_dB)
+    return _or_empty(dx, x), _or_empty(dA, xa), _or_empty(dB, xa)
+
+
+@lora_backward.register_fake
+def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_dA, need_dB, impl):
+    M, K = x.shape
+    r, N = lora_A.shape[0], weight.shape[0]
+    return (x.new_empty((M, K) if need_dx else _EMPTY), xa.new_empty((r, K) if need_dA else _EMPTY),
+            xa.new_empty((N, r) if need_dB else _EMPTY))
+
+
+class CompiledLoraOps:
+    """The LoRA launchers' interface, through the custom ops."""
+
+    def __init__(self, impl: str):
+        self.impl = impl
+
+    @staticmethod
+    def draw_seed() -> Tensor:
+        return torch.randint(2**31, 2**62, (), dtype=torch.int64)
+
+    def shrink(self, x, lora_A, dropout_p, seed):
+        return lora_shrink(x, lora_A, dropout_p, _seed_tensor(seed), self.impl)
+
+    def forward(self, x, weight, xa, lora_B, scaling, bias):
+        return lora_forward(x, weight, xa, lora_B, scaling, bias, self.impl)
+
+    def backward(self, dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
+        dx, dA, dB = lora_backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, _seed_tensor(seed),
+                                   need_dx, need_dA, need_dB, self.impl)
+        return dx if need_dx else None, dA if need_dA else None, dB if need_dB else None
+
+
+def _seed_tensor(seed) -> Tensor:
+    return seed if isinstance(seed, Tensor) else torch.tensor(seed, dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------------------
+# NF4 / QLoRA
+# --------------------------------------------------------------------------------------
+
+@custom_op("peft_ops::nf4_forward", mutates_args=())
+def nf4_forward(x: Tensor, packed: Tensor, absmax: Tensor, absmax_scale: Tensor | None, absmax_offset: Tensor | None,
+                out_features: int, in_features: int, blocksize: int, dtype: torch.dtype, xa: Tensor | None,
+                lora_B: Tensor | None, scaling: float, bias: Tensor | None, impl: str) -> Tensor:
+    qw = _qw(packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype)
+    return _nf4(impl).forward(x, qw, xa, lora_B, scaling, bias)
+
+
+@nf4_forward.register_fake
+def _(x, packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype, xa, lora_B, scaling,
+      bias, impl):
+    return x.new_empty((x.shape[0], out_features))
+
+
+@custom_op("peft_ops::nf4_backward_dx", mutates_args=())
+def nf4_backward_dx(dy: Tensor, packed: Tensor, absmax: Tensor, absmax_scale: Tensor | None,
+                    absmax_offset: Tensor | None, out_features: int, in_features: int, blocksize: int,
+                    dtype: torch.dtype, impl: str) -> Tensor:
+    qw = _qw(packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype)
+    return _nf4(impl).backward_dx(dy, qw)
+
+
+@nf4_backward_dx.register_fake
+def _(dy, packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype, impl):
+    return dy.new_empty((dy.shape[0], in_features))
+
+
+@custom_op("peft_ops::qlora_backward", mutates_args=())
+def qlora_backward(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, absmax_scale: Tensor | None,
+                   absmax_offset: Tensor | None, out_features: int, in_features: int, blocksize: int,
+                   dtype: torch.dtype, lora_A: Tensor, lora_B: Tensor, xa: Tensor, scaling: float, dropout_p: float,
+                   seed: Tensor, need_dx: bool, need_dA: bool, need_dB: bool,
+                   impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    qw = _qw(packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype)
+    dx, dA, dB = _nf4(impl).qlora_backward(dy, x, qw, lora_A, lora_B, xa, scaling, dropout_p, int(seed), need_dx,
+                                           need_dA, need_dB)
+    return _or_empty(dx, x), _or_empty(dA, xa), _or_empty(dB, xa)
+
+
+@qlora_backward.register_fake
+def _(dy, x, packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype, lora_A, lora_B,
+      xa, scaling, dropout_p, seed, need_dx, need_dA, need_dB, impl):
+    r = lora_A.shape[0]
+    return (x.new_empty(tuple(x.shape) if need_dx else _EMPTY), xa.new_empty((r, in_features) if need_dA else _EMPTY),
+            xa.new_empty((out_features, r) if need_dB else _EMPTY))
+
+
+class CompiledNF4Ops(CompiledLoraOps):
+    """The NF4 ops' interface (TorchNF4Ops / KernelNF4Ops), through the custom ops."""
+
+    def forward(self, x, qw, xa, lora_B, scaling, bias):
+        return nf4_forward(x, *qw, xa, lora_B, scaling, bias, self.impl)
+
+    def backward_dx(self, dy, qw):
+        return nf4_backward_dx(dy, *qw, self.impl)
+
+    def qlora_backward(self, dy, x, qw, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
+        dx, dA, dB = qlora_backward(dy, x, *qw, lora_A, lora_B, xa, scaling, dropout_p, _seed_tensor(seed), need_dx,
+                                    need_dA, need_dB, self.impl)
+        return dx if need_dx else None, dA if need_dA else None, dB if need_dB else None
+
+
+# --------------------------------------------------------------------------------------
+# Bottleneck adapter
+# --------------------------------------------------------------------------------------
+
+@custom_op("peft_ops::adapter_forward", mutates_args=())
+def adapter_forward(x: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor,
+                    up_bias: Tensor | None, activation: str, scaling: float, dropout_p: float, seed: Tensor,
+                    save_h: bool, impl: str) -> tuple[Tensor, Tensor]:
+    y, h = _adapter(impl).forward(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p,
+                                  int(seed), save_h)
+    return y, _or_empty(h, y).float()
+
+
+@adapter_forward.register_fake
+def _(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p, seed, save_h, impl):
+    return x.new_empty(x.shape), x.new_empty((x.shape[0], down_weight.shape[0]) if save_h else _EMPTY,
+                                             dtype=torch.float32)
+
+
+@custom_op("peft_ops::adapter_backward", mutates_args=())
+def adapter_backward(dy: Tensor, x: Tensor, h: Tensor, down_weight: Tensor, up_weight: Tensor, activation: str,
+                     scaling: float, dropout_p: float, seed: Tensor, need_dx: bool, need_dw: bool,
+                     impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _adapter(impl).backward(dy, x, h, down_weight, up_weight, activation, scaling, dropout_p, int(seed),
+                                    need_dx, need_dw)
+    return tuple(_or_empty(g, h) for g in grads)
+
+
+@adapter_backward.register_fake
+def _(dy, x, h, down_weight, up_weight, activation, scaling, dropout_p, seed, need_dx, need_dw, impl):
+    m, d = down_weight.shape
+    w = (lambda *shape: h.new_empty(shape if need_dw else _EMPTY))
+    return x.new_empty(tuple(x.shape) if need_dx else _EMPTY), w(m, d), w(m), w(d, m), w(d)
+
+
+class CompiledAdapterOps(CompiledLoraOps):
+    """The adapter launchers' interface, through the custom ops."""
+
+    def forward(self, x, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p, seed, save_h):
+        y, h = adapter_forward(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p,
+                               _seed_tensor(seed), save_h, self.impl)
+        return y, (h if save_h else None)
+
+    def backward(self, dy, x, h, down_weight, up_weight, activation, scaling, dropout_p, seed, need_dx, need_dw):
+        dx, *dw = adapter_backward(dy, x, h, down_weight, up_weight, activation, scaling, dropout_p,
+                                   _seed_tensor(seed), need_dx, need_dw, self.impl)
+        return (dx if need_dx else None, *(dw if need_dw else (None,) * 4))
