@@ -484,7 +484,8 @@ def main(argv: list[str]) -> int:
         "roofline_gpu": {"name": gpu_name, **gpu}, "timed": timing, "rows": rows, "saved_activations": saved,
         "compile": compiled, "targets": targets}
     (args.out / "bench.json").write_text(json.dumps(record, indent=1))
-    write_csv(args.out / "bench.csv", rows)
+    provenance = {k: record[k] for k in ("device", "torch", "triton", "date", "command")}
+    write_csv(args.out / "bench.csv", [{**row, **provenance} for row in rows])  # each row says where it came from
     plotted = write_plot(args.out / "bench.png", rows, timing)
     text = summary(rows, saved, compiled, targets, timing)
     (args.out / "bench.txt").write_text(text + "\n")

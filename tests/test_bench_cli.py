@@ -35,7 +35,9 @@ def test_quick_cpu_mode_writes_every_op(tmp_path):
     assert record["device"] == "cpu" and record["torch"] and record["triton"] and record["command"].startswith(
         "peft-ops bench")
     with open(tmp_path / "bench.csv") as f:
-        assert len(list(csv.DictReader(f))) == len(rows)
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows)
+    assert all(r["device"] == "cpu" and r["torch"] and r["date"] and r["command"] for r in csv_rows)
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     saved = {(r["layer"], r["dropout"]): r for r in record["saved_activations"]}
     for dropout in (0.0, 0.1):  # x + x·Aᵀ exactly, with and without dropout; PEFT more

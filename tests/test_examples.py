@@ -24,3 +24,23 @@ def test_finetune_example_short_run():
         share = float(re.search(r"\(([\d.]+) %\)", line).group(1))
         assert math.isfinite(before) and math.isfinite(after) and 0 < share < 15, line
         assert after < before, line  # three steps already help
+
+
+@pytest.mark.parametrize("strategy, quantize", [("ddp", []), ("fsdp2", ["--quantize", "nf4"])])
+def test_distributed_example_under_torchrun(strategy, quantize, tmp_path):
+    """The README's multi-GPU recipe, run as written with torchrun on 2 CPU processes (gloo)."""
+    pytest.importorskip("transformers")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          port, str(ROOT / "examples" / "train_distributed.py"), "--strategy", strategy, "--steps", "3",
+                          "--out", str(tmp_path / "adapter"), *quantize], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    losses = [float(v) for v in re.findall(r"loss ([\d.]+)", out.stdout)]
+    assert len(losses) == 2 and losses[1] < losses[0], out.stdout
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size > 0
