@@ -19,8 +19,8 @@ import pathlib
 
 import torch
 
-import peft_ops
-from peft_ops import reference, roofline
+from peft_ops import roofline
+from peft_ops.bench import implementations
 from peft_ops.roofline import OpShape
 
 GPU_SHAPES = [(512, 4096, 64), (4096, 4096, 64), (8192, 4096, 64), (8192, 4096, 16), (8192, 4096, 256),
@@ -40,28 +40,13 @@ def fused_bytes(M: int, d: int, m: int, element_bytes: int = 2, dropout_p: float
     return {phase: roofline.fused_bytes(shape, phase) for phase in roofline.PHASES}
 
 
-def _inputs(M, d, m, dtype, device):
-    gen = torch.Generator(device="cpu").manual_seed(0)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
-
-    x = rand(M, d).requires_grad_()
-    params = [rand(m, d, scale=d**-0.5).requires_grad_(), rand(m).requires_grad_(),
-              rand(d, m, scale=m**-0.5).requires_grad_(), rand(d).requires_grad_()]
-    return x, params, rand(M, d)
-
-
 def bench_shape(M, d, m, dtype, device, measure):
+    """Fused and eager forward and fwd+bwd times, on the inputs `peft-ops bench` uses."""
     from bench_lora import training_step
 
-    x, params, dy = _inputs(M, d, m, dtype, device)
-    fused = lambda: peft_ops.bottleneck_adapter(x, *params, "gelu", 1.0)  # noqa: E731
-    eager = lambda: reference.bottleneck_adapter(x, *params, "gelu", 1.0)  # noqa: E731
-    leaves = (x, *params)
-    ms = {"forward": {"fused": measure(fused), "eager": measure(eager)},
-          "fwd_bwd": {"fused": measure(training_step(fused, dy, leaves)),
-                      "eager": measure(training_step(eager, dy, leaves))}}
+    impls, dy, leaves, _ = implementations(OpShape("adapter", M, d, d, m, dtype.itemsize), dtype, device)
+    ms = {"forward": {name: measure(impls[name]) for name in ("fused", "eager")},
+          "fwd_bwd": {name: measure(training_step(impls[name], dy, leaves)) for name in ("fused", "eager")}}
     nbytes = fused_bytes(M, d, m, dtype.itemsize)
     return ms, nbytes["forward"] / ms["forward"]["fused"] / 1e6, \
         (nbytes["forward"] + nbytes["backward"]) / ms["fwd_bwd"]["fused"] / 1e6
@@ -89,7 +74,7 @@ def main():
         rows.append(row)
 
     if device.type == "cuda" or args.smoke:
-        from bench_lora import timer
+        from peft_ops.bench import timer
 
         measure = timer(device)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

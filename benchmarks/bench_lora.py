@@ -14,14 +14,13 @@ import argparse
 import datetime
 import json
 import pathlib
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import peft_ops
 from peft_ops import reference
+from peft_ops.bench import timer
 from peft_ops.testing import saved_activation_bytes
 
 GPU_SHAPES = [  # (tokens M, in, out, r)
@@ -29,24 +28,6 @@ GPU_SHAPES = [  # (tokens M, in, out, r)
     (8192, 4096, 11008, 16), (8192, 4096, 14336, 64), (8192, 11008, 4096, 8),
 ]
 SMOKE_SHAPES = [(64, 64, 48, 8)]
-
-
-def timer(device):
-    if device.type == "cuda":
-        import triton.testing
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-    def cpu_median_ms(fn, reps=5):
-        fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
-    return cpu_median_ms
 
 
 def write_record(name: str, command: str, rows: list, out_dir: pathlib.Path, **extra) -> dict:

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 import peft_ops
 from peft_ops.nf4 import quantize
 
-from bench_lora import timer, training_step, write_record
+from bench_lora import training_step, write_record
+
+from peft_ops.bench import timer
 
 GPU_SHAPES = [(1, 4096, 14336), (16, 4096, 14336), (1, 14336, 4096), (512, 4096, 14336), (4096, 4096, 14336),
               (8192, 4096, 4096)]

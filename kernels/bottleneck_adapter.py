@@ -32,8 +32,8 @@ Design, from a cost model (bf16, M = 8192, d = 4096, m = 64):
 - Dropout (on the branch output, before the residual) reuses the LoRA kernels' Philox mask: a
   pure function of (seed, row, column), regenerated in the backward, never stored.
 - Offsets along M (and the strides they multiply) are int64: M·d passes 2³¹ at long sequences.
-- Bottleneck sizes up to peft_ops.adapter.KERNEL_MAX_BOTTLENECK run here (256 in fp16/bf16,
-  128 in fp32): h, act(h), dh and the dW accumulators are register tiles m wide, and wider
+- Bottleneck sizes up to `max_bottleneck(dtype)` run here (256 in fp16/bf16, 128 in fp32:
+  the widest tile family in the tables): h, act(h), dh and the dW accumulators are register tiles m wide, and wider
   ones spilled (ptxas). Past that the op nears compute-bound (m FLOP/byte against a ridge of
   ≈ 150–300 on an A100/H100/H200) and peft_ops runs its PyTorch path (cuBLAS GEMMs) instead.
 """
@@ -65,7 +65,7 @@ def _configs(rows):
 
 
 # Autotune lists (BLOCK_M, BLOCK_D, warps, stages) per target and tile family; `peft-ops
-# compile` proves every one spill-free. fp32 stops at m ≤ 128 (KERNEL_MAX_BOTTLENECK). The
+# compile` proves every one spill-free. fp32 stops at m ≤ 128 (max_bottleneck). The
 # forward and the dh kernel share the half-precision lists; fp32 (tf32x3) differs: the dh
 # kernel's 64-row tile spilled on sm_80, the forward's 128-column one.
 _HALF = {
@@ -115,6 +115,13 @@ ROWS_PER_SLICE = 1024  # the dX kernel's row slices: at least this many rows eac
 TARGET_PROGRAMS = 256  # … and no more slices than it takes to reach this many programs
 
 
+def max_bottleneck(dtype: torch.dtype) -> int:
+    """The widest bottleneck the tile tables hold for `dtype`: the largest class of its family
+    ("b64" holds m ≤ 64, "b128" m ≤ 128, …); wider ones spilled (ptxas)."""
+    family = tile_family(dtype, 16).split("/")[0] + "/b"
+    return max(int(key[len(family):]) for key in BACKWARD_DX_TILES[current_target()] if key.startswith(family))
+
+
 def _by_tile_family(per_target: dict) -> dict | None:
     """Autotune pruning to the list of the launch's tile family."""
     entry = per_target[current_target()]
@@ -161,6 +168,30 @@ def activation_grad(h, ACTIVATION: tl.constexpr):
         return sig * (1.0 + h * (1.0 - sig))
 
 
+@triton.jit
+def rows_times_d_by_m(ACT, stride_am, stride_ad, MAT, stride_mat_d, stride_mat_b, rows, m_mask, b_mask, D, seed,
+                      dropout_p, HAS_DROPOUT: tl.constexpr, EVICTION: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_B: tl.constexpr):
+    """ACT[rows, :]·MAT over the whole row, fp32 [BLOCK_M, BLOCK_B], MAT a [d, m] matrix (given by
+    its strides; W_downᵀ in the forward, W_up in the dh kernel), streamed BLOCK_D columns at a
+    time; with HAS_DROPOUT, ACT's dropped elements are zeroed first (exact)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_b = tl.arange(0, BLOCK_B)
+    acc = tl.zeros([BLOCK_M, BLOCK_B], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = (d0 + offs_d).to(tl.int64)
+        d_mask = (d0 + offs_d) < D
+        act = tl.load(ACT + rows[:, None] * stride_am + cols[None, :] * stride_ad,
+                      mask=m_mask[:, None] & d_mask[None, :], other=0.0, eviction_policy=EVICTION)
+        if HAS_DROPOUT:
+            act = tl.where(_dropout_keep(seed, rows, d0, D, dropout_p, BLOCK_M, BLOCK_D), act, 0.0)
+        mat = tl.load(MAT + cols[:, None] * stride_mat_d + offs_b[None, :] * stride_mat_b,
+                      mask=d_mask[:, None] & b_mask[None, :], other=0.0)
+        acc = mma(act, mat, acc, WIDEN_BF16_DOT, DOT_PRECISION)
+    return acc
+
+
 @triton.autotune(configs=configs_for_this_target(FORWARD_CONFIGS), prune_configs_by=_by_tile_family(FORWARD_CONFIGS),
                  key=["M_BUCKET", "D", "BOTTLENECK", "HAS_DROPOUT", "SAVE_H", "ACTIVATION"])
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed per step must not trigger a recompile
@@ -183,17 +214,11 @@ def _bottleneck_adapter_forward_kernel(
     b_mask = offs_b < BOTTLENECK
     x_row_ptrs = X + rows[:, None] * stride_xm
 
-    # Phase 1: h = x·W_downᵀ over the whole row, in registers.
-    h = tl.zeros([BLOCK_M, BLOCK_B], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = (d0 + offs_d).to(tl.int64)
-        d_mask = (d0 + offs_d) < D
-        # evict_last: phase 2 reads these rows again, and should find them in L2.
-        x = tl.load(x_row_ptrs + cols[None, :] * stride_xd, mask=m_mask[:, None] & d_mask[None, :], other=0.0,
-                    eviction_policy="evict_last")
-        w_down_t = tl.load(W_DOWN + offs_b[None, :] * stride_down_b + cols[:, None] * stride_down_d,
-                           mask=d_mask[:, None] & b_mask[None, :], other=0.0)
-        h = mma(x, w_down_t, h, WIDEN_BF16_DOT, DOT_PRECISION)
+    # Phase 1: h = x·W_downᵀ over the whole row, in registers; evict_last: phase 2 reads these
+    # rows again, and should find them in L2.
+    h = rows_times_d_by_m(X, stride_xm, stride_xd, W_DOWN, stride_down_d, stride_down_b, rows, m_mask, b_mask, D,
+                          seed, dropout_p, False, "evict_last", WIDEN_BF16_DOT, DOT_PRECISION, BLOCK_M, BLOCK_D,
+                          BLOCK_B)
     if HAS_DOWN_BIAS:
         h += tl.load(B_DOWN + offs_b, mask=b_mask, other=0.0).to(tl.float32)[None, :]
     if SAVE_H:
@@ -233,21 +258,12 @@ def _bottleneck_adapter_backward_dh_kernel(
     """DH[M, m] (fp32) = branch_scale·((dY⊙keep)·W_up)⊙act′(H), branch_scale = s/(1-p)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_b = tl.arange(0, BLOCK_B)
-    offs_d = tl.arange(0, BLOCK_D)
     rows = offs_m.to(tl.int64)
     m_mask = offs_m < M
     b_mask = offs_b < BOTTLENECK
-    grad_act = tl.zeros([BLOCK_M, BLOCK_B], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = (d0 + offs_d).to(tl.int64)
-        d_mask = (d0 + offs_d) < D
-        dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyd,
-                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        if HAS_DROPOUT:
-            dy = tl.where(_dropout_keep(seed, rows, d0, D, dropout_p, BLOCK_M, BLOCK_D), dy, 0.0)  # exact
-        w_up = tl.load(W_UP + cols[:, None] * stride_up_d + offs_b[None, :] * stride_up_b,
-                       mask=d_mask[:, None] & b_mask[None, :], other=0.0)
-        grad_act = mma(dy, w_up, grad_act, WIDEN_BF16_DOT, DOT_PRECISION)
+    grad_act = rows_times_d_by_m(DY, stride_dym, stride_dyd, W_UP, stride_up_d, stride_up_b, rows, m_mask, b_mask,
+                                 D, seed, dropout_p, HAS_DROPOUT, "", WIDEN_BF16_DOT, DOT_PRECISION, BLOCK_M,
+                                 BLOCK_D, BLOCK_B)
     h_ptrs = rows[:, None] * BOTTLENECK + offs_b[None, :]
     hb_mask = m_mask[:, None] & b_mask[None, :]
     h = tl.load(H + h_ptrs, mask=hb_mask, other=0.0)
@@ -319,11 +335,9 @@ def _bottleneck_adapter_backward_dx_kernel(
 # --------------------------------------------------------------------------------------
 
 def _flags(x: torch.Tensor, bottleneck_size: int, activation_name: str, dropout_p: float) -> dict:
-    from ..adapter import KERNEL_MAX_BOTTLENECK
-
-    if bottleneck_size > KERNEL_MAX_BOTTLENECK[x.dtype]:
+    if bottleneck_size > max_bottleneck(x.dtype):
         raise ValueError(f"bottleneck size {bottleneck_size} is wider than the kernels hold in {x.dtype} "
-                         f"({KERNEL_MAX_BOTTLENECK[x.dtype]}): use peft_ops.bottleneck_adapter, which runs the "
+                         f"({max_bottleneck(x.dtype)}): use peft_ops.bottleneck_adapter, which runs the "
                          "PyTorch path there")
     flags = dot_flags(x.dtype)
     del flags["RANK_FP32"]  # one dtype for every operand here

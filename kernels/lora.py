@@ -191,21 +191,25 @@ def _lora_shrink_kernel(
 
 
 @triton.jit
-def lora_epilogue(acc, XA, B, rows, cols, R, stride_bn, stride_br, scaling,
-                  BLOCK_R: tl.constexpr, RANK_FP32: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
-    """acc + scaling·XA[rows]·B[cols]ᵀ: the LoRA term of a forward output tile (rows, cols are
-    valid int64 indices). Scaling is folded into the fp32 xa before its one rounding to the
-    compute dtype, so the term accumulates straight into acc (no second M×N tile)."""
-    # The rank operands' dtype: B's own (x's dtype, or fp32 when RANK_FP32 / fp32 x).
-    rank_dtype = B.dtype.element_ty
-    offs_r = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R, BLOCK_R):
-        r_mask = (r0 + offs_r) < R
-        xa = tl.load(XA + rows[:, None] * R + (r0 + offs_r)[None, :], mask=r_mask[None, :], other=0.0)
-        b = tl.load(B + cols[None, :] * stride_bn + (r0 + offs_r)[:, None].to(tl.int64) * stride_br,
-                    mask=r_mask[:, None], other=0.0)
-        acc = mma((xa * scaling).to(rank_dtype), b.to(rank_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+def lora_epilogue(acc, XA, B, BIAS, rows, cols, R, stride_bn, stride_br, stride_bias, scaling,
+                  HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, RANK_FP32: tl.constexpr,
+                  WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc [+ scaling·XA[rows]·B[cols]ᵀ] [+ BIAS[cols]]: the epilogue of every forward output
+    tile (dense and NF4; rows, cols are valid int64 indices). Scaling is folded into the fp32
+    xa before its one rounding to the compute dtype, so the term accumulates straight into acc
+    (no second M×N tile)."""
+    if HAS_LORA:
+        # The rank operands' dtype: B's own (x's dtype, or fp32 when RANK_FP32 / fp32 x).
+        rank_dtype = B.dtype.element_ty
+        offs_r = tl.arange(0, BLOCK_R)
+        for r0 in range(0, R, BLOCK_R):
+            r_mask = (r0 + offs_r) < R
+            xa = tl.load(XA + rows[:, None] * R + (r0 + offs_r)[None, :], mask=r_mask[None, :], other=0.0)
+            b = tl.load(B + cols[None, :] * stride_bn + (r0 + offs_r)[:, None].to(tl.int64) * stride_br,
+                        mask=r_mask[:, None], other=0.0)
+            acc = mma((xa * scaling).to(rank_dtype), b.to(rank_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols * stride_bias).to(tl.float32)[None, :]
     return acc
 
 
@@ -294,10 +298,8 @@ def _lora_forward_kernel(
         x_ptrs += x_step
         w_ptrs += w_step
 
-    acc = lora_epilogue(acc, XA, B, rows, cols, R, stride_bn, stride_br, scaling,
-                        BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + cols * stride_bias).to(tl.float32)[None, :]
+    acc = lora_epilogue(acc, XA, B, BIAS, rows, cols, R, stride_bn, stride_br, stride_bias, scaling,
+                        True, HAS_BIAS, BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION)
 
     out_rows = offs_m.to(tl.int64)
     y_ptrs = Y + out_rows[:, None] * N + offs_n[None, :]

@@ -199,11 +199,8 @@ def _nf4_matmul_kernel(
     acc = nf4_x_wt(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), x_ptrs, BLOCK_K * tl.cast(stride_xk, tl.int64),
                    0, K, cols, PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, K,
                    BLOCK_K, BLOCKSIZE, NESTED, EVEN_K, ROW_ALIGNED, WIDEN_BF16_DOT, DOT_PRECISION)
-    if HAS_LORA:
-        acc = lora_epilogue(acc, XA, B, rows, cols, R, stride_bn, stride_br, scaling,
-                            BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + cols * stride_bias).to(tl.float32)[None, :]
+    acc = lora_epilogue(acc, XA, B, BIAS, rows, cols, R, stride_bn, stride_br, stride_bias, scaling,
+                        HAS_LORA, HAS_BIAS, BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION)
     y_ptrs = Y + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -238,12 +235,9 @@ def _nf4_gemv_kernel(
     acc = nf4_x_wt(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), x_ptrs, BLOCK_K * tl.cast(stride_xk, tl.int64),
                    k_begin, k_end, cols, PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, K,
                    BLOCK_K, BLOCKSIZE, NESTED, EVEN_K, ROW_ALIGNED, WIDEN_BF16_DOT, DOT_PRECISION)
-    if pid_s == 0:
-        if HAS_LORA:
-            acc = lora_epilogue(acc, XA, B, rows, cols, R, stride_bn, stride_br, scaling,
-                                BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(BIAS + cols * stride_bias).to(tl.float32)[None, :]
+    if pid_s == 0:  # the LoRA term and bias once, with the first K slice
+        acc = lora_epilogue(acc, XA, B, BIAS, rows, cols, R, stride_bn, stride_br, stride_bias, scaling,
+                            HAS_LORA, HAS_BIAS, BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION)
     out_ptrs = OUT + pid_s.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 

@@ -12,9 +12,6 @@ from .backend import resolve
 from .lora import _mm32, compiled, draw_seed, save_with_seed, saved_with_seed, torch_keep_mask
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
-# The widest bottleneck the kernels hold in registers (kernels/bottleneck_adapter.py: wider
-# tiles spilled); past it the op runs the PyTorch path.
-KERNEL_MAX_BOTTLENECK = {torch.float32: 128, torch.float16: 256, torch.bfloat16: 256}
 
 
 def check_activation(activation: object) -> str:
@@ -122,9 +119,12 @@ def _kernel_ops():
 
 def adapter_ops(impl: str, dtype: torch.dtype, bottleneck_size: int):
     """The launchers behind the Function for `impl` ("triton" / "torch"): the kernels, unless
-    the bottleneck is wider than they hold (KERNEL_MAX_BOTTLENECK), then the PyTorch path."""
-    if impl == "triton" and bottleneck_size <= KERNEL_MAX_BOTTLENECK[dtype]:
-        return _kernel_ops()
+    the bottleneck is wider than their tile tables hold, then the PyTorch path."""
+    if impl == "triton":
+        from .kernels.bottleneck_adapter import max_bottleneck  # late: TRITON_INTERPRET must be set first
+
+        if bottleneck_size <= max_bottleneck(dtype):
+            return _kernel_ops()
     return TorchBottleneckOps
 
 

@@ -88,11 +88,13 @@ def model_row(s: OpShape, gpu_name: str, gpu: dict) -> list[dict]:
 # Timed runs (a CUDA GPU; or any device with --time-anyway, for testing the code path)
 # --------------------------------------------------------------------------------------
 
-def _timer(device: torch.device):
+def timer(device: torch.device):
+    """fn → median milliseconds: triton.testing.do_bench on a GPU (warm-up, L2 flush), else the
+    median of a few wall-clock runs (meaningful only for checking the code path)."""
     if device.type == "cuda":
         import triton.testing
 
-        return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
     def cpu_median_ms(fn, reps=3):
         fn()
@@ -444,7 +446,7 @@ def main(argv: list[str]) -> int:
     preset = PRESETS[args.preset]
     shapes = shapes_for(ops, preset)
     rows = []
-    measure = _timer(device) if timing else None
+    measure = timer(device) if timing else None
     for i, s in enumerate(shapes, 1):
         phase_rows = model_row(s, gpu_name, gpu)
         if timing:

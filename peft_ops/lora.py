@@ -77,14 +77,14 @@ def draw_seed(ops, dropout_p: float):
 
 def save_with_seed(ctx, tensors: tuple, seed) -> None:
     """save_for_backward, plus the seed: a tensor seed (compiled) is saved, an int kept on ctx."""
-    ctx.seed_saved = isinstance(seed, torch.Tensor)
-    ctx.save_for_backward(*tensors, *((seed,) if ctx.seed_saved else ()))
-    ctx.seed = None if ctx.seed_saved else seed
+    saved = isinstance(seed, torch.Tensor)
+    ctx.save_for_backward(*tensors, *((seed,) if saved else ()))
+    ctx.seed = None if saved else seed  # None: the last saved tensor is the seed
 
 
 def saved_with_seed(ctx) -> tuple[tuple, object]:
     saved = ctx.saved_tensors
-    return (saved[:-1], saved[-1]) if ctx.seed_saved else (saved, ctx.seed)
+    return (saved[:-1], saved[-1]) if ctx.seed is None else (saved, ctx.seed)
 
 
 def compiled(ops, family: str):

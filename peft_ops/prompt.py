@@ -214,11 +214,14 @@ class PromptLearningModel(nn.Module):
         self.base_model = base_model
         self.method = method
         self.prompt_encoder = prompt_encoder
-        self.num_virtual_tokens = prompt_encoder.num_virtual_tokens
         params = inspect.signature(base_model.forward).parameters
         # transformers ≥ 5.2x names the cache argument `cache` (past_key_values is deprecated)
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._takes_position_ids = "position_ids" in params
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.prompt_encoder.num_virtual_tokens
 
     @property
     def config(self):

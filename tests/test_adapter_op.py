@@ -139,12 +139,15 @@ def test_public_function_dispatches_and_matches(device):
 
 
 def test_bottleneck_past_the_kernel_tile_runs_the_pytorch_path(monkeypatch, device):
-    # m > KERNEL_MAX_BOTTLENECK: the op is compute-bound there and runs the PyTorch path, correctly.
+    # m past the kernels' widest tile: the op is compute-bound there and runs the PyTorch path, correctly.
     import peft_ops.adapter as adapter
 
     calls = []
     monkeypatch.setattr(adapter, "_kernel_ops", lambda: calls.append(1))
-    case = AdapterCase(M=6, d=20, m=adapter.KERNEL_MAX_BOTTLENECK[torch.float32] + 1, dtype=torch.float32)
+    from peft_ops.kernels.bottleneck_adapter import max_bottleneck
+
+    assert (max_bottleneck(torch.float32), max_bottleneck(torch.bfloat16)) == (128, 256)
+    case = AdapterCase(M=6, d=20, m=max_bottleneck(torch.float32) + 1, dtype=torch.float32)
     inp = make_adapter_inputs(case, device)
     args = [inp[k].requires_grad_(k != "x") for k in ("x", "down_weight", "down_bias", "up_weight", "up_bias")]
     with peft_ops.use_backend("triton"):

@@ -8,31 +8,31 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_bench_lora_smoke():
+def run_smoke(script: str) -> str:
+    """Run benchmarks/<script> --smoke without the interpreter; its stdout."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_lora.py"), "--smoke"], env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke"], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=ROOT / "benchmarks")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "fused ×" in out.stdout and "unfused ×" in out.stdout
+    return out.stdout
+
+
+def test_bench_lora_smoke():
+    stdout = run_smoke("bench_lora.py")
+    assert "fused ×" in stdout and "unfused ×" in stdout
     # the fused layer saves x + xa only; the unfused chain more (with dropout: mask and dropped x)
-    lines = [line for line in out.stdout.splitlines() if "p=0.05" in line]
-    assert lines and "saved: fused 1.25·x" in lines[0], out.stdout
+    lines = [line for line in stdout.splitlines() if "p=0.05" in line]
+    assert lines and "saved: fused 1.25·x" in lines[0], stdout
 
 
 def test_bench_nf4_smoke():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_nf4.py"), "--smoke"], env=env,
-                         capture_output=True, text=True, timeout=300, cwd=ROOT / "benchmarks")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "decode GEMV (split-K)" in out.stdout and "dequant-GEMM" in out.stdout
+    stdout = run_smoke("bench_nf4.py")
+    assert "decode GEMV (split-K)" in stdout and "dequant-GEMM" in stdout
 
 
 def test_bench_adapter_smoke():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_adapter.py"), "--smoke"], env=env,
-                         capture_output=True, text=True, timeout=300, cwd=ROOT / "benchmarks")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "forward fused" in out.stdout and "fwd+bwd fused" in out.stdout
+    stdout = run_smoke("bench_adapter.py")
+    assert "forward fused" in stdout and "fwd+bwd fused" in stdout
 
 
 def test_adapter_bytes_script_matches_the_roofline_model():
