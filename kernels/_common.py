@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ..backend import interpreting
+from . import _launch
+
+# (major, minor) of the installed triton: a few tile tables differ by version, where an older
+# triton's register allocation spilled (ptxas) on a tile a newer one builds clean.
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 # @triton.jit reads TRITON_INTERPRET when it decorates a function, i.e. when this package is
 # imported; remember the mode so a launch can refuse a mismatch instead of crashing obscurely.
@@ -16,7 +24,15 @@ INTERPRETED = interpreting()
 
 
 def current_target() -> str:
-    """The key of the autotune lists for this process: "interpreter", "sm80" or "sm90"."""
+    """The key of the tile tables for the launch at hand: this process's target, or the one a
+    launch plan is made for (see ``_launch``)."""
+    plan = _launch.planning()
+    return plan.plan_target if plan is not None else process_target()
+
+
+def process_target() -> str:
+    """The key of the autotune lists for this process: "interpreter", "sm80" or "sm90". (A kernel
+    may be first imported while a plan is made: its autotuner must still get this process's.)"""
     if INTERPRETED:
         return "interpreter"
     if torch.cuda.is_available():
@@ -28,32 +44,67 @@ def configs_for_this_target(per_target: dict) -> list[triton.Config]:
     """All configs for this process's target: per_target[target] maps operand families
     ("half", "mixed" ⊂ "half", "fp32", …) to lists (each config once); for the interpreter,
     which cannot benchmark ("0 active drivers"), it is exactly one config."""
-    entry = per_target[current_target()]
+    entry = per_target[process_target()]
     if not isinstance(entry, dict):
         return entry
     unique = {id(c): c for configs in entry.values() for c in configs}
     return list(unique.values())
 
 
-def by_dtype(per_target: dict, arg_name: str, general_when=None) -> dict | None:
-    """Autotune pruning to the configs of the launch's operand family: "fp32" when tensor
-    argument `arg_name` is fp32, "mixed" when the rank products are fp32 (RANK_FP32), else
-    "half"; or "general" whenever `general_when(constexpr kwargs)` is true."""
-    entry = per_target[current_target()]
-    if not isinstance(entry, dict):
+def dtype_family(arg_name: str, general_when=None):
+    """The operand family of a launch, for pruning autotune lists: "fp32" when tensor argument
+    `arg_name` is fp32, "mixed" when the rank products are fp32 (RANK_FP32), else "half"; or
+    "general" whenever `general_when(constexprs)` is true."""
+    def family(named_args: dict, constexprs: dict) -> str:
+        if general_when is not None and general_when(constexprs):
+            return "general"
+        if named_args[arg_name].dtype == torch.float32:
+            return "fp32"
+        return "mixed" if constexprs.get("RANK_FP32") else "half"
+
+    return family
+
+
+# kernel function name → (its per-target autotune lists, its family function): what
+# `candidate_configs` (and so a launch plan for another target) reads.
+_TUNED: dict = {}
+
+
+def candidate_configs(kernel_name: str, target: str, named_args: dict, constexprs: dict) -> list[triton.Config] | None:
+    """The autotune configs a launch of `kernel_name` chooses from on `target`, after pruning
+    to the launch's family; None for a kernel that is not autotuned."""
+    if kernel_name not in _TUNED:
         return None
-    family_ids = {family: {id(c) for c in configs} for family, configs in entry.items()}
+    per_target, family = _TUNED[kernel_name]
+    entry = per_target[target]
+    return entry[family(named_args, constexprs)] if isinstance(entry, dict) else list(entry)
 
-    def prune(configs, named_args, **kwargs):
-        if general_when is not None and general_when(kwargs):
-            family = "general"
-        elif named_args[arg_name].dtype == torch.float32:
-            family = "fp32"
-        else:
-            family = "mixed" if kwargs.get("RANK_FP32") else "half"
-        return [c for c in configs if id(c) in family_ids[family]]
 
-    return {"early_config_prune": prune}
+def autotuned(per_target: dict, family, key: list[str]):
+    """``triton.autotune`` over this process's list in `per_target`, pruned at each launch to
+    the list of its family (`family(named_args, constexprs)`, e.g. ``dtype_family``)."""
+    entry = per_target[process_target()]
+    prune = None
+    if isinstance(entry, dict):
+        family_ids = {name: {id(c) for c in configs} for name, configs in entry.items()}
+
+        def early_config_prune(configs, named_args, **kwargs):
+            ids = family_ids[family(named_args, kwargs)]
+            kept = [c for c in configs if id(c) in ids]
+            # PEFT_OPS_AUTOTUNE=first: the family's first config, no benchmarking (quick checks
+            # over many shapes, where tuning each new shape would cost more than the check)
+            return kept[:1] if os.environ.get("PEFT_OPS_AUTOTUNE") == "first" else kept
+
+        prune = {"early_config_prune": early_config_prune}
+
+    def decorate(kernel):
+        fn = kernel
+        while hasattr(fn, "fn"):  # jit (or interpreted) function → the Python function
+            fn = fn.fn
+        _TUNED[fn.__name__] = (per_target, family)
+        return triton.autotune(configs=configs_for_this_target(per_target), prune_configs_by=prune, key=key)(kernel)
+
+    return decorate
 
 
 def fp32_dot_precision() -> str:
@@ -82,7 +133,8 @@ def dot_flags(dtype: torch.dtype, rank_dtype: torch.dtype | None = None) -> dict
         # The interpreter matmuls bf16 as raw uint16 bits (silently wrong). Widening to fp32 is
         # exact (a bf16×bf16 product fits in fp32), so the result still equals a bf16 tensor-core
         # dot with fp32 accumulation. Never set on a GPU.
-        "WIDEN_BF16_DOT": INTERPRETED and dtype == torch.bfloat16,
+        # (A launch plan is for a GPU, whatever this process runs.)
+        "WIDEN_BF16_DOT": INTERPRETED and _launch.planning() is None and dtype == torch.bfloat16,
         "RANK_FP32": rank_dtype == torch.float32 and dtype != torch.float32,
         # Used only by dots whose operands are fp32; bf16/fp16 dots ignore it.
         "DOT_PRECISION": fp32_dot_precision(),
@@ -94,9 +146,31 @@ def m_bucket(m: int) -> int:
     return triton.next_power_of_2(max(int(m), 1))
 
 
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, through the launch hook when one is installed (it
+    counts the launch, or records it without running while planning; see ``_launch``)."""
+    hook = _launch.active()
+    if hook is None:
+        kernel[grid](*args, **kwargs)
+    else:
+        hook.triton_launch(kernel, grid, args, kwargs)
+
+
+def multiprocessor_count(device: torch.device) -> int | None:
+    """SMs of the GPU the launch goes to (of the planned GPU while planning); None on a CPU."""
+    plan = _launch.planning()
+    if plan is not None:
+        return plan.sm_count
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def launch_guard(*tensors: torch.Tensor):
     """Check the kernels can run on these tensors here, and make their GPU the current one:
     Triton launches on the current device and stream, which need not be the tensors'."""
+    if _launch.planning() is not None:  # meta tensors, nothing runs
+        return contextlib.nullcontext()
     for t in tensors:
         if t.device.type != "cuda" and not INTERPRETED:
             raise RuntimeError(
@@ -142,24 +216,40 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 GPU_TARGETS = {"sm80": 80, "sm90": 90}  # sm90 compiles for sm_90a (wgmma)
 
 
+TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+                 torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64",
+                 torch.bool: "i1"}
+# Launch keywords that are compile options, not constexpr arguments.
+COMPILE_OPTIONS = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion", "maxnreg")
+
+
+def _python_function(kernel):
+    fn = kernel
+    while hasattr(fn, "fn"):  # autotuner → jit (or interpreted) function → the Python function
+        fn = fn.fn
+    return fn
+
+
 class KernelBuild:
     """One kernel at one autotune config, with the argument types of a realistic launch:
     pointers 16-byte aligned, unit inner strides (contiguous tensors), other integers
-    divisible by 16 unless listed in `plain_ints` (what Triton's JIT specializes on)."""
+    divisible by 16 unless listed in `plain_ints` (what Triton's JIT specializes on).
+
+    Plain data (the kernel by module and name), so builds travel to compile workers."""
 
     def __init__(self, name, kernel, config, pointer_dtypes, constexprs, unit_strides=(), float_args=(),
-                 plain_ints=(), uses_tensor_cores=True, options=None):
+                 plain_ints=(), uses_tensor_cores=True, options=None, int64_args=()):
         self.name = name
-        # the @triton.jit function, from under its autotuner if it has one
-        self.fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+        fn = _python_function(kernel)
+        self.module, self.function = fn.__module__, fn.__name__
         self.uses_tensor_cores = uses_tensor_cores
         self.options = {"enable_fp_fusion": True, **(options or {})}
-        self.config = config
+        self.config_kwargs = dict(config.kwargs)
         self.num_warps = config.num_warps
         self.num_stages = config.num_stages
         self.signature, self.constexprs, self.attrs = {}, dict(constexprs), {}
         all_constexprs = {**config.kwargs, **constexprs}
-        for idx, arg in enumerate(self.fn.arg_names):
+        for idx, arg in enumerate(inspect.signature(fn).parameters):
             if arg in all_constexprs:
                 self.signature[arg] = "constexpr"
                 self.constexprs[arg] = all_constexprs[arg]
@@ -172,19 +262,91 @@ class KernelBuild:
             elif arg in float_args:
                 self.signature[arg] = "fp32"
             else:
-                self.signature[arg] = "i32"
+                self.signature[arg] = "i64" if arg in int64_args else "i32"
                 if arg not in plain_ints:
                     self.attrs[(idx,)] = [["tt.divisibility", 16]]
 
+    @classmethod
+    def from_launch(cls, name: str, kernel, args: dict, config) -> "KernelBuild":
+        """The build a launch with these arguments (name → value, as recorded by a launch
+        plan) compiles to under `config`, specialized as Triton's JIT does: integers equal to
+        1 become constants, multiples of 16 are marked divisible, pointers aligned."""
+        do_not_specialize = set(_jit_setting(kernel, "do_not_specialize") or ())
+        options = {k: v for k, v in args.items() if k in COMPILE_OPTIONS}
+        pointers, floats, plain, int64, constexprs, units = {}, [], [], [], {}, []
+        for arg, value in args.items():
+            if arg in COMPILE_OPTIONS:
+                continue
+            if isinstance(value, torch.Tensor):
+                pointers[arg] = TRITON_DTYPES[value.dtype]
+            elif isinstance(value, bool) or value is None or isinstance(value, str):
+                constexprs[arg] = value
+            elif isinstance(value, float):
+                floats.append(arg)
+            elif isinstance(value, int):
+                if not -2**31 <= value < 2**31:
+                    int64.append(arg)
+                if arg in do_not_specialize:
+                    plain.append(arg)
+                elif value == 1:
+                    units.append(arg)
+                elif value % 16:
+                    plain.append(arg)
+        # Keyword arguments that are parameters and not plain values are constexprs.
+        params = list(inspect.signature(_python_function(kernel)).parameters)
+        tuned = {k: v for k, v in args.items() if k in params and k not in constexprs and not isinstance(
+            v, (torch.Tensor, float)) and k in _constexpr_names(kernel)}
+        constexprs.update(tuned)
+        plain = [a for a in plain if a not in constexprs]
+        units = [a for a in units if a not in constexprs]
+        num_warps = options.pop("num_warps", config.num_warps)
+        num_stages = options.pop("num_stages", config.num_stages)
+        config = triton.Config(dict(config.kwargs), num_warps=num_warps, num_stages=num_stages)
+        return cls(name, kernel, config, pointers, constexprs, unit_strides=units, float_args=floats, plain_ints=plain,
+                   int64_args=int64, options=options)
+
+    def jit_function(self):
+        kernel = getattr(importlib.import_module(self.module), self.function)
+        return kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+
     @property
     def config_label(self) -> str:
-        tiles = ",".join(f"{k}={v}" for k, v in self.config.kwargs.items())
+        """The autotune config's tiles, or for a kernel launched with fixed tiles its BLOCK_*."""
+        shown = self.config_kwargs or {k: v for k, v in self.constexprs.items() if k.startswith("BLOCK_")}
+        tiles = ",".join(f"{k}={v}" for k, v in shown.items())
         return f"{tiles} w{self.num_warps} s{self.num_stages}"
+
+    def key(self) -> tuple:
+        """What identifies the build (same key, same binary)."""
+        return (self.module, self.function, tuple(sorted(self.signature.items())),
+                tuple(sorted((k, repr(v)) for k, v in self.constexprs.items())),
+                tuple(sorted((k, repr(v)) for k, v in self.attrs.items())), self.num_warps, self.num_stages,
+                tuple(sorted(self.options.items())))
 
     def compile(self, target: str):
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
 
-        src = ASTSource(fn=self.fn, signature=self.signature, constexprs=self.constexprs, attrs=self.attrs)
+        src = ASTSource(fn=self.jit_function(), signature=self.signature, constexprs=self.constexprs,
+                        attrs=self.attrs)
         options = {"num_warps": self.num_warps, "num_stages": self.num_stages, **self.options}
         return triton.compile(src, target=GPUTarget("cuda", GPU_TARGETS[target], 32), options=options)
+
+
+def _jit_setting(kernel, name: str):
+    """A @triton.jit setting (e.g. do_not_specialize) of a kernel, compiled or interpreted."""
+    fn = kernel
+    while fn is not None:
+        if hasattr(fn, name):
+            return getattr(fn, name)
+        if isinstance(getattr(fn, "kwargs", None), dict) and name in fn.kwargs:
+            return fn.kwargs[name]
+        fn = getattr(fn, "fn", None)
+    return None
+
+
+def _constexpr_names(kernel) -> set[str]:
+    """Parameters declared ``tl.constexpr`` (annotations may be strings under
+    ``from __future__ import annotations``)."""
+    params = inspect.signature(_python_function(kernel)).parameters
+    return {name for name, p in params.items() if "constexpr" in str(p.annotation)}

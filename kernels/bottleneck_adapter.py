@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from ..adapter import ACTIVATIONS  # constexpr ACTIVATION = the activation's index in it
-from ._common import configs_for_this_target, current_target, dot_flags, launch_guard, m_bucket, mma
+from ._common import autotuned, current_target, dot_flags, launch, launch_guard, m_bucket, mma
 from .lora import _dropout_keep
 
 
@@ -111,6 +111,9 @@ BACKWARD_DX_TILES = {
     "interpreter": {"half/b64": _ONE, "half/b128": _ONE, "half/b256": {"dx": _ONE, "dw": _ONE},
                     "fp32/b64": _ONE, "fp32/b128": _ONE},
 }
+# The bounds of loops over kernel-local names, as expressions of the launch arguments (for the
+# static estimate, peft_ops.estimate): the dX kernel's row loop covers one slice.
+LOOP_BOUNDS = {"_bottleneck_adapter_backward_dx_kernel": {"row_start": "0", "row_end": "min(M, rows_per_slice)"}}
 ROWS_PER_SLICE = 1024  # the dX kernel's row slices: at least this many rows each …
 TARGET_PROGRAMS = 256  # … and no more slices than it takes to reach this many programs
 
@@ -122,18 +125,9 @@ def max_bottleneck(dtype: torch.dtype) -> int:
     return max(int(key[len(family):]) for key in BACKWARD_DX_TILES[current_target()] if key.startswith(family))
 
 
-def _by_tile_family(per_target: dict) -> dict | None:
-    """Autotune pruning to the list of the launch's tile family."""
-    entry = per_target[current_target()]
-    if not isinstance(entry, dict):
-        return None
-    ids = {family: {id(c) for c in configs} for family, configs in entry.items()}
-
-    def prune(configs, named_args, **kwargs):
-        family = tile_family(named_args["X" if "X" in named_args else "DY"].dtype, kwargs["BLOCK_B"])
-        return [c for c in configs if id(c) in ids[family]]
-
-    return {"early_config_prune": prune}
+def _tile_family_of_launch(named_args: dict, constexprs: dict) -> str:
+    """The tile family of a launch (autotune pruning): operand dtype / bottleneck tile class."""
+    return tile_family(named_args["X" if "X" in named_args else "DY"].dtype, constexprs["BLOCK_B"])
 
 
 @triton.jit
@@ -192,8 +186,8 @@ def rows_times_d_by_m(ACT, stride_am, stride_ad, MAT, stride_mat_d, stride_mat_b
     return acc
 
 
-@triton.autotune(configs=configs_for_this_target(FORWARD_CONFIGS), prune_configs_by=_by_tile_family(FORWARD_CONFIGS),
-                 key=["M_BUCKET", "D", "BOTTLENECK", "HAS_DROPOUT", "SAVE_H", "ACTIVATION"])
+@autotuned(FORWARD_CONFIGS, _tile_family_of_launch,
+           key=["M_BUCKET", "D", "BOTTLENECK", "HAS_DROPOUT", "SAVE_H", "ACTIVATION"])
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed per step must not trigger a recompile
 def _bottleneck_adapter_forward_kernel(
     X, W_DOWN, B_DOWN, W_UP, B_UP, Y, H, M, D, BOTTLENECK, M_BUCKET,
@@ -243,9 +237,8 @@ def _bottleneck_adapter_forward_kernel(
         tl.store(Y + rows[:, None] * D + cols[None, :], y.to(Y.dtype.element_ty), mask=io_mask)
 
 
-@triton.autotune(configs=configs_for_this_target(BACKWARD_DH_CONFIGS),
-                 prune_configs_by=_by_tile_family(BACKWARD_DH_CONFIGS),
-                 key=["M_BUCKET", "D", "BOTTLENECK", "HAS_DROPOUT", "ACTIVATION"])
+@autotuned(BACKWARD_DH_CONFIGS, _tile_family_of_launch,
+           key=["M_BUCKET", "D", "BOTTLENECK", "HAS_DROPOUT", "ACTIVATION"])
 @triton.jit(do_not_specialize=["seed"])
 def _bottleneck_adapter_backward_dh_kernel(
     DY, W_UP, H, DH, M, D, BOTTLENECK, M_BUCKET,
@@ -356,7 +349,7 @@ def forward(x, down_weight, down_bias, up_weight, up_bias, activation_name: str,
         return y, h
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)  # noqa: E731
     with launch_guard(x, down_weight, up_weight):
-        _bottleneck_adapter_forward_kernel[grid](
+        launch(_bottleneck_adapter_forward_kernel, grid,
             x, down_weight, down_bias if down_bias is not None else y, up_weight,
             up_bias if up_bias is not None else y, y, h if save_h else y, M, D, B, m_bucket(M),
             x.stride(0), x.stride(1), down_weight.stride(0), down_weight.stride(1),
@@ -409,7 +402,7 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
         dw_down_partial = dw_up_partial = db_up_partial = dh  # not written
     with launch_guard(dy, x, down_weight, up_weight):
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)  # noqa: E731
-        _bottleneck_adapter_backward_dh_kernel[grid](
+        launch(_bottleneck_adapter_backward_dh_kernel, grid,
             dy, up_weight, h, dh, M, D, B, m_bucket(M),
             dy.stride(0), dy.stride(1), up_weight.stride(0), up_weight.stride(1),
             branch_scale, seed, dropout_p, **flags,
@@ -418,7 +411,7 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
             if not (compute_dx or compute_dw):
                 continue
             slices, rows_per_slice = row_slices(M, D, block_m, block_d)
-            _bottleneck_adapter_backward_dx_kernel[(triton.cdiv(D, block_d), slices)](
+            launch(_bottleneck_adapter_backward_dx_kernel, (triton.cdiv(D, block_d), slices),
                 dy, x, h, dh, down_weight, dx if compute_dx else dy, dw_down_partial, dw_up_partial, db_up_partial,
                 M, D, B, rows_per_slice,
                 dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), down_weight.stride(0), down_weight.stride(1),

@@ -47,11 +47,12 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    by_dtype,
-    configs_for_this_target,
+    autotuned,
     current_target,
     dot_flags,
+    dtype_family,
     grouped_tile,
+    launch,
     launch_guard,
     m_bucket,
     mma,
@@ -147,9 +148,7 @@ def _dropout_keep(seed, rows, k0, n_cols, dropout_p, BLOCK_M: tl.constexpr, BLOC
     return u >= dropout_p
 
 
-@triton.autotune(configs=configs_for_this_target(SHRINK_CONFIGS),
-                 prune_configs_by=by_dtype(SHRINK_CONFIGS, "X"),
-                 key=["M_BUCKET", "K", "R", "HAS_DROPOUT", "RANK_FP32"])
+@autotuned(SHRINK_CONFIGS, dtype_family("X"), key=["M_BUCKET", "K", "R", "HAS_DROPOUT", "RANK_FP32"])
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed per step must not trigger a recompile
 def _lora_shrink_kernel(
     X, A, XA, M, K, R, M_BUCKET,
@@ -264,9 +263,7 @@ def lora_dx_term(G, A, rows, m_mask, cols, mask_rows, R, K, stride_ar, stride_ak
     return acc
 
 
-@triton.autotune(configs=configs_for_this_target(FORWARD_CONFIGS),
-                 prune_configs_by=by_dtype(FORWARD_CONFIGS, "X"),
-                 key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "RANK_FP32"])
+@autotuned(FORWARD_CONFIGS, dtype_family("X"), key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "RANK_FP32"])
 @triton.jit
 def _lora_forward_kernel(
     X, W, XA, B, BIAS, Y, M, N, K, R, M_BUCKET,
@@ -306,9 +303,7 @@ def _lora_forward_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=configs_for_this_target(BACKWARD_DY_CONFIGS),
-                 prune_configs_by=by_dtype(BACKWARD_DY_CONFIGS, "DY"),
-                 key=["M_BUCKET", "N", "R", "COMPUTE_G", "COMPUTE_DB", "RANK_FP32"])
+@autotuned(BACKWARD_DY_CONFIGS, dtype_family("DY"), key=["M_BUCKET", "N", "R", "COMPUTE_G", "COMPUTE_DB", "RANK_FP32"])
 @triton.jit
 def _lora_backward_dy_kernel(
     DY, B, XA, G, DB_PARTIAL, M, N, R, M_BUCKET,
@@ -355,9 +350,8 @@ def _lora_backward_dy_kernel(
         tl.store(G + rows[:, None] * R + offs_r[None, :], g, mask=m_mask[:, None] & r_mask[None, :])
 
 
-@triton.autotune(configs=configs_for_this_target(BACKWARD_DX_CONFIGS),
-                 prune_configs_by=by_dtype(BACKWARD_DX_CONFIGS, "DY"),
-                 key=["M_BUCKET", "N", "K", "R", "COMPUTE_DX", "COMPUTE_DA", "HAS_DROPOUT", "RANK_FP32"])
+@autotuned(BACKWARD_DX_CONFIGS, dtype_family("DY"),
+           key=["M_BUCKET", "N", "K", "R", "COMPUTE_DX", "COMPUTE_DA", "HAS_DROPOUT", "RANK_FP32"])
 @triton.jit(do_not_specialize=["seed"])
 def _lora_backward_dx_kernel(
     DY, W, G, A, X, DX, DA_PARTIAL, M, N, K, R, M_BUCKET, row0,
@@ -437,7 +431,7 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -
     flags = _launch_flags(x.dtype, lora_A.dtype, R)
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(R, META["BLOCK_R"]))  # noqa: E731
     with launch_guard(x, lora_A):
-        _lora_shrink_kernel[grid](
+        launch(_lora_shrink_kernel, grid,
             x, lora_A, xa, M, K, R, m_bucket(M),
             x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
             seed, dropout_p, 1.0 / (1.0 - dropout_p),
@@ -457,7 +451,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: tor
         return y
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
     with launch_guard(x, weight, lora_B):
-        _lora_forward_kernel[grid](
+        launch(_lora_forward_kernel, grid,
             x, weight, xa, lora_B, bias if bias is not None else y, y, M, N, K, R, m_bucket(M),
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
             bias.stride(0) if bias is not None else 0,
@@ -477,7 +471,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
     dB = s·dyᵀ·xa                             [N, r], fp32 (caller casts)
     """
     def launch_dx(grid, dy_c, g, x_c, dx_c, da_partial, rows, row0, lora_scale, **constexprs):
-        _lora_backward_dx_kernel[grid](
+        launch(_lora_backward_dx_kernel, grid,
             dy_c, weight, g, lora_A, x_c, dx_c, da_partial, rows, weight.shape[0], x.shape[1], lora_A.shape[0],
             m_bucket(rows), row0, dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
             lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), seed, dropout_p, lora_scale, **constexprs)
@@ -521,7 +515,7 @@ def backward_with(launch_dx, dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Te
         rows = min(chunk, M - row0)
         dy_c, x_c, xa_c = dy[row0:row0 + rows], x[row0:row0 + rows], xa[row0:row0 + rows]
         blocks_dy, blocks_dx = triton.cdiv(rows, block_m_dy), triton.cdiv(rows, block_m_dx)
-        _lora_backward_dy_kernel[(blocks_dy, triton.cdiv(R, flags["BLOCK_R"]))](
+        launch(_lora_backward_dy_kernel, (blocks_dy, triton.cdiv(R, flags["BLOCK_R"])),
             dy_c, lora_B, xa_c, g, db_partial, rows, N, R, m_bucket(rows),
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
             COMPUTE_G=need_g, COMPUTE_DB=need_dB, BLOCK_M=block_m_dy, **flags,
@@ -549,7 +543,7 @@ def dropout_keep_mask(seed: int, M: int, K: int, dropout_p: float, device) -> to
     BLOCK_M, BLOCK_K = 8, 16
     if M * K:
         with launch_guard(keep):
-            _dropout_mask_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_K))](
+            launch(_dropout_mask_kernel, (triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_K)),
                 keep, M, K, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
     return keep.bool()
 

@@ -41,12 +41,15 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    by_dtype,
-    configs_for_this_target,
+    autotuned,
+    dtype_family,
     grouped_tile,
+    launch,
     launch_guard,
     m_bucket,
+    multiprocessor_count,
     mma,
+    TRITON_VERSION,
 )
 from .lora import (
     _configs,
@@ -156,14 +159,19 @@ _MATMUL_GPU = _lists(_GEMM, half=[(128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 3
                      mixed=[(64, 128, 64, 8, 4, 3)], fp32=[(64, 64, 32, 8, 4, 3)], general=[(64, 64, 32, 8, 8, 2)])
 MATMUL_CONFIGS = {"sm80": _MATMUL_GPU, "sm90": _MATMUL_GPU, "interpreter": _configs(_GEMM, [(32, 32, 32, 8, 4, 1)])}
 _GEMV = ("BLOCK_N", "BLOCK_K")
-_GEMV_GPU = _lists(_GEMV, half=[(128, 64, 4, 3), (64, 64, 4, 3)], mixed=[(128, 64, 4, 3), (64, 64, 4, 3)],
+# Triton before 3.9 spilled (16 B) on the 128-column GEMV tile with fp32 adapters (sm_90).
+_OLD_TRITON = TRITON_VERSION < (3, 9)
+_GEMV_GPU = _lists(_GEMV, half=[(128, 64, 4, 3), (64, 64, 4, 3)],
+                   mixed=[(64, 64, 4, 3)] if _OLD_TRITON else [(128, 64, 4, 3), (64, 64, 4, 3)],
                    fp32=[(64, 64, 4, 3)], general=[(64, 32, 4, 2)])
 GEMV_CONFIGS = {"sm80": _GEMV_GPU, "sm90": _GEMV_GPU, "interpreter": _configs(_GEMV, [(32, 32, 4, 1)])}
 GEMV_BLOCK_N_FOR_SPLIT = 64  # the tile width the split-K heuristic assumes
 # dX: BLOCK_M is BACKWARD_BLOCK_M["dx"] (it fixes how many dA partials are summed).
 _DX = ("BLOCK_N", "BLOCK_K", "GROUP_M")
+# Triton before 3.9 spilled (16–40 B, sm_80) on the 32×32 "general" tile: a 16-row one without
+# pipelining there (0 spills under 3.6).
 _DX_GPU = _lists(_DX, half=[(64, 64, 8, 4, 3)], mixed=[(64, 64, 8, 4, 3)], fp32=[(32, 32, 8, 4, 3), (16, 64, 8, 4, 3)],
-                 general=[(32, 32, 8, 4, 2)])
+                 general=[(16, 32, 8, 4, 1)] if _OLD_TRITON else [(32, 32, 8, 4, 2)])
 BACKWARD_DX_CONFIGS = {"sm80": _DX_GPU, "sm90": _DX_GPU, "interpreter": _configs(_DX, [(32, 32, 8, 4, 1)])}
 
 
@@ -173,11 +181,16 @@ def _unaligned(constexprs: dict) -> bool:
 
 
 _NF4_KEY = ["BLOCKSIZE", "NESTED", "EVEN_K", "ROW_ALIGNED", "RANK_FP32"]
+# The bounds of loops over names local to a kernel (its helpers' arguments), as expressions of
+# its launch arguments: what a static estimate needs to count the iterations (peft_ops.estimate).
+LOOP_BOUNDS = {
+    "_nf4_matmul_kernel": {"k_begin": "0", "k_end": "K"},
+    "_nf4_gemv_kernel": {"k_begin": "0", "k_end": "min(K, cdiv(cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K)"},
+}
 
 
-@triton.autotune(configs=configs_for_this_target(MATMUL_CONFIGS),
-                 prune_configs_by=by_dtype(MATMUL_CONFIGS, "X", _unaligned),
-                 key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "HAS_BIAS"] + _NF4_KEY)
+@autotuned(MATMUL_CONFIGS, dtype_family("X", _unaligned),
+           key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "HAS_BIAS"] + _NF4_KEY)
 @triton.jit
 def _nf4_matmul_kernel(
     X, PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, XA, B, BIAS, Y, M, N, K, R, M_BUCKET,
@@ -205,9 +218,8 @@ def _nf4_matmul_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=configs_for_this_target(GEMV_CONFIGS),
-                 prune_configs_by=by_dtype(GEMV_CONFIGS, "X", _unaligned),
-                 key=["M", "N", "K", "R", "SPLIT_K", "HAS_LORA", "HAS_BIAS"] + _NF4_KEY)
+@autotuned(GEMV_CONFIGS, dtype_family("X", _unaligned),
+           key=["M", "N", "K", "R", "SPLIT_K", "HAS_LORA", "HAS_BIAS"] + _NF4_KEY)
 @triton.jit
 def _nf4_gemv_kernel(
     X, PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, XA, B, BIAS, OUT, M, N, K, R, SPLIT_K,
@@ -242,9 +254,8 @@ def _nf4_gemv_kernel(
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=configs_for_this_target(BACKWARD_DX_CONFIGS),
-                 prune_configs_by=by_dtype(BACKWARD_DX_CONFIGS, "DY", _unaligned),
-                 key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "COMPUTE_DX", "COMPUTE_DA", "HAS_DROPOUT"] + _NF4_KEY)
+@autotuned(BACKWARD_DX_CONFIGS, dtype_family("DY", _unaligned),
+           key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "COMPUTE_DX", "COMPUTE_DA", "HAS_DROPOUT"] + _NF4_KEY)
 @triton.jit(do_not_specialize=["seed"])
 def _nf4_backward_dx_kernel(
     DY, PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, G, A, X, DX, DA_PARTIAL,
@@ -318,7 +329,7 @@ def dequantize(qw, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty((N, K), device=qw.packed.device, dtype=dtype)
     BLOCK = 1024  # bytes per program: 2048 weights
     with launch_guard(qw.packed):
-        _nf4_dequantize_kernel[(triton.cdiv(triton.cdiv(N * K, 2), BLOCK),)](
+        launch(_nf4_dequantize_kernel, (triton.cdiv(triton.cdiv(N * K, 2), BLOCK),),
             *_format_args(qw), out, N * K, BLOCKSIZE=qw.blocksize, NESTED=qw.absmax_scale is not None,
             BLOCK=BLOCK, **NF4_LAUNCH_OPTIONS)
     return out
@@ -327,9 +338,9 @@ def dequantize(qw, dtype: torch.dtype) -> torch.Tensor:
 def split_k_for(N: int, K: int, device: torch.device) -> int:
     """K slices of the decode GEMV: enough programs for about two per SM, each slice ≥ 512
     columns (shorter ones would not amortize their partial sums)."""
-    if device.type != "cuda":
+    sms = multiprocessor_count(device)
+    if sms is None:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     tiles = triton.cdiv(N, GEMV_BLOCK_N_FOR_SPLIT)
     return max(1, min(triton.cdiv(2 * sms, tiles), K // 512))
 
@@ -358,13 +369,13 @@ def forward(x: torch.Tensor, qw, xa: torch.Tensor | None, lora_B: torch.Tensor |
     with launch_guard(x, qw.packed):
         if regime == "gemm":
             grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
-            _nf4_matmul_kernel[grid](x, *_format_args(qw), *lora_args, bias if bias is not None else y, y,
+            launch(_nf4_matmul_kernel, grid, x, *_format_args(qw), *lora_args, bias if bias is not None else y, y,
                                      M, N, K, R, m_bucket(M), *tail, **common)
             return y
         split = split_k or split_k_for(N, K, x.device)
         out = y if split == 1 else torch.empty((split, M, N), device=x.device, dtype=torch.float32)
         grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), split)  # noqa: E731
-        _nf4_gemv_kernel[grid](x, *_format_args(qw), *lora_args, bias if bias is not None else y, out,
+        launch(_nf4_gemv_kernel, grid, x, *_format_args(qw), *lora_args, bias if bias is not None else y, out,
                                M, N, K, R, split, *tail, BLOCK_M=GEMV_BLOCK_M, **common)
     if split > 1:
         y.copy_(out.sum(dim=0))  # a fixed summation order: deterministic
@@ -382,7 +393,7 @@ def backward_dx(dy: torch.Tensor, qw) -> torch.Tensor:
     grid = lambda META: (triton.cdiv(M, block_m) * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
     flags = {**_launch_flags(dy.dtype, dy.dtype, 1), **_format_flags(qw)}
     with launch_guard(dy, qw.packed):
-        _nf4_backward_dx_kernel[grid](
+        launch(_nf4_backward_dx_kernel, grid,
             dy, *_format_args(qw), dy, dy, dy, dx, dy, M, N, K, 0, m_bucket(M), 0,
             dy.stride(0), dy.stride(1), 0, 0, 0, 0, 0, 0.0, 1.0,
             HAS_LORA=False, COMPUTE_DX=True, COMPUTE_DA=False, HAS_DROPOUT=False, BLOCK_M=block_m,
@@ -395,7 +406,7 @@ def qlora_backward(dy: torch.Tensor, x: torch.Tensor, qw, lora_A: torch.Tensor, 
                    need_dx: bool, need_dA: bool, need_dB: bool):
     """(dx, dA, dB) of the QLoRA layer, as ``lora.backward`` with the NF4 dX kernel."""
     def launch_dx(grid, dy_c, g, x_c, dx_c, da_partial, rows, row0, lora_scale, **constexprs):
-        _nf4_backward_dx_kernel[grid](
+        launch(_nf4_backward_dx_kernel, grid,
             dy_c, *_format_args(qw), g, lora_A, x_c, dx_c, da_partial, rows, qw.out_features, qw.in_features,
             lora_A.shape[0], m_bucket(rows), row0, dy.stride(0), dy.stride(1), lora_A.stride(0), lora_A.stride(1),
             x.stride(0), x.stride(1), seed, dropout_p, lora_scale, HAS_LORA=True, **constexprs, **_format_flags(qw),

@@ -80,7 +80,8 @@ def one_of(name: str, value: object, choices: tuple[str, ...]) -> str:
 def autocast_dtype(x: object) -> torch.dtype | None:
     """The autocast dtype when x is a tensor on a device where torch.autocast is on, else None.
     The ops then run as F.linear does under autocast: every floating tensor in that dtype."""
-    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+    # meta tensors (launch plans, byte counts) have no autocast state
+    if not isinstance(x, torch.Tensor) or x.device.type == "meta" or not torch.is_autocast_enabled(x.device.type):
         return None
     return torch.get_autocast_dtype(x.device.type)
 

@@ -21,6 +21,8 @@ from typing import Iterator
 
 import torch
 
+from .kernels import _launch  # the launch hook only: no triton import
+
 BACKENDS = ("auto", "triton", "torch", "reference")
 ENV_VAR = "PEFT_OPS_BACKEND"
 
@@ -81,6 +83,8 @@ def resolve(device: torch.device) -> str:
     backend = get_backend()
     if backend in ("reference", "torch"):
         return backend
+    if device.type == "meta" and _launch.planning() is not None:
+        return "triton"  # a launch plan (peft_ops.launches): the kernels' launchers, nothing runs
     kernels_can_run = triton_available() and (device.type == "cuda" or interpreting())
     if backend == "triton":
         if not triton_available():

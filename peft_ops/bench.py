@@ -7,19 +7,22 @@ PEFT's LoRA layer, bitsandbytes' 4-bit path — with speedups, TFLOP/s, GB/s, % 
 device's roofline, peak memory and activation bytes saved for backward.
 
 Without a GPU it says so, and reports what holds anyway: the roofline model of every op and
-shape (FLOPs, minimum / fused / eager bytes, predicted times on a chosen GPU), the static
-compile profile of every kernel for sm_80 and sm_90a, and the activation bytes our layers
-save for backward next to PEFT's (measured here).
+shape (FLOPs, minimum / fused / eager bytes, and the least time those take on a chosen GPU: a
+bound, not a prediction); the static estimate (``peft_ops.estimate``: the launches each op
+makes, timed from the compiled kernels' facts, calibrated against cuBLAS and copy figures);
+and the activation bytes our layers save for backward next to PEFT's (measured here). On a
+GPU the estimate sits beside the measurements, so the two can be compared.
 
 Writes bench.csv, bench.json (every row, with device, versions, date and command),
-bench.txt (the printed tables) and bench.png (speedup and % of roofline per op and shape) to
-the output folder.
+bench.txt (the printed tables) and bench.png (speedup and % of roofline per op and shape:
+measured, estimated, and the bytes-only upper bound) to the output folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -39,12 +42,19 @@ PRESETS = {  # layer shapes (in, out), ranks, token counts M, adapter (d, m)
     "quick": dict(layers=[(4096, 4096), (4096, 14336)], ranks=[16], tokens=[16, 8192], adapters=[(4096, 64)]),
     # tiny shapes: exercises every code path on any device (timings meaningless)
     "smoke": dict(layers=[(64, 48)], ranks=[8], tokens=[4, 40], adapters=[(64, 8)]),
+    # scripts/gpu-check: the target rows at the headline shapes first, then the default shapes
+    # for as long as --time-budget allows
+    "gpu-check": dict(layers=[(4096, 4096), (4096, 14336), (4096, 11008)], ranks=[16, 64, 8],
+                      tokens=[8192, 1, 16, 4096, 512], adapters=[(4096, 64), (4096, 16), (4096, 256)],
+                      first=[OpShape("lora", 8192, 4096, 4096, 16), OpShape("qlora", 8192, 4096, 4096, 16),
+                             OpShape("nf4", 1, 4096, 14336), OpShape("adapter", 8192, 4096, 4096, 64)]),
 }
 PHASES = ("forward", "backward", "fwd+bwd")
 
 
 def shapes_for(ops: list[str], preset: dict) -> list[OpShape]:
-    out = []
+    """The preset's shapes of `ops`: its "first" ones (if any), then every combination."""
+    out = [s for s in preset.get("first", ()) if s.op in ops]
     for op in ops:
         if op == "adapter":
             out += [OpShape("adapter", M, d, d, m) for d, m in preset["adapters"] for M in preset["tokens"]]
@@ -53,7 +63,7 @@ def shapes_for(ops: list[str], preset: dict) -> list[OpShape]:
         else:
             out += [OpShape(op, M, K, N, r) for K, N in preset["layers"] for r in preset["ranks"]
                     for M in preset["tokens"]]
-    return out
+    return list(dict.fromkeys(out))
 
 
 def _sum_phases(values: dict) -> dict:
@@ -61,7 +71,8 @@ def _sum_phases(values: dict) -> dict:
 
 
 def model_row(s: OpShape, gpu_name: str, gpu: dict) -> list[dict]:
-    """The roofline rows (one per phase) of one op and shape."""
+    """The roofline rows (one per phase) of one op and shape. Its times are bounds: what the
+    FLOPs and bytes alone would take at the datasheet's peaks (no kernel reaches them)."""
     f = _sum_phases({p: roofline.flops(s, p) for p in roofline.PHASES})
     low = _sum_phases({p: roofline.min_bytes(s, p) for p in roofline.PHASES})
     fused = _sum_phases({p: roofline.fused_bytes(s, p) for p in roofline.PHASES})
@@ -76,10 +87,11 @@ def model_row(s: OpShape, gpu_name: str, gpu: dict) -> list[dict]:
         row = {"op": s.op, "shape": s.label(), "M": s.M, "K": s.K, "N": s.N, "r": s.r, "phase": phase,
                "flops": f[phase], "min_bytes": low[phase], "fused_bytes": fused[phase], "eager_bytes": eager[phase],
                "flop_per_byte": f[phase] / low[phase], "model_gpu": gpu_name,
-               "predicted_fused_ms": t_fused * 1e3, "predicted_eager_ms": t_eager * 1e3,
-               "predicted_speedup_vs_eager": t_eager / t_fused, "predicted_pct_roofline": 100 * t_min / t_fused}
+               # the bytes-only model: bounds (the least time those FLOPs and bytes can take), not predictions
+               "bound_fused_ms": t_fused * 1e3, "bound_eager_ms": t_eager * 1e3,
+               "bound_speedup_vs_eager": t_eager / t_fused, "bound_pct_roofline": 100 * t_min / t_fused}
         if s.op in ("lora", "qlora"):
-            row["predicted_fused_vs_base"] = t_fused / roofline.roofline_seconds(*base[phase], gpu)
+            row["bound_fused_vs_base"] = t_fused / roofline.roofline_seconds(*base[phase], gpu)
         rows.append(row)
     return rows
 
@@ -280,25 +292,40 @@ def saved_activation_rows(dtype=torch.bfloat16) -> list[dict]:
     return rows
 
 
-def compile_profile(jobs: int | None, progress) -> list[dict]:
-    """One build per kernel and variant (its first autotune config) for sm_80 and sm_90a:
-    registers, spills, shared memory, tensor-core instructions (`peft-ops compile` builds
-    every config)."""
-    from . import compile_report
+def add_estimates(rows: list[dict], shapes: list[OpShape], gpu_name: str, gpu: dict, dtype, jobs, progress) -> list:
+    """The static estimate (peft_ops.estimate) beside each row, in place; returns the compile
+    rows of the builds it chose. An estimate, not a measurement: it times the launches each op
+    makes from the compiled kernels' facts, calibrated against cuBLAS and copy figures."""
+    from . import estimate
 
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter replaces the kernels it would compile
-        progress("compile profile skipped: TRITON_INTERPRET=1 is set (run without it for the profile)")
+    if gpu_name not in estimate.GPUS:
+        progress(f"no static estimate for {gpu_name} (estimates exist for {', '.join(sorted(estimate.GPUS))})")
         return []
-    work = []
-    for module in compile_report.KERNEL_MODULES:
-        for target in compile_report.TARGETS:
-            seen = set()
-            for index, spec in enumerate(compile_report._specs(module, target)):
-                if spec.name not in seen:
-                    seen.add(spec.name)
-                    work.append((module, target, index))
-    progress(f"compiling {len(work)} kernel builds for sm_80 / sm_90a …")
-    return compile_report.run_jobs(work, jobs)
+    est = estimate.Estimator(gpu_name, jobs)
+    wanted = list(shapes) + [dataclasses.replace(s, op="lora") for s in shapes if s.op == "qlora"]
+    results = est.ops(list(dict.fromkeys(wanted)), dtype, progress=progress)
+    chosen = {}
+    for row in rows:
+        s = next(s for s in shapes if s.op == row["op"] and s.label() == row["shape"])
+        phase = results[s][row["phase"]]
+        seconds = phase["seconds"]
+        row["estimate_ms"] = seconds * 1e3
+        row["estimate_pct_roofline"] = 100 * roofline.roofline_seconds(row["flops"], row["min_bytes"], gpu) / seconds
+        row["estimate_pct_hbm"] = 100 * row["min_bytes"] / seconds / (gpu["bandwidth_GBps"] * 1e9)
+        row["estimate_launches"] = phase["launches"]
+        row["estimate_kernels"] = "; ".join(f"{p['name'].strip('_').removesuffix('_kernel')} {p['config']} "
+                                            f"({p['bound']})" for p in phase["parts"] if p["config"] is not None
+                                            and not p["name"].startswith("aten."))
+        if s.op in ("lora", "qlora", "nf4"):
+            row["estimate_base_ms"] = estimate.base_layer_seconds(s, est.device)[row["phase"]] * 1e3
+            row["estimate_vs_base"] = row["estimate_ms"] / row["estimate_base_ms"]
+        if s.op == "qlora":
+            row["estimate_lora_ms"] = results[dataclasses.replace(s, op="lora")][row["phase"]]["seconds"] * 1e3
+        for part in phase["parts"]:
+            if not part["name"].startswith("aten."):
+                chosen[(part["name"], part["config"])] = part
+    by_key = {(r["function"], r["config"]): r for r in est.build_rows()}
+    return [{**by_key[key], "bound": part["bound"]} for key, part in chosen.items() if key in by_key]
 
 
 # --------------------------------------------------------------------------------------
@@ -316,7 +343,9 @@ def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
 
 
 def write_plot(path: pathlib.Path, rows: list[dict], timed: bool) -> bool:
-    """Speedup over eager and % of roofline per op and shape (fwd+bwd); False without matplotlib."""
+    """Per op and shape (fwd+bwd): speedup over eager (measured; or the bytes-only bound without
+    a GPU) as bars, and % of roofline: measured, the static estimate, and the bytes-only upper
+    bound, as lines. False without matplotlib."""
     try:
         import matplotlib
 
@@ -326,21 +355,30 @@ def write_plot(path: pathlib.Path, rows: list[dict], timed: bool) -> bool:
         return False
     rows = [r for r in rows if r["phase"] == "fwd+bwd"]
     ops = [op for op in OPS if any(r["op"] == op for r in rows)]
+    if not ops:
+        return False
     widest = max(sum(r["op"] == op for r in rows) for op in ops)
     fig, axes = plt.subplots(len(ops), 1, figsize=(max(8.0, 0.3 * widest), 3.4 * len(ops)), squeeze=False)
-    kind = "measured" if timed else "predicted"
     for ax, op in zip(axes[:, 0], ops):
         mine = [r for r in rows if r["op"] == op]
-        speed = [r.get("speedup_vs_eager") or r["predicted_speedup_vs_eager"] for r in mine]
-        pct = [r.get("pct_roofline") or r["predicted_pct_roofline"] for r in mine]
-        xs = range(len(mine))
-        ax.bar(xs, speed, color="tab:blue", label=f"speedup over eager ({kind})")
+        xs = list(range(len(mine)))
+        measured = timed and any("speedup_vs_eager" in r for r in mine)
+        speed = [r.get("speedup_vs_eager", float("nan")) if measured else r["bound_speedup_vs_eager"] for r in mine]
+        ax.bar(xs, speed, color="tab:blue", alpha=0.8,
+               label="× eager, measured" if measured else "× eager, bytes-only bound (no timing)")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_ylabel("× eager")
         ax.set_title(f"{op}: fwd+bwd")
-        ax.set_xticks(list(xs), [r["shape"] for r in mine], rotation=70, fontsize=6)
+        ax.set_xticks(xs, [r["shape"] for r in mine], rotation=70, fontsize=6)
         twin = ax.twinx()
-        twin.plot(list(xs), pct, "o-", color="tab:red", ms=3, label=f"% of roofline ({kind})")
+        twin.plot(xs, [r["bound_pct_roofline"] for r in mine], "--", color="gray", lw=1,
+                  label="% roofline: upper bound (bytes only)")
+        if any("estimate_pct_roofline" in r for r in mine):
+            twin.plot(xs, [r.get("estimate_pct_roofline", float("nan")) for r in mine], "s-", color="tab:orange",
+                      ms=3, label="% roofline: static estimate")
+        if any("pct_roofline" in r for r in mine):
+            twin.plot(xs, [r.get("pct_roofline", float("nan")) for r in mine], "o-", color="tab:red", ms=3,
+                      label="% roofline: measured")
         twin.set_ylim(0, 105)
         twin.set_ylabel("% roofline")
         ax.legend(loc="upper left", fontsize=7)
@@ -364,39 +402,84 @@ def _versions() -> dict:
 
 
 def targets_report(rows: list[dict], saved: list[dict], on_gpu: bool) -> list[dict]:
-    """The performance targets (../shared/guide/performance.md) against what this run measured
-    (timings count only from a CUDA GPU); a missed target says by how much."""
-    def timed(op, phase, cond):
-        return [r for r in rows if on_gpu and r["op"] == op and r["phase"] == phase and cond(r) and "ms_fused" in r]
+    """The performance targets (benchmarks/README.md) at their shapes: what this run measured
+    (timings count only from a CUDA GPU) and what the static estimate says; a missed target
+    says by how much."""
+    def select(op, phase, cond):
+        return [r for r in rows if r["op"] == op and r["phase"] == phase and cond(r)]
 
-    lora = timed("lora", "fwd+bwd", lambda r: r["M"] == 8192 and "ms_base" in r)
-    qlora = timed("qlora", "fwd+bwd", lambda r: "ms_lora (bf16 base)" in r)
-    gemv = timed("nf4", "forward", lambda r: r["M"] == 1 and "ms_base" in r)
-    adapter = timed("adapter", "fwd+bwd", lambda r: True)
+    def gemv_shape(r):  # the 4096 × 14336 decode GEMV when the run has it, else every M = 1 row
+        return r["M"] == 1 and (r["K"], r["N"]) == (4096, 14336) if any(
+            x["op"] == "nf4" and x["M"] == 1 and (x["K"], x["N"]) == (4096, 14336) for x in rows) else r["M"] == 1
+
+    lora = select("lora", "fwd+bwd", lambda r: r["M"] == 8192)
+    qlora = select("qlora", "fwd+bwd", lambda r: r["M"] == 8192)
+    gemv = select("nf4", "forward", gemv_shape)
+    adapter = select("adapter", "fwd+bwd", lambda r: r["M"] >= 4096)
     lora_saved = [r for r in saved if r["layer"] == "peft_ops LoraLinear"]
-    worst = lambda values, pick: pick(values, default=None)  # noqa: E731
-    return [
-        _target("LoRA fwd+bwd ÷ frozen base fwd+bwd at M = 8192", "≤", 1.05,
-                worst([r["ms_fused"] / r["ms_base"] for r in lora], max)),
-        _target("QLoRA fwd+bwd ÷ bf16 LoRA fwd+bwd", "≤", 1.08,
-                worst([r["ms_fused"] / r["ms_lora (bf16 base)"] for r in qlora], max)),
-        _target("NF4 decode GEMV: % of HBM bandwidth", "≥", 85, worst([r["pct_bandwidth"] for r in gemv], min)),
-        _target("NF4 decode GEMV: speedup over the bf16 GEMV", "≥", 3,
-                worst([r["ms_base"] / r["ms_fused"] for r in gemv], min)),
-        _target("adapter fwd+bwd: % of HBM roofline", "≥", 80, worst([r["pct_roofline"] for r in adapter], min)),
-        _target("activation bytes saved per LoRA layer ÷ (x + x·Aᵀ)", "=", 1,
-                worst([r["saved_per_x"] / r["x_plus_xa_per_x"] for r in lora_saved], max)),
+
+    def values(selected, key_fn, needed):
+        return [key_fn(r) for r in selected if all(k in r for k in needed)]
+
+    measured = on_gpu
+    specs = [
+        ("LoRA fwd+bwd ÷ frozen base fwd+bwd at M = 8192", "≤", 1.05, lora, max,
+         lambda r: r["ms_fused"] / r["ms_base"], ("ms_fused", "ms_base"),
+         lambda r: r["estimate_vs_base"], ("estimate_vs_base",)),
+        ("QLoRA fwd+bwd ÷ bf16 LoRA fwd+bwd at M = 8192", "≤", 1.08, qlora, max,
+         lambda r: r["ms_fused"] / r["ms_lora (bf16 base)"], ("ms_fused", "ms_lora (bf16 base)"),
+         lambda r: r["estimate_ms"] / r["estimate_lora_ms"], ("estimate_ms", "estimate_lora_ms")),
+        ("NF4 decode GEMV: % of HBM bandwidth", "≥", 85, gemv, min,
+         lambda r: r["pct_bandwidth"], ("pct_bandwidth",), lambda r: r["estimate_pct_hbm"], ("estimate_pct_hbm",)),
+        ("NF4 decode GEMV: speedup over the bf16 GEMV", "≥", 3, gemv, min,
+         lambda r: r["ms_base"] / r["ms_fused"], ("ms_base", "ms_fused"),
+         lambda r: r["estimate_base_ms"] / r["estimate_ms"], ("estimate_base_ms", "estimate_ms")),
+        ("adapter fwd+bwd at M ≥ 4096: % of HBM roofline", "≥", 80, adapter, min,
+         lambda r: r["pct_roofline"], ("pct_roofline",), lambda r: r["estimate_pct_roofline"],
+         ("estimate_pct_roofline",)),
     ]
+    report = []
+    for name, relation, goal, selected, worst, fn, needed, est_fn, est_needed in specs:
+        got = values(selected, fn, needed) if measured else []
+        est = values(selected, est_fn, est_needed)
+        report.append(_target(name, relation, goal, worst(got) if got else None, worst(est) if est else None))
+    report.append(_target("activation bytes saved per LoRA layer ÷ (x + x·Aᵀ)", "=", 1,
+                          max([r["saved_per_x"] / r["x_plus_xa_per_x"] for r in lora_saved], default=None), None,
+                          measured_anywhere=True))
+    return report
 
 
-def _target(name: str, relation: str, goal: float, value: float | None) -> dict:
+def _target(name: str, relation: str, goal: float, value: float | None, estimate: float | None,
+            measured_anywhere: bool = False) -> dict:
+    def verdict(v):
+        ok = {"≤": v <= goal, "≥": v >= goal, "=": abs(v - goal) < 1e-9}[relation]
+        return "met" if ok else f"missed by {abs(v - goal):.4g}"
+
     row = {"target": name, "goal": f"{relation} {goal:g}", "measured": None,
-           "status": "not measured (needs a CUDA GPU)"}
-    if value is None:
-        return row
-    ok = {"≤": value <= goal, "≥": value >= goal, "=": abs(value - goal) < 1e-9}[relation]
-    row.update(measured=round(value, 4), status="met" if ok else f"missed by {abs(value - goal):.4g}")
+           "status": "not measured" if measured_anywhere else "not measured (needs a CUDA GPU)",
+           "estimate": None if estimate is None else round(estimate, 4),
+           "estimate_status": "" if estimate is None else "estimate: " + verdict(estimate)}
+    if value is not None:
+        row.update(measured=round(value, 4), status=verdict(value))
     return row
+
+
+def autotune_choices() -> list[dict]:
+    """What every autotuner of the kernels chose so far, per kernel and launch key."""
+    import triton
+
+    found = []
+    for module_name in ("peft_ops.kernels.lora", "peft_ops.kernels.nf4", "peft_ops.kernels.bottleneck_adapter"):
+        module = sys.modules.get(module_name)
+        for name, kernel in sorted(vars(module).items()) if module else ():
+            if not isinstance(kernel, triton.runtime.Autotuner):
+                continue
+            for key, config in getattr(kernel, "cache", {}).items():
+                found.append({"kernel": name, "key_names": list(getattr(kernel, "keys", [])),
+                              "key": [str(k) for k in (key if isinstance(key, tuple) else (key,))],
+                              "config": dict(config.kwargs), "num_warps": config.num_warps,
+                              "num_stages": config.num_stages})
+    return found
 
 
 def main(argv: list[str]) -> int:
@@ -404,16 +487,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {','.join(OPS)}")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="shapes: default (7-8B model: d=4096, MLP 11008/14336, r 8/16/64, "
-                             "M 1…8192), quick, smoke (tiny)")
+                             "M 1…8192), quick, smoke (tiny), gpu-check (target rows first)")
     parser.add_argument("--quick", action="store_const", const="quick", dest="preset", help="= --preset quick")
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-results"), help="output folder")
     parser.add_argument("--gpu", choices=sorted(roofline.GPUS), default=None,
-                        help="the roofline's GPU (default: the device here, else H100-SXM)")
+                        help="the GPU of the roofline and the static estimate (default: the device here, else H200)")
     parser.add_argument("--peak-bandwidth", type=float, help="override: HBM GB/s")
     parser.add_argument("--peak-tflops", type=float, help="override: dense bf16 TFLOP/s")
-    parser.add_argument("--no-compile", action="store_true", help="skip the static compile profile")
+    parser.add_argument("--no-compile", "--no-estimate", action="store_true", dest="no_compile",
+                        help="skip the static estimate (it compiles the kernels it times)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiles")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: time no new shape after this (the ones left are listed as skipped)")
+    parser.add_argument("--autotune-out", type=pathlib.Path, default=None,
+                        help="write the autotuners' choices (JSON) here, after every timed shape")
     parser.add_argument("--time-anyway", action="store_true", help=argparse.SUPPRESS)  # tests: time on a CPU
     args = parser.parse_args(argv)
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
@@ -424,7 +512,7 @@ def main(argv: list[str]) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    gpu_name = args.gpu or (roofline.gpu_for_device_name(device_name) if device.type == "cuda" else None) or "H100-SXM"
+    gpu_name = args.gpu or (roofline.gpu_for_device_name(device_name) if device.type == "cuda" else None) or "H200"
     gpu = dict(roofline.GPUS[gpu_name])
     if args.peak_bandwidth:
         gpu["bandwidth_GBps"] = args.peak_bandwidth
@@ -441,13 +529,17 @@ def main(argv: list[str]) -> int:
                  f"{gpu['bf16_TFLOPs']:g} TFLOP/s bf16)")
     else:
         progress("peft-ops bench: no CUDA GPU here, so no timings (they need one). Reporting what holds without "
-                 f"one: the roofline model on {gpu_name} ({gpu['bandwidth_GBps']:g} GB/s, {gpu['bf16_TFLOPs']:g} "
-                 "TFLOP/s bf16), the kernels' compile profile, and saved activation bytes.")
+                 f"one: the bytes-only roofline bounds and the static estimate on {gpu_name} "
+                 f"({gpu['bandwidth_GBps']:g} GB/s, {gpu['bf16_TFLOPs']:g} TFLOP/s bf16), and saved activation bytes.")
     preset = PRESETS[args.preset]
     shapes = shapes_for(ops, preset)
-    rows = []
+    rows, skipped = [], []
     measure = timer(device) if timing else None
     for i, s in enumerate(shapes, 1):
+        if timing and args.time_budget is not None and time.perf_counter() - start > args.time_budget:
+            skipped = shapes[i - 1:]
+            progress(f"time budget of {args.time_budget:g} s spent: {len(skipped)} shapes not timed")
+            break
         phase_rows = model_row(s, gpu_name, gpu)
         if timing:
             result = timed_rows(s, dtype, device, measure, gpu)
@@ -469,27 +561,32 @@ def main(argv: list[str]) -> int:
                     row[f"peak_memory_{impl}"] = value
                 for impl, value in result["saved_bytes"].items():
                     row[f"saved_bytes_{impl}"] = value
+            if args.autotune_out:
+                args.autotune_out.parent.mkdir(parents=True, exist_ok=True)
+                args.autotune_out.write_text(json.dumps(autotune_choices(), indent=1))
         rows += phase_rows
         if i % 10 == 0 or i == len(shapes) or timing:
             progress(f"  [{i}/{len(shapes)}] {s.op} {s.label()}")
+    shapes = [s for s in shapes if s not in skipped]
 
     progress("saved activation bytes (measured here) …")
     saved = saved_activation_rows(dtype)
-    compiled = []
-    if not args.no_compile:
-        compiled = compile_profile(args.jobs, progress)
+    builds = []
+    if not args.no_compile and shapes:
+        builds = add_estimates(rows, shapes, gpu_name, gpu, dtype, args.jobs, progress)
     targets = targets_report(rows, saved, device.type == "cuda")
 
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"command": "peft-ops bench " + " ".join(argv), "date": datetime.datetime.now(
         datetime.timezone.utc).isoformat(timespec="seconds"), "device": device_name, **_versions(),
         "roofline_gpu": {"name": gpu_name, **gpu}, "timed": timing, "rows": rows, "saved_activations": saved,
-        "compile": compiled, "targets": targets}
+        "estimate_builds": builds, "targets": targets,
+        "skipped_shapes": [f"{s.op} {s.label()}" for s in skipped]}
     (args.out / "bench.json").write_text(json.dumps(record, indent=1))
     provenance = {k: record[k] for k in ("device", "torch", "triton", "date", "command")}
     write_csv(args.out / "bench.csv", [{**row, **provenance} for row in rows])  # each row says where it came from
     plotted = write_plot(args.out / "bench.png", rows, timing)
-    text = summary(rows, saved, compiled, targets, timing)
+    text = summary(rows, saved, builds, targets, timing, gpu_name)
     (args.out / "bench.txt").write_text(text + "\n")
     print(text)
     print(f"\nwrote {args.out / 'bench.csv'}, {args.out / 'bench.json'}, {args.out / 'bench.txt'}"
@@ -498,33 +595,46 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def summary(rows, saved, compiled, targets, timed) -> str:
+def _ms(value) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def summary(rows, saved, builds, targets, timed, gpu_name="") -> str:
     from ._table import text_table
 
     lines = []
     show = [r for r in rows if r["phase"] == "fwd+bwd"]
-    header = ("op", "shape", "FLOP/B", "fused B ÷ min", "eager B ÷ fused", "pred. × eager", "pred. % roofline")
+    estimated = any("estimate_ms" in r for r in show)
+    header = ("op", "shape", "FLOP/B", "fused B ÷ min", "eager B ÷ fused", "bound: × eager", "bound: % roofline")
     body = [(r["op"], r["shape"], f"{r['flop_per_byte']:.0f}", f"{r['fused_bytes'] / r['min_bytes']:.2f}",
-             f"{r['eager_bytes'] / r['fused_bytes']:.2f}", f"{r['predicted_speedup_vs_eager']:.2f}",
-             f"{r['predicted_pct_roofline']:.0f}") for r in show]
+             f"{r['eager_bytes'] / r['fused_bytes']:.2f}", f"{r['bound_speedup_vs_eager']:.2f}",
+             f"≤ {r['bound_pct_roofline']:.0f}") for r in show]
+    if estimated:
+        header += ("est. ms", "est. % roofline", "est. ÷ base", "launches")
+        body = [b + (_ms(r.get("estimate_ms")), f"{r['estimate_pct_roofline']:.0f}" if "estimate_ms" in r else "",
+                     f"{r['estimate_vs_base']:.2f}" if "estimate_vs_base" in r else "",
+                     r.get("estimate_launches", "")) for b, r in zip(body, show)]
     if timed:
         header += ("fused ms", "× eager", "% roofline")
         body = [b + (f"{r.get('ms_fused', float('nan')):.3f}", f"{r.get('speedup_vs_eager', float('nan')):.2f}",
                      f"{r.get('pct_roofline', float('nan')):.0f}") for b, r in zip(body, show)]
-    lines += ["\nfwd+bwd per op and shape (roofline model" + (" and timings)" if timed else ")"),
+    lines += ["\nfwd+bwd per op and shape. 'bound': the bytes-only model, an upper bound (no kernel reaches "
+              "it)" + (f"; 'est.': the static estimate on {gpu_name} from the compiled kernels (an estimate, not a "
+                       "measurement)" if estimated else "") + ("; measured timings last" if timed else ""),
               text_table(header, body)]
     lines += ["\nactivation bytes saved for backward (measured here), in units of x",
               text_table(("layer", "shape", "dropout", "saved ÷ x", "x + x·Aᵀ ÷ x"),
                          [(r["layer"], r["shape"], r["dropout"], f"{r['saved_per_x']:.3f}",
                            "" if r["x_plus_xa_per_x"] is None else f"{r['x_plus_xa_per_x']:.3f}") for r in saved])]
-    if compiled:
-        from .compile_report import format_table, problems
+    if builds:
+        from .compile_report import format_table
 
-        bad = sum(1 for r in compiled if problems(r))
-        lines += [f"\ncompile profile ({len(compiled)} builds, {bad} with problems)", format_table(compiled)]
-    lines += ["\ntargets", text_table(("target", "goal", "measured", "status"),
+        lines += [f"\nthe builds the estimate chose ({len(builds)}; per main-loop iteration and thread)",
+                  format_table(builds)]
+    lines += ["\ntargets", text_table(("target", "goal", "measured", "status", "static estimate", ""),
                                       [(t["target"], t["goal"], "" if t["measured"] is None else t["measured"],
-                                        t["status"]) for t in targets])]
+                                        t["status"], "" if t["estimate"] is None else t["estimate"],
+                                        t["estimate_status"]) for t in targets])]
     return "\n".join(lines)
 
 

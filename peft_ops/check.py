@@ -26,6 +26,7 @@ def lora_cases(quick: bool) -> list[LoraCase]:
             LoraCase(M=33, K=64, N=48, r=8, dtype=dtype),
             LoraCase(M=127, K=96, N=70, r=16, dtype=dtype, dropout_p=0.25, bias=False),
             LoraCase(M=19, K=40, N=33, r=3, dtype=dtype, leading=(2,), train_base=True),
+            LoraCase(M=29, K=56, N=24, r=4, dtype=dtype, x_transposed=True, dropout_p=0.1),
         ]
         if dtype != torch.float32:  # PEFT's fp32 adapters on a half-precision base
             cases += [LoraCase(M=24, K=48, N=40, r=8, dtype=dtype, adapter_dtype=torch.float32, dropout_p=0.1)]
@@ -45,6 +46,7 @@ def qlora_cases(quick: bool) -> list[QLoraCase]:
             QLoraCase(M=70, K=64, N=40, r=16, dtype=dtype, dropout_p=0.25, leading=(2,)),
             QLoraCase(M=33, K=45, N=20, r=4, dtype=dtype, blocksize=32, double_quant=False, lora=False,
                       train_base=True),
+            QLoraCase(M=21, K=64, N=24, r=4, dtype=dtype, x_transposed=True),
         ]
         if dtype != torch.float32:
             cases += [QLoraCase(M=24, K=64, N=40, r=8, dtype=dtype, adapter_dtype=torch.float32)]

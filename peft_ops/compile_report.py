@@ -1,9 +1,15 @@
 """``peft-ops compile``: build every kernel at every autotune config for sm_80 and sm_90a with
-``triton.compile`` (no GPU needed) and report registers, spills (ptxas' own count of spill
-stores + loads), shared memory and whether the PTX uses tensor cores. Exit code 1 if any
-build spills, lacks tensor-core instructions or needs more shared memory than its GPU has.
+``triton.compile`` (no GPU needed) and report what decides its speed: registers, spills
+(ptxas' own count of spill stores + loads), shared memory, CTAs per SM and what limits them,
+and, per iteration of its main loop (``peft_ops.kernel_facts``), the tensor-core instructions,
+global loads and stores by width, ``cp.async`` by size, TMA copies and gathers. It also plans
+one call of each op at a model's shape and counts the launches (``peft_ops.launches``).
+Exit code 1 if any build spills, lacks tensor-core instructions or needs more shared memory
+than its GPU has.
 
-Must run without TRITON_INTERPRET=1 (the interpreter replaces the JIT functions).
+Must run without TRITON_INTERPRET=1 (the interpreter replaces the JIT functions). Builds are
+cached on disk (``$PEFT_OPS_CACHE_DIR``, default ``~/.cache/peft-ops``), keyed by the build, the
+kernel sources and the triton version.
 """
 
 from __future__ import annotations
@@ -11,15 +17,18 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import hashlib
 import importlib
 import io
 import json
 import multiprocessing
 import os
+import pathlib
 import re
 import sys
 import time
 
+from . import kernel_facts
 from ._table import text_table
 
 KERNEL_MODULES = ("peft_ops.kernels.lora", "peft_ops.kernels.nf4", "peft_ops.kernels.bottleneck_adapter")
@@ -42,42 +51,111 @@ def _ptxas_usage(log: str) -> dict:
             "spill_bytes": int(spills.group(2)) + int(spills.group(3))}
 
 
-def _compile_one(job: tuple[str, str, int]) -> dict:
-    module_name, target, index = job
+def compile_build(build, target: str) -> dict:
+    """Compile one build (a ``KernelBuild``) for `target` and read its facts."""
     import triton
 
-    spec = _specs(module_name, target)[index]
     triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v report, printed to stdout
     triton.knobs.compilation.always_compile = True  # a cached build would skip ptxas and its report
     log = io.StringIO()
     start = time.perf_counter()
     with contextlib.redirect_stdout(log):
-        compiled = spec.compile(target)
+        compiled = build.compile(target)
     seconds = time.perf_counter() - start
     ptx = compiled.asm["ptx"]
-    return {
-        "kernel": spec.name, "target": target, "needs_tensor_cores": spec.uses_tensor_cores,
-        "config": spec.config_label,
-        **_ptxas_usage(log.getvalue()),
-        "shared_bytes": compiled.metadata.shared,
+    usage = _ptxas_usage(log.getvalue())
+    facts = kernel_facts.ptx_facts(ptx, build.num_warps)
+    shared = compiled.metadata.shared
+    row = {
+        "kernel": build.name, "function": build.function, "target": target,
+        "needs_tensor_cores": build.uses_tensor_cores, "config": build.config_label,
+        "num_warps": build.num_warps, "num_stages": build.num_stages,
+        **usage,
+        "shared_bytes": shared,
         "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
         "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
+        **kernel_facts.occupancy(target, usage["registers"], build.num_warps, shared),
+        "main_loop": kernel_facts.main_loop_summary(facts),
+        "facts": facts,
         "seconds": round(seconds, 2),
     }
+    return json.loads(json.dumps(row))  # as the cache returns it (JSON: string keys)
 
 
-def compile_all(jobs: int | None = None) -> list[dict]:
-    return run_jobs([(m, t, i) for m in KERNEL_MODULES for t in TARGETS for i in range(len(_specs(m, t)))], jobs)
+def _compile_job(job) -> dict:
+    return compile_build(*job)
 
 
-def run_jobs(work: list[tuple[str, str, int]], jobs: int | None = None) -> list[dict]:
-    """Compile the builds (kernel module, target, index in its compile_specs) in parallel."""
-    jobs = jobs or os.cpu_count() or 1
-    if jobs == 1:
-        return [_compile_one(w) for w in work]
-    # spawn: a clean interpreter per worker, whatever the parent imported
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_compile_one, work))
+# --------------------------------------------------------------------------------------
+# The build cache
+# --------------------------------------------------------------------------------------
+
+def cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("PEFT_OPS_CACHE_DIR") or pathlib.Path.home() / ".cache" / "peft-ops") / "builds"
+
+
+_SOURCES_HASH = None
+
+
+def _sources_hash() -> str:
+    """The kernel sources, this report's code and the triton version: what a build's facts
+    depend on besides the build itself."""
+    global _SOURCES_HASH
+    if _SOURCES_HASH is None:
+        import triton
+
+        digest = hashlib.sha256(triton.__version__.encode())
+        here = pathlib.Path(__file__).parent
+        kernels = pathlib.Path(importlib.util.find_spec("peft_ops.kernels").origin).parent
+        for path in sorted(kernels.glob("*.py")) + [here / "kernel_facts.py", here / "compile_report.py"]:
+            digest.update(path.read_bytes())
+        _SOURCES_HASH = digest.hexdigest()[:16]
+    return _SOURCES_HASH
+
+
+def _cache_file(build, target: str) -> pathlib.Path:
+    key = hashlib.sha256(repr((build.key(), target, build.name, build.uses_tensor_cores)).encode()).hexdigest()
+    return cache_dir() / _sources_hash() / f"{key[:32]}.json"
+
+
+def _clear_interpreter() -> None:
+    os.environ.pop("TRITON_INTERPRET", None)  # compile workers need the real JIT functions
+
+
+def compile_builds(work: list, jobs: int | None = None, use_cache: bool = True) -> list[dict]:
+    """Rows for [(build, target), …], compiled in parallel in fresh processes (without the
+    interpreter, whatever this process runs under), each at most once, cached on disk."""
+    rows: list = [None] * len(work)
+    todo = []
+    for i, (build, target) in enumerate(work):
+        path = _cache_file(build, target) if use_cache else None
+        if path is not None and path.exists():
+            rows[i] = json.loads(path.read_text())
+        else:
+            todo.append(i)
+    if todo:
+        jobs = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
+        # spawn: a clean interpreter per worker, whatever the parent imported
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=_clear_interpreter) as pool:
+            for i, row in zip(todo, pool.map(_compile_job, [work[i] for i in todo])):
+                rows[i] = row
+                if use_cache:
+                    path = _cache_file(*work[i])
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                    tmp.write_text(json.dumps(row))
+                    tmp.replace(path)  # atomic: a concurrent reader sees all or nothing
+    return rows
+
+
+def compile_all(jobs: int | None = None, targets=TARGETS, only: str | None = None,
+                use_cache: bool = True) -> list[dict]:
+    """Every build of every kernel file's ``compile_specs`` for `targets` (names containing
+    `only`, if given)."""
+    work = [(spec, t) for m in KERNEL_MODULES for t in targets for spec in _specs(m, t)
+            if only is None or only in spec.name]
+    return compile_builds(work, jobs, use_cache)
 
 
 def problems(row: dict) -> list[str]:
@@ -91,30 +169,69 @@ def problems(row: dict) -> list[str]:
     return found
 
 
+def _tensor_cores(row: dict) -> str:
+    if not (row["wgmma"] or row["mma_sync"]):
+        return "NONE" if row["needs_tensor_cores"] else "- (no dot)"
+    in_loop = row["main_loop"].get("tensor_core_instructions")
+    if in_loop:
+        return kernel_facts.describe_tensor_cores(in_loop)
+    return (f"wgmma×{row['wgmma']}" if row["wgmma"] else f"mma.sync×{row['mma_sync']}") + " (not in the main loop)"
+
+
 def format_table(rows: list[dict]) -> str:
-    header = ("kernel", "target", "config", "regs", "spill B", "stack B", "smem B", "tensor cores", "s")
-    body = [(r["kernel"], r["target"], r["config"], r["registers"], r["spill_bytes"], r["stack_bytes"],
-             r["shared_bytes"],
-             (f"wgmma×{r['wgmma']}" if r["wgmma"] else f"mma.sync×{r['mma_sync']}") if r["wgmma"] or r["mma_sync"]
-             else ("NONE" if r["needs_tensor_cores"] else "- (no dot)"), r["seconds"]) for r in rows]
+    """One line per build; the memory columns count instructions per main-loop iteration and
+    thread (ld/st.global by width in bits, cp.async by bytes)."""
+    header = ("kernel", "target", "config", "regs", "spill B", "smem KiB", "CTAs/SM", "tensor cores / iter",
+              "ld.global", "cp.async", "st.global", "gathers", "s")
+    body = []
+    for r in rows:
+        loop = r["main_loop"]
+        body.append((r["kernel"], r["target"], r["config"], r["registers"], r["spill_bytes"],
+                     f"{r['shared_bytes'] / 1024:.0f}", f"{r['ctas_per_sm']} ({r['limited_by']})", _tensor_cores(r),
+                     kernel_facts.describe_widths(loop.get("ld_global_by_bits", {})),
+                     kernel_facts.describe_widths(loop.get("cp_async_by_bytes", {}), "B"),
+                     kernel_facts.describe_widths(loop.get("st_global_by_bits", {})),
+                     loop.get("gathers", 0), r["seconds"]))
+    return text_table(header, body)
+
+
+def format_launches(planned: list[dict]) -> str:
+    header = ("op", "shape", "options", "phase", "launches", "Triton", "PyTorch ops")
+    body = [(p["op"], p["shape"], p["options"], p["phase"], p["launches"], p["triton"],
+             ", ".join(f"{name.removeprefix('aten.')}×{n}" for name, n in p["torch_ops"].items()) or "-")
+            for p in planned]
     return text_table(header, body)
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="peft-ops compile", description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--target", choices=["all", *TARGETS], default="all", help="sm80, sm90 (sm_90a) or all")
+    parser.add_argument("--only", default=None, help="only builds whose name contains this")
+    parser.add_argument("--json", action="store_true", help="print the record as JSON instead of tables")
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="also write the record (JSON) here")
+    parser.add_argument("--no-cache", action="store_true", help="compile every build again")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("peft-ops compile needs TRITON_INTERPRET unset (the interpreter replaces the kernels)", file=sys.stderr)
         return 2
+    from . import launches
+
+    targets = TARGETS if args.target == "all" else (args.target,)
     start = time.perf_counter()
-    rows = compile_all(args.jobs)
+    rows = compile_all(args.jobs, targets, args.only, use_cache=not args.no_cache)
+    planned = launches.launch_table()
     bad = [(r, problems(r)) for r in rows if problems(r)]
+    record = {"builds": rows, "launches_per_call": planned}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=1))
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps(record, indent=1))
     else:
         print(format_table(rows))
+        print("\nlaunches per op call (planned for sm_90a, 132 SMs; bf16)")
+        print(format_launches(planned))
         print(f"\n{len(rows)} builds in {time.perf_counter() - start:.1f} s; {len(bad)} with problems")
         for r, p in bad:
             print(f"  {r['kernel']} {r['target']} {r['config']}: {', '.join(p)}")

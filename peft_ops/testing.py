@@ -131,7 +131,7 @@ class LoraCase:
 
     def label(self) -> str:
         lead = "×".join(map(str, self.leading)) + "×" if self.leading else ""
-        return f"{lead}{self.M}×{self.K}→{self.N} r{self.r}"
+        return f"{lead}{self.M}×{self.K}→{self.N} r{self.r}" + (" xᵀ" if self.x_transposed else "")
 
 
 def make_lora_inputs(case: LoraCase, device="cpu", seed: int = 0) -> dict:
@@ -257,7 +257,8 @@ class QLoraCase(LoraCase):
     def label(self) -> str:
         extra = f" bs{self.blocksize}" + ("" if self.double_quant else " no-dq") + \
             (f" {self.regime}" if self.regime else "") + (f" split{self.split_k}" if self.split_k else "")
-        return (super().label() if self.lora else super().label().rsplit(" r", 1)[0]) + extra
+        base = LoraCase.label(dataclasses.replace(self, x_transposed=False))
+        return (base if self.lora else base.rsplit(" r", 1)[0]) + extra + (" xᵀ" if self.x_transposed else "")
 
 
 def qlora_ops(path: str, regime: str | None = None, split_k: int | None = None):

@@ -19,12 +19,17 @@ pytestmark = pytest.mark.compile
 
 
 @pytest.fixture(scope="module")
-def compile_rows():
+def compile_record():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "peft_ops.compile_report", "--json"], env=env,
                          capture_output=True, text=True, timeout=900)
     assert out.stdout.strip(), out.stderr[-3000:]
-    return json.loads(out.stdout[out.stdout.index("["):])
+    return json.loads(out.stdout[out.stdout.index("{"):])
+
+
+@pytest.fixture(scope="module")
+def compile_rows(compile_record):
+    return compile_record["builds"]
 
 
 def test_compile_report(compile_rows, capsys):
@@ -84,3 +89,66 @@ def test_adapter_kernels_are_covered(compile_rows):
     # the 64-row tiles on sm_90 reach warpgroup MMA
     assert any(r["wgmma"] for r in compile_rows
                if r["target"] == "sm90" and r["kernel"].startswith("bottleneck_adapter_forward"))
+
+
+def _rows(compile_rows, kernel, target=None, variant=None):
+    return [r for r in compile_rows if r["kernel"].startswith(kernel + " [") and (target is None or r["target"] == target)
+            and (variant is None or f"[{variant}" in r["kernel"])]
+
+
+def test_every_loop_is_found_and_named(compile_rows):
+    """Each build's loops are read from its PTX and tied to the `for` they come from; every
+    kernel but the loopless ones has a main loop; every build fits at least one CTA per SM."""
+    for r in compile_rows:
+        facts = r["facts"]
+        for loop in facts["loops"]:
+            assert loop["for"].startswith("for ") and " in " in loop["for"], (r["kernel"], loop["source"])
+        loopless = r["kernel"].startswith(("nf4_dequantize", "dropout_mask"))
+        assert bool(facts["main_loops"]) != loopless, r["kernel"]
+        assert r["ctas_per_sm"] >= 1 and r["limited_by"]
+    # the adapter forward streams the row twice: two main loops
+    assert all(len(r["facts"]["main_loops"]) == 2 for r in _rows(compile_rows, "bottleneck_adapter_forward"))
+
+
+def test_static_facts_today(compile_rows):
+    """What the compiler built, per main-loop iteration: the facts the kernel rebuilds change
+    (each a one-line edit when they do)."""
+    dense = [r for k in ("lora_shrink", "lora_forward", "lora_backward_dy", "lora_backward_dx",
+                         "bottleneck_adapter_forward", "bottleneck_adapter_backward_dh",
+                         "bottleneck_adapter_backward_dx") for r in _rows(compile_rows, k)]
+    for r in dense:  # no byte loads, no gathers: whole-vector loads and 16-byte (or 8/4-byte edge) copies
+        loop = r["main_loop"]
+        assert loop["gathers"] == 0 and "8" not in loop["ld_global_by_bits"], r["kernel"]
+    for k in ("lora_shrink", "lora_forward", "lora_backward_dx"):  # the GEMM operands: 16-byte cp.async only
+        assert all(set(r["main_loop"]["cp_async_by_bytes"]) == {"16"} and not r["main_loop"]["ld_global_by_bits"]
+                   for r in _rows(compile_rows, k)), k
+    # NF4 today (the NF4 rebuild turns these to 0): every main loop loads packed weights byte by
+    # byte and gathers code values through 4-byte cp.async
+    for k in ("nf4_matmul", "nf4_gemv", "nf4_backward_dx"):
+        for r in _rows(compile_rows, k):
+            loop = r["main_loop"]
+            assert loop["ld_global_by_bits"].get("8", 0) > 0 and loop["gathers"] > 0, r["kernel"]
+            assert loop["cp_async_by_bytes"].get("4", 0) > 0, r["kernel"]
+    # sm_90a: every half-precision forward GEMM tile runs wgmma with N ≥ 128 …
+    for r in _rows(compile_rows, "lora_forward", "sm90", "bf16]"):
+        assert all(int(name.split("n")[1].split("k")[0]) >= 128 for name in r["main_loop"]["tensor_core_instructions"]
+                   if name.startswith("wgmma")), r["config"]
+    # … while the dX GEMM runs 64-row tiles (its fused dA made 128 rows spill): wgmma N ≤ 128
+    from peft_ops.kernels.lora import BACKWARD_BLOCK_M
+
+    assert BACKWARD_BLOCK_M["sm90"]["dx"] == 64
+    dx_n = {int(name.split("n")[1].split("k")[0]) for r in _rows(compile_rows, "lora_backward_dx", "sm90", "bf16]")
+            for name in r["main_loop"]["tensor_core_instructions"]}
+    assert max(dx_n) == 128 and min(dx_n) == 64
+    # the decode GEMV: 16-row mma.sync tiles (no wgmma), 3+ CTAs per SM on sm_90
+    for r in _rows(compile_rows, "nf4_gemv", "sm90", "bf16, aligned"):
+        assert not r["wgmma"] and r["ctas_per_sm"] >= 3, r["config"]
+    # no kernel uses TMA yet
+    assert all(r["facts"]["tma_copies"] == 0 for r in compile_rows)
+
+
+def test_launches_per_call_are_recorded(compile_record):
+    planned = {(p["op"], p["shape"], p["options"], p["phase"]): p for p in compile_record["launches_per_call"]}
+    lora = planned[("lora", "M=8192 4096→4096 r=16", "-", "backward")]
+    assert lora["launches"] == 12 and lora["triton"] == 2 and lora["torch_ops"]["aten.sum.dim_IntList"] == 2
+    assert planned[("nf4", "M=1 4096→14336", "-", "forward")]["launches"] == 3

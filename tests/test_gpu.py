@@ -4,12 +4,35 @@ test also runs natively there, since the `device` fixture is then CUDA)."""
 import pytest
 import torch
 
+from peft_ops import check
 from peft_ops.lora import LoraLinearFunction
-from peft_ops.testing import LoraCase, make_lora_inputs, run_lora_case
+from peft_ops.testing import LoraCase, make_lora_inputs, run_adapter_case, run_lora_case, run_qlora_case
 
 from conftest import lora_ops
 
 pytestmark = pytest.mark.gpu
+
+# Every case of `peft-ops check` (fp32/fp16/bf16; odd shapes, 3-D and strided x, dropout, bias,
+# fp32 adapters, the NF4 decode and GEMM paths, every adapter activation) on the kernels.
+CHECK_CASES = [("lora", c) for c in check.lora_cases(quick=False)] + \
+    [("qlora", c) for c in check.qlora_cases(quick=False)] + [("adapter", c) for c in check.adapter_cases(quick=False)]
+
+
+def _case_id(item):
+    op, case = item
+    dtype = str(case.dtype).rsplit(".", 1)[-1]
+    return f"{op}-{dtype}-{case.label()}" + (f"-p{case.dropout_p}" if case.dropout_p else "") + (
+        "-fp32AB" if getattr(case, "adapter_dtype", None) else "")
+
+
+@pytest.mark.parametrize("item", CHECK_CASES, ids=[_case_id(c) for c in CHECK_CASES])
+def test_every_check_case_matches_float64_on_the_gpu(item):
+    op, case = item
+    run = {"lora": lambda: run_lora_case(case, lora_ops("triton"), device="cuda"),
+           "qlora": lambda: run_qlora_case(case, "triton", device="cuda"),
+           "adapter": lambda: run_adapter_case(case, "triton", device="cuda")}[op]
+    for result in run():
+        result.check(f"cuda {case.label()}", case.tolerance(result.name))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])

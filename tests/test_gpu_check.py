@@ -1,0 +1,68 @@
+"""scripts/gpu-check without a GPU (--dry-run, as CI runs it): the steps run in order, each in
+its own time box, and the output folder holds the eight files it promises."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+
+import pytest
+import torch
+
+SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "gpu-check"
+OUTPUTS = {"summary.txt", "bench.json", "bench.csv", "bench.png", "pytest.xml", "pytest.log", "autotune.json",
+           "env.json"}
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is for machines without a GPU")
+
+
+def run(out, *args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(SCRIPT), str(out), "--dry-run", *args], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_dry_run_writes_the_promised_files(tmp_path):
+    out = tmp_path / "out"
+    result = run(out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} == OUTPUTS
+    assert all(p.stat().st_size < 16 * 2**20 for p in out.iterdir())
+    summary = (out / "summary.txt").read_text()
+    for step in ("env", "install", "correctness", "bench", "autotune"):
+        assert f"\n{step} " in summary, step
+    assert "skipped (no GPU" in summary and "result: PASS" in summary
+    env = json.loads((out / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["python"] and env["dry_run"] is True
+    assert env["cuda_available"] is False
+    # the gpu tests were collected (through the import path the script builds), not run
+    ElementTree.parse(out / "pytest.xml")
+    assert "test_gpu.py" in (out / "pytest.log").read_text()
+    record = json.loads((out / "bench.json").read_text())
+    assert record["rows"] and record["targets"] and record["timed"] is False
+    assert json.loads((out / "autotune.json").read_text())["choices"] == []
+
+
+def test_a_step_past_its_time_box_is_killed_and_the_rest_still_run(tmp_path):
+    out = tmp_path / "out"
+    result = run(out, "--time-box", "correctness=1")
+    assert result.returncode == 1
+    summary = (out / "summary.txt").read_text()
+    assert "timed out after 1 s" in summary and "result: FAIL" in summary
+    # the steps after it ran and wrote their files
+    assert (out / "bench.json").exists() and (out / "autotune.json").exists()
+    bench_line = next(line for line in summary.splitlines() if line.startswith("bench "))
+    assert "skipped (no GPU" in bench_line
+
+
+def test_a_missing_wheel_folder_fails_the_install_step_only(tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "wheels").mkdir()
+    result = run(out, "--wheels", str(tmp_path / "wheels"), "--time-box", "correctness=1", "--time-box", "bench=1")
+    assert result.returncode == 1
+    summary = (out / "summary.txt").read_text()
+    install = next(line for line in summary.splitlines() if line.startswith("install "))
+    assert "no wheels" in install
+    assert {p.name for p in out.iterdir()} <= OUTPUTS and (out / "summary.txt").exists()
