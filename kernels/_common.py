@@ -262,15 +262,16 @@ class KernelBuild:
         plan) compiles to under `config`, specialized as Triton's JIT does: integers equal to
         1 become constants, multiples of 16 are marked divisible, pointers aligned."""
         do_not_specialize = set(_jit_setting(kernel, "do_not_specialize") or ())
+        constexpr_names = _constexpr_names(kernel)
         options = {k: v for k, v in args.items() if k in COMPILE_OPTIONS}
         pointers, floats, plain, int64, constexprs, units = {}, [], [], [], {}, []
         for arg, value in args.items():
             if arg in COMPILE_OPTIONS:
                 continue
-            if isinstance(value, torch.Tensor):
-                pointers[arg] = TRITON_DTYPES[value.dtype]
-            elif isinstance(value, bool) or value is None or isinstance(value, str):
+            if arg in constexpr_names:
                 constexprs[arg] = value
+            elif isinstance(value, torch.Tensor):
+                pointers[arg] = TRITON_DTYPES[value.dtype]
             elif isinstance(value, float):
                 floats.append(arg)
             elif isinstance(value, int):
@@ -282,13 +283,6 @@ class KernelBuild:
                     units.append(arg)
                 elif value % 16:
                     plain.append(arg)
-        # Keyword arguments that are parameters and not plain values are constexprs.
-        params = list(inspect.signature(_launch.python_function(kernel)).parameters)
-        tuned = {k: v for k, v in args.items() if k in params and k not in constexprs and not isinstance(
-            v, (torch.Tensor, float)) and k in _constexpr_names(kernel)}
-        constexprs.update(tuned)
-        plain = [a for a in plain if a not in constexprs]
-        units = [a for a in units if a not in constexprs]
         num_warps = options.pop("num_warps", config.num_warps)
         num_stages = options.pop("num_stages", config.num_stages)
         config = triton.Config(dict(config.kwargs), num_warps=num_warps, num_stages=num_stages)

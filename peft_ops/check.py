@@ -137,7 +137,9 @@ def main(argv: list[str]) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and triton_available() and not interpreting():
-        if "peft_ops.kernels" in sys.modules:
+        # _common decorates the shared @triton.jit helpers: once it is imported, the mode is fixed
+        # (peft_ops.kernels itself, and its _launch hook, are imported with peft_ops)
+        if "peft_ops.kernels._common" in sys.modules:
             print("peft-ops check: kernels already imported without TRITON_INTERPRET=1", file=sys.stderr)
             return 2
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
