@@ -19,6 +19,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import importlib
+import importlib.util
 import io
 import json
 import multiprocessing

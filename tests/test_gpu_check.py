@@ -4,6 +4,7 @@ its own time box, and the output folder holds the eight files it promises."""
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
@@ -34,6 +35,7 @@ def test_dry_run_writes_the_promised_files(tmp_path):
     for step in ("env", "install", "correctness", "bench", "autotune"):
         assert f"\n{step} " in summary, step
     assert "skipped (no GPU" in summary and "result: PASS" in summary
+    assert re.search(r"; \d+ gpu tests collected, not run", summary)
     env = json.loads((out / "env.json").read_text())
     assert env["torch"] == torch.__version__ and env["python"] and env["dry_run"] is True
     assert env["cuda_available"] is False
