@@ -398,10 +398,6 @@ def base_layer_seconds(s, dev: Device) -> dict:
 # Calibration
 # --------------------------------------------------------------------------------------
 
-def _planned(fn, dev: Device) -> list:
-    return launch_plans.plan(fn, dev.target, dev.sms)
-
-
 def calibration(jobs: int | None = None, use_cache: bool = True) -> list[dict]:
     """The model against its anchors (CALIBRATION): each row gives the model's figure, the
     published or measured one, and the ratio."""
@@ -434,6 +430,7 @@ def calibration(jobs: int | None = None, use_cache: bool = True) -> list[dict]:
 
 
 def _prepared(est: Estimator, fn) -> list:
-    found = _planned(fn, est.device)
+    """fn's launches planned for est's GPU, their builds compiled."""
+    found = launch_plans.plan(fn, est.device.target, est.device.sms)
     est.prepare([found])
     return found
