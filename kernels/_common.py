@@ -80,6 +80,36 @@ def candidate_configs(kernel_name: str, target: str, named_args: dict, constexpr
     return entry[family(named_args, constexprs)] if isinstance(entry, dict) else list(entry)
 
 
+# kernel function name → its triton.Autotuner (what `forced_config` pins).
+_AUTOTUNERS: dict = {}
+
+
+def tuned_kernels() -> list[str]:
+    """Names of the autotuned kernels imported so far (import the kernel modules first)."""
+    return list(_TUNED)
+
+
+def tile_families(kernel_name: str, target: str) -> dict[str, list[triton.Config]]:
+    """The autotune lists of `kernel_name` on `target` by operand family ({"": list} for a
+    target with one list, e.g. the interpreter)."""
+    entry = _TUNED[kernel_name][0][target]
+    return dict(entry) if isinstance(entry, dict) else {"": list(entry)}
+
+
+@contextlib.contextmanager
+def forced_config(kernel_name: str, config: triton.Config):
+    """Every launch of autotuned kernel `kernel_name` inside the block runs `config`, untuned
+    and unpruned, whichever target's list it comes from: how the tests run production tiles
+    in the interpreter (at small odd shapes) and every config of every family on a GPU."""
+    tuner = _AUTOTUNERS[kernel_name]
+    saved = tuner.configs
+    tuner.configs = [config]  # one config: Triton runs it as is (no benchmark, no prune)
+    try:
+        yield
+    finally:
+        tuner.configs = saved
+
+
 def autotuned(per_target: dict, family, key: list[str]):
     """``triton.autotune`` over this process's list in `per_target`, pruned at each launch to
     the list of its family (`family(named_args, constexprs)`, e.g. ``dtype_family``)."""
@@ -98,8 +128,11 @@ def autotuned(per_target: dict, family, key: list[str]):
         prune = {"early_config_prune": early_config_prune}
 
     def decorate(kernel):
-        _TUNED[_launch.python_function(kernel).__name__] = (per_target, family)
-        return triton.autotune(configs=configs_for_this_target(per_target), prune_configs_by=prune, key=key)(kernel)
+        name = _launch.python_function(kernel).__name__
+        _TUNED[name] = (per_target, family)
+        tuner = triton.autotune(configs=configs_for_this_target(per_target), prune_configs_by=prune, key=key)(kernel)
+        _AUTOTUNERS[name] = tuner
+        return tuner
 
     return decorate
 

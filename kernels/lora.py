@@ -399,12 +399,13 @@ def _lora_backward_dx_kernel(
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _dropout_mask_kernel(KEEP, M, K, seed, dropout_p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """KEEP[M, K] = the keep mask the LoRA kernels use for seed (for tests and the checker)."""
+def _dropout_mask_kernel(KEEP, M, K, row0, seed, dropout_p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """KEEP[M, K] = rows [row0, row0 + M) of the keep mask the LoRA kernels use for seed (for
+    tests and the checker: a large row0 reaches counters past 2³² without a huge tensor)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     rows = offs_m.to(tl.int64)
-    keep = _dropout_keep(seed, rows, tl.program_id(1) * BLOCK_K, K, dropout_p, BLOCK_M, BLOCK_K)
+    keep = _dropout_keep(seed, rows + row0, tl.program_id(1) * BLOCK_K, K, dropout_p, BLOCK_M, BLOCK_K)
     tl.store(KEEP + rows[:, None] * K + offs_k[None, :], keep.to(tl.int8),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
@@ -536,15 +537,16 @@ def backward_with(launch_dx, dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Te
     return dx, dA, dB
 
 
-def dropout_keep_mask(seed: int, M: int, K: int, dropout_p: float, device) -> torch.Tensor:
-    """The bool keep mask [M, K] that the kernels above use for `seed` and `dropout_p`."""
+def dropout_keep_mask(seed: int, M: int, K: int, dropout_p: float, device, row0: int = 0) -> torch.Tensor:
+    """The bool keep mask [M, K] that the kernels above use for `seed` and `dropout_p` (rows
+    row0 … row0 + M − 1 of an [·, K] tensor)."""
     keep = torch.empty((M, K), device=device, dtype=torch.int8)
     # A tile shape unlike the LoRA kernels' on purpose: the mask must not depend on tiling.
     BLOCK_M, BLOCK_K = 8, 16
     if M * K:
         with launch_guard(keep):
             launch(_dropout_mask_kernel, (triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_K)),
-                keep, M, K, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+                keep, M, K, row0, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
     return keep.bool()
 
 

@@ -38,7 +38,7 @@ def _validate(name: object, what: str) -> str:
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for every op: ``"auto"``, ``"triton"`` or ``"reference"``."""
+    """Select the backend for every op: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``."""
     global _backend
     _backend = _validate(name, "backend name")
 

@@ -120,6 +120,28 @@ def count(fn, device_type: str = "cuda") -> list[Launch]:
     return recorder.launches
 
 
+class KernelsRan:
+    """``with KernelsRan() as ran:`` — the names of the Triton kernels launched inside the block,
+    in order (``ran.names``), nothing else recorded: how a test proves that it exercised a
+    kernel and not a fallback."""
+
+    plan_target = None
+
+    def __init__(self):
+        self.names: list[str] = []
+
+    def triton_launch(self, kernel, grid, args, kwargs) -> None:
+        self.names.append(_launch.python_function(kernel).__name__)
+        kernel[grid](*args, **kwargs)
+
+    def __enter__(self) -> "KernelsRan":
+        _launch.install(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _launch.install(None)
+
+
 def plan(fn, target: str = "sm90", sm_count: int = 132) -> list[Launch]:
     """The launches fn() would make on a GPU of `target` with `sm_count` SMs; fn builds its
     tensors on the meta device, and nothing runs."""

@@ -99,7 +99,13 @@ def compiled(ops, family: str):
 
 
 def torch_keep_mask(seed: int, M: int, K: int, dropout_p: float, device) -> torch.Tensor:
-    """The keep mask the PyTorch path uses for `seed` (a generator seeded per call)."""
+    """The keep mask the PyTorch path uses for `seed` (a generator seeded per call). PyTorch's
+    CPU generator (mt19937) keys on the low 32 bits of its seed alone, so there the seed's two
+    halves are folded together first: every bit of the 64-bit seed changes the mask (the CUDA
+    generator, Philox, takes all 64 bits as they are)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        seed = (seed ^ (seed >> 32)) & 0xFFFFFFFF
     gen = torch.Generator(device=device).manual_seed(seed)
     return torch.rand((M, K), generator=gen, device=device) >= dropout_p
 

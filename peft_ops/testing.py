@@ -25,9 +25,13 @@ Measured maxima are printed by ``peft-ops check`` and ``benchmarks/error_survey.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
+
+from .kernels import _launch
+from .launches import KernelsRan
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-7}
 ROUNDINGS = 2
@@ -89,6 +93,55 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     return worst
 
 
+# Kernel against PyTorch path. The PyTorch path takes the kernels' steps and rounds at the
+# same points (fp32 accumulation, one rounding per output and per tensor-core operand), so the
+# two may differ only by fp32 summation order — which can tip a rounding by one unit — and, in
+# the interpreter, by its truncating fp32→bf16 stores (one more unit). A kernel that rounds
+# anywhere else (a half-precision accumulator, a rank product not kept in fp32, …) moves by
+# many units on average; the rms bound sees that even where the largest error would hide.
+ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def units_apart(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> tuple[float, float]:
+    """How far `actual` is from `expected` in units of `dtype`'s roundoff u: (max over elements
+    of |a − e| / (|e| + rms(e)), rms(a − e) / rms(e)), both divided by u. The rms floor keeps
+    an element that cancels to near zero from counting its neighbours' rounding as its own."""
+    a, e = actual.detach().double(), expected.detach().double()
+    if a.shape != e.shape:
+        raise ValueError(f"shape {tuple(a.shape)} != expected {tuple(e.shape)}")
+    if e.numel() == 0:
+        return 0.0, 0.0
+    if not torch.isfinite(a).all():
+        return float("inf"), float("inf")
+    diff = (a - e).abs()
+    rms = e.square().mean().sqrt()
+    if rms == 0:
+        return (0.0, 0.0) if not diff.any() else (float("inf"), float("inf"))
+    u = ROUNDOFF[dtype]
+    return float((diff / (e.abs() + rms)).max()) / u, float(diff.square().mean().sqrt() / rms) / u
+
+
+# (max, rms) bounds of units_apart, by the dtype of the compared tensor. Measured (triton 3.9
+# interpreter with round-to-nearest bf16 conversions, tests/test_half_precision.py shapes):
+# fp16 and bf16 at most 0.85 / 0.11 units, most tensors exactly equal; fp32 gradients of fp32
+# adapters 10.9 / 3.5 units (summation order). A tipped rounding is up to 2 units at the max.
+# An fp16/bf16 accumulator rounded after every K-block of 32 lands at 1.4–6.6 / 0.65–1.6.
+PATH_AGREEMENT = {torch.float16: (2.0, 0.25), torch.bfloat16: (2.0, 0.25), torch.float32: (64.0, 16.0)}
+
+
+def assert_paths_agree(actual: torch.Tensor, expected: torch.Tensor, what: str = "result") -> tuple[float, float]:
+    """`actual` (a kernel's result) rounds where `expected` (the PyTorch path's) does: within
+    PATH_AGREEMENT of its dtype in ``units_apart``. Returns (max, rms) in units."""
+    if actual.dtype != expected.dtype:
+        raise AssertionError(f"{what}: dtype {actual.dtype} != {expected.dtype}")
+    worst, rms = units_apart(actual, expected, actual.dtype)
+    max_bound, rms_bound = PATH_AGREEMENT[actual.dtype]
+    if not (worst <= max_bound and rms <= rms_bound):
+        raise AssertionError(f"{what}: {worst:.2f} units at most, {rms:.2f} rms from the PyTorch path "
+                             f"(bounds {max_bound} / {rms_bound} units of {DTYPE_NAMES[actual.dtype]} roundoff)")
+    return worst, rms
+
+
 def saved_activation_bytes(fn, params) -> tuple[int, list[torch.Tensor], object]:
     """Run ``fn()`` and measure what autograd saves for the backward, ``params`` excluded
     (matched by data pointer): (bytes, saved tensors, fn's result). Each storage counts once,
@@ -105,6 +158,20 @@ def saved_activation_bytes(fn, params) -> tuple[int, list[torch.Tensor], object]
         result = fn()
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
     return sum(storages.values()), saved, result
+
+
+@contextlib.contextmanager
+def kernels_must_run(path: str):
+    """On the "triton" path, fail unless a Triton kernel ran inside the block: a case labelled
+    "triton" must not silently take the PyTorch path. (Inside a caller's own launch hook, e.g.
+    a count or a plan, the caller's hook sees the launches instead.)"""
+    if path != "triton" or _launch.active() is not None:
+        yield
+        return
+    with KernelsRan() as ran:
+        yield
+    if not ran.names:
+        raise AssertionError("the kernel path ran no kernel: it fell back to the PyTorch path")
 
 
 # --------------------------------------------------------------------------------------
@@ -151,6 +218,21 @@ def make_lora_inputs(case: LoraCase, device="cpu", seed: int = 0) -> dict:
         bias=rand(case.N) if case.bias else None,
         grad_out=rand(*case.leading, case.M, case.N),
     )
+
+
+def expected_keep_mask(seed: int, rows: int, cols: int, dropout_p: float, path: str, device) -> torch.Tensor:
+    """The keep mask [rows, cols] that a Function on `path` must have used after
+    ``torch.manual_seed(seed)``, not read back from the implementation: on the kernels, the
+    independent Philox4x32-10 of ``reference.dropout_keep_mask``; on the PyTorch path, PyTorch's
+    generator seeded as that path documents (``torch_keep_mask``)."""
+    from . import reference
+    from .lora import _draw_seed, torch_keep_mask
+
+    torch.manual_seed(seed)  # the Function drew its seed right after this
+    dropout_seed = _draw_seed()
+    if path == "triton":
+        return reference.dropout_keep_mask(dropout_seed, cols, dropout_p, range(rows), range(cols)).to(device)
+    return torch_keep_mask(dropout_seed, rows, cols, dropout_p, device)
 
 
 GRAD_NAMES = {"x": "dx", "weight": "dW", "lora_A": "dA", "lora_B": "dB", "bias": "db"}
@@ -208,9 +290,10 @@ def run_lora_case(case: LoraCase, ops, device="cpu", seed: int = 0) -> list[Comp
     if case.x_transposed:
         tensors["x"] = non_contiguous(inp["x"])
     torch.manual_seed(seed)
-    y = LoraLinearFunction.apply(tensors["x"], tensors["weight"], tensors["lora_A"], tensors["lora_B"],
-                                 tensors["bias"], case.scaling, case.dropout_p, ops)
-    y.backward(inp["grad_out"])
+    with kernels_must_run("torch" if ops is TorchLoraOps else "triton"):
+        y = LoraLinearFunction.apply(tensors["x"], tensors["weight"], tensors["lora_A"], tensors["lora_B"],
+                                     tensors["bias"], case.scaling, case.dropout_p, ops)
+        y.backward(inp["grad_out"])
 
     inputs = {k: v for k, v in inp.items() if k != "grad_out"}
     return compare_with_reference(case, y, tensors, inputs, inp["grad_out"], trainable, case.scaling,
@@ -222,14 +305,10 @@ def compare_with_reference(case: LoraCase, y, tensors: dict, inputs: dict, grad_
     """y and the gradients of `tensors` after a LoRA-type Function ran under
     ``torch.manual_seed(seed)``, against the float64 reference on `inputs` (dense weight),
     replaying the dropout mask that `path` ("triton" / "torch") drew."""
-    from .lora import _draw_seed, dropout_keep_mask
-
     mask = None
     if case.dropout_p > 0:
-        torch.manual_seed(seed)  # the Function drew its seed right after this
         x = tensors["x"]
-        mask = dropout_keep_mask(_draw_seed(), (x.numel() // case.K, case.K), case.dropout_p, device, path)
-        mask = mask.view(x.shape)
+        mask = expected_keep_mask(seed, x.numel() // case.K, case.K, case.dropout_p, path, device).view(x.shape)
     refs = lora_reference_with_scale(inputs, scaling, case.dropout_p, mask, grad_out, trainable)
     results = [Compared("y", y, *refs["y"], case.dtype)]
     for k in trainable:
@@ -297,14 +376,15 @@ def run_qlora_case(case: QLoraCase, path: str, device="cpu", seed: int = 0) -> l
     if case.x_transposed:
         tensors["x"] = non_contiguous(inp["x"])
     torch.manual_seed(seed)
-    if case.lora:
-        y = QLoraLinearFunction.apply(tensors["x"], tensors["lora_A"], tensors["lora_B"], tensors["bias"],
-                                      q.packed, q.absmax, q.absmax_scale, q.absmax_offset, meta, case.scaling,
-                                      case.dropout_p, ops)
-    else:
-        y = NF4LinearFunction.apply(tensors["x"], tensors["bias"], q.packed, q.absmax, q.absmax_scale,
-                                    q.absmax_offset, meta, ops)
-    y.backward(inp["grad_out"])
+    with kernels_must_run(path):
+        if case.lora:
+            y = QLoraLinearFunction.apply(tensors["x"], tensors["lora_A"], tensors["lora_B"], tensors["bias"],
+                                          q.packed, q.absmax, q.absmax_scale, q.absmax_offset, meta, case.scaling,
+                                          case.dropout_p, ops)
+        else:
+            y = NF4LinearFunction.apply(tensors["x"], tensors["bias"], q.packed, q.absmax, q.absmax_scale,
+                                        q.absmax_offset, meta, ops)
+        y.backward(inp["grad_out"])
     inputs = {k: v for k, v in inp.items() if k != "grad_out"}
     inputs["weight"] = reference.nf4_dequantize(qweight, torch.float32)
     scaling = case.scaling if case.lora else 0.0  # no adapter: the LoRA term is zero
@@ -367,25 +447,25 @@ def run_adapter_case(case: AdapterCase, path: str, device="cpu", seed: int = 0) 
     reference on the same inputs and dropout mask: y and every gradient."""
     from . import reference
     from .adapter import BottleneckAdapterFunction, TorchBottleneckOps, adapter_ops
-    from .lora import _draw_seed, dropout_keep_mask
-
     ops = adapter_ops(path, case.dtype, case.m)  # what bottleneck_adapter runs on `path`
-    path = "torch" if ops is TorchBottleneckOps else "triton"  # past the kernels' tile: the PyTorch path's mask
+    if path == "triton" and ops is TorchBottleneckOps:
+        raise ValueError(f"m = {case.m} is past the kernels' widest {DTYPE_NAMES[case.dtype]} tile: "
+                         "bottleneck_adapter runs the PyTorch path there (use path='torch')")
     inp = make_adapter_inputs(case, device, seed)
     names = [k for k in ADAPTER_GRAD_NAMES if inp[k] is not None]
     tensors = {k: inp[k].clone().requires_grad_(True) for k in names}
     if case.x_transposed:
         tensors["x"] = non_contiguous(inp["x"])
     torch.manual_seed(seed)
-    y = BottleneckAdapterFunction.apply(tensors["x"], tensors["down_weight"], tensors.get("down_bias"),
-                                        tensors["up_weight"], tensors.get("up_bias"), case.activation, case.scaling,
-                                        case.dropout_p, ops)
-    y.backward(inp["grad_out"])
+    with kernels_must_run(path):
+        y = BottleneckAdapterFunction.apply(tensors["x"], tensors["down_weight"], tensors.get("down_bias"),
+                                            tensors["up_weight"], tensors.get("up_bias"), case.activation,
+                                            case.scaling, case.dropout_p, ops)
+        y.backward(inp["grad_out"])
 
     mask = None
     if case.dropout_p > 0:
-        torch.manual_seed(seed)  # the Function drew its seed right after this
-        mask = dropout_keep_mask(_draw_seed(), (inp["x"].numel() // case.d, case.d), case.dropout_p, device, path)
+        mask = expected_keep_mask(seed, inp["x"].numel() // case.d, case.d, case.dropout_p, path, device)
         mask = mask.view(inp["x"].shape)
     out = {}
     for kind, transform in (("value", lambda t: t), ("scale", torch.abs)):

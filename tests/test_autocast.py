@@ -1,6 +1,7 @@
 """Under torch.autocast (bf16, fp16) every layer runs in the autocast dtype, as nn.Linear does:
 its output has that dtype and matches the reference computed under the same autocast; fp32
-activations may meet bf16 weights; gradients reach fp32 parameters."""
+activations may meet bf16 weights; gradients reach fp32 parameters with the values of float64
+at the inputs autocast computes with."""
 
 import pytest
 import torch
@@ -27,17 +28,42 @@ def layers(dtype=torch.float32):
     return {"LoraLinear": lora.to(DEVICE), "QLoraLinear": qlora.to(DEVICE), "BottleneckAdapter": adapter.to(DEVICE)}
 
 
-def reference_of(name, layer, x, cast=None):
-    """The layer's reference math on x (its tensors cast to `cast` when given)."""
+def reference_of(name, layer, x, cast=None, params=None):
+    """The layer's reference math on x (its tensors cast to `cast` when given; `params`:
+    tensors to use in place of the layer's, by name)."""
     c = (lambda t: t.to(cast) if t is not None else None) if cast else (lambda t: t)
+    p = {k: getattr(layer, k, None) for k in ("weight", "bias", "lora_A", "lora_B", "down_weight", "down_bias",
+                                              "up_weight", "up_bias")}
+    p.update(params or {})
     if name == "LoraLinear":
-        return reference.lora_linear(c(x), c(layer.weight), c(layer.lora_A), c(layer.lora_B), layer.scaling,
-                                     c(layer.bias))
+        return reference.lora_linear(c(x), c(p["weight"]), c(p["lora_A"]), c(p["lora_B"]), layer.scaling,
+                                     c(p["bias"]))
     if name == "QLoraLinear":
-        weight = layer.qweight.dequantize(torch.float32)
-        return reference.lora_linear(c(x), c(weight), c(layer.lora_A), c(layer.lora_B), layer.scaling, c(layer.bias))
-    return reference.bottleneck_adapter(c(x), c(layer.down_weight), c(layer.down_bias), c(layer.up_weight),
-                                        c(layer.up_bias), layer.activation, layer.scaling)
+        weight = (params or {}).get("weight", layer.qweight.dequantize(torch.float32))
+        return reference.lora_linear(c(x), c(weight), c(p["lora_A"]), c(p["lora_B"]), layer.scaling, c(p["bias"]))
+    return reference.bottleneck_adapter(c(x), c(p["down_weight"]), c(p["down_bias"]), c(p["up_weight"]),
+                                        c(p["up_bias"]), layer.activation, layer.scaling)
+
+
+def exact_gradients(name, layer, x, dtype):
+    """Gradients of sum(y) w.r.t. x and the trainable parameters, in float64 at the values
+    autocast computes with (x and parameters rounded to `dtype`; the cast's backward is the
+    identity), and their error scales (the same on |inputs|): {name: (expected, scale)}."""
+    trainable = {k: v for k, v in layer.named_parameters() if v.requires_grad}
+    out = {}
+    for kind, transform in (("value", lambda t: t), ("scale", torch.abs)):
+        xs = transform(x.detach().to(dtype).double()).requires_grad_()
+        ps = {k: transform(v.detach().to(dtype).double()).requires_grad_() for k, v in trainable.items()}
+        frozen = {k: transform(v.detach().to(dtype).double()) for k, v in layer.named_parameters()
+                  if not v.requires_grad}
+        if name == "QLoraLinear":  # the NF4 weight, decoded to the autocast dtype as the kernels do
+            frozen["weight"] = transform(layer.qweight.dequantize(torch.float32).to(dtype).double())
+        y = reference_of(name, layer, xs, params={**frozen, **ps})
+        if kind == "scale" and name == "BottleneckAdapter":  # the residual x + s·z on |inputs|
+            y = y.abs()
+        y.sum().backward()
+        out[kind] = {"x": xs.grad, **{k: v.grad for k, v in ps.items()}}
+    return {k: (out["value"][k], out["scale"][k]) for k in out["value"]}
 
 
 def scale_of(name, layer, x):
@@ -76,8 +102,12 @@ def test_layers_under_autocast_match_the_autocast_reference(name, dtype):
                  tol=2 * tol)
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32
-    trainable = [p for p in layer.parameters() if p.requires_grad]
-    assert trainable and all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
+    trainable = dict((k, p) for k, p in layer.named_parameters() if p.requires_grad)
+    assert trainable and all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())
+    # the gradients' values: each within the dtype's tolerance of float64 at autocast's inputs
+    grads = {"x": x.grad, **{k: p.grad for k, p in trainable.items()}}
+    for k, (expected, grad_scale) in exact_gradients(name, layer, x, dtype).items():
+        assert_close(grads[k], expected, dtype, f"{name} d{k} under autocast", scale=grad_scale, tol=tol)
 
 
 @pytest.mark.parametrize("name", ["LoraLinear", "QLoraLinear", "BottleneckAdapter"])

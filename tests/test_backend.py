@@ -50,6 +50,8 @@ def test_resolution_rules(monkeypatch):
     assert backend.resolve(cuda) == "triton"
     peft_ops.set_backend("reference")
     assert backend.resolve(cuda) == "reference"
+    peft_ops.set_backend("torch")
+    assert backend.resolve(cuda) == "torch" and backend.resolve(cpu) == "torch"
     peft_ops.set_backend("triton")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         backend.resolve(cpu)
@@ -97,3 +99,61 @@ def test_cpu_without_interpreter_takes_the_pytorch_path_or_fails_clearly(tmp_pat
     env["CUDA_VISIBLE_DEVICES"] = ""
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def _op_calls(device):
+    """Each public op at a small shape, as a function of nothing: (name, call, reference call
+    in the inputs' own dtype, the PyTorch path's Function call)."""
+    from peft_ops import reference
+    from peft_ops.adapter import BottleneckAdapterFunction, TorchBottleneckOps
+    from peft_ops.lora import LoraLinearFunction, TorchLoraOps
+    from peft_ops.nf4 import quantize
+    from peft_ops.qlora import NF4LinearFunction, QLoraLinearFunction, TorchNF4Ops
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 32, generator=gen).to(device)
+    W, A, B, b = (torch.randn(*s, generator=gen).to(device) / 4 for s in ((12, 32), (4, 32), (12, 4), (12,)))
+    qw = quantize(W)
+    q = qw.tensors()
+    qargs = (q.packed, q.absmax, q.absmax_scale, q.absmax_offset, (12, 32, q.blocksize, q.dtype))
+    Wd, bd, Wu, bu = (torch.randn(*s, generator=gen).to(device) / 4 for s in ((6, 32), (6,), (32, 6), (32,)))
+    return {
+        "lora_linear": (lambda: peft_ops.lora_linear(x, W, A, B, 0.5, b),
+                        lambda: reference.lora_linear(x, W, A, B, 0.5, b),
+                        lambda: LoraLinearFunction.apply(x, W, A, B, b, 0.5, 0.0, TorchLoraOps)),
+        "qlora_linear": (lambda: peft_ops.qlora_linear(x, qw, A, B, 0.5, b),
+                         lambda: reference.qlora_linear(x, qw, A, B, 0.5, b),
+                         lambda: QLoraLinearFunction.apply(x, A, B, b, *qargs, 0.5, 0.0, TorchNF4Ops)),
+        "nf4_linear": (lambda: peft_ops.nf4_linear(x, qw, b),
+                       lambda: reference.nf4_linear(x, qw, b),
+                       lambda: NF4LinearFunction.apply(x, b, *qargs, TorchNF4Ops)),
+        "bottleneck_adapter": (lambda: peft_ops.bottleneck_adapter(x, Wd, bd, Wu, bu, activation="gelu", scaling=0.5),
+                               lambda: reference.bottleneck_adapter(x, Wd, bd, Wu, bu, "gelu", 0.5),
+                               lambda: BottleneckAdapterFunction.apply(x, Wd, bd, Wu, bu, "gelu", 0.5, 0.0,
+                                                                       TorchBottleneckOps)),
+    }
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU dispatch (interpreter)")
+@pytest.mark.parametrize("name", ["auto", "triton", "torch", "reference"])
+@pytest.mark.parametrize("op", ["lora_linear", "qlora_linear", "nf4_linear", "bottleneck_adapter"])
+def test_every_backend_runs_its_own_implementation(op, name, device):
+    """Dispatch, proven by what ran: "auto" and "triton" launch kernels (here in the
+    interpreter); "torch" launches none and gives the PyTorch path's result bit for bit;
+    "reference" launches none and gives peft_ops.reference's result bit for bit. (Their values
+    against float64 are the op tests' business.)"""
+    from peft_ops.launches import KernelsRan
+
+    from peft_ops import reference
+
+    call, reference_call, torch_path_call = _op_calls(device)[op]
+    with peft_ops.use_backend(name), KernelsRan() as ran, \
+            mock.patch.object(reference, op, wraps=getattr(reference, op)) as reference_op:
+        y = call()
+    if name in ("auto", "triton"):
+        assert ran.names, "no kernel ran"
+        assert reference_op.call_count == 0
+        return
+    assert not ran.names, ran.names
+    assert reference_op.call_count == (name == "reference")
+    assert torch.equal(y, reference_call() if name == "reference" else torch_path_call())

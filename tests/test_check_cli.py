@@ -1,9 +1,8 @@
-"""`peft-ops check`, the main job: table, exit code, time."""
+"""`peft-ops check`, the main job: table and exit code."""
 
 import os
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -13,11 +12,9 @@ import peft_ops.check as check
 def test_check_command_passes_and_prints_the_table():
     # as a user (and CI) runs it: without TRITON_INTERPRET, which the command sets itself on a CPU
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    start = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "peft_ops.cli", "check", "--quick"], capture_output=True,
                          text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert time.perf_counter() - start < 120
     lines = out.stdout.splitlines()
     header = next(line for line in lines if line.startswith("op "))
     for column in ("op", "path", "shape", "dtype", "tensor", "max err", "tol", "pass"):

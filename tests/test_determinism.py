@@ -1,6 +1,12 @@
-"""The backward of every op is bitwise deterministic run to run: 20 repeats of forward and
+"""The backward of every op is bitwise deterministic run to run: repeats of forward and
 backward under the same torch.manual_seed give identical outputs and gradients, on the
-kernels (interpreted here; natively on a GPU) and on the PyTorch path."""
+kernels and on the PyTorch path.
+
+What this can catch depends on the machine. On a GPU (20 repeats) it catches any
+run-to-run order in a reduction (float atomics, a split-K or partial sum whose order
+depends on scheduling). In the interpreter every launch runs its programs in order, so
+there it catches only a dropout seed that does not come from torch.manual_seed (2 repeats,
+and a different seed must give a different result)."""
 
 import pytest
 import torch
@@ -14,7 +20,7 @@ from peft_ops.testing import (AdapterCase, LoraCase, QLoraCase, make_adapter_inp
 
 from conftest import DEVICE, lora_ops
 
-REPEATS = 20
+REPEATS = 20 if torch.cuda.is_available() else 2
 PATHS = ["triton", "torch"]
 
 
@@ -65,3 +71,7 @@ def test_backward_is_bitwise_deterministic(op, path):
             first = result
         else:
             assert all(torch.equal(a, b) for a, b in zip(first, result))
+    if op != "nf4_linear":  # the ops with dropout: another seed, another mask
+        tensors = [t.detach().clone().requires_grad_(True) for t in leaves]
+        torch.manual_seed(1)
+        assert not torch.equal(run(tensors), first[0])

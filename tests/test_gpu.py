@@ -9,6 +9,7 @@ from peft_ops.lora import LoraLinearFunction
 from peft_ops.testing import LoraCase, make_lora_inputs, run_adapter_case, run_lora_case, run_qlora_case
 
 from conftest import lora_ops
+from tile_cases import KERNELS as TILE_CASES
 
 pytestmark = pytest.mark.gpu
 
@@ -58,12 +59,12 @@ def test_backward_is_bitwise_deterministic():
         assert all(torch.equal(a, b) for a, b in zip(grads[0], later))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("m", [64, 256])
+@pytest.mark.parametrize("dtype, m", [(torch.float32, 64), (torch.float32, 128), (torch.bfloat16, 64),
+                                      (torch.bfloat16, 256)], ids=["fp32-m64", "fp32-m128", "bf16-m64", "bf16-m256"])
 def test_adapter_at_model_shapes_matches_float64(dtype, m):
     from peft_ops.testing import AdapterCase, run_adapter_case
 
-    # m = 256 in fp32 runs the PyTorch path (past the fp32 kernel tile), in bf16 the widest tile
+    # m = 128 (fp32) and 256 (bf16): each dtype's widest kernel tile; the harness fails if no kernel ran
     case = AdapterCase(M=1024, d=4096, m=m, dtype=dtype, activation="gelu", dropout_p=0.1, leading=(2,))
     for result in run_adapter_case(case, "triton", device="cuda"):
         result.check(f"cuda {case.label()}", case.tolerance(result.name))
@@ -111,3 +112,22 @@ def test_custom_ops_on_the_kernels_pass_opcheck():
         args = tuple(a.cuda() if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in args)
         args = tuple("triton" if isinstance(a, str) and a == "torch" else a for a in args)
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.configs
+@pytest.mark.parametrize("kernel", sorted(TILE_CASES))
+def test_every_autotune_config(kernel):
+    """Every config of every family of `kernel` on this GPU's target, forced one at a time, at
+    small odd shapes: against float64, and in half precision against the PyTorch path."""
+    from peft_ops.kernels import _common, bottleneck_adapter, lora, nf4  # noqa: F401  (register the kernels)
+    from tile_cases import run_checked
+
+    case_of, _ = TILE_CASES[kernel]
+    target = _common.process_target()
+    for family, configs in _common.tile_families(kernel, target).items():
+        for config in configs:
+            with _common.forced_config(kernel, config):
+                try:
+                    run_checked(case_of(family))
+                except AssertionError as err:
+                    raise AssertionError(f"{kernel} {family} {config}: {err}") from err

@@ -32,7 +32,7 @@ def test_dry_run_writes_the_promised_files(tmp_path):
     assert {p.name for p in out.iterdir()} == OUTPUTS
     assert all(p.stat().st_size < 16 * 2**20 for p in out.iterdir())
     summary = (out / "summary.txt").read_text()
-    for step in ("env", "install", "correctness", "bench", "autotune"):
+    for step in ("env", "install", "correctness", "configs", "bench", "autotune"):
         assert f"\n{step} " in summary, step
     assert "skipped (no GPU" in summary and "result: PASS" in summary
     assert re.search(r"; \d+ gpu tests collected, not run", summary)

@@ -17,9 +17,31 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
 
-def test_code_table_and_packing_example():
-    assert nf4.nf4_code().tolist() == list(nf4.NF4_CODE_VALUES)
-    assert nf4.nf4_code()[nf4.NF4_ZERO_INDEX] == 0.0
+def test_code_table_is_the_normal_quantile_construction():
+    """The 16 NF4 values derived independently (QLoRA, Dettmers et al. 2023, appendix E): the
+    quantiles of N(0, 1) at 8 evenly spaced probabilities from 0.9677083 to ½ (positive side)
+    and 7 (negative side), plus an exact zero, normalized to [-1, 1]. The table holds their
+    float32 roundings."""
+    offset = 0.9677083
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    positive = normal.icdf(torch.linspace(offset, 0.5, 9)[:-1].double())
+    negative = -normal.icdf(torch.linspace(offset, 0.5, 8)[:-1].double())
+    values = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).sort().values
+    values /= values.max()
+    code = nf4.nf4_code()
+    assert code.dtype == torch.float32 and code.shape == (16,)
+    assert float((code.double() - values).abs().max()) < 2**-24  # within float32 rounding of each value
+    assert code[nf4.NF4_ZERO_INDEX] == 0.0 and code[0] == -1.0 and code[15] == 1.0
+
+
+@needs_bnb
+def test_code_table_is_bitsandbytes_table():
+    from bitsandbytes.functional import get_4bit_type
+
+    assert torch.equal(nf4.nf4_code(), get_4bit_type("nf4", device="cpu").float())
+
+
+def test_packing_example():
     # formats.md: (-1, 1, 0, 0.5) in one block with absmax 1 pack to bytes 15, 124
     q = quantize(torch.tensor([[-1.0, 1.0, 0.0, 0.5]]), blocksize=32, double_quant=False)
     assert q.packed.tolist() == [15, 124]

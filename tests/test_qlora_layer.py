@@ -128,9 +128,17 @@ def test_bad_arguments_leave_nothing_changed():
 
 
 def test_public_api():
-    for name in ("QLoraLinear", "qlora_linear", "nf4_linear", "NF4Weight", "nf4"):
-        assert hasattr(peft_ops, name)
-    assert callable(peft_ops.nf4.quantize) and callable(peft_ops.nf4.dequantize)
+    """The names README documents are the implementations, and they work end to end."""
+    from peft_ops import layers, nf4, qlora, reference
+
+    assert peft_ops.QLoraLinear is layers.QLoraLinear and peft_ops.NF4Weight is nf4.NF4Weight
+    assert peft_ops.qlora_linear is qlora.qlora_linear and peft_ops.nf4_linear is qlora.nf4_linear
+    assert peft_ops.nf4 is nf4
+    torch.manual_seed(0)
+    w = torch.randn(12, 40)
+    q = peft_ops.nf4.quantize(w, blocksize=32)
+    assert isinstance(q, peft_ops.NF4Weight)
+    assert torch.equal(peft_ops.nf4.dequantize(q), reference.nf4_dequantize(q))
 
 
 def test_trainable_parameters_count_nf4_weights_as_weights():
