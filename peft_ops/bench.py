@@ -580,7 +580,8 @@ def main(argv: list[str]) -> int:
     def write(builds: list, calibration: list) -> str:
         targets = targets_report(rows, saved, device.type == "cuda")
         record = {"command": "peft-ops bench " + " ".join(argv), "date": date, "device": device_name,
-                  **_versions(), "roofline_gpu": {"name": gpu_name, **gpu}, "timed": timing, "rows": rows,
+                  **_versions(), "dtype": args.dtype, "roofline_gpu": {"name": gpu_name, **gpu}, "timed": timing,
+                  "rows": rows,
                   "saved_activations": saved, "estimate_builds": builds, "estimate_calibration": calibration,
                   "targets": targets, "skipped_shapes": [f"{s.op} {s.label()}" for s in skipped]}
         (args.out / "bench.json").write_text(json.dumps(record, indent=1))

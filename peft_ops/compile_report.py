@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import io
 import json
+import math
 import multiprocessing
 import os
 import pathlib
@@ -150,12 +151,30 @@ def compile_builds(work: list, jobs: int | None = None, use_cache: bool = True) 
     return rows
 
 
+def _tile_size(spec) -> tuple:
+    blocks = [v for k, v in {**spec.config_kwargs, **spec.constexprs}.items()
+              if k.startswith("BLOCK_") and isinstance(v, int)]
+    return math.prod(blocks), spec.num_warps, spec.num_stages
+
+
 def compile_all(jobs: int | None = None, targets=TARGETS, only: str | None = None,
-                use_cache: bool = True) -> list[dict]:
+                use_cache: bool = True, ends_only_targets=()) -> list[dict]:
     """Every build of every kernel file's ``compile_specs`` for `targets` (names containing
-    `only`, if given)."""
-    work = [(spec, t) for m in KERNEL_MODULES for t in targets for spec in _specs(m, t)
-            if only is None or only in spec.name]
+    `only`, if given). On the targets in `ends_only_targets`, two builds per build name (each
+    kernel in each variant) instead of one per config: its family's first config (what a
+    launch takes untuned) and its largest tile (the likeliest to spill)."""
+    work = []
+    for m in KERNEL_MODULES:
+        for t in targets:
+            by_name: dict = {}
+            for spec in _specs(m, t):
+                if only is None or only in spec.name:
+                    by_name.setdefault(spec.name, []).append(spec)
+            for specs in by_name.values():
+                if t in ends_only_targets:
+                    largest = max(specs, key=_tile_size)
+                    specs = [specs[0]] + ([largest] if largest is not specs[0] else [])
+                work += [(spec, t) for spec in specs]
     return compile_builds(work, jobs, use_cache)
 
 
@@ -212,6 +231,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the record as JSON instead of tables")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="also write the record (JSON) here")
     parser.add_argument("--no-cache", action="store_true", help="compile every build again")
+    parser.add_argument("--ends-only", action="append", default=[], choices=TARGETS, metavar="TARGET",
+                        help="on TARGET (repeatable), build each kernel in each variant at two configs only: "
+                             "its family's first and its largest tile")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("peft-ops compile needs TRITON_INTERPRET unset (the interpreter replaces the kernels)", file=sys.stderr)
@@ -220,7 +242,8 @@ def main(argv: list[str]) -> int:
 
     targets = TARGETS if args.target == "all" else (args.target,)
     start = time.perf_counter()
-    rows = compile_all(args.jobs, targets, args.only, use_cache=not args.no_cache)
+    rows = compile_all(args.jobs, targets, args.only, use_cache=not args.no_cache,
+                       ends_only_targets=tuple(args.ends_only))
     planned = launches.launch_table()
     bad = [(r, problems(r)) for r in rows if problems(r)]
     record = {"builds": rows, "launches_per_call": planned}

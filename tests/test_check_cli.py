@@ -40,6 +40,8 @@ def test_check_exits_1_on_a_failure(monkeypatch, capsys):
     monkeypatch.setattr(check.LoraCase, "tolerance", lambda self, tensor="y": 0.0)
     one_case = check.lora_cases(True)[:1]
     monkeypatch.setattr(check, "lora_cases", lambda quick: one_case)
+    monkeypatch.setattr(check, "qlora_cases", lambda quick: [])
+    monkeypatch.setattr(check, "adapter_cases", lambda quick: [])
     assert check.main(["--quick"]) == 1
     assert "FAIL" in capsys.readouterr().out
 

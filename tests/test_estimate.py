@@ -11,6 +11,8 @@ import torch
 from peft_ops import estimate
 from peft_ops.roofline import OpShape
 
+from test_bench_cli import run_bench
+
 
 def test_loop_iterations_by_hand():
     names = {"K": 4096, "BLOCK_K": 64, "R": 16, "BLOCK_R": 64, "k_end": 1000, "SPLIT_K": 3}
@@ -167,3 +169,20 @@ def test_an_estimate_changes_nothing_it_plans():
     assert all(t.device.type == "meta" for launch in planned["forward"] for t in launch.args.values()
                if isinstance(t, torch.Tensor))
     assert getattr(lora._lora_forward_kernel, "cache", {}) == before
+
+
+@pytest.mark.compile
+def test_the_static_estimate_sits_beside_the_bounds(tmp_path):
+    """`peft-ops bench` with its estimate (here, beside this file's estimates: the calibration
+    builds are shared through the build cache); --ops keeps only the ops asked for."""
+    stdout, record = run_bench(tmp_path, "--preset", "smoke", "--ops", "nf4")
+    assert {r["op"] for r in record["rows"]} == {"nf4"}
+    assert "static estimate" in stdout and record["roofline_gpu"]["name"] == "H200"
+    for row in record["rows"]:
+        assert row["estimate_ms"] > 0 and row["estimate_launches"] >= 1 and row["estimate_kernels"]
+        # the estimate is never faster than the bytes-only bound
+        assert row["estimate_ms"] >= row["bound_fused_ms"] * (1 - 1e-9)
+        assert row["estimate_pct_roofline"] <= row["bound_pct_roofline"] * (1 + 1e-9)
+    assert record["estimate_builds"] and all(b["facts"]["loops"] or b["facts"]["whole_kernel"]
+                                             for b in record["estimate_builds"])
+    assert all("estimate" in t and "estimate_status" in t for t in record["targets"])

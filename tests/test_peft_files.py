@@ -289,6 +289,12 @@ def _damage(path, what):
         config["target_modules"] = None
     elif what == "modules_to_save":
         config["modules_to_save"] = ["lm_head"]
+    elif what == "fan_in_fan_out":
+        config["fan_in_fan_out"] = True
+    elif what == "layers_to_transform":
+        config["layers_to_transform"] = [1]
+    elif what == "trained biases":
+        config["bias"] = "lora_only"
     if what == "truncated":
         weights.write_bytes(weights.read_bytes()[:-7])
     elif what == "pickle":
@@ -300,9 +306,15 @@ def _damage(path, what):
         config_path.write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("what", ["missing key", "extra key", "wrong shape", "int weights", "nan", "dora",
-                                  "prompt config", "rank mismatch", "no target_modules", "modules_to_save",
-                                  "truncated", "pickle", "bad json"])
+# what → a word the refusal must name (None: any ValueError)
+DAMAGES = {"missing key": None, "extra key": None, "wrong shape": None, "int weights": None, "nan": None,
+           "dora": "DoRA", "prompt config": "peft_type", "rank mismatch": None, "no target_modules": "target_modules",
+           "modules_to_save": "modules_to_save", "fan_in_fan_out": "fan_in_fan_out",
+           "layers_to_transform": "layers_to_transform", "trained biases": "bias", "truncated": None, "pickle": None,
+           "bad json": None}
+
+
+@pytest.mark.parametrize("what", DAMAGES)
 def test_damaged_or_mismatched_files_change_nothing(what, tmp_path):
     base = llama()
     peft_lora(base, r=4, lora_alpha=8).save_pretrained(tmp_path)
@@ -310,7 +322,7 @@ def test_damaged_or_mismatched_files_change_nothing(what, tmp_path):
     model = copy.deepcopy(base)
     state = copy.deepcopy(model.state_dict())
     modules = [type(m) for m in model.modules()]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=DAMAGES[what]):
         load_peft_adapter(model, tmp_path)
     assert [type(m) for m in model.modules()] == modules
     assert all(p.requires_grad for p in model.parameters())
@@ -330,3 +342,104 @@ def test_load_with_nf4_matches_peft_on_the_dequantized_base(tmp_path):
         x = ids()
         error = max_logit_error(ours(x).logits, theirs(input_ids=x).logits)
     assert error <= FP32_TOL, error
+
+
+def test_exclude_modules_loads_as_peft_does(tmp_path):
+    """A file with exclude_modules: the excluded layers stay plain, the logits are PEFT's."""
+    base = llama()
+    theirs = peft_lora(base, r=4, lora_alpha=8, exclude_modules=["model.layers.0.self_attn.q_proj"])
+    theirs.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["exclude_modules"]
+    ours = load_peft_adapter(copy.deepcopy(base), tmp_path)
+    names = set(lora_layers(ours))
+    assert "model.layers.0.self_attn.q_proj" not in names and "model.layers.1.self_attn.q_proj" in names
+    assert type(ours.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert len(names) == 5  # 3 targets × 2 layers, less the excluded one
+    x = ids()
+    with torch.no_grad():
+        assert max_logit_error(ours(input_ids=x).logits, theirs(input_ids=x).logits) <= FP32_TOL
+
+
+def _forward_spy(monkeypatch):
+    return spy(monkeypatch, peft_ops.lora, "lora_linear")
+
+
+def _swapped_and_reference(**config):
+    base = llama()
+    reference_model = peft_lora(base, **config)
+    fused = copy.deepcopy(reference_model)
+    report = peft_ops.from_peft(fused)
+    assert report.swapped and not report.skipped
+    return reference_model, fused
+
+
+def test_from_peft_hands_merged_adapters_to_peft(monkeypatch):
+    reference_model, fused = _swapped_and_reference(r=4, lora_alpha=8)
+    calls = _forward_spy(monkeypatch)
+    x = ids()
+    with torch.no_grad():
+        for model in (reference_model, fused):
+            model.merge_adapter()
+        assert torch.equal(fused(input_ids=x).logits, reference_model(input_ids=x).logits)
+    assert not calls  # merged: the base layer already holds the adapter, PEFT's forward runs
+
+
+def test_from_peft_hands_mixed_adapter_batches_to_peft(monkeypatch):
+    """`adapter_names` (one adapter per row) goes to PEFT's forward, with PEFT's result."""
+    reference_model, fused = _swapped_and_reference(r=4, lora_alpha=8)
+    calls = _forward_spy(monkeypatch)
+    x = ids()
+    names = ["default", "__base__"]  # row 0 with the adapter, row 1 without
+    with torch.no_grad():
+        ours = fused(input_ids=x, adapter_names=names).logits
+        assert torch.equal(ours, reference_model(input_ids=x, adapter_names=names).logits)
+        with reference_model.disable_adapter():
+            plain = reference_model(input_ids=x).logits
+        assert torch.equal(ours[1], plain[1]) and not torch.equal(ours[0], plain[0])
+    assert not calls
+
+
+def test_from_peft_hands_mismatched_dtypes_to_peft(monkeypatch):
+    """bf16 adapters on an fp32 model (the fused op takes adapters in x's dtype or fp32)."""
+    reference_model, fused = _swapped_and_reference(r=4, lora_alpha=8)
+    for model in (reference_model, fused):
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.to(torch.bfloat16)
+    calls = _forward_spy(monkeypatch)
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(fused(input_ids=x).logits, reference_model(input_ids=x).logits)
+    assert not calls
+
+
+@pytest.mark.parametrize("setting, reason", [
+    ("two adapters", "active adapters"),
+    ("lora_bias", "lora_bias"),
+    ("embedding target", "no fused op"),
+])
+def test_from_peft_reports_each_skip_reason(setting, reason):
+    base = llama()
+    if setting == "two adapters":
+        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=["q_proj"]))
+        model.add_adapter("second", peft.LoraConfig(target_modules=["q_proj"]))
+        model.base_model.set_adapter(["default", "second"])
+    elif setting == "lora_bias":
+        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=["q_proj"], lora_bias=True))
+    else:
+        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=["q_proj", "embed_tokens"]))
+    with pytest.warns(UserWarning, match="left these layers to PEFT"):
+        report = peft_ops.from_peft(model)
+    assert report.skipped and all(reason in why for why in report.skipped.values()), report.skipped
+    if setting == "embedding target":
+        assert set(report.skipped) == {"base_model.model.model.embed_tokens"} and len(report.swapped) == 2
+
+
+def test_from_peft_skips_gpt2_conv1d_fan_in_fan_out():
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(transformers.GPT2LMHeadModel(config),
+                                peft.LoraConfig(target_modules=["c_attn"], fan_in_fan_out=True))
+    with pytest.warns(UserWarning):
+        report = peft_ops.from_peft(model)
+    assert not report.swapped and all("fan_in_fan_out" in why for why in report.skipped.values())

@@ -23,6 +23,11 @@ SETUPS = {
     "p_tuning_mlp": ("p_tuning", {"encoder_hidden_size": 32}, "PromptEncoderConfig", {"encoder_hidden_size": 32}),
     "p_tuning_lstm": ("p_tuning", {"encoder_hidden_size": 16, "encoder_reparameterization_type": "LSTM"},
                       "PromptEncoderConfig", {"encoder_hidden_size": 16, "encoder_reparameterization_type": "LSTM"}),
+    # the documented encoder depth (its dropout: test_p_tuning_encoder_dropout)
+    "p_tuning_lstm_deep": ("p_tuning", {"encoder_hidden_size": 16, "encoder_reparameterization_type": "LSTM",
+                                        "encoder_num_layers": 3},
+                           "PromptEncoderConfig", {"encoder_hidden_size": 16, "encoder_reparameterization_type": "LSTM",
+                                                   "encoder_num_layers": 3}),
     "prefix_tuning": ("prefix_tuning", {}, "PrefixTuningConfig", {}),
     "prefix_projection": ("prefix_tuning", {"prefix_projection": True, "encoder_hidden_size": 24},
                           "PrefixTuningConfig", {"prefix_projection": True, "encoder_hidden_size": 24}),
@@ -295,3 +300,34 @@ def test_bf16_model_with_fp32_prompt(setup):
     out.loss.backward()
     grads = [p.grad for p in wrapped.prompt_encoder.parameters()]
     assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+
+
+def test_p_tuning_encoder_dropout(tmp_path):
+    """encoder_dropout: between the LSTM's layers as PEFT puts it, active in training only,
+    kept in the files both ways."""
+    peft = pytest.importorskip("peft")
+    options = {"encoder_hidden_size": 16, "encoder_reparameterization_type": "LSTM", "encoder_num_layers": 2,
+               "encoder_dropout": 0.4}
+    torch.manual_seed(0)
+    base = llama().eval()
+    wrapped = apply_prompt_learning(copy.deepcopy(base), "p_tuning", N_VIRTUAL, **options)
+    lstm = wrapped.prompt_encoder.lstm_head
+    assert (lstm.num_layers, lstm.dropout) == (2, 0.4)
+    ids = batch()
+    wrapped.train()
+    torch.manual_seed(1)
+    first = wrapped(ids).logits
+    torch.manual_seed(2)
+    assert not torch.equal(first, wrapped(ids).logits)  # dropout is on in training
+    wrapped.eval()
+    with torch.no_grad():
+        assert torch.equal(wrapped(ids).logits, wrapped(ids).logits)  # and off in eval
+        save_prompt_learning(wrapped, tmp_path)
+        config = json.loads((tmp_path / "adapter_config.json").read_text())
+        assert (config["encoder_num_layers"], config["encoder_dropout"]) == (2, 0.4)
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+        assert_close(wrapped(ids).logits, loaded(input_ids=ids).logits[:, N_VIRTUAL:].double(), torch.float32,
+                     "eval logits after PEFT loads our files")
+        back = load_prompt_learning(copy.deepcopy(base), tmp_path).eval()
+        assert (back.prompt_encoder.encoder_num_layers, back.prompt_encoder.encoder_dropout) == (2, 0.4)
+        assert torch.equal(back(ids).logits, wrapped(ids).logits)
