@@ -158,11 +158,12 @@ def _tile_size(spec) -> tuple:
 
 
 def compile_all(jobs: int | None = None, targets=TARGETS, only: str | None = None,
-                use_cache: bool = True, ends_only_targets=()) -> list[dict]:
+                use_cache: bool = True, ends_only_targets=(), first_only_targets=()) -> list[dict]:
     """Every build of every kernel file's ``compile_specs`` for `targets` (names containing
     `only`, if given). On the targets in `ends_only_targets`, two builds per build name (each
     kernel in each variant) instead of one per config: its family's first config (what a
-    launch takes untuned) and its largest tile (the likeliest to spill)."""
+    launch takes untuned) and its largest tile (the likeliest to spill); on those in
+    `first_only_targets`, the first config alone."""
     work = []
     for m in KERNEL_MODULES:
         for t in targets:
@@ -171,7 +172,9 @@ def compile_all(jobs: int | None = None, targets=TARGETS, only: str | None = Non
                 if only is None or only in spec.name:
                     by_name.setdefault(spec.name, []).append(spec)
             for specs in by_name.values():
-                if t in ends_only_targets:
+                if t in first_only_targets:
+                    specs = specs[:1]
+                elif t in ends_only_targets:
                     largest = max(specs, key=_tile_size)
                     specs = [specs[0]] + ([largest] if largest is not specs[0] else [])
                 work += [(spec, t) for spec in specs]
@@ -234,6 +237,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ends-only", action="append", default=[], choices=TARGETS, metavar="TARGET",
                         help="on TARGET (repeatable), build each kernel in each variant at two configs only: "
                              "its family's first and its largest tile")
+    parser.add_argument("--first-only", action="append", default=[], choices=TARGETS, metavar="TARGET",
+                        help="on TARGET (repeatable), each kernel in each variant at its family's first config only")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("peft-ops compile needs TRITON_INTERPRET unset (the interpreter replaces the kernels)", file=sys.stderr)
@@ -243,7 +248,7 @@ def main(argv: list[str]) -> int:
     targets = TARGETS if args.target == "all" else (args.target,)
     start = time.perf_counter()
     rows = compile_all(args.jobs, targets, args.only, use_cache=not args.no_cache,
-                       ends_only_targets=tuple(args.ends_only))
+                       ends_only_targets=tuple(args.ends_only), first_only_targets=tuple(args.first_only))
     planned = launches.launch_table()
     bad = [(r, problems(r)) for r in rows if problems(r)]
     record = {"builds": rows, "launches_per_call": planned}

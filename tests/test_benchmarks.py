@@ -1,37 +1,67 @@
 """The benchmark script runs end to end (tiny shapes; timings on CPU mean nothing)."""
 
+import json
 import os
 import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.xdist_group("benchmarks")  # one worker: the scripts run once, in one process
 
-def run_smoke(script: str) -> str:
-    """Run benchmarks/<script> --smoke without the interpreter; its stdout."""
+
+SCRIPTS = ("bench_lora.py", "bench_nf4.py", "bench_adapter.py")
+# Runs each script as `python <script> --smoke` would, one after the other in one process (the
+# imports — torch, PEFT, bitsandbytes — are paid once), and prints {script: its stdout} as JSON.
+RUNNER = """
+import contextlib, io, json, runpy, sys
+out = {}
+for script in sys.argv[1:]:
+    sys.argv = [script, "--smoke"]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as exit:
+            if exit.code not in (None, 0):
+                raise
+    out[script] = buf.getvalue()
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def smoke_outputs():
+    """Each benchmark script's --smoke stdout, run without the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke"], env=env,
-                         capture_output=True, text=True, timeout=300, cwd=ROOT / "benchmarks")
+    out = subprocess.run([sys.executable, "-c", RUNNER, *SCRIPTS], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=ROOT / "benchmarks")
     assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_bench_lora_smoke():
-    stdout = run_smoke("bench_lora.py")
+def run_smoke(script: str, outputs: dict) -> str:
+    return outputs[script]
+
+
+def test_bench_lora_smoke(smoke_outputs):
+    stdout = run_smoke("bench_lora.py", smoke_outputs)
     assert "fused ×" in stdout and "unfused ×" in stdout
     # the fused layer saves x + xa only; the unfused chain more (with dropout: mask and dropped x)
     lines = [line for line in stdout.splitlines() if "p=0.05" in line]
     assert lines and "saved: fused 1.25·x" in lines[0], stdout
 
 
-def test_bench_nf4_smoke():
-    stdout = run_smoke("bench_nf4.py")
+def test_bench_nf4_smoke(smoke_outputs):
+    stdout = run_smoke("bench_nf4.py", smoke_outputs)
     assert "decode GEMV (split-K)" in stdout and "dequant-GEMM" in stdout
 
 
-def test_bench_adapter_smoke():
-    stdout = run_smoke("bench_adapter.py")
+def test_bench_adapter_smoke(smoke_outputs):
+    stdout = run_smoke("bench_adapter.py", smoke_outputs)
     assert "forward fused" in stdout and "fwd+bwd fused" in stdout
 
 

@@ -48,16 +48,31 @@ def test_dry_run_writes_the_promised_files(tmp_path):
 
 
 def test_a_failed_or_overlong_step_stops_nothing_after_it(tmp_path):
-    """An empty wheel folder fails the install step, a one-second box kills the correctness
-    step; the bench and autotune steps still run and write their files; the exit code is 1."""
+    """An empty wheel folder fails the install step, one-second boxes kill the correctness,
+    configs and bench steps; each later step still runs (autotune writes its file); the
+    exit code is 1."""
     out = tmp_path / "out"
     (tmp_path / "wheels").mkdir()
-    result = run(out, "--wheels", str(tmp_path / "wheels"), "--time-box", "correctness=1")
+    result = run(out, "--wheels", str(tmp_path / "wheels"), "--time-box", "correctness=1", "--time-box", "configs=1",
+                 "--time-box", "bench=1")
     assert result.returncode == 1
     summary = (out / "summary.txt").read_text()
     lines = {line.split()[0]: line for line in summary.splitlines()[3:] if line.strip()}
     assert "no wheels" in lines["install"]
-    assert "timed out after 1 s" in lines["correctness"] and "result: FAIL" in summary
-    assert "skipped (no GPU" in lines["bench"]
-    assert (out / "bench.json").exists() and (out / "autotune.json").exists()
+    for step in ("correctness", "configs", "bench"):
+        assert "timed out after 1 s" in lines[step], step
+    assert "result: FAIL" in summary and lines["autotune"].split()[1] == "skipped"
+    assert (out / "autotune.json").exists() and (out / "env.json").exists()
     assert {p.name for p in out.iterdir()} <= OUTPUTS
+
+
+def test_every_gpu_test_lives_where_gpu_check_collects():
+    """gpu-check collects GPU_TEST_FILES only: a gpu- or configs-marked test elsewhere would
+    never run on a GPU."""
+    source = SCRIPT.read_text()
+    files = set(re.search(r"GPU_TEST_FILES = \(([^)]*)\)", source).group(1).replace('"', "").replace(" ", "").split(","))
+    files.discard("")
+    tests = SCRIPT.parent.parent / "tests"
+    marked = {f"tests/{p.name}" for p in tests.glob("test_*.py")
+              if re.search(r"pytest\.mark\.(gpu|configs)\b", p.read_text())}
+    assert marked and marked <= files, marked - files
