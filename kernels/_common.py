@@ -84,9 +84,11 @@ def candidate_configs(kernel_name: str, target: str, named_args: dict, constexpr
 _AUTOTUNERS: dict = {}
 
 
-def tuned_kernels() -> list[str]:
-    """Names of the autotuned kernels imported so far (import the kernel modules first)."""
-    return list(_TUNED)
+def tuned_kernels(modules=("lora", "nf4", "bottleneck_adapter")) -> list[str]:
+    """Names of the autotuned kernels of these kernel modules imported so far (import them
+    first); `modules=None`: every module's, the calibration kernels' included."""
+    return [name for name, tuner in _AUTOTUNERS.items()
+            if modules is None or _launch.python_function(tuner).__module__.rsplit(".", 1)[-1] in modules]
 
 
 def tile_families(kernel_name: str, target: str) -> dict[str, list[triton.Config]]:

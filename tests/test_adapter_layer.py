@@ -226,9 +226,9 @@ def test_llama_houlsby_identity_and_training(device):
     assert torch.equal(model(ids).logits, before)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == 4 * (2 * 32 * 8 + 8 + 32)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=6e-2)  # few, large steps
     losses = []
-    for _ in range(20):
+    for _ in range(8):
         loss = model(ids, labels=ids).loss
         opt.zero_grad()
         loss.backward()

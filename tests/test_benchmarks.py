@@ -10,8 +10,6 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.xdist_group("benchmarks")  # one worker: the scripts run once, in one process
-
 
 SCRIPTS = ("bench_lora.py", "bench_nf4.py", "bench_adapter.py")
 # Runs each script as `python <script> --smoke` would, one after the other in one process (the
@@ -80,7 +78,8 @@ def test_adapter_bytes_script_matches_the_roofline_model():
 
 def test_pytest_benchmark_suite_runs():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "benchmarks"),
-                          "--benchmark-disable"], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
+                          str(ROOT / "benchmarks"), "--benchmark-disable"], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)  # -n 0: in its own process, not another set of workers
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert " passed" in out.stdout and "failed" not in out.stdout

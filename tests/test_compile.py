@@ -20,7 +20,7 @@ import pytest
 
 from peft_ops.compile_report import SHARED_LIMIT_BYTES, format_table
 
-pytestmark = [pytest.mark.compile, pytest.mark.xdist_group("compile")]  # one worker: the module fixture once
+pytestmark = pytest.mark.compile
 
 
 @pytest.fixture(scope="module")

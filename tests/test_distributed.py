@@ -15,8 +15,6 @@ import torch
 WORKER = pathlib.Path(__file__).with_name("distributed_worker.py")
 TOL = 1e-5  # fp32: the two halves' mean gradients against the whole batch's, relative to the largest
 
-pytestmark = pytest.mark.xdist_group("distributed")  # one worker: its module fixture is built once
-
 
 def free_port() -> str:
     with socket.socket() as s:

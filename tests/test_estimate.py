@@ -13,8 +13,6 @@ from peft_ops.roofline import OpShape
 
 from test_bench_cli import run_bench
 
-pytestmark = pytest.mark.xdist_group("estimate")  # one worker: its module fixture is built once
-
 
 def test_loop_iterations_by_hand():
     names = {"K": 4096, "BLOCK_K": 64, "R": 16, "BLOCK_R": 64, "k_end": 1000, "SPLIT_K": 3}

@@ -15,8 +15,6 @@ import torch
 GROW_WITH_M_OR_WEIGHT = {"X", "Y", "DY", "DX", "XA", "G", "H", "DH", "OUT", "KEEP", "PACKED", "ABSMAX", "W",
                          "DA_PARTIAL", "DB_PARTIAL", "DW_DOWN_PARTIAL", "DW_UP_PARTIAL", "DB_UP_PARTIAL"}
 
-pytestmark = pytest.mark.xdist_group("large_index")  # one worker: its module fixture is built once
-
 
 @pytest.fixture(scope="module")
 def offset_widths():
