@@ -43,7 +43,16 @@ os.environ.pop("PEFT_OPS_BACKEND", None)  # tests choose their backend explicitl
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
+# The slowest files (subprocesses, compiles, spawned ranks) first among files with as many
+# tests: pytest-xdist hands out whole files, those with the most tests first, then in this order.
+SLOW_FIRST = ("test_compile.py", "test_estimate.py", "test_check_cli.py", "test_gpu_check.py", "test_bench_cli.py",
+              "test_benchmarks.py", "test_examples.py", "test_distributed.py", "test_adapter_layer.py",
+              "test_torch_compile.py", "test_nf4_format.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: file order kept otherwise
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
