@@ -20,10 +20,10 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16
 SHAPES = [
     OpShape("lora", 8192, 4096, 4096, 16), OpShape("qlora", 8192, 4096, 4096, 16), OpShape("nf4", 1, 4096, 14336),
-    OpShape("nf4", 4096, 4096, 14336), OpShape("adapter", 8192, 4096, 4096, 64),
+    OpShape("nf4", 4096, 4096, 14336), OpShape("bottleneck", 8192, 4096, 4096, 64),
 ] if CUDA else [
     OpShape("lora", 128, 256, 192, 16), OpShape("qlora", 128, 256, 192, 16), OpShape("nf4", 1, 256, 512),
-    OpShape("adapter", 128, 256, 256, 16),
+    OpShape("bottleneck", 128, 256, 256, 16),
 ]
 IMPLS = ["fused", "eager", "base", "peft", "bitsandbytes", "lora (bf16 base)"]
 

@@ -1,4 +1,4 @@
-"""Two reference kernels that calibrate the static time estimate (``peft_ops.estimate``); no op
+"""Two reference kernels that calibrate the static time estimate (``peft_ops.tools.estimate``); no op
 launches them.
 
 - ``matmul``: the Triton tutorial's matrix multiplication (grouped tile order, a masked K
@@ -15,12 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotuned, grouped_tile, launch, launch_guard
+from .common import autotuned, grouped_tile, launch, launch_guard, tile_configs
 
 
 def _tutorial_configs(rows):
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8), num_warps=w, num_stages=s)
-            for m, n, k, w, s in rows]
+    return tile_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), [(m, n, k, 8, w, s) for m, n, k, w, s in rows])
 
 
 # The tutorial's list for CUDA GPUs (fp16/bf16 operands), the same for both targets.

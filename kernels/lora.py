@@ -27,7 +27,7 @@ Design, from a cost model (bf16, M = 8192, K = N = 4096, r = 16, H200: 4.8 TB/s,
   launcher sums them (`torch.sum` over a fixed number of blocks); no float atomics. The
   M-block size of the two backward kernels is therefore fixed per target, not autotuned.
 - Dropout: the keep mask of element (m, k) is a pure function of (seed, m, k) (Philox with an
-  int64 counter, one call per 4 elements; see `_dropout_keep`), independent of tile shapes, so
+  int64 counter, one call per 4 elements; see `dropout.keep_tile`), independent of tile shapes, so
   the backward regenerates exactly the forward's mask from the seed; no mask is stored.
 - Partials take ⌈M/BLOCK_M⌉·(N+K)·r·4 bytes; to keep that bounded at long sequences the
   backward runs over row chunks of at most PARTIAL_BUDGET_BYTES of partials each (one chunk
@@ -46,7 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
+from .common import (
+    KernelBuild,
     autotuned,
     current_target,
     dot_flags,
@@ -56,7 +57,9 @@ from ._common import (
     launch_guard,
     m_bucket,
     mma,
+    tile_configs,
 )
+from .dropout import keep_tile
 
 
 def block_r(r: int, fp32_rank: bool) -> int:
@@ -66,22 +69,18 @@ def block_r(r: int, fp32_rank: bool) -> int:
     return min(16 if fp32_rank else 64, max(16, triton.next_power_of_2(r)))
 
 
-def _launch_flags(dtype: torch.dtype, adapter_dtype: torch.dtype, r: int) -> dict:
+def launch_flags(dtype: torch.dtype, adapter_dtype: torch.dtype, r: int) -> dict:
     """The constexprs every LoRA kernel takes: the dot switches and the rank chunk, both
     decided by whether the rank-r products take fp32 operands (fp32 adapters)."""
     return {**dot_flags(dtype, adapter_dtype), "BLOCK_R": block_r(r, adapter_dtype == torch.float32)}
-
-
-def _configs(names, rows):
-    return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
 
 
 def _families(names, base, wide, fp32):
     """Autotune lists of one target by operand family: "half" (fp16/bf16 operands) = base +
     wide; "mixed" (half x, fp32 adapters: fp32 rank products) = base only, as the wide tiles
     spilled there; "fp32" (fp32 x: tf32x3 dots) = its own smaller tiles."""
-    base, wide = _configs(names, base), _configs(names, wide)
-    return {"half": base + wide, "mixed": base, "fp32": _configs(names, fp32)}
+    base, wide = tile_configs(names, base), tile_configs(names, wide)
+    return {"half": base + wide, "mixed": base, "fp32": tile_configs(names, fp32)}
 
 
 _GEMM = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
@@ -89,7 +88,7 @@ _SHRINK = ("BLOCK_M", "BLOCK_K")
 _DY = ("BLOCK_N",)
 _DX = ("BLOCK_N", "BLOCK_K", "GROUP_M")  # BLOCK_K: dX column tile (in); BLOCK_N: reduction (out)
 
-# Autotune lists per target; `peft-ops compile` proves every one spill-free in its family.
+# Autotune lists per target; `peft-ops aot` proves every one spill-free in its family.
 # BLOCK_N in the forward is the output-column tile.
 FORWARD_CONFIGS = {
     "sm80": _families(_GEMM, base=[(128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4), (128, 64, 32, 8, 4, 4)],
@@ -100,14 +99,14 @@ FORWARD_CONFIGS = {
                       wide=[(128, 256, 64, 8, 8, 3)],
                       fp32=[(64, 64, 32, 8, 4, 3), (64, 128, 16, 8, 8, 3), (128, 128, 16, 8, 8, 2),
                             (64, 64, 16, 8, 4, 3)]),
-    "interpreter": _configs(_GEMM, [(32, 32, 32, 8, 4, 1)]),
+    "interpreter": tile_configs(_GEMM, [(32, 32, 32, 8, 4, 1)]),
 }
 SHRINK_CONFIGS = {
     "sm80": _families(_SHRINK, base=[(64, 64, 4, 3), (32, 128, 4, 3), (16, 128, 4, 4)], wide=[(128, 64, 4, 3)],
                       fp32=[(32, 32, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2)]),
     "sm90": _families(_SHRINK, base=[(64, 64, 4, 4), (128, 64, 8, 3), (32, 128, 4, 4), (16, 128, 4, 4)], wide=[],
                       fp32=[(32, 32, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2)]),
-    "interpreter": _configs(_SHRINK, [(32, 32, 4, 1)]),
+    "interpreter": tile_configs(_SHRINK, [(32, 32, 4, 1)]),
 }
 # Backward: BLOCK_M is fixed per target (BACKWARD_BLOCK_M) because it sets how many partials
 # the M-reduction sums; only the other tile sizes are tuned. The dX kernel holds the GEMM
@@ -120,32 +119,15 @@ BACKWARD_DY_CONFIGS = {
                       fp32=[(32, 4, 3), (32, 8, 3), (16, 4, 3)]),
     "sm90": _families(_DY, base=[(64, 4, 4), (64, 8, 3)], wide=[(128, 4, 3), (128, 8, 3)],
                       fp32=[(32, 4, 3), (32, 8, 3), (16, 4, 3)]),
-    "interpreter": _configs(_DY, [(32, 4, 1)]),
+    "interpreter": tile_configs(_DY, [(32, 4, 1)]),
 }
 BACKWARD_DX_CONFIGS = {
     "sm80": _families(_DX, base=[(64, 128, 8, 8, 3), (64, 64, 8, 4, 3), (64, 64, 8, 4, 4)], wide=[(64, 256, 8, 8, 3)],
                       fp32=[(32, 32, 8, 4, 3), (32, 64, 8, 8, 3), (16, 64, 8, 4, 3), (32, 32, 8, 4, 2)]),
     "sm90": _families(_DX, base=[(64, 128, 8, 8, 3), (64, 64, 8, 4, 4), (64, 64, 8, 4, 3)], wide=[(64, 256, 8, 8, 3)],
                       fp32=[(32, 32, 8, 4, 3), (32, 64, 8, 8, 3), (16, 64, 8, 4, 3), (32, 32, 8, 4, 2)]),
-    "interpreter": _configs(_DX, [(32, 64, 8, 4, 1)]),
+    "interpreter": tile_configs(_DX, [(32, 64, 8, 4, 1)]),
 }
-
-
-@triton.jit
-def _dropout_keep(seed, rows, k0, n_cols, dropout_p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Keep mask of the tile rows × [k0, k0 + BLOCK_K) of an [·, n_cols] tensor (k0 % 4 == 0).
-
-    Element (m, k) takes lane k % 4 of the Philox call at counter m·⌈n_cols/4⌉ + k // 4: a pure
-    function of (seed, m, k), so every kernel and tile shape regenerates the same mask, and one
-    Philox call (10 rounds of 32-bit multiplies) serves 4 elements, as in PyTorch's dropout.
-    """
-    groups = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-    counters = rows[:, None] * tl.cdiv(n_cols, 4) + groups[None, :]
-    u0, u1, u2, u3 = tl.rand4x(seed, counters)
-    # join(join(u0, u2), join(u1, u3)) is [BM, BK/4, 2, 2] whose row-major flattening puts u_l at
-    # lane l of each group of 4.
-    u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), (BLOCK_M, BLOCK_K))
-    return u >= dropout_p
 
 
 @autotuned(SHRINK_CONFIGS, dtype_family("X"), key=["M_BUCKET", "K", "R", "HAS_DROPOUT", "RANK_FP32"])
@@ -177,7 +159,7 @@ def _lora_shrink_kernel(
         k_mask = (k0 + offs_k) < K
         x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, rows, k0, K, dropout_p, BLOCK_M, BLOCK_K)
+            keep = keep_tile(seed=seed, rows=rows, k0=k0, n_cols=K, dropout_p=dropout_p, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
             x = tl.where(keep, x, 0.0)  # zeroing is exact; the 1/(1-p) is applied to the fp32 sum
         a = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
         acc = mma(x.to(rank_dtype), a.to(rank_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
@@ -224,7 +206,9 @@ def lora_da_partial(G, X, DA_PARTIAL, pid_m, rows, m_mask, offs_k, k_mask, mask_
     x = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
                 mask=m_mask[:, None] & k_mask[None, :], other=0.0)
     if HAS_DROPOUT:
-        x = tl.where(_dropout_keep(seed, mask_rows, pid_k * BLOCK_K, K, dropout_p, BLOCK_M, BLOCK_K), x, 0.0)
+        keep = keep_tile(seed=seed, rows=mask_rows, k0=pid_k * BLOCK_K, n_cols=K, dropout_p=dropout_p,
+                         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+        x = tl.where(keep, x, 0.0)
     x = x.to(rank_dtype)
     offs_r = tl.arange(0, BLOCK_R)
     partial_base = DA_PARTIAL + pid_m.to(tl.int64) * R * K
@@ -259,7 +243,9 @@ def lora_dx_term(G, A, rows, m_mask, cols, mask_rows, R, K, stride_ar, stride_ak
     if HAS_DROPOUT:
         # The mask is regenerated rather than kept from the dA step: holding a BM×BK mask
         # in registers across both steps made ptxas spill.
-        acc = tl.where(_dropout_keep(seed, mask_rows, pid_k * BLOCK_K, K, dropout_p, BLOCK_M, BLOCK_K), acc, 0.0)
+        keep = keep_tile(seed=seed, rows=mask_rows, k0=pid_k * BLOCK_K, n_cols=K, dropout_p=dropout_p,
+                         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+        acc = tl.where(keep, acc, 0.0)
     return acc
 
 
@@ -295,8 +281,10 @@ def _lora_forward_kernel(
         x_ptrs += x_step
         w_ptrs += w_step
 
-    acc = lora_epilogue(acc, XA, B, BIAS, rows, cols, R, stride_bn, stride_br, stride_bias, scaling,
-                        True, HAS_BIAS, BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION)
+    acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
+                        stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=True,
+                        HAS_BIAS=HAS_BIAS, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
+                        DOT_PRECISION=DOT_PRECISION)
 
     out_rows = offs_m.to(tl.int64)
     y_ptrs = Y + out_rows[:, None] * N + offs_n[None, :]
@@ -376,12 +364,17 @@ def _lora_backward_dx_kernel(
 
     # dA partial first: x (masked) meets gᵀ, and both die before the GEMM starts.
     if COMPUTE_DA:
-        lora_da_partial(G, X, DA_PARTIAL, pid_m, rows, m_mask, offs_k, k_mask, mask_rows, K, R,
-                        stride_xm, stride_xk, seed, dropout_p, pid_k,
-                        HAS_DROPOUT, BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION, BLOCK_M, BLOCK_K)
+        lora_da_partial(G=G, X=X, DA_PARTIAL=DA_PARTIAL, pid_m=pid_m, rows=rows, m_mask=m_mask, offs_k=offs_k,
+                        k_mask=k_mask, mask_rows=mask_rows, K=K, R=R, stride_xm=stride_xm, stride_xk=stride_xk,
+                        seed=seed, dropout_p=dropout_p, pid_k=pid_k, HAS_DROPOUT=HAS_DROPOUT, BLOCK_R=BLOCK_R,
+                        RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION,
+                        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
     if COMPUTE_DX:
-        acc = lora_dx_term(G, A, rows, m_mask, cols, mask_rows, R, K, stride_ar, stride_ak, seed, dropout_p,
-                           lora_scale, pid_k, HAS_DROPOUT, BLOCK_R, WIDEN_BF16_DOT, DOT_PRECISION, BLOCK_M, BLOCK_K)
+        acc = lora_dx_term(G=G, A=A, rows=rows, m_mask=m_mask, cols=cols, mask_rows=mask_rows, R=R, K=K,
+                           stride_ar=stride_ar, stride_ak=stride_ak, seed=seed, dropout_p=dropout_p,
+                           lora_scale=lora_scale, pid_k=pid_k, HAS_DROPOUT=HAS_DROPOUT, BLOCK_R=BLOCK_R,
+                           WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
+                           BLOCK_K=BLOCK_K)
         wrapped_rows = (offs_m % M).to(tl.int64)
         dy_ptrs = DY + wrapped_rows[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn
         w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + cols[None, :] * stride_wk
@@ -398,27 +391,15 @@ def _lora_backward_dx_kernel(
         tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _dropout_mask_kernel(KEEP, M, K, row0, seed, dropout_p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """KEEP[M, K] = rows [row0, row0 + M) of the keep mask the LoRA kernels use for seed (for
-    tests and the checker: a large row0 reaches counters past 2³² without a huge tensor)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rows = offs_m.to(tl.int64)
-    keep = _dropout_keep(seed, rows + row0, tl.program_id(1) * BLOCK_K, K, dropout_p, BLOCK_M, BLOCK_K)
-    tl.store(KEEP + rows[:, None] * K + offs_k[None, :], keep.to(tl.int8),
-             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
-
-
 # --------------------------------------------------------------------------------------
-# Launchers. Inputs are validated by peft_ops.lora; these only shape, allocate and launch.
+# Launchers. Inputs are validated by peft_ops.ops.lora; these only shape, allocate and launch.
 # --------------------------------------------------------------------------------------
 
 # Most bytes of fp32 partials (dA and dB) the backward holds at once; beyond it, row chunks.
 PARTIAL_BUDGET_BYTES = 128 * 2**20
 
 
-def _target_block_m(kind: str) -> int:
+def target_block_m(kind: str) -> int:
     return BACKWARD_BLOCK_M[current_target()][kind]
 
 
@@ -429,7 +410,7 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -
     xa = torch.empty((M, R), device=x.device, dtype=torch.float32)
     if M == 0:
         return xa
-    flags = _launch_flags(x.dtype, lora_A.dtype, R)
+    flags = launch_flags(x.dtype, lora_A.dtype, R)
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(R, META["BLOCK_R"]))  # noqa: E731
     with launch_guard(x, lora_A):
         launch(_lora_shrink_kernel, grid,
@@ -457,7 +438,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: tor
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
             bias.stride(0) if bias is not None else 0,
             float(scaling),
-            HAS_BIAS=bias is not None, **_launch_flags(x.dtype, lora_B.dtype, R),
+            HAS_BIAS=bias is not None, **launch_flags(x.dtype, lora_B.dtype, R),
         )
     return y
 
@@ -497,7 +478,7 @@ def backward_with(launch_dx, dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Te
     if M == 0 or not (need_g or need_dB):
         return dx, dA, dB
 
-    block_m_dy, block_m_dx = _target_block_m("dy"), _target_block_m("dx")
+    block_m_dy, block_m_dx = target_block_m("dy"), target_block_m("dx")
     # Row chunks: a multiple of both M-blocks, as many rows as PARTIAL_BUDGET_BYTES allows
     # (a function of the shapes only, so the summation order is fixed run to run).
     step = block_m_dy * block_m_dx // math.gcd(block_m_dy, block_m_dx)
@@ -505,7 +486,7 @@ def backward_with(launch_dx, dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Te
     chunk = max(step, int(PARTIAL_BUDGET_BYTES // max(partial_bytes_per_row, 1)) // step * step)
     chunk = min(chunk, triton.cdiv(M, step) * step)
 
-    flags = _launch_flags(dy.dtype, lora_A.dtype, R)
+    flags = launch_flags(dy.dtype, lora_A.dtype, R)
     lora_scale = scaling / (1.0 - dropout_p)
     g = torch.empty((chunk, R), device=device, dtype=torch.float32) if need_g else xa  # else: unused
     db_partial = torch.empty((triton.cdiv(chunk, block_m_dy), N, R), device=device, dtype=torch.float32) \
@@ -537,36 +518,21 @@ def backward_with(launch_dx, dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Te
     return dx, dA, dB
 
 
-def dropout_keep_mask(seed: int, M: int, K: int, dropout_p: float, device, row0: int = 0) -> torch.Tensor:
-    """The bool keep mask [M, K] that the kernels above use for `seed` and `dropout_p` (rows
-    row0 … row0 + M − 1 of an [·, K] tensor)."""
-    keep = torch.empty((M, K), device=device, dtype=torch.int8)
-    # A tile shape unlike the LoRA kernels' on purpose: the mask must not depend on tiling.
-    BLOCK_M, BLOCK_K = 8, 16
-    if M * K:
-        with launch_guard(keep):
-            launch(_dropout_mask_kernel, (triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_K)),
-                keep, M, K, row0, seed, dropout_p, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
-    return keep.bool()
-
-
-# What the compile check builds: each config in the variants that differ in registers.
-COMPILE_VARIANTS = {
+# What the aot builds cover: each config in the variants that differ in registers.
+AOT_VARIANTS = {
     "bf16": dict(dtype="bf16", rank_dtype="bf16", family="half"),
     "bf16+fp32 A,B": dict(dtype="bf16", rank_dtype="fp32", family="mixed"),
     "fp32": dict(dtype="fp32", rank_dtype="fp32", family="fp32"),
 }
 
 
-def compile_specs(target: str) -> list:
+def aot_specs(target: str) -> list:
     """Every kernel of this file at every autotune config of `target`, in each of
-    COMPILE_VARIANTS, at its heaviest settings (the widest rank chunk, dropout, bias, all
+    AOT_VARIANTS, at its heaviest settings (the widest rank chunk, dropout, bias, all
     gradients)."""
-    from ._common import KernelBuild
-
     plain = ("M", "seed", "row0")
     specs = []
-    for variant, v in COMPILE_VARIANTS.items():
+    for variant, v in AOT_VARIANTS.items():
         dt, rt, family = v["dtype"], v["rank_dtype"], v["family"]
         fp32_rank = rt == "fp32"
         common = dict(BLOCK_R=block_r(64, fp32_rank), WIDEN_BF16_DOT=False, RANK_FP32=fp32_rank and dt != "fp32",
@@ -592,8 +558,4 @@ def compile_specs(target: str) -> list:
               dict(COMPUTE_DX=True, COMPUTE_DA=True, HAS_DROPOUT=True, BLOCK_M=BACKWARD_BLOCK_M[target]["dx"]),
               unit_strides=("stride_dyn", "stride_wk", "stride_ak", "stride_xk"),
               float_args=("dropout_p", "lora_scale"))
-    specs.append(KernelBuild("dropout_mask (tests only)", _dropout_mask_kernel,
-                             triton.Config(dict(BLOCK_M=8, BLOCK_K=16), num_warps=4, num_stages=1),
-                             dict(KEEP="i8"), {}, float_args=("dropout_p",), plain_ints=plain,
-                             uses_tensor_cores=False))
     return specs

@@ -2,7 +2,8 @@
 
     y = x·dequant(W)ᵀ [+ s·xa·Bᵀ] + b        x [M, K], W [N, K] in NF4 (peft_ops.nf4), xa [M, r], B [N, r]
 
-The format is bitsandbytes' (see ``peft_ops.nf4``): element f = n·K + k of the flattened W is
+The format is bitsandbytes' (see ``peft_ops.nf4``, which owns it and hands its two code tables
+to every launcher here as ``tables``): element f = n·K + k of the flattened W is
 nibble (f odd: low, even: high) of byte f // 2, scaled by the fp32 absmax of block
 f // blocksize, which is itself ``map[code8]·scale[block // 256] + offset`` with double
 quantization. `nf4_tile` decodes any [rows × BLOCK_K] tile of W straight from those bytes.
@@ -17,7 +18,7 @@ Design, from a cost model (bf16, d = 4096, MLP 14336, H200: 4.8 TB/s, 989 TFLOP/
   exists, in HBM or saved for backward. The alternative — dequantize W to a bf16 buffer
   (N·K·2 bytes written and read again: 2.5 B/weight extra) and run the dense GEMM — is
   what bitsandbytes does; which wins above some M is a GPU measurement
-  (`benchmarks/bench_nf4.py` times both against dequantize + torch.matmul). Until one is
+  (`peft-ops bench` times the fused op against dequantize + torch.matmul). Until one is
   recorded, the fused GEMM is the only path, and this comment is where the crossover goes.
 - Decode-size M (1 … DECODE_MAX_M): the GEMM's tiles would leave most SMs idle (N/BLOCK_N
   programs) and the op is bound by reading W (4096 × 14336 × 0.5 B = 29 MB ≈ 6 µs). So
@@ -40,27 +41,28 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
+from .common import (
+    TRITON_VERSION,
+    KernelBuild,
     autotuned,
     dtype_family,
     grouped_tile,
     launch,
     launch_guard,
     m_bucket,
-    multiprocessor_count,
     mma,
-    TRITON_VERSION,
+    multiprocessor_count,
+    tile_configs,
 )
 from .lora import (
-    _configs,
-    _launch_flags,
-    _target_block_m,
     BACKWARD_BLOCK_M,
     backward_with,
     block_r,
+    launch_flags,
     lora_da_partial,
     lora_dx_term,
     lora_epilogue,
+    target_block_m,
 )
 
 # M at or below which the forward takes the split-K GEMV (decode) path.
@@ -104,10 +106,12 @@ def nf4_tile(PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, rows,
     if ROW_ALIGNED and BLOCK_K <= BLOCKSIZE:
         # K % blocksize == 0 and the tile (k0 a multiple of BLOCK_K) sits inside one block of
         # each row: one scale per row instead of one per weight.
-        scale = nf4_block_absmax(ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET,
-                                 (row_start + k0) // BLOCKSIZE, NESTED)[:, None]
+        scale = nf4_block_absmax(ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
+                                 ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=(row_start + k0) // BLOCKSIZE,
+                                 NESTED=NESTED)[:, None]
     else:
-        scale = nf4_block_absmax(ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, flat // BLOCKSIZE, NESTED)
+        scale = nf4_block_absmax(ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
+                                 ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=flat // BLOCKSIZE, NESTED=NESTED)
     return values * scale
 
 
@@ -121,8 +125,9 @@ def nf4_x_wt(acc, x_ptrs, x_step, k_begin, k_end, cols, PACKED, NF4, ABSMAX, ABS
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(k_begin, k_end, BLOCK_K):
         x = tl.load(x_ptrs, mask=(offs_k < k_end - k0)[None, :], other=0.0)  # zero past the end: W wraps there
-        w = nf4_tile(PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, cols, k0, K,
-                     BLOCK_K, BLOCKSIZE, NESTED, EVEN_K, ROW_ALIGNED)
+        w = nf4_tile(PACKED=PACKED, NF4=NF4, ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
+                     ABSMAX_OFFSET=ABSMAX_OFFSET, rows=cols, k0=k0, K=K, BLOCK_K=BLOCK_K, BLOCKSIZE=BLOCKSIZE,
+                     NESTED=NESTED, EVEN_K=EVEN_K, ROW_ALIGNED=ROW_ALIGNED)
         acc = mma(x, tl.trans(w.to(x.dtype)), acc, WIDEN_BF16_DOT, DOT_PRECISION)
         x_ptrs += x_step
     return acc
@@ -140,31 +145,32 @@ def _nf4_dequantize_kernel(PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX
     flat = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
     in_range = flat < numel
     blocks = tl.where(in_range, flat, 0) // BLOCKSIZE  # in bounds past the end; the store is masked
-    absmax = nf4_block_absmax(ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, blocks, NESTED)
+    absmax = nf4_block_absmax(ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
+                              ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=blocks, NESTED=NESTED)
     tl.store(OUT + flat, (values * absmax).to(OUT.dtype.element_ty), mask=in_range)
 
 
 # Autotune lists per target and operand family: "half" = fp16/bf16 x and adapters, "mixed" =
 # half x with fp32 adapters, "fp32" = fp32 x (tf32x3 dots), and "general" = any dtype when K
 # is odd or not a multiple of the blocksize (a scale per weight, not per row: more registers
-# and shared memory). `peft-ops compile` proves every one spill-free and within shared memory;
+# and shared memory). `peft-ops aot` proves every one spill-free and within shared memory;
 # the pruned ones spilled or overflowed (e.g. 128×256 tiles, BLOCK_K ≥ 128 in the GEMV).
 def _lists(names, half, mixed, fp32, general):
-    return {"half": _configs(names, half), "mixed": _configs(names, mixed), "fp32": _configs(names, fp32),
-            "general": _configs(names, general)}
+    return {"half": tile_configs(names, half), "mixed": tile_configs(names, mixed),
+            "fp32": tile_configs(names, fp32), "general": tile_configs(names, general)}
 
 
 _GEMM = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 _MATMUL_GPU = _lists(_GEMM, half=[(128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 3), (128, 64, 64, 8, 4, 3)],
                      mixed=[(64, 128, 64, 8, 4, 3)], fp32=[(64, 64, 32, 8, 4, 3)], general=[(64, 64, 32, 8, 8, 2)])
-MATMUL_CONFIGS = {"sm80": _MATMUL_GPU, "sm90": _MATMUL_GPU, "interpreter": _configs(_GEMM, [(32, 32, 32, 8, 4, 1)])}
+MATMUL_CONFIGS = {"sm80": _MATMUL_GPU, "sm90": _MATMUL_GPU, "interpreter": tile_configs(_GEMM, [(32, 32, 32, 8, 4, 1)])}
 _GEMV = ("BLOCK_N", "BLOCK_K")
 # Triton before 3.9 spilled (16 B) on the 128-column GEMV tile with fp32 adapters (sm_90).
 _OLD_TRITON = TRITON_VERSION < (3, 9)
 _GEMV_GPU = _lists(_GEMV, half=[(128, 64, 4, 3), (64, 64, 4, 3)],
                    mixed=[(64, 64, 4, 3)] if _OLD_TRITON else [(128, 64, 4, 3), (64, 64, 4, 3)],
                    fp32=[(64, 64, 4, 3)], general=[(64, 32, 4, 2)])
-GEMV_CONFIGS = {"sm80": _GEMV_GPU, "sm90": _GEMV_GPU, "interpreter": _configs(_GEMV, [(32, 32, 4, 1)])}
+GEMV_CONFIGS = {"sm80": _GEMV_GPU, "sm90": _GEMV_GPU, "interpreter": tile_configs(_GEMV, [(32, 32, 4, 1)])}
 GEMV_BLOCK_N_FOR_SPLIT = 64  # the tile width the split-K heuristic assumes
 # dX: BLOCK_M is BACKWARD_BLOCK_M["dx"] (it fixes how many dA partials are summed).
 _DX = ("BLOCK_N", "BLOCK_K", "GROUP_M")
@@ -172,7 +178,7 @@ _DX = ("BLOCK_N", "BLOCK_K", "GROUP_M")
 # pipelining there (0 spills under 3.6).
 _DX_GPU = _lists(_DX, half=[(64, 64, 8, 4, 3)], mixed=[(64, 64, 8, 4, 3)], fp32=[(32, 32, 8, 4, 3), (16, 64, 8, 4, 3)],
                  general=[(16, 32, 8, 4, 1)] if _OLD_TRITON else [(32, 32, 8, 4, 2)])
-BACKWARD_DX_CONFIGS = {"sm80": _DX_GPU, "sm90": _DX_GPU, "interpreter": _configs(_DX, [(32, 32, 8, 4, 1)])}
+BACKWARD_DX_CONFIGS = {"sm80": _DX_GPU, "sm90": _DX_GPU, "interpreter": tile_configs(_DX, [(32, 32, 8, 4, 1)])}
 
 
 def _unaligned(constexprs: dict) -> bool:
@@ -182,7 +188,7 @@ def _unaligned(constexprs: dict) -> bool:
 
 _NF4_KEY = ["BLOCKSIZE", "NESTED", "EVEN_K", "ROW_ALIGNED", "RANK_FP32"]
 # The bounds of loops over names local to a kernel (its helpers' arguments), as expressions of
-# its launch arguments: what a static estimate needs to count the iterations (peft_ops.estimate).
+# its launch arguments: what a static estimate needs to count the iterations (peft_ops.tools.estimate).
 LOOP_BOUNDS = {
     "_nf4_matmul_kernel": {"k_begin": "0", "k_end": "K"},
     "_nf4_gemv_kernel": {"k_begin": "0", "k_end": "min(K, cdiv(cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K)"},
@@ -209,11 +215,15 @@ def _nf4_matmul_kernel(
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
     x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
-    acc = nf4_x_wt(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), x_ptrs, BLOCK_K * tl.cast(stride_xk, tl.int64),
-                   0, K, cols, PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, K,
-                   BLOCK_K, BLOCKSIZE, NESTED, EVEN_K, ROW_ALIGNED, WIDEN_BF16_DOT, DOT_PRECISION)
-    acc = lora_epilogue(acc, XA, B, BIAS, rows, cols, R, stride_bn, stride_br, stride_bias, scaling,
-                        HAS_LORA, HAS_BIAS, BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION)
+    acc = nf4_x_wt(acc=tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), x_ptrs=x_ptrs,
+                   x_step=BLOCK_K * tl.cast(stride_xk, tl.int64), k_begin=0, k_end=K, cols=cols, PACKED=PACKED,
+                   NF4=NF4, ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
+                   ABSMAX_OFFSET=ABSMAX_OFFSET, K=K, BLOCK_K=BLOCK_K, BLOCKSIZE=BLOCKSIZE, NESTED=NESTED,
+                   EVEN_K=EVEN_K, ROW_ALIGNED=ROW_ALIGNED, WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
+    acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
+                        stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=HAS_LORA,
+                        HAS_BIAS=HAS_BIAS, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
+                        DOT_PRECISION=DOT_PRECISION)
     y_ptrs = Y + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -244,12 +254,16 @@ def _nf4_gemv_kernel(
     k_begin = pid_s * k_per_split
     k_end = tl.minimum(K, k_begin + k_per_split)
     x_ptrs = X + rows[:, None] * stride_xm + (k_begin + offs_k)[None, :].to(tl.int64) * stride_xk
-    acc = nf4_x_wt(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), x_ptrs, BLOCK_K * tl.cast(stride_xk, tl.int64),
-                   k_begin, k_end, cols, PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, K,
-                   BLOCK_K, BLOCKSIZE, NESTED, EVEN_K, ROW_ALIGNED, WIDEN_BF16_DOT, DOT_PRECISION)
+    acc = nf4_x_wt(acc=tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), x_ptrs=x_ptrs,
+                   x_step=BLOCK_K * tl.cast(stride_xk, tl.int64), k_begin=k_begin, k_end=k_end, cols=cols,
+                   PACKED=PACKED, NF4=NF4, ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
+                   ABSMAX_OFFSET=ABSMAX_OFFSET, K=K, BLOCK_K=BLOCK_K, BLOCKSIZE=BLOCKSIZE, NESTED=NESTED,
+                   EVEN_K=EVEN_K, ROW_ALIGNED=ROW_ALIGNED, WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
     if pid_s == 0:  # the LoRA term and bias once, with the first K slice
-        acc = lora_epilogue(acc, XA, B, BIAS, rows, cols, R, stride_bn, stride_br, stride_bias, scaling,
-                            HAS_LORA, HAS_BIAS, BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION)
+        acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
+                            stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=HAS_LORA,
+                            HAS_BIAS=HAS_BIAS, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
+                            DOT_PRECISION=DOT_PRECISION)
     out_ptrs = OUT + pid_s.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -278,14 +292,18 @@ def _nf4_backward_dx_kernel(
     cols = (offs_k % K).to(tl.int64)
     mask_rows = rows + row0  # the dropout mask is indexed by the row of the whole x
     if HAS_LORA and COMPUTE_DA:
-        lora_da_partial(G, X, DA_PARTIAL, pid_m, rows, m_mask, offs_k, k_mask, mask_rows, K, R,
-                        stride_xm, stride_xk, seed, dropout_p, pid_k,
-                        HAS_DROPOUT, BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION, BLOCK_M, BLOCK_K)
+        lora_da_partial(G=G, X=X, DA_PARTIAL=DA_PARTIAL, pid_m=pid_m, rows=rows, m_mask=m_mask, offs_k=offs_k,
+                        k_mask=k_mask, mask_rows=mask_rows, K=K, R=R, stride_xm=stride_xm, stride_xk=stride_xk,
+                        seed=seed, dropout_p=dropout_p, pid_k=pid_k, HAS_DROPOUT=HAS_DROPOUT, BLOCK_R=BLOCK_R,
+                        RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION,
+                        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
     if COMPUTE_DX:
         if HAS_LORA:
-            acc = lora_dx_term(G, A, rows, m_mask, cols, mask_rows, R, K, stride_ar, stride_ak, seed, dropout_p,
-                               lora_scale, pid_k, HAS_DROPOUT, BLOCK_R, WIDEN_BF16_DOT, DOT_PRECISION,
-                               BLOCK_M, BLOCK_K)
+            acc = lora_dx_term(G=G, A=A, rows=rows, m_mask=m_mask, cols=cols, mask_rows=mask_rows, R=R, K=K,
+                               stride_ar=stride_ar, stride_ak=stride_ak, seed=seed, dropout_p=dropout_p,
+                               lora_scale=lora_scale, pid_k=pid_k, HAS_DROPOUT=HAS_DROPOUT, BLOCK_R=BLOCK_R,
+                               WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
+                               BLOCK_K=BLOCK_K)
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         wrapped_rows = (offs_m % M).to(tl.int64)
@@ -294,8 +312,9 @@ def _nf4_backward_dx_kernel(
         for n0 in range(0, N, BLOCK_N):
             dy = tl.load(dy_ptrs, mask=(offs_n < N - n0)[None, :], other=0.0)  # zero past N: W wraps there
             w_rows = ((n0 + offs_n) % N).to(tl.int64)
-            w = nf4_tile(PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, w_rows, pid_k * BLOCK_K, K,
-                         BLOCK_K, BLOCKSIZE, NESTED, EVEN_K, ROW_ALIGNED)
+            w = nf4_tile(PACKED=PACKED, NF4=NF4, ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
+                         ABSMAX_OFFSET=ABSMAX_OFFSET, rows=w_rows, k0=pid_k * BLOCK_K, K=K, BLOCK_K=BLOCK_K,
+                         BLOCKSIZE=BLOCKSIZE, NESTED=NESTED, EVEN_K=EVEN_K, ROW_ALIGNED=ROW_ALIGNED)
             acc = mma(dy, w.to(DY.dtype.element_ty), acc, WIDEN_BF16_DOT, DOT_PRECISION)
             dy_ptrs += dy_step
         dx_ptrs = DX + rows[:, None] * K + offs_k[None, :]
@@ -304,17 +323,17 @@ def _nf4_backward_dx_kernel(
 
 # --------------------------------------------------------------------------------------
 # Launchers. `qw` is a peft_ops.nf4.NF4Tensors (the weight's tensors and shape), validated
-# by peft_ops; these only shape, allocate and launch.
+# by peft_ops; `tables` the format's (NF4 code values, 8-bit dynamic map) as fp32 tensors on
+# the weight's device (peft_ops.nf4.code_tables). These only shape, allocate and launch.
 # --------------------------------------------------------------------------------------
 
-def _format_args(qw) -> tuple:
+def _format_args(qw, tables) -> tuple:
     """The six pointer arguments every kernel here takes for W, in order."""
-    from ..nf4 import dynamic_map, nf4_code
-
+    code, absmax_map = tables
     nested = qw.absmax_scale is not None
-    table = dynamic_map(qw.packed.device) if nested else qw.absmax  # (unused when not nested)
-    return (qw.packed, nf4_code(qw.packed.device), qw.absmax,
-            qw.absmax_scale if nested else qw.absmax, table, qw.absmax_offset if nested else qw.absmax)
+    absmax_map = absmax_map if nested else qw.absmax  # (unused when not nested)
+    return (qw.packed, code, qw.absmax, qw.absmax_scale if nested else qw.absmax, absmax_map,
+            qw.absmax_offset if nested else qw.absmax)
 
 
 def _format_flags(qw) -> dict:
@@ -323,14 +342,14 @@ def _format_flags(qw) -> dict:
             "ROW_ALIGNED": K % qw.blocksize == 0}
 
 
-def dequantize(qw, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(qw, dtype: torch.dtype, *, tables) -> torch.Tensor:
     """W [N, K] in `dtype`, one launch."""
     N, K = qw.out_features, qw.in_features
     out = torch.empty((N, K), device=qw.packed.device, dtype=dtype)
     BLOCK = 1024  # bytes per program: 2048 weights
     with launch_guard(qw.packed):
         launch(_nf4_dequantize_kernel, (triton.cdiv(triton.cdiv(N * K, 2), BLOCK),),
-            *_format_args(qw), out, N * K, BLOCKSIZE=qw.blocksize, NESTED=qw.absmax_scale is not None,
+            *_format_args(qw, tables), out, N * K, BLOCKSIZE=qw.blocksize, NESTED=qw.absmax_scale is not None,
             BLOCK=BLOCK, **NF4_LAUNCH_OPTIONS)
     return out
 
@@ -346,7 +365,8 @@ def split_k_for(N: int, K: int, device: torch.device) -> int:
 
 
 def forward(x: torch.Tensor, qw, xa: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float,
-            bias: torch.Tensor | None, regime: str | None = None, split_k: int | None = None) -> torch.Tensor:
+            bias: torch.Tensor | None, regime: str | None = None, split_k: int | None = None, *,
+            tables) -> torch.Tensor:
     """y = x·dequant(W)ᵀ [+ scaling·xa·lora_Bᵀ] + bias, [M, N] in x's dtype. `regime`: "gemm"
     or "decode" (default: decode for M ≤ DECODE_MAX_M); `split_k`: the decode path's K slices
     (default: split_k_for)."""
@@ -361,7 +381,7 @@ def forward(x: torch.Tensor, qw, xa: torch.Tensor | None, lora_B: torch.Tensor |
     has_lora = xa is not None
     R = lora_B.shape[1] if has_lora else 0
     adapter_dtype = lora_B.dtype if has_lora else x.dtype
-    flags = {**_launch_flags(x.dtype, adapter_dtype, max(R, 1)), **_format_flags(qw)}
+    flags = {**launch_flags(x.dtype, adapter_dtype, max(R, 1)), **_format_flags(qw)}
     lora_args = (xa, lora_B) if has_lora else (x, x)  # unused pointers when HAS_LORA is False
     common = dict(HAS_LORA=has_lora, HAS_BIAS=bias is not None, **flags, **NF4_LAUNCH_OPTIONS)
     tail = (x.stride(0), x.stride(1), lora_B.stride(0) if has_lora else 0, lora_B.stride(1) if has_lora else 0,
@@ -369,32 +389,32 @@ def forward(x: torch.Tensor, qw, xa: torch.Tensor | None, lora_B: torch.Tensor |
     with launch_guard(x, qw.packed):
         if regime == "gemm":
             grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
-            launch(_nf4_matmul_kernel, grid, x, *_format_args(qw), *lora_args, bias if bias is not None else y, y,
+            launch(_nf4_matmul_kernel, grid, x, *_format_args(qw, tables), *lora_args, bias if bias is not None else y, y,
                                      M, N, K, R, m_bucket(M), *tail, **common)
             return y
         split = split_k or split_k_for(N, K, x.device)
         out = y if split == 1 else torch.empty((split, M, N), device=x.device, dtype=torch.float32)
         grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), split)  # noqa: E731
-        launch(_nf4_gemv_kernel, grid, x, *_format_args(qw), *lora_args, bias if bias is not None else y, out,
+        launch(_nf4_gemv_kernel, grid, x, *_format_args(qw, tables), *lora_args, bias if bias is not None else y, out,
                                M, N, K, R, split, *tail, BLOCK_M=GEMV_BLOCK_M, **common)
     if split > 1:
         y.copy_(out.sum(dim=0))  # a fixed summation order: deterministic
     return y
 
 
-def backward_dx(dy: torch.Tensor, qw) -> torch.Tensor:
+def backward_dx(dy: torch.Tensor, qw, *, tables) -> torch.Tensor:
     """dx = dy·dequant(W) [M, K] in dy's dtype (nf4_linear's backward; W gets no gradient)."""
     M, N = dy.shape
     K = qw.in_features
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     if M == 0:
         return dx
-    block_m = _target_block_m("dx")
+    block_m = target_block_m("dx")
     grid = lambda META: (triton.cdiv(M, block_m) * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
-    flags = {**_launch_flags(dy.dtype, dy.dtype, 1), **_format_flags(qw)}
+    flags = {**launch_flags(dy.dtype, dy.dtype, 1), **_format_flags(qw)}
     with launch_guard(dy, qw.packed):
         launch(_nf4_backward_dx_kernel, grid,
-            dy, *_format_args(qw), dy, dy, dy, dx, dy, M, N, K, 0, m_bucket(M), 0,
+            dy, *_format_args(qw, tables), dy, dy, dy, dx, dy, M, N, K, 0, m_bucket(M), 0,
             dy.stride(0), dy.stride(1), 0, 0, 0, 0, 0, 0.0, 1.0,
             HAS_LORA=False, COMPUTE_DX=True, COMPUTE_DA=False, HAS_DROPOUT=False, BLOCK_M=block_m,
             **flags, **NF4_LAUNCH_OPTIONS)
@@ -403,11 +423,11 @@ def backward_dx(dy: torch.Tensor, qw) -> torch.Tensor:
 
 def qlora_backward(dy: torch.Tensor, x: torch.Tensor, qw, lora_A: torch.Tensor, lora_B: torch.Tensor,
                    xa: torch.Tensor, scaling: float, dropout_p: float, seed: int,
-                   need_dx: bool, need_dA: bool, need_dB: bool):
+                   need_dx: bool, need_dA: bool, need_dB: bool, *, tables):
     """(dx, dA, dB) of the QLoRA layer, as ``lora.backward`` with the NF4 dX kernel."""
     def launch_dx(grid, dy_c, g, x_c, dx_c, da_partial, rows, row0, lora_scale, **constexprs):
         launch(_nf4_backward_dx_kernel, grid,
-            dy_c, *_format_args(qw), g, lora_A, x_c, dx_c, da_partial, rows, qw.out_features, qw.in_features,
+            dy_c, *_format_args(qw, tables), g, lora_A, x_c, dx_c, da_partial, rows, qw.out_features, qw.in_features,
             lora_A.shape[0], m_bucket(rows), row0, dy.stride(0), dy.stride(1), lora_A.stride(0), lora_A.stride(1),
             x.stride(0), x.stride(1), seed, dropout_p, lora_scale, HAS_LORA=True, **constexprs, **_format_flags(qw),
             **NF4_LAUNCH_OPTIONS)
@@ -416,10 +436,10 @@ def qlora_backward(dy: torch.Tensor, x: torch.Tensor, qw, lora_A: torch.Tensor, 
         return backward_with(launch_dx, dy, x, lora_A, lora_B, xa, scaling, dropout_p, need_dx, need_dA, need_dB)
 
 
-# What the compile check builds: each config at the heaviest settings (LoRA, bias, dropout,
+# What the aot builds cover: each config at the heaviest settings (LoRA, bias, dropout,
 # nested absmax) in the operand variants that differ in registers, with the fast decode
 # (K even, K % blocksize == 0: real models) and the "general" configs with the general one.
-COMPILE_VARIANTS = {
+AOT_VARIANTS = {
     "bf16": dict(dtype="bf16", rank_dtype="bf16", family="half"),
     "bf16+fp32 A,B": dict(dtype="bf16", rank_dtype="fp32", family="mixed"),
     "fp32": dict(dtype="fp32", rank_dtype="fp32", family="fp32"),
@@ -427,15 +447,13 @@ COMPILE_VARIANTS = {
 FORMAT_VARIANTS = {"aligned": dict(EVEN_K=True, ROW_ALIGNED=True), "odd K": dict(EVEN_K=False, ROW_ALIGNED=False)}
 
 
-def compile_specs(target: str) -> list:
-    from ._common import KernelBuild
-
+def aot_specs(target: str) -> list:
     plain = ("M", "seed", "row0", "SPLIT_K", "R")
     fmt_pointers = dict(PACKED="u8", NF4="fp32", ABSMAX="u8", ABSMAX_SCALE="fp32", ABSMAX_MAP="fp32",
                         ABSMAX_OFFSET="fp32")
     options = dict(NF4_LAUNCH_OPTIONS)
     specs = []
-    for variant, v in COMPILE_VARIANTS.items():
+    for variant, v in AOT_VARIANTS.items():
         dt, rt, family = v["dtype"], v["rank_dtype"], v["family"]
         fp32_rank = rt == "fp32"
         common = dict(BLOCK_R=block_r(64, fp32_rank), WIDEN_BF16_DOT=False, RANK_FP32=fp32_rank and dt != "fp32",

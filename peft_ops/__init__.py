@@ -10,20 +10,26 @@
 
 Kernels are imported lazily, on the first op that runs them: set TRITON_INTERPRET=1 before
 that to run them on CPU tensors through the Triton interpreter.
+
+Layers, each importing only those before it: ``peft_ops.kernels`` (Triton kernels and their
+launchers) → ``peft_ops.ops`` (autograd Functions, the PyTorch path, custom ops; with
+``backend``, ``nf4`` and ``reference`` beside them) → ``peft_ops.nn`` (layers) →
+``peft_ops.peft`` (PEFT's rules and files) → ``peft_ops.tools`` (the ``peft-ops`` command).
 """
 
 from . import nf4, reference
-from .adapter import BottleneckAdapterFunction, bottleneck_adapter
 from .backend import get_backend, set_backend, use_backend
-from .layers import BottleneckAdapter, LoraLinear, QLoraLinear, WithAdapter
-from .model import apply_adapters, apply_lora, merge_and_unload, trainable_parameters, trainable_summary
-from .peft_files import load_peft_adapter, save_peft_adapter
-from .peft_swap import FromPeftReport, from_peft
-from .prompt import (PrefixTuning, PromptEncoder, PromptLearningModel, PromptTuning, apply_prompt_learning,
-                     load_prompt_learning, save_prompt_learning)
-from .lora import LoraLinearFunction, lora_linear
 from .nf4 import NF4Weight
-from .qlora import NF4LinearFunction, QLoraLinearFunction, nf4_linear, qlora_linear
+from .nn.bottleneck import BottleneckAdapter, WithAdapter
+from .nn.lora import LoraLinear, QLoraLinear
+from .nn.prompt import PrefixTuning, PromptEncoder, PromptTuning
+from .ops.bottleneck import BottleneckAdapterFunction, bottleneck_adapter
+from .ops.lora import LoraLinearFunction, lora_linear
+from .ops.qlora import NF4LinearFunction, QLoraLinearFunction, nf4_linear, qlora_linear
+from .peft.files import load_peft_adapter, save_peft_adapter
+from .peft.from_peft import FromPeftReport, from_peft
+from .peft.model import apply_adapters, apply_lora, merge_and_unload, trainable_parameters, trainable_summary
+from .peft.prompt import PromptLearningModel, apply_prompt_learning, load_prompt_learning, save_prompt_learning
 
 __all__ = [
     "BottleneckAdapter",

@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import types
 from typing import Iterator
 
 import torch
 
-from .kernels import _launch  # the launch hook only: no triton import
+from .kernels import interface  # no triton import: safe before TRITON_INTERPRET is set
+from .kernels.interface import interpreting
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 ENV_VAR = "PEFT_OPS_BACKEND"
@@ -63,11 +65,6 @@ def use_backend(name: str) -> Iterator[None]:
         _backend = previous
 
 
-def interpreting() -> bool:
-    """True when Triton kernels run in the Triton interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None  # once, at import (a plain value to torch.compile)
 
 
@@ -83,8 +80,8 @@ def resolve(device: torch.device) -> str:
     backend = get_backend()
     if backend in ("reference", "torch"):
         return backend
-    if device.type == "meta" and _launch.planning() is not None:
-        return "triton"  # a launch plan (peft_ops.launches): the kernels' launchers, nothing runs
+    if device.type == "meta" and interface.planning() is not None:
+        return "triton"  # a launch plan (peft_ops.tools.launches): the kernels' launchers, nothing runs
     kernels_can_run = triton_available() and (device.type == "cuda" or interpreting())
     if backend == "triton":
         if not triton_available():
@@ -97,3 +94,15 @@ def resolve(device: torch.device) -> str:
             )
         return "triton"
     return "triton" if kernels_can_run else "torch"
+
+
+def kernel_modules() -> types.SimpleNamespace:
+    """The kernel modules (``peft_ops.kernels.lora``, ``.nf4``, ``.bottleneck``, ``.dropout``,
+    ``.calibration``), imported on first use, never when peft_ops is imported."""
+    # The one import inside a function in peft_ops: @triton.jit reads TRITON_INTERPRET when a
+    # kernel module is first imported, so the kernels must wait until an op runs, by which
+    # time a script has set it (or not).
+    from .kernels import bottleneck, calibration, common, dropout, lora, nf4
+
+    return types.SimpleNamespace(lora=lora, nf4=nf4, bottleneck=bottleneck, dropout=dropout,
+                                 calibration=calibration, common=common)

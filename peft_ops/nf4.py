@@ -27,7 +27,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from . import _checks
+from .backend import kernel_modules, resolve
+from .ops import checks
 
 # bitsandbytes' NF4 code table (quantiles of N(0, 1) normalized to [-1, 1]), index 0 … 15.
 NF4_CODE_VALUES = (
@@ -63,6 +64,11 @@ def dynamic_map(device="cpu") -> torch.Tensor:
     values. Every step rounds to fp32 where bitsandbytes' construction does, so the table
     matches ``bitsandbytes.functional.create_dynamic_map()`` bit for bit (tested)."""
     return _cached_table("dynamic", torch.device(device))
+
+
+def code_tables(device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(NF4 code values, 8-bit dynamic map) on `device`: what every NF4 kernel decodes with."""
+    return nf4_code(device), dynamic_map(device)
 
 
 def _dynamic_map_values() -> list[float]:
@@ -139,17 +145,17 @@ class NF4Weight(nn.Module):
             raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         numel = out_features * in_features
         blocks = -(-numel // blocksize)
-        _checks.tensor("packed", packed)
+        checks.tensor("packed", packed)
         if packed.dtype != torch.uint8:
             raise TypeError(f"packed must be a uint8 tensor, got {packed.dtype}")
         if packed.numel() != (numel + 1) // 2:
             raise ValueError(f"packed has {packed.numel()} bytes, but a [{out_features}, {in_features}] weight "
                              f"needs {(numel + 1) // 2}")
-        _checks.tensor("absmax", absmax)
+        checks.tensor("absmax", absmax)
         double_quant = absmax_scale is not None or absmax_offset is not None
         if double_quant:
-            _checks.tensor("absmax_scale", absmax_scale)
-            _checks.tensor("absmax_offset", absmax_offset)
+            checks.tensor("absmax_scale", absmax_scale)
+            checks.tensor("absmax_offset", absmax_offset)
             if absmax.dtype != torch.uint8:
                 raise TypeError(f"absmax must be uint8 with double quantization, got {absmax.dtype}")
             scale_blocks = -(-blocks // ABSMAX_BLOCKSIZE)
@@ -165,7 +171,7 @@ class NF4Weight(nn.Module):
             raise ValueError(f"absmax has {absmax.numel()} values, but {numel} weights in blocks of "
                              f"{blocksize} need {blocks}")
         tensors = {"packed": packed, "absmax": absmax, "absmax_scale": absmax_scale, "absmax_offset": absmax_offset}
-        _checks.same_device(tensors)
+        checks.same_device(tensors)
 
         self.register_buffer("packed", packed.detach().reshape(-1).contiguous())
         self.register_buffer("absmax", absmax.detach().reshape(-1).contiguous())
@@ -211,7 +217,7 @@ class NF4Weight(nn.Module):
     def from_bnb(cls, packed: torch.Tensor, quant_state) -> "NF4Weight":
         """From bitsandbytes' packed tensor (uint8 [⌈numel/2⌉, 1]) and its ``QuantState``, read
         by attribute (bitsandbytes need not be importable). The tensors are shared, not copied."""
-        _checks.tensor("packed", packed)
+        checks.tensor("packed", packed)
         qs = quant_state
         for field in ("absmax", "shape", "blocksize", "quant_type", "dtype"):
             if not hasattr(qs, field):
@@ -297,7 +303,7 @@ class NF4Weight(nn.Module):
 def _check_shape(shape) -> tuple[int, int]:
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2:
         raise ValueError(f"shape must be (out_features, in_features), got {shape!r}")
-    return tuple(_checks.positive_int(name, int(v) if isinstance(v, torch.Tensor) else v)
+    return tuple(checks.positive_int(name, int(v) if isinstance(v, torch.Tensor) else v)
                  for name, v in zip(("shape[0]", "shape[1]"), shape))
 
 
@@ -313,8 +319,8 @@ def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
     """Quantize a 2-D weight [out, in] to NF4, producing bitsandbytes' ``quantize_4bit`` bytes
     (``quant_type="nf4"``, ``compress_statistics=double_quant``). Runs in PyTorch on the
     weight's device, in fp32."""
-    _checks.tensor("weight", weight, ndim=2)
-    _checks.float_dtype("weight", weight)
+    checks.tensor("weight", weight, ndim=2)
+    checks.float_dtype("weight", weight)
     blocksize = check_blocksize(blocksize)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
@@ -343,12 +349,23 @@ def dequantize(qweight: NF4Weight, dtype: torch.dtype | None = None) -> torch.Te
     dtype = qweight.dtype if dtype is None else dtype
     if dtype not in _DTYPE_CODES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    from .backend import resolve
-
     if resolve(qweight.device) == "triton":
-        from .kernels import nf4 as nf4_kernels
+        return kernel_modules().nf4.dequantize(qweight.tensors(), dtype, tables=code_tables(qweight.device))
+    return decode(qweight.tensors(), dtype)
 
-        return nf4_kernels.dequantize(qweight, dtype)
-    from . import reference
 
-    return reference.nf4_dequantize(qweight, dtype)
+def decode(q: NF4Tensors, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The format's decoding rule in plain PyTorch (what ``peft_ops.reference.nf4_dequantize``
+    is): W [out, in] = NF4_CODE[nibble]·absmax[block] in fp32, cast to `dtype` (default: the
+    weight's original dtype). Element f of the flattened weight is the high nibble of byte
+    f // 2 when f is even, the low one when odd; its block is f // blocksize."""
+    device = q.packed.device
+    numel = q.out_features * q.in_features
+    absmax = q.absmax
+    if q.absmax_scale is not None:  # double quantization: map[code8]·scale + offset, two fp32 roundings
+        scale = q.absmax_scale.repeat_interleave(ABSMAX_BLOCKSIZE)[: absmax.numel()]
+        absmax = dynamic_map(device)[absmax.long()] * scale + q.absmax_offset
+    nibbles = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).reshape(-1)[:numel]
+    block = torch.arange(numel, device=device) // q.blocksize
+    weight = nf4_code(device)[nibbles.long()] * absmax[block]
+    return weight.view(q.out_features, q.in_features).to(q.dtype if dtype is None else dtype)

@@ -6,8 +6,12 @@ memory: PyTorch's autograd saves whatever it saves.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .kernels.interface import ACTIVATIONS
+from .nf4 import NF4Tensors, NF4Weight, decode
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -29,22 +33,11 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     return base + (scaling * lora).to(base.dtype)
 
 
-def nf4_dequantize(qweight, dtype: torch.dtype | None = None) -> torch.Tensor:
+def nf4_dequantize(qweight: NF4Weight | NF4Tensors, dtype: torch.dtype | None = None) -> torch.Tensor:
     """W [out, in] = NF4_CODE[nibble]·absmax[block] in fp32, cast to `dtype` (default: the
-    weight's original dtype). Element f of the flattened weight is the high nibble of byte
-    f // 2 when f is even, the low one when odd; its block is f // blocksize."""
-    from .nf4 import ABSMAX_BLOCKSIZE, dynamic_map, nf4_code
-
-    q, device = qweight, qweight.packed.device
-    numel = q.out_features * q.in_features
-    absmax = q.absmax
-    if q.absmax_scale is not None:  # double quantization: map[code8]·scale + offset, two fp32 roundings
-        scale = q.absmax_scale.repeat_interleave(ABSMAX_BLOCKSIZE)[: absmax.numel()]
-        absmax = dynamic_map(device)[absmax.long()] * scale + q.absmax_offset
-    nibbles = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).reshape(-1)[:numel]
-    block = torch.arange(numel, device=device) // q.blocksize
-    weight = nf4_code(device)[nibbles.long()] * absmax[block]
-    return weight.view(q.out_features, q.in_features).to(q.dtype if dtype is None else dtype)
+    weight's original dtype): the format's own decoding rule, :func:`peft_ops.nf4.decode`
+    (its bytes and values are tested equal to bitsandbytes')."""
+    return decode(qweight.tensors() if isinstance(qweight, NF4Weight) else qweight, dtype)
 
 
 def nf4_linear(x: torch.Tensor, qweight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,12 +54,34 @@ def qlora_linear(x: torch.Tensor, qweight, lora_A: torch.Tensor, lora_B: torch.T
                        dropout_mask=dropout_mask)
 
 
-_ACTIVATIONS = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
-    "silu": F.silu,
-}
+def apply_activation(h: torch.Tensor, name: str) -> torch.Tensor:
+    """act(h) for `name` in ACTIVATIONS: relu, gelu (erf), gelu_tanh, silu (PyTorch's own)."""
+    if name == "relu":
+        return F.relu(h)
+    if name == "gelu":
+        return F.gelu(h)
+    if name == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if name == "silu":
+        return F.silu(h)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}; got {name!r}")
+
+
+def activation_derivative(h: torch.Tensor, name: str) -> torch.Tensor:
+    """act′(h), derived by hand (relu′(0) = 0, as PyTorch): what the PyTorch path and the
+    kernels use; the reference op differentiates :func:`apply_activation` with autograd instead."""
+    if name == "relu":
+        return (h > 0).to(h.dtype)
+    if name == "gelu":
+        return 0.5 * (1.0 + torch.erf(h * 0.5**0.5)) + h * torch.exp(-0.5 * h * h) * (2 * torch.pi) ** -0.5
+    if name == "gelu_tanh":
+        c = (2 / torch.pi) ** 0.5
+        t = torch.tanh(c * (h + 0.044715 * h**3))
+        return 0.5 * (1 + t) + 0.5 * h * (1 - t * t) * c * (1 + 3 * 0.044715 * h * h)
+    if name == "silu":
+        sig = torch.sigmoid(h)
+        return sig * (1 + h * (1 - sig))
+    raise ValueError(f"activation must be one of {ACTIVATIONS}; got {name!r}")
 
 
 def bottleneck_adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None,
@@ -77,7 +92,7 @@ def bottleneck_adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: to
 
     ``dropout_mask`` (bool, x's shape, keyword-only): use this keep mask instead of drawing one.
     """
-    z = F.linear(_ACTIVATIONS[activation](F.linear(x, down_weight, down_bias)), up_weight, up_bias)
+    z = F.linear(apply_activation(F.linear(x, down_weight, down_bias), activation), up_weight, up_bias)
     if dropout_mask is not None:
         z = z * dropout_mask.to(z.dtype) / (1.0 - dropout_p)
     elif dropout_p > 0:
@@ -100,8 +115,6 @@ def philox4x32_10(counter, key: tuple[int, int]):
     """Philox4x32 with 10 rounds: four uint32 arrays (the 4 lanes) for a counter given as four
     uint32-valued arrays (c0, c1, c2, c3) and a key (k0, k1). Each round multiplies lanes 0
     and 2 into 64-bit products; their high halves mix with the other lanes and the key."""
-    import numpy as np
-
     c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) & _LOW32 for c in counter)
     k0, k1 = np.uint64(key[0] & _LOW32), np.uint64(key[1] & _LOW32)
     m0, m1 = (np.uint64(m) for m in PHILOX_MULTIPLIERS)
@@ -118,8 +131,6 @@ def philox_uniform(bits):
     """uint32 draws → float32 in [0, 1) as Triton's ``tl.rand`` maps them: the bits read as an
     int32 i, folded to i ≥ 0 by i ↦ ~i, rounded to float32 and multiplied by float32
     4.6566127342e-10 (about 2⁻³¹, the largest scale that keeps (2³¹ − 1)·scale below 1.0)."""
-    import numpy as np
-
     i = np.asarray(bits, dtype=np.uint32).view(np.int32)
     i = np.where(i < 0, ~i, i)
     return i.astype(np.float32) * np.float32(4.6566127342e-10)
@@ -133,8 +144,6 @@ def dropout_keep_mask(seed: int, n_cols: int, dropout_p: float, rows, cols) -> t
     64-bit integer: c0 its low word, c1 its high word, c2 = c3 = 0) under key (seed mod 2³²,
     seed ÷ 2³²), mapped to a float32 u by :func:`philox_uniform`; kept when u ≥ float32(p).
     One Philox call serves four neighbouring elements of a row."""
-    import numpy as np
-
     rows = np.asarray(rows, dtype=np.int64).reshape(-1, 1)
     cols = np.asarray(cols, dtype=np.int64).reshape(1, -1)
     counter = rows * ((n_cols + 3) // 4) + cols // 4

@@ -34,7 +34,7 @@ def test_quick_cpu_mode_writes_every_op(tmp_path):
                                                       rel=1e-12)
     assert "no CUDA GPU here" in stdout and "timings" in stdout
     rows = record["rows"]
-    assert {r["op"] for r in rows} == {"lora", "qlora", "nf4", "adapter"}
+    assert {r["op"] for r in rows} == {"lora", "qlora", "nf4", "bottleneck"}
     assert {r["phase"] for r in rows} == {"forward", "backward", "fwd+bwd"}
     for row in rows:
         for key in ("flops", "min_bytes", "fused_bytes", "eager_bytes", "bound_fused_ms", "bound_pct_roofline"):
@@ -76,7 +76,7 @@ def test_timing_code_path_on_tiny_shapes(tmp_path):
         <= impls["qlora"]
     assert {"fused", "eager", "base"} | ({"peft"} if has_peft else set()) <= impls["lora"]
     assert {"fused", "eager", "base"} | ({"bitsandbytes"} if has_bnb else set()) <= impls["nf4"]
-    assert {"fused", "eager"} <= impls["adapter"]
+    assert {"fused", "eager"} <= impls["bottleneck"]
     assert all(math.isfinite(r["ms_fused"]) and r["ms_fused"] > 0 for r in rows)
     lora = next(r for r in record["rows"] if r["op"] == "lora" and r["phase"] == "forward")
     x_bytes = lora["M"] * lora["K"] * 2

@@ -112,7 +112,7 @@ def test_calibration_anchors(calibration):
 def headline():
     est = estimate.Estimator("H200")
     shapes = {"lora": OpShape("lora", 8192, 4096, 4096, 16), "qlora": OpShape("qlora", 8192, 4096, 4096, 16),
-              "gemv": OpShape("nf4", 1, 4096, 14336), "adapter": OpShape("adapter", 8192, 4096, 4096, 64)}
+              "gemv": OpShape("nf4", 1, 4096, 14336), "bottleneck": OpShape("bottleneck", 8192, 4096, 4096, 64)}
     results = est.ops(list(shapes.values()))
     return est, {name: results[s] for name, s in shapes.items()}, shapes
 
@@ -142,7 +142,7 @@ def test_each_launch_gets_the_fastest_config_of_its_family(headline):
     assert forward["name"] == "_lora_forward_kernel" and forward["config"] and math.isfinite(forward["seconds"])
     # the bytes the GEMM moves bound it from below
     assert forward["seconds"] > (8192 * 4096 * 2 * 2 + 4096 * 4096 * 2) / (4.8e12 * 0.9)
-    parts = got["adapter"]["backward"]["parts"]
+    parts = got["bottleneck"]["backward"]["parts"]
     assert [p["name"] for p in parts][:2] == ["_bottleneck_adapter_backward_dh_kernel",
                                                "_bottleneck_adapter_backward_dx_kernel"]
     assert all(p["seconds"] >= estimate.LAUNCH_SECONDS for p in parts)

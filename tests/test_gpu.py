@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 # Every case of `peft-ops check` (fp32/fp16/bf16; odd shapes, 3-D and strided x, dropout, bias,
 # fp32 adapters, the NF4 decode and GEMM paths, every adapter activation) on the kernels.
 CHECK_CASES = [("lora", c) for c in check.lora_cases(quick=False)] + \
-    [("qlora", c) for c in check.qlora_cases(quick=False)] + [("adapter", c) for c in check.adapter_cases(quick=False)]
+    [("qlora", c) for c in check.qlora_cases(quick=False)] + [("bottleneck", c) for c in check.bottleneck_cases(quick=False)]
 
 
 def _case_id(item):
@@ -31,7 +31,7 @@ def test_every_check_case_matches_float64_on_the_gpu(item):
     op, case = item
     run = {"lora": lambda: run_lora_case(case, lora_ops("triton"), device="cuda"),
            "qlora": lambda: run_qlora_case(case, "triton", device="cuda"),
-           "adapter": lambda: run_adapter_case(case, "triton", device="cuda")}[op]
+           "bottleneck": lambda: run_bottleneck_case(case, "triton", device="cuda")}[op]
     for result in run():
         result.check(f"cuda {case.label()}", case.tolerance(result.name))
 

@@ -32,7 +32,7 @@ EXPECTED = {
                                  ["_nf4_backward_dx_kernel"]),
     ("nf4", 8192, 4096, 14336, 0): (["_nf4_matmul_kernel"], ["_nf4_backward_dx_kernel"]),
     # without biases the backward still sums dh and dz for their gradients (then drops them)
-    ("adapter", 8192, 4096, 4096, 64): (["_bottleneck_adapter_forward_kernel"], [
+    ("bottleneck", 8192, 4096, 4096, 64): (["_bottleneck_adapter_forward_kernel"], [
         "_bottleneck_adapter_backward_dh_kernel", "_bottleneck_adapter_backward_dx_kernel",
         "aten.sum.dim_IntList", "aten.sum.dim_IntList", "aten.sum.dim_IntList", "aten.mul_.Tensor",
         "aten.sum.dim_IntList", "aten.mul_.Tensor", "aten._to_copy.default", "aten._to_copy.default"]),
@@ -47,7 +47,7 @@ def test_planned_launches_per_call(call, options):
         options = {"bias": True}
     planned = launches.op_launches(OpShape(op, M, K, N, r), "sm90", 132, **options)
     forward, backward = EXPECTED[call]
-    if op == "adapter" and options.get("bias"):  # the bias gradients are cast too
+    if op == "bottleneck" and options.get("bias"):  # the bias gradients are cast too
         backward = backward + ["aten._to_copy.default"] * 2
     assert [str(x) for x in planned["forward"]] == forward
     assert [str(x) for x in planned["backward"]] == backward

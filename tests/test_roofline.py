@@ -34,7 +34,7 @@ def test_nf4_and_qlora_by_hand():
 
 
 def test_adapter_by_hand():
-    s = OpShape("adapter", M=4, K=8, N=8, r=2)
+    s = OpShape("bottleneck", M=4, K=8, N=8, r=2)
     assert roofline.flops(s, "forward") == 4 * 4 * 8 * 2 == 256
     assert roofline.flops(s, "backward") == 512
     params = (2 * 8 * 2 + 2 + 8) * 2
@@ -67,5 +67,5 @@ def test_roofline_time_and_device_names():
 def test_a_7b_lora_layer_is_compute_bound_and_the_adapter_memory_bound():
     lora = OpShape("lora", M=8192, K=4096, N=4096, r=16)
     assert roofline.flops(lora, "forward") / roofline.min_bytes(lora, "forward") > 1000  # ≈ 1,650 FLOP/B
-    adapter = OpShape("adapter", M=8192, K=4096, N=4096, r=64)
+    adapter = OpShape("bottleneck", M=8192, K=4096, N=4096, r=64)
     assert 20 < roofline.flops(adapter, "forward") / roofline.min_bytes(adapter, "forward") < 64

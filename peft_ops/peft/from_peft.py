@@ -17,6 +17,11 @@ import warnings
 import torch
 import torch.nn as nn
 
+from ..nf4 import NF4Weight
+from ..ops import checks
+from ..ops.lora import lora_linear
+from ..ops.qlora import qlora_linear
+
 
 @dataclasses.dataclass
 class FromPeftReport:
@@ -64,8 +69,6 @@ class _FusedLoraForward:
 
 class _FusedLinear(_FusedLoraForward):
     def _fused_forward(self, x, lora_A, lora_B, scaling, p):
-        from .lora import lora_linear
-
         base = self.base_layer
         if x.dtype != base.weight.dtype:  # lora_linear takes one dtype for x and W: let PEFT cast
             return self._peft_forward(x)
@@ -74,8 +77,6 @@ class _FusedLinear(_FusedLoraForward):
 
 class _FusedLinear4bit(_FusedLoraForward):
     def _fused_forward(self, x, lora_A, lora_B, scaling, p):
-        from .qlora import qlora_linear
-
         qweight = self._peft_ops_nf4  # NF4Weight over the layer's own bitsandbytes tensors
         if x.dtype != qweight.dtype:
             return self._peft_forward(x)
@@ -123,8 +124,7 @@ def from_peft(peft_model: nn.Module) -> FromPeftReport:
         from peft.tuners.lora import layer as lora_layers
     except ImportError as err:
         raise ImportError("from_peft needs the peft package (pip install 'peft-ops[interop]')") from err
-    if not isinstance(peft_model, nn.Module):
-        raise TypeError(f"peft_model must be a torch.nn.Module, got {type(peft_model).__name__}")
+    checks.module("peft_model", peft_model)
     try:
         from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
     except ImportError:  # no bitsandbytes
@@ -167,8 +167,6 @@ def from_peft(peft_model: nn.Module) -> FromPeftReport:
 
 def _nf4_of(base_layer):
     """(NF4Weight sharing the bitsandbytes layer's tensors, None) or (None, why not)."""
-    from .nf4 import NF4Weight
-
     weight = getattr(base_layer, "weight", None)
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is None:

@@ -19,8 +19,8 @@ Design, from a cost model (bf16, M = 8192, d = 4096, m = 64):
   loads x with evict_last and phase 2 with evict_first (rows in flight: ~2 programs/SM ×
   BLOCK_M × d × 2 B = 34 MiB at BLOCK_M = 16 on 132 SMs, under the 50 MiB L2 of an H100/H200).
 - Backward (dz = s·dY⊙keep/(1-p), the gradient reaching the branch's output):
-  `_bottleneck_adapter_backward_dh_kernel` reads dY once per row block: dh = (dz·W_up)⊙act′(h)
-  [M, m] fp32. `_bottleneck_adapter_backward_dx_kernel` owns a column block of d and a slice of
+  `_bottleneck_backward_dh_kernel` reads dY once per row block: dh = (dz·W_up)⊙act′(h)
+  [M, m] fp32. `_bottleneck_backward_dx_kernel` owns a column block of d and a slice of
   rows; it keeps W_down[:, cols] in registers, reads dY and x once, writes dX = dY + dh·W_down,
   and accumulates dW_down = dhᵀ·x, dW_up = dzᵀ·act(h), db_up = Σ dz for its columns over its
   rows. 4 passes over M×d (dY twice, x, dX) against eager's ≈ 8 (5 for the two linears'
@@ -44,9 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..adapter import ACTIVATIONS  # constexpr ACTIVATION = the activation's index in it
-from ._common import autotuned, current_target, dot_flags, launch, launch_guard, m_bucket, mma
-from .lora import _dropout_keep
+from .common import KernelBuild, autotuned, tile_configs, current_target, dot_flags, launch, launch_guard, m_bucket, mma
+from .dropout import keep_tile
+from .interface import ACTIVATIONS  # constexpr ACTIVATION = the activation's index in it
 
 
 def block_bottleneck(bottleneck_size: int) -> int:
@@ -61,11 +61,11 @@ def tile_family(dtype: torch.dtype, block_b: int) -> str:
 
 
 def _configs(rows):
-    return [triton.Config(dict(BLOCK_M=bm, BLOCK_D=bd), num_warps=w, num_stages=s) for bm, bd, w, s in rows]
+    return tile_configs(("BLOCK_M", "BLOCK_D"), rows)
 
 
 # Autotune lists (BLOCK_M, BLOCK_D, warps, stages) per target and tile family; `peft-ops
-# compile` proves every one spill-free. fp32 stops at m ≤ 128 (max_bottleneck). The
+# aot` proves every one spill-free. fp32 stops at m ≤ 128 (max_bottleneck). The
 # forward and the dh kernel share the half-precision lists; fp32 (tf32x3) differs: the dh
 # kernel's 64-row tile spilled on sm_80, the forward's 128-column one.
 _HALF = {
@@ -112,8 +112,8 @@ BACKWARD_DX_TILES = {
                     "fp32/b64": _ONE, "fp32/b128": _ONE},
 }
 # The bounds of loops over kernel-local names, as expressions of the launch arguments (for the
-# static estimate, peft_ops.estimate): the dX kernel's row loop covers one slice.
-LOOP_BOUNDS = {"_bottleneck_adapter_backward_dx_kernel": {"row_start": "0", "row_end": "min(M, rows_per_slice)"}}
+# static estimate, peft_ops.tools.estimate): the dX kernel's row loop covers one slice.
+LOOP_BOUNDS = {"_bottleneck_backward_dx_kernel": {"row_start": "0", "row_end": "min(M, rows_per_slice)"}}
 ROWS_PER_SLICE = 1024  # the dX kernel's row slices: at least this many rows each …
 TARGET_PROGRAMS = 256  # … and no more slices than it takes to reach this many programs
 
@@ -179,7 +179,9 @@ def rows_times_d_by_m(ACT, stride_am, stride_ad, MAT, stride_mat_d, stride_mat_b
         act = tl.load(ACT + rows[:, None] * stride_am + cols[None, :] * stride_ad,
                       mask=m_mask[:, None] & d_mask[None, :], other=0.0, eviction_policy=EVICTION)
         if HAS_DROPOUT:
-            act = tl.where(_dropout_keep(seed, rows, d0, D, dropout_p, BLOCK_M, BLOCK_D), act, 0.0)
+            keep = keep_tile(seed=seed, rows=rows, k0=d0, n_cols=D, dropout_p=dropout_p, BLOCK_M=BLOCK_M,
+                             BLOCK_K=BLOCK_D)
+            act = tl.where(keep, act, 0.0)
         mat = tl.load(MAT + cols[:, None] * stride_mat_d + offs_b[None, :] * stride_mat_b,
                       mask=d_mask[:, None] & b_mask[None, :], other=0.0)
         acc = mma(act, mat, acc, WIDEN_BF16_DOT, DOT_PRECISION)
@@ -189,7 +191,7 @@ def rows_times_d_by_m(ACT, stride_am, stride_ad, MAT, stride_mat_d, stride_mat_b
 @autotuned(FORWARD_CONFIGS, _tile_family_of_launch,
            key=["M_BUCKET", "D", "BOTTLENECK", "HAS_DROPOUT", "SAVE_H", "ACTIVATION"])
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed per step must not trigger a recompile
-def _bottleneck_adapter_forward_kernel(
+def _bottleneck_forward_kernel(
     X, W_DOWN, B_DOWN, W_UP, B_UP, Y, H, M, D, BOTTLENECK, M_BUCKET,
     stride_xm, stride_xd, stride_down_b, stride_down_d, stride_up_d, stride_up_b,
     scaling, seed, dropout_p, keep_scale,
@@ -210,9 +212,11 @@ def _bottleneck_adapter_forward_kernel(
 
     # Phase 1: h = x·W_downᵀ over the whole row, in registers; evict_last: phase 2 reads these
     # rows again, and should find them in L2.
-    h = rows_times_d_by_m(X, stride_xm, stride_xd, W_DOWN, stride_down_d, stride_down_b, rows, m_mask, b_mask, D,
-                          seed, dropout_p, False, "evict_last", WIDEN_BF16_DOT, DOT_PRECISION, BLOCK_M, BLOCK_D,
-                          BLOCK_B)
+    h = rows_times_d_by_m(ACT=X, stride_am=stride_xm, stride_ad=stride_xd, MAT=W_DOWN, stride_mat_d=stride_down_d,
+                          stride_mat_b=stride_down_b, rows=rows, m_mask=m_mask, b_mask=b_mask, D=D, seed=seed,
+                          dropout_p=dropout_p, HAS_DROPOUT=False, EVICTION="evict_last",
+                          WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
+                          BLOCK_D=BLOCK_D, BLOCK_B=BLOCK_B)
     if HAS_DOWN_BIAS:
         h += tl.load(B_DOWN + offs_b, mask=b_mask, other=0.0).to(tl.float32)[None, :]
     if SAVE_H:
@@ -230,7 +234,9 @@ def _bottleneck_adapter_forward_kernel(
         if HAS_UP_BIAS:
             z += tl.load(B_UP + cols, mask=d_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_DROPOUT:
-            z = tl.where(_dropout_keep(seed, rows, d0, D, dropout_p, BLOCK_M, BLOCK_D), z * keep_scale, 0.0)
+            keep = keep_tile(seed=seed, rows=rows, k0=d0, n_cols=D, dropout_p=dropout_p, BLOCK_M=BLOCK_M,
+                             BLOCK_K=BLOCK_D)
+            z = tl.where(keep, z * keep_scale, 0.0)
         io_mask = m_mask[:, None] & d_mask[None, :]
         x = tl.load(x_row_ptrs + cols[None, :] * stride_xd, mask=io_mask, other=0.0, eviction_policy="evict_first")
         y = x.to(tl.float32) + scaling * z
@@ -240,7 +246,7 @@ def _bottleneck_adapter_forward_kernel(
 @autotuned(BACKWARD_DH_CONFIGS, _tile_family_of_launch,
            key=["M_BUCKET", "D", "BOTTLENECK", "HAS_DROPOUT", "ACTIVATION"])
 @triton.jit(do_not_specialize=["seed"])
-def _bottleneck_adapter_backward_dh_kernel(
+def _bottleneck_backward_dh_kernel(
     DY, W_UP, H, DH, M, D, BOTTLENECK, M_BUCKET,
     stride_dym, stride_dyd, stride_up_d, stride_up_b,
     branch_scale, seed, dropout_p,
@@ -254,9 +260,11 @@ def _bottleneck_adapter_backward_dh_kernel(
     rows = offs_m.to(tl.int64)
     m_mask = offs_m < M
     b_mask = offs_b < BOTTLENECK
-    grad_act = rows_times_d_by_m(DY, stride_dym, stride_dyd, W_UP, stride_up_d, stride_up_b, rows, m_mask, b_mask,
-                                 D, seed, dropout_p, HAS_DROPOUT, "", WIDEN_BF16_DOT, DOT_PRECISION, BLOCK_M,
-                                 BLOCK_D, BLOCK_B)
+    grad_act = rows_times_d_by_m(ACT=DY, stride_am=stride_dym, stride_ad=stride_dyd, MAT=W_UP,
+                                 stride_mat_d=stride_up_d, stride_mat_b=stride_up_b, rows=rows, m_mask=m_mask,
+                                 b_mask=b_mask, D=D, seed=seed, dropout_p=dropout_p, HAS_DROPOUT=HAS_DROPOUT,
+                                 EVICTION="", WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION,
+                                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_B=BLOCK_B)
     h_ptrs = rows[:, None] * BOTTLENECK + offs_b[None, :]
     hb_mask = m_mask[:, None] & b_mask[None, :]
     h = tl.load(H + h_ptrs, mask=hb_mask, other=0.0)
@@ -264,7 +272,7 @@ def _bottleneck_adapter_backward_dh_kernel(
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _bottleneck_adapter_backward_dx_kernel(
+def _bottleneck_backward_dx_kernel(
     DY, X, H, DH, W_DOWN, DX, DW_DOWN_PARTIAL, DW_UP_PARTIAL, DB_UP_PARTIAL,
     M, D, BOTTLENECK, rows_per_slice,
     stride_dym, stride_dyd, stride_xm, stride_xd, stride_down_b, stride_down_d,
@@ -310,7 +318,9 @@ def _bottleneck_adapter_backward_dx_kernel(
             h = tl.load(H + rows[:, None] * BOTTLENECK + offs_b[None, :], mask=hb_mask, other=0.0)
             act = activation(h, ACTIVATION).to(dtype)  # as the forward fed it to W_up
             if HAS_DROPOUT:
-                dy = tl.where(_dropout_keep(seed, rows, pid_d * BLOCK_D, D, dropout_p, BLOCK_M, BLOCK_D), dy, 0.0)
+                keep = keep_tile(seed=seed, rows=rows, k0=pid_d * BLOCK_D, n_cols=D, dropout_p=dropout_p,
+                                 BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_D)
+                dy = tl.where(keep, dy, 0.0)
             dw_up = mma(tl.trans(dy), act, dw_up, WIDEN_BF16_DOT, DOT_PRECISION)
             db_up += tl.sum(dy.to(tl.float32), axis=0)
     if COMPUTE_DW:
@@ -323,7 +333,7 @@ def _bottleneck_adapter_backward_dx_kernel(
 
 
 # --------------------------------------------------------------------------------------
-# Launchers. Inputs are validated by peft_ops.bottleneck_adapter; these only shape,
+# Launchers. Inputs are validated by peft_ops.ops.bottleneck; these only shape,
 # allocate and launch. x and dy are 2-D [M, d] with any strides.
 # --------------------------------------------------------------------------------------
 
@@ -349,7 +359,7 @@ def forward(x, down_weight, down_bias, up_weight, up_bias, activation_name: str,
         return y, h
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)  # noqa: E731
     with launch_guard(x, down_weight, up_weight):
-        launch(_bottleneck_adapter_forward_kernel, grid,
+        launch(_bottleneck_forward_kernel, grid,
             x, down_weight, down_bias if down_bias is not None else y, up_weight,
             up_bias if up_bias is not None else y, y, h if save_h else y, M, D, B, m_bucket(M),
             x.stride(0), x.stride(1), down_weight.stride(0), down_weight.stride(1),
@@ -402,7 +412,7 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
         dw_down_partial = dw_up_partial = db_up_partial = dh  # not written
     with launch_guard(dy, x, down_weight, up_weight):
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)  # noqa: E731
-        launch(_bottleneck_adapter_backward_dh_kernel, grid,
+        launch(_bottleneck_backward_dh_kernel, grid,
             dy, up_weight, h, dh, M, D, B, m_bucket(M),
             dy.stride(0), dy.stride(1), up_weight.stride(0), up_weight.stride(1),
             branch_scale, seed, dropout_p, **flags,
@@ -411,7 +421,7 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
             if not (compute_dx or compute_dw):
                 continue
             slices, rows_per_slice = row_slices(M, D, block_m, block_d)
-            launch(_bottleneck_adapter_backward_dx_kernel, (triton.cdiv(D, block_d), slices),
+            launch(_bottleneck_backward_dx_kernel, (triton.cdiv(D, block_d), slices),
                 dy, x, h, dh, down_weight, dx if compute_dx else dy, dw_down_partial, dw_up_partial, db_up_partial,
                 M, D, B, rows_per_slice,
                 dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), down_weight.stride(0), down_weight.stride(1),
@@ -425,11 +435,9 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
             db_up_partial.sum(dim=0).mul_(branch_scale))
 
 
-def compile_specs(target: str) -> list:
+def aot_specs(target: str) -> list:
     """Every kernel of this file at every config of `target`, in each tile family (bf16 for
     "half", and fp32) at its widest bottleneck tile, with dropout, biases and all gradients."""
-    from ._common import KernelBuild
-
     plain = ("M", "seed", "rows_per_slice")
     specs = []
     for family, dx_tiles in BACKWARD_DX_TILES[target].items():
@@ -439,21 +447,21 @@ def compile_specs(target: str) -> list:
         variant = f"{dt}, m≤{block_b}"
         for cfg in FORWARD_CONFIGS[target][family]:
             specs.append(KernelBuild(
-                f"bottleneck_adapter_forward [{variant}]", _bottleneck_adapter_forward_kernel, cfg,
+                f"bottleneck_forward [{variant}]", _bottleneck_forward_kernel, cfg,
                 dict(X=dt, W_DOWN=dt, B_DOWN=dt, W_UP=dt, B_UP=dt, Y=dt, H="fp32"),
                 {**common, "HAS_DOWN_BIAS": True, "HAS_UP_BIAS": True, "SAVE_H": True},
                 unit_strides=("stride_xd", "stride_down_d", "stride_up_b"),
                 float_args=("scaling", "dropout_p", "keep_scale"), plain_ints=plain))
         for cfg in BACKWARD_DH_CONFIGS[target][family]:
             specs.append(KernelBuild(
-                f"bottleneck_adapter_backward_dh [{variant}]", _bottleneck_adapter_backward_dh_kernel, cfg,
+                f"bottleneck_backward_dh [{variant}]", _bottleneck_backward_dh_kernel, cfg,
                 dict(DY=dt, W_UP=dt, H="fp32", DH="fp32"), common,
                 unit_strides=("stride_dyd", "stride_up_b"), float_args=("branch_scale", "dropout_p"),
                 plain_ints=plain))
         roles = {"dX+dW": dx_tiles} if isinstance(dx_tiles, tuple) else {"dX": dx_tiles["dx"], "dW": dx_tiles["dw"]}
         for role, (bm, bd, warps, stages) in roles.items():
             specs.append(KernelBuild(
-                f"bottleneck_adapter_backward_dx [{variant}, {role}]", _bottleneck_adapter_backward_dx_kernel,
+                f"bottleneck_backward_dx [{variant}, {role}]", _bottleneck_backward_dx_kernel,
                 triton.Config(dict(BLOCK_M=bm, BLOCK_D=bd), num_warps=warps, num_stages=stages),
                 dict(DY=dt, X=dt, H="fp32", DH="fp32", W_DOWN=dt, DX=dt, DW_DOWN_PARTIAL="fp32",
                      DW_UP_PARTIAL="fp32", DB_UP_PARTIAL="fp32"),

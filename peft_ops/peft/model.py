@@ -7,50 +7,12 @@ import re
 import torch
 import torch.nn as nn
 
-from . import _checks
-from .adapter import check_activation
-from .layers import BottleneckAdapter, LoraLinear, QLoraLinear, WithAdapter
-from .nf4 import NF4Weight
-
-
-def _check_target_modules(target_modules: object) -> str | tuple[str, ...]:
-    if isinstance(target_modules, str):
-        try:
-            re.compile(target_modules)
-        except re.error as err:
-            raise ValueError(f"target_modules is not a valid regular expression: {err}") from None
-        return target_modules
-    if not isinstance(target_modules, (list, tuple, set, frozenset)) or \
-            not all(isinstance(t, str) for t in target_modules):
-        raise TypeError("target_modules must be a list of module-name suffixes or one regex string, got "
-                        f"{type(target_modules).__name__}")
-    if not target_modules:
-        raise ValueError("target_modules is empty: name at least one module")
-    return tuple(target_modules)
-
-
-def matches_target(name: str, target_modules: str | tuple[str, ...]) -> bool:
-    """PEFT's rule: a regex string must match the whole module name; a list entry matches a
-    module whose name is the entry or ends with "." + the entry."""
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
-def find_targets(model: nn.Module, target_modules, kind: type | None = None) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every submodule of `model` (of type `kind`, when given) that
-    `target_modules` names; none is a ValueError listing the names of the candidates."""
-    target_modules = _check_target_modules(target_modules)
-    candidates = [(name, module) for name, module in model.named_modules()
-                  if name and (kind is None or isinstance(module, kind))]
-    found = [(name, module) for name, module in candidates if matches_target(name, target_modules)]
-    if not found:
-        names = [name for name, _ in candidates]
-        what = f"{kind.__module__}.{kind.__name__} layer" if kind is not None else "module"
-        shown = ", ".join(names[:40]) + (f", … ({len(names)} in all)" if len(names) > 40 else "")
-        raise ValueError(f"target_modules {target_modules!r} matches no {what} of {type(model).__name__}; "
-                         f"its {what} names are: {shown or '(none)'}")
-    return found
+from ..nf4 import NF4Weight
+from ..nn.bottleneck import BottleneckAdapter, WithAdapter
+from ..nn.lora import LoraLinear, QLoraLinear
+from ..ops import checks
+from ..ops.bottleneck import check_activation
+from .targets import check_patterns, find_targets, pattern_value
 
 
 def _hidden_size_of(name: str, module: nn.Module, model: nn.Module, hidden_size: int | None) -> int:
@@ -94,14 +56,13 @@ def apply_adapters(model: nn.Module, target_modules, bottleneck_size: int, activ
     are the target's.
     Every argument is checked and every adapter built before the model is touched.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    bottleneck_size = _checks.positive_int("bottleneck_size", bottleneck_size)
+    checks.module("model", model)
+    bottleneck_size = checks.positive_int("bottleneck_size", bottleneck_size)
     activation = check_activation(activation)
-    scaling = _checks.real_number("scaling", scaling)
-    dropout = _checks.probability("dropout", dropout)
+    scaling = checks.real_number("scaling", scaling)
+    dropout = checks.probability("dropout", dropout)
     if hidden_size is not None:
-        hidden_size = _checks.positive_int("hidden_size", hidden_size)
+        hidden_size = checks.positive_int("hidden_size", hidden_size)
     targets = [(name, module) for name, module in find_targets(model, target_modules)
                if not isinstance(module, (WithAdapter, BottleneckAdapter))]
     if not targets:
@@ -124,8 +85,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts of `model`. An NF4-quantized weight counts as its
     out×in weights, though it is stored as buffers (PEFT counts bitsandbytes' 4-bit weights
     the same way), so the share is comparable across LoRA and QLoRA."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    checks.module("model", model)
     trainable = total = 0
     for param in model.parameters():
         total += param.numel()
@@ -185,13 +145,10 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
     ({regex: value}) override ``r`` / ``lora_alpha`` per module as in PEFT (the first key that
     matches the end of the name). Everything is checked before the model changes.
     """
-    from .peft_files import check_patterns, pattern_value
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    r = _checks.positive_int("r", r)
-    lora_alpha = _checks.real_number("lora_alpha", lora_alpha)
-    lora_dropout = _checks.probability("lora_dropout", lora_dropout)
+    checks.module("model", model)
+    r = checks.positive_int("r", r)
+    lora_alpha = checks.real_number("lora_alpha", lora_alpha)
+    lora_dropout = checks.probability("lora_dropout", lora_dropout)
     if not isinstance(use_rslora, bool):
         raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
     if quantize not in (None, "nf4"):
@@ -212,8 +169,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     (including one passed through :func:`peft_ops.from_peft`) is merged by PEFT's own
     ``merge_and_unload``. Bottleneck adapters (``WithAdapter``) are nonlinear: they cannot
     fold into a weight and stay as they are."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    checks.module("model", model)
     if callable(getattr(model, "merge_and_unload", None)) and hasattr(model, "peft_config"):
         return model.merge_and_unload()
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLinear, QLoraLinear))]:

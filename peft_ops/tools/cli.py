@@ -4,28 +4,27 @@ from __future__ import annotations
 
 import sys
 
+from . import aot, bench, check
+
 COMMANDS = {
     "bench": "fused ops against PyTorch, PEFT and bitsandbytes: timings on a GPU, roofline and memory anywhere",
     "check": "run every fused op against its float64 reference on this machine",
-    "compile": "compile every kernel for sm_80 and sm_90a (no GPU needed); registers, spills, shared memory",
+    "aot": "build every kernel ahead of time for sm_80 and sm_90a (no GPU needed); registers, spills, shared memory",
 }
+# Earlier name of a command, still accepted.
+ALIASES = {"compile": "aot"}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    command = ALIASES.get(argv[0], argv[0]) if argv else None
+    if command not in COMMANDS:
         print("usage: peft-ops {" + ",".join(COMMANDS) + "} [options]\n")
         for name, text in COMMANDS.items():
             print(f"  {name:10s} {text}")
+        print("\n  (peft-ops compile is another name for peft-ops aot)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    command, rest = argv[0], argv[1:]
-    if command == "check":
-        from .check import main as run
-    elif command == "bench":
-        from .bench import main as run
-    else:
-        from .compile_report import main as run
-    return run(rest)
+    return {"check": check.main, "bench": bench.main, "aot": aot.main}[command](argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Kernel launches per op call: counted where the op runs, or planned for a named GPU anywhere.
 
-Every launch of this package's kernels passes through one hook (``peft_ops.kernels._launch``);
+Every launch of this package's kernels passes through one hook (``peft_ops.kernels.interface``);
 every PyTorch op the launchers and autograd Functions issue passes through a
 ``TorchDispatchMode``. A ``LaunchRecorder`` listens to both:
 
@@ -12,7 +12,7 @@ every PyTorch op the launchers and autograd Functions issue passes through a
   GPU of that target (sm_80 / sm_90 tile tables, split-K from ``sm_count``) and hand each
   launch (kernel, grid, arguments) to the recorder instead of running it. PyTorch ops on
   meta tensors are recorded with the bytes they would move. This gives the launch sequence
-  of an op at a model's shape on a machine without a GPU (``peft_ops.estimate`` times it).
+  of an op at a model's shape on a machine without a GPU (``peft_ops.tools.estimate`` times it).
 
 Each recorded launch is a ``Launch``; ``summary()`` counts them by name.
 """
@@ -26,7 +26,12 @@ import inspect
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .kernels import _launch
+from ..kernels import interface
+from ..nf4 import ABSMAX_BLOCKSIZE, NF4Weight
+from ..ops.bottleneck import bottleneck_adapter
+from ..ops.lora import lora_linear
+from ..ops.qlora import nf4_linear, qlora_linear
+from .roofline import OpShape
 
 # ATen ops that only allocate (no kernel runs on the device).
 _ALLOCATIONS = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.new_empty.default",
@@ -75,9 +80,9 @@ class LaunchRecorder(TorchDispatchMode):
         self.launches: list[Launch] = []
         self._inside_kernel = False
 
-    # the kernel launch hook (peft_ops.kernels._launch)
+    # the kernel launch hook (peft_ops.kernels.interface)
     def triton_launch(self, kernel, grid, args, kwargs) -> None:
-        fn = _launch.python_function(kernel)
+        fn = interface.python_function(kernel)
         names = list(inspect.signature(fn).parameters)
         self.launches.append(Launch("triton", fn.__name__, grid, {**dict(zip(names, args)), **kwargs}, kernel))
         if self.plan_target is None:
@@ -98,18 +103,18 @@ class LaunchRecorder(TorchDispatchMode):
         return out
 
     def __enter__(self):
-        _launch.install(self)
+        interface.install(self)
         try:
             return super().__enter__()
         except BaseException:
-            _launch.install(None)
+            interface.install(None)
             raise
 
     def __exit__(self, *exc):
         try:
             return super().__exit__(*exc)
         finally:
-            _launch.install(None)
+            interface.install(None)
 
 
 def count(fn, device_type: str = "cuda") -> list[Launch]:
@@ -131,15 +136,15 @@ class KernelsRan:
         self.names: list[str] = []
 
     def triton_launch(self, kernel, grid, args, kwargs) -> None:
-        self.names.append(_launch.python_function(kernel).__name__)
+        self.names.append(interface.python_function(kernel).__name__)
         kernel[grid](*args, **kwargs)
 
     def __enter__(self) -> "KernelsRan":
-        _launch.install(self)
+        interface.install(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        _launch.install(None)
+        interface.install(None)
 
 
 def plan(fn, target: str = "sm90", sm_count: int = 132) -> list[Launch]:
@@ -164,8 +169,6 @@ def summary(launches: list[Launch]) -> dict[str, int]:
 
 def meta_nf4_weight(out_features: int, in_features: int, blocksize: int = 64, dtype=torch.bfloat16):
     """An NF4Weight [out, in] of meta buffers, double-quantized (bitsandbytes' default)."""
-    from .nf4 import ABSMAX_BLOCKSIZE, NF4Weight
-
     meta = dict(device="meta")
     numel = out_features * in_features
     blocks = -(-numel // blocksize)
@@ -177,25 +180,23 @@ def meta_nf4_weight(out_features: int, in_features: int, blocksize: int = 64, dt
 
 def op_call(s, dtype=torch.bfloat16, dropout_p: float = 0.0, bias: bool = False):
     """(forward function, output gradient) of one call of op `s` (a ``roofline.OpShape``) on
-    meta tensors: x, the adapters (and the adapter weights) require grad, base weights do not."""
-    import peft_ops
-
+    meta tensors: x, the adapters (and the bottleneck weights) require grad, base weights do not."""
     meta = dict(device="meta", dtype=dtype)
 
     def leaf(*shape):
         return torch.empty(*shape, **meta).requires_grad_()
 
     x = leaf(s.M, s.K)
-    if s.op == "adapter":
+    if s.op == "bottleneck":
         params = (leaf(s.r, s.K), leaf(s.r) if bias else None, leaf(s.K, s.r), leaf(s.K) if bias else None)
-        return (lambda: peft_ops.bottleneck_adapter(x, *params, "gelu", 1.0, dropout_p)), torch.empty(s.M, s.K, **meta)
+        return (lambda: bottleneck_adapter(x, *params, "gelu", 1.0, dropout_p)), torch.empty(s.M, s.K, **meta)
     b = torch.empty(s.N, **meta) if bias else None
     base = torch.empty(s.N, s.K, **meta) if s.op == "lora" else meta_nf4_weight(s.N, s.K, dtype=dtype)
     if s.op == "nf4":
-        forward = lambda: peft_ops.nf4_linear(x, base, b)  # noqa: E731
+        forward = lambda: nf4_linear(x, base, b)  # noqa: E731
     else:
         A, B = leaf(s.r, s.K), leaf(s.N, s.r)
-        op = peft_ops.lora_linear if s.op == "lora" else peft_ops.qlora_linear
+        op = lora_linear if s.op == "lora" else qlora_linear
         forward = lambda: op(x, base, A, B, 2.0, b, dropout_p)  # noqa: E731
     return forward, torch.empty(s.M, s.N, **meta)
 
@@ -211,21 +212,19 @@ def op_launches(s, target: str = "sm90", sm_count: int = 132, dtype=torch.bfloat
     return phases
 
 
-# The calls `peft-ops compile` counts: the headline shapes of a 7-8B model, with each option
+# The calls `peft-ops aot` counts: the headline shapes of a 7-8B model, with each option
 # that changes the launch sequence.
 LAUNCH_TABLE_CALLS = (
     ("lora", 8192, 4096, 4096, 16, {}), ("lora", 8192, 4096, 4096, 16, {"dropout_p": 0.1}),
     ("lora", 8192, 4096, 4096, 16, {"bias": True}),
     ("qlora", 8192, 4096, 4096, 16, {}), ("qlora", 1, 4096, 4096, 16, {}),
     ("nf4", 1, 4096, 14336, 0, {}), ("nf4", 16, 4096, 14336, 0, {}), ("nf4", 8192, 4096, 14336, 0, {}),
-    ("adapter", 8192, 4096, 4096, 64, {}), ("adapter", 8192, 4096, 4096, 64, {"dropout_p": 0.1}),
+    ("bottleneck", 8192, 4096, 4096, 64, {}), ("bottleneck", 8192, 4096, 4096, 64, {"dropout_p": 0.1}),
 )
 
 
 def launch_table(target: str = "sm90", sm_count: int = 132) -> list[dict]:
     """Launches per op call (forward, backward) for LAUNCH_TABLE_CALLS, planned."""
-    from .roofline import OpShape
-
     rows = []
     for op, M, K, N, r, options in LAUNCH_TABLE_CALLS:
         s = OpShape(op, M, K, N, r)

@@ -1,6 +1,6 @@
 """How a kernel is judged against its float64 reference: one error metric, per-dtype
-tolerances from a rounding analysis, and the LoRA case runner shared by ``peft-ops check``,
-the tests and ``benchmarks/error_survey.py``.
+tolerances from a rounding analysis, and the case runners (LoRA, QLoRA, bottleneck) shared
+by ``peft-ops check``, the tests and ``benchmarks/error_survey.py``.
 
 Error metric, per element: ``|actual - expected| / scale``, where ``scale`` is the reference
 evaluated on the absolute values of every input (for y: |x|·|W|ᵀ + |s|·|x|·|A|ᵀ·|B|ᵀ + |b|).
@@ -30,13 +30,20 @@ import dataclasses
 
 import torch
 
-from .kernels import _launch
+from .. import reference
+from ..kernels import interface
+from ..kernels.interface import DTYPE_NAMES
+from ..nf4 import quantize
+from ..ops.autograd import eager_seed, torch_keep_mask
+from ..ops.bottleneck import BottleneckAdapterFunction
+from ..ops.lora import LoraLinearFunction
+from ..ops.paths import KernelNF4Ops, TorchLoraOps, TorchNF4Ops, bottleneck_impl, eager_ops
+from ..ops.qlora import NF4LinearFunction, QLoraLinearFunction
 from .launches import KernelsRan
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-7}
 ROUNDINGS = 2
 FP32_ACCUMULATION = 1e-5
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 TOLERANCES = {dtype: ROUNDINGS * u + FP32_ACCUMULATION for dtype, u in UNIT_ROUNDOFF.items()}
@@ -165,7 +172,7 @@ def kernels_must_run(path: str):
     """On the "triton" path, fail unless a Triton kernel ran inside the block: a case labelled
     "triton" must not silently take the PyTorch path. (Inside a caller's own launch hook, e.g.
     a count or a plan, the caller's hook sees the launches instead.)"""
-    if path != "triton" or _launch.active() is not None:
+    if path != "triton" or interface.active() is not None:
         yield
         return
     with KernelsRan() as ran:
@@ -225,11 +232,8 @@ def expected_keep_mask(seed: int, rows: int, cols: int, dropout_p: float, path: 
     ``torch.manual_seed(seed)``, not read back from the implementation: on the kernels, the
     independent Philox4x32-10 of ``reference.dropout_keep_mask``; on the PyTorch path, PyTorch's
     generator seeded as that path documents (``torch_keep_mask``)."""
-    from . import reference
-    from .lora import _draw_seed, torch_keep_mask
-
     torch.manual_seed(seed)  # the Function drew its seed right after this
-    dropout_seed = _draw_seed()
+    dropout_seed = eager_seed()
     if path == "triton":
         return reference.dropout_keep_mask(dropout_seed, cols, dropout_p, range(rows), range(cols)).to(device)
     return torch_keep_mask(dropout_seed, rows, cols, dropout_p, device)
@@ -256,8 +260,6 @@ class Compared:
 def lora_reference_with_scale(inputs: dict, scaling: float, dropout_p: float, mask, grad_out, trainable):
     """Float64 reference values and error scales (the reference on |inputs|) of y and the
     gradients of `trainable`: {name: (expected, scale)}."""
-    from . import reference
-
     out = {}
     for kind, transform in (("value", lambda t: t), ("scale", torch.abs)):
         t = {k: transform(v.detach().double()).requires_grad_(k in trainable) if v is not None else None
@@ -281,8 +283,6 @@ def non_contiguous(x: torch.Tensor) -> torch.Tensor:
 def run_lora_case(case: LoraCase, ops, device="cpu", seed: int = 0) -> list[Compared]:
     """Run lora_linear's autograd Function with `ops` (kernel launchers or TorchLoraOps) and the
     float64 reference on the same inputs and the same dropout mask: y and every gradient."""
-    from .lora import LoraLinearFunction, TorchLoraOps
-
     inp = make_lora_inputs(case, device, seed)
     trainable = ["x", "lora_A", "lora_B"] + (["weight", "bias"] if case.train_base else [])
     tensors = {k: v.clone().requires_grad_(k in trainable) if v is not None else None
@@ -343,28 +343,12 @@ class QLoraCase(LoraCase):
 def qlora_ops(path: str, regime: str | None = None, split_k: int | None = None):
     """The ops behind the QLoRA Functions: "triton" (kernels, with an optional forced regime)
     or "torch" (the PyTorch path)."""
-    from .qlora import KernelNF4Ops, TorchNF4Ops
-
-    if path == "torch":
-        return TorchNF4Ops
-    if regime is None and split_k is None:
-        return KernelNF4Ops
-
-    def forward(x, qw, xa, lora_B, scaling, bias):
-        from .kernels import nf4
-
-        return nf4.forward(x, qw, xa, lora_B, scaling, bias, regime=regime, split_k=split_k)
-
-    return type("ForcedRegimeNF4Ops", (KernelNF4Ops,), {"forward": staticmethod(forward)})
+    return TorchNF4Ops if path == "torch" else KernelNF4Ops(regime, split_k)
 
 
 def run_qlora_case(case: QLoraCase, path: str, device="cpu", seed: int = 0) -> list[Compared]:
     """qlora_linear's (or nf4_linear's) autograd Function on `path` against the float64
     reference on the exact dequantized weight: y and every gradient."""
-    from . import reference
-    from .nf4 import quantize
-    from .qlora import NF4LinearFunction, QLoraLinearFunction
-
     ops = qlora_ops(path, case.regime, case.split_k)
     inp = make_lora_inputs(case, device, seed)
     qweight = quantize(inp["weight"], case.blocksize, case.double_quant)
@@ -392,14 +376,14 @@ def run_qlora_case(case: QLoraCase, path: str, device="cpu", seed: int = 0) -> l
 
 
 # --------------------------------------------------------------------------------------
-# Bottleneck adapter cases. The same metric and budget: act(h) is rounded to x's dtype on its
+# Bottleneck cases. The same metric and budget: act(h) is rounded to x's dtype on its
 # way into the up projection and dh on its way into dX and dW_down (one rounding each), every
 # output once; h and dh are fp32 sums of exact products. The scale is the reference on |inputs|
 # (act and act′ at h evaluated there bound |act(h)| and, up to the 13 % overshoot of gelu′, |act′(h)|).
 # --------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class AdapterCase:
+class BottleneckCase:
     M: int
     d: int  # hidden size
     m: int  # bottleneck size
@@ -420,12 +404,12 @@ class AdapterCase:
             (" xᵀ" if self.x_transposed else "")
 
 
-ADAPTER_GRAD_NAMES = {"x": "dx", "down_weight": "dW_down", "down_bias": "db_down", "up_weight": "dW_up",
+BOTTLENECK_GRAD_NAMES = {"x": "dx", "down_weight": "dW_down", "down_bias": "db_down", "up_weight": "dW_up",
                       "up_bias": "db_up"}
 
 
-def make_adapter_inputs(case: AdapterCase, device="cpu", seed: int = 0) -> dict:
-    """Inputs of an adapter case with unit-scale h and branch output; the up projection is
+def make_bottleneck_inputs(case: BottleneckCase, device="cpu", seed: int = 0) -> dict:
+    """Inputs of a bottleneck case with unit-scale h and branch output; the up projection is
     nonzero (not the identity init) so that every gradient is."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -442,17 +426,15 @@ def make_adapter_inputs(case: AdapterCase, device="cpu", seed: int = 0) -> dict:
     )
 
 
-def run_adapter_case(case: AdapterCase, path: str, device="cpu", seed: int = 0) -> list[Compared]:
+def run_bottleneck_case(case: BottleneckCase, path: str, device="cpu", seed: int = 0) -> list[Compared]:
     """bottleneck_adapter's autograd Function on `path` ("triton" / "torch") against the float64
     reference on the same inputs and dropout mask: y and every gradient."""
-    from . import reference
-    from .adapter import BottleneckAdapterFunction, TorchBottleneckOps, adapter_ops
-    ops = adapter_ops(path, case.dtype, case.m)  # what bottleneck_adapter runs on `path`
-    if path == "triton" and ops is TorchBottleneckOps:
+    if bottleneck_impl(path, case.dtype, case.m) != path:
         raise ValueError(f"m = {case.m} is past the kernels' widest {DTYPE_NAMES[case.dtype]} tile: "
                          "bottleneck_adapter runs the PyTorch path there (use path='torch')")
-    inp = make_adapter_inputs(case, device, seed)
-    names = [k for k in ADAPTER_GRAD_NAMES if inp[k] is not None]
+    ops = eager_ops("bottleneck", path)
+    inp = make_bottleneck_inputs(case, device, seed)
+    names = [k for k in BOTTLENECK_GRAD_NAMES if inp[k] is not None]
     tensors = {k: inp[k].clone().requires_grad_(True) for k in names}
     if case.x_transposed:
         tensors["x"] = non_contiguous(inp["x"])
@@ -475,9 +457,9 @@ def run_adapter_case(case: AdapterCase, path: str, device="cpu", seed: int = 0) 
                                            case.scaling if kind == "value" else abs(case.scaling), case.dropout_p,
                                            dropout_mask=mask)
         ref.backward(transform(inp["grad_out"].double()))
-        out[kind] = {"y": ref.detach(), **{ADAPTER_GRAD_NAMES[k]: t[k].grad for k in names}}
+        out[kind] = {"y": ref.detach(), **{BOTTLENECK_GRAD_NAMES[k]: t[k].grad for k in names}}
     results = [Compared("y", y, out["value"]["y"], out["scale"]["y"], case.dtype)]
     for k in names:
-        name = ADAPTER_GRAD_NAMES[k]
+        name = BOTTLENECK_GRAD_NAMES[k]
         results.append(Compared(name, tensors[k].grad, out["value"][name], out["scale"][name], case.dtype))
     return results

@@ -8,7 +8,7 @@ device's roofline, peak memory and activation bytes saved for backward.
 
 Without a GPU it says so, and reports what holds anyway: the roofline model of every op and
 shape (FLOPs, minimum / fused / eager bytes, and the least time those take on a chosen GPU: a
-bound, not a prediction); the static estimate (``peft_ops.estimate``: the launches each op
+bound, not a prediction); the static estimate (``peft_ops.tools.estimate``: the launches each op
 makes, timed from the compiled kernels' facts, calibrated against cuBLAS and copy figures);
 and the activation bytes our layers save for backward next to PEFT's (measured here). On a
 GPU the estimate sits beside the measurements, so the two can be compared.
@@ -21,10 +21,7 @@ measured, estimated, and the bytes-only upper bound) to the output folder.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import datetime
-import importlib.metadata
 import importlib.util
 import json
 import pathlib
@@ -32,32 +29,48 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
-from . import roofline
-from .roofline import OPS, OpShape
+from .. import reference
+from ..backend import kernel_modules
+from ..kernels.interface import dtype_named
+from ..nf4 import dequantize, quantize
+from ..nn.bottleneck import BottleneckAdapter
+from ..nn.lora import LoraLinear, QLoraLinear
+from ..ops.bottleneck import bottleneck_adapter
+from ..ops.lora import lora_linear
+from ..ops.qlora import nf4_linear, qlora_linear
+from . import estimate, roofline
+from .accuracy import saved_activation_bytes
+from .aot import format_table
+from .records import provenance, text_table, write_csv, write_json
+from .roofline import OPS, PHASES, OpShape
 
-PRESETS = {  # layer shapes (in, out), ranks, token counts M, adapter (d, m)
+PRESETS = {  # layer shapes (in, out), ranks, token counts M, bottleneck adapters (d, m)
     "default": dict(layers=[(4096, 4096), (4096, 11008), (4096, 14336)], ranks=[8, 16, 64],
-                    tokens=[1, 16, 512, 4096, 8192], adapters=[(4096, 16), (4096, 64), (4096, 256)]),
-    "quick": dict(layers=[(4096, 4096), (4096, 14336)], ranks=[16], tokens=[16, 8192], adapters=[(4096, 64)]),
+                    tokens=[1, 16, 512, 4096, 8192], bottlenecks=[(4096, 16), (4096, 64), (4096, 256)]),
+    "quick": dict(layers=[(4096, 4096), (4096, 14336)], ranks=[16], tokens=[16, 8192], bottlenecks=[(4096, 64)]),
     # tiny shapes: exercises every code path on any device (timings meaningless)
-    "smoke": dict(layers=[(64, 48)], ranks=[8], tokens=[4, 40], adapters=[(64, 8)]),
+    "smoke": dict(layers=[(64, 48)], ranks=[8], tokens=[4, 40], bottlenecks=[(64, 8)]),
     # scripts/gpu-check: the target rows at the headline shapes first, then the default shapes
     # for as long as --time-budget allows
     "gpu-check": dict(layers=[(4096, 4096), (4096, 14336), (4096, 11008)], ranks=[16, 64, 8],
-                      tokens=[8192, 1, 16, 4096, 512], adapters=[(4096, 64), (4096, 16), (4096, 256)],
+                      tokens=[8192, 1, 16, 4096, 512], bottlenecks=[(4096, 64), (4096, 16), (4096, 256)],
                       first=[OpShape("lora", 8192, 4096, 4096, 16), OpShape("qlora", 8192, 4096, 4096, 16),
-                             OpShape("nf4", 1, 4096, 14336), OpShape("adapter", 8192, 4096, 4096, 64)]),
+                             OpShape("nf4", 1, 4096, 14336), OpShape("bottleneck", 8192, 4096, 4096, 64)]),
 }
-PHASES = ("forward", "backward", "fwd+bwd")
+# The phases of a bench row: the roofline's two, and their sum.
+ROW_PHASES = (*PHASES, "fwd+bwd")
+# --ops names kept from before the bottleneck op had one name everywhere.
+OP_ALIASES = {"adapter": "bottleneck"}
 
 
 def shapes_for(ops: list[str], preset: dict) -> list[OpShape]:
     """The preset's shapes of `ops`: its "first" ones (if any), then every combination."""
     out = [s for s in preset.get("first", ()) if s.op in ops]
     for op in ops:
-        if op == "adapter":
-            out += [OpShape("adapter", M, d, d, m) for d, m in preset["adapters"] for M in preset["tokens"]]
+        if op == "bottleneck":
+            out += [OpShape("bottleneck", M, d, d, m) for d, m in preset["bottlenecks"] for M in preset["tokens"]]
         elif op == "nf4":
             out += [OpShape("nf4", M, K, N) for K, N in preset["layers"] for M in preset["tokens"]]
         else:
@@ -73,11 +86,11 @@ def _sum_phases(values: dict) -> dict:
 def model_row(s: OpShape, gpu_name: str, gpu: dict) -> list[dict]:
     """The roofline rows (one per phase) of one op and shape. Its times are bounds: what the
     FLOPs and bytes alone would take at the datasheet's peaks (no kernel reaches them)."""
-    f = _sum_phases({p: roofline.flops(s, p) for p in roofline.PHASES})
-    low = _sum_phases({p: roofline.min_bytes(s, p) for p in roofline.PHASES})
-    fused = _sum_phases({p: roofline.fused_bytes(s, p) for p in roofline.PHASES})
+    f = _sum_phases({p: roofline.flops(s, p) for p in PHASES})
+    low = _sum_phases({p: roofline.min_bytes(s, p) for p in PHASES})
+    fused = _sum_phases({p: roofline.fused_bytes(s, p) for p in PHASES})
     eager = _sum_phases(roofline.unfused_bytes(s))
-    base_phases = {p: roofline.base_layer(s, p) for p in roofline.PHASES}
+    base_phases = {p: roofline.base_layer(s, p) for p in PHASES}
     base = {**base_phases, "fwd+bwd": tuple(map(sum, zip(*base_phases.values())))}
     rows = []
     for phase in PHASES:
@@ -104,9 +117,7 @@ def timer(device: torch.device):
     """fn → median milliseconds: triton.testing.do_bench on a GPU (warm-up, L2 flush), else the
     median of a few wall-clock runs (meaningful only for checking the code path)."""
     if device.type == "cuda":
-        import triton.testing
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return kernel_modules().common.benchmark_ms
 
     def cpu_median_ms(fn, reps=3):
         fn()
@@ -122,22 +133,18 @@ def timer(device: torch.device):
 def implementations(s: OpShape, dtype: torch.dtype, device: torch.device) -> tuple[dict, torch.Tensor, list, list]:
     """{name: forward function} for the fused op and every baseline present, the output
     gradient, the leaves that require grad (x first), and the other non-activation tensors
-    (weights), which saved-byte counts leave out."""
-    import torch.nn.functional as F
-
-    import peft_ops
-    from peft_ops import reference
-
+    (weights), which saved-byte counts leave out. `peft-ops bench` and `pytest benchmarks/`
+    both time these."""
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape, scale=1.0, grad=False):
         return (torch.randn(*shape, generator=gen) * scale).to(device, dtype).requires_grad_(grad)
 
     x = rand(s.M, s.K, grad=True)
-    if s.op == "adapter":
+    if s.op == "bottleneck":
         params = [rand(s.r, s.K, scale=s.K ** -0.5, grad=True), rand(s.r, grad=True),
                   rand(s.K, s.r, scale=s.r ** -0.5, grad=True), rand(s.K, grad=True)]
-        impls = {"fused": lambda: peft_ops.bottleneck_adapter(x, *params, "gelu", 1.0),
+        impls = {"fused": lambda: bottleneck_adapter(x, *params, "gelu", 1.0),
                  "eager": lambda: reference.bottleneck_adapter(x, *params, "gelu", 1.0)}
         return impls, rand(s.M, s.K), [x, *params], []
 
@@ -145,21 +152,21 @@ def implementations(s: OpShape, dtype: torch.dtype, device: torch.device) -> tup
     impls = {"base": lambda: F.linear(x, W)}
     leaves, weights = [x], [W]
     if s.op in ("qlora", "nf4"):
-        q = peft_ops.nf4.quantize(W)
+        q = quantize(W)
         weights += list(q.buffers())
         if s.op == "nf4":
-            impls["fused"] = lambda: peft_ops.nf4_linear(x, q)
-            impls["eager"] = lambda: F.linear(x, peft_ops.nf4.dequantize(q, dtype))
+            impls["fused"] = lambda: nf4_linear(x, q)
+            impls["eager"] = lambda: F.linear(x, dequantize(q, dtype))
     if s.op in ("lora", "qlora"):
         A, B = rand(s.r, s.K, scale=s.K ** -0.5, grad=True), rand(s.N, s.r, scale=s.r ** -0.5, grad=True)
         leaves += [A, B]
         if s.op == "lora":
-            impls["fused"] = lambda: peft_ops.lora_linear(x, W, A, B, 2.0)
+            impls["fused"] = lambda: lora_linear(x, W, A, B, 2.0)
             impls["eager"] = lambda: reference.lora_linear(x, W, A, B, 2.0)
         else:
-            impls["fused"] = lambda: peft_ops.qlora_linear(x, q, A, B, 2.0)
+            impls["fused"] = lambda: qlora_linear(x, q, A, B, 2.0)
             impls["eager"] = lambda: reference.qlora_linear(x, q, A, B, 2.0)
-            impls["lora (bf16 base)"] = lambda: peft_ops.lora_linear(x, W, A, B, 2.0)
+            impls["lora (bf16 base)"] = lambda: lora_linear(x, W, A, B, 2.0)
         peft_layer = _peft_layer(s, W, A, B, quantized=s.op == "qlora")
         if peft_layer is not None:
             impls["peft"] = lambda: peft_layer(x)
@@ -215,10 +222,8 @@ def _peft_layer(s: OpShape, W, A, B, quantized: bool):
 
 def timed_rows(s: OpShape, dtype: torch.dtype, device: torch.device, measure, gpu: dict) -> dict:
     """{phase: {impl: ms}} plus peak memory and saved bytes of each implementation."""
-    from .testing import saved_activation_bytes
-
     impls, dy, leaves, weights = implementations(s, dtype, device)
-    out = {phase: {} for phase in PHASES}
+    out = {phase: {} for phase in ROW_PHASES}
     memory, saved = {}, {}
     for name, forward in impls.items():
         def step(forward=forward):
@@ -248,12 +253,7 @@ def timed_rows(s: OpShape, dtype: torch.dtype, device: torch.device, measure, gp
 
 def saved_activation_rows(dtype=torch.bfloat16) -> list[dict]:
     """Activation bytes saved for backward (saved_tensors_hooks, parameters excluded), in
-    units of x, measured here: our layers next to PEFT's (and eager for the adapter)."""
-    import peft_ops
-    from peft_ops import reference
-
-    from .testing import saved_activation_bytes
-
+    units of x, measured here: our layers next to PEFT's (and eager for the bottleneck adapter)."""
     M, d, r = 256, 512, 16
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -261,9 +261,9 @@ def saved_activation_rows(dtype=torch.bfloat16) -> list[dict]:
     x_bytes = x.numel() * x.element_size()
     for dropout in (0.0, 0.1):
         linear = torch.nn.Linear(d, d, bias=False, dtype=dtype)
-        layers = {"peft_ops LoraLinear": peft_ops.LoraLinear.from_linear(linear, r=r, lora_alpha=2 * r,
+        layers = {"peft_ops LoraLinear": LoraLinear.from_linear(linear, r=r, lora_alpha=2 * r,
                                                                           lora_dropout=dropout),
-                  "peft_ops QLoraLinear": peft_ops.QLoraLinear.from_linear(linear, r=r, lora_alpha=2 * r,
+                  "peft_ops QLoraLinear": QLoraLinear.from_linear(linear, r=r, lora_alpha=2 * r,
                                                                             lora_dropout=dropout)}
         try:
             import peft
@@ -282,10 +282,10 @@ def saved_activation_rows(dtype=torch.bfloat16) -> list[dict]:
         for name, nbytes in found.items():
             rows.append({"layer": name, "shape": f"M={M} d={d} r={r}", "dropout": dropout, "saved_bytes": nbytes,
                          "saved_per_x": nbytes / x_bytes, "x_plus_xa_per_x": (x_bytes + M * r * 4) / x_bytes})
-    adapter = peft_ops.BottleneckAdapter(d, 64, "gelu", dtype=dtype)
+    adapter = BottleneckAdapter(d, 64, "gelu", dtype=dtype)
     params = list(adapter.parameters())
     for name, fn in (("peft_ops BottleneckAdapter", lambda: adapter(x)),
-                     ("eager adapter (reference)", lambda: reference.bottleneck_adapter(x, *params, "gelu", 1.0))):
+                     ("eager bottleneck adapter (reference)", lambda: reference.bottleneck_adapter(x, *params, "gelu", 1.0))):
         nbytes = saved_activation_bytes(fn, params)[0]
         rows.append({"layer": name, "shape": f"M={M} d={d} m=64", "dropout": 0.0, "saved_bytes": nbytes,
                      "saved_per_x": nbytes / x_bytes, "x_plus_xa_per_x": None})
@@ -293,11 +293,9 @@ def saved_activation_rows(dtype=torch.bfloat16) -> list[dict]:
 
 
 def add_estimates(rows: list[dict], shapes: list[OpShape], gpu_name: str, gpu: dict, dtype, jobs, progress) -> list:
-    """The static estimate (peft_ops.estimate) beside each row, in place; returns the compile
+    """The static estimate (peft_ops.tools.estimate) beside each row, in place; returns the aot
     rows of the builds it chose. An estimate, not a measurement: it times the launches each op
     makes from the compiled kernels' facts, calibrated against cuBLAS and copy figures."""
-    from . import estimate
-
     if gpu_name not in estimate.GPUS:
         progress(f"no static estimate for {gpu_name} (estimates exist for {', '.join(sorted(estimate.GPUS))})")
         return []
@@ -331,16 +329,6 @@ def add_estimates(rows: list[dict], shapes: list[OpShape], gpu_name: str, gpu: d
 # --------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------
-
-def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
-    columns = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
 
 def write_plot(path: pathlib.Path, rows: list[dict], timed: bool) -> bool:
     """Per op and shape (fwd+bwd): speedup over eager (measured; or the bytes-only bound without
@@ -389,18 +377,6 @@ def write_plot(path: pathlib.Path, rows: list[dict], timed: bool) -> bool:
     return True
 
 
-def _versions() -> dict:
-    import triton
-
-    versions = {"torch": torch.__version__, "triton": triton.__version__}
-    for package in ("peft", "bitsandbytes", "transformers"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
-
-
 def targets_report(rows: list[dict], saved: list[dict], on_gpu: bool) -> list[dict]:
     """The performance targets (benchmarks/README.md) at their shapes: what this run measured
     (timings count only from a CUDA GPU) and what the static estimate says; a missed target
@@ -415,7 +391,7 @@ def targets_report(rows: list[dict], saved: list[dict], on_gpu: bool) -> list[di
     lora = select("lora", "fwd+bwd", lambda r: r["M"] == 8192)
     qlora = select("qlora", "fwd+bwd", lambda r: r["M"] == 8192)
     gemv = select("nf4", "forward", gemv_shape)
-    adapter = select("adapter", "fwd+bwd", lambda r: r["M"] >= 4096)
+    bottleneck = select("bottleneck", "fwd+bwd", lambda r: r["M"] >= 4096)
     lora_saved = [r for r in saved if r["layer"] == "peft_ops LoraLinear"]
 
     def values(selected, key_fn, needed):
@@ -434,7 +410,7 @@ def targets_report(rows: list[dict], saved: list[dict], on_gpu: bool) -> list[di
         ("NF4 decode GEMV: speedup over the bf16 GEMV", "≥", 3, gemv, min,
          lambda r: r["ms_base"] / r["ms_fused"], ("ms_base", "ms_fused"),
          lambda r: r["estimate_base_ms"] / r["estimate_ms"], ("estimate_base_ms", "estimate_ms")),
-        ("adapter fwd+bwd at M ≥ 4096: % of HBM roofline", "≥", 80, adapter, min,
+        ("bottleneck adapter fwd+bwd at M ≥ 4096: % of HBM roofline", "≥", 80, bottleneck, min,
          lambda r: r["pct_roofline"], ("pct_roofline",), lambda r: r["estimate_pct_roofline"],
          ("estimate_pct_roofline",)),
     ]
@@ -464,27 +440,10 @@ def _target(name: str, relation: str, goal: float, value: float | None, estimate
     return row
 
 
-def autotune_choices() -> list[dict]:
-    """What every autotuner of the kernels chose so far, per kernel and launch key."""
-    import triton
-
-    found = []
-    for module_name in ("peft_ops.kernels.lora", "peft_ops.kernels.nf4", "peft_ops.kernels.bottleneck_adapter"):
-        module = sys.modules.get(module_name)
-        for name, kernel in sorted(vars(module).items()) if module else ():
-            if not isinstance(kernel, triton.runtime.Autotuner):
-                continue
-            for key, config in getattr(kernel, "cache", {}).items():
-                found.append({"kernel": name, "key_names": list(getattr(kernel, "keys", [])),
-                              "key": [str(k) for k in (key if isinstance(key, tuple) else (key,))],
-                              "config": dict(config.kwargs), "num_warps": config.num_warps,
-                              "num_stages": config.num_stages})
-    return found
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="peft-ops bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {','.join(OPS)}")
+    parser.add_argument("--ops", default=",".join(OPS),
+                        help=f"comma-separated, from {','.join(OPS)} ('adapter' is kept as a name of 'bottleneck')")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="shapes: default (7-8B model: d=4096, MLP 11008/14336, r 8/16/64, "
                              "M 1…8192), quick, smoke (tiny), gpu-check (target rows first)")
@@ -495,22 +454,22 @@ def main(argv: list[str]) -> int:
                         help="the GPU of the roofline and the static estimate (default: the device here, else H200)")
     parser.add_argument("--peak-bandwidth", type=float, help="override: HBM GB/s")
     parser.add_argument("--peak-tflops", type=float, help="override: dense bf16 TFLOP/s")
-    parser.add_argument("--no-compile", "--no-estimate", action="store_true", dest="no_compile",
-                        help="skip the static estimate (it compiles the kernels it times)")
-    parser.add_argument("--jobs", type=int, default=None, help="parallel compiles")
+    parser.add_argument("--no-estimate", "--no-compile", action="store_true", dest="no_estimate",
+                        help="skip the static estimate (it builds the kernels it times ahead of time)")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel aot builds")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds: time no new shape after this (the ones left are listed as skipped)")
     parser.add_argument("--autotune-out", type=pathlib.Path, default=None,
                         help="write the autotuners' choices (JSON) here, after every timed shape")
     parser.add_argument("--time-anyway", action="store_true", help=argparse.SUPPRESS)  # tests: time on a CPU
     args = parser.parse_args(argv)
-    ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+    ops = [OP_ALIASES.get(op.strip(), op.strip()) for op in args.ops.split(",") if op.strip()]
     unknown = [op for op in ops if op not in OPS]
     if unknown or not ops:
         parser.error(f"--ops: unknown {unknown}; choose from {','.join(OPS)}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = dtype_named(args.dtype)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     gpu_name = args.gpu or (roofline.gpu_for_device_name(device_name) if device.type == "cuda" else None) or "H200"
     gpu = dict(roofline.GPUS[gpu_name])
@@ -566,7 +525,7 @@ def main(argv: list[str]) -> int:
                     row[f"saved_bytes_{impl}"] = value
             if args.autotune_out:
                 args.autotune_out.parent.mkdir(parents=True, exist_ok=True)
-                args.autotune_out.write_text(json.dumps(autotune_choices(), indent=1))
+                args.autotune_out.write_text(json.dumps(kernel_modules().common.autotune_choices(), indent=1))
         rows += phase_rows
         if i % 10 == 0 or i == len(shapes) or timing:
             progress(f"  [{i}/{len(shapes)}] {s.op} {s.label()}")
@@ -575,16 +534,15 @@ def main(argv: list[str]) -> int:
     progress("saved activation bytes (measured here) …")
     saved = saved_activation_rows(dtype)
     args.out.mkdir(parents=True, exist_ok=True)
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    origin = provenance("peft-ops bench " + " ".join(argv))
 
     def write(builds: list, calibration: list) -> str:
         targets = targets_report(rows, saved, device.type == "cuda")
-        record = {"command": "peft-ops bench " + " ".join(argv), "date": date, "device": device_name,
-                  **_versions(), "dtype": args.dtype, "roofline_gpu": {"name": gpu_name, **gpu}, "timed": timing,
+        record = {**origin, "dtype": args.dtype, "roofline_gpu": {"name": gpu_name, **gpu}, "timed": timing,
                   "rows": rows,
                   "saved_activations": saved, "estimate_builds": builds, "estimate_calibration": calibration,
                   "targets": targets, "skipped_shapes": [f"{s.op} {s.label()}" for s in skipped]}
-        (args.out / "bench.json").write_text(json.dumps(record, indent=1))
+        write_json(args.out / "bench.json", record)
         provenance = {k: record[k] for k in ("device", "torch", "triton", "date", "command")}
         write_csv(args.out / "bench.csv", [{**row, **provenance} for row in rows])  # each row says where it came from
         plotted = write_plot(args.out / "bench.png", rows, timing)
@@ -594,15 +552,13 @@ def main(argv: list[str]) -> int:
                        + (f", {args.out / 'bench.png'}" if plotted else " (no plot: pip install matplotlib)"))
 
     builds, calibration = [], []
-    if not args.no_compile and shapes:
+    if not args.no_estimate and shapes:
         if timing:  # the timings are on disk before the estimate compiles (a time box may end it)
             write([], [])
         builds = add_estimates(rows, shapes, gpu_name, gpu, dtype, args.jobs, progress)
         if builds:
-            from .estimate import calibration as estimate_calibration
-
             progress("the estimate's calibration anchors …")
-            calibration = estimate_calibration(args.jobs)
+            calibration = estimate.calibration(args.jobs)
     print(write(builds, calibration) + f" in {time.perf_counter() - start:.0f} s")
     return 0
 
@@ -612,8 +568,6 @@ def _ms(value) -> str:
 
 
 def summary(rows, saved, builds, targets, timed, gpu_name="", calibration=()) -> str:
-    from ._table import text_table
-
     lines = []
     show = [r for r in rows if r["phase"] == "fwd+bwd"]
     estimated = any("estimate_ms" in r for r in show)
@@ -639,8 +593,6 @@ def summary(rows, saved, builds, targets, timed, gpu_name="", calibration=()) ->
                          [(r["layer"], r["shape"], r["dropout"], f"{r['saved_per_x']:.3f}",
                            "" if r["x_plus_xa_per_x"] is None else f"{r['x_plus_xa_per_x']:.3f}") for r in saved])]
     if builds:
-        from .compile_report import format_table
-
         lines += [f"\nthe builds the estimate chose ({len(builds)}; per main-loop iteration and thread)",
                   format_table(builds)]
     if calibration:

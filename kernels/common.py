@@ -1,18 +1,23 @@
-"""What every kernel file shares: the target (which autotune list), dtype names, jit helpers."""
+"""What every kernel file shares: the target (which autotune list), tile lists, jit helpers, and
+the ahead-of-time (aot) builds for a named GPU."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib
 import inspect
+import io
 import os
+import sys
 
 import torch
 import triton
 import triton.language as tl
+import triton.testing
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from ..backend import interpreting
-from . import _launch
+from . import interface
 
 # (major, minor) of the installed triton: a few tile tables differ by version, where an older
 # triton's register allocation spilled (ptxas) on a tile a newer one builds clean.
@@ -20,13 +25,13 @@ TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 # @triton.jit reads TRITON_INTERPRET when it decorates a function, i.e. when this package is
 # imported; remember the mode so a launch can refuse a mismatch instead of crashing obscurely.
-INTERPRETED = interpreting()
+INTERPRETED = interface.interpreting()
 
 
 def current_target() -> str:
     """The key of the tile tables for the launch at hand: this process's target, or the one a
-    launch plan is made for (see ``_launch``)."""
-    plan = _launch.planning()
+    launch plan is made for (see ``interface``)."""
+    plan = interface.planning()
     return plan.plan_target if plan is not None else process_target()
 
 
@@ -84,11 +89,11 @@ def candidate_configs(kernel_name: str, target: str, named_args: dict, constexpr
 _AUTOTUNERS: dict = {}
 
 
-def tuned_kernels(modules=("lora", "nf4", "bottleneck_adapter")) -> list[str]:
+def tuned_kernels(modules=("lora", "nf4", "bottleneck")) -> list[str]:
     """Names of the autotuned kernels of these kernel modules imported so far (import them
     first); `modules=None`: every module's, the calibration kernels' included."""
     return [name for name, tuner in _AUTOTUNERS.items()
-            if modules is None or _launch.python_function(tuner).__module__.rsplit(".", 1)[-1] in modules]
+            if modules is None or interface.python_function(tuner).__module__.rsplit(".", 1)[-1] in modules]
 
 
 def tile_families(kernel_name: str, target: str) -> dict[str, list[triton.Config]]:
@@ -130,7 +135,7 @@ def autotuned(per_target: dict, family, key: list[str]):
         prune = {"early_config_prune": early_config_prune}
 
     def decorate(kernel):
-        name = _launch.python_function(kernel).__name__
+        name = interface.python_function(kernel).__name__
         _TUNED[name] = (per_target, family)
         tuner = triton.autotune(configs=configs_for_this_target(per_target), prune_configs_by=prune, key=key)(kernel)
         _AUTOTUNERS[name] = tuner
@@ -166,11 +171,16 @@ def dot_flags(dtype: torch.dtype, rank_dtype: torch.dtype | None = None) -> dict
         # exact (a bf16×bf16 product fits in fp32), so the result still equals a bf16 tensor-core
         # dot with fp32 accumulation. Never set on a GPU.
         # (A launch plan is for a GPU, whatever this process runs.)
-        "WIDEN_BF16_DOT": INTERPRETED and _launch.planning() is None and dtype == torch.bfloat16,
+        "WIDEN_BF16_DOT": INTERPRETED and interface.planning() is None and dtype == torch.bfloat16,
         "RANK_FP32": rank_dtype == torch.float32 and dtype != torch.float32,
         # Used only by dots whose operands are fp32; bf16/fp16 dots ignore it.
         "DOT_PRECISION": fp32_dot_precision(),
     }
+
+
+def tile_configs(names: tuple[str, ...], rows) -> list[triton.Config]:
+    """Autotune configs from rows (tile sizes in the order of `names`, then warps, stages)."""
+    return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
 
 
 def m_bucket(m: int) -> int:
@@ -180,8 +190,8 @@ def m_bucket(m: int) -> int:
 
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``, through the launch hook when one is installed (it
-    counts the launch, or records it without running while planning; see ``_launch``)."""
-    hook = _launch.active()
+    counts the launch, or records it without running while planning; see ``interface``)."""
+    hook = interface.active()
     if hook is None:
         kernel[grid](*args, **kwargs)
     else:
@@ -190,7 +200,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
 
 def multiprocessor_count(device: torch.device) -> int | None:
     """SMs of the GPU the launch goes to (of the planned GPU while planning); None on a CPU."""
-    plan = _launch.planning()
+    plan = interface.planning()
     if plan is not None:
         return plan.sm_count
     if device.type != "cuda":
@@ -201,7 +211,7 @@ def multiprocessor_count(device: torch.device) -> int | None:
 def launch_guard(*tensors: torch.Tensor):
     """Check the kernels can run on these tensors here, and make their GPU the current one:
     Triton launches on the current device and stream, which need not be the tensors'."""
-    if _launch.planning() is not None:  # meta tensors, nothing runs
+    if interface.planning() is not None:  # meta tensors, nothing runs
         return contextlib.nullcontext()
     for t in tensors:
         if t.device.type != "cuda" and not INTERPRETED:
@@ -241,18 +251,15 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 # --------------------------------------------------------------------------------------
-# Ahead-of-time compilation for a named GPU (no GPU needed): what peft-ops compile and the
-# compile test build. Each kernel file lists its builds in `compile_specs(target)`.
+# Ahead-of-time (aot) builds for a named GPU (no GPU needed): what `peft-ops aot` and the aot
+# tests build. Each kernel file lists its builds in `aot_specs(target)`.
 # --------------------------------------------------------------------------------------
 
-GPU_TARGETS = {"sm80": 80, "sm90": 90}  # sm90 compiles for sm_90a (wgmma)
+GPU_TARGETS = {"sm80": 80, "sm90": 90}  # sm90 builds for sm_90a (wgmma)
 
 
-TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-                 torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64",
-                 torch.bool: "i1"}
-# Launch keywords that are compile options, not constexpr arguments.
-COMPILE_OPTIONS = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion", "maxnreg")
+# Launch keywords that are build options, not constexpr arguments.
+BUILD_OPTIONS = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion", "maxnreg")
 
 
 class KernelBuild:
@@ -260,12 +267,12 @@ class KernelBuild:
     pointers 16-byte aligned, unit inner strides (contiguous tensors), other integers
     divisible by 16 unless listed in `plain_ints` (what Triton's JIT specializes on).
 
-    Plain data (the kernel by module and name), so builds travel to compile workers."""
+    Plain data (the kernel by module and name), so builds travel to aot worker processes."""
 
     def __init__(self, name, kernel, config, pointer_dtypes, constexprs, unit_strides=(), float_args=(),
                  plain_ints=(), uses_tensor_cores=True, options=None, int64_args=()):
         self.name = name
-        fn = _launch.python_function(kernel)
+        fn = interface.python_function(kernel)
         self.module, self.function = fn.__module__, fn.__name__
         self.uses_tensor_cores = uses_tensor_cores
         self.options = {"enable_fp_fusion": True, **(options or {})}
@@ -298,15 +305,15 @@ class KernelBuild:
         1 become constants, multiples of 16 are marked divisible, pointers aligned."""
         do_not_specialize = set(_jit_setting(kernel, "do_not_specialize") or ())
         constexpr_names = _constexpr_names(kernel)
-        options = {k: v for k, v in args.items() if k in COMPILE_OPTIONS}
+        options = {k: v for k, v in args.items() if k in BUILD_OPTIONS}
         pointers, floats, plain, int64, constexprs, units = {}, [], [], [], {}, []
         for arg, value in args.items():
-            if arg in COMPILE_OPTIONS:
+            if arg in BUILD_OPTIONS:
                 continue
             if arg in constexpr_names:
                 constexprs[arg] = value
             elif isinstance(value, torch.Tensor):
-                pointers[arg] = TRITON_DTYPES[value.dtype]
+                pointers[arg] = interface.DTYPE_NAMES[value.dtype]
             elif isinstance(value, float):
                 floats.append(arg)
             elif isinstance(value, int):
@@ -342,10 +349,17 @@ class KernelBuild:
                 tuple(sorted((k, repr(v)) for k, v in self.attrs.items())), self.num_warps, self.num_stages,
                 tuple(sorted(self.options.items())))
 
-    def compile(self, target: str):
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
+    def build_with_ptxas_log(self, target: str):
+        """(the compiled kernel, ptxas' -v report: registers and spills) for `target`."""
+        triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v report, printed to stdout
+        triton.knobs.compilation.always_compile = True  # a cached build would skip ptxas and its report
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            compiled = self.build(target)
+        return compiled, log.getvalue()
 
+    def build(self, target: str):
+        """The compiled kernel for `target` (``triton.compile``: PTX, cubin, metadata)."""
         src = ASTSource(fn=self.jit_function(), signature=self.signature, constexprs=self.constexprs,
                         attrs=self.attrs)
         options = {"num_warps": self.num_warps, "num_stages": self.num_stages, **self.options}
@@ -367,5 +381,31 @@ def _jit_setting(kernel, name: str):
 def _constexpr_names(kernel) -> set[str]:
     """Parameters declared ``tl.constexpr`` (annotations may be strings under
     ``from __future__ import annotations``)."""
-    params = inspect.signature(_launch.python_function(kernel)).parameters
+    params = inspect.signature(interface.python_function(kernel)).parameters
     return {name for name, p in params.items() if "constexpr" in str(p.annotation)}
+
+
+def fixed_config(num_warps: int, num_stages: int) -> triton.Config:
+    """The one config of a kernel launched with fixed tiles (not autotuned)."""
+    return triton.Config({}, num_warps=num_warps, num_stages=num_stages)
+
+
+def benchmark_ms(fn) -> float:
+    """Median milliseconds of ``fn()`` on the current GPU (Triton's do_bench: warm-up, L2 flush)."""
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def autotune_choices(modules=("lora", "nf4", "bottleneck")) -> list[dict]:
+    """What every autotuner of these kernel modules chose so far, per kernel and launch key."""
+    found = []
+    for module_name in modules:
+        module = sys.modules.get(f"{__package__}.{module_name}")
+        for name, kernel in sorted(vars(module).items()) if module else ():
+            if not isinstance(kernel, triton.runtime.Autotuner):
+                continue
+            for key, config in getattr(kernel, "cache", {}).items():
+                found.append({"kernel": name, "key_names": list(getattr(kernel, "keys", [])),
+                              "key": [str(k) for k in (key if isinstance(key, tuple) else (key,))],
+                              "config": dict(config.kwargs), "num_warps": config.num_warps,
+                              "num_stages": config.num_stages})
+    return found

@@ -1,18 +1,18 @@
 """A static time estimate of each op on a named GPU, from what the compiler built. An ESTIMATE:
 no GPU ran anything; ``scripts/gpu-check`` measures on one.
 
-Why not bytes alone: the byte model (``peft_ops.roofline``) says what the fastest possible
+Why not bytes alone: the byte model (``peft_ops.tools.roofline``) says what the fastest possible
 implementation would take, so it calls a kernel "100 % of roofline" whether it loads 16 bytes
 per instruction or one, waits on a gather each iteration, or runs tiles too small to feed the
 tensor cores. This model times the launch sequence the op really makes, from the facts of the
 builds it really launches:
 
-1. Plan (``peft_ops.launches``): the op's launchers run on meta tensors for the GPU's target
+1. Plan (``peft_ops.tools.launches``): the op's launchers run on meta tensors for the GPU's target
    (sm_80 / sm_90a) and SM count; each Triton launch is recorded with its grid and arguments,
    each PyTorch op with the bytes it moves.
 2. Build: for each Triton launch, every autotune config its family offers, compiled for the
    target exactly as the JIT would specialize that launch (``KernelBuild.from_launch``), and
-   read (``peft_ops.kernel_facts``): per loop iteration, tensor-core FLOPs by instruction,
+   read (``peft_ops.tools.kernel_facts``): per loop iteration, tensor-core FLOPs by instruction,
    shared-memory bytes (``cp.async`` writes, ``wgmma`` operand reads, ``ldmatrix``), global
    bytes, memory instructions, all instructions, synchronous loads and gathers; CTAs per SM.
 3. Time each build (the autotuner's choice is the fastest), per SM and in clock cycles:
@@ -50,13 +50,15 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib
 import math
 import re
+import sys
 
 import torch
 
+from ..backend import kernel_modules
 from . import launches as launch_plans
+from .aot import run_builds
 from .roofline import GPUS as DATASHEETS
 
 # Parameters beyond the datasheet (roofline.GPUS): the compile target, SMs, loaded DRAM latency.
@@ -161,7 +163,7 @@ def _split_top_level(text: str) -> list[str]:
 def _loop_names(kernel_name: str, module: str, args: dict, config_kwargs: dict) -> dict:
     names = {k: v for k, v in args.items() if isinstance(v, (int, float, bool))}
     names.update(config_kwargs)
-    for local, expression in getattr(importlib.import_module(module), "LOOP_BOUNDS", {}).get(kernel_name, {}).items():
+    for local, expression in getattr(sys.modules[module], "LOOP_BOUNDS", {}).get(kernel_name, {}).items():
         names[local] = _evaluate(expression, names)
     return names
 
@@ -203,7 +205,7 @@ def _iteration_clocks(it: dict, n: int, num_warps: int, num_stages: int, dev: De
 
 
 def build_seconds(row: dict, names: dict, ctas: int, hbm_bytes: int, dev: Device) -> dict:
-    """The estimate of one launch of the build `row` (a compile_report row) over `ctas` CTAs.
+    """The estimate of one launch of the build `row` (a aot row) over `ctas` CTAs.
     `names`: the launch's arguments and constexprs, for the loops' bounds."""
     facts = row["facts"]
     loops = [(loop, loop_iterations(loop["for"], names)) for loop in facts["loops"]] or \
@@ -250,16 +252,12 @@ def _distinct_bytes(args: dict) -> int:
 
 
 def _candidates(launch, target: str) -> list:
-    import triton
-
-    from .kernels._common import candidate_configs
-
     constexprs = {k: v for k, v in launch.args.items() if not isinstance(v, torch.Tensor)}
     tensors = {k: v for k, v in launch.args.items() if isinstance(v, torch.Tensor)}
-    configs = candidate_configs(launch.name, target, tensors, constexprs)
+    configs = kernel_modules().common.candidate_configs(launch.name, target, tensors, constexprs)
     if configs is None:  # not autotuned: its launch arguments are its one config
-        configs = [triton.Config({}, num_warps=launch.args.get("num_warps", 4),
-                                 num_stages=launch.args.get("num_stages", 3))]
+        configs = [kernel_modules().common.fixed_config(launch.args.get("num_warps", 4),
+                                                        launch.args.get("num_stages", 3))]
     return configs
 
 
@@ -277,28 +275,24 @@ class Estimator:
         self.device = device(gpu)
         self.jobs, self.use_cache = jobs, use_cache
         self._builds: dict = {}  # build key → KernelBuild
-        self._rows: dict = {}  # build key → compile_report row
+        self._rows: dict = {}  # build key → aot row
 
     def _build(self, launch, config):
-        from .kernels._common import KernelBuild
-
         args = {**launch.args, **{k: v for k, v in config.kwargs.items()}}
-        build = KernelBuild.from_launch(launch.name, launch.kernel, args, config)
+        build = kernel_modules().common.KernelBuild.from_launch(launch.name, launch.kernel, args, config)
         key = (build.key(), self.device.target)
         self._builds.setdefault(key, build)
         return key
 
     def prepare(self, planned: list) -> None:
-        """Compile every build the planned launches may use (lists of launches)."""
-        from .compile_report import compile_builds
-
+        """Build every kernel build the planned launches may use (lists of launches)."""
         for launch_list in planned:
             for launch in launch_list:
                 if launch.kind == "triton":
                     for config in _candidates(launch, self.device.target):
                         self._build(launch, config)
         todo = [key for key in self._builds if key not in self._rows]
-        rows = compile_builds([(self._builds[key], self.device.target) for key in todo], self.jobs, self.use_cache)
+        rows = run_builds([(self._builds[key], self.device.target) for key in todo], self.jobs, self.use_cache)
         self._rows.update(zip(todo, rows))
 
     def launch_seconds(self, launch) -> dict:
@@ -401,8 +395,7 @@ def base_layer_seconds(s, dev: Device) -> dict:
 def calibration(jobs: int | None = None, use_cache: bool = True) -> list[dict]:
     """The model against its anchors (CALIBRATION): each row gives the model's figure, the
     published or measured one, and the ratio."""
-    from .kernels import calibration as kernels
-
+    kernels = kernel_modules().calibration
     rows = []
     h200, a100 = Estimator("H200", jobs, use_cache), Estimator("A100-80GB", jobs, use_cache)
     n = 8192

@@ -6,6 +6,7 @@ interpreter (small shapes), and the PyTorch path is checked beside them.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -13,8 +14,11 @@ import time
 
 import torch
 
-from ._table import text_table
-from .testing import DTYPE_NAMES, AdapterCase, LoraCase, QLoraCase, run_adapter_case, run_lora_case, run_qlora_case
+from ..backend import interpreting, kernel_modules, triton_available
+from ..kernels.interface import DTYPE_NAMES
+from ..ops.paths import TorchLoraOps
+from .accuracy import BottleneckCase, LoraCase, QLoraCase, run_bottleneck_case, run_lora_case, run_qlora_case
+from .records import text_table
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -55,20 +59,20 @@ def qlora_cases(quick: bool) -> list[QLoraCase]:
     return cases
 
 
-def adapter_cases(quick: bool) -> list[AdapterCase]:
+def bottleneck_cases(quick: bool) -> list[BottleneckCase]:
     """Bottleneck adapter rows: every activation, odd shapes, 3-D / non-contiguous input,
     dropout, no biases, and the widest kernel tile class (fp16/bf16 m = 130: the 256-wide tile,
     two backward launches; fp32 m = 100: the 128-wide tile, its widest)."""
     cases = []
     for dtype in DTYPES:
         cases += [
-            AdapterCase(M=37, d=70, m=20, dtype=dtype, activation="relu", leading=(2,)),
-            AdapterCase(M=45, d=64, m=16, dtype=dtype, activation="gelu", dropout_p=0.25, x_transposed=True),
-            AdapterCase(M=19, d=48, m=8, dtype=dtype, activation="gelu_tanh", bias=False),
-            AdapterCase(M=33, d=40, m=64, dtype=dtype, activation="silu", scaling=-1.5),
+            BottleneckCase(M=37, d=70, m=20, dtype=dtype, activation="relu", leading=(2,)),
+            BottleneckCase(M=45, d=64, m=16, dtype=dtype, activation="gelu", dropout_p=0.25, x_transposed=True),
+            BottleneckCase(M=19, d=48, m=8, dtype=dtype, activation="gelu_tanh", bias=False),
+            BottleneckCase(M=33, d=40, m=64, dtype=dtype, activation="silu", scaling=-1.5),
         ]
         if not quick:
-            cases += [AdapterCase(M=20, d=40, m=100 if dtype == torch.float32 else 130, dtype=dtype,
+            cases += [BottleneckCase(M=20, d=40, m=100 if dtype == torch.float32 else 130, dtype=dtype,
                                   activation="gelu")]
     return cases
 
@@ -88,21 +92,16 @@ class Row:
         return self.error <= self.tol
 
 
-def _rows(op: str, path: str, case: LoraCase | AdapterCase, results) -> list[Row]:
+def _rows(op: str, path: str, case: LoraCase | BottleneckCase, results) -> list[Row]:
     label = case.label() + (f" p={case.dropout_p}" if case.dropout_p else "")
     dtype = DTYPE_NAMES[case.dtype] + ("+fp32 A,B" if getattr(case, "adapter_dtype", None) else "")
     return [Row(op, path, label, dtype, r.name, r.error(), case.tolerance(r.name)) for r in results]
 
 
 def run_checks(device: torch.device, paths: list[str], quick: bool = False, progress=None) -> list[Row]:
-    from .lora import TorchLoraOps
-
     rows = []
     for path in paths:
-        if path == "torch":
-            ops = TorchLoraOps
-        else:
-            from .kernels import lora as ops
+        ops = TorchLoraOps if path == "torch" else kernel_modules().lora
         for case in lora_cases(quick):
             rows += _rows("lora_linear", path, case, run_lora_case(case, ops, device=device))
             if progress:
@@ -114,8 +113,8 @@ def run_checks(device: torch.device, paths: list[str], quick: bool = False, prog
             rows += _rows(op, path, case, run_qlora_case(case, path, device=device))
             if progress:
                 progress(rows)
-        for case in adapter_cases(quick):
-            rows += _rows("bottleneck_adapter", path, case, run_adapter_case(case, path, device=device))
+        for case in bottleneck_cases(quick):
+            rows += _rows("bottleneck_adapter", path, case, run_bottleneck_case(case, path, device=device))
             if progress:
                 progress(rows)
     return rows
@@ -129,19 +128,15 @@ def format_table(rows: list[Row]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="peft-ops check", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     args = parser.parse_args(argv)
 
-    from .backend import interpreting, triton_available
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and triton_available() and not interpreting():
-        # _common decorates the shared @triton.jit helpers: once it is imported, the mode is fixed
-        # (peft_ops.kernels itself, and its _launch hook, are imported with peft_ops)
-        if "peft_ops.kernels._common" in sys.modules:
+        # kernels.common decorates the shared @triton.jit helpers: once it is imported, the mode is
+        # fixed (peft_ops.kernels itself and its triton-free interface are imported with peft_ops)
+        if "peft_ops.kernels.common" in sys.modules:
             print("peft-ops check: kernels already imported without TRITON_INTERPRET=1", file=sys.stderr)
             return 2
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported

@@ -10,9 +10,15 @@ import os
 import re
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from . import _checks
+from ..nn.lora import LoraLinear, QLoraLinear
+from ..ops import checks
+from .model import replace_linears
+from .targets import find_targets, matches_target
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -26,9 +32,6 @@ KEY_PREFIX = "base_model.model."  # PEFT's prefix of every saved key (the adapte
 def read_folder(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, tensors) of a PEFT adapter folder, or a ValueError / FileNotFoundError that
     says what is wrong. A pickled adapter_model.bin is refused, never opened."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(weights_path):
         if os.path.isfile(os.path.join(path, "adapter_model.bin")):
@@ -56,8 +59,6 @@ def read_folder(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
 
 
 def write_folder(path: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
     os.makedirs(path, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(path, WEIGHTS_NAME))
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
@@ -72,38 +73,6 @@ def base_model_name(model: nn.Module) -> str | None:
 # LoRA files
 # --------------------------------------------------------------------------------------
 
-def pattern_value(patterns: dict | None, name: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key that, as a regex, matches the
-    end of the module name at a dot boundary."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def check_patterns(rank_pattern, alpha_pattern) -> tuple[dict, dict]:
-    """Validated copies: rank_pattern {regex: r ≥ 1}, alpha_pattern {regex: real}."""
-    out = []
-    for arg, patterns, check in (("rank_pattern", rank_pattern, _checks.positive_int),
-                                 ("alpha_pattern", alpha_pattern, _checks.real_number)):
-        if patterns is None:
-            out.append({})
-            continue
-        if not isinstance(patterns, dict):
-            raise TypeError(f"{arg} must be a dict of module-name regex → value, got {type(patterns).__name__}")
-        checked = {}
-        for key, value in patterns.items():
-            if not isinstance(key, str):
-                raise TypeError(f"{arg} keys must be strings, got {key!r}")
-            try:
-                re.compile(key)
-            except re.error as err:
-                raise ValueError(f"{arg} key {key!r} is not a valid regular expression: {err}") from None
-            checked[key] = check(f"{arg}[{key!r}]", value)
-        out.append(checked)
-    return out[0], out[1]
-
-
 # Config fields whose non-default values ask for something these layers do not do.
 _UNSUPPORTED = {
     "use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out (GPT-2 Conv1D weights)", "modules_to_save": "modules_to_save",
@@ -114,8 +83,6 @@ _UNSUPPORTED = {
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from .layers import LoraLinear, QLoraLinear
-
     return [(name, m) for name, m in model.named_modules() if isinstance(m, (LoraLinear, QLoraLinear))]
 
 
@@ -132,8 +99,7 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
 
     In a process group (DDP, FSDP2) every rank calls it and rank 0 writes; FSDP2-sharded
     adapters are gathered first."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    checks.module("model", model)
     layers = _lora_layers(model)
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no LoraLinear or QLoraLinear layer to save")
@@ -167,8 +133,6 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _distributed_rank() -> int | None:
-    import torch.distributed as dist
-
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
 
 
@@ -189,9 +153,9 @@ def _lora_config(config: dict, where: str) -> dict:
         raise ValueError(f"{where}: use_rslora must be true or false")
     rank_pattern, alpha_pattern = check_patterns(config.get("rank_pattern") or None,
                                                  config.get("alpha_pattern") or None)
-    return {"target_modules": targets, "r": _checks.positive_int("r", config.get("r", 8)),
-            "lora_alpha": _checks.real_number("lora_alpha", config.get("lora_alpha", 8)),
-            "lora_dropout": _checks.probability("lora_dropout", config.get("lora_dropout", 0.0)),
+    return {"target_modules": targets, "r": checks.positive_int("r", config.get("r", 8)),
+            "lora_alpha": checks.real_number("lora_alpha", config.get("lora_alpha", 8)),
+            "lora_dropout": checks.probability("lora_dropout", config.get("lora_dropout", 0.0)),
             "use_rslora": use_rslora, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
             "exclude_modules": config.get("exclude_modules")}
 
@@ -205,10 +169,7 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, quantize: str |
     Every field, key, shape, dtype and value is checked before the model changes: on any
     error (missing or extra keys, shapes that disagree with the config, a damaged file, DoRA
     or another unsupported option, a .bin pickle) the model is exactly as before."""
-    from .model import find_targets, matches_target, replace_linears
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    checks.module("model", model)
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     config, tensors = read_folder(path)
@@ -219,7 +180,7 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, quantize: str |
         targets = [(n, m) for n, m in targets if not matches_target(n, cfg["exclude_modules"])]
     expected, plan = set(), []
     for name, linear in targets:
-        r = _checks.positive_int(f"rank_pattern for {name}", pattern_value(cfg["rank_pattern"], name, cfg["r"]))
+        r = checks.positive_int(f"rank_pattern for {name}", pattern_value(cfg["rank_pattern"], name, cfg["r"]))
         alpha = pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"])
         key_a, key_b = f"{KEY_PREFIX}{name}.lora_A.weight", f"{KEY_PREFIX}{name}.lora_B.weight"
         expected |= {key_a, key_b}

@@ -3,7 +3,7 @@
 Inside a compiled region the autograd Functions call their launchers through these custom
 ops (each with a fake implementation that gives the output shapes), so Dynamo traces the
 Functions' forward and backward without a graph break and never looks inside a kernel launch.
-Eager calls go straight to the launchers, as before.
+Eager calls go straight to the launchers (``ops_for_call``).
 
 Differences under compile: the dropout seed is a 0-d int64 tensor drawn in the graph
 (``torch.randint``, no ``.item()``), saved for the backward (8 bytes); outputs a call does
@@ -16,39 +16,10 @@ import torch
 from torch import Tensor
 from torch.library import custom_op
 
+from ..nf4 import NF4Tensors
+from .paths import eager_ops
+
 _EMPTY = (0,)
-
-
-def _lora(impl: str):
-    if impl == "triton":
-        from .kernels import lora
-
-        return lora
-    from .lora import TorchLoraOps
-
-    return TorchLoraOps
-
-
-def _nf4(impl: str):
-    from .qlora import KernelNF4Ops, TorchNF4Ops
-
-    return KernelNF4Ops if impl == "triton" else TorchNF4Ops
-
-
-def _adapter(impl: str):
-    if impl == "triton":
-        from .adapter import _kernel_ops
-
-        return _kernel_ops()
-    from .adapter import TorchBottleneckOps
-
-    return TorchBottleneckOps
-
-
-def _qw(packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype):
-    from .nf4 import NF4Tensors
-
-    return NF4Tensors(packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype)
 
 
 def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
@@ -61,7 +32,7 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
 
 @custom_op("peft_ops::lora_shrink", mutates_args=())
 def lora_shrink(x: Tensor, lora_A: Tensor, dropout_p: float, seed: Tensor, impl: str) -> Tensor:
-    return _lora(impl).shrink(x, lora_A, dropout_p, int(seed))
+    return eager_ops("lora", impl).shrink(x, lora_A, dropout_p, int(seed))
 
 
 @lora_shrink.register_fake
@@ -72,7 +43,7 @@ def _(x, lora_A, dropout_p, seed, impl):
 @custom_op("peft_ops::lora_forward", mutates_args=())
 def lora_forward(x: Tensor, weight: Tensor, xa: Tensor, lora_B: Tensor, scaling: float, bias: Tensor | None,
                  impl: str) -> Tensor:
-    return _lora(impl).forward(x, weight, xa, lora_B, scaling, bias)
+    return eager_ops("lora", impl).forward(x, weight, xa, lora_B, scaling, bias)
 
 
 @lora_forward.register_fake
@@ -84,7 +55,7 @@ def _(x, weight, xa, lora_B, scaling, bias, impl):
 def lora_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor, scaling: float,
                   dropout_p: float, seed: Tensor, need_dx: bool, need_dA: bool, need_dB: bool,
                   impl: str) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dA, dB = _lora(impl).backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, int(seed), need_dx,
+    dx, dA, dB = eager_ops("lora", impl).backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, int(seed), need_dx,
                                       need_dA, need_dB)
     return _or_empty(dx, x), _or_empty(dA, xa), _or_empty(dB, xa)
 
@@ -131,8 +102,8 @@ def _seed_tensor(seed) -> Tensor:
 def nf4_forward(x: Tensor, packed: Tensor, absmax: Tensor, absmax_scale: Tensor | None, absmax_offset: Tensor | None,
                 out_features: int, in_features: int, blocksize: int, dtype: torch.dtype, xa: Tensor | None,
                 lora_B: Tensor | None, scaling: float, bias: Tensor | None, impl: str) -> Tensor:
-    qw = _qw(packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype)
-    return _nf4(impl).forward(x, qw, xa, lora_B, scaling, bias)
+    qw = NF4Tensors(packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype)
+    return eager_ops("nf4", impl).forward(x, qw, xa, lora_B, scaling, bias)
 
 
 @nf4_forward.register_fake
@@ -145,8 +116,8 @@ def _(x, packed, absmax, absmax_scale, absmax_offset, out_features, in_features,
 def nf4_backward_dx(dy: Tensor, packed: Tensor, absmax: Tensor, absmax_scale: Tensor | None,
                     absmax_offset: Tensor | None, out_features: int, in_features: int, blocksize: int,
                     dtype: torch.dtype, impl: str) -> Tensor:
-    qw = _qw(packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype)
-    return _nf4(impl).backward_dx(dy, qw)
+    qw = NF4Tensors(packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype)
+    return eager_ops("nf4", impl).backward_dx(dy, qw)
 
 
 @nf4_backward_dx.register_fake
@@ -160,8 +131,8 @@ def qlora_backward(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, absmax
                    dtype: torch.dtype, lora_A: Tensor, lora_B: Tensor, xa: Tensor, scaling: float, dropout_p: float,
                    seed: Tensor, need_dx: bool, need_dA: bool, need_dB: bool,
                    impl: str) -> tuple[Tensor, Tensor, Tensor]:
-    qw = _qw(packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype)
-    dx, dA, dB = _nf4(impl).qlora_backward(dy, x, qw, lora_A, lora_B, xa, scaling, dropout_p, int(seed), need_dx,
+    qw = NF4Tensors(packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype)
+    dx, dA, dB = eager_ops("nf4", impl).qlora_backward(dy, x, qw, lora_A, lora_B, xa, scaling, dropout_p, int(seed), need_dx,
                                            need_dA, need_dB)
     return _or_empty(dx, x), _or_empty(dA, xa), _or_empty(dB, xa)
 
@@ -190,49 +161,58 @@ class CompiledNF4Ops(CompiledLoraOps):
 
 
 # --------------------------------------------------------------------------------------
-# Bottleneck adapter
+# Bottleneck
 # --------------------------------------------------------------------------------------
 
-@custom_op("peft_ops::adapter_forward", mutates_args=())
-def adapter_forward(x: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor,
+@custom_op("peft_ops::bottleneck_forward", mutates_args=())
+def bottleneck_forward(x: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor,
                     up_bias: Tensor | None, activation: str, scaling: float, dropout_p: float, seed: Tensor,
                     save_h: bool, impl: str) -> tuple[Tensor, Tensor]:
-    y, h = _adapter(impl).forward(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p,
+    y, h = eager_ops("bottleneck", impl).forward(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p,
                                   int(seed), save_h)
     return y, _or_empty(h, y).float()
 
 
-@adapter_forward.register_fake
+@bottleneck_forward.register_fake
 def _(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p, seed, save_h, impl):
     return x.new_empty(x.shape), x.new_empty((x.shape[0], down_weight.shape[0]) if save_h else _EMPTY,
                                              dtype=torch.float32)
 
 
-@custom_op("peft_ops::adapter_backward", mutates_args=())
-def adapter_backward(dy: Tensor, x: Tensor, h: Tensor, down_weight: Tensor, up_weight: Tensor, activation: str,
+@custom_op("peft_ops::bottleneck_backward", mutates_args=())
+def bottleneck_backward(dy: Tensor, x: Tensor, h: Tensor, down_weight: Tensor, up_weight: Tensor, activation: str,
                      scaling: float, dropout_p: float, seed: Tensor, need_dx: bool, need_dw: bool,
                      impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _adapter(impl).backward(dy, x, h, down_weight, up_weight, activation, scaling, dropout_p, int(seed),
+    grads = eager_ops("bottleneck", impl).backward(dy, x, h, down_weight, up_weight, activation, scaling, dropout_p, int(seed),
                                     need_dx, need_dw)
     return tuple(_or_empty(g, h) for g in grads)
 
 
-@adapter_backward.register_fake
+@bottleneck_backward.register_fake
 def _(dy, x, h, down_weight, up_weight, activation, scaling, dropout_p, seed, need_dx, need_dw, impl):
     m, d = down_weight.shape
     w = (lambda *shape: h.new_empty(shape if need_dw else _EMPTY))
     return x.new_empty(tuple(x.shape) if need_dx else _EMPTY), w(m, d), w(m), w(d, m), w(d)
 
 
-class CompiledAdapterOps(CompiledLoraOps):
-    """The adapter launchers' interface, through the custom ops."""
+class CompiledBottleneckOps(CompiledLoraOps):
+    """The bottleneck launchers' interface, through the custom ops."""
 
     def forward(self, x, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p, seed, save_h):
-        y, h = adapter_forward(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p,
+        y, h = bottleneck_forward(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p,
                                _seed_tensor(seed), save_h, self.impl)
         return y, (h if save_h else None)
 
     def backward(self, dy, x, h, down_weight, up_weight, activation, scaling, dropout_p, seed, need_dx, need_dw):
-        dx, *dw = adapter_backward(dy, x, h, down_weight, up_weight, activation, scaling, dropout_p,
+        dx, *dw = bottleneck_backward(dy, x, h, down_weight, up_weight, activation, scaling, dropout_p,
                                    _seed_tensor(seed), need_dx, need_dw, self.impl)
         return (dx if need_dx else None, *(dw if need_dw else (None,) * 4))
+
+
+_COMPILED = {"lora": CompiledLoraOps, "nf4": CompiledNF4Ops, "bottleneck": CompiledBottleneckOps}
+
+
+def ops_for_call(op: str, impl: str):
+    """The implementation an autograd Function of `op` runs for `impl` ("triton", "torch"): the
+    eager one, or inside torch.compile the same one through the custom ops above."""
+    return _COMPILED[op](impl) if torch.compiler.is_compiling() else eager_ops(op, impl)

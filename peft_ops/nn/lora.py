@@ -1,4 +1,4 @@
-"""Drop-in layers over the fused ops."""
+"""LoRA layers: ``LoraLinear`` (a drop-in for nn.Linear) and ``QLoraLinear`` (an NF4 base)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _checks
-from .adapter import bottleneck_adapter, check_activation
-from .lora import lora_linear
-from .nf4 import NF4Weight, quantize
-from .qlora import nf4_linear, qlora_linear
+from ..nf4 import NF4Weight, quantize
+from ..ops import checks
+from ..ops.lora import lora_linear
+from ..ops.qlora import nf4_linear, qlora_linear
 
 
 def _adapter_dtype(adapter_dtype, weight_dtype: torch.dtype) -> torch.dtype:
@@ -34,11 +33,11 @@ class _LoraAdapter:
     @staticmethod
     def _checked_config(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora) -> tuple:
         """The validated configuration (each error names its argument); sets nothing."""
-        in_features = _checks.positive_int("in_features", in_features)
-        out_features = _checks.positive_int("out_features", out_features)
-        r = _checks.positive_int("r", r)
-        lora_alpha = _checks.real_number("lora_alpha", lora_alpha)
-        lora_dropout = _checks.probability("lora_dropout", lora_dropout)
+        in_features = checks.positive_int("in_features", in_features)
+        out_features = checks.positive_int("out_features", out_features)
+        r = checks.positive_int("r", r)
+        lora_alpha = checks.real_number("lora_alpha", lora_alpha)
+        lora_dropout = checks.probability("lora_dropout", lora_dropout)
         if not isinstance(use_rslora, bool):
             raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
         return in_features, out_features, r, lora_alpha, lora_dropout, use_rslora
@@ -97,8 +96,7 @@ class LoraLinear(_LoraAdapter, nn.Module):
         """Wrap ``linear``: its weight and bias Parameters are shared (not copied) and frozen.
         ``adapter_dtype``: the adapters' dtype, the weight's (default) or float32 (PEFT's
         default on a half-precision base)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        checks.module("linear", linear, nn.Linear)
         adapter_dtype = _adapter_dtype(adapter_dtype, linear.weight.dtype)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
@@ -182,11 +180,11 @@ class QLoraLinear(_LoraAdapter, nn.Module):
                  lora_dropout: float = 0.0, use_rslora: bool = False, adapter_dtype: torch.dtype | None = None) -> None:
         if not isinstance(qweight, NF4Weight):
             raise TypeError(f"qweight must be a peft_ops.nf4.NF4Weight, got {type(qweight).__name__}")
-        _checks.optional_tensor("bias", bias, ndim=1)
+        checks.optional_tensor("bias", bias, ndim=1)
         if bias is not None and bias.shape[0] != qweight.out_features:
             raise ValueError(f"bias must be [out_features] = [{qweight.out_features}], got {tuple(bias.shape)}")
         adapter_dtype = qweight.dtype if adapter_dtype is None else adapter_dtype
-        if adapter_dtype not in _checks.FLOAT_DTYPES:
+        if adapter_dtype not in checks.FLOAT_DTYPES:
             raise TypeError(f"adapter_dtype must be float32, float16 or bfloat16, got {adapter_dtype}")
         super().__init__()
         self._configure(qweight.in_features, qweight.out_features, r, lora_alpha, lora_dropout, use_rslora)
@@ -204,8 +202,7 @@ class QLoraLinear(_LoraAdapter, nn.Module):
                     adapter_dtype: torch.dtype | None = None) -> "QLoraLinear":
         """Quantize ``linear.weight`` to NF4 (bitsandbytes' bytes) and add an adapter; the bias
         is kept as is (frozen). ``linear`` itself is left untouched."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        checks.module("linear", linear, nn.Linear)
         # check the configuration before the (costly) quantization
         cls._checked_config(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, use_rslora)
         adapter_dtype = _adapter_dtype(adapter_dtype, linear.weight.dtype)
@@ -269,72 +266,3 @@ class QLoraLinear(_LoraAdapter, nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout:g}, "
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}")
-
-
-class BottleneckAdapter(nn.Module):
-    """A bottleneck adapter (Houlsby et al. 2019): ``y = x + scaling·dropout(act(x·W_downᵀ +
-    b_down)·W_upᵀ + b_up)``, one call to the fused :func:`peft_ops.bottleneck_adapter`.
-
-    ``down_weight`` [bottleneck_size, hidden_size] and ``down_bias`` start as ``nn.Linear``'s
-    (kaiming-uniform, a = √5); ``up_weight`` [hidden_size, bottleneck_size] and ``up_bias``
-    start at zero, so a fresh adapter is the identity and inserting it changes no output.
-    Dropout applies to the adapter branch, in training mode only. The parameters' dtype must
-    be the input's (see :func:`peft_ops.bottleneck_adapter`).
-    """
-
-    def __init__(self, hidden_size: int, bottleneck_size: int, activation: str = "relu", scaling: float = 1.0,
-                 dropout: float = 0.0, device=None, dtype=None) -> None:
-        super().__init__()
-        self.hidden_size = _checks.positive_int("hidden_size", hidden_size)
-        self.bottleneck_size = _checks.positive_int("bottleneck_size", bottleneck_size)
-        self.activation = check_activation(activation)
-        self.scaling = _checks.real_number("scaling", scaling)
-        self.dropout = _checks.probability("dropout", dropout)
-        factory = {"device": device, "dtype": dtype}
-        self.down_weight = nn.Parameter(torch.empty((self.bottleneck_size, self.hidden_size), **factory))
-        self.down_bias = nn.Parameter(torch.empty(self.bottleneck_size, **factory))
-        self.up_weight = nn.Parameter(torch.empty((self.hidden_size, self.bottleneck_size), **factory))
-        self.up_bias = nn.Parameter(torch.empty(self.hidden_size, **factory))
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.down_weight, a=math.sqrt(5))
-        bound = 1 / math.sqrt(self.hidden_size)
-        nn.init.uniform_(self.down_bias, -bound, bound)
-        nn.init.zeros_(self.up_weight)
-        nn.init.zeros_(self.up_bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bottleneck_adapter(x, self.down_weight, self.down_bias, self.up_weight, self.up_bias, self.activation,
-                                  self.scaling, self.dropout if self.training else 0.0)
-
-    def extra_repr(self) -> str:
-        return (f"hidden_size={self.hidden_size}, bottleneck_size={self.bottleneck_size}, "
-                f"activation={self.activation!r}, scaling={self.scaling:g}, dropout={self.dropout:g}")
-
-
-class WithAdapter(nn.Module):
-    """``adapter(base_layer(...))``: a module whose output passes through a bottleneck adapter
-    (what :func:`peft_ops.apply_adapters` puts in place of each target). When the base layer
-    returns a tuple or list (attention layers return (output, weights)), the adapter applies to
-    its first element. ``base_layer`` keeps its own parameters and state-dict keys under
-    ``base_layer.``, as in PEFT."""
-
-    def __init__(self, base_layer: nn.Module, adapter: BottleneckAdapter) -> None:
-        if not isinstance(base_layer, nn.Module):
-            raise TypeError(f"base_layer must be a torch.nn.Module, got {type(base_layer).__name__}")
-        if not isinstance(adapter, BottleneckAdapter):
-            raise TypeError(f"adapter must be a peft_ops.BottleneckAdapter, got {type(adapter).__name__}")
-        super().__init__()
-        self.base_layer = base_layer
-        self.adapter = adapter
-
-    def forward(self, *args, **kwargs):
-        out = self.base_layer(*args, **kwargs)
-        if isinstance(out, torch.Tensor):
-            return self.adapter(out)
-        if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-            return type(out)([self.adapter(out[0]), *out[1:]])
-        raise TypeError(f"{type(self.base_layer).__name__} returned {type(out).__name__}: an adapter needs a "
-                        "tensor, or a tuple/list whose first element is one")

@@ -6,77 +6,26 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _checks, reference
-from .backend import resolve
-from .lora import TorchLoraOps, _mm32, check_adapter_args, check_bias, compiled, draw_seed, save_with_seed, \
-    saved_with_seed
-from .nf4 import NF4Tensors, NF4Weight
+from .. import reference
+from ..backend import resolve
+from ..nf4 import NF4Tensors, NF4Weight
+from . import checks
+from .autograd import call_without_autocast, autocast_dtype, draw_seed, save_with_seed, saved_with_seed
+from .custom_ops import ops_for_call
+from .lora import check_bias, check_lora_args
 
 
 def _check_base(x, qweight, bias) -> None:
     """x, the NF4 weight and the bias of nf4_linear / qlora_linear."""
     if not isinstance(qweight, NF4Weight):
         raise TypeError(f"qweight must be a peft_ops.nf4.NF4Weight, got {type(qweight).__name__}")
-    _checks.tensor("x", x, min_ndim=1)
-    _checks.float_dtype("x", x)
+    checks.tensor("x", x, min_ndim=1)
+    checks.float_dtype("x", x)
     if x.shape[-1] != qweight.in_features:
         raise ValueError(f"x has {x.shape[-1]} features in its last dimension but qweight "
                          f"{tuple(qweight.shape)} expects in_features={qweight.in_features}")
     check_bias(bias, qweight.out_features, x)
-    _checks.same_device({"x": x, "qweight": qweight.packed, "bias": bias})
-
-
-class TorchNF4Ops:
-    """The PyTorch path: W dequantized transiently (never saved) in x's dtype — the tensor-core
-    operand the kernels decode to — then the steps of TorchLoraOps."""
-
-    shrink = staticmethod(TorchLoraOps.shrink)
-
-    @staticmethod
-    def forward(x, qw, xa, lora_B, scaling, bias):
-        return TorchLoraOps.forward(x, reference.nf4_dequantize(qw, x.dtype), xa, lora_B, scaling, bias)
-
-    @staticmethod
-    def backward_dx(dy, qw):
-        return _mm32(dy, reference.nf4_dequantize(qw, dy.dtype)).to(dy.dtype)
-
-    @staticmethod
-    def qlora_backward(dy, x, qw, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
-        weight = reference.nf4_dequantize(qw, dy.dtype)
-        return TorchLoraOps.backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed,
-                                     need_dx, need_dA, need_dB)
-
-
-class KernelNF4Ops:
-    """The Triton path: the launchers of ``peft_ops.kernels.nf4`` (and the LoRA shrink)."""
-
-    @staticmethod
-    def _nf4():
-        from .kernels import nf4  # imported late: TRITON_INTERPRET must be set first
-
-        return nf4
-
-    @staticmethod
-    def shrink(x, lora_A, dropout_p, seed):
-        from .kernels import lora
-
-        return lora.shrink(x, lora_A, dropout_p, seed)
-
-    @staticmethod
-    def forward(x, qw, xa, lora_B, scaling, bias):
-        return KernelNF4Ops._nf4().forward(x, qw, xa, lora_B, scaling, bias)
-
-    @staticmethod
-    def backward_dx(dy, qw):
-        return KernelNF4Ops._nf4().backward_dx(dy, qw)
-
-    @staticmethod
-    def qlora_backward(*args):
-        return KernelNF4Ops._nf4().qlora_backward(*args)
-
-
-def _ops(device):
-    return compiled(KernelNF4Ops if resolve(device) == "triton" else TorchNF4Ops, "nf4")
+    checks.same_device({"x": x, "qweight": qweight.packed, "bias": bias})
 
 
 class NF4LinearFunction(torch.autograd.Function):
@@ -164,16 +113,15 @@ def nf4_linear(x: torch.Tensor, qweight: NF4Weight, bias: torch.Tensor | None = 
     and bias; the frozen weight gets none. M ≤ 16 rows take the split-K decode kernel, more
     rows the fused dequant-GEMM.
     """
-    autocast = _checks.autocast_dtype(x)
-    if autocast is not None:  # x and bias in the autocast dtype; W is decoded to x's dtype
-        with torch.autocast(x.device.type, enabled=False):
-            return nf4_linear(**_checks.cast_all(autocast, dict(x=x, bias=bias)), qweight=qweight)
+    if (dtype := autocast_dtype(x)) is not None:  # x and bias in the autocast dtype; W decodes to x's
+        return call_without_autocast(nf4_linear, dtype, dict(x=x, qweight=qweight, bias=bias))
     _check_base(x, qweight, bias)
-    if resolve(x.device) == "reference":
+    impl = resolve(x.device)
+    if impl == "reference":
         return reference.nf4_linear(x, qweight, bias)
     q = qweight.tensors()
     return NF4LinearFunction.apply(x, bias, q.packed, q.absmax, q.absmax_scale, q.absmax_offset, _meta(qweight),
-                                   _ops(x.device))
+                                   ops_for_call("nf4", impl))
 
 
 def qlora_linear(x: torch.Tensor, qweight: NF4Weight, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -185,16 +133,15 @@ def qlora_linear(x: torch.Tensor, qweight: NF4Weight, lora_A: torch.Tensor, lora
     lora_A [r, in] and lora_B [out, r] share x's dtype or float32; the rest as
     :func:`nf4_linear`. Gradients flow to x, lora_A, lora_B and bias.
     """
-    autocast = _checks.autocast_dtype(x)
-    if autocast is not None:
-        with torch.autocast(x.device.type, enabled=False):
-            return qlora_linear(**_checks.cast_all(autocast, dict(
-                x=x, lora_A=lora_A, lora_B=lora_B, scaling=scaling, bias=bias, dropout_p=dropout_p)), qweight=qweight)
+    if (dtype := autocast_dtype(x)) is not None:
+        return call_without_autocast(qlora_linear, dtype, dict(
+            x=x, qweight=qweight, lora_A=lora_A, lora_B=lora_B, scaling=scaling, bias=bias, dropout_p=dropout_p))
     _check_base(x, qweight, bias)
-    scaling, dropout_p = check_adapter_args(x, qweight.out_features, qweight.in_features, lora_A, lora_B,
-                                            scaling, dropout_p, {"qweight": qweight.packed, "bias": bias})
-    if resolve(x.device) == "reference":
+    scaling, dropout_p = check_lora_args(x, qweight.out_features, qweight.in_features, lora_A, lora_B,
+                                         scaling, dropout_p, {"qweight": qweight.packed, "bias": bias})
+    impl = resolve(x.device)
+    if impl == "reference":
         return reference.qlora_linear(x, qweight, lora_A, lora_B, scaling, bias, dropout_p)
     q = qweight.tensors()
     return QLoraLinearFunction.apply(x, lora_A, lora_B, bias, q.packed, q.absmax, q.absmax_scale, q.absmax_offset,
-                                     _meta(qweight), scaling, dropout_p, _ops(x.device))
+                                     _meta(qweight), scaling, dropout_p, ops_for_call("nf4", impl))

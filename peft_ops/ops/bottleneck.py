@@ -1,34 +1,35 @@
-"""The bottleneck adapter op: ``bottleneck_adapter`` and its autograd Function over the Triton
-or PyTorch path."""
+"""The bottleneck op: ``bottleneck_adapter`` and its autograd Function over the Triton or
+PyTorch path (``peft_ops.ops.paths``)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from . import _checks, reference
-from .backend import resolve
-from .lora import _mm32, compiled, draw_seed, save_with_seed, saved_with_seed, torch_keep_mask
-
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+from .. import reference
+from ..backend import resolve
+from ..kernels.interface import ACTIVATIONS
+from . import checks
+from .autograd import call_without_autocast, autocast_dtype, draw_seed, save_with_seed, saved_with_seed
+from .custom_ops import ops_for_call
+from .paths import bottleneck_impl
 
 
 def check_activation(activation: object) -> str:
-    return _checks.one_of("activation", activation, ACTIVATIONS)
+    return checks.one_of("activation", activation, ACTIVATIONS)
 
 
-def _check_adapter_args(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p):
+def check_bottleneck_args(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p):
     """Validate every argument of bottleneck_adapter; returns (scaling, dropout_p) as floats."""
-    _checks.tensor("x", x, min_ndim=1)
-    _checks.float_dtype("x", x)
-    _checks.tensor("down_weight", down_weight, ndim=2)
-    _checks.tensor("up_weight", up_weight, ndim=2)
-    _checks.optional_tensor("down_bias", down_bias, ndim=1)
-    _checks.optional_tensor("up_bias", up_bias, ndim=1)
+    checks.tensor("x", x, min_ndim=1)
+    checks.float_dtype("x", x)
+    checks.tensor("down_weight", down_weight, ndim=2)
+    checks.tensor("up_weight", up_weight, ndim=2)
+    checks.optional_tensor("down_bias", down_bias, ndim=1)
+    checks.optional_tensor("up_bias", up_bias, ndim=1)
     check_activation(activation)
-    scaling = _checks.real_number("scaling", scaling)
-    dropout_p = _checks.probability("dropout_p", dropout_p)
+    scaling = checks.real_number("scaling", scaling)
+    dropout_p = checks.probability("dropout_p", dropout_p)
     hidden = x.shape[-1]
     bottleneck = down_weight.shape[0]
     if hidden == 0 or bottleneck == 0:
@@ -47,85 +48,9 @@ def _check_adapter_args(x, down_weight, down_bias, up_weight, up_bias, activatio
     named = {"down_weight": down_weight, "down_bias": down_bias, "up_weight": up_weight, "up_bias": up_bias}
     for name, t in named.items():
         if t is not None:
-            _checks.same_dtype(name, t, "x", x)
-    _checks.same_device({"x": x, **named})
+            checks.same_dtype(name, t, "x", x)
+    checks.same_device({"x": x, **named})
     return scaling, dropout_p
-
-
-def activation_fp32(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(h) for fp32 h, as the kernels compute it."""
-    if activation == "relu":
-        return F.relu(h)
-    if activation == "gelu":
-        return F.gelu(h)
-    if activation == "gelu_tanh":
-        return F.gelu(h, approximate="tanh")
-    return F.silu(h)
-
-
-def activation_grad_fp32(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """act′(h) for fp32 h (relu′(0) = 0, as PyTorch)."""
-    if activation == "relu":
-        return (h > 0).to(h.dtype)
-    if activation == "gelu":
-        return 0.5 * (1.0 + torch.erf(h * 0.5**0.5)) + h * torch.exp(-0.5 * h * h) * (2 * torch.pi) ** -0.5
-    if activation == "gelu_tanh":
-        c = (2 / torch.pi) ** 0.5
-        t = torch.tanh(c * (h + 0.044715 * h**3))
-        return 0.5 * (1 + t) + 0.5 * h * (1 - t * t) * c * (1 + 3 * 0.044715 * h * h)
-    sig = torch.sigmoid(h)
-    return sig * (1 + h * (1 - sig))
-
-
-class TorchBottleneckOps:
-    """The PyTorch path: the kernels' steps, roundings and saved tensors in PyTorch ops (fp32
-    accumulation; act(h) and dh rounded to the compute dtype as the tensor cores' operands;
-    each output rounded once). Same signatures as the launchers of
-    ``peft_ops.kernels.bottleneck_adapter``."""
-
-    @staticmethod
-    def forward(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p, seed, save_h):
-        h = _mm32(x, down_weight.t())
-        if down_bias is not None:
-            h += down_bias
-        z = _mm32(activation_fp32(h, activation).to(x.dtype), up_weight.t())
-        if up_bias is not None:
-            z += up_bias
-        if dropout_p > 0:
-            z = torch.where(torch_keep_mask(seed, *x.shape, dropout_p, x.device), z * (1.0 / (1.0 - dropout_p)), 0.0)
-        return (x.float() + scaling * z).to(x.dtype), (h if save_h else None)
-
-    @staticmethod
-    def backward(dy, x, h, down_weight, up_weight, activation, scaling, dropout_p, seed, need_dx, need_dw):
-        branch_scale = scaling / (1.0 - dropout_p)
-        dy_kept = dy
-        if dropout_p > 0:
-            dy_kept = torch.where(torch_keep_mask(seed, *x.shape, dropout_p, x.device), dy, 0.0)
-        dh = (branch_scale * _mm32(dy_kept, up_weight)) * activation_grad_fp32(h, activation)
-        dh_operand = dh.to(x.dtype)
-        dx = (dy.float() + _mm32(dh_operand, down_weight)).to(x.dtype) if need_dx else None
-        if not need_dw:
-            return dx, None, None, None, None
-        act = activation_fp32(h, activation).to(x.dtype)
-        return (dx, _mm32(dh_operand.t(), x), dh.sum(dim=0), _mm32(dy_kept.t(), act).mul_(branch_scale),
-                dy_kept.float().sum(dim=0).mul_(branch_scale))
-
-
-def _kernel_ops():
-    from .kernels import bottleneck_adapter as adapter_kernels  # late: TRITON_INTERPRET must be set first
-
-    return adapter_kernels
-
-
-def adapter_ops(impl: str, dtype: torch.dtype, bottleneck_size: int):
-    """The launchers behind the Function for `impl` ("triton" / "torch"): the kernels, unless
-    the bottleneck is wider than their tile tables hold, then the PyTorch path."""
-    if impl == "triton":
-        from .kernels.bottleneck_adapter import max_bottleneck  # late: TRITON_INTERPRET must be set first
-
-        if bottleneck_size <= max_bottleneck(dtype):
-            return _kernel_ops()
-    return TorchBottleneckOps
 
 
 class BottleneckAdapterFunction(torch.autograd.Function):
@@ -180,18 +105,16 @@ def bottleneck_adapter(x: torch.Tensor, down_weight: torch.Tensor, down_bias: to
     adapter branch before the residual sum. Returns [..., d] in x's dtype; gradients flow to
     every input that requires grad.
     """
-    autocast = _checks.autocast_dtype(x)
-    if autocast is not None:
-        with torch.autocast(x.device.type, enabled=False):
-            return bottleneck_adapter(**_checks.cast_all(autocast, dict(
-                x=x, down_weight=down_weight, down_bias=down_bias, up_weight=up_weight, up_bias=up_bias,
-                activation=activation, scaling=scaling, dropout_p=dropout_p)))
-    scaling, dropout_p = _check_adapter_args(x, down_weight, down_bias, up_weight, up_bias, activation, scaling,
+    if (dtype := autocast_dtype(x)) is not None:
+        return call_without_autocast(bottleneck_adapter, dtype, dict(
+            x=x, down_weight=down_weight, down_bias=down_bias, up_weight=up_weight, up_bias=up_bias,
+            activation=activation, scaling=scaling, dropout_p=dropout_p))
+    scaling, dropout_p = check_bottleneck_args(x, down_weight, down_bias, up_weight, up_bias, activation, scaling,
                                              dropout_p)
     impl = resolve(x.device)
     if impl == "reference":
         return reference.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, activation, scaling,
                                             dropout_p)
-    ops = compiled(adapter_ops(impl, x.dtype, down_weight.shape[0]), "adapter")
+    ops = ops_for_call("bottleneck", bottleneck_impl(impl, x.dtype, down_weight.shape[0]))
     return BottleneckAdapterFunction.apply(x, down_weight, down_bias, up_weight, up_bias, activation, scaling,
                                            dropout_p, ops)

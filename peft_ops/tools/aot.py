@@ -1,9 +1,9 @@
-"""``peft-ops compile``: build every kernel at every autotune config for sm_80 and sm_90a with
-``triton.compile`` (no GPU needed) and report what decides its speed: registers, spills
+"""``peft-ops aot`` (also ``peft-ops compile``): build every kernel ahead of time (aot) at every
+autotune config for sm_80 and sm_90a with ``triton.compile`` (no GPU needed) and report what decides its speed: registers, spills
 (ptxas' own count of spill stores + loads), shared memory, CTAs per SM and what limits them,
-and, per iteration of its main loop (``peft_ops.kernel_facts``), the tensor-core instructions,
+and, per iteration of its main loop (``peft_ops.tools.kernel_facts``), the tensor-core instructions,
 global loads and stores by width, ``cp.async`` by size, TMA copies and gathers. It also plans
-one call of each op at a model's shape and counts the launches (``peft_ops.launches``).
+one call of each op at a model's shape and counts the launches (``peft_ops.tools.launches``).
 Exit code 1 if any build spills, lacks tensor-core instructions or needs more shared memory
 than its GPU has.
 
@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import hashlib
-import importlib
+import importlib.metadata
 import importlib.util
-import io
 import json
 import math
 import multiprocessing
@@ -30,17 +28,19 @@ import re
 import sys
 import time
 
-from . import kernel_facts
-from ._table import text_table
+from ..backend import kernel_modules
+from . import kernel_facts, launches
+from .records import text_table, write_json
 
-KERNEL_MODULES = ("peft_ops.kernels.lora", "peft_ops.kernels.nf4", "peft_ops.kernels.bottleneck_adapter")
+# The kernel modules with builds (peft_ops.kernels.<name>.aot_specs).
+KERNEL_MODULES = ("lora", "nf4", "bottleneck", "dropout")
 TARGETS = ("sm80", "sm90")
 # Largest shared memory a block may opt into: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
 SHARED_LIMIT_BYTES = {"sm80": 166912, "sm90": 232448}
 
 
 def _specs(module_name: str, target: str):
-    return importlib.import_module(module_name).compile_specs(target)
+    return getattr(kernel_modules(), module_name).aot_specs(target)
 
 
 def _ptxas_usage(log: str) -> dict:
@@ -53,19 +53,13 @@ def _ptxas_usage(log: str) -> dict:
             "spill_bytes": int(spills.group(2)) + int(spills.group(3))}
 
 
-def compile_build(build, target: str) -> dict:
-    """Compile one build (a ``KernelBuild``) for `target` and read its facts."""
-    import triton
-
-    triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v report, printed to stdout
-    triton.knobs.compilation.always_compile = True  # a cached build would skip ptxas and its report
-    log = io.StringIO()
+def build_facts(build, target: str) -> dict:
+    """Build one ``KernelBuild`` for `target` and read its facts."""
     start = time.perf_counter()
-    with contextlib.redirect_stdout(log):
-        compiled = build.compile(target)
+    compiled, log = build.build_with_ptxas_log(target)
     seconds = time.perf_counter() - start
     ptx = compiled.asm["ptx"]
-    usage = _ptxas_usage(log.getvalue())
+    usage = _ptxas_usage(log)
     facts = kernel_facts.ptx_facts(ptx, build.num_warps)
     shared = compiled.metadata.shared
     row = {
@@ -84,8 +78,8 @@ def compile_build(build, target: str) -> dict:
     return json.loads(json.dumps(row))  # as the cache returns it (JSON: string keys)
 
 
-def _compile_job(job) -> dict:
-    return compile_build(*job)
+def _build_job(job) -> dict:
+    return build_facts(*job)
 
 
 # --------------------------------------------------------------------------------------
@@ -104,12 +98,10 @@ def _sources_hash() -> str:
     depend on besides the build itself."""
     global _SOURCES_HASH
     if _SOURCES_HASH is None:
-        import triton
-
-        digest = hashlib.sha256(triton.__version__.encode())
+        digest = hashlib.sha256(importlib.metadata.version("triton").encode())
         here = pathlib.Path(__file__).parent
         kernels = pathlib.Path(importlib.util.find_spec("peft_ops.kernels").origin).parent
-        for path in sorted(kernels.glob("*.py")) + [here / "kernel_facts.py", here / "compile_report.py"]:
+        for path in sorted(kernels.glob("*.py")) + [here / "kernel_facts.py", here / "aot.py"]:
             digest.update(path.read_bytes())
         _SOURCES_HASH = digest.hexdigest()[:16]
     return _SOURCES_HASH
@@ -121,11 +113,11 @@ def _cache_file(build, target: str) -> pathlib.Path:
 
 
 def _clear_interpreter() -> None:
-    os.environ.pop("TRITON_INTERPRET", None)  # compile workers need the real JIT functions
+    os.environ.pop("TRITON_INTERPRET", None)  # build workers need the real JIT functions
 
 
-def compile_builds(work: list, jobs: int | None = None, use_cache: bool = True) -> list[dict]:
-    """Rows for [(build, target), …], compiled in parallel in fresh processes (without the
+def run_builds(work: list, jobs: int | None = None, use_cache: bool = True) -> list[dict]:
+    """Rows for [(build, target), …], built in parallel in fresh processes (without the
     interpreter, whatever this process runs under), each at most once, cached on disk."""
     rows: list = [None] * len(work)
     todo = []
@@ -140,7 +132,7 @@ def compile_builds(work: list, jobs: int | None = None, use_cache: bool = True) 
         # spawn: a clean interpreter per worker, whatever the parent imported
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                                     initializer=_clear_interpreter) as pool:
-            for i, row in zip(todo, pool.map(_compile_job, [work[i] for i in todo])):
+            for i, row in zip(todo, pool.map(_build_job, [work[i] for i in todo])):
                 rows[i] = row
                 if use_cache:
                     path = _cache_file(*work[i])
@@ -157,9 +149,9 @@ def _tile_size(spec) -> tuple:
     return math.prod(blocks), spec.num_warps, spec.num_stages
 
 
-def compile_all(jobs: int | None = None, targets=TARGETS, only: str | None = None,
-                use_cache: bool = True, ends_only_targets=(), first_only_targets=()) -> list[dict]:
-    """Every build of every kernel file's ``compile_specs`` for `targets` (names containing
+def build_all(jobs: int | None = None, targets=TARGETS, only: str | None = None,
+              use_cache: bool = True, ends_only_targets=(), first_only_targets=()) -> list[dict]:
+    """Every build of every kernel file's ``aot_specs`` for `targets` (names containing
     `only`, if given). On the targets in `ends_only_targets`, two builds per build name (each
     kernel in each variant) instead of one per config: its family's first config (what a
     launch takes untuned) and its largest tile (the likeliest to spill); on those in
@@ -178,7 +170,7 @@ def compile_all(jobs: int | None = None, targets=TARGETS, only: str | None = Non
                     largest = max(specs, key=_tile_size)
                     specs = [specs[0]] + ([largest] if largest is not specs[0] else [])
                 work += [(spec, t) for spec in specs]
-    return compile_builds(work, jobs, use_cache)
+    return run_builds(work, jobs, use_cache)
 
 
 def problems(row: dict) -> list[str]:
@@ -227,13 +219,13 @@ def format_launches(planned: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="peft-ops compile", description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
+    parser = argparse.ArgumentParser(prog="peft-ops aot", description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=None, help="parallel builds (default: CPU count)")
     parser.add_argument("--target", choices=["all", *TARGETS], default="all", help="sm80, sm90 (sm_90a) or all")
     parser.add_argument("--only", default=None, help="only builds whose name contains this")
     parser.add_argument("--json", action="store_true", help="print the record as JSON instead of tables")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="also write the record (JSON) here")
-    parser.add_argument("--no-cache", action="store_true", help="compile every build again")
+    parser.add_argument("--no-cache", action="store_true", help="build everything again")
     parser.add_argument("--ends-only", action="append", default=[], choices=TARGETS, metavar="TARGET",
                         help="on TARGET (repeatable), build each kernel in each variant at two configs only: "
                              "its family's first and its largest tile")
@@ -241,20 +233,17 @@ def main(argv: list[str]) -> int:
                         help="on TARGET (repeatable), each kernel in each variant at its family's first config only")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        print("peft-ops compile needs TRITON_INTERPRET unset (the interpreter replaces the kernels)", file=sys.stderr)
+        print("peft-ops aot needs TRITON_INTERPRET unset (the interpreter replaces the kernels)", file=sys.stderr)
         return 2
-    from . import launches
-
     targets = TARGETS if args.target == "all" else (args.target,)
     start = time.perf_counter()
-    rows = compile_all(args.jobs, targets, args.only, use_cache=not args.no_cache,
+    rows = build_all(args.jobs, targets, args.only, use_cache=not args.no_cache,
                        ends_only_targets=tuple(args.ends_only), first_only_targets=tuple(args.first_only))
     planned = launches.launch_table()
     bad = [(r, problems(r)) for r in rows if problems(r)]
     record = {"builds": rows, "launches_per_call": planned}
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=1))
+        write_json(args.out, record)
     if args.json:
         print(json.dumps(record, indent=1))
     else:

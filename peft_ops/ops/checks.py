@@ -8,7 +8,7 @@ import numbers
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ..kernels.interface import FLOAT_DTYPES
 
 
 def tensor(name: str, value: object, *, ndim: int | None = None, min_ndim: int | None = None) -> torch.Tensor:
@@ -77,15 +77,9 @@ def one_of(name: str, value: object, choices: tuple[str, ...]) -> str:
     return value
 
 
-def autocast_dtype(x: object) -> torch.dtype | None:
-    """The autocast dtype when x is a tensor on a device where torch.autocast is on, else None.
-    The ops then run as F.linear does under autocast: every floating tensor in that dtype."""
-    # meta tensors (launch plans, byte counts) have no autocast state
-    if not isinstance(x, torch.Tensor) or x.device.type == "meta" or not torch.is_autocast_enabled(x.device.type):
-        return None
-    return torch.get_autocast_dtype(x.device.type)
-
-
-def cast_all(dtype: torch.dtype, values: dict) -> dict:
-    """Floating tensors of `values` cast to dtype (autograd flows back through the cast)."""
-    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in values.items()}
+def module(name: str, value: object, kind: type = torch.nn.Module) -> torch.nn.Module:
+    """A module argument: TypeError unless `value` is an instance of `kind` (nn.Module, nn.Linear …)."""
+    if not isinstance(value, kind):
+        where = "torch.nn" if kind.__module__.startswith("torch.nn") else kind.__module__
+        raise TypeError(f"{name} must be a {where}.{kind.__qualname__}, got {type(value).__name__}")
+    return value

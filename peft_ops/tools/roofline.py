@@ -24,7 +24,10 @@ import math
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-OPS = ("lora", "qlora", "nf4", "adapter")
+from .. import reference
+from ..backend import kernel_modules
+
+OPS = ("lora", "qlora", "nf4", "bottleneck")
 PHASES = ("forward", "backward")
 
 # Dense bf16 tensor-core FLOP/s and HBM bandwidth from the vendors' datasheets (no sparsity).
@@ -58,7 +61,7 @@ def gpu_for_device_name(name: str) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class OpShape:
     """One op at one shape. lora / qlora: x [M, K] → [M, N] with rank r; nf4: the same without
-    an adapter; adapter: x [M, d] with bottleneck m (K = N = d, r = m)."""
+    an adapter; bottleneck: x [M, d] with bottleneck m (K = N = d, r = m)."""
     op: str
     M: int
     K: int
@@ -67,7 +70,7 @@ class OpShape:
     element_bytes: int = 2  # bf16
 
     def label(self) -> str:
-        if self.op == "adapter":
+        if self.op == "bottleneck":
             return f"M={self.M} d={self.K} m={self.r}"
         rank = f" r={self.r}" if self.op in ("lora", "qlora") else ""
         return f"M={self.M} {self.K}→{self.N}{rank}"
@@ -82,7 +85,7 @@ def nf4_weight_bytes(N: int, K: int, blocksize: int = 64) -> int:
 
 def flops(s: OpShape, phase: str) -> int:
     M, K, N, r = s.M, s.K, s.N, s.r
-    if s.op == "adapter":  # two d×m GEMMs forward; dh, dX, dW_down, dW_up backward
+    if s.op == "bottleneck":  # two d×m GEMMs forward; dh, dX, dW_down, dW_up backward
         return 4 * M * K * r if phase == "forward" else 8 * M * K * r
     base = 2 * M * N * K
     if s.op == "nf4":
@@ -98,7 +101,7 @@ def _weight_bytes(s: OpShape) -> int:
 
 def min_bytes(s: OpShape, phase: str) -> int:
     e, M, K, N, r = s.element_bytes, s.M, s.K, s.N, s.r
-    if s.op == "adapter":
+    if s.op == "bottleneck":
         params = (2 * K * r + r + K) * e
         return 2 * M * K * e + params if phase == "forward" else 3 * M * K * e + 2 * params
     adapters = (r * K + N * r) * e
@@ -110,8 +113,8 @@ def min_bytes(s: OpShape, phase: str) -> int:
 def fused_bytes(s: OpShape, phase: str) -> int:
     """What the kernels move (see the module docstring and each kernel file's)."""
     e, M, K, N, r = s.element_bytes, s.M, s.K, s.N, s.r
-    if s.op == "adapter":
-        return _adapter_fused_bytes(M, K, r, e)[phase]
+    if s.op == "bottleneck":
+        return _bottleneck_fused_bytes(M, K, r, e)[phase]
     if s.op == "nf4":  # one pass over x, W and y (the decode GEMV's split-K partials are M×N fp32)
         return min_bytes(s, phase)
     rank_fp32 = 4 * M * r  # xa or g, fp32
@@ -122,18 +125,18 @@ def fused_bytes(s: OpShape, phase: str) -> int:
     return min_bytes(s, phase) + M * N * e + 3 * rank_fp32 + partials
 
 
-def _adapter_fused_bytes(M: int, d: int, m: int, e: int) -> dict:
-    """Bottleneck adapter kernels (kernels/bottleneck_adapter.py): forward reads x once (its
+def _bottleneck_fused_bytes(M: int, d: int, m: int, e: int) -> dict:
+    """Bottleneck adapter kernels (kernels/bottleneck.py): forward reads x once (its
     second read from L2), writes y and h [M, m] fp32; backward: the dh kernel reads dY and h
     and writes dh, the dX kernel reads dY, x, h, dh and writes dX and fp32 row-slice partials
     (one more read of dY where the sm_90 table splits the dX kernel in two launches)."""
-    from .kernels.bottleneck_adapter import BACKWARD_DX_TILES, block_bottleneck, row_slices, tile_family
-
+    kernels = kernel_modules().bottleneck
     act, h, weights = M * d * e, M * m * 4, (2 * m * d + m + d) * e
-    tiles = BACKWARD_DX_TILES["sm90"][tile_family(torch.float32 if e == 4 else torch.bfloat16, block_bottleneck(m))]
+    family = kernels.tile_family(torch.float32 if e == 4 else torch.bfloat16, kernels.block_bottleneck(m))
+    tiles = kernels.BACKWARD_DX_TILES["sm90"][family]
     split = isinstance(tiles, dict)
     block_m, block_d = (tiles["dw"] if split else tiles)[:2]
-    partials = 2 * row_slices(M, d, block_m, block_d)[0] * (2 * m * d + d) * 4
+    partials = 2 * kernels.row_slices(M, d, block_m, block_d)[0] * (2 * m * d + d) * 4
     return {"forward": 2 * act + h + weights, "backward": (4 + split) * act + 4 * h + 2 * weights + partials}
 
 
@@ -160,13 +163,11 @@ class CountBytes(TorchDispatchMode):
 @functools.lru_cache(maxsize=None)
 def unfused_bytes(s: OpShape, dropout_p: float = 0.0) -> dict:
     """Eager PyTorch's bytes {forward, backward} at this shape (the reference chain on meta
-    tensors); x, the adapters and the adapter weights require grad, the base weight does not."""
-    from . import reference
-
+    tensors); x, the adapters and the bottleneck weights require grad, the base weight does not."""
     dtype = {2: torch.bfloat16, 4: torch.float32}[s.element_bytes]
     meta = dict(device="meta", dtype=dtype)
     x = torch.empty(s.M, s.K, **meta, requires_grad=True)
-    if s.op == "adapter":
+    if s.op == "bottleneck":
         params = [torch.empty(s.r, s.K, **meta), torch.empty(s.r, **meta), torch.empty(s.K, s.r, **meta),
                   torch.empty(s.K, **meta)]
         params = [p.requires_grad_() for p in params]

@@ -1,0 +1,134 @@
+"""The LoRA op: ``lora_linear`` and its autograd Function over the Triton or PyTorch path
+(``peft_ops.ops.paths``)."""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .. import reference
+from ..backend import resolve
+from . import checks
+from .autograd import call_without_autocast, autocast_dtype, draw_seed, save_with_seed, saved_with_seed
+from .custom_ops import ops_for_call
+
+
+def check_lora_linear_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p) -> tuple[float, float]:
+    """Validate every argument of lora_linear; returns (scaling, dropout_p) as floats."""
+    checks.tensor("x", x, min_ndim=1)
+    checks.tensor("weight", weight, ndim=2)
+    out_features, in_features = weight.shape
+    if in_features == 0 or out_features == 0:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}: in_features and out_features must be ≥ 1")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight "
+                         f"{tuple(weight.shape)} expects in_features={in_features}")
+    checks.float_dtype("x", x)
+    checks.same_dtype("weight", weight, "x", x)
+    check_bias(bias, out_features, x)
+    return check_lora_args(x, out_features, in_features, lora_A, lora_B, scaling, dropout_p,
+                              {"weight": weight, "bias": bias})
+
+
+def check_bias(bias, out_features: int, x: torch.Tensor) -> None:
+    """bias: None, or [out_features] in x's dtype (lora_linear, nf4_linear, qlora_linear)."""
+    checks.optional_tensor("bias", bias, ndim=1)
+    if bias is not None:
+        if bias.shape[0] != out_features:
+            raise ValueError(f"bias must be [out_features] = [{out_features}], got {tuple(bias.shape)}")
+        checks.same_dtype("bias", bias, "x", x)
+
+
+def check_lora_args(x, out_features, in_features, lora_A, lora_B, scaling, dropout_p,
+                    base_tensors: dict) -> tuple[float, float]:
+    """The checks lora_linear and qlora_linear share once x, the base weight and the bias are
+    checked: the adapters, scaling, dropout_p, and that every tensor (x, `base_tensors`, the
+    adapters) is on one device. Returns (scaling, dropout_p)."""
+    checks.tensor("lora_A", lora_A, ndim=2)
+    checks.tensor("lora_B", lora_B, ndim=2)
+    scaling = checks.real_number("scaling", scaling)
+    dropout_p = checks.probability("dropout_p", dropout_p)
+    r = lora_A.shape[0]
+    if r <= 0:
+        raise ValueError(f"lora_A has shape {tuple(lora_A.shape)}: the rank r (its first dimension) must be ≥ 1")
+    if lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A must be [r, in_features] = [{r}, {in_features}], got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"lora_B must be [out_features, r] = [{out_features}, {r}], got {tuple(lora_B.shape)}")
+    checks.float_dtype("lora_A", lora_A)
+    checks.same_dtype("lora_B", lora_B, "lora_A", lora_A)
+    if lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"lora_A has dtype {lora_A.dtype}: adapter weights must have x's dtype "
+                        f"({x.dtype}) or float32")
+    checks.same_device({"x": x, **base_tensors, "lora_A": lora_A, "lora_B": lora_B})
+    return scaling, dropout_p
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ + b, with drop(x) = x⊙keep/(1-p).
+
+    Forward:  xa = drop(x)·Aᵀ              (shrink: [M, r], fp32)
+              y  = x·Wᵀ + s·xa·Bᵀ + b      (GEMM, LoRA term and bias in its epilogue)
+    Backward, with g = dY·B [M, r]:
+              dX = dY·W + s·(g·A)⊙keep/(1-p)
+              dA = s·gᵀ·drop(x)           = s/(1-p)·gᵀ·(x⊙keep)
+              dB = s·dYᵀ·xa
+              dW = dYᵀ·x                   (only when weight requires grad)
+              db = Σ_m dY                  (only when bias requires grad)
+    Saved: x itself (no copy), xa [M, r] fp32, the parameters, and the dropout seed as an int
+    (inside torch.compile a 0-d tensor); the keep mask is regenerated from the seed in the
+    backward, never stored.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, ops):
+        in_features = x.shape[-1]
+        out_features = weight.shape[0]
+        x2d = x.reshape(-1, in_features)  # a view unless x's strides forbid one
+        seed = draw_seed(ops, dropout_p)
+        xa = ops.shrink(x2d, lora_A, dropout_p, seed)
+        y = ops.forward(x2d, weight, xa, lora_B, scaling, bias)
+        save_with_seed(ctx, (x, weight, lora_A, lora_B, xa), seed)
+        ctx.scaling, ctx.dropout_p, ctx.ops = scaling, dropout_p, ops
+        return y.view(*x.shape[:-1], out_features)
+
+    @staticmethod
+    @once_differentiable  # the backward is not itself differentiable: say so, don't return wrong
+    def backward(ctx, dy):
+        (x, weight, lora_A, lora_B, xa), seed = saved_with_seed(ctx)
+        need_dx, need_dW, need_dA, need_dB, need_db = ctx.needs_input_grad[:5]
+        x2d = x.reshape(-1, x.shape[-1])
+        dy2d = dy.reshape(-1, weight.shape[0])
+        dx, dA, dB = ctx.ops.backward(dy2d, x2d, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p,
+                                      seed, need_dx, need_dA, need_dB)
+        dW = torch.mm(dy2d.t(), x2d) if need_dW else None
+        db = dy2d.sum(dim=0) if need_db else None
+        return (
+            dx.view(x.shape) if dx is not None else None,
+            dW,
+            dA.to(lora_A.dtype) if dA is not None else None,
+            dB.to(lora_B.dtype) if dB is not None else None,
+            db,
+            None, None, None,
+        )
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                scaling: float, bias: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """``x·weightᵀ + scaling·(dropout(x)·lora_Aᵀ)·lora_Bᵀ + bias``, fused.
+
+    Layouts as in PyTorch and PEFT: x [..., in] (any leading dims, any strides), weight
+    [out, in], lora_A [r, in], lora_B [out, r], bias [out]; the result is [..., out] in x's
+    dtype. x, weight and bias share one dtype (fp32, fp16 or bf16); lora_A and lora_B share
+    x's dtype or float32 (PEFT's fp32 adapters on a half-precision base). ``dropout_p``
+    applies inverted dropout to the LoRA input only. Gradients flow to every input that
+    requires grad.
+    """
+    if (dtype := autocast_dtype(x)) is not None:  # as F.linear under autocast
+        return call_without_autocast(lora_linear, dtype, dict(
+            x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, scaling=scaling, bias=bias, dropout_p=dropout_p))
+    scaling, dropout_p = check_lora_linear_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
+    impl = resolve(x.device)
+    if impl == "reference":
+        return reference.lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
+    return LoraLinearFunction.apply(x, weight, lora_A, lora_B, bias, scaling, dropout_p, ops_for_call("lora", impl))

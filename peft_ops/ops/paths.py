@@ -1,0 +1,165 @@
+"""The two implementations behind every autograd Function, one interface per op:
+
+- the Triton path: the launchers of ``peft_ops.kernels`` (``lora``, ``nf4``, ``bottleneck``);
+- the PyTorch path: the same steps, roundings and saved tensors in PyTorch ops (fp32
+  accumulation, each output rounded once). Not the reference: that is
+  :mod:`peft_ops.reference`, plain PyTorch with autograd as is.
+
+``eager_ops(op, impl)`` picks one; ``peft_ops.ops.custom_ops`` wraps either for torch.compile.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backend import kernel_modules
+from ..nf4 import NF4Tensors, code_tables, decode
+from ..reference import activation_derivative, apply_activation
+from .autograd import mm32, torch_keep_mask
+
+
+def rank_dtype(dtype: torch.dtype, adapter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the rank-r operands (xa, g, A, B) as the kernels feed them to the tensor
+    cores: the compute dtype, or fp32 when the adapters are fp32 (RANK_FP32)."""
+    return torch.float32 if adapter_dtype == torch.float32 else dtype
+
+
+class TorchLoraOps:
+    """The LoRA op's PyTorch path; same signatures as the launchers of ``peft_ops.kernels.lora``.
+    Half-precision operands are widened to fp32 transiently.
+
+    Rank-r operands (xa, g, A, B) are rounded to the compute dtype as the tensor cores' inputs
+    are, except with fp32 adapters, where the kernels keep those products fp32 (RANK_FP32)."""
+
+    @staticmethod
+    def shrink(x, lora_A, dropout_p, seed):
+        if dropout_p > 0:
+            x = x * torch_keep_mask(seed, *x.shape, dropout_p, x.device)
+        xa = mm32(x, lora_A.to(rank_dtype(x.dtype, lora_A.dtype)).t())
+        return xa.mul_(1.0 / (1.0 - dropout_p)) if dropout_p > 0 else xa
+
+    @staticmethod
+    def forward(x, weight, xa, lora_B, scaling, bias):
+        """xa None: the base layer alone (nf4_linear's PyTorch path)."""
+        y = mm32(x, weight.t())
+        if xa is not None:
+            rank = rank_dtype(x.dtype, lora_B.dtype)
+            y += mm32((xa * scaling).to(rank), lora_B.to(rank).t())
+        if bias is not None:
+            y += bias
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
+        rank = rank_dtype(dy.dtype, lora_A.dtype)
+        lora_scale = scaling / (1.0 - dropout_p)
+        keep = torch_keep_mask(seed, *x.shape, dropout_p, x.device) if dropout_p > 0 else None
+        dx = dA = dB = None
+        if need_dB:
+            dB = mm32(dy.t(), xa.to(rank)).mul_(scaling)
+        if need_dx or need_dA:
+            g = mm32(dy, lora_B.to(rank))
+        if need_dx:
+            lora = mm32((g * lora_scale).to(rank), lora_A.to(rank))
+            if keep is not None:
+                lora *= keep
+            dx = (mm32(dy, weight) + lora).to(dy.dtype)
+        if need_dA:
+            x_kept = x if keep is None else x * keep
+            dA = mm32(g.to(rank).t(), x_kept).mul_(lora_scale)
+        return dx, dA, dB
+
+
+class TorchNF4Ops:
+    """The NF4 ops' PyTorch path: W decoded transiently (never saved) in x's dtype — the
+    tensor-core operand the kernels decode to — then the steps of TorchLoraOps."""
+
+    shrink = staticmethod(TorchLoraOps.shrink)
+
+    @staticmethod
+    def forward(x, qw: NF4Tensors, xa, lora_B, scaling, bias):
+        return TorchLoraOps.forward(x, decode(qw, x.dtype), xa, lora_B, scaling, bias)
+
+    @staticmethod
+    def backward_dx(dy, qw: NF4Tensors):
+        return mm32(dy, decode(qw, dy.dtype)).to(dy.dtype)
+
+    @staticmethod
+    def qlora_backward(dy, x, qw: NF4Tensors, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_dA,
+                       need_dB):
+        return TorchLoraOps.backward(dy, x, decode(qw, dy.dtype), lora_A, lora_B, xa, scaling, dropout_p, seed,
+                                     need_dx, need_dA, need_dB)
+
+
+class KernelNF4Ops:
+    """The NF4 ops' Triton path: the launchers of ``peft_ops.kernels.nf4`` with the format's
+    code tables, and the LoRA shrink. `regime` / `split_k` pin the forward's kernel (tests)."""
+
+    def __init__(self, regime: str | None = None, split_k: int | None = None):
+        self.regime, self.split_k = regime, split_k
+
+    @staticmethod
+    def shrink(x, lora_A, dropout_p, seed):
+        return kernel_modules().lora.shrink(x, lora_A, dropout_p, seed)
+
+    def forward(self, x, qw: NF4Tensors, xa, lora_B, scaling, bias):
+        return kernel_modules().nf4.forward(x, qw, xa, lora_B, scaling, bias, self.regime, self.split_k,
+                                            tables=code_tables(x.device))
+
+    @staticmethod
+    def backward_dx(dy, qw: NF4Tensors):
+        return kernel_modules().nf4.backward_dx(dy, qw, tables=code_tables(dy.device))
+
+    @staticmethod
+    def qlora_backward(dy, x, qw: NF4Tensors, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_dA,
+                       need_dB):
+        return kernel_modules().nf4.qlora_backward(dy, x, qw, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx,
+                                                   need_dA, need_dB, tables=code_tables(dy.device))
+
+
+class TorchBottleneckOps:
+    """The bottleneck op's PyTorch path (act(h) and dh rounded to the compute dtype as the
+    tensor cores' operands); same signatures as the launchers of ``peft_ops.kernels.bottleneck``."""
+
+    @staticmethod
+    def forward(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p, seed, save_h):
+        h = mm32(x, down_weight.t())
+        if down_bias is not None:
+            h += down_bias
+        z = mm32(apply_activation(h, activation).to(x.dtype), up_weight.t())
+        if up_bias is not None:
+            z += up_bias
+        if dropout_p > 0:
+            z = torch.where(torch_keep_mask(seed, *x.shape, dropout_p, x.device), z * (1.0 / (1.0 - dropout_p)), 0.0)
+        return (x.float() + scaling * z).to(x.dtype), (h if save_h else None)
+
+    @staticmethod
+    def backward(dy, x, h, down_weight, up_weight, activation, scaling, dropout_p, seed, need_dx, need_dw):
+        branch_scale = scaling / (1.0 - dropout_p)
+        dy_kept = dy
+        if dropout_p > 0:
+            dy_kept = torch.where(torch_keep_mask(seed, *x.shape, dropout_p, x.device), dy, 0.0)
+        dh = (branch_scale * mm32(dy_kept, up_weight)) * activation_derivative(h, activation)
+        dh_operand = dh.to(x.dtype)
+        dx = (dy.float() + mm32(dh_operand, down_weight)).to(x.dtype) if need_dx else None
+        if not need_dw:
+            return dx, None, None, None, None
+        act = apply_activation(h, activation).to(x.dtype)
+        return (dx, mm32(dh_operand.t(), x), dh.sum(dim=0), mm32(dy_kept.t(), act).mul_(branch_scale),
+                dy_kept.float().sum(dim=0).mul_(branch_scale))
+
+
+def bottleneck_impl(impl: str, dtype: torch.dtype, bottleneck_size: int) -> str:
+    """The path the bottleneck op takes for `impl`: the kernels, unless the bottleneck is wider
+    than their tile tables hold (then the PyTorch path, cuBLAS GEMMs on a GPU)."""
+    if impl == "triton" and bottleneck_size > kernel_modules().bottleneck.max_bottleneck(dtype):
+        return "torch"
+    return impl
+
+
+def eager_ops(op: str, impl: str):
+    """The implementation of `op` ("lora", "nf4", "bottleneck") for `impl` ("triton", "torch")."""
+    if impl == "triton":
+        kernels = kernel_modules()
+        return {"lora": kernels.lora, "nf4": KernelNF4Ops(), "bottleneck": kernels.bottleneck}[op]
+    return {"lora": TorchLoraOps, "nf4": TorchNF4Ops, "bottleneck": TorchBottleneckOps}[op]
