@@ -1,7 +1,7 @@
 """Max error of lora_linear against float64 over many random cases, per path, dtype and tensor.
 
-The tolerances in peft_ops/testing.py are set from rounding analysis and checked against
-this survey. On a CPU machine the kernels run in the Triton interpreter:
+The tolerances in peft_ops/tools/accuracy.py are set from rounding analysis and checked
+against this survey (its cases and runner are the ones the tests and `peft-ops check` use). On a CPU machine the kernels run in the Triton interpreter:
 
     TRITON_INTERPRET=1 python benchmarks/error_survey.py --cases 40
 """
@@ -12,7 +12,9 @@ import random
 
 import torch
 
-from peft_ops.testing import DTYPE_NAMES, LoraCase, run_lora_case
+from peft_ops.kernels.interface import DTYPE_NAMES
+from peft_ops.ops.paths import eager_ops
+from peft_ops.tools.accuracy import LoraCase, run_lora_case
 
 
 def main():
@@ -21,9 +23,6 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--adapter-fp32", action="store_true", help="fp32 adapters on half-precision x")
     args = parser.parse_args()
-
-    from peft_ops.kernels import lora as kernel_ops
-    from peft_ops.lora import TorchLoraOps
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rng = random.Random(args.seed)
@@ -37,7 +36,8 @@ def main():
                             dropout_p=rng.choice([0.0, 0.0, 0.1, 0.5]), bias=rng.random() < 0.7,
                             train_base=rng.random() < 0.3, scaling=rng.choice([0.5, 1.0, 2.0]),
                             adapter_dtype=torch.float32 if args.adapter_fp32 else None)
-            for path, ops in (("triton", kernel_ops), ("torch", TorchLoraOps)):
+            for path in ("triton", "torch"):
+                ops = eager_ops("lora", path)
                 for result in run_lora_case(case, ops, device=device, seed=i):
                     key = (path, DTYPE_NAMES[dtype], result.name)
                     worst[key] = max(worst[key], result.error())

@@ -6,14 +6,14 @@ comparisons between commits:
     pytest benchmarks/ --benchmark-compare               # … compare against the saved run
 
 Every timed function synchronizes CUDA before it returns, so the GPU's work is inside the
-measurement. The implementations are those of `peft-ops bench` (peft_ops.bench).
+measurement. The implementations are those of `peft-ops bench` (peft_ops.tools.bench).
 """
 
 import pytest
 import torch
 
-from peft_ops.bench import implementations
-from peft_ops.roofline import OpShape
+from peft_ops.tools.bench import implementations
+from peft_ops.tools.roofline import OpShape
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

@@ -1,5 +1,10 @@
 """Test set-up: Triton kernels run in the interpreter on CPU-only machines.
 
+The tests are grouped by the package's layers — kernel/, ops/, nn/, peft/, tools/ — plus
+reliability/ (determinism, large tensors, torch.compile, distributed, the GPU suite) and, at
+the top, the package as a whole (its layering, the README's examples, examples/); helpers/
+holds what several test files share.
+
 TRITON_INTERPRET is read when @triton.jit decorates the kernels, i.e. when
 peft_ops.kernels.* is first imported: it is set here, before any test module imports them.
 On a CUDA machine the kernels run natively and the `gpu`-marked tests run too.
@@ -18,7 +23,7 @@ if not HAS_CUDA:
 def round_bf16_to_nearest_in_the_interpreter() -> None:
     """The interpreter converts fp32 → bf16 by truncation; a GPU (cvt.rn.bf16.f32) and PyTorch
     round to nearest even. Convert as they do, so that a bf16 kernel can be held to the
-    PyTorch path's roundings (tests/test_half_precision.py) instead of an extra unit per
+    PyTorch path's roundings (tests/ops/test_half_precision.py) instead of an extra unit per
     rounding that would hide a misplaced one."""
     import numpy as np
     import triton.language as tl
@@ -45,8 +50,8 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 # The slowest files (subprocesses, compiles, spawned ranks) first among files with as many
 # tests: pytest-xdist hands out whole files, those with the most tests first, then in this order.
-SLOW_FIRST = ("test_compile.py", "test_estimate.py", "test_check_cli.py", "test_gpu_check.py", "test_bench_cli.py",
-              "test_benchmarks.py", "test_examples.py", "test_distributed.py", "test_adapter_layer.py",
+SLOW_FIRST = ("test_aot.py", "test_estimate.py", "test_check_cli.py", "test_gpu_check.py", "test_bench_cli.py",
+              "test_benchmarks.py", "test_examples.py", "test_distributed.py", "test_bottleneck_layer.py",
               "test_torch_compile.py", "test_nf4_format.py")
 
 
@@ -77,10 +82,6 @@ def _restore_backend():
 
 def lora_ops(path: str):
     """The launchers behind LoraLinearFunction: "triton" (kernels) or "torch" (PyTorch path)."""
-    if path == "triton":
-        from peft_ops.kernels import lora
+    from peft_ops.ops.paths import eager_ops
 
-        return lora
-    from peft_ops.lora import TorchLoraOps
-
-    return TorchLoraOps
+    return eager_ops("lora", path)

@@ -129,7 +129,7 @@ def units_apart(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype
 
 
 # (max, rms) bounds of units_apart, by the dtype of the compared tensor. Measured (triton 3.9
-# interpreter with round-to-nearest bf16 conversions, tests/test_half_precision.py shapes):
+# interpreter with round-to-nearest bf16 conversions, tests/ops/test_half_precision.py shapes):
 # fp16 and bf16 at most 0.85 / 0.11 units, most tensors exactly equal; fp32 gradients of fp32
 # adapters 10.9 / 3.5 units (summation order). A tipped rounding is up to 2 units at the max.
 # An fp16/bf16 accumulator rounded after every K-block of 32 lands at 1.4–6.6 / 0.65–1.6.

@@ -1,0 +1,77 @@
+"""The cases that run one kernel at a forced tile config: for each autotuned kernel, a small
+odd-shaped case of each operand family (shared by tests/kernel/test_tile_configs.py, which runs the
+largest production tiles in the interpreter, and tests/reliability/test_gpu.py, which runs every config
+of every family on a GPU)."""
+
+import dataclasses
+
+import torch
+
+from peft_ops.tools.accuracy import (BottleneckCase, LoraCase, QLoraCase, assert_paths_agree, run_bottleneck_case,
+                              run_lora_case, run_qlora_case)
+
+from conftest import DEVICE, lora_ops
+
+
+def lora_case(family):
+    dtype = torch.float32 if family == "fp32" else torch.bfloat16
+    return LoraCase(M=37, K=70, N=45, r=8, dtype=dtype, dropout_p=0.3,
+                    adapter_dtype=torch.float32 if family == "mixed" else None)
+
+
+def qlora_case(M):
+    def case(family):
+        dtype = torch.float32 if family == "fp32" else torch.float16
+        if family == "general":  # K odd: rows straddle bytes and blocks
+            return QLoraCase(M=M, K=45, N=37, r=8, dtype=dtype, blocksize=32)
+        return QLoraCase(M=M, K=64, N=45, r=8, dtype=dtype, dropout_p=0.2,
+                         adapter_dtype=torch.float32 if family == "mixed" else None)
+    return case
+
+
+def adapter_case(family):
+    operand, width = family.split("/")
+    dtype = torch.float32 if operand == "fp32" else torch.bfloat16
+    m = {"b64": 20, "b128": 100, "b256": 130}[width]
+    return BottleneckCase(M=37, d=70, m=m, dtype=dtype, activation="gelu", dropout_p=0.2)
+
+
+# kernel → (the case for a family, the families whose largest sm_90 tile runs in the interpreter)
+KERNELS = {
+    "_lora_shrink_kernel": (lora_case, ["half", "fp32"]),
+    "_lora_forward_kernel": (lora_case, ["half", "fp32"]),
+    "_lora_backward_dy_kernel": (lora_case, ["half", "fp32"]),
+    "_lora_backward_dx_kernel": (lora_case, ["half", "mixed", "fp32"]),
+    "_nf4_matmul_kernel": (qlora_case(37), ["half", "fp32", "general"]),
+    "_nf4_gemv_kernel": (qlora_case(3), ["half", "fp32", "general"]),
+    "_nf4_backward_dx_kernel": (qlora_case(37), ["half", "general"]),
+    "_bottleneck_forward_kernel": (adapter_case, ["half/b64", "half/b256", "fp32/b128"]),
+    "_bottleneck_backward_dh_kernel": (adapter_case, ["half/b128", "fp32/b64"]),
+}
+
+
+def largest(configs):
+    def size(config):
+        blocks = [v for k, v in config.kwargs.items() if k.startswith("BLOCK_")]
+        return (torch.tensor(blocks).prod().item(), config.num_warps)
+    return max(configs, key=size)
+
+
+def run_case(case, path):
+    if isinstance(case, QLoraCase):
+        return run_qlora_case(case, path, device=DEVICE)
+    if isinstance(case, BottleneckCase):
+        return run_bottleneck_case(case, path, device=DEVICE)
+    return run_lora_case(case, lora_ops(path), device=DEVICE)
+
+
+def run_checked(case):
+    """Against float64 (with the case's dropout); in half precision also against the PyTorch
+    path's roundings, without dropout (the two paths draw different masks)."""
+    for result in run_case(case, "triton"):
+        result.check(f"{case.label()}", case.tolerance(result.name))
+    if case.dtype != torch.float32:
+        case = dataclasses.replace(case, dropout_p=0.0)
+        expected = {r.name: r.actual for r in run_case(case, "torch")}
+        for result in run_case(case, "triton"):
+            assert_paths_agree(result.actual, expected[result.name], f"{case.label()} {result.name}")

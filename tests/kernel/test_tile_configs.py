@@ -1,0 +1,58 @@
+"""Production tiles in the interpreter. Everywhere else on CPU each kernel runs the
+interpreter's one small config; here every autotuned kernel also runs the largest tile of its
+sm_90 half-precision family and of its fp32 family (and NF4's "general" family), and the
+fixed backward tiles run at their sm_90 sizes — each at a small odd shape, so most of the
+tile is masked off. Results are checked against float64 and, in half precision, against the
+PyTorch path's roundings. (On a GPU, tests/reliability/test_gpu.py runs every config of every family.)
+"""
+
+import pytest
+import torch
+
+from peft_ops.kernels import common
+from peft_ops.kernels import bottleneck as adapter_kernels
+from peft_ops.kernels import lora as lora_kernels
+from peft_ops.kernels import nf4 as nf4_kernels  # noqa: F401  (registers the NF4 kernels)
+from peft_ops.tools.launches import KernelsRan
+from peft_ops.tools.accuracy import LoraCase, QLoraCase
+
+from helpers.tile_cases import KERNELS, adapter_case, largest, run_checked
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter-sized (GPU: tests/reliability/test_gpu.py)")
+
+
+def test_every_tuned_kernel_is_covered():
+    assert set(_common.tuned_kernels()) == set(KERNELS)
+
+
+RUNS = [(kernel, family) for kernel, (_, families) in KERNELS.items() for family in families]
+
+
+@pytest.mark.parametrize("kernel, family", RUNS, ids=[f"{k.strip('_')}-{f}" for k, f in RUNS])
+def test_largest_production_tile(kernel, family):
+    case_of, _ = KERNELS[kernel]
+    config = largest(_common.tile_families(kernel, "sm90")[family])
+    with _common.forced_config(kernel, config), KernelsRan() as ran:
+        run_checked(case_of(family))
+    assert kernel in ran.names, f"{kernel} did not run for {family}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_backward_at_production_row_blocks(dtype, monkeypatch):
+    """The LoRA/QLoRA backward's fixed M-blocks (64 on sm_80 and sm_90) instead of the
+    interpreter's 32: fewer dA/dB partials, each summing more rows."""
+    monkeypatch.setitem(lora_kernels.BACKWARD_BLOCK_M, "interpreter", dict(lora_kernels.BACKWARD_BLOCK_M["sm90"]))
+    run_checked(LoraCase(M=77, K=40, N=36, r=8, dtype=dtype, dropout_p=0.25, train_base=True))
+    run_checked(QLoraCase(M=77, K=64, N=36, r=8, dtype=dtype))
+
+
+@pytest.mark.parametrize("target", ["sm80", "sm90"])
+@pytest.mark.parametrize("family", ["half/b64", "half/b256", "fp32/b128"])
+def test_adapter_backward_at_production_tiles(family, target, monkeypatch):
+    """The adapter dX kernel's fixed tiles (one launch, or the split dX + dW pair of sm_80's
+    half/b256) at their GPU sizes."""
+    monkeypatch.setitem(adapter_kernels.BACKWARD_DX_TILES, "interpreter",
+                        dict(adapter_kernels.BACKWARD_DX_TILES[target]))
+    with KernelsRan() as ran:
+        run_checked(adapter_case(family))
+    assert "_bottleneck_backward_dx_kernel" in ran.names

@@ -1,0 +1,301 @@
+"""lora_linear against a float64 reference: forward and every gradient, both paths (Triton
+kernels — interpreted on CPU — and the PyTorch path), fp32 / fp16 / bf16."""
+
+import pytest
+import torch
+
+import peft_ops
+from peft_ops import reference
+from peft_ops.ops.lora import LoraLinearFunction
+from peft_ops.ops.autograd import eager_seed, torch_keep_mask
+from peft_ops.tools.accuracy import LoraCase, assert_close, make_lora_inputs, run_lora_case, saved_activation_bytes
+
+from conftest import DEVICE, lora_ops
+
+PATHS = ["triton", "torch"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+# (M, K=in, N=out, r): odd sizes, ranks 1 … 64, and r = 80 (two rank chunks in the kernels).
+SHAPES = [
+    (1, 3, 5, 1),
+    (3, 33, 17, 8),
+    (33, 127, 64, 16),
+    (127, 64, 257, 64),
+    (257, 40, 33, 8),
+    (20, 48, 40, 80),
+]
+
+
+def check_case(case: LoraCase, path: str, device) -> None:
+    for result in run_lora_case(case, lora_ops(path), device=device):
+        expected_dtype = (case.adapter_dtype or case.dtype) if result.name in ("dA", "dB") else case.dtype
+        assert result.actual.dtype == expected_dtype, result.name
+        result.check(f"{path} {case.label()}", case.tolerance(result.name))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}_K{}_N{}_r{}".format(*s))
+def test_forward_and_gradients(shape, dtype, path, device):
+    M, K, N, r = shape
+    check_case(LoraCase(M, K, N, r, dtype), path, device)
+
+
+VARIANTS = {
+    "dropout": dict(dropout_p=0.3),
+    "no_bias": dict(bias=False),
+    "3d_input": dict(leading=(3,)),
+    "train_base": dict(train_base=True),  # dW and db too
+    "dropout_3d_no_bias": dict(dropout_p=0.5, leading=(2,), bias=False),
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants(variant, dtype, path, device):
+    check_case(LoraCase(M=37, K=70, N=45, r=8, dtype=dtype, **VARIANTS[variant]), path, device)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_fp32_adapters_on_half_precision_base(dtype, path, device):
+    """PEFT keeps adapters in fp32 on a bf16/fp16 base: allowed, gradients come back in fp32."""
+    case = LoraCase(M=29, K=50, N=36, r=16, dtype=dtype, adapter_dtype=torch.float32, dropout_p=0.2)
+    check_case(case, path, device)
+
+
+def _grads_of(fn, tensors, grad_out):
+    leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
+    y = fn(*leaves)
+    y.backward(grad_out)
+    return y.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_non_contiguous_inputs(dtype, path, device):
+    """x as a transposed view (inner stride ≠ 1), a 3-D permuted view (reshape must copy),
+    and a transposed weight all give the reference's results."""
+    inp = make_lora_inputs(LoraCase(M=24, K=40, N=30, r=8, dtype=dtype), device)
+    W, A, B, b = inp["weight"], inp["lora_A"], inp["lora_B"], inp["bias"]
+    xs = {
+        "transposed": inp["x"].t().contiguous().t(),  # strides (1, 24)
+        "permuted_3d": inp["x"].view(4, 6, 40).transpose(0, 1).contiguous().transpose(0, 1),
+        "column_slice": torch.cat([inp["x"], inp["x"]], dim=1)[:, ::2],  # stride 2 along K
+    }
+    W_t = W.t().contiguous().t()
+    ops = lora_ops(path)
+    for name, x in xs.items():
+        assert not x.is_contiguous(), name
+        x = x.detach().requires_grad_()
+        y = LoraLinearFunction.apply(x, W_t, A.clone().requires_grad_(), B.clone().requires_grad_(), b, 0.5, 0.0, ops)
+        grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+        y.backward(grad_out)
+        xr = x.detach().double().requires_grad_()
+        yr = reference.lora_linear(xr, W.double(), A.double(), B.double(), 0.5, b.double())
+        yr.backward(grad_out.double())
+        assert_close(y, yr, dtype, f"{name} y")
+        assert_close(x.grad, xr.grad, dtype, f"{name} dx")
+        assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_non_contiguous_bias(path, device):
+    inp = make_lora_inputs(LoraCase(M=10, K=24, N=18, r=4, dtype=torch.float32), device)
+    bias = torch.randn(18, 3, generator=torch.Generator().manual_seed(2)).to(device)[:, 1]  # stride 3
+    assert bias.stride() == (3,)
+    y = LoraLinearFunction.apply(inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], bias, 0.5, 0.0,
+                                 lora_ops(path))
+    expected = reference.lora_linear(*(inp[k].double() for k in ("x", "weight", "lora_A", "lora_B")), 0.5,
+                                     bias.double())
+    assert_close(y, expected, torch.float32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="shrinks the partial budget; interpreter-sized")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_backward_in_row_chunks(dtype, monkeypatch, device):
+    """Past PARTIAL_BUDGET_BYTES of partials the backward runs in row chunks; the chunks' dA/dB
+    sums and the dropout mask (indexed by the row of the whole x) must not notice."""
+    from peft_ops.kernels import lora as kernels
+
+    case = LoraCase(M=150, K=40, N=36, r=8, dtype=dtype, dropout_p=0.3, train_base=True)
+    rows_per_chunk = 64  # partials of a 32-row block take (N + K)·r·4 = 2432 bytes
+    monkeypatch.setattr(kernels, "PARTIAL_BUDGET_BYTES", (36 + 40) * 8 * 4 * rows_per_chunk // 32)
+    from peft_ops.tools.launches import KernelsRan
+
+    with KernelsRan() as ran:
+        check_case(case, "triton", device)
+    assert ran.names.count("_lora_backward_dy_kernel") == 3  # 150 rows in chunks of 64
+
+
+def test_fp32_dot_precision_follows_pytorch():
+    """TF32 only where the user allowed it, through either of PyTorch's switches; the new
+    switch must not make the legacy read (which then raises) break every launch."""
+    from peft_ops.kernels.common import fp32_dot_precision
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert fp32_dot_precision() == "tf32"
+        inp = make_lora_inputs(LoraCase(M=5, K=16, N=8, r=2, dtype=torch.bfloat16), DEVICE)
+        y = peft_ops.lora_linear(inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], 1.0)
+        expected = reference.lora_linear(*(inp[k].double() for k in ("x", "weight", "lora_A", "lora_B")), 1.0)
+        assert_close(y, expected, torch.bfloat16, "bf16 with TF32 allowed")  # bf16 dots: TF32 does not apply
+        matmul.fp32_precision = "ieee"
+        assert fp32_dot_precision() == "tf32x3"
+    finally:
+        matmul.fp32_precision = before
+    assert fp32_dot_precision() == ("tf32" if matmul.allow_tf32 else "tf32x3")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_double_backward_raises(path, device):
+    inp = make_lora_inputs(LoraCase(M=6, K=16, N=8, r=2, dtype=torch.float32), device)
+    x = inp["x"].requires_grad_()
+    y = LoraLinearFunction.apply(x, inp["weight"], inp["lora_A"], inp["lora_B"], None, 1.0, 0.0, lora_ops(path))
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        dx.sum().backward()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("needs", ["x", "lora_A", "lora_B", "x+lora_B", "lora_A+lora_B"])
+def test_gradients_only_where_required(needs, path, device):
+    """Each subset of (x, A, B) requiring grad takes its own kernel variant; the others get none."""
+    dtype = torch.float32
+    inp = make_lora_inputs(LoraCase(M=21, K=34, N=19, r=4, dtype=dtype), device)
+    wanted = needs.split("+")
+    t = {k: inp[k].clone().requires_grad_(k in wanted) for k in ("x", "lora_A", "lora_B")}
+    y = LoraLinearFunction.apply(t["x"], inp["weight"], t["lora_A"], t["lora_B"], inp["bias"], 1.5, 0.0,
+                                 lora_ops(path))
+    y.backward(inp["grad_out"])
+    r = {k: inp[k].double().requires_grad_(k in wanted) for k in ("x", "lora_A", "lora_B")}
+    yr = reference.lora_linear(r["x"], inp["weight"].double(), r["lora_A"], r["lora_B"], 1.5, inp["bias"].double())
+    yr.backward(inp["grad_out"].double())
+    for k in ("x", "lora_A", "lora_B"):
+        if k in wanted:
+            assert_close(t[k].grad, r[k].grad, dtype, f"d{k}")
+        else:
+            assert t[k].grad is None
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_empty_batch(path, device):
+    inp = make_lora_inputs(LoraCase(M=0, K=16, N=8, r=4, dtype=torch.float32), device)
+    x = inp["x"].requires_grad_()
+    A = inp["lora_A"].requires_grad_()
+    y = LoraLinearFunction.apply(x, inp["weight"], A, inp["lora_B"], inp["bias"], 1.0, 0.1, lora_ops(path))
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert x.grad.shape == (0, 16)
+    assert torch.equal(A.grad, torch.zeros_like(A))
+
+
+def test_public_function_dispatches_and_matches(device):
+    """peft_ops.lora_linear (auto backend) on 3-D input equals the reference."""
+    inp = make_lora_inputs(LoraCase(M=9, K=20, N=12, r=4, dtype=torch.float32, leading=(2,)), device)
+    y = peft_ops.lora_linear(inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], 2.0, inp["bias"])
+    yr = reference.lora_linear(*(inp[k].double() for k in ("x", "weight", "lora_A", "lora_B")), 2.0,
+                               inp["bias"].double())
+    assert y.shape == (2, 9, 12)
+    assert_close(y, yr, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# Dropout: one mask per seed, regenerated in the backward, reproducible (the mask itself
+# against an independent generator: tests/kernel/test_dropout_mask.py).
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", PATHS)
+def test_dropout_reproducible_under_manual_seed(path, device):
+    inp = make_lora_inputs(LoraCase(M=31, K=44, N=20, r=8, dtype=torch.float32), device)
+    tensors = [inp[k] for k in ("x", "weight", "lora_A", "lora_B", "bias")]
+    tensors[0].requires_grad_()
+    tensors[2].requires_grad_()
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return _grads_of(lambda x, W, A, B, b: LoraLinearFunction.apply(x, W, A, B, b, 1.0, 0.4, lora_ops(path)),
+                         tensors, inp["grad_out"])
+
+    (y1, g1), (y2, g2), (y3, _) = run(7), run(7), run(8)
+    assert torch.equal(y1, y2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2) if a is not None)
+    assert not torch.equal(y1, y3)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_forward_mask_equals_backward_mask(path, device):
+    """Replaying the seed's mask in the reference reproduces y and every gradient (covered for
+    all dtypes by test_variants); here also with a mask that differs per call: two calls in a
+    row draw two seeds, and each backward uses its own forward's mask."""
+    case = LoraCase(M=26, K=36, N=22, r=8, dtype=torch.float32, dropout_p=0.5)
+    inp = make_lora_inputs(case, device)
+    ops = lora_ops(path)
+    torch.manual_seed(3)
+    seeds = [eager_seed(), eager_seed()]
+    torch.manual_seed(3)
+    xs = [inp["x"].clone().requires_grad_() for _ in range(2)]
+    ys = [LoraLinearFunction.apply(x, inp["weight"], inp["lora_A"], inp["lora_B"], None, 1.0, 0.5, ops) for x in xs]
+    (ys[0] + 2 * ys[1]).backward(inp["grad_out"])  # backward runs after both forwards
+    for i, (x, y, seed) in enumerate(zip(xs, ys, seeds)):
+        if path == "triton":  # the independent generator, not the kernels' own mask
+            mask = reference.dropout_keep_mask(seed, case.K, 0.5, range(case.M), range(case.K)).to(device)
+        else:
+            mask = torch_keep_mask(seed, case.M, case.K, 0.5, device)
+        xr = inp["x"].double().requires_grad_()
+        yr = reference.lora_linear(xr, inp["weight"].double(), inp["lora_A"].double(), inp["lora_B"].double(),
+                                   1.0, None, 0.5, dropout_mask=mask)
+        (yr * (1 + i)).backward(inp["grad_out"].double())
+        assert_close(y, yr, torch.float32, f"call {i} y")
+        assert_close(x.grad, xr.grad, torch.float32, f"call {i} dx")
+    assert seeds[0] != seeds[1]
+
+
+# ---------------------------------------------------------------------------------------
+# Saved activations: x itself (no copy) + x·Aᵀ (M×r fp32), with or without dropout.
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_saved_bytes_at_most_x_plus_xa(dropout_p, path, device):
+    M, K, N, r, dtype = 64, 96, 80, 16, torch.bfloat16
+    inp = make_lora_inputs(LoraCase(M, K, N, r, dtype, leading=(2,)), device)
+    x = inp["x"].requires_grad_()
+    A = inp["lora_A"].requires_grad_()
+    B = inp["lora_B"].requires_grad_()
+    params = [inp["weight"], A, B, inp["bias"]]
+    tokens = 2 * M
+    x_bytes = x.numel() * x.element_size()
+    floor = x_bytes + tokens * r * 4
+
+    ours, saved, y = saved_activation_bytes(
+        lambda: LoraLinearFunction.apply(x, inp["weight"], A, B, inp["bias"], 0.5, dropout_p, lora_ops(path)), params)
+    assert any(t.data_ptr() == x.data_ptr() for t in saved), "x must be saved as is, not copied"
+    assert ours == floor, (ours, floor)  # exactly x + xa: no mask, no dropped copy of x
+    y.sum().backward()  # and that suffices for the backward
+
+
+
+# ---------------------------------------------------------------------------------------
+# bf16 under the interpreter
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter-only")
+def test_bf16_tests_detect_a_wrong_dot(monkeypatch, device):
+    """The interpreter's raw bf16 tl.dot is wrong; the kernels widen bf16 tiles to fp32 there
+    (exact). With the widening switched off the same bf16 test must fail: it can detect a
+    wrong bf16 product."""
+    from peft_ops.kernels import common, lora
+
+    case = LoraCase(M=33, K=64, N=48, r=8, dtype=torch.bfloat16)
+    check_case(case, "triton", device)  # passes as shipped
+
+    real_flags = _common.dot_flags
+    monkeypatch.setattr(lora, "dot_flags", lambda *args: {**real_flags(*args), "WIDEN_BF16_DOT": False})
+    with pytest.raises(AssertionError, match="exceed tolerance"):
+        check_case(case, "triton", device)
+

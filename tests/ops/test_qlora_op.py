@@ -1,0 +1,146 @@
+"""nf4_linear and qlora_linear against float64 references on the exact dequantized weight:
+forward and every gradient, both regimes (fused dequant-GEMM, split-K decode GEMV), both
+paths (Triton kernels — interpreted on CPU — and the PyTorch path), fp32 / fp16 / bf16."""
+
+import pytest
+import torch
+
+import peft_ops
+from peft_ops import reference
+from peft_ops.nf4 import quantize
+from peft_ops.tools.accuracy import QLoraCase, assert_close, run_qlora_case, saved_activation_bytes
+
+PATHS = ["triton", "torch"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+MS = [1, 3, 16, 67, 257]  # 1, 3, 16: the decode GEMV; 67, 257: the GEMM
+
+
+def check(case: QLoraCase, path: str, device) -> None:
+    for result in run_qlora_case(case, path, device=device):
+        expected_dtype = (case.adapter_dtype or case.dtype) if result.name in ("dA", "dB") else case.dtype
+        assert result.actual.dtype == expected_dtype, result.name
+        result.check(f"{path} {case.label()}", case.tolerance(result.name))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M", MS)
+def test_qlora_linear(M, dtype, path, device):
+    check(QLoraCase(M=M, K=64, N=40, r=8, dtype=dtype), path, device)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M", MS)
+def test_nf4_linear(M, dtype, path, device):
+    check(QLoraCase(M=M, K=96, N=33, r=1, dtype=dtype, lora=False, train_base=True), path, device)
+
+
+VARIANTS = {
+    "dropout": dict(dropout_p=0.3),
+    "3d_input": dict(leading=(3,)),
+    "non_contiguous_x": dict(x_transposed=True, leading=(2,)),
+    "fp32_adapters": dict(adapter_dtype=torch.float32),
+    "odd_K_blocksize_32": dict(K=45, blocksize=32),  # K odd: rows straddle bytes and blocks
+    "K_not_multiple_of_blocksize": dict(K=100, blocksize=64),
+    "no_double_quant_no_bias": dict(double_quant=False, bias=False),
+    "r80_train_bias": dict(r=80, train_base=True),
+}
+
+
+# Every variant on the kernels in every dtype; the PyTorch path (which shares one code path
+# for all of them) in fp32, plus dropout and fp32 adapters in every dtype.
+VARIANT_RUNS = [(variant, dtype, path) for variant in VARIANTS for dtype in DTYPES for path in PATHS
+                if path == "triton" or dtype == torch.float32 or variant in ("dropout", "fp32_adapters")]
+
+
+@pytest.mark.parametrize("M", [3, 67], ids=["decode", "gemm"])
+@pytest.mark.parametrize("variant, dtype, path", VARIANT_RUNS,
+                         ids=[f"{v}-{DTYPE_IDS[DTYPES.index(d)]}-{p}" for v, d, p in VARIANT_RUNS])
+def test_variants(variant, dtype, path, M, device):
+    kw = dict(M=M, K=64, N=40, r=8, dtype=dtype)
+    kw.update(VARIANTS[variant])
+    check(QLoraCase(**kw), path, device)
+
+
+@pytest.mark.parametrize("regime, M, split_k", [("gemm", 1, None), ("gemm", 16, None), ("decode", 16, 4),
+                                               ("decode", 7, 2), ("decode", 2, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_forced_regimes_and_split_k(regime, M, split_k, dtype, device):
+    for lora in (True, False):
+        check(QLoraCase(M=M, K=200, N=24, r=4, dtype=dtype, lora=lora, regime=regime, split_k=split_k),
+              "triton", device)
+
+
+def test_public_functions_match_the_references(device):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 64, device=device)
+    q = quantize(torch.randn(40, 64, device=device) / 8)
+    A, B = torch.randn(8, 64, device=device) / 8, torch.randn(40, 8, device=device) / 3
+    b = torch.randn(40, device=device)
+    for backend in ("auto", "torch"):  # kernels and PyTorch path against float64 (dispatch: test_backend.py)
+        with peft_ops.use_backend(backend):
+            y = peft_ops.qlora_linear(x, q, A, B, 0.5, b)
+            y0 = peft_ops.nf4_linear(x, q, b)
+        assert_close(y, reference.qlora_linear(x.double(), q, A.double(), B.double(), 0.5, b.double()),
+                     torch.float32, "qlora_linear")
+        assert_close(y0, reference.nf4_linear(x.double(), q, b.double()), torch.float32, "nf4_linear")
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+@pytest.mark.parametrize("path", PATHS)
+def test_saved_bytes_are_x_and_xa_only(dropout_p, path, device):
+    """The lora_linear budget: x itself + xa [M, r] fp32; no dequantized weight, no mask."""
+    from peft_ops.tools.accuracy import qlora_ops
+    from peft_ops.ops.qlora import QLoraLinearFunction, NF4LinearFunction
+
+    M, K, N, r = 64, 128, 96, 8
+    x = torch.randn(M, K, device=device, dtype=torch.bfloat16, requires_grad=True)
+    qw = quantize(torch.randn(N, K, device=device, dtype=torch.bfloat16))
+    q = qw.tensors()
+    A = torch.randn(r, K, device=device, dtype=torch.bfloat16, requires_grad=True)
+    B = torch.randn(N, r, device=device, dtype=torch.bfloat16, requires_grad=True)
+    meta = (N, K, 64, torch.bfloat16)
+    params = [A, B, *qw.buffers()]
+    nbytes, saved, y = saved_activation_bytes(
+        lambda: QLoraLinearFunction.apply(x, A, B, None, q.packed, q.absmax, q.absmax_scale, q.absmax_offset, meta,
+                                          1.0, dropout_p, qlora_ops(path)), params)
+    assert nbytes == x.numel() * 2 + M * r * 4
+    assert all(t.numel() != N * K for t in saved)  # no dequantized weight
+    nbytes, _, _ = saved_activation_bytes(
+        lambda: NF4LinearFunction.apply(x, None, q.packed, q.absmax, q.absmax_scale, q.absmax_offset, meta,
+                                        qlora_ops(path)), params)
+    assert nbytes == 0  # dX needs only the weight
+
+
+def test_frozen_weight_gets_no_gradient_and_is_unchanged(device):
+    qw = quantize(torch.randn(16, 64, device=device))
+    before = {k: v.clone() for k, v in qw.state_dict().items()}
+    x = torch.randn(4, 64, device=device, requires_grad=True)
+    peft_ops.nf4_linear(x, qw).sum().backward()
+    assert x.grad is not None
+    assert all(not b.requires_grad for b in qw.buffers())
+    assert all(torch.equal(before[k], v) for k, v in qw.state_dict().items())
+
+
+@pytest.mark.parametrize("name, value, exc, word", [
+    ("x", torch.randn(3, 63), ValueError, "x"),
+    ("x", torch.ones(3, 64, dtype=torch.int64), TypeError, "x"),
+    ("qweight", torch.randn(16, 64), TypeError, "qweight"),
+    ("lora_A", torch.randn(4, 63), ValueError, "lora_A"),
+    ("lora_B", torch.randn(15, 4), ValueError, "lora_B"),
+    ("bias", torch.randn(15), ValueError, "bias"),
+    ("bias", torch.randn(16, dtype=torch.float16), TypeError, "bias"),
+    ("scaling", "1", TypeError, "scaling"),
+    ("dropout_p", 1.0, ValueError, "dropout_p"),
+])
+def test_qlora_linear_rejects(name, value, exc, word):
+    args = dict(x=torch.randn(3, 64), qweight=quantize(torch.randn(16, 64)), lora_A=torch.randn(4, 64),
+                lora_B=torch.randn(16, 4), scaling=1.0, bias=torch.randn(16), dropout_p=0.0)
+    args[name] = value
+    with pytest.raises(exc, match=word):
+        peft_ops.qlora_linear(**args)
+    if name in ("x", "qweight", "bias"):
+        with pytest.raises(exc, match=word):
+            peft_ops.nf4_linear(args["x"], args["qweight"], args["bias"])

@@ -1,0 +1,133 @@
+"""Native kernels on a CUDA GPU at a model's shapes (skipped on CPU-only machines; every other
+test also runs natively there, since the `device` fixture is then CUDA)."""
+
+import pytest
+import torch
+
+from peft_ops.tools import check
+from peft_ops.ops.lora import LoraLinearFunction
+from peft_ops.tools.accuracy import LoraCase, make_lora_inputs, run_bottleneck_case, run_lora_case, run_qlora_case
+
+from conftest import lora_ops
+from helpers.tile_cases import KERNELS as TILE_CASES
+
+pytestmark = pytest.mark.gpu
+
+# Every case of `peft-ops check` (fp32/fp16/bf16; odd shapes, 3-D and strided x, dropout, bias,
+# fp32 adapters, the NF4 decode and GEMM paths, every adapter activation) on the kernels.
+CHECK_CASES = [("lora", c) for c in check.lora_cases(quick=False)] + \
+    [("qlora", c) for c in check.qlora_cases(quick=False)] + [("bottleneck", c) for c in check.bottleneck_cases(quick=False)]
+
+
+def _case_id(item):
+    op, case = item
+    dtype = str(case.dtype).rsplit(".", 1)[-1]
+    return f"{op}-{dtype}-{case.label()}" + (f"-p{case.dropout_p}" if case.dropout_p else "") + (
+        "-fp32AB" if getattr(case, "adapter_dtype", None) else "")
+
+
+@pytest.mark.parametrize("item", CHECK_CASES, ids=[_case_id(c) for c in CHECK_CASES])
+def test_every_check_case_matches_float64_on_the_gpu(item):
+    op, case = item
+    run = {"lora": lambda: run_lora_case(case, lora_ops("triton"), device="cuda"),
+           "qlora": lambda: run_qlora_case(case, "triton", device="cuda"),
+           "bottleneck": lambda: run_bottleneck_case(case, "triton", device="cuda")}[op]
+    for result in run():
+        result.check(f"cuda {case.label()}", case.tolerance(result.name))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.05])
+def test_model_shapes_match_float64(dtype, dropout_p):
+    case = LoraCase(M=512, K=4096, N=1024, r=16, dtype=dtype, dropout_p=dropout_p, leading=(2,))
+    for result in run_lora_case(case, lora_ops("triton"), device="cuda"):
+        result.check(f"cuda {case.label()}", case.tolerance(result.name))
+
+
+def test_backward_is_bitwise_deterministic():
+    inp = make_lora_inputs(LoraCase(M=1024, K=2048, N=2048, r=16, dtype=torch.bfloat16), "cuda")
+    grads = []
+    for _ in range(5):
+        x = inp["x"].clone().requires_grad_()
+        A = inp["lora_A"].clone().requires_grad_()
+        B = inp["lora_B"].clone().requires_grad_()
+        torch.manual_seed(0)
+        y = LoraLinearFunction.apply(x, inp["weight"], A, B, inp["bias"], 2.0, 0.1, lora_ops("triton"))
+        y.backward(inp["grad_out"])
+        grads.append((y.detach(), x.grad, A.grad, B.grad))
+    for later in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], later))
+
+
+@pytest.mark.parametrize("dtype, m", [(torch.float32, 64), (torch.float32, 128), (torch.bfloat16, 64),
+                                      (torch.bfloat16, 256)], ids=["fp32-m64", "fp32-m128", "bf16-m64", "bf16-m256"])
+def test_adapter_at_model_shapes_matches_float64(dtype, m):
+    from peft_ops.tools.accuracy import BottleneckCase, run_bottleneck_case
+
+    # m = 128 (fp32) and 256 (bf16): each dtype's widest kernel tile; the harness fails if no kernel ran
+    case = BottleneckCase(M=1024, d=4096, m=m, dtype=dtype, activation="gelu", dropout_p=0.1, leading=(2,))
+    for result in run_bottleneck_case(case, "triton", device="cuda"):
+        result.check(f"cuda {case.label()}", case.tolerance(result.name))
+
+
+def test_adapter_backward_is_bitwise_deterministic():
+    from peft_ops.ops.bottleneck import BottleneckAdapterFunction, _kernel_ops
+    from peft_ops.tools.accuracy import BottleneckCase, make_bottleneck_inputs
+
+    inp = make_bottleneck_inputs(BottleneckCase(M=4096, d=4096, m=64, dtype=torch.bfloat16), "cuda")
+    names = ("x", "down_weight", "down_bias", "up_weight", "up_bias")
+    results = []
+    for _ in range(5):
+        tensors = [inp[k].clone().requires_grad_() for k in names]
+        torch.manual_seed(0)
+        y = BottleneckAdapterFunction.apply(*tensors, "silu", 1.0, 0.1, _kernel_ops())
+        y.backward(inp["grad_out"])
+        results.append([y.detach()] + [t.grad for t in tensors])
+    for later in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], later))
+
+
+def test_compiled_model_on_the_kernels_equals_eager():
+    import sys
+
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from test_torch_compile import Model, run
+
+    torch._dynamo.reset()
+    model = Model().to("cuda", torch.bfloat16)
+    x = torch.randn(2, 64, 32, device="cuda", dtype=torch.bfloat16)
+    eager = run(model, x)
+    compiled = run(torch.compile(model, fullgraph=True), x)
+    for a, b in zip(eager, compiled):
+        assert torch.allclose(a, b, rtol=1e-2, atol=1e-3)
+
+
+def test_custom_ops_on_the_kernels_pass_opcheck():
+    import sys
+
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from test_torch_compile import _opcheck_cases
+
+    for op, args in _opcheck_cases().values():
+        args = tuple(a.cuda() if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in args)
+        args = tuple("triton" if isinstance(a, str) and a == "torch" else a for a in args)
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.configs
+@pytest.mark.parametrize("kernel", sorted(TILE_CASES))
+def test_every_autotune_config(kernel):
+    """Every config of every family of `kernel` on this GPU's target, forced one at a time, at
+    small odd shapes: against float64, and in half precision against the PyTorch path."""
+    from peft_ops.kernels import common, bottleneck_adapter, lora, nf4  # noqa: F401  (register the kernels)
+    from helpers.tile_cases import run_checked
+
+    case_of, _ = TILE_CASES[kernel]
+    target = _common.process_target()
+    for family, configs in _common.tile_families(kernel, target).items():
+        for config in configs:
+            with _common.forced_config(kernel, config):
+                try:
+                    run_checked(case_of(family))
+                except AssertionError as err:
+                    raise AssertionError(f"{kernel} {family} {config}: {err}") from err

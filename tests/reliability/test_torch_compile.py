@@ -1,0 +1,94 @@
+"""The ops inside torch.compile: a model with LoraLinear, QLoraLinear and a BottleneckAdapter
+compiles with fullgraph=True (no graph break) and gives eager's outputs and gradients, on the
+PyTorch path here (the kernels: tests/reliability/test_gpu.py); the custom ops pass torch.library.opcheck."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import peft_ops
+from peft_ops.ops import custom_ops
+
+
+class Model(nn.Module):
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lora = peft_ops.LoraLinear.from_linear(nn.Linear(32, 24), r=4, lora_dropout=dropout)
+        self.qlora = peft_ops.QLoraLinear.from_linear(nn.Linear(24, 32), r=4, lora_dropout=dropout)
+        self.base = peft_ops.nf4.quantize(torch.randn(32, 32) / 6)
+        self.adapter = peft_ops.BottleneckAdapter(32, 8, "gelu", dropout=dropout)
+        with torch.no_grad():
+            for p in (self.lora.lora_B, self.qlora.lora_B, self.adapter.up_weight, self.adapter.up_bias):
+                p.normal_(0, 0.3)
+
+    def forward(self, x):
+        h = self.qlora(torch.relu(self.lora(x)))
+        return self.adapter(peft_ops.nf4_linear(h, self.base) + h)
+
+
+def run(model, x):
+    for p in model.parameters():
+        p.grad = None
+    x = x.detach().requires_grad_(True)
+    y = model(x)
+    y.square().mean().backward()
+    return [y.detach(), x.grad] + [p.grad for p in model.parameters() if p.requires_grad]
+
+
+@pytest.fixture(autouse=True)
+def _torch_path():
+    torch._dynamo.reset()
+    with peft_ops.use_backend("torch"):
+        yield
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_model_equals_eager(dtype):
+    model = Model().to(dtype)
+    x = torch.randn(2, 5, 32, dtype=dtype)
+    eager = run(model, x)
+    compiled = run(torch.compile(model, fullgraph=True), x)  # fullgraph: a graph break is an error
+    for a, b in zip(eager, compiled):
+        assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=0)
+
+
+def test_compiled_dropout_runs_in_one_graph_and_is_reproducible():
+    model = Model(dropout=0.3).train()
+    x = torch.randn(6, 32)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.manual_seed(1)
+    first = run(compiled, x)
+    torch.manual_seed(1)
+    again = run(compiled, x)
+    assert all(torch.isfinite(t).all() for t in first)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    model.eval()  # no dropout: back to eager's numbers
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(run(model, x), run(compiled, x)))
+
+
+def _opcheck_cases():
+    gen = torch.Generator().manual_seed(0)
+    x, W = torch.randn(5, 16, generator=gen), torch.randn(12, 16, generator=gen)
+    A, B = torch.randn(4, 16, generator=gen), torch.randn(12, 4, generator=gen)
+    xa, dy, seed = torch.randn(5, 4, generator=gen), torch.randn(5, 12, generator=gen), torch.tensor(12345)
+    q = tuple(peft_ops.nf4.quantize(W).tensors())
+    wd, wu, h = torch.randn(4, 16, generator=gen), torch.randn(16, 4, generator=gen), torch.randn(5, 4, generator=gen)
+    dy16 = torch.randn(5, 16, generator=gen)
+    return {
+        "lora_shrink": (custom_ops.lora_shrink, (x, A, 0.2, seed, "torch")),
+        "lora_forward": (custom_ops.lora_forward, (x, W, xa, B, 0.5, None, "torch")),
+        "lora_backward": (custom_ops.lora_backward, (dy, x, W, A, B, xa, 0.5, 0.2, seed, True, True, False, "torch")),
+        "nf4_forward": (custom_ops.nf4_forward, (x, *q, xa, B, 0.5, None, "torch")),
+        "nf4_backward_dx": (custom_ops.nf4_backward_dx, (dy, *q, "torch")),
+        "qlora_backward": (custom_ops.qlora_backward, (dy, x, *q, A, B, xa, 0.5, 0.0, seed, True, False, True, "torch")),
+        "bottleneck_forward": (custom_ops.bottleneck_forward, (x, wd, None, wu, None, "silu", 0.5, 0.1, seed, True, "torch")),
+        "bottleneck_backward": (custom_ops.bottleneck_backward, (dy16, x, h, wd, wu, "silu", 0.5, 0.1, seed, True, True,
+                                                        "torch")),
+    }
+
+
+@pytest.mark.parametrize("name", list(_opcheck_cases()))
+def test_custom_ops_pass_opcheck(name):
+    op, args = _opcheck_cases()[name]
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

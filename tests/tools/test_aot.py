@@ -1,0 +1,160 @@
+"""Every kernel in every variant compiles on this CPU-only machine — for sm_90a at the two ends
+of its autotune family, the first config (what a launch takes untuned) and the largest tile
+(the likeliest to spill); for sm_80 at the first — without register spills and with
+tensor-core instructions in the PTX; the static facts the estimate reads come from these
+builds. CI's second leg builds the same sm_90a set with the GPU image's triton 3.6
+(`.ci/triton-3.6`); `peft-ops compile` builds every config of every family for both targets
+(run it when a tile table changes).
+
+Runs `peft-ops compile` in a subprocess: the compile needs the real JIT functions, which the
+Triton interpreter (set for the other tests) replaces.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from peft_ops.tools.aot import SHARED_LIMIT_BYTES, format_table
+
+pytestmark = pytest.mark.aot
+
+
+@pytest.fixture(scope="module")
+def compile_record():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "peft_ops.tools.aot", "--json", "--first-only", "sm80", "--ends-only",
+                          "sm90"], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.stdout.strip(), out.stderr[-3000:]
+    return json.loads(out.stdout[out.stdout.index("{"):])
+
+
+@pytest.fixture(scope="module")
+def compile_rows(compile_record):
+    return compile_record["builds"]
+
+
+def test_compile_report(compile_rows, capsys):
+    with capsys.disabled():  # the registers / shared-memory table, in the test output
+        print("\n" + format_table(compile_rows))
+    builds = {r["kernel"] for r in compile_rows}  # "lora_forward [bf16]", …
+    for kernel in ("lora_shrink", "lora_forward", "lora_backward_dy", "lora_backward_dx"):
+        for variant in ("bf16", "bf16+fp32 A,B", "fp32"):
+            assert f"{kernel} [{variant}]" in builds
+    def kernel_and_variant(name):  # without the dX kernel's launch role, which differs by target
+        return re.sub(r", (dX\+dW|dX|dW)\]$", "]", name)
+
+    for target in ("sm80", "sm90"):
+        assert {kernel_and_variant(r["kernel"]) for r in compile_rows if r["target"] == target} == \
+            {kernel_and_variant(b) for b in builds}
+
+
+def test_no_spills(compile_rows):
+    spilling = [(r["kernel"], r["target"], r["config"], r["spill_bytes"]) for r in compile_rows if r["spill_bytes"]]
+    assert not spilling
+
+
+def test_tensor_cores_used(compile_rows):
+    for r in compile_rows:
+        if r["needs_tensor_cores"]:
+            assert r["wgmma"] or r["mma_sync"], (r["kernel"], r["target"], r["config"])
+    # on sm_90 the large GEMM tiles use warpgroup MMA
+    assert all(r["wgmma"] for r in compile_rows if r["target"] == "sm90" and r["kernel"].startswith("lora_forward"))
+    # the NF4 training GEMM decodes W in registers and still feeds wgmma on sm_90a
+    assert all(r["wgmma"] for r in compile_rows if r["target"] == "sm90" and r["kernel"].startswith("nf4_matmul"))
+
+
+def test_nf4_kernels_are_covered(compile_rows):
+    builds = {r["kernel"] for r in compile_rows}
+    for kernel in ("nf4_matmul", "nf4_gemv", "nf4_backward_dx"):
+        for variant in ("bf16", "bf16+fp32 A,B", "fp32"):
+            for fmt in ("aligned", "odd K"):
+                assert f"{kernel} [{variant}, {fmt}]" in builds
+    assert {"nf4_dequantize [bf16]", "nf4_dequantize [fp32]"} <= builds
+
+
+def test_shared_memory_fits(compile_rows):
+    for r in compile_rows:
+        assert r["shared_bytes"] <= SHARED_LIMIT_BYTES[r["target"]], r
+
+
+def test_adapter_kernels_are_covered(compile_rows):
+    builds = {r["kernel"] for r in compile_rows}
+    for variant in ("bf16, m≤64", "bf16, m≤128", "bf16, m≤256", "fp32, m≤64", "fp32, m≤128"):
+        assert f"bottleneck_forward [{variant}]" in builds
+        assert f"bottleneck_backward_dh [{variant}]" in builds
+        assert any(b.startswith(f"bottleneck_backward_dx [{variant}, ") for b in builds), variant
+    # where one dX launch spilled (sm_80, m ≤ 256) the table splits it in two, both built
+    sm80 = {r["kernel"] for r in compile_rows if r["target"] == "sm80"}
+    assert {"bottleneck_backward_dx [bf16, m≤256, dX]", "bottleneck_backward_dx [bf16, m≤256, dW]"} \
+        <= sm80
+    # the 64-row tiles on sm_90 reach warpgroup MMA
+    assert any(r["wgmma"] for r in compile_rows
+               if r["target"] == "sm90" and r["kernel"].startswith("bottleneck_forward"))
+
+
+def _rows(compile_rows, kernel, target=None, variant=None):
+    return [r for r in compile_rows if r["kernel"].startswith(kernel + " [") and (target is None or r["target"] == target)
+            and (variant is None or f"[{variant}" in r["kernel"])]
+
+
+def test_every_loop_is_found_and_named(compile_rows):
+    """Each build's loops are read from its PTX and tied to the `for` they come from; every
+    kernel but the loopless ones has a main loop; every build fits at least one CTA per SM."""
+    for r in compile_rows:
+        facts = r["facts"]
+        for loop in facts["loops"]:
+            assert loop["for"].startswith("for ") and " in " in loop["for"], (r["kernel"], loop["source"])
+        loopless = r["kernel"].startswith(("nf4_dequantize", "dropout_mask"))
+        assert bool(facts["main_loops"]) != loopless, r["kernel"]
+        assert r["ctas_per_sm"] >= 1 and r["limited_by"]
+    # the adapter forward streams the row twice: two main loops
+    assert all(len(r["facts"]["main_loops"]) == 2 for r in _rows(compile_rows, "bottleneck_forward"))
+
+
+def test_static_facts_today(compile_rows):
+    """What the compiler built, per main-loop iteration: the facts the kernel rebuilds change
+    (each a one-line edit when they do)."""
+    dense = [r for k in ("lora_shrink", "lora_forward", "lora_backward_dy", "lora_backward_dx",
+                         "bottleneck_forward", "bottleneck_backward_dh",
+                         "bottleneck_backward_dx") for r in _rows(compile_rows, k)]
+    for r in dense:  # no byte loads, no gathers: whole-vector loads and 16-byte (or 8/4-byte edge) copies
+        loop = r["main_loop"]
+        assert loop["gathers"] == 0 and "8" not in loop["ld_global_by_bits"], r["kernel"]
+    for k in ("lora_shrink", "lora_forward", "lora_backward_dx"):  # the GEMM operands: 16-byte cp.async only
+        assert all(set(r["main_loop"]["cp_async_by_bytes"]) == {"16"} and not r["main_loop"]["ld_global_by_bits"]
+                   for r in _rows(compile_rows, k)), k
+    # NF4 today (the NF4 rebuild turns these to 0): every main loop loads packed weights byte by
+    # byte and gathers code values through 4-byte cp.async
+    for k in ("nf4_matmul", "nf4_gemv", "nf4_backward_dx"):
+        for r in _rows(compile_rows, k):
+            loop = r["main_loop"]
+            assert loop["ld_global_by_bits"].get("8", 0) > 0 and loop["gathers"] > 0, r["kernel"]
+            assert loop["cp_async_by_bytes"].get("4", 0) > 0, r["kernel"]
+    # sm_90a: every half-precision forward GEMM tile runs wgmma with N ≥ 128 …
+    for r in _rows(compile_rows, "lora_forward", "sm90", "bf16]"):
+        assert all(int(name.split("n")[1].split("k")[0]) >= 128 for name in r["main_loop"]["tensor_core_instructions"]
+                   if name.startswith("wgmma")), r["config"]
+    # … while the dX GEMM runs 64-row tiles (its fused dA made 128 rows spill): wgmma N ≤ 128
+    from peft_ops.kernels.lora import BACKWARD_BLOCK_M
+
+    assert BACKWARD_BLOCK_M["sm90"]["dx"] == 64
+    dx_n = {int(name.split("n")[1].split("k")[0]) for r in _rows(compile_rows, "lora_backward_dx", "sm90", "bf16]")
+            for name in r["main_loop"]["tensor_core_instructions"]}
+    assert max(dx_n) == 128 and min(dx_n) == 64  # the first config's 64-wide tile, the largest's 128
+    # the decode GEMV: 16-row mma.sync tiles (no wgmma), 3+ CTAs per SM on sm_90
+    for r in _rows(compile_rows, "nf4_gemv", "sm90", "bf16, aligned"):
+        assert not r["wgmma"] and r["ctas_per_sm"] >= 3, r["config"]
+    # no kernel uses TMA yet
+    assert all(r["facts"]["tma_copies"] == 0 for r in compile_rows)
+
+
+def test_launches_per_call_are_recorded(compile_record):
+    planned = {(p["op"], p["shape"], p["options"], p["phase"]): p for p in compile_record["launches_per_call"]}
+    lora = planned[("lora", "M=8192 4096→4096 r=16", "-", "backward")]
+    assert lora["launches"] == 12 and lora["triton"] == 2 and lora["torch_ops"]["aten.sum.dim_IntList"] == 2
+    assert planned[("nf4", "M=1 4096→14336", "-", "forward")]["launches"] == 3

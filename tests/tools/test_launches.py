@@ -1,0 +1,101 @@
+"""Launches per op call: planned for an H200 on meta tensors (nothing runs), and counted where
+the op really runs (here: the kernels in the interpreter), the two agreeing.
+
+The planned sequences are the facts the kernel rebuilds change: a one-line edit of the
+expected list when a launch goes away."""
+
+import pathlib
+import re
+
+import pytest
+import torch
+
+import peft_ops
+from peft_ops.tools import launches
+from peft_ops.tools.roofline import OpShape
+
+SHRINK, FORWARD, DY, DX = "_lora_shrink_kernel", "_lora_forward_kernel", "_lora_backward_dy_kernel", \
+    "_lora_backward_dx_kernel"
+# the backward's PyTorch tail: zero-filled fp32 dA/dB, the partial sums added in, the scalings,
+# the casts to the adapters' dtype
+LORA_BACKWARD = ["aten.zeros.default", "aten.zeros.default", DY, "aten.sum.dim_IntList", "aten.add_.Tensor", DX,
+                 "aten.sum.dim_IntList", "aten.add_.Tensor", "aten.mul_.Tensor", "aten.mul_.Tensor",
+                 "aten._to_copy.default", "aten._to_copy.default"]
+EXPECTED = {
+    ("lora", 8192, 4096, 4096, 16): ([SHRINK, FORWARD], LORA_BACKWARD),
+    ("qlora", 8192, 4096, 4096, 16): ([SHRINK, "_nf4_matmul_kernel"],
+                                      [x.replace(DX, "_nf4_backward_dx_kernel") for x in LORA_BACKWARD]),
+    # decode: the split-K GEMV's partials are summed and copied by PyTorch
+    ("qlora", 1, 4096, 4096, 16): ([SHRINK, "_nf4_gemv_kernel", "aten.sum.dim_IntList", "aten.copy_.default"],
+                                   [x.replace(DX, "_nf4_backward_dx_kernel") for x in LORA_BACKWARD]),
+    ("nf4", 1, 4096, 14336, 0): (["_nf4_gemv_kernel", "aten.sum.dim_IntList", "aten.copy_.default"],
+                                 ["_nf4_backward_dx_kernel"]),
+    ("nf4", 8192, 4096, 14336, 0): (["_nf4_matmul_kernel"], ["_nf4_backward_dx_kernel"]),
+    # without biases the backward still sums dh and dz for their gradients (then drops them)
+    ("bottleneck", 8192, 4096, 4096, 64): (["_bottleneck_forward_kernel"], [
+        "_bottleneck_backward_dh_kernel", "_bottleneck_backward_dx_kernel",
+        "aten.sum.dim_IntList", "aten.sum.dim_IntList", "aten.sum.dim_IntList", "aten.mul_.Tensor",
+        "aten.sum.dim_IntList", "aten.mul_.Tensor", "aten._to_copy.default", "aten._to_copy.default"]),
+}
+
+
+@pytest.mark.parametrize("call", list(EXPECTED), ids=lambda c: f"{c[0]}-M{c[1]}")
+@pytest.mark.parametrize("options", [{}, {"dropout_p": 0.1, "bias": True}], ids=["plain", "dropout+bias"])
+def test_planned_launches_per_call(call, options):
+    op, M, K, N, r = call
+    if op == "nf4" and "dropout_p" in options:
+        options = {"bias": True}
+    planned = launches.op_launches(OpShape(op, M, K, N, r), "sm90", 132, **options)
+    forward, backward = EXPECTED[call]
+    if op == "bottleneck" and options.get("bias"):  # the bias gradients are cast too
+        backward = backward + ["aten._to_copy.default"] * 2
+    assert [str(x) for x in planned["forward"]] == forward
+    assert [str(x) for x in planned["backward"]] == backward
+
+
+def test_a_long_sequence_runs_the_backward_in_row_chunks():
+    # 14336 outputs, r = 64 at M = 8192: the fp32 partials pass PARTIAL_BUDGET_BYTES, so the dY
+    # and dX kernels run per chunk of rows, each chunk's sums added in order
+    planned = launches.op_launches(OpShape("lora", 8192, 4096, 14336, 64), "sm90", 132)
+    names = [str(x) for x in planned["backward"]]
+    assert names.count(DY) == names.count(DX) > 1
+
+
+def test_the_plan_records_grid_and_arguments():
+    (shrink, forward), _ = launches.op_launches(OpShape("lora", 300, 128, 96, 8), "sm90", 132).values()
+    assert shrink.kind == "triton" and shrink.args["M"] == 300 and shrink.args["K"] == 128
+    assert shrink.args["X"].device.type == "meta" and shrink.args["HAS_DROPOUT"] is False
+    assert callable(forward.grid) and forward.grid({"BLOCK_M": 64, "BLOCK_N": 32}) == (5 * 3,)
+
+
+def test_counted_launches_equal_the_plan(device):
+    """The same call run for real (the interpreter on a CPU, natively on a GPU) launches what
+    the plan says, in the same order."""
+    M, K, N, r = 37, 48, 40, 8
+    s = OpShape("lora", M, K, N, r)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=gen).to(device).requires_grad_()
+    W = torch.randn(N, K, generator=gen).to(device)
+    A = torch.randn(r, K, generator=gen).to(device).requires_grad_()
+    B = torch.randn(N, r, generator=gen).to(device).requires_grad_()
+    with peft_ops.use_backend("triton"):
+        peft_ops.lora_linear(x, W, A, B, 2.0).backward(torch.ones(M, N, device=device))  # warm-up (autotuning)
+        x.grad = A.grad = B.grad = None
+        outputs, grad_out = [], torch.ones(M, N, device=device)
+        forward = launches.count(lambda: outputs.append(peft_ops.lora_linear(x, W, A, B, 2.0)), device.type)
+        backward = launches.count(lambda: outputs[0].backward(grad_out), device.type)
+    planned = launches.op_launches(s, "sm90", 132, dtype=torch.float32)
+    assert [str(x) for x in forward] == [str(x) for x in planned["forward"]]
+    assert [str(x) for x in backward] == [str(x) for x in planned["backward"]]
+
+
+def test_every_kernel_launch_goes_through_the_hook():
+    """`kernel[grid](...)` directly would escape the launch counter and the planner."""
+    kernels = pathlib.Path(__file__).resolve().parent.parent / "kernels"
+    for path in kernels.glob("*.py"):
+        assert not re.search(r"_kernel\[[^\]]*\]\(", path.read_text()), path.name
+
+
+def test_plan_refuses_an_unknown_target():
+    with pytest.raises(ValueError, match="target"):
+        launches.plan(lambda: None, "sm75")
