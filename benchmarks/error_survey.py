@@ -1,7 +1,8 @@
 """Max error of lora_linear against float64 over many random cases, per path, dtype and tensor.
 
 The tolerances in peft_ops/tools/accuracy.py are set from rounding analysis and checked
-against this survey (its cases and runner are the ones the tests and `peft-ops check` use). On a CPU machine the kernels run in the Triton interpreter:
+against this survey (its cases and runner are the ones the tests and `peft-ops check` use).
+On a CPU machine the kernels run in the Triton interpreter:
 
     TRITON_INTERPRET=1 python benchmarks/error_survey.py --cases 40
 """

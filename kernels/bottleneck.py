@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import KernelBuild, autotuned, tile_configs, current_target, dot_flags, launch, launch_guard, m_bucket, mma
+from .common import KernelBuild, autotuned, current_target, dot_flags, launch, launch_guard, m_bucket, mma, tile_configs
 from .dropout import keep_tile
 from .interface import ACTIVATIONS  # constexpr ACTIVATION = the activation's index in it
 

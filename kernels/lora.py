@@ -159,7 +159,8 @@ def _lora_shrink_kernel(
         k_mask = (k0 + offs_k) < K
         x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = keep_tile(seed=seed, rows=rows, k0=k0, n_cols=K, dropout_p=dropout_p, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+            keep = keep_tile(seed=seed, rows=rows, k0=k0, n_cols=K, dropout_p=dropout_p, BLOCK_M=BLOCK_M,
+                             BLOCK_K=BLOCK_K)
             x = tl.where(keep, x, 0.0)  # zeroing is exact; the 1/(1-p) is applied to the fp32 sum
         a = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
         acc = mma(x.to(rank_dtype), a.to(rank_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)

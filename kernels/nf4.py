@@ -389,14 +389,14 @@ def forward(x: torch.Tensor, qw, xa: torch.Tensor | None, lora_B: torch.Tensor |
     with launch_guard(x, qw.packed):
         if regime == "gemm":
             grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
-            launch(_nf4_matmul_kernel, grid, x, *_format_args(qw, tables), *lora_args, bias if bias is not None else y, y,
-                                     M, N, K, R, m_bucket(M), *tail, **common)
+            launch(_nf4_matmul_kernel, grid, x, *_format_args(qw, tables), *lora_args,
+                   bias if bias is not None else y, y, M, N, K, R, m_bucket(M), *tail, **common)
             return y
         split = split_k or split_k_for(N, K, x.device)
         out = y if split == 1 else torch.empty((split, M, N), device=x.device, dtype=torch.float32)
         grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), split)  # noqa: E731
-        launch(_nf4_gemv_kernel, grid, x, *_format_args(qw, tables), *lora_args, bias if bias is not None else y, out,
-                               M, N, K, R, split, *tail, BLOCK_M=GEMV_BLOCK_M, **common)
+        launch(_nf4_gemv_kernel, grid, x, *_format_args(qw, tables), *lora_args, bias if bias is not None else y,
+               out, M, N, K, R, split, *tail, BLOCK_M=GEMV_BLOCK_M, **common)
     if split > 1:
         y.copy_(out.sum(dim=0))  # a fixed summation order: deterministic
     return y

@@ -55,8 +55,8 @@ def _(x, weight, xa, lora_B, scaling, bias, impl):
 def lora_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor, scaling: float,
                   dropout_p: float, seed: Tensor, need_dx: bool, need_dA: bool, need_dB: bool,
                   impl: str) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dA, dB = eager_ops("lora", impl).backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, int(seed), need_dx,
-                                      need_dA, need_dB)
+    dx, dA, dB = eager_ops("lora", impl).backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, int(seed),
+                                                  need_dx, need_dA, need_dB)
     return _or_empty(dx, x), _or_empty(dA, xa), _or_empty(dB, xa)
 
 
@@ -132,8 +132,8 @@ def qlora_backward(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, absmax
                    seed: Tensor, need_dx: bool, need_dA: bool, need_dB: bool,
                    impl: str) -> tuple[Tensor, Tensor, Tensor]:
     qw = NF4Tensors(packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype)
-    dx, dA, dB = eager_ops("nf4", impl).qlora_backward(dy, x, qw, lora_A, lora_B, xa, scaling, dropout_p, int(seed), need_dx,
-                                           need_dA, need_dB)
+    dx, dA, dB = eager_ops("nf4", impl).qlora_backward(dy, x, qw, lora_A, lora_B, xa, scaling, dropout_p, int(seed),
+                                                       need_dx, need_dA, need_dB)
     return _or_empty(dx, x), _or_empty(dA, xa), _or_empty(dB, xa)
 
 
@@ -168,8 +168,8 @@ class CompiledNF4Ops(CompiledLoraOps):
 def bottleneck_forward(x: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor,
                     up_bias: Tensor | None, activation: str, scaling: float, dropout_p: float, seed: Tensor,
                     save_h: bool, impl: str) -> tuple[Tensor, Tensor]:
-    y, h = eager_ops("bottleneck", impl).forward(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropout_p,
-                                  int(seed), save_h)
+    y, h = eager_ops("bottleneck", impl).forward(x, down_weight, down_bias, up_weight, up_bias, activation, scaling,
+                                                 dropout_p, int(seed), save_h)
     return y, _or_empty(h, y).float()
 
 
@@ -183,8 +183,8 @@ def _(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, dropou
 def bottleneck_backward(dy: Tensor, x: Tensor, h: Tensor, down_weight: Tensor, up_weight: Tensor, activation: str,
                      scaling: float, dropout_p: float, seed: Tensor, need_dx: bool, need_dw: bool,
                      impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = eager_ops("bottleneck", impl).backward(dy, x, h, down_weight, up_weight, activation, scaling, dropout_p, int(seed),
-                                    need_dx, need_dw)
+    grads = eager_ops("bottleneck", impl).backward(dy, x, h, down_weight, up_weight, activation, scaling, dropout_p,
+                                                   int(seed), need_dx, need_dw)
     return tuple(_or_empty(g, h) for g in grads)
 
 

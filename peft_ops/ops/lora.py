@@ -9,7 +9,7 @@ from torch.autograd.function import once_differentiable
 from .. import reference
 from ..backend import resolve
 from . import checks
-from .autograd import call_without_autocast, autocast_dtype, draw_seed, save_with_seed, saved_with_seed
+from .autograd import autocast_dtype, call_without_autocast, draw_seed, save_with_seed, saved_with_seed
 from .custom_ops import ops_for_call
 
 

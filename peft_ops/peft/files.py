@@ -7,7 +7,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import re
 
 import torch
 import torch.distributed as dist
@@ -18,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from ..nn.lora import LoraLinear, QLoraLinear
 from ..ops import checks
 from .model import replace_linears
-from .targets import find_targets, matches_target
+from .targets import check_patterns, find_targets, matches_target, pattern_value
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

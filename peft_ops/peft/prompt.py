@@ -14,7 +14,6 @@ Module and parameter names follow PEFT's (``embedding``, ``mlp_head``, ``lstm_he
 from __future__ import annotations
 
 import inspect
-import math
 import os
 
 import torch

@@ -1,11 +1,11 @@
 """``peft-ops aot`` (also ``peft-ops compile``): build every kernel ahead of time (aot) at every
-autotune config for sm_80 and sm_90a with ``triton.compile`` (no GPU needed) and report what decides its speed: registers, spills
-(ptxas' own count of spill stores + loads), shared memory, CTAs per SM and what limits them,
-and, per iteration of its main loop (``peft_ops.tools.kernel_facts``), the tensor-core instructions,
-global loads and stores by width, ``cp.async`` by size, TMA copies and gathers. It also plans
-one call of each op at a model's shape and counts the launches (``peft_ops.tools.launches``).
-Exit code 1 if any build spills, lacks tensor-core instructions or needs more shared memory
-than its GPU has.
+autotune config for sm_80 and sm_90a with ``triton.compile`` (no GPU needed) and report what
+decides its speed: registers, spills (ptxas' own count of spill stores + loads), shared memory,
+CTAs per SM and what limits them, and, per iteration of its main loop
+(``peft_ops.tools.kernel_facts``), the tensor-core instructions, global loads and stores by
+width, ``cp.async`` by size, TMA copies and gathers. It also plans one call of each op at a
+model's shape and counts the launches (``peft_ops.tools.launches``). Exit code 1 if any build
+spills, lacks tensor-core instructions or needs more shared memory than its GPU has.
 
 Must run without TRITON_INTERPRET=1 (the interpreter replaces the JIT functions). Builds are
 cached on disk (``$PEFT_OPS_CACHE_DIR``, default ``~/.cache/peft-ops``), keyed by the build, the
@@ -39,7 +39,8 @@ TARGETS = ("sm80", "sm90")
 SHARED_LIMIT_BYTES = {"sm80": 166912, "sm90": 232448}
 
 
-def _specs(module_name: str, target: str):
+def kernel_specs(module_name: str, target: str) -> list:
+    """The builds `peft_ops.kernels.<module_name>` lists for `target`."""
     return getattr(kernel_modules(), module_name).aot_specs(target)
 
 
@@ -160,7 +161,7 @@ def build_all(jobs: int | None = None, targets=TARGETS, only: str | None = None,
     for m in KERNEL_MODULES:
         for t in targets:
             by_name: dict = {}
-            for spec in _specs(m, t):
+            for spec in kernel_specs(m, t):
                 if only is None or only in spec.name:
                     by_name.setdefault(spec.name, []).append(spec)
             for specs in by_name.values():

@@ -285,7 +285,8 @@ def saved_activation_rows(dtype=torch.bfloat16) -> list[dict]:
     adapter = BottleneckAdapter(d, 64, "gelu", dtype=dtype)
     params = list(adapter.parameters())
     for name, fn in (("peft_ops BottleneckAdapter", lambda: adapter(x)),
-                     ("eager bottleneck adapter (reference)", lambda: reference.bottleneck_adapter(x, *params, "gelu", 1.0))):
+                     ("eager bottleneck adapter (reference)",
+                      lambda: reference.bottleneck_adapter(x, *params, "gelu", 1.0))):
         nbytes = saved_activation_bytes(fn, params)[0]
         rows.append({"layer": name, "shape": f"M={M} d={d} m=64", "dropout": 0.0, "saved_bytes": nbytes,
                      "saved_per_x": nbytes / x_bytes, "x_plus_xa_per_x": None})

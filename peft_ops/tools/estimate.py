@@ -326,8 +326,8 @@ class Estimator:
         plans = {s: launch_plans.op_launches(s, self.device.target, self.device.sms, dtype, dropout_p, bias)
                  for s in shapes}
         if progress:
-            progress(f"estimate: {sum(len(l) for p in plans.values() for l in p.values())} launches planned for "
-                     f"{self.device.name}; compiling what they may use …")
+            count = sum(len(found) for p in plans.values() for found in p.values())
+            progress(f"estimate: {count} launches planned for {self.device.name}; building what they may use …")
         self.prepare([found for phases in plans.values() for found in phases.values()])
         out = {}
         for s, phases in plans.items():

@@ -21,7 +21,8 @@ def text_table(header: tuple, body: list[tuple]) -> str:
 
 
 def package_versions() -> dict:
-    """torch, triton and the optional packages the comparisons use (None: not installed), read\n    without importing them (importing triton early would fix TRITON_INTERPRET too soon)."""
+    """torch, triton and the optional packages the comparisons use (None: not installed), read
+    without importing them (importing triton early would fix TRITON_INTERPRET too soon)."""
     versions = {"torch": torch.__version__}
     for package in ("triton", "peft", "bitsandbytes", "transformers"):
         try:

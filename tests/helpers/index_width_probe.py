@@ -1,4 +1,4 @@
-"""Run as a script (without TRITON_INTERPRET): compile the first build of every kernel for
+"""Run as a script (without TRITON_INTERPRET): build the first build of every kernel for
 sm_90a and print, as JSON, the integer width of the first offset added to each pointer
 argument in the TTIR — the offset that carries row × stride, the one that can pass 2³¹."""
 
@@ -35,14 +35,14 @@ def first_offsets(ttir: str, pointer_args: set[str]) -> dict[str, list[str]]:
 
 def main():
     out, seen = {}, set()
-    for module in compile_report.KERNEL_MODULES:
-        for spec in compile_report._specs(module, "sm90"):
+    for module in aot.KERNEL_MODULES:
+        for spec in aot.kernel_specs(module, "sm90"):
             kernel = spec.name.split(" [")[0]
             if kernel in seen:
                 continue
             seen.add(kernel)
             pointers = {name for name, kind in spec.signature.items() if kind.startswith("*")}
-            out[kernel] = first_offsets(spec.compile("sm90").asm["ttir"], pointers)
+            out[kernel] = first_offsets(spec.build("sm90").asm["ttir"], pointers)
     print(json.dumps(out))
 
 

@@ -7,8 +7,15 @@ import dataclasses
 
 import torch
 
-from peft_ops.tools.accuracy import (BottleneckCase, LoraCase, QLoraCase, assert_paths_agree, run_bottleneck_case,
-                              run_lora_case, run_qlora_case)
+from peft_ops.tools.accuracy import (
+    BottleneckCase,
+    LoraCase,
+    QLoraCase,
+    assert_paths_agree,
+    run_bottleneck_case,
+    run_lora_case,
+    run_qlora_case,
+)
 
 from conftest import DEVICE, lora_ops
 

@@ -16,6 +16,7 @@ import torch
 from peft_ops import reference
 from peft_ops.kernels import lora as lora_kernels
 from peft_ops.ops.autograd import torch_keep_mask
+
 from conftest import DEVICE
 
 SEED = 0x2F3A_5C71_9D0E_4B86  # a 62-bit seed, as eager_seed draws: both key words busy

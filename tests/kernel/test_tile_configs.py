@@ -9,20 +9,21 @@ PyTorch path's roundings. (On a GPU, tests/reliability/test_gpu.py runs every co
 import pytest
 import torch
 
-from peft_ops.kernels import common
 from peft_ops.kernels import bottleneck as adapter_kernels
+from peft_ops.kernels import common
 from peft_ops.kernels import lora as lora_kernels
 from peft_ops.kernels import nf4 as nf4_kernels  # noqa: F401  (registers the NF4 kernels)
-from peft_ops.tools.launches import KernelsRan
 from peft_ops.tools.accuracy import LoraCase, QLoraCase
+from peft_ops.tools.launches import KernelsRan
 
 from helpers.tile_cases import KERNELS, adapter_case, largest, run_checked
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter-sized (GPU: tests/reliability/test_gpu.py)")
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
+                                reason="interpreter-sized (GPU: tests/reliability/test_gpu.py)")
 
 
 def test_every_tuned_kernel_is_covered():
-    assert set(_common.tuned_kernels()) == set(KERNELS)
+    assert set(common.tuned_kernels()) == set(KERNELS)
 
 
 RUNS = [(kernel, family) for kernel, (_, families) in KERNELS.items() for family in families]
@@ -31,8 +32,8 @@ RUNS = [(kernel, family) for kernel, (_, families) in KERNELS.items() for family
 @pytest.mark.parametrize("kernel, family", RUNS, ids=[f"{k.strip('_')}-{f}" for k, f in RUNS])
 def test_largest_production_tile(kernel, family):
     case_of, _ = KERNELS[kernel]
-    config = largest(_common.tile_families(kernel, "sm90")[family])
-    with _common.forced_config(kernel, config), KernelsRan() as ran:
+    config = largest(common.tile_families(kernel, "sm90")[family])
+    with common.forced_config(kernel, config), KernelsRan() as ran:
         run_checked(case_of(family))
     assert kernel in ran.names, f"{kernel} did not run for {family}"
 

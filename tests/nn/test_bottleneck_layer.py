@@ -10,7 +10,6 @@ import torch.nn as nn
 from peft_ops import BottleneckAdapter, WithAdapter, apply_adapters, reference
 from peft_ops.tools.accuracy import assert_close
 
-
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

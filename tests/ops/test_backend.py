@@ -104,13 +104,11 @@ def _op_calls(device):
     """Each public op at a small shape, as a function of nothing: (name, call, reference call
     in the inputs' own dtype, the PyTorch path's Function call)."""
     from peft_ops import reference
-    from peft_ops.ops.bottleneck import BottleneckAdapterFunction
-    from peft_ops.ops.paths import TorchBottleneckOps
-    from peft_ops.ops.lora import LoraLinearFunction
-    from peft_ops.ops.paths import TorchLoraOps
     from peft_ops.nf4 import quantize
+    from peft_ops.ops.bottleneck import BottleneckAdapterFunction
+    from peft_ops.ops.lora import LoraLinearFunction
+    from peft_ops.ops.paths import TorchBottleneckOps, TorchLoraOps, TorchNF4Ops
     from peft_ops.ops.qlora import NF4LinearFunction, QLoraLinearFunction
-    from peft_ops.ops.paths import TorchNF4Ops
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(5, 32, generator=gen).to(device)
     W, A, B, b = (torch.randn(*s, generator=gen).to(device) / 4 for s in ((12, 32), (4, 32), (12, 4), (12,)))
@@ -143,9 +141,8 @@ def test_every_backend_runs_its_own_implementation(op, name, device):
     interpreter); "torch" launches none and gives the PyTorch path's result bit for bit;
     "reference" launches none and gives peft_ops.reference's result bit for bit. (Their values
     against float64 are the op tests' business.)"""
-    from peft_ops.tools.launches import KernelsRan
-
     from peft_ops import reference
+    from peft_ops.tools.launches import KernelsRan
 
     call, reference_call, torch_path_call = _op_calls(device)[op]
     with peft_ops.use_backend(name), KernelsRan() as ran, \

@@ -9,10 +9,14 @@ from peft_ops import reference
 from peft_ops.kernels.interface import ACTIVATIONS
 from peft_ops.ops.bottleneck import BottleneckAdapterFunction
 from peft_ops.ops.paths import eager_ops
-from peft_ops.tools.accuracy import (BottleneckCase, assert_close, make_bottleneck_inputs, run_bottleneck_case,
-                                     saved_activation_bytes)
+from peft_ops.tools.accuracy import (
+    BottleneckCase,
+    assert_close,
+    make_bottleneck_inputs,
+    run_bottleneck_case,
+    saved_activation_bytes,
+)
 from peft_ops.tools.launches import KernelsRan
-
 
 PATHS = ["triton", "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

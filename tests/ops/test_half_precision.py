@@ -19,8 +19,15 @@ import torch
 
 import peft_ops.ops.paths as paths
 from peft_ops.tools import launches
-from peft_ops.tools.accuracy import (BottleneckCase, LoraCase, QLoraCase, assert_paths_agree, run_bottleneck_case,
-                                     run_lora_case, run_qlora_case)
+from peft_ops.tools.accuracy import (
+    BottleneckCase,
+    LoraCase,
+    QLoraCase,
+    assert_paths_agree,
+    run_bottleneck_case,
+    run_lora_case,
+    run_qlora_case,
+)
 
 from conftest import DEVICE, lora_ops
 

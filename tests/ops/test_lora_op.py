@@ -6,8 +6,8 @@ import torch
 
 import peft_ops
 from peft_ops import reference
-from peft_ops.ops.lora import LoraLinearFunction
 from peft_ops.ops.autograd import eager_seed, torch_keep_mask
+from peft_ops.ops.lora import LoraLinearFunction
 from peft_ops.tools.accuracy import LoraCase, assert_close, make_lora_inputs, run_lora_case, saved_activation_bytes
 
 from conftest import DEVICE, lora_ops
@@ -294,7 +294,7 @@ def test_bf16_tests_detect_a_wrong_dot(monkeypatch, device):
     case = LoraCase(M=33, K=64, N=48, r=8, dtype=torch.bfloat16)
     check_case(case, "triton", device)  # passes as shipped
 
-    real_flags = _common.dot_flags
+    real_flags = common.dot_flags
     monkeypatch.setattr(lora, "dot_flags", lambda *args: {**real_flags(*args), "WIDEN_BF16_DOT": False})
     with pytest.raises(AssertionError, match="exceed tolerance"):
         check_case(case, "triton", device)

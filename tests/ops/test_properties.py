@@ -14,7 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from peft_ops.kernels.bottleneck import max_bottleneck
-from peft_ops.tools.accuracy import BottleneckCase, LoraCase, QLoraCase, run_bottleneck_case, run_lora_case, run_qlora_case
+from peft_ops.tools.accuracy import (
+    BottleneckCase,
+    LoraCase,
+    QLoraCase,
+    run_bottleneck_case,
+    run_lora_case,
+    run_qlora_case,
+)
 
 from conftest import DEVICE, lora_ops
 

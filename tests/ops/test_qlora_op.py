@@ -92,8 +92,8 @@ def test_public_functions_match_the_references(device):
 @pytest.mark.parametrize("path", PATHS)
 def test_saved_bytes_are_x_and_xa_only(dropout_p, path, device):
     """The lora_linear budget: x itself + xa [M, r] fp32; no dequantized weight, no mask."""
+    from peft_ops.ops.qlora import NF4LinearFunction, QLoraLinearFunction
     from peft_ops.tools.accuracy import qlora_ops
-    from peft_ops.ops.qlora import QLoraLinearFunction, NF4LinearFunction
 
     M, K, N, r = 64, 128, 96, 8
     x = torch.randn(M, K, device=device, dtype=torch.bfloat16, requires_grad=True)

@@ -168,7 +168,7 @@ def spy(monkeypatch, module, name):
 
 
 def test_from_peft_keeps_outputs_gradients_keys_and_files(tmp_path, monkeypatch):
-    calls = spy(monkeypatch, peft_ops.ops.lora, "lora_linear")
+    calls = spy(monkeypatch, peft_ops.peft.from_peft, "lora_linear")
     base = llama()
     reference_model = peft_lora(base, r=4, lora_alpha=8)
     fused = copy.deepcopy(reference_model)
@@ -214,7 +214,7 @@ def test_from_peft_reports_what_it_leaves():
 
 def test_from_peft_over_bitsandbytes_4bit(monkeypatch):
     bnb = pytest.importorskip("bitsandbytes")
-    calls = spy(monkeypatch, peft_ops.ops.qlora, "qlora_linear")
+    calls = spy(monkeypatch, peft_ops.peft.from_peft, "qlora_linear")
 
     class Two(nn.Module):
         def __init__(self):
@@ -361,7 +361,7 @@ def test_exclude_modules_loads_as_peft_does(tmp_path):
 
 
 def _forward_spy(monkeypatch):
-    return spy(monkeypatch, peft_ops.ops.lora, "lora_linear")
+    return spy(monkeypatch, peft_ops.peft.from_peft, "lora_linear")
 
 
 def _swapped_and_reference(**config):

@@ -13,11 +13,17 @@ import torch
 
 import peft_ops
 from peft_ops.ops.bottleneck import BottleneckAdapterFunction
-from peft_ops.ops.paths import eager_ops
 from peft_ops.ops.lora import LoraLinearFunction
+from peft_ops.ops.paths import eager_ops
 from peft_ops.ops.qlora import NF4LinearFunction, QLoraLinearFunction
-from peft_ops.tools.accuracy import (BottleneckCase, LoraCase, QLoraCase, make_bottleneck_inputs, make_lora_inputs,
-                              qlora_ops)
+from peft_ops.tools.accuracy import (
+    BottleneckCase,
+    LoraCase,
+    QLoraCase,
+    make_bottleneck_inputs,
+    make_lora_inputs,
+    qlora_ops,
+)
 
 from conftest import DEVICE, lora_ops
 

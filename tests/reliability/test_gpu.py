@@ -4,8 +4,8 @@ test also runs natively there, since the `device` fixture is then CUDA)."""
 import pytest
 import torch
 
-from peft_ops.tools import check
 from peft_ops.ops.lora import LoraLinearFunction
+from peft_ops.tools import check
 from peft_ops.tools.accuracy import LoraCase, make_lora_inputs, run_bottleneck_case, run_lora_case, run_qlora_case
 
 from conftest import lora_ops
@@ -16,7 +16,8 @@ pytestmark = pytest.mark.gpu
 # Every case of `peft-ops check` (fp32/fp16/bf16; odd shapes, 3-D and strided x, dropout, bias,
 # fp32 adapters, the NF4 decode and GEMM paths, every adapter activation) on the kernels.
 CHECK_CASES = [("lora", c) for c in check.lora_cases(quick=False)] + \
-    [("qlora", c) for c in check.qlora_cases(quick=False)] + [("bottleneck", c) for c in check.bottleneck_cases(quick=False)]
+    [("qlora", c) for c in check.qlora_cases(quick=False)] + \
+    [("bottleneck", c) for c in check.bottleneck_cases(quick=False)]
 
 
 def _case_id(item):
@@ -119,14 +120,15 @@ def test_custom_ops_on_the_kernels_pass_opcheck():
 def test_every_autotune_config(kernel):
     """Every config of every family of `kernel` on this GPU's target, forced one at a time, at
     small odd shapes: against float64, and in half precision against the PyTorch path."""
-    from peft_ops.kernels import common, bottleneck_adapter, lora, nf4  # noqa: F401  (register the kernels)
+    from peft_ops.kernels import bottleneck, common, lora, nf4  # noqa: F401  (register the kernels)
+
     from helpers.tile_cases import run_checked
 
     case_of, _ = TILE_CASES[kernel]
-    target = _common.process_target()
-    for family, configs in _common.tile_families(kernel, target).items():
+    target = common.process_target()
+    for family, configs in common.tile_families(kernel, target).items():
         for config in configs:
-            with _common.forced_config(kernel, config):
+            with common.forced_config(kernel, config):
                 try:
                     run_checked(case_of(family))
                 except AssertionError as err:

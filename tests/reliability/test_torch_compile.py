@@ -81,8 +81,10 @@ def _opcheck_cases():
         "lora_backward": (custom_ops.lora_backward, (dy, x, W, A, B, xa, 0.5, 0.2, seed, True, True, False, "torch")),
         "nf4_forward": (custom_ops.nf4_forward, (x, *q, xa, B, 0.5, None, "torch")),
         "nf4_backward_dx": (custom_ops.nf4_backward_dx, (dy, *q, "torch")),
-        "qlora_backward": (custom_ops.qlora_backward, (dy, x, *q, A, B, xa, 0.5, 0.0, seed, True, False, True, "torch")),
-        "bottleneck_forward": (custom_ops.bottleneck_forward, (x, wd, None, wu, None, "silu", 0.5, 0.1, seed, True, "torch")),
+        "qlora_backward": (custom_ops.qlora_backward,
+                           (dy, x, *q, A, B, xa, 0.5, 0.0, seed, True, False, True, "torch")),
+        "bottleneck_forward": (custom_ops.bottleneck_forward,
+                               (x, wd, None, wu, None, "silu", 0.5, 0.1, seed, True, "torch")),
         "bottleneck_backward": (custom_ops.bottleneck_backward, (dy16, x, h, wd, wu, "silu", 0.5, 0.1, seed, True, True,
                                                         "torch")),
     }

@@ -97,8 +97,8 @@ def test_adapter_kernels_are_covered(compile_rows):
                if r["target"] == "sm90" and r["kernel"].startswith("bottleneck_forward"))
 
 
-def _rows(compile_rows, kernel, target=None, variant=None):
-    return [r for r in compile_rows if r["kernel"].startswith(kernel + " [") and (target is None or r["target"] == target)
+def _rows(aot_rows, kernel, target=None, variant=None):
+    return [r for r in aot_rows if r["kernel"].startswith(kernel + " [") and (target is None or r["target"] == target)
             and (variant is None or f"[{variant}" in r["kernel"])]
 
 

@@ -85,8 +85,8 @@ def test_timing_code_path_on_tiny_shapes(tmp_path):
 
 def test_unknown_op_is_an_error(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "peft_ops.tools.cli", "bench", "--ops", "lora,dora", "--out", str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "peft_ops.tools.cli", "bench", "--ops", "lora,dora",
+                          "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "dora" in out.stderr
 
 

@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
+from test_bench_cli import run_bench
 
 from peft_ops.tools import estimate
 from peft_ops.tools.roofline import OpShape
-
-from test_bench_cli import run_bench
 
 
 def test_loop_iterations_by_hand():
