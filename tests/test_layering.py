@@ -195,7 +195,8 @@ def test_nothing_points_outside_the_repository():
     found = []
     for name in tracked:
         path = ROOT / name
-        if name.startswith("benchmarks/results/") or not path.is_file() or path.stat().st_size > 500_000:
+        if name.startswith("benchmarks/results/") or name == "tests/test_layering.py" or not path.is_file() \
+                or path.stat().st_size > 500_000:
             continue
         try:
             text = path.read_text()

@@ -93,7 +93,7 @@ def model_row(s: OpShape, gpu_name: str, gpu: dict) -> list[dict]:
     base_phases = {p: roofline.base_layer(s, p) for p in PHASES}
     base = {**base_phases, "fwd+bwd": tuple(map(sum, zip(*base_phases.values())))}
     rows = []
-    for phase in PHASES:
+    for phase in ROW_PHASES:
         t_min = roofline.roofline_seconds(f[phase], low[phase], gpu)
         t_fused = roofline.roofline_seconds(f[phase], fused[phase], gpu)
         t_eager = roofline.roofline_seconds(f[phase], eager[phase], gpu)

@@ -297,7 +297,7 @@ def ptx_facts(ptx: str, num_warps: int) -> dict:
 
 def main_loop_summary(facts: dict) -> dict:
     """The main loops' per-iteration facts added up (a kernel that streams a dimension twice,
-    like the adapter forward, has two main loops: one iteration here is one of each)."""
+    like the bottleneck forward, has two main loops: one iteration here is one of each)."""
     total: dict = {}
     for i in facts["main_loops"]:
         for key, value in facts["loops"][i].items():

@@ -36,7 +36,7 @@ def qlora_case(M):
     return case
 
 
-def adapter_case(family):
+def bottleneck_case(family):
     operand, width = family.split("/")
     dtype = torch.float32 if operand == "fp32" else torch.bfloat16
     m = {"b64": 20, "b128": 100, "b256": 130}[width]
@@ -52,8 +52,8 @@ KERNELS = {
     "_nf4_matmul_kernel": (qlora_case(37), ["half", "fp32", "general"]),
     "_nf4_gemv_kernel": (qlora_case(3), ["half", "fp32", "general"]),
     "_nf4_backward_dx_kernel": (qlora_case(37), ["half", "general"]),
-    "_bottleneck_forward_kernel": (adapter_case, ["half/b64", "half/b256", "fp32/b128"]),
-    "_bottleneck_backward_dh_kernel": (adapter_case, ["half/b128", "fp32/b64"]),
+    "_bottleneck_forward_kernel": (bottleneck_case, ["half/b64", "half/b256", "fp32/b128"]),
+    "_bottleneck_backward_dh_kernel": (bottleneck_case, ["half/b128", "fp32/b64"]),
 }
 
 

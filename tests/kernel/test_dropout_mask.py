@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from peft_ops import reference
+from peft_ops.kernels import dropout as dropout_kernels
 from peft_ops.kernels import lora as lora_kernels
 from peft_ops.ops.autograd import torch_keep_mask
 
@@ -47,7 +48,7 @@ def test_philox_known_answers(counter, key, expected):
 
 @pytest.mark.parametrize("M, K, p", [(1, 1, 0.5), (7, 13, 0.3), (33, 130, 0.1), (5, 1027, 0.9), (19, 6, 0.5)])
 def test_kernel_mask_is_the_reference_mask(M, K, p):
-    kernel = lora_kernels.dropout_keep_mask(SEED, M, K, p, DEVICE).cpu()
+    kernel = dropout_kernels.keep_mask(SEED, M, K, p, DEVICE).cpu()
     assert torch.equal(kernel, reference_mask(SEED, K, p, range(M)))
 
 
@@ -57,7 +58,7 @@ def test_kernel_mask_at_large_row_offsets(K):
     offset: no tensor of that size is needed."""
     quarter = -(-K // 4)
     for row0 in (2**31 // K + 1, 2**32 // quarter - 2, 3 * 2**32 // quarter + 5):
-        kernel = lora_kernels.dropout_keep_mask(SEED, 4, K, 0.5, DEVICE, row0=row0).cpu()
+        kernel = dropout_kernels.keep_mask(SEED, 4, K, 0.5, DEVICE, row0=row0).cpu()
         assert torch.equal(kernel, reference_mask(SEED, K, 0.5, range(row0, row0 + 4))), row0
     assert (3 * 2**32 // quarter + 5) * quarter >= 3 * 2**32  # the last offset really reaches c1 = 3
 
@@ -65,10 +66,10 @@ def test_kernel_mask_at_large_row_offsets(K):
 def test_every_seed_bit_changes_the_mask():
     """Both key words matter: flipping any of the 64 seed bits redraws about half the mask."""
     M, K = 8, 16
-    base = lora_kernels.dropout_keep_mask(SEED, M, K, 0.5, DEVICE).cpu()
+    base = dropout_kernels.keep_mask(SEED, M, K, 0.5, DEVICE).cpu()
     for bit in range(64):
         seed = SEED ^ (1 << bit)
-        flipped = lora_kernels.dropout_keep_mask(seed, M, K, 0.5, DEVICE).cpu()
+        flipped = dropout_kernels.keep_mask(seed, M, K, 0.5, DEVICE).cpu()
         assert torch.equal(flipped, reference_mask(seed, K, 0.5, range(M))), bit
         changed = float((flipped != base).float().mean())
         assert 0.3 < changed < 0.7, (bit, changed)
@@ -93,17 +94,18 @@ def test_lora_shrink_kernel_draws_the_reference_mask():
 
 def test_adapter_forward_kernel_draws_the_reference_mask():
     """Where the adapter drops, y = x exactly (fp32): the kernel's mask, read out of y."""
-    from peft_ops.ops.bottleneck import BottleneckAdapterFunction, _kernel_ops
+    from peft_ops.kernels import bottleneck as bottleneck_kernels
+    from peft_ops.ops.autograd import eager_seed
+    from peft_ops.ops.bottleneck import BottleneckAdapterFunction
     from peft_ops.tools.accuracy import BottleneckCase, make_bottleneck_inputs
 
     case = BottleneckCase(M=29, d=50, m=12, dtype=torch.float32, activation="silu")
     inp = make_bottleneck_inputs(case, DEVICE)
     args = [inp[k] for k in ("x", "down_weight", "down_bias", "up_weight", "up_bias")]
     torch.manual_seed(5)
-    from peft_ops.ops.autograd import eager_seed
     seed = eager_seed()
     torch.manual_seed(5)
-    y = BottleneckAdapterFunction.apply(*args, "silu", 0.75, 0.35, _kernel_ops())
+    y = BottleneckAdapterFunction.apply(*args, "silu", 0.75, 0.35, bottleneck_kernels)
     assert torch.equal((y != inp["x"]).cpu(), reference_mask(seed, case.d, 0.35, range(case.M)))
 
 

@@ -9,14 +9,14 @@ PyTorch path's roundings. (On a GPU, tests/reliability/test_gpu.py runs every co
 import pytest
 import torch
 
-from peft_ops.kernels import bottleneck as adapter_kernels
+from peft_ops.kernels import bottleneck as bottleneck_kernels
 from peft_ops.kernels import common
 from peft_ops.kernels import lora as lora_kernels
 from peft_ops.kernels import nf4 as nf4_kernels  # noqa: F401  (registers the NF4 kernels)
 from peft_ops.tools.accuracy import LoraCase, QLoraCase
 from peft_ops.tools.launches import KernelsRan
 
-from helpers.tile_cases import KERNELS, adapter_case, largest, run_checked
+from helpers.tile_cases import KERNELS, bottleneck_case, largest, run_checked
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="interpreter-sized (GPU: tests/reliability/test_gpu.py)")
@@ -52,8 +52,8 @@ def test_backward_at_production_row_blocks(dtype, monkeypatch):
 def test_adapter_backward_at_production_tiles(family, target, monkeypatch):
     """The adapter dX kernel's fixed tiles (one launch, or the split dX + dW pair of sm_80's
     half/b256) at their GPU sizes."""
-    monkeypatch.setitem(adapter_kernels.BACKWARD_DX_TILES, "interpreter",
-                        dict(adapter_kernels.BACKWARD_DX_TILES[target]))
+    monkeypatch.setitem(bottleneck_kernels.BACKWARD_DX_TILES, "interpreter",
+                        dict(bottleneck_kernels.BACKWARD_DX_TILES[target]))
     with KernelsRan() as ran:
-        run_checked(adapter_case(family))
+        run_checked(bottleneck_case(family))
     assert "_bottleneck_backward_dx_kernel" in ran.names

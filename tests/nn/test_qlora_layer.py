@@ -129,7 +129,9 @@ def test_bad_arguments_leave_nothing_changed():
 
 def test_public_api():
     """The names README documents are the implementations, and they work end to end."""
-    from peft_ops import layers, nf4, qlora, reference
+    from peft_ops import nf4, reference
+    from peft_ops.nn import lora as layers
+    from peft_ops.ops import qlora
 
     assert peft_ops.QLoraLinear is layers.QLoraLinear and peft_ops.NF4Weight is nf4.NF4Weight
     assert peft_ops.qlora_linear is qlora.qlora_linear and peft_ops.nf4_linear is qlora.nf4_linear

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-WORKER = pathlib.Path(__file__).with_name("distributed_worker.py")
+WORKER = pathlib.Path(__file__).parents[1] / "helpers" / "distributed_worker.py"
 TOL = 1e-5  # fp32: the two halves' mean gradients against the whole batch's, relative to the largest
 
 

@@ -19,7 +19,7 @@ GROW_WITH_M_OR_WEIGHT = {"X", "Y", "DY", "DX", "XA", "G", "H", "DH", "OUT", "KEE
 @pytest.fixture(scope="module")
 def offset_widths():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    probe = pathlib.Path(__file__).with_name("index_width_probe.py")
+    probe = pathlib.Path(__file__).parents[1] / "helpers" / "index_width_probe.py"
     out = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -28,7 +28,8 @@ print(json.dumps({"code": int(code), "output": buf.getvalue()}))
 @pytest.fixture(scope="module")
 def benchmark_run(tmp_path_factory):
     record = tmp_path_factory.mktemp("bench") / "record.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # not under this run's xdist worker: pytest-benchmark disables timing inside one
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_XDIST")}
     out = subprocess.run([sys.executable, "-c", RUNNER, str(record)], env=env, capture_output=True, text=True,
                          timeout=600, cwd=ROOT / "benchmarks")
     assert out.returncode == 0, out.stderr[-3000:]

@@ -12,7 +12,7 @@ import xml.etree.ElementTree as ElementTree
 import pytest
 import torch
 
-SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "gpu-check"
+SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "gpu-check"
 OUTPUTS = {"summary.txt", "bench.json", "bench.csv", "bench.png", "pytest.xml", "pytest.log", "autotune.json",
            "env.json"}
 
