@@ -15,12 +15,12 @@ import time
 import torch
 
 from ..backend import interpreting, kernel_modules, triton_available
-from ..kernels.interface import DTYPE_NAMES
+from ..kernels.interface import DTYPE_NAMES, FLOAT_DTYPES
 from ..ops.paths import TorchLoraOps
 from .accuracy import BottleneckCase, LoraCase, QLoraCase, run_bottleneck_case, run_lora_case, run_qlora_case
 from .records import text_table
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = FLOAT_DTYPES
 
 
 def lora_cases(quick: bool) -> list[LoraCase]:
