@@ -17,11 +17,11 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import types
 from typing import Iterator
 
 import torch
 
+from . import kernels  # the package alone: no kernel, no triton
 from .kernels import interface  # no triton import: safe before TRITON_INTERPRET is set
 from .kernels.interface import interpreting
 
@@ -96,13 +96,13 @@ def resolve(device: torch.device) -> str:
     return "triton" if kernels_can_run else "torch"
 
 
-def kernel_modules() -> types.SimpleNamespace:
-    """The kernel modules (``peft_ops.kernels.lora``, ``.nf4``, ``.bottleneck``, ``.dropout``,
-    ``.calibration``), imported on first use, never when peft_ops is imported."""
+def kernel_modules():
+    """The package ``peft_ops.kernels`` with its kernel modules imported (``.lora``, ``.nf4``,
+    ``.bottleneck``, ``.dropout``, ``.calibration``, ``.common``): on first use, never when
+    peft_ops is imported. (A module, not a namespace object: torch.compile traces through it.)"""
     # The one import inside a function in peft_ops: @triton.jit reads TRITON_INTERPRET when a
-    # kernel module is first imported, so the kernels must wait until an op runs, by which
-    # time a script has set it (or not).
-    from .kernels import bottleneck, calibration, common, dropout, lora, nf4
+    # kernel module is first imported, so the kernels must wait until an op runs, by which time
+    # a script has set it (or not).
+    from .kernels import bottleneck, calibration, common, dropout, lora, nf4  # noqa: F401  (binds kernels.<name>)
 
-    return types.SimpleNamespace(lora=lora, nf4=nf4, bottleneck=bottleneck, dropout=dropout,
-                                 calibration=calibration, common=common)
+    return kernels

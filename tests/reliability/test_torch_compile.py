@@ -1,6 +1,7 @@
 """The ops inside torch.compile: a model with LoraLinear, QLoraLinear and a BottleneckAdapter
 compiles with fullgraph=True (no graph break) and gives eager's outputs and gradients, on the
-PyTorch path here (the kernels: tests/reliability/test_gpu.py); the custom ops pass torch.library.opcheck."""
+PyTorch path (inductor) and on the interpreted kernels (aot_eager) here, natively in
+tests/reliability/test_gpu.py; the custom ops pass torch.library.opcheck."""
 
 import pytest
 import torch
@@ -51,6 +52,19 @@ def test_compiled_model_equals_eager(dtype):
     compiled = run(torch.compile(model, fullgraph=True), x)  # fullgraph: a graph break is an error
     for a, b in zip(eager, compiled):
         assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreted kernels (GPU: tests/reliability/test_gpu.py)")
+def test_compiled_model_on_the_kernels_equals_eager():
+    """The kernel path traces without a graph break too, the kernel loader's import included
+    (Dynamo and AOT autograd; the kernels run in the interpreter through the custom ops)."""
+    model = Model()
+    x = torch.randn(2, 5, 32)
+    with peft_ops.use_backend("triton"):
+        compiled = run(torch.compile(model, fullgraph=True, backend="aot_eager"), x)
+        eager = run(model, x)
+    for a, b in zip(eager, compiled):
+        assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-6, atol=0)
 
 
 def test_compiled_dropout_runs_in_one_graph_and_is_reproducible():
