@@ -40,13 +40,13 @@ Design, from a cost model (bf16, M = 8192, K = N = 4096, r = 16, H200: 4.8 TB/s,
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation  # the scratch allocator's default, to leave a caller's own in place
 
 from .common import (
+    INTERPRETED,
     KernelBuild,
     autotuned,
     current_target,
@@ -57,9 +57,10 @@ from .common import (
     launch_guard,
     m_bucket,
     mma,
+    multiprocessor_count,
     tile_configs,
 )
-from .dropout import keep_tile
+from .dropout import keep_from_bits, keep_tile, store_keep_bits
 
 
 def block_r(r: int, fp32_rank: bool) -> int:
@@ -85,11 +86,13 @@ def _families(names, base, wide, fp32):
 
 _GEMM = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 _SHRINK = ("BLOCK_M", "BLOCK_K")
-_DY = ("BLOCK_N",)
-_DX = ("BLOCK_N", "BLOCK_K", "GROUP_M")  # BLOCK_K: dX column tile (in); BLOCK_N: reduction (out)
+_G = ("BLOCK_M", "BLOCK_N")
+_RANK = ("BLOCK_M", "BLOCK_C")  # BLOCK_M: rows summed per step; BLOCK_C: the columns a program owns
+_DX = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")  # BLOCK_K: dX column tile (in); BLOCK_N: reduction (out)
 
 # Autotune lists per target; `peft-ops aot` proves every one spill-free in its family.
-# BLOCK_N in the forward is the output-column tile.
+# BLOCK_N in the forward is the output-column tile. Every BLOCK_K of a kernel reading the
+# bit-packed keep mask is a multiple of 32 (one int32 word per 32 columns).
 FORWARD_CONFIGS = {
     "sm80": _families(_GEMM, base=[(128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4), (128, 64, 32, 8, 4, 4)],
                       wide=[(128, 256, 32, 8, 8, 3)],
@@ -102,45 +105,73 @@ FORWARD_CONFIGS = {
     "interpreter": tile_configs(_GEMM, [(32, 32, 32, 8, 4, 1)]),
 }
 SHRINK_CONFIGS = {
-    "sm80": _families(_SHRINK, base=[(64, 64, 4, 3), (32, 128, 4, 3), (16, 128, 4, 4)], wide=[(128, 64, 4, 3)],
+    "sm80": _families(_SHRINK, base=[(64, 64, 4, 3), (16, 128, 4, 4)], wide=[(128, 64, 8, 3), (32, 128, 4, 3)],
                       fp32=[(32, 32, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2)]),
-    "sm90": _families(_SHRINK, base=[(64, 64, 4, 4), (128, 64, 8, 3), (32, 128, 4, 4), (16, 128, 4, 4)], wide=[],
+    "sm90": _families(_SHRINK, base=[(64, 64, 4, 4), (128, 64, 8, 3), (16, 128, 8, 4)], wide=[(32, 128, 4, 4)],
                       fp32=[(32, 32, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2)]),
     "interpreter": tile_configs(_SHRINK, [(32, 32, 4, 1)]),
 }
-# Backward: BLOCK_M is fixed per target (BACKWARD_BLOCK_M) because it sets how many partials
-# the M-reduction sums; only the other tile sizes are tuned. The dX kernel holds the GEMM
-# accumulator, the x tile, g and the regenerated dropout mask at once: at BLOCK_M = 128
-# every config spilled (ptxas), at 64 none does.
-BACKWARD_BLOCK_M = {"sm80": {"dy": 64, "dx": 64}, "sm90": {"dy": 64, "dx": 64},
-                    "interpreter": {"dy": 32, "dx": 32}}
-BACKWARD_DY_CONFIGS = {
-    "sm80": _families(_DY, base=[(64, 4, 3), (64, 4, 4)], wide=[(128, 8, 3)],
-                      fp32=[(32, 4, 3), (32, 8, 3), (16, 4, 3)]),
-    "sm90": _families(_DY, base=[(64, 4, 4), (64, 8, 3)], wide=[(128, 4, 3), (128, 8, 3)],
-                      fp32=[(32, 4, 3), (32, 8, 3), (16, 4, 3)]),
-    "interpreter": tile_configs(_DY, [(32, 4, 1)]),
+BACKWARD_G_CONFIGS = {
+    "sm80": _families(_G, base=[(64, 64, 4, 3), (64, 64, 4, 4)], wide=[(64, 128, 8, 3), (128, 64, 8, 3)],
+                      fp32=[(64, 32, 4, 3), (64, 32, 8, 3), (64, 16, 4, 3)]),
+    "sm90": _families(_G, base=[(64, 64, 4, 4), (64, 64, 8, 3)], wide=[(64, 128, 4, 3), (64, 128, 8, 3),
+                                                                       (128, 64, 8, 3)],
+                      fp32=[(64, 32, 4, 3), (64, 32, 8, 3), (64, 16, 4, 3)]),
+    "interpreter": tile_configs(_G, [(32, 32, 4, 1)]),
+}
+BACKWARD_RANK_CONFIGS = {
+    "sm80": _families(_RANK, base=[(64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 4)], wide=[(64, 128, 4, 3)],
+                      fp32=[(32, 64, 4, 3), (64, 32, 4, 3)]),
+    "sm90": _families(_RANK, base=[(64, 64, 4, 4), (128, 64, 4, 3), (128, 32, 4, 4)], wide=[(64, 128, 4, 3)],
+                      fp32=[(32, 64, 4, 3), (64, 32, 4, 3)]),
+    "interpreter": tile_configs(_RANK, [(32, 32, 4, 1)]),
 }
 BACKWARD_DX_CONFIGS = {
-    "sm80": _families(_DX, base=[(64, 128, 8, 8, 3), (64, 64, 8, 4, 3), (64, 64, 8, 4, 4)], wide=[(64, 256, 8, 8, 3)],
-                      fp32=[(32, 32, 8, 4, 3), (32, 64, 8, 8, 3), (16, 64, 8, 4, 3), (32, 32, 8, 4, 2)]),
-    "sm90": _families(_DX, base=[(64, 128, 8, 8, 3), (64, 64, 8, 4, 4), (64, 64, 8, 4, 3)], wide=[(64, 256, 8, 8, 3)],
-                      fp32=[(32, 32, 8, 4, 3), (32, 64, 8, 8, 3), (16, 64, 8, 4, 3), (32, 32, 8, 4, 2)]),
-    "interpreter": tile_configs(_DX, [(32, 64, 8, 4, 1)]),
+    "sm80": _families(_DX, base=[(128, 64, 128, 8, 8, 3), (64, 64, 128, 8, 4, 4), (64, 64, 64, 8, 4, 3)],
+                      wide=[],  # 128×256 spilled here (4-28 bytes, sm_80): 128×128 is the widest
+                      fp32=[(64, 32, 32, 8, 4, 3), (64, 32, 64, 8, 8, 3), (64, 16, 64, 8, 4, 3),
+                            (64, 32, 32, 8, 4, 2)]),
+    "sm90": _families(_DX, base=[(128, 64, 128, 8, 8, 3), (64, 64, 128, 8, 4, 4), (64, 64, 64, 8, 4, 3)],
+                      wide=[(128, 64, 256, 8, 8, 3)],
+                      fp32=[(64, 32, 32, 8, 4, 3), (64, 32, 64, 8, 8, 3), (64, 16, 64, 8, 4, 3),
+                            (64, 32, 32, 8, 4, 2)]),
+    "interpreter": tile_configs(_DX, [(32, 32, 64, 8, 4, 1)]),
+}
+# sm_90a: the persistent TMA GEMMs (forward and dX), each program looping over output tiles.
+# Their half-precision tiles are 128 rows (two 64-row wgmma warpgroups at 8 warps) by 128 or
+# 256 columns; the lists are per family as above. On sm_80 they are never launched (no TMA):
+# the entry only gives the autotuner of an sm_80 process a list.
+_TMA_FORWARD = _families(_GEMM, base=[(128, 128, 64, 8, 8, 3)], wide=[(128, 256, 64, 8, 8, 2)],
+                         fp32=[(128, 128, 32, 8, 8, 3), (64, 128, 32, 8, 4, 3)])
+FORWARD_TMA_CONFIGS = {"sm80": _TMA_FORWARD, "sm90": _TMA_FORWARD,
+                       "interpreter": tile_configs(_GEMM, [(32, 32, 32, 8, 4, 1)])}
+_TMA_DX = _families(_DX, base=[(128, 64, 128, 8, 8, 3)], wide=[(128, 64, 256, 8, 8, 2)],
+                    fp32=[(128, 32, 128, 8, 8, 3), (64, 32, 128, 8, 4, 3)])
+BACKWARD_DX_TMA_CONFIGS = {"sm80": _TMA_DX, "sm90": _TMA_DX,
+                           "interpreter": tile_configs(_DX, [(32, 32, 64, 8, 4, 1)])}
+# Targets whose GEMMs take the persistent TMA kernels (tests add "interpreter" to run them there).
+TMA_TARGETS = {"sm90"}
+# Programs of a persistent kernel in the interpreter (no SMs): a few, so each loops over tiles.
+INTERPRETER_PROGRAMS = 3
+# Tiles of the persistent kernels as virtual CTAs: what a static estimate schedules in waves.
+PERSISTENT_TILES = {
+    "_lora_forward_tma_kernel": "cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)",
+    "_lora_backward_dx_tma_kernel": "cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K)",
 }
 
 
 @autotuned(SHRINK_CONFIGS, dtype_family("X"), key=["M_BUCKET", "K", "R", "HAS_DROPOUT", "RANK_FP32"])
 @triton.jit(do_not_specialize=["seed"])  # a fresh seed per step must not trigger a recompile
 def _lora_shrink_kernel(
-    X, A, XA, M, K, R, M_BUCKET,
+    X, A, XA, KEEP, M, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_ar, stride_ak,
     seed, dropout_p, keep_scale,
     HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
     WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """XA[M, R] (fp32) = (X ⊙ keep)·Aᵀ · keep_scale, one program per (M-block, R-chunk)."""
+    """XA[M, R] (fp32) = (X ⊙ keep)·Aᵀ · keep_scale, one program per (M-block, R-chunk); the
+    programs of the first R-chunk also store the keep mask bit-packed in KEEP, for the backward."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -162,6 +193,9 @@ def _lora_shrink_kernel(
             keep = keep_tile(seed=seed, rows=rows, k0=k0, n_cols=K, dropout_p=dropout_p, BLOCK_M=BLOCK_M,
                              BLOCK_K=BLOCK_K)
             x = tl.where(keep, x, 0.0)  # zeroing is exact; the 1/(1-p) is applied to the fp32 sum
+            if pid_r == 0:
+                store_keep_bits(KEEP=KEEP, keep=keep & k_mask[None, :], rows=rows, row_mask=m_mask, k0=k0, n_cols=K,
+                                BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
         a = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
         acc = mma(x.to(rank_dtype), a.to(rank_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
         x_ptrs += x_step
@@ -196,40 +230,12 @@ def lora_epilogue(acc, XA, B, BIAS, rows, cols, R, stride_bn, stride_br, stride_
 
 
 @triton.jit
-def lora_da_partial(G, X, DA_PARTIAL, pid_m, rows, m_mask, offs_k, k_mask, mask_rows, K, R,
-                    stride_xm, stride_xk, seed, dropout_p, pid_k,
-                    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, RANK_FP32: tl.constexpr,
-                    WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """DA_PARTIAL[pid_m, :, offs_k] = G[rows]ᵀ·(X[rows, offs_k]⊙keep), for the dX kernels."""
-    rank_dtype = tl.float32 if RANK_FP32 else X.dtype.element_ty
-    # Rows past M load as zero (not wrapped) in both G and X: they must add nothing to dA.
-    x = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
-                mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-    if HAS_DROPOUT:
-        keep = keep_tile(seed=seed, rows=mask_rows, k0=pid_k * BLOCK_K, n_cols=K, dropout_p=dropout_p,
-                         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
-        x = tl.where(keep, x, 0.0)
-    x = x.to(rank_dtype)
-    offs_r = tl.arange(0, BLOCK_R)
-    partial_base = DA_PARTIAL + pid_m.to(tl.int64) * R * K
-    for r0 in range(0, R, BLOCK_R):
-        r_mask = (r0 + offs_r) < R
-        g = tl.load(G + rows[:, None] * R + (r0 + offs_r)[None, :],
-                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        part = mma(tl.trans(g.to(rank_dtype)), x, tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32),
-                   WIDEN_BF16_DOT, DOT_PRECISION)
-        part_ptrs = partial_base + (r0 + offs_r)[:, None].to(tl.int64) * K + offs_k[None, :]
-        tl.store(part_ptrs, part, mask=r_mask[:, None] & k_mask[None, :])
-
-
-@triton.jit
-def lora_dx_term(G, A, rows, m_mask, cols, mask_rows, R, K, stride_ar, stride_ak, seed, dropout_p, lora_scale,
-                 pid_k, HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr,
+def lora_dx_term(G, A, KEEP, rows, m_mask, cols, k0, R, K, stride_ar, stride_ak, lora_scale,
+                 HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """lora_scale·(G[rows]·A[:, cols])⊙keep as a fresh fp32 [BLOCK_M, BLOCK_K] accumulator: the
-    dX kernels start from it and continue with their GEMM, so the dropout mask (which applies
-    to this term only) needs no second M×K tile of registers."""
+    """lora_scale·(G[rows]·A[:, cols])⊙keep as a fresh fp32 [BLOCK_M, BLOCK_K] accumulator for
+    the columns [k0, k0 + BLOCK_K): the dX kernels start from it and continue with their GEMM,
+    so the dropout mask (which applies to this term only) needs no second tile of registers."""
     rank_dtype = A.dtype.element_ty  # x's dtype, or fp32 (RANK_FP32 / fp32 x)
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
@@ -242,10 +248,8 @@ def lora_dx_term(G, A, rows, m_mask, cols, mask_rows, R, K, stride_ar, stride_ak
         # lora_scale folds into fp32 g before its one rounding to the compute dtype.
         acc = mma((g * lora_scale).to(rank_dtype), a.to(rank_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
     if HAS_DROPOUT:
-        # The mask is regenerated rather than kept from the dA step: holding a BM×BK mask
-        # in registers across both steps made ptxas spill.
-        keep = keep_tile(seed=seed, rows=mask_rows, k0=pid_k * BLOCK_K, n_cols=K, dropout_p=dropout_p,
-                         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+        keep = keep_from_bits(KEEP=KEEP, rows=rows, row_mask=m_mask, k0=k0, n_cols=K, BLOCK_M=BLOCK_M,
+                              BLOCK_K=BLOCK_K)
         acc = tl.where(keep, acc, 0.0)
     return acc
 
@@ -292,17 +296,15 @@ def _lora_forward_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@autotuned(BACKWARD_DY_CONFIGS, dtype_family("DY"), key=["M_BUCKET", "N", "R", "COMPUTE_G", "COMPUTE_DB", "RANK_FP32"])
+@autotuned(BACKWARD_G_CONFIGS, dtype_family("DY"), key=["M_BUCKET", "N", "R", "RANK_FP32"])
 @triton.jit
-def _lora_backward_dy_kernel(
-    DY, B, XA, G, DB_PARTIAL, M, N, R, M_BUCKET,
+def _lora_backward_g_kernel(
+    DY, B, G, M, N, R, M_BUCKET,
     stride_dym, stride_dyn, stride_bn, stride_br,
-    COMPUTE_G: tl.constexpr, COMPUTE_DB: tl.constexpr, BLOCK_R: tl.constexpr,
-    WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One pass over dY for both products that read it, per (M-block, R-chunk):
-    G[M, R] = dY·B (fp32) and DB_PARTIAL[m_block, N, R] = dY[m_block]ᵀ·XA[m_block]."""
+    """G[M, R] = dY·B in fp32, one program per (M-block, R-chunk): one read of dY."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -312,47 +314,101 @@ def _lora_backward_dy_kernel(
     m_mask = offs_m < M
     r_mask = offs_r < R
     rank_dtype = tl.float32 if RANK_FP32 else DY.dtype.element_ty
-    if COMPUTE_DB:
-        # Rows past M load as zero (not wrapped): they must add nothing to the dB sum.
-        xa = tl.load(XA + rows[:, None] * R + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        xa = xa.to(rank_dtype)
     g = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     dy_ptrs = DY + rows[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn
     b_ptrs = B + offs_n[:, None].to(tl.int64) * stride_bn + offs_r[None, :].to(tl.int64) * stride_br
     dy_step = BLOCK_N * tl.cast(stride_dyn, tl.int64)
     b_step = BLOCK_N * tl.cast(stride_bn, tl.int64)
-    partial_base = DB_PARTIAL + pid_m.to(tl.int64) * N * R
     for n0 in range(0, N, BLOCK_N):
         n_mask = (n0 + offs_n) < N
-        dy = tl.load(dy_ptrs, mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(rank_dtype)
-        if COMPUTE_G:
-            b = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-            g = mma(dy, b.to(rank_dtype), g, WIDEN_BF16_DOT, DOT_PRECISION)
-        if COMPUTE_DB:
-            part = mma(tl.trans(dy), xa, tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32),
-                       WIDEN_BF16_DOT, DOT_PRECISION)
-            part_ptrs = partial_base + (n0 + offs_n)[:, None].to(tl.int64) * R + offs_r[None, :]
-            tl.store(part_ptrs, part, mask=n_mask[:, None] & r_mask[None, :])
+        dy = tl.load(dy_ptrs, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+        g = mma(dy.to(rank_dtype), b.to(rank_dtype), g, WIDEN_BF16_DOT, DOT_PRECISION)
         dy_ptrs += dy_step
         b_ptrs += b_step
-    if COMPUTE_G:
-        tl.store(G + rows[:, None] * R + offs_r[None, :], g, mask=m_mask[:, None] & r_mask[None, :])
+    tl.store(G + rows[:, None] * R + offs_r[None, :], g, mask=m_mask[:, None] & r_mask[None, :])
 
 
-@autotuned(BACKWARD_DX_CONFIGS, dtype_family("DY"),
-           key=["M_BUCKET", "N", "K", "R", "COMPUTE_DX", "COMPUTE_DA", "HAS_DROPOUT", "RANK_FP32"])
-@triton.jit(do_not_specialize=["seed"])
+@autotuned(BACKWARD_RANK_CONFIGS, dtype_family("X"),
+           key=["M_BUCKET", "N", "K", "R", "COMPUTE_DA", "COMPUTE_DB", "COMPUTE_DBIAS", "HAS_DROPOUT", "RANK_FP32"])
+@triton.jit
+def _lora_backward_rank_kernel(
+    X, KEEP, G, DY, XA, DA, DB, DBIAS, M, N, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_dym, stride_dyn, da_scale, db_scale,
+    COMPUTE_DA: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DBIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The reductions over M, each program owning BLOCK_C columns of one output and summing
+    every row of M in order (deterministic: no partials, no atomics):
+
+        programs [0, ⌈K/BLOCK_C⌉) if COMPUTE_DA:  DA[R-chunk, cols] = da_scale·Gᵀ·(X⊙keep)  (reads x once)
+        the next ⌈N/BLOCK_C⌉:                     DB[cols, R-chunk] = db_scale·dYᵀ·XA      (reads dY once)
+                                                  and DBIAS[cols] = Σ_m dY[m, cols]         (same dY tiles)
+
+    each written once, scaled, in its parameter's dtype: nothing is left for a finishing kernel.
+    DBIAS is written by the first R-chunk's programs only."""
+    pid = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    a_programs = tl.cdiv(K, BLOCK_C) if COMPUTE_DA else 0
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    offs_m = tl.arange(0, BLOCK_M)
+    rank_dtype = tl.float32 if RANK_FP32 else X.dtype.element_ty
+    if pid < a_programs:
+        cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = cols < K
+        # (names differ between the two branches: Triton wants a name's type equal in both)
+        acc_da = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            rows = (m0 + offs_m).to(tl.int64)
+            m_mask = (m0 + offs_m) < M
+            # Rows past M load as zero in both operands: they add nothing to the sum.
+            x = tl.load(X + rows[:, None] * stride_xm + cols[None, :].to(tl.int64) * stride_xk,
+                        mask=m_mask[:, None] & c_mask[None, :], other=0.0)
+            if HAS_DROPOUT:
+                keep = keep_from_bits(KEEP=KEEP, rows=rows, row_mask=m_mask, k0=pid * BLOCK_C, n_cols=K,
+                                      BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_C)
+                x = tl.where(keep, x, 0.0)
+            g = tl.load(G + rows[:, None] * R + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            acc_da = mma(tl.trans(g.to(rank_dtype)), x.to(rank_dtype), acc_da, WIDEN_BF16_DOT, DOT_PRECISION)
+        da_ptrs = DA + offs_r[:, None].to(tl.int64) * K + cols[None, :]
+        tl.store(da_ptrs, (acc_da * da_scale).to(DA.dtype.element_ty), mask=r_mask[:, None] & c_mask[None, :])
+    else:
+        cols = (pid - a_programs) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = cols < N
+        acc_db = tl.zeros([BLOCK_C, BLOCK_R], dtype=tl.float32)
+        bias_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            rows = (m0 + offs_m).to(tl.int64)
+            m_mask = (m0 + offs_m) < M
+            dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :].to(tl.int64) * stride_dyn,
+                         mask=m_mask[:, None] & c_mask[None, :], other=0.0)
+            if COMPUTE_DB:
+                xa = tl.load(XA + rows[:, None] * R + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :],
+                             other=0.0)
+                acc_db = mma(tl.trans(dy.to(rank_dtype)), xa.to(rank_dtype), acc_db, WIDEN_BF16_DOT, DOT_PRECISION)
+            if COMPUTE_DBIAS:
+                bias_acc += tl.sum(dy.to(tl.float32), axis=0)
+        if COMPUTE_DB:
+            db_ptrs = DB + cols[:, None].to(tl.int64) * R + offs_r[None, :]
+            tl.store(db_ptrs, (acc_db * db_scale).to(DB.dtype.element_ty), mask=c_mask[:, None] & r_mask[None, :])
+        if COMPUTE_DBIAS:
+            if pid_r == 0:
+                tl.store(DBIAS + cols, bias_acc.to(DBIAS.dtype.element_ty), mask=c_mask)
+
+
+@autotuned(BACKWARD_DX_CONFIGS, dtype_family("DY"), key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "RANK_FP32"])
+@triton.jit
 def _lora_backward_dx_kernel(
-    DY, W, G, A, X, DX, DA_PARTIAL, M, N, K, R, M_BUCKET, row0,
-    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_xm, stride_xk,
-    seed, dropout_p, lora_scale,
-    COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+    DY, W, G, A, KEEP, DX, M, N, K, R, M_BUCKET,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, lora_scale,
+    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
     WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Per output tile (M-block, K-block), with lora_scale = scaling/(1-p):
-    DX = dY·W + lora_scale·(G·A)⊙keep, and DA_PARTIAL[m_block, R, K-block] = Gᵀ·(X⊙keep).
-    Rows are those of a chunk starting at row `row0` of the whole x (for the dropout mask)."""
+    """DX = dY·W + lora_scale·(G·A)⊙keep per output tile (M-block, K-block), lora_scale =
+    scaling/(1-p): the LoRA term starts the accumulator the GEMM then continues."""
     pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -361,162 +417,259 @@ def _lora_backward_dx_kernel(
     k_mask = offs_k < K
     rows = offs_m.to(tl.int64)
     cols = (offs_k % K).to(tl.int64)  # wrapped like the forward GEMM; the store is masked
-    mask_rows = rows + row0  # the dropout mask is indexed by the row of the whole x
+    acc = lora_dx_term(G=G, A=A, KEEP=KEEP, rows=rows, m_mask=m_mask, cols=cols, k0=pid_k * BLOCK_K, R=R, K=K,
+                       stride_ar=stride_ar, stride_ak=stride_ak, lora_scale=lora_scale, HAS_DROPOUT=HAS_DROPOUT,
+                       BLOCK_R=BLOCK_R, WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION,
+                       BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+    wrapped_rows = (offs_m % M).to(tl.int64)
+    dy_ptrs = DY + wrapped_rows[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn
+    w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + cols[None, :] * stride_wk
+    dy_step = BLOCK_N * tl.cast(stride_dyn, tl.int64)
+    w_step = BLOCK_N * tl.cast(stride_wn, tl.int64)
+    for n0 in range(0, N, BLOCK_N):
+        n_mask = offs_n < N - n0
+        dy = tl.load(dy_ptrs, mask=n_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
+        acc = mma(dy, w, acc, WIDEN_BF16_DOT, DOT_PRECISION)
+        dy_ptrs += dy_step
+        w_ptrs += w_step
+    dx_ptrs = DX + rows[:, None] * K + offs_k[None, :]
+    tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
 
-    # dA partial first: x (masked) meets gᵀ, and both die before the GEMM starts.
-    if COMPUTE_DA:
-        lora_da_partial(G=G, X=X, DA_PARTIAL=DA_PARTIAL, pid_m=pid_m, rows=rows, m_mask=m_mask, offs_k=offs_k,
-                        k_mask=k_mask, mask_rows=mask_rows, K=K, R=R, stride_xm=stride_xm, stride_xk=stride_xk,
-                        seed=seed, dropout_p=dropout_p, pid_k=pid_k, HAS_DROPOUT=HAS_DROPOUT, BLOCK_R=BLOCK_R,
-                        RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION,
-                        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
-    if COMPUTE_DX:
-        acc = lora_dx_term(G=G, A=A, rows=rows, m_mask=m_mask, cols=cols, mask_rows=mask_rows, R=R, K=K,
-                           stride_ar=stride_ar, stride_ak=stride_ak, seed=seed, dropout_p=dropout_p,
-                           lora_scale=lora_scale, pid_k=pid_k, HAS_DROPOUT=HAS_DROPOUT, BLOCK_R=BLOCK_R,
+
+@autotuned(FORWARD_TMA_CONFIGS, dtype_family("X"), key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "RANK_FP32"])
+@triton.jit
+def _lora_forward_tma_kernel(
+    X, W, XA, B, BIAS, Y, M, N, K, R, M_BUCKET,
+    stride_xm, stride_wn, stride_bn, stride_br, stride_bias, scaling, num_programs,
+    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Y = X·Wᵀ + scaling·XA·Bᵀ + BIAS as `_lora_forward_kernel`, persistent (num_programs
+    programs, each looping over output tiles in grouped order) with X, W and Y through TMA
+    tensor descriptors: the copy engine moves the tiles (no address arithmetic in the warps),
+    edges are zero-filled on load and clipped on store, so no masks."""
+    x_desc = tl.make_tensor_descriptor(X, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    y_desc = tl.make_tensor_descriptor(Y, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), tiles, num_programs, flatten=True):
+        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(0, k_steps):
+            x = x_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+            acc = mma(x, w.T, acc, WIDEN_BF16_DOT, DOT_PRECISION)
+        # The epilogue's loads wrap past the edge onto valid rows/columns; the store clips them.
+        rows = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
+        cols = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+        acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
+                            stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=True,
+                            HAS_BIAS=HAS_BIAS, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
+                            DOT_PRECISION=DOT_PRECISION)
+        y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(Y.dtype.element_ty))
+
+
+@autotuned(BACKWARD_DX_TMA_CONFIGS, dtype_family("DY"), key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "RANK_FP32"])
+@triton.jit
+def _lora_backward_dx_tma_kernel(
+    DY, W, G, A, KEEP, DX, M, N, K, R, M_BUCKET,
+    stride_dym, stride_wn, stride_ar, stride_ak, lora_scale, num_programs,
+    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+    WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """DX = dY·W + lora_scale·(G·A)⊙keep as `_lora_backward_dx_kernel`, persistent, with dY, W
+    and DX through TMA tensor descriptors."""
+    dy_desc = tl.make_tensor_descriptor(DY, shape=[M, N], strides=[stride_dym, 1], block_shape=[BLOCK_M, BLOCK_N])
+    w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    dx_desc = tl.make_tensor_descriptor(DX, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K)
+    n_steps = tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), tiles, num_programs, flatten=True):
+        pid_m, pid_k = grouped_tile(tile, M, K, BLOCK_M, BLOCK_K, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = ((pid_k * BLOCK_K + tl.arange(0, BLOCK_K)) % K).to(tl.int64)
+        acc = lora_dx_term(G=G, A=A, KEEP=KEEP, rows=offs_m.to(tl.int64), m_mask=offs_m < M, cols=cols,
+                           k0=pid_k * BLOCK_K, R=R, K=K, stride_ar=stride_ar, stride_ak=stride_ak,
+                           lora_scale=lora_scale, HAS_DROPOUT=HAS_DROPOUT, BLOCK_R=BLOCK_R,
                            WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
                            BLOCK_K=BLOCK_K)
-        wrapped_rows = (offs_m % M).to(tl.int64)
-        dy_ptrs = DY + wrapped_rows[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn
-        w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + cols[None, :] * stride_wk
-        dy_step = BLOCK_N * tl.cast(stride_dyn, tl.int64)
-        w_step = BLOCK_N * tl.cast(stride_wn, tl.int64)
-        for n0 in range(0, N, BLOCK_N):
-            n_mask = offs_n < N - n0
-            dy = tl.load(dy_ptrs, mask=n_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
+        for n in range(0, n_steps):
+            dy = dy_desc.load([pid_m * BLOCK_M, n * BLOCK_N])
+            w = w_desc.load([n * BLOCK_N, pid_k * BLOCK_K])
             acc = mma(dy, w, acc, WIDEN_BF16_DOT, DOT_PRECISION)
-            dy_ptrs += dy_step
-            w_ptrs += w_step
-        dx_ptrs = DX + rows[:, None] * K + offs_k[None, :]
-        tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
+        dx_desc.store([pid_m * BLOCK_M, pid_k * BLOCK_K], acc.to(DX.dtype.element_ty))
 
 
 # --------------------------------------------------------------------------------------
 # Launchers. Inputs are validated by peft_ops.ops.lora; these only shape, allocate and launch.
 # --------------------------------------------------------------------------------------
 
-# Most bytes of fp32 partials (dA and dB) the backward holds at once; beyond it, row chunks.
-PARTIAL_BUDGET_BYTES = 128 * 2**20
+def keep_words(K: int) -> int:
+    """int32 words per row of a bit-packed keep mask of K columns."""
+    return triton.cdiv(K, 32)
 
 
-def target_block_m(kind: str) -> int:
-    return BACKWARD_BLOCK_M[current_target()][kind]
-
-
-def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
-    """xa = dropout(x)·lora_Aᵀ in fp32, [M, r]; x is 2-D [M, K] with any strides."""
+def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int):
+    """(xa, keep): xa = dropout(x)·lora_Aᵀ in fp32 [M, r]; keep the dropout keep mask, bit-packed
+    ([M, ⌈K/32⌉] int32, bit b of word j = column 32j + b), or None without dropout. x is 2-D
+    [M, K] with any strides."""
     M, K = x.shape
     R = lora_A.shape[0]
     xa = torch.empty((M, R), device=x.device, dtype=torch.float32)
+    keep = torch.empty((M, keep_words(K)), device=x.device, dtype=torch.int32) if dropout_p > 0 else None
     if M == 0:
-        return xa
+        return xa, keep
     flags = launch_flags(x.dtype, lora_A.dtype, R)
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(R, META["BLOCK_R"]))  # noqa: E731
     with launch_guard(x, lora_A):
         launch(_lora_shrink_kernel, grid,
-            x, lora_A, xa, M, K, R, m_bucket(M),
+            x, lora_A, xa, keep if keep is not None else xa, M, K, R, m_bucket(M),
             x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
             seed, dropout_p, 1.0 / (1.0 - dropout_p),
             HAS_DROPOUT=dropout_p > 0, **flags,
         )
-    return xa
+    return xa, keep
+
+
+def tma_ready(*matrices: torch.Tensor) -> bool:
+    """Whether TMA tensor descriptors can address these 2-D tensors: unit inner stride, and the
+    base and the row stride 16-byte aligned (the copy engine's rules)."""
+    return all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in matrices)
+
+
+def uses_tma(*matrices: torch.Tensor) -> bool:
+    """Whether a GEMM over these operands takes the persistent TMA kernel here (sm_90a, or a
+    target a test added to TMA_TARGETS) rather than the pointer-based one."""
+    return current_target() in TMA_TARGETS and tma_ready(*matrices)
+
+
+def _scratch(size: int, alignment: int, stream):
+    # PyTorch's caching allocator aligns to ≥ 256 bytes (Triton asks for 128).
+    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRETED else torch.cuda.current_device())
+
+
+def ensure_scratch_allocator() -> None:
+    """Tensor descriptors made inside a kernel need Triton's global scratch allocator: install
+    one over PyTorch's caching allocator unless the caller installed their own. (It is a
+    context variable: the autograd engine's threads start without one, hence a check per launch.)"""
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
+def persistent_programs(device: torch.device) -> int:
+    """Programs of a persistent kernel: one per SM (its tiles fill an SM), a few in the interpreter."""
+    return multiprocessor_count(device) or INTERPRETER_PROGRAMS
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor,
             scaling: float, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x·weightᵀ + scaling·xa·lora_Bᵀ + bias, [M, N] in x's dtype."""
+    """y = x·weightᵀ + scaling·xa·lora_Bᵀ + bias, [M, N] in x's dtype: the persistent TMA GEMM on
+    sm_90a when the operands allow descriptors, else the pointer-based GEMM."""
     M, K = x.shape
     N = weight.shape[0]
     R = lora_B.shape[1]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return y
-    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
+    common = dict(HAS_BIAS=bias is not None, **launch_flags(x.dtype, lora_B.dtype, R))
     with launch_guard(x, weight, lora_B):
+        if uses_tma(x, weight, y):
+            ensure_scratch_allocator()
+            programs = persistent_programs(x.device)
+            grid = lambda META: (min(programs, triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"])),)  # noqa: E731
+            launch(_lora_forward_tma_kernel, grid,
+                x, weight, xa, lora_B, bias if bias is not None else y, y, M, N, K, R, m_bucket(M),
+                x.stride(0), weight.stride(0), lora_B.stride(0), lora_B.stride(1),
+                bias.stride(0) if bias is not None else 0, float(scaling), programs, **common)
+            return y
+        grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
         launch(_lora_forward_kernel, grid,
             x, weight, xa, lora_B, bias if bias is not None else y, y, M, N, K, R, m_bucket(M),
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
             bias.stride(0) if bias is not None else 0,
-            float(scaling),
-            HAS_BIAS=bias is not None, **launch_flags(x.dtype, lora_B.dtype, R),
+            float(scaling), **common,
         )
     return y
 
 
 def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
-             lora_B: torch.Tensor, xa: torch.Tensor, scaling: float, dropout_p: float, seed: int,
-             need_dx: bool, need_dA: bool, need_dB: bool):
-    """(dx, dA, dB) of the LoRA layer (None where not needed); dW and db are the caller's.
+             lora_B: torch.Tensor, xa: torch.Tensor, keep: torch.Tensor | None, scaling: float, dropout_p: float,
+             need_dx: bool, need_dA: bool, need_dB: bool, need_db: bool):
+    """(dx, dA, dB, db) of the LoRA layer (None where not needed); dW is the caller's.
 
     dx = dy·W + s/(1-p)·((dy·B)·A)⊙keep       [M, K], x's dtype
-    dA = s/(1-p)·(dy·B)ᵀ·(x⊙keep)             [r, K], fp32 (caller casts)
-    dB = s·dyᵀ·xa                             [N, r], fp32 (caller casts)
+    dA = s/(1-p)·(dy·B)ᵀ·(x⊙keep)             [r, K], lora_A's dtype
+    dB = s·dyᵀ·xa                             [N, r], lora_B's dtype
+    db = Σ_m dy                               [N], dy's dtype
     """
-    def launch_dx(grid, dy_c, g, x_c, dx_c, da_partial, rows, row0, lora_scale, **constexprs):
+    def launch_dx(g, dx, lora_scale, **constexprs):
+        M, N = dy.shape
+        K = x.shape[1]
+        tiles = lambda META: triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"])  # noqa: E731
+        if uses_tma(dy, weight, dx):
+            ensure_scratch_allocator()
+            programs = persistent_programs(dy.device)
+            launch(_lora_backward_dx_tma_kernel, lambda META: (min(programs, tiles(META)),),
+                dy, weight, g, lora_A, keep if keep is not None else g, dx, M, N, K, lora_A.shape[0], m_bucket(M),
+                dy.stride(0), weight.stride(0), lora_A.stride(0), lora_A.stride(1), lora_scale, programs,
+                **constexprs)
+            return
+        grid = lambda META: (tiles(META),)  # noqa: E731
         launch(_lora_backward_dx_kernel, grid,
-            dy_c, weight, g, lora_A, x_c, dx_c, da_partial, rows, weight.shape[0], x.shape[1], lora_A.shape[0],
-            m_bucket(rows), row0, dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
-            lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), seed, dropout_p, lora_scale, **constexprs)
+            dy, weight, g, lora_A, keep if keep is not None else g, dx, M, N, x.shape[1], lora_A.shape[0], m_bucket(M),
+            dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+            lora_scale, **constexprs)
 
     with launch_guard(dy, x, weight, lora_A, lora_B):
-        return backward_with(launch_dx, dy, x, lora_A, lora_B, xa, scaling, dropout_p, need_dx, need_dA, need_dB)
+        return backward_with(launch_dx, dy, x, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA,
+                             need_dB, need_db)
 
 
 def backward_with(launch_dx, dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                  xa: torch.Tensor, scaling: float, dropout_p: float, need_dx: bool, need_dA: bool, need_dB: bool):
-    """The LoRA backward for any frozen base weight: row chunks, the dY kernel (g and dB
-    partials) and `launch_dx(grid, dy, g, x, dx, da_partial, rows, row0, lora_scale, **constexprs)`,
-    which launches a dX kernel for the caller's weight format (dense here, NF4 in nf4.py)."""
+                  xa: torch.Tensor, keep: torch.Tensor | None, scaling: float, dropout_p: float, need_dx: bool,
+                  need_dA: bool, need_dB: bool, need_db: bool):
+    """The LoRA backward for any frozen base weight, in at most three launches: g = dY·B, the
+    rank pass (dA, dB and the bias gradient, final) and `launch_dx(g, dx, lora_scale,
+    **constexprs)`, the dX GEMM of the caller's weight format (dense here, NF4 in nf4.py)."""
     M, N = dy.shape
     K = x.shape[1]
     R = lora_A.shape[0]
     device = dy.device
-    need_g = need_dx or need_dA
     dx = torch.empty((M, K), device=device, dtype=x.dtype) if need_dx else None
-    dA = torch.zeros((R, K), device=device, dtype=torch.float32) if need_dA else None
-    dB = torch.zeros((N, R), device=device, dtype=torch.float32) if need_dB else None
-    if M == 0 or not (need_g or need_dB):
-        return dx, dA, dB
-
-    block_m_dy, block_m_dx = target_block_m("dy"), target_block_m("dx")
-    # Row chunks: a multiple of both M-blocks, as many rows as PARTIAL_BUDGET_BYTES allows
-    # (a function of the shapes only, so the summation order is fixed run to run).
-    step = block_m_dy * block_m_dx // math.gcd(block_m_dy, block_m_dx)
-    partial_bytes_per_row = (N * need_dB + K * need_dA) * R * 4 / min(block_m_dy, block_m_dx)
-    chunk = max(step, int(PARTIAL_BUDGET_BYTES // max(partial_bytes_per_row, 1)) // step * step)
-    chunk = min(chunk, triton.cdiv(M, step) * step)
-
+    alloc = torch.zeros if M == 0 else torch.empty  # M = 0: sums over no rows
+    dA = alloc((R, K), device=device, dtype=lora_A.dtype) if need_dA else None
+    dB = alloc((N, R), device=device, dtype=lora_B.dtype) if need_dB else None
+    db = alloc((N,), device=device, dtype=dy.dtype) if need_db else None
+    if M == 0:
+        return dx, dA, dB, db
     flags = launch_flags(dy.dtype, lora_A.dtype, R)
+    rank_chunks = triton.cdiv(R, flags["BLOCK_R"])
     lora_scale = scaling / (1.0 - dropout_p)
-    g = torch.empty((chunk, R), device=device, dtype=torch.float32) if need_g else xa  # else: unused
-    db_partial = torch.empty((triton.cdiv(chunk, block_m_dy), N, R), device=device, dtype=torch.float32) \
-        if need_dB else xa
-    da_partial = torch.empty((triton.cdiv(chunk, block_m_dx), R, K), device=device, dtype=torch.float32) \
-        if need_dA else xa
-    for row0 in range(0, M, chunk):
-        rows = min(chunk, M - row0)
-        dy_c, x_c, xa_c = dy[row0:row0 + rows], x[row0:row0 + rows], xa[row0:row0 + rows]
-        blocks_dy, blocks_dx = triton.cdiv(rows, block_m_dy), triton.cdiv(rows, block_m_dx)
-        launch(_lora_backward_dy_kernel, (blocks_dy, triton.cdiv(R, flags["BLOCK_R"])),
-            dy_c, lora_B, xa_c, g, db_partial, rows, N, R, m_bucket(rows),
-            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
-            COMPUTE_G=need_g, COMPUTE_DB=need_dB, BLOCK_M=block_m_dy, **flags,
-        )
-        if need_dB:
-            dB += db_partial[:blocks_dy].sum(dim=0)
-        if need_g:
-            grid = lambda META, blocks=blocks_dx: (blocks * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
-            launch_dx(grid, dy_c, g, x_c, dx[row0:row0 + rows] if need_dx else g, da_partial, rows, row0,
-                      lora_scale, COMPUTE_DX=need_dx, COMPUTE_DA=need_dA, HAS_DROPOUT=dropout_p > 0,
-                      BLOCK_M=block_m_dx, **flags)
-            if need_dA:
-                dA += da_partial[:blocks_dx].sum(dim=0)
-    if need_dA:
-        dA *= lora_scale
-    if need_dB:
-        dB *= scaling
-    return dx, dA, dB
+    has_dropout = keep is not None
+    g = None
+    if need_dx or need_dA:
+        g = torch.empty((M, R), device=device, dtype=torch.float32)
+        launch(_lora_backward_g_kernel, lambda META: (triton.cdiv(M, META["BLOCK_M"]), rank_chunks),
+            dy, lora_B, g, M, N, R, m_bucket(M), dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
+            **flags)
+    if need_dA or need_dB or need_db:
+        def rank_grid(META):
+            return (triton.cdiv(K, META["BLOCK_C"]) * need_dA + triton.cdiv(N, META["BLOCK_C"]) * (need_dB or need_db),
+                    rank_chunks)
+        unused = xa  # any tensor, for pointers the constexprs switch off
+        launch(_lora_backward_rank_kernel, rank_grid,
+            x, keep if has_dropout else unused, g if g is not None else unused, dy, xa, dA if need_dA else unused,
+            dB if need_dB else unused, db if need_db else unused, M, N, K, R, m_bucket(M),
+            x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), lora_scale, float(scaling),
+            COMPUTE_DA=need_dA, COMPUTE_DB=need_dB, COMPUTE_DBIAS=need_db, HAS_DROPOUT=has_dropout, **flags)
+    if need_dx:
+        launch_dx(g, dx, lora_scale, HAS_DROPOUT=has_dropout, **flags)
+    return dx, dA, dB, db
 
 
 # What the aot builds cover: each config in the variants that differ in registers.
@@ -531,7 +684,7 @@ def aot_specs(target: str) -> list:
     """Every kernel of this file at every autotune config of `target`, in each of
     AOT_VARIANTS, at its heaviest settings (the widest rank chunk, dropout, bias, all
     gradients)."""
-    plain = ("M", "seed", "row0")
+    plain = ("M", "seed", "num_programs")
     specs = []
     for variant, v in AOT_VARIANTS.items():
         dt, rt, family = v["dtype"], v["rank_dtype"], v["family"]
@@ -544,19 +697,26 @@ def aot_specs(target: str) -> list:
                 specs.append(KernelBuild(f"{name} [{variant}]", kernel, cfg, pointers, {**common, **constexprs},
                                          plain_ints=plain, **kw))
 
-        build("lora_shrink", _lora_shrink_kernel, SHRINK_CONFIGS, dict(X=dt, A=rt, XA="fp32"),
+        build("lora_shrink", _lora_shrink_kernel, SHRINK_CONFIGS, dict(X=dt, A=rt, XA="fp32", KEEP="i32"),
               dict(HAS_DROPOUT=True), unit_strides=("stride_xk", "stride_ak"),
               float_args=("dropout_p", "keep_scale"))
         build("lora_forward", _lora_forward_kernel, FORWARD_CONFIGS,
               dict(X=dt, W=dt, XA="fp32", B=rt, BIAS=dt, Y=dt), dict(HAS_BIAS=True),
               unit_strides=("stride_xk", "stride_wk", "stride_br", "stride_bias"), float_args=("scaling",))
-        build("lora_backward_dy", _lora_backward_dy_kernel, BACKWARD_DY_CONFIGS,
-              dict(DY=dt, B=rt, XA="fp32", G="fp32", DB_PARTIAL="fp32"),
-              dict(COMPUTE_G=True, COMPUTE_DB=True, BLOCK_M=BACKWARD_BLOCK_M[target]["dy"]),
+        build("lora_backward_g", _lora_backward_g_kernel, BACKWARD_G_CONFIGS, dict(DY=dt, B=rt, G="fp32"), {},
               unit_strides=("stride_dyn", "stride_br"))
+        build("lora_backward_rank", _lora_backward_rank_kernel, BACKWARD_RANK_CONFIGS,
+              dict(X=dt, KEEP="i32", G="fp32", DY=dt, XA="fp32", DA=rt, DB=rt, DBIAS=dt),
+              dict(COMPUTE_DA=True, COMPUTE_DB=True, COMPUTE_DBIAS=True, HAS_DROPOUT=True),
+              unit_strides=("stride_xk", "stride_dyn"), float_args=("da_scale", "db_scale"))
         build("lora_backward_dx", _lora_backward_dx_kernel, BACKWARD_DX_CONFIGS,
-              dict(DY=dt, W=dt, G="fp32", A=rt, X=dt, DX=dt, DA_PARTIAL="fp32"),
-              dict(COMPUTE_DX=True, COMPUTE_DA=True, HAS_DROPOUT=True, BLOCK_M=BACKWARD_BLOCK_M[target]["dx"]),
-              unit_strides=("stride_dyn", "stride_wk", "stride_ak", "stride_xk"),
-              float_args=("dropout_p", "lora_scale"))
+              dict(DY=dt, W=dt, G="fp32", A=rt, KEEP="i32", DX=dt), dict(HAS_DROPOUT=True),
+              unit_strides=("stride_dyn", "stride_wk", "stride_ak"), float_args=("lora_scale",))
+        if target in TMA_TARGETS:  # the persistent TMA GEMMs (sm_90a only: TMA)
+            build("lora_forward_tma", _lora_forward_tma_kernel, FORWARD_TMA_CONFIGS,
+                  dict(X=dt, W=dt, XA="fp32", B=rt, BIAS=dt, Y=dt), dict(HAS_BIAS=True),
+                  unit_strides=("stride_br", "stride_bias"), float_args=("scaling",))
+            build("lora_backward_dx_tma", _lora_backward_dx_tma_kernel, BACKWARD_DX_TMA_CONFIGS,
+                  dict(DY=dt, W=dt, G="fp32", A=rt, KEEP="i32", DX=dt), dict(HAS_DROPOUT=True),
+                  unit_strides=("stride_ak",), float_args=("lora_scale",))
     return specs

@@ -45,6 +45,7 @@ from .common import (
     TRITON_VERSION,
     KernelBuild,
     autotuned,
+    current_target,
     dtype_family,
     grouped_tile,
     launch,
@@ -55,14 +56,11 @@ from .common import (
     tile_configs,
 )
 from .lora import (
-    BACKWARD_BLOCK_M,
     backward_with,
     block_r,
     launch_flags,
-    lora_da_partial,
     lora_dx_term,
     lora_epilogue,
-    target_block_m,
 )
 
 # M at or below which the forward takes the split-K GEMV (decode) path.
@@ -172,7 +170,9 @@ _GEMV_GPU = _lists(_GEMV, half=[(128, 64, 4, 3), (64, 64, 4, 3)],
                    fp32=[(64, 64, 4, 3)], general=[(64, 32, 4, 2)])
 GEMV_CONFIGS = {"sm80": _GEMV_GPU, "sm90": _GEMV_GPU, "interpreter": tile_configs(_GEMV, [(32, 32, 4, 1)])}
 GEMV_BLOCK_N_FOR_SPLIT = 64  # the tile width the split-K heuristic assumes
-# dX: BLOCK_M is BACKWARD_BLOCK_M["dx"] (it fixes how many dA partials are summed).
+# dX: BLOCK_M is DX_BLOCK_M (each M-block decodes every W tile once: a wider one halves the
+# decode work but the tile then holds a 128-row accumulator next to the decode).
+DX_BLOCK_M = {"sm80": 64, "sm90": 64, "interpreter": 32}
 _DX = ("BLOCK_N", "BLOCK_K", "GROUP_M")
 # Triton before 3.9 spilled (16–40 B, sm_80) on the 32×32 "general" tile: a 16-row one without
 # pipelining there (0 spills under 3.6).
@@ -269,19 +269,18 @@ def _nf4_gemv_kernel(
 
 
 @autotuned(BACKWARD_DX_CONFIGS, dtype_family("DY", _unaligned),
-           key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "COMPUTE_DX", "COMPUTE_DA", "HAS_DROPOUT"] + _NF4_KEY)
-@triton.jit(do_not_specialize=["seed"])
+           key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "HAS_DROPOUT"] + _NF4_KEY)
+@triton.jit
 def _nf4_backward_dx_kernel(
-    DY, PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, G, A, X, DX, DA_PARTIAL,
-    M, N, K, R, M_BUCKET, row0,
-    stride_dym, stride_dyn, stride_ar, stride_ak, stride_xm, stride_xk, seed, dropout_p, lora_scale,
+    DY, PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, G, A, KEEP, DX,
+    M, N, K, R, M_BUCKET, stride_dym, stride_dyn, stride_ar, stride_ak, lora_scale,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_K: tl.constexpr, ROW_ALIGNED: tl.constexpr,
-    HAS_LORA: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Per output tile (M-block, K-block): DX = dY·dequant(W) [+ lora_scale·(G·A)⊙keep], and
-    with LoRA DA_PARTIAL[m_block, R, K-block] = Gᵀ·(X⊙keep), as the dense dX kernel."""
+    """Per output tile (M-block, K-block): DX = dY·dequant(W) [+ lora_scale·(G·A)⊙keep], the
+    LoRA term first in the accumulator as in the dense dX kernel."""
     pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -290,35 +289,26 @@ def _nf4_backward_dx_kernel(
     k_mask = offs_k < K
     rows = offs_m.to(tl.int64)
     cols = (offs_k % K).to(tl.int64)
-    mask_rows = rows + row0  # the dropout mask is indexed by the row of the whole x
-    if HAS_LORA and COMPUTE_DA:
-        lora_da_partial(G=G, X=X, DA_PARTIAL=DA_PARTIAL, pid_m=pid_m, rows=rows, m_mask=m_mask, offs_k=offs_k,
-                        k_mask=k_mask, mask_rows=mask_rows, K=K, R=R, stride_xm=stride_xm, stride_xk=stride_xk,
-                        seed=seed, dropout_p=dropout_p, pid_k=pid_k, HAS_DROPOUT=HAS_DROPOUT, BLOCK_R=BLOCK_R,
-                        RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION,
-                        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
-    if COMPUTE_DX:
-        if HAS_LORA:
-            acc = lora_dx_term(G=G, A=A, rows=rows, m_mask=m_mask, cols=cols, mask_rows=mask_rows, R=R, K=K,
-                               stride_ar=stride_ar, stride_ak=stride_ak, seed=seed, dropout_p=dropout_p,
-                               lora_scale=lora_scale, pid_k=pid_k, HAS_DROPOUT=HAS_DROPOUT, BLOCK_R=BLOCK_R,
-                               WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
-                               BLOCK_K=BLOCK_K)
-        else:
-            acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        wrapped_rows = (offs_m % M).to(tl.int64)
-        dy_ptrs = DY + wrapped_rows[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn
-        dy_step = BLOCK_N * tl.cast(stride_dyn, tl.int64)
-        for n0 in range(0, N, BLOCK_N):
-            dy = tl.load(dy_ptrs, mask=(offs_n < N - n0)[None, :], other=0.0)  # zero past N: W wraps there
-            w_rows = ((n0 + offs_n) % N).to(tl.int64)
-            w = nf4_tile(PACKED=PACKED, NF4=NF4, ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
-                         ABSMAX_OFFSET=ABSMAX_OFFSET, rows=w_rows, k0=pid_k * BLOCK_K, K=K, BLOCK_K=BLOCK_K,
-                         BLOCKSIZE=BLOCKSIZE, NESTED=NESTED, EVEN_K=EVEN_K, ROW_ALIGNED=ROW_ALIGNED)
-            acc = mma(dy, w.to(DY.dtype.element_ty), acc, WIDEN_BF16_DOT, DOT_PRECISION)
-            dy_ptrs += dy_step
-        dx_ptrs = DX + rows[:, None] * K + offs_k[None, :]
-        tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
+    if HAS_LORA:
+        acc = lora_dx_term(G=G, A=A, KEEP=KEEP, rows=rows, m_mask=m_mask, cols=cols, k0=pid_k * BLOCK_K, R=R, K=K,
+                           stride_ar=stride_ar, stride_ak=stride_ak, lora_scale=lora_scale, HAS_DROPOUT=HAS_DROPOUT,
+                           BLOCK_R=BLOCK_R, WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION,
+                           BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    wrapped_rows = (offs_m % M).to(tl.int64)
+    dy_ptrs = DY + wrapped_rows[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn
+    dy_step = BLOCK_N * tl.cast(stride_dyn, tl.int64)
+    for n0 in range(0, N, BLOCK_N):
+        dy = tl.load(dy_ptrs, mask=(offs_n < N - n0)[None, :], other=0.0)  # zero past N: W wraps there
+        w_rows = ((n0 + offs_n) % N).to(tl.int64)
+        w = nf4_tile(PACKED=PACKED, NF4=NF4, ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
+                     ABSMAX_OFFSET=ABSMAX_OFFSET, rows=w_rows, k0=pid_k * BLOCK_K, K=K, BLOCK_K=BLOCK_K,
+                     BLOCKSIZE=BLOCKSIZE, NESTED=NESTED, EVEN_K=EVEN_K, ROW_ALIGNED=ROW_ALIGNED)
+        acc = mma(dy, w.to(DY.dtype.element_ty), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+        dy_ptrs += dy_step
+    dx_ptrs = DX + rows[:, None] * K + offs_k[None, :]
+    tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
 
 
 # --------------------------------------------------------------------------------------
@@ -409,31 +399,35 @@ def backward_dx(dy: torch.Tensor, qw, *, tables) -> torch.Tensor:
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     if M == 0:
         return dx
-    block_m = target_block_m("dx")
+    block_m = DX_BLOCK_M[current_target()]
     grid = lambda META: (triton.cdiv(M, block_m) * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
     flags = {**launch_flags(dy.dtype, dy.dtype, 1), **_format_flags(qw)}
     with launch_guard(dy, qw.packed):
         launch(_nf4_backward_dx_kernel, grid,
-            dy, *_format_args(qw, tables), dy, dy, dy, dx, dy, M, N, K, 0, m_bucket(M), 0,
-            dy.stride(0), dy.stride(1), 0, 0, 0, 0, 0, 0.0, 1.0,
-            HAS_LORA=False, COMPUTE_DX=True, COMPUTE_DA=False, HAS_DROPOUT=False, BLOCK_M=block_m,
-            **flags, **NF4_LAUNCH_OPTIONS)
+            dy, *_format_args(qw, tables), dy, dy, dy, dx, M, N, K, 0, m_bucket(M),
+            dy.stride(0), dy.stride(1), 0, 0, 1.0,
+            HAS_LORA=False, HAS_DROPOUT=False, BLOCK_M=block_m, **flags, **NF4_LAUNCH_OPTIONS)
     return dx
 
 
 def qlora_backward(dy: torch.Tensor, x: torch.Tensor, qw, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                   xa: torch.Tensor, scaling: float, dropout_p: float, seed: int,
-                   need_dx: bool, need_dA: bool, need_dB: bool, *, tables):
-    """(dx, dA, dB) of the QLoRA layer, as ``lora.backward`` with the NF4 dX kernel."""
-    def launch_dx(grid, dy_c, g, x_c, dx_c, da_partial, rows, row0, lora_scale, **constexprs):
+                   xa: torch.Tensor, keep: torch.Tensor | None, scaling: float, dropout_p: float,
+                   need_dx: bool, need_dA: bool, need_dB: bool, need_db: bool, *, tables):
+    """(dx, dA, dB, db) of the QLoRA layer, as ``lora.backward`` with the NF4 dX kernel."""
+    block_m = DX_BLOCK_M[current_target()]
+
+    def launch_dx(g, dx, lora_scale, **constexprs):
+        M = dy.shape[0]
+        grid = lambda META: (triton.cdiv(M, block_m) * triton.cdiv(qw.in_features, META["BLOCK_K"]),)  # noqa: E731
         launch(_nf4_backward_dx_kernel, grid,
-            dy_c, *_format_args(qw, tables), g, lora_A, x_c, dx_c, da_partial, rows, qw.out_features, qw.in_features,
-            lora_A.shape[0], m_bucket(rows), row0, dy.stride(0), dy.stride(1), lora_A.stride(0), lora_A.stride(1),
-            x.stride(0), x.stride(1), seed, dropout_p, lora_scale, HAS_LORA=True, **constexprs, **_format_flags(qw),
+            dy, *_format_args(qw, tables), g, lora_A, keep if keep is not None else g, dx, M, qw.out_features,
+            qw.in_features, lora_A.shape[0], m_bucket(M), dy.stride(0), dy.stride(1), lora_A.stride(0),
+            lora_A.stride(1), lora_scale, HAS_LORA=True, BLOCK_M=block_m, **constexprs, **_format_flags(qw),
             **NF4_LAUNCH_OPTIONS)
 
     with launch_guard(dy, x, qw.packed, lora_A, lora_B):
-        return backward_with(launch_dx, dy, x, lora_A, lora_B, xa, scaling, dropout_p, need_dx, need_dA, need_dB)
+        return backward_with(launch_dx, dy, x, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA,
+                             need_dB, need_db)
 
 
 # What the aot builds cover: each config at the heaviest settings (LoRA, bias, dropout,
@@ -448,7 +442,7 @@ FORMAT_VARIANTS = {"aligned": dict(EVEN_K=True, ROW_ALIGNED=True), "odd K": dict
 
 
 def aot_specs(target: str) -> list:
-    plain = ("M", "seed", "row0", "SPLIT_K", "R")
+    plain = ("M", "seed", "SPLIT_K", "R")
     fmt_pointers = dict(PACKED="u8", NF4="fp32", ABSMAX="u8", ABSMAX_SCALE="fp32", ABSMAX_MAP="fp32",
                         ABSMAX_OFFSET="fp32")
     options = dict(NF4_LAUNCH_OPTIONS)
@@ -473,10 +467,9 @@ def aot_specs(target: str) -> list:
                   dict(HAS_LORA=True, HAS_BIAS=True, BLOCK_M=GEMV_BLOCK_M),
                   unit_strides=("stride_xk", "stride_br", "stride_bias"), float_args=("scaling",))
             build("nf4_backward_dx", _nf4_backward_dx_kernel, BACKWARD_DX_CONFIGS,
-                  dict(DY=dt, G="fp32", A=rt, X=dt, DX=dt, DA_PARTIAL="fp32"),
-                  dict(HAS_LORA=True, COMPUTE_DX=True, COMPUTE_DA=True, HAS_DROPOUT=True,
-                       BLOCK_M=BACKWARD_BLOCK_M[target]["dx"]),
-                  unit_strides=("stride_dyn", "stride_ak", "stride_xk"), float_args=("dropout_p", "lora_scale"))
+                  dict(DY=dt, G="fp32", A=rt, KEEP="i32", DX=dt),
+                  dict(HAS_LORA=True, HAS_DROPOUT=True, BLOCK_M=DX_BLOCK_M[target]),
+                  unit_strides=("stride_dyn", "stride_ak"), float_args=("lora_scale",))
     for out in ("bf16", "fp32"):
         specs.append(KernelBuild(f"nf4_dequantize [{out}]", _nf4_dequantize_kernel,
                                  triton.Config({"BLOCK": 1024}, num_warps=4, num_stages=1),

@@ -72,6 +72,25 @@ def torch_keep_mask(seed: int, M: int, K: int, dropout_p: float, device) -> torc
     return torch.rand((M, K), generator=gen, device=device) >= dropout_p
 
 
+def pack_keep_bits(keep: torch.Tensor) -> torch.Tensor:
+    """A bool keep mask [M, K] bit-packed as the kernels keep it between forward and backward:
+    int32 [M, ⌈K/32⌉], bit b of word j = column 32·j + b (columns past K are 0)."""
+    M, K = keep.shape
+    words = -(-K // 32)
+    padded = keep.new_zeros((M, words * 32))
+    padded[:, :K] = keep
+    shifts = torch.arange(32, device=keep.device, dtype=torch.int64)
+    packed = (padded.view(M, words, 32).to(torch.int64) << shifts).sum(dim=-1)  # disjoint bits: sum = OR
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)  # bit 31 is the sign bit
+
+
+def unpack_keep_bits(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """The bool keep mask [M, K] of a bit-packed one (pack_keep_bits)."""
+    shifts = torch.arange(32, device=packed.device, dtype=torch.int32)
+    bits = (packed[:, :, None] >> shifts) & 1  # arithmetic shift: the & keeps bit b alone
+    return bits.reshape(packed.shape[0], packed.shape[1] * 32)[:, :K].bool()
+
+
 def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a·b accumulated in fp32, as the kernels do (widening half-precision operands is exact)."""
     return torch.mm(a.float(), b.float())

@@ -6,8 +6,8 @@ Functions' forward and backward without a graph break and never looks inside a k
 Eager calls go straight to the launchers (``ops_for_call``).
 
 Differences under compile: the dropout seed is a 0-d int64 tensor drawn in the graph
-(``torch.randint``, no ``.item()``), saved for the backward (8 bytes); outputs a call does
-not need come back as empty tensors and are dropped by the wrappers.
+(``torch.randint``, no ``.item()``); outputs a call does not need (and the keep mask of a call
+without dropout) come back as empty tensors and are dropped by the wrappers.
 """
 
 from __future__ import annotations
@@ -31,13 +31,16 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 @custom_op("peft_ops::lora_shrink", mutates_args=())
-def lora_shrink(x: Tensor, lora_A: Tensor, dropout_p: float, seed: Tensor, impl: str) -> Tensor:
-    return eager_ops("lora", impl).shrink(x, lora_A, dropout_p, int(seed))
+def lora_shrink(x: Tensor, lora_A: Tensor, dropout_p: float, seed: Tensor, impl: str) -> tuple[Tensor, Tensor]:
+    xa, keep = eager_ops("lora", impl).shrink(x, lora_A, dropout_p, int(seed))
+    return xa, x.new_empty(_EMPTY, dtype=torch.int32) if keep is None else keep
 
 
 @lora_shrink.register_fake
 def _(x, lora_A, dropout_p, seed, impl):
-    return x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
+    M, K = x.shape
+    return (x.new_empty((M, lora_A.shape[0]), dtype=torch.float32),
+            x.new_empty((M, -(-K // 32)) if dropout_p > 0 else _EMPTY, dtype=torch.int32))
 
 
 @custom_op("peft_ops::lora_forward", mutates_args=())
@@ -52,20 +55,28 @@ def _(x, weight, xa, lora_B, scaling, bias, impl):
 
 
 @custom_op("peft_ops::lora_backward", mutates_args=())
-def lora_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor, scaling: float,
-                  dropout_p: float, seed: Tensor, need_dx: bool, need_dA: bool, need_dB: bool,
-                  impl: str) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dA, dB = eager_ops("lora", impl).backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, int(seed),
-                                                  need_dx, need_dA, need_dB)
-    return _or_empty(dx, x), _or_empty(dA, xa), _or_empty(dB, xa)
+def lora_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
+                  keep: Tensor | None, scaling: float, dropout_p: float, need_dx: bool, need_dA: bool, need_dB: bool,
+                  need_db: bool, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, dA, dB, db = eager_ops("lora", impl).backward(dy, x, weight, lora_A, lora_B, xa, keep, scaling, dropout_p,
+                                                      need_dx, need_dA, need_dB, need_db)
+    return _or_empty(dx, x), _or_empty(dA, lora_A), _or_empty(dB, lora_B), _or_empty(db, dy)
+
+
+def _adapter_grad_dtype(impl: str, adapter: Tensor) -> torch.dtype:
+    """dA, dB come back in the adapters' dtype from the kernels (cast in the rank pass), in
+    fp32 from the PyTorch path (the Function casts them)."""
+    return adapter.dtype if impl == "triton" else torch.float32
 
 
 @lora_backward.register_fake
-def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_dA, need_dB, impl):
+def _(dy, x, weight, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA, need_dB, need_db, impl):
     M, K = x.shape
     r, N = lora_A.shape[0], weight.shape[0]
-    return (x.new_empty((M, K) if need_dx else _EMPTY), xa.new_empty((r, K) if need_dA else _EMPTY),
-            xa.new_empty((N, r) if need_dB else _EMPTY))
+    return (x.new_empty((M, K) if need_dx else _EMPTY),
+            xa.new_empty((r, K) if need_dA else _EMPTY, dtype=_adapter_grad_dtype(impl, lora_A)),
+            xa.new_empty((N, r) if need_dB else _EMPTY, dtype=_adapter_grad_dtype(impl, lora_B)),
+            dy.new_empty((N,) if need_db else _EMPTY))
 
 
 class CompiledLoraOps:
@@ -79,15 +90,21 @@ class CompiledLoraOps:
         return torch.randint(2**31, 2**62, (), dtype=torch.int64)
 
     def shrink(self, x, lora_A, dropout_p, seed):
-        return lora_shrink(x, lora_A, dropout_p, _seed_tensor(seed), self.impl)
+        xa, keep = lora_shrink(x, lora_A, dropout_p, _seed_tensor(seed), self.impl)
+        return xa, (keep if dropout_p > 0 else None)
 
     def forward(self, x, weight, xa, lora_B, scaling, bias):
         return lora_forward(x, weight, xa, lora_B, scaling, bias, self.impl)
 
-    def backward(self, dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
-        dx, dA, dB = lora_backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, _seed_tensor(seed),
-                                   need_dx, need_dA, need_dB, self.impl)
-        return dx if need_dx else None, dA if need_dA else None, dB if need_dB else None
+    def backward(self, dy, x, weight, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA, need_dB,
+                 need_db):
+        grads = lora_backward(dy, x, weight, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA, need_dB,
+                              need_db, self.impl)
+        return _needed(grads, (need_dx, need_dA, need_dB, need_db))
+
+
+def _needed(grads: tuple, needs: tuple) -> tuple:
+    return tuple(g if need else None for g, need in zip(grads, needs))
 
 
 def _seed_tensor(seed) -> Tensor:
@@ -128,21 +145,23 @@ def _(dy, packed, absmax, absmax_scale, absmax_offset, out_features, in_features
 @custom_op("peft_ops::qlora_backward", mutates_args=())
 def qlora_backward(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, absmax_scale: Tensor | None,
                    absmax_offset: Tensor | None, out_features: int, in_features: int, blocksize: int,
-                   dtype: torch.dtype, lora_A: Tensor, lora_B: Tensor, xa: Tensor, scaling: float, dropout_p: float,
-                   seed: Tensor, need_dx: bool, need_dA: bool, need_dB: bool,
-                   impl: str) -> tuple[Tensor, Tensor, Tensor]:
+                   dtype: torch.dtype, lora_A: Tensor, lora_B: Tensor, xa: Tensor, keep: Tensor | None, scaling: float,
+                   dropout_p: float, need_dx: bool, need_dA: bool, need_dB: bool, need_db: bool,
+                   impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     qw = NF4Tensors(packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype)
-    dx, dA, dB = eager_ops("nf4", impl).qlora_backward(dy, x, qw, lora_A, lora_B, xa, scaling, dropout_p, int(seed),
-                                                       need_dx, need_dA, need_dB)
-    return _or_empty(dx, x), _or_empty(dA, xa), _or_empty(dB, xa)
+    dx, dA, dB, db = eager_ops("nf4", impl).qlora_backward(dy, x, qw, lora_A, lora_B, xa, keep, scaling, dropout_p,
+                                                           need_dx, need_dA, need_dB, need_db)
+    return _or_empty(dx, x), _or_empty(dA, lora_A), _or_empty(dB, lora_B), _or_empty(db, dy)
 
 
 @qlora_backward.register_fake
 def _(dy, x, packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype, lora_A, lora_B,
-      xa, scaling, dropout_p, seed, need_dx, need_dA, need_dB, impl):
+      xa, keep, scaling, dropout_p, need_dx, need_dA, need_dB, need_db, impl):
     r = lora_A.shape[0]
-    return (x.new_empty(tuple(x.shape) if need_dx else _EMPTY), xa.new_empty((r, in_features) if need_dA else _EMPTY),
-            xa.new_empty((out_features, r) if need_dB else _EMPTY))
+    return (x.new_empty(tuple(x.shape) if need_dx else _EMPTY),
+            xa.new_empty((r, in_features) if need_dA else _EMPTY, dtype=_adapter_grad_dtype(impl, lora_A)),
+            xa.new_empty((out_features, r) if need_dB else _EMPTY, dtype=_adapter_grad_dtype(impl, lora_B)),
+            dy.new_empty((out_features,) if need_db else _EMPTY))
 
 
 class CompiledNF4Ops(CompiledLoraOps):
@@ -154,10 +173,11 @@ class CompiledNF4Ops(CompiledLoraOps):
     def backward_dx(self, dy, qw):
         return nf4_backward_dx(dy, *qw, self.impl)
 
-    def qlora_backward(self, dy, x, qw, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
-        dx, dA, dB = qlora_backward(dy, x, *qw, lora_A, lora_B, xa, scaling, dropout_p, _seed_tensor(seed), need_dx,
-                                    need_dA, need_dB, self.impl)
-        return dx if need_dx else None, dA if need_dA else None, dB if need_dB else None
+    def qlora_backward(self, dy, x, qw, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA, need_dB,
+                       need_db):
+        grads = qlora_backward(dy, x, *qw, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA, need_dB,
+                               need_db, self.impl)
+        return _needed(grads, (need_dx, need_dA, need_dB, need_db))
 
 
 # --------------------------------------------------------------------------------------

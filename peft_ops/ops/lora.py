@@ -9,7 +9,7 @@ from torch.autograd.function import once_differentiable
 from .. import reference
 from ..backend import resolve
 from . import checks
-from .autograd import autocast_dtype, call_without_autocast, draw_seed, save_with_seed, saved_with_seed
+from .autograd import autocast_dtype, call_without_autocast, draw_seed
 from .custom_ops import ops_for_call
 
 
@@ -75,9 +75,9 @@ class LoraLinearFunction(torch.autograd.Function):
               dB = s·dYᵀ·xa
               dW = dYᵀ·x                   (only when weight requires grad)
               db = Σ_m dY                  (only when bias requires grad)
-    Saved: x itself (no copy), xa [M, r] fp32, the parameters, and the dropout seed as an int
-    (inside torch.compile a 0-d tensor); the keep mask is regenerated from the seed in the
-    backward, never stored.
+    Saved: x itself (no copy), xa [M, r] fp32, the parameters, and with dropout the keep mask
+    the shrink drew, bit-packed ([M, ⌈K/32⌉] int32: x/16 bytes for a bf16 x), so the backward
+    never redraws it.
     """
 
     @staticmethod
@@ -85,24 +85,22 @@ class LoraLinearFunction(torch.autograd.Function):
         in_features = x.shape[-1]
         out_features = weight.shape[0]
         x2d = x.reshape(-1, in_features)  # a view unless x's strides forbid one
-        seed = draw_seed(ops, dropout_p)
-        xa = ops.shrink(x2d, lora_A, dropout_p, seed)
+        xa, keep = ops.shrink(x2d, lora_A, dropout_p, draw_seed(ops, dropout_p))
         y = ops.forward(x2d, weight, xa, lora_B, scaling, bias)
-        save_with_seed(ctx, (x, weight, lora_A, lora_B, xa), seed)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, keep)
         ctx.scaling, ctx.dropout_p, ctx.ops = scaling, dropout_p, ops
         return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
     @once_differentiable  # the backward is not itself differentiable: say so, don't return wrong
     def backward(ctx, dy):
-        (x, weight, lora_A, lora_B, xa), seed = saved_with_seed(ctx)
+        x, weight, lora_A, lora_B, xa, keep = ctx.saved_tensors
         need_dx, need_dW, need_dA, need_dB, need_db = ctx.needs_input_grad[:5]
         x2d = x.reshape(-1, x.shape[-1])
         dy2d = dy.reshape(-1, weight.shape[0])
-        dx, dA, dB = ctx.ops.backward(dy2d, x2d, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p,
-                                      seed, need_dx, need_dA, need_dB)
+        dx, dA, dB, db = ctx.ops.backward(dy2d, x2d, weight, lora_A, lora_B, xa, keep, ctx.scaling, ctx.dropout_p,
+                                          need_dx, need_dA, need_dB, need_db)
         dW = torch.mm(dy2d.t(), x2d) if need_dW else None
-        db = dy2d.sum(dim=0) if need_db else None
         return (
             dx.view(x.shape) if dx is not None else None,
             dW,

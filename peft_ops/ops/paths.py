@@ -15,7 +15,7 @@ import torch
 from ..backend import kernel_modules
 from ..nf4 import NF4Tensors, code_tables, decode
 from ..reference import activation_derivative, apply_activation
-from .autograd import mm32, torch_keep_mask
+from .autograd import mm32, pack_keep_bits, torch_keep_mask, unpack_keep_bits
 
 
 def rank_dtype(dtype: torch.dtype, adapter_dtype: torch.dtype) -> torch.dtype:
@@ -33,10 +33,12 @@ class TorchLoraOps:
 
     @staticmethod
     def shrink(x, lora_A, dropout_p, seed):
-        if dropout_p > 0:
-            x = x * torch_keep_mask(seed, *x.shape, dropout_p, x.device)
-        xa = mm32(x, lora_A.to(rank_dtype(x.dtype, lora_A.dtype)).t())
-        return xa.mul_(1.0 / (1.0 - dropout_p)) if dropout_p > 0 else xa
+        """(xa, keep): keep the mask bit-packed as the kernels keep it, or None without dropout."""
+        if dropout_p <= 0:
+            return mm32(x, lora_A.to(rank_dtype(x.dtype, lora_A.dtype)).t()), None
+        keep = torch_keep_mask(seed, *x.shape, dropout_p, x.device)
+        xa = mm32(x * keep, lora_A.to(rank_dtype(x.dtype, lora_A.dtype)).t())
+        return xa.mul_(1.0 / (1.0 - dropout_p)), pack_keep_bits(keep)
 
     @staticmethod
     def forward(x, weight, xa, lora_B, scaling, bias):
@@ -50,10 +52,11 @@ class TorchLoraOps:
         return y.to(x.dtype)
 
     @staticmethod
-    def backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
+    def backward(dy, x, weight, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA, need_dB, need_db):
+        """dA, dB in fp32 (the Function casts them)."""
         rank = rank_dtype(dy.dtype, lora_A.dtype)
         lora_scale = scaling / (1.0 - dropout_p)
-        keep = torch_keep_mask(seed, *x.shape, dropout_p, x.device) if dropout_p > 0 else None
+        keep = unpack_keep_bits(keep, x.shape[1]) if keep is not None else None
         dx = dA = dB = None
         if need_dB:
             dB = mm32(dy.t(), xa.to(rank)).mul_(scaling)
@@ -67,7 +70,7 @@ class TorchLoraOps:
         if need_dA:
             x_kept = x if keep is None else x * keep
             dA = mm32(g.to(rank).t(), x_kept).mul_(lora_scale)
-        return dx, dA, dB
+        return dx, dA, dB, (dy.sum(dim=0) if need_db else None)
 
 
 class TorchNF4Ops:
@@ -85,10 +88,10 @@ class TorchNF4Ops:
         return mm32(dy, decode(qw, dy.dtype)).to(dy.dtype)
 
     @staticmethod
-    def qlora_backward(dy, x, qw: NF4Tensors, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_dA,
-                       need_dB):
-        return TorchLoraOps.backward(dy, x, decode(qw, dy.dtype), lora_A, lora_B, xa, scaling, dropout_p, seed,
-                                     need_dx, need_dA, need_dB)
+    def qlora_backward(dy, x, qw: NF4Tensors, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA,
+                       need_dB, need_db):
+        return TorchLoraOps.backward(dy, x, decode(qw, dy.dtype), lora_A, lora_B, xa, keep, scaling, dropout_p,
+                                     need_dx, need_dA, need_dB, need_db)
 
 
 class KernelNF4Ops:
@@ -111,10 +114,10 @@ class KernelNF4Ops:
         return kernel_modules().nf4.backward_dx(dy, qw, tables=code_tables(dy.device))
 
     @staticmethod
-    def qlora_backward(dy, x, qw: NF4Tensors, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_dA,
-                       need_dB):
-        return kernel_modules().nf4.qlora_backward(dy, x, qw, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx,
-                                                   need_dA, need_dB, tables=code_tables(dy.device))
+    def qlora_backward(dy, x, qw: NF4Tensors, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA,
+                       need_dB, need_db):
+        return kernel_modules().nf4.qlora_backward(dy, x, qw, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx,
+                                                   need_dA, need_dB, need_db, tables=code_tables(dy.device))
 
 
 class TorchBottleneckOps:

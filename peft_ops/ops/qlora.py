@@ -10,7 +10,7 @@ from .. import reference
 from ..backend import resolve
 from ..nf4 import NF4Tensors, NF4Weight
 from . import checks
-from .autograd import autocast_dtype, call_without_autocast, draw_seed, save_with_seed, saved_with_seed
+from .autograd import autocast_dtype, call_without_autocast, draw_seed
 from .custom_ops import ops_for_call
 from .lora import check_bias, check_lora_args
 
@@ -64,8 +64,8 @@ class QLoraLinearFunction(torch.autograd.Function):
               dA = s/(1-p)·gᵀ·(x⊙keep)
               dB = s·dYᵀ·xa
               db = Σ_m dY                          (only when bias requires grad)
-    Saved: x itself, xa [M, r] fp32, the adapters, the NF4 tensors and the dropout seed — the
-    budget of lora_linear; no dequantized W and no mask.
+    Saved: x itself, xa [M, r] fp32, the adapters, the NF4 tensors and with dropout the
+    bit-packed keep mask — the budget of lora_linear; no dequantized W.
     """
 
     @staticmethod
@@ -73,28 +73,27 @@ class QLoraLinearFunction(torch.autograd.Function):
                 dropout_p, ops):
         qw = NF4Tensors(packed, absmax, absmax_scale, absmax_offset, *meta)
         x2d = x.reshape(-1, x.shape[-1])
-        seed = draw_seed(ops, dropout_p)
-        xa = ops.shrink(x2d, lora_A, dropout_p, seed)
+        xa, keep = ops.shrink(x2d, lora_A, dropout_p, draw_seed(ops, dropout_p))
         y = ops.forward(x2d, qw, xa, lora_B, scaling, bias)
-        save_with_seed(ctx, (x, lora_A, lora_B, xa, packed, absmax, absmax_scale, absmax_offset), seed)
+        ctx.save_for_backward(x, lora_A, lora_B, xa, keep, packed, absmax, absmax_scale, absmax_offset)
         ctx.meta, ctx.scaling, ctx.dropout_p, ctx.ops = meta, scaling, dropout_p, ops
         return y.view(*x.shape[:-1], qw.out_features)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        (x, lora_A, lora_B, xa, *nf4_tensors), seed = saved_with_seed(ctx)
+        x, lora_A, lora_B, xa, keep, *nf4_tensors = ctx.saved_tensors
         qw = NF4Tensors(*nf4_tensors, *ctx.meta)
         need_dx, need_dA, need_dB, need_db = ctx.needs_input_grad[:4]
         x2d = x.reshape(-1, x.shape[-1])
         dy2d = dy.reshape(-1, qw.out_features)
-        dx, dA, dB = ctx.ops.qlora_backward(dy2d, x2d, qw, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p,
-                                            seed, need_dx, need_dA, need_dB)
+        dx, dA, dB, db = ctx.ops.qlora_backward(dy2d, x2d, qw, lora_A, lora_B, xa, keep, ctx.scaling,
+                                                ctx.dropout_p, need_dx, need_dA, need_dB, need_db)
         return (
             dx.view(x.shape) if dx is not None else None,
             dA.to(lora_A.dtype) if dA is not None else None,
             dB.to(lora_B.dtype) if dB is not None else None,
-            dy2d.sum(dim=0) if need_db else None,
+            db,
             None, None, None, None, None, None, None, None,
         )
 

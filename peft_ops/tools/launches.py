@@ -78,13 +78,31 @@ class LaunchRecorder(TorchDispatchMode):
         self.plan_target = plan_target
         self.sm_count = sm_count
         self.launches: list[Launch] = []
+        self.allocated: list[torch.Tensor] = []  # meta stand-ins of the tensors allocated on the device
         self._inside_kernel = False
 
     # the kernel launch hook (peft_ops.kernels.interface)
     def triton_launch(self, kernel, grid, args, kwargs) -> None:
         fn = interface.python_function(kernel)
         names = list(inspect.signature(fn).parameters)
-        self.launches.append(Launch("triton", fn.__name__, grid, {**dict(zip(names, args)), **kwargs}, kernel))
+        # The record keeps meta stand-ins (shape, strides, dtype), not the tensors: a reference
+        # held here would change what autograd does (it copies a gradient it cannot steal).
+        stand_ins = {}
+
+        def record(value):
+            if not isinstance(value, torch.Tensor):
+                return value
+            if id(value) not in stand_ins:  # one stand-in per tensor: bytes count each tensor once
+                stand_ins[id(value)] = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
+                                                           device="meta")
+            return stand_ins[id(value)]
+
+        self._inside_kernel = True  # the stand-ins are the recorder's, not the launcher's allocations
+        try:
+            recorded = {name: record(value) for name, value in {**dict(zip(names, args)), **kwargs}.items()}
+        finally:
+            self._inside_kernel = False
+        self.launches.append(Launch("triton", fn.__name__, grid, recorded, kernel))
         if self.plan_target is None:
             # The interpreter (and the autotuner's first benchmark) run PyTorch ops of their own
             # inside a launch: they are not the launcher's.
@@ -97,6 +115,9 @@ class LaunchRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if (not self._inside_kernel and str(func) in _ALLOCATIONS and isinstance(out, torch.Tensor)
+                and out.device.type == self.device_type):
+            self.allocated.append(torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device="meta"))
         if not self._inside_kernel and _launches_a_kernel(func, args, kwargs, out, self.device_type):
             on_device = [t for t in _tensors((args, kwargs, out)) if t.device.type == self.device_type]
             self.launches.append(Launch("torch", str(func), bytes=sum(t.numel() * t.element_size() for t in on_device)))
@@ -150,11 +171,16 @@ class KernelsRan:
 def plan(fn, target: str = "sm90", sm_count: int = 132) -> list[Launch]:
     """The launches fn() would make on a GPU of `target` with `sm_count` SMs; fn builds its
     tensors on the meta device, and nothing runs."""
+    return planned_recorder(fn, target, sm_count).launches
+
+
+def planned_recorder(fn, target: str = "sm90", sm_count: int = 132) -> LaunchRecorder:
+    """The recorder of plan(fn, …): its launches, and the tensors allocated (``allocated``)."""
     if target not in ("sm80", "sm90"):
         raise ValueError(f"target must be 'sm80' or 'sm90', got {target!r}")
     with LaunchRecorder("meta", plan_target=target, sm_count=sm_count) as recorder:
         fn()
-    return recorder.launches
+    return recorder
 
 
 def summary(launches: list[Launch]) -> dict[str, int]:

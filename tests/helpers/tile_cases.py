@@ -26,6 +26,10 @@ def lora_case(family):
                     adapter_dtype=torch.float32 if family == "mixed" else None)
 
 
+def tma_lora_case(family):
+    return dataclasses.replace(lora_case(family), K=72, N=48)
+
+
 def qlora_case(M):
     def case(family):
         dtype = torch.float32 if family == "fp32" else torch.float16
@@ -47,8 +51,12 @@ def bottleneck_case(family):
 KERNELS = {
     "_lora_shrink_kernel": (lora_case, ["half", "fp32"]),
     "_lora_forward_kernel": (lora_case, ["half", "fp32"]),
-    "_lora_backward_dy_kernel": (lora_case, ["half", "fp32"]),
+    "_lora_backward_g_kernel": (lora_case, ["half", "fp32"]),
+    "_lora_backward_rank_kernel": (lora_case, ["half", "mixed", "fp32"]),
     "_lora_backward_dx_kernel": (lora_case, ["half", "mixed", "fp32"]),
+    # the persistent TMA GEMMs (sm_90a): K = 72 keeps the rows 16-byte aligned for descriptors
+    "_lora_forward_tma_kernel": (tma_lora_case, ["half", "mixed", "fp32"]),
+    "_lora_backward_dx_tma_kernel": (tma_lora_case, ["half", "mixed", "fp32"]),
     "_nf4_matmul_kernel": (qlora_case(37), ["half", "fp32", "general"]),
     "_nf4_gemv_kernel": (qlora_case(3), ["half", "fp32", "general"]),
     "_nf4_backward_dx_kernel": (qlora_case(37), ["half", "general"]),

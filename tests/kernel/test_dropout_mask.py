@@ -16,7 +16,7 @@ import torch
 from peft_ops import reference
 from peft_ops.kernels import dropout as dropout_kernels
 from peft_ops.kernels import lora as lora_kernels
-from peft_ops.ops.autograd import torch_keep_mask
+from peft_ops.ops.autograd import pack_keep_bits, torch_keep_mask, unpack_keep_bits
 
 from conftest import DEVICE
 
@@ -82,14 +82,32 @@ def test_pytorch_path_mask_depends_on_every_seed_bit():
         assert 0.3 < changed < 0.7, (bit, changed)
 
 
-def test_lora_shrink_kernel_draws_the_reference_mask():
-    """x = 1 and A = I make xa = keep/(1 − p) exactly: the forward kernel's own mask, read out."""
-    M, K, p = 37, 45, 0.4
+@pytest.mark.parametrize("K", [45, 64, 97])
+def test_lora_shrink_kernel_draws_the_reference_mask(K):
+    """x = 1 and A = I make xa = keep/(1 − p) exactly: the forward kernel's own mask, read out;
+    and the bit-packed mask it keeps for the backward is that mask, packed (bit 31 included,
+    columns past K zero)."""
+    M, p = 37, 0.4
     x = torch.ones(M, K, device=DEVICE)
     eye = torch.eye(K, device=DEVICE)
-    xa = lora_kernels.shrink(x, eye, p, SEED).cpu()
-    assert torch.equal(xa != 0, reference_mask(SEED, K, p, range(M)))
-    assert torch.allclose(xa[xa != 0], torch.tensor(1 / (1 - p)))
+    xa, keep = lora_kernels.shrink(x, eye, p, SEED)
+    expected = reference_mask(SEED, K, p, range(M))
+    assert torch.equal(xa.cpu() != 0, expected)
+    assert torch.allclose(xa.cpu()[xa.cpu() != 0], torch.tensor(1 / (1 - p)))
+    assert keep.dtype == torch.int32 and keep.shape == (M, -(-K // 32))
+    assert torch.equal(keep.cpu(), pack_keep_bits(expected))
+    assert torch.equal(unpack_keep_bits(keep.cpu(), K), expected)
+    assert (keep.cpu() < 0).any()  # some word has bit 31 set: the sign bit round-trips
+
+
+def test_keep_bits_layout():
+    """Bit b of word j of a row is column 32·j + b, whatever the column count."""
+    keep = torch.zeros(3, 70, dtype=torch.bool)
+    keep[0, 0] = keep[1, 31] = keep[2, 69] = True
+    packed = pack_keep_bits(keep)
+    assert packed.tolist() == [[1, 0, 0], [-2**31, 0, 0], [0, 0, 1 << 5]]
+    assert torch.equal(unpack_keep_bits(packed, 70), keep)
+    assert torch.equal(unpack_keep_bits(pack_keep_bits(keep[:0]), 70), keep[:0])
 
 
 def test_adapter_forward_kernel_draws_the_reference_mask():

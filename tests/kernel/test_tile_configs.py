@@ -1,9 +1,10 @@
 """Production tiles in the interpreter. Everywhere else on CPU each kernel runs the
 interpreter's one small config; here every autotuned kernel also runs the largest tile of its
 sm_90 half-precision family and of its fp32 family (and NF4's "general" family), and the
-fixed backward tiles run at their sm_90 sizes — each at a small odd shape, so most of the
-tile is masked off. Results are checked against float64 and, in half precision, against the
-PyTorch path's roundings. (On a GPU, tests/reliability/test_gpu.py runs every config of every family.)
+fixed tiles (NF4's dX row block, the adapter's backward) run at their GPU sizes — each at a
+small odd shape, so most of the tile is masked off. Results are checked against float64 and,
+in half precision, against the PyTorch path's roundings. (On a GPU,
+tests/reliability/test_gpu.py runs every config of every family.)
 """
 
 import pytest
@@ -12,8 +13,8 @@ import torch
 from peft_ops.kernels import bottleneck as bottleneck_kernels
 from peft_ops.kernels import common
 from peft_ops.kernels import lora as lora_kernels
-from peft_ops.kernels import nf4 as nf4_kernels  # noqa: F401  (registers the NF4 kernels)
-from peft_ops.tools.accuracy import LoraCase, QLoraCase
+from peft_ops.kernels import nf4 as nf4_kernels
+from peft_ops.tools.accuracy import QLoraCase
 from peft_ops.tools.launches import KernelsRan
 
 from helpers.tile_cases import KERNELS, bottleneck_case, largest, run_checked
@@ -30,8 +31,10 @@ RUNS = [(kernel, family) for kernel, (_, families) in KERNELS.items() for family
 
 
 @pytest.mark.parametrize("kernel, family", RUNS, ids=[f"{k.strip('_')}-{f}" for k, f in RUNS])
-def test_largest_production_tile(kernel, family):
+def test_largest_production_tile(kernel, family, monkeypatch):
     case_of, _ = KERNELS[kernel]
+    if "_tma_" in kernel:  # the persistent TMA GEMMs run where sm_90a's would
+        monkeypatch.setattr(lora_kernels, "TMA_TARGETS", {"interpreter"})
     config = largest(common.tile_families(kernel, "sm90")[family])
     with common.forced_config(kernel, config), KernelsRan() as ran:
         run_checked(case_of(family))
@@ -39,12 +42,12 @@ def test_largest_production_tile(kernel, family):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_backward_at_production_row_blocks(dtype, monkeypatch):
-    """The LoRA/QLoRA backward's fixed M-blocks (64 on sm_80 and sm_90) instead of the
-    interpreter's 32: fewer dA/dB partials, each summing more rows."""
-    monkeypatch.setitem(lora_kernels.BACKWARD_BLOCK_M, "interpreter", dict(lora_kernels.BACKWARD_BLOCK_M["sm90"]))
-    run_checked(LoraCase(M=77, K=40, N=36, r=8, dtype=dtype, dropout_p=0.25, train_base=True))
-    run_checked(QLoraCase(M=77, K=64, N=36, r=8, dtype=dtype))
+def test_nf4_backward_at_production_row_blocks(dtype, monkeypatch):
+    """The QLoRA dX kernel's fixed M-block (64 on sm_80 and sm_90) instead of the interpreter's 32."""
+    monkeypatch.setitem(nf4_kernels.DX_BLOCK_M, "interpreter", nf4_kernels.DX_BLOCK_M["sm90"])
+    with KernelsRan() as ran:
+        run_checked(QLoraCase(M=77, K=64, N=36, r=8, dtype=dtype, dropout_p=0.25))
+    assert "_nf4_backward_dx_kernel" in ran.names
 
 
 @pytest.mark.parametrize("target", ["sm80", "sm90"])

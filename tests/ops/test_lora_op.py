@@ -8,7 +8,14 @@ import peft_ops
 from peft_ops import reference
 from peft_ops.ops.autograd import eager_seed, torch_keep_mask
 from peft_ops.ops.lora import LoraLinearFunction
-from peft_ops.tools.accuracy import LoraCase, assert_close, make_lora_inputs, run_lora_case, saved_activation_bytes
+from peft_ops.tools.accuracy import (
+    LoraCase,
+    assert_close,
+    expected_keep_mask,
+    make_lora_inputs,
+    run_lora_case,
+    saved_activation_bytes,
+)
 
 from conftest import DEVICE, lora_ops
 
@@ -113,21 +120,37 @@ def test_non_contiguous_bias(path, device):
     assert_close(y, expected, torch.float32)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="shrinks the partial budget; interpreter-sized")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_backward_in_row_chunks(dtype, monkeypatch, device):
-    """Past PARTIAL_BUDGET_BYTES of partials the backward runs in row chunks; the chunks' dA/dB
-    sums and the dropout mask (indexed by the row of the whole x) must not notice."""
-    from peft_ops.kernels import lora as kernels
-
-    case = LoraCase(M=150, K=40, N=36, r=8, dtype=dtype, dropout_p=0.3, train_base=True)
-    rows_per_chunk = 64  # partials of a 32-row block take (N + K)·r·4 = 2432 bytes
-    monkeypatch.setattr(kernels, "PARTIAL_BUDGET_BYTES", (36 + 40) * 8 * 4 * rows_per_chunk // 32)
+@pytest.mark.parametrize("grads", ["all", "dA only", "dB only"])
+def test_backward_is_three_kernels_at_most(dtype, grads, device):
+    """The backward launches g = dY·B, the rank pass (dA and dB written once, final, in the
+    adapters' dtype) and the dX GEMM — nothing else: no partials to sum, no casts. In the
+    interpreter a rank-pass program sums 150 rows in 5 steps and dA / dB span several programs."""
     from peft_ops.tools.launches import KernelsRan
 
+    inp = make_lora_inputs(LoraCase(M=150, K=70, N=66, r=8, dtype=dtype, dropout_p=0.3), device)
+    x = inp["x"].requires_grad_(grads == "all")
+    lora_A = inp["lora_A"].requires_grad_(grads != "dB only")
+    lora_B = inp["lora_B"].requires_grad_(grads != "dA only")
+    torch.manual_seed(3)
+    y = peft_ops.lora_linear(x, inp["weight"], lora_A, lora_B, 0.7, dropout_p=0.3)
     with KernelsRan() as ran:
-        check_case(case, "triton", device)
-    assert ran.names.count("_lora_backward_dy_kernel") == 3  # 150 rows in chunks of 64
+        y.backward(inp["grad_out"])
+    expected = {"all": ["_lora_backward_g_kernel", "_lora_backward_rank_kernel", "_lora_backward_dx_kernel"],
+                "dA only": ["_lora_backward_g_kernel", "_lora_backward_rank_kernel"],
+                "dB only": ["_lora_backward_rank_kernel"]}[grads]
+    assert ran.names == expected  # the whole count on a GPU is tests/tools/test_launches.py's
+    mask = expected_keep_mask(3, 150, 70, 0.3, "triton", device)
+    ref = {k: inp[k].detach().double().requires_grad_(t.requires_grad)
+           for k, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B))}
+    y_ref = reference.lora_linear(ref["x"], inp["weight"].double(), ref["lora_A"], ref["lora_B"], 0.7, None, 0.3,
+                                  dropout_mask=mask)
+    y_ref.backward(inp["grad_out"].double())
+    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
+        assert (t.grad is not None) == t.requires_grad, name
+        if t.grad is not None:
+            assert t.grad.dtype == t.dtype
+            assert_close(t.grad, ref[name].grad, dtype, f"d{name}")
 
 
 def test_fp32_dot_precision_follows_pytorch():
@@ -256,7 +279,8 @@ def test_forward_mask_equals_backward_mask(path, device):
 
 
 # ---------------------------------------------------------------------------------------
-# Saved activations: x itself (no copy) + x·Aᵀ (M×r fp32), with or without dropout.
+# Saved activations: x itself (no copy) + x·Aᵀ (M×r fp32), and with dropout the bit-packed
+# keep mask (x/16 bytes for a bf16 x; PEFT keeps 4·x with dropout).
 # ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", PATHS)
@@ -270,12 +294,14 @@ def test_saved_bytes_at_most_x_plus_xa(dropout_p, path, device):
     params = [inp["weight"], A, B, inp["bias"]]
     tokens = 2 * M
     x_bytes = x.numel() * x.element_size()
-    floor = x_bytes + tokens * r * 4
+    floor = x_bytes + tokens * r * 4 + (tokens * 3 * 4 if dropout_p > 0 else 0)  # K = 96: 3 words per row
 
     ours, saved, y = saved_activation_bytes(
         lambda: LoraLinearFunction.apply(x, inp["weight"], A, B, inp["bias"], 0.5, dropout_p, lora_ops(path)), params)
     assert any(t.data_ptr() == x.data_ptr() for t in saved), "x must be saved as is, not copied"
-    assert ours == floor, (ours, floor)  # exactly x + xa: no mask, no dropped copy of x
+    assert ours == floor, (ours, floor)  # exactly x + xa (+ mask bits): no dropped copy of x
+    if dropout_p > 0:
+        assert ours <= x_bytes * (1 + 1 / 16) + tokens * r * 4
     y.sum().backward()  # and that suffices for the backward
 
 
@@ -299,3 +325,40 @@ def test_bf16_tests_detect_a_wrong_dot(monkeypatch, device):
     with pytest.raises(AssertionError, match="exceed tolerance"):
         check_case(case, "triton", device)
 
+
+
+# ---------------------------------------------------------------------------------------
+# The persistent TMA GEMMs of sm_90a, run in the interpreter
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter: forces the sm_90a kernels' choice here")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(70, 96, 72, 8), (5, 64, 40, 16), (130, 32, 200, 80)],
+                         ids=lambda s: "M{}_K{}_N{}_r{}".format(*s))
+def test_tma_gemms(shape, dtype, monkeypatch):
+    """Forward and dX through tensor descriptors, persistent programs looping over several
+    tiles each (3 programs), edges zero-filled and clipped by the copy engine, dropout and bias."""
+    from peft_ops.kernels import lora as kernels
+    from peft_ops.tools.launches import KernelsRan
+
+    monkeypatch.setattr(kernels, "TMA_TARGETS", {"interpreter"})
+    M, K, N, r = shape
+    case = LoraCase(M, K, N, r, dtype, dropout_p=0.2)
+    with KernelsRan() as ran:
+        check_case(case, "triton", DEVICE)
+    assert {"_lora_forward_tma_kernel", "_lora_backward_dx_tma_kernel"} <= set(ran.names)
+    assert not {"_lora_forward_kernel", "_lora_backward_dx_kernel"} & set(ran.names)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter: forces the sm_90a kernels' choice here")
+def test_operands_tma_cannot_address_take_the_pointer_gemms(monkeypatch):
+    """A row of 33 bf16 values (66 bytes) or a strided x breaks the descriptors' 16-byte rule:
+    those calls take the pointer-based GEMMs, with the same numbers."""
+    from peft_ops.kernels import lora as kernels
+    from peft_ops.tools.launches import KernelsRan
+
+    monkeypatch.setattr(kernels, "TMA_TARGETS", {"interpreter"})
+    for case in (LoraCase(9, 33, 16, 4, torch.bfloat16), LoraCase(9, 32, 16, 4, torch.bfloat16, x_transposed=True)):
+        with KernelsRan() as ran:
+            check_case(case, "triton", DEVICE)
+        assert "_lora_forward_kernel" in ran.names and "_lora_forward_tma_kernel" not in ran.names, case.label()

@@ -89,14 +89,16 @@ def _opcheck_cases():
     q = tuple(peft_ops.nf4.quantize(W).tensors())
     wd, wu, h = torch.randn(4, 16, generator=gen), torch.randn(16, 4, generator=gen), torch.randn(5, 4, generator=gen)
     dy16 = torch.randn(5, 16, generator=gen)
+    keep = torch.randint(-2**31, 2**31, (5, 1), generator=gen, dtype=torch.int64).to(torch.int32)  # 16 columns
     return {
         "lora_shrink": (custom_ops.lora_shrink, (x, A, 0.2, seed, "torch")),
         "lora_forward": (custom_ops.lora_forward, (x, W, xa, B, 0.5, None, "torch")),
-        "lora_backward": (custom_ops.lora_backward, (dy, x, W, A, B, xa, 0.5, 0.2, seed, True, True, False, "torch")),
+        "lora_backward": (custom_ops.lora_backward, (dy, x, W, A, B, xa, keep, 0.5, 0.2, True, True, False, True,
+                                                        "torch")),
         "nf4_forward": (custom_ops.nf4_forward, (x, *q, xa, B, 0.5, None, "torch")),
         "nf4_backward_dx": (custom_ops.nf4_backward_dx, (dy, *q, "torch")),
         "qlora_backward": (custom_ops.qlora_backward,
-                           (dy, x, *q, A, B, xa, 0.5, 0.0, seed, True, False, True, "torch")),
+                           (dy, x, *q, A, B, xa, None, 0.5, 0.0, True, False, True, False, "torch")),
         "bottleneck_forward": (custom_ops.bottleneck_forward,
                                (x, wd, None, wu, None, "silu", 0.5, 0.1, seed, True, "torch")),
         "bottleneck_backward": (custom_ops.bottleneck_backward, (dy16, x, h, wd, wu, "silu", 0.5, 0.1, seed, True, True,

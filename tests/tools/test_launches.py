@@ -14,13 +14,10 @@ import peft_ops
 from peft_ops.tools import launches
 from peft_ops.tools.roofline import OpShape
 
-SHRINK, FORWARD, DY, DX = "_lora_shrink_kernel", "_lora_forward_kernel", "_lora_backward_dy_kernel", \
-    "_lora_backward_dx_kernel"
-# the backward's PyTorch tail: zero-filled fp32 dA/dB, the partial sums added in, the scalings,
-# the casts to the adapters' dtype
-LORA_BACKWARD = ["aten.zeros.default", "aten.zeros.default", DY, "aten.sum.dim_IntList", "aten.add_.Tensor", DX,
-                 "aten.sum.dim_IntList", "aten.add_.Tensor", "aten.mul_.Tensor", "aten.mul_.Tensor",
-                 "aten._to_copy.default", "aten._to_copy.default"]
+SHRINK, FORWARD, G, RANK, DX = "_lora_shrink_kernel", "_lora_forward_kernel", "_lora_backward_g_kernel", \
+    "_lora_backward_rank_kernel", "_lora_backward_dx_kernel"
+# g = dY·B, the rank pass (dA, dB final, in the adapters' dtype), the dX GEMM: no PyTorch tail
+LORA_BACKWARD = [G, RANK, DX]
 EXPECTED = {
     ("lora", 8192, 4096, 4096, 16): ([SHRINK, FORWARD], LORA_BACKWARD),
     ("qlora", 8192, 4096, 4096, 16): ([SHRINK, "_nf4_matmul_kernel"],
@@ -53,12 +50,45 @@ def test_planned_launches_per_call(call, options):
     assert [str(x) for x in planned["backward"]] == backward
 
 
-def test_a_long_sequence_runs_the_backward_in_row_chunks():
-    # 14336 outputs, r = 64 at M = 8192: the fp32 partials pass PARTIAL_BUDGET_BYTES, so the dY
-    # and dX kernels run per chunk of rows, each chunk's sums added in order
-    planned = launches.op_launches(OpShape("lora", 8192, 4096, 14336, 64), "sm90", 132)
-    names = [str(x) for x in planned["backward"]]
-    assert names.count(DY) == names.count(DX) > 1
+@pytest.mark.parametrize("target", ["sm80", "sm90"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_lora_backward_budget_with_trainable_bias(dropout_p, target):
+    """Forward ≤ 2 launches, backward ≤ 3 with every gradient wanted (x, A, B and the bias: its
+    sum over M rides on the rank pass's reads of dY), at a long sequence and a wide layer
+    (M = 32768, 14336 outputs, r = 64) as at the headline shape: no row chunks, no partials."""
+    for M, N, r in ((8192, 4096, 16), (32768, 14336, 64)):
+        meta = dict(device="meta", dtype=torch.bfloat16)
+        x = torch.empty(M, 4096, **meta).requires_grad_()
+        W, b = torch.empty(N, 4096, **meta), torch.empty(N, **meta).requires_grad_()
+        A, B = torch.empty(r, 4096, **meta).requires_grad_(), torch.empty(N, r, **meta).requires_grad_()
+        out = []
+        forward = launches.plan(lambda: out.append(peft_ops.lora_linear(x, W, A, B, 2.0, b, dropout_p)), target)
+        backward = launches.plan(lambda: out[0].backward(torch.empty(M, N, **meta)), target)
+        assert [str(x) for x in forward] == [SHRINK, FORWARD]
+        assert [str(x) for x in backward] == [G, RANK, DX]
+        rank = backward[1]
+        assert rank.args["COMPUTE_DA"] and rank.args["COMPUTE_DB"] and rank.args["COMPUTE_DBIAS"]
+        assert rank.args["HAS_DROPOUT"] == (dropout_p > 0)
+
+
+@pytest.mark.parametrize("op", ["lora", "qlora"])
+def test_backward_scratch_is_g_alone(op):
+    """Bytes the backward allocates beyond the gradients it returns, at M = 8192, d = 4096,
+    r = 16: g = dY·B [M, r] fp32 alone (512 KiB) — no per-M-block partials. The backward before
+    the rank pass held ⌈M/64⌉·(N + K)·r·4 = 64 MiB of fp32 partials; the bound is 1/8 of that."""
+    M, K, N, r = 8192, 4096, 4096, 16
+    forward, grad_out = launches.op_call(OpShape(op, M, K, N, r), dropout_p=0.1)
+    out = []
+    launches.plan(lambda: out.append(forward()))
+    recorder = launches.planned_recorder(lambda: out[0].backward(grad_out))
+    returned = {(M, K): "dx", (r, K): "dA", (N, r): "dB"}
+    scratch = [t for t in recorder.allocated if tuple(t.shape) not in returned]
+    scratch_bytes = sum(t.numel() * t.element_size() for t in scratch)
+    partials_before = -(-M // 64) * (N + K) * r * 4
+    assert partials_before == 64 * 2**20
+    assert scratch_bytes == M * r * 4 <= partials_before / 8
+    assert sorted(returned.values()) == sorted(returned[tuple(t.shape)] for t in recorder.allocated
+                                               if tuple(t.shape) in returned)
 
 
 def test_the_plan_records_grid_and_arguments():
