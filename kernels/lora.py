@@ -14,24 +14,32 @@ Design, from a cost model (bf16, M = 8192, K = N = 4096, r = 16, H200: 4.8 TB/s,
   (a) is cheaper for every r ≥ 5, so: `_lora_shrink_kernel`, then `_lora_forward_kernel` =
   the GEMM x·Wᵀ with s·xa·Bᵀ + b added in its epilogue (y is written once, no M×N
   intermediate; the epilogue costs r/K of the GEMM: 0.4 %).
-- Backward, g = dY·B [M, r]:
-  `_lora_backward_dy_kernel` reads dY once and produces both g and per-M-block partials of
-  dB = s·dYᵀ·xa (the two products that read dY).
-  `_lora_backward_dx_kernel` is the GEMM dY·W fused with the LoRA term s·(g·A)⊙mask/(1-p)
-  (accumulated first, into the accumulator the GEMM then continues, so the mask touches that
-  term alone without a second tile of registers); holding the M-block of g, it also reads the
-  x tile once and writes the per-M-block partial of dA = s/(1-p)·gᵀ·(x⊙mask).
-  Extra HBM traffic over the frozen layer: one read of x (forward), one of dY and one of x
-  (backward), plus M×r tensors and the partials.
-- Reductions over M are deterministic: each M-block writes its own fp32 partial and the
-  launcher sums them (`torch.sum` over a fixed number of blocks); no float atomics. The
-  M-block size of the two backward kernels is therefore fixed per target, not autotuned.
+- Backward, g = dY·B [M, r], in three launches (no PyTorch tail):
+  `_lora_backward_g_kernel`: g, one read of dY (64 MiB ≈ 15 µs).
+  `_lora_backward_rank_kernel`: every reduction over M, each program owning BLOCK_C columns
+  of one output and summing all M rows in order: dA = s/(1-p)·gᵀ·(x⊙keep) (reads x once),
+  dB = s·dYᵀ·xa and db = Σ dY (read dY once more), written final — scaled, in the
+  parameters' dtype. No partials: before this pass each 64-row block wrote fp32 partials,
+  ⌈M/64⌉·(N+K)·r·4 = 64 MiB written and read again at r = 16 (256 MiB at r = 64), then 8
+  PyTorch ops summed, scaled and cast them. Cost of the choice: one more read of dY (≈ 15 µs,
+  ≈ 2 % of the layer); the scratch is g alone (M·r·4 = 512 KiB).
+  `_lora_backward_dx_kernel` (`_lora_backward_dx_tma_kernel` on sm_90a): the GEMM dY·W with
+  the LoRA term s/(1-p)·(g·A)⊙keep accumulated first, into the accumulator the GEMM then
+  continues (the mask touches that term alone, without a second tile of registers). With dA
+  gone from it, it runs 128-row tiles (two 64-row wgmma warpgroups, N = 128 or 256), 0 spills.
+- The sm_90a GEMMs (forward and dX) are persistent (one program per SM looping over output
+  tiles in grouped order) and take their operands by TMA (tensor descriptors: the copy
+  engine moves the tiles, edges zero-filled, stores clipped); where descriptors cannot address
+  an operand (a row not 16-byte aligned, an inner stride ≠ 1) and on sm_80, the pointer-based
+  `cp.async` GEMMs run. Warp specialization: triton 3.6 and 3.9 emit the same PTX for sm_90a
+  with `tl.range(..., warp_specialize=True)` as without (no producer/consumer split, no
+  setmaxnreg), so it is not asked for.
 - Dropout: the keep mask of element (m, k) is a pure function of (seed, m, k) (Philox with an
-  int64 counter, one call per 4 elements; see `dropout.keep_tile`), independent of tile shapes, so
-  the backward regenerates exactly the forward's mask from the seed; no mask is stored.
-- Partials take ⌈M/BLOCK_M⌉·(N+K)·r·4 bytes; to keep that bounded at long sequences the
-  backward runs over row chunks of at most PARTIAL_BUDGET_BYTES of partials each (one chunk
-  at M = 8192, d = 4096, r ≤ 32), adding the chunks' sums in order.
+  int64 counter, one call per 4 elements; see `dropout.keep_tile`), independent of tile
+  shapes. It is drawn once, in the shrink, which also stores it bit-packed for the backward
+  ([M, ⌈K/32⌉] int32: x/16 bytes in bf16; see `dropout.store_keep_bits` for the cost model:
+  a Philox pass costs ≈ 37 integer instructions per element, 40-75 µs over x at M = 8192,
+  K = 4096, against ≈ 1 µs to read the packed mask).
 - All offsets along M (and the strides they multiply) are int64: M·K passes 2³¹ at long
   sequences. Accumulation is fp32 throughout; xa and g are kept in fp32 and rounded to the
   compute dtype only as tensor-core operands — or kept fp32 (RANK_FP32) when the adapters are
@@ -154,6 +162,9 @@ TMA_TARGETS = {"sm90"}
 # Programs of a persistent kernel in the interpreter (no SMs): a few, so each loops over tiles.
 INTERPRETER_PROGRAMS = 3
 # Tiles of the persistent kernels as virtual CTAs: what a static estimate schedules in waves.
+# Local loop bounds of the persistent kernels, for a static estimate's iteration counts.
+LOOP_BOUNDS = {"_lora_forward_tma_kernel": {"k_steps": "cdiv(K, BLOCK_K)"},
+               "_lora_backward_dx_tma_kernel": {"n_steps": "cdiv(N, BLOCK_N)"}}
 PERSISTENT_TILES = {
     "_lora_forward_tma_kernel": "cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)",
     "_lora_backward_dx_tma_kernel": "cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K)",
@@ -455,7 +466,9 @@ def _lora_forward_tma_kernel(
     y_desc = tl.make_tensor_descriptor(Y, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), tiles, num_programs, flatten=True):
+    # Not flattened (tl.range(..., flatten=True) would overlap a tile's epilogue with the next
+    # tile's first loads): a per-tile k-loop is what the static estimate reads; to measure on a GPU.
+    for tile in range(tl.program_id(0), tiles, num_programs):
         pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(0, k_steps):
@@ -488,7 +501,7 @@ def _lora_backward_dx_tma_kernel(
     dx_desc = tl.make_tensor_descriptor(DX, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K)
     n_steps = tl.cdiv(N, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), tiles, num_programs, flatten=True):
+    for tile in range(tl.program_id(0), tiles, num_programs):
         pid_m, pid_k = grouped_tile(tile, M, K, BLOCK_M, BLOCK_K, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = ((pid_k * BLOCK_K + tl.arange(0, BLOCK_K)) % K).to(tl.int64)

@@ -127,7 +127,7 @@ def qlora_linear(x: torch.Tensor, qweight: NF4Weight, lora_A: torch.Tensor, lora
                  scaling: float, bias: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """``x·dequant(qweight)ᵀ + bias + scaling·(dropout(x)·lora_Aᵀ)·lora_Bᵀ``, fused as
     :func:`~peft_ops.lora_linear` is (one pass over x for the LoRA input, the LoRA term in the
-    base GEMM's epilogue, the dropout mask regenerated in the backward), on an NF4 base.
+    base GEMM's epilogue, the dropout mask kept bit-packed for the backward), on an NF4 base.
 
     lora_A [r, in] and lora_B [out, r] share x's dtype or float32; the rest as
     :func:`nf4_linear`. Gradients flow to x, lora_A, lora_B and bias.

@@ -261,7 +261,13 @@ def _candidates(launch, target: str) -> list:
     return configs
 
 
-def _grid_ctas(launch, config) -> int:
+def _grid_ctas(launch, config, module: str, names: dict) -> int:
+    """CTAs the launch schedules: its grid, or for a persistent kernel (the module's
+    PERSISTENT_TILES names it) its output tiles, each timed as one CTA of a wave — what the
+    programs looping over them run, one per SM."""
+    tiles = getattr(sys.modules[module], "PERSISTENT_TILES", {}).get(launch.name)
+    if tiles is not None:
+        return _evaluate(tiles, names)
     grid = launch.grid
     if callable(grid):
         grid = grid({**launch.args, **config.kwargs})
@@ -306,8 +312,10 @@ class Estimator:
             if key not in self._rows:
                 self.prepare([[launch]])
             row = self._rows[key]
-            names = _loop_names(launch.name, self._builds[key].module, launch.args, dict(config.kwargs))
-            timed = build_seconds(row, names, _grid_ctas(launch, config), _distinct_bytes(launch.args), self.device)
+            module = self._builds[key].module
+            names = _loop_names(launch.name, module, launch.args, dict(config.kwargs))
+            timed = build_seconds(row, names, _grid_ctas(launch, config, module, names), _distinct_bytes(launch.args),
+                                  self.device)
             if best is None or timed["seconds"] < best["seconds"]:
                 best = {"name": launch.name, "config": row["config"], **timed}
         return best

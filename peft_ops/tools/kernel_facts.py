@@ -145,10 +145,20 @@ def parse(ptx: str) -> Function:
     return Function(instructions, labels, branches, files)
 
 
+def _is_wait_loop(fn: Function, first: int, last: int) -> bool:
+    """A barrier spin (``mbarrier.try_wait`` and its branch back, what a TMA load's consumer
+    waits in): part of the loop around it, not a loop of its own."""
+    body = fn.instructions[first:last + 1]
+    return any(i.opcode.startswith("mbarrier.try_wait") for i in body) and \
+        all(i.opcode.startswith(("mbarrier.", "setp", "bra", "selp", "@")) or not i.opcode for i in body)
+
+
 def loops(fn: Function) -> list[tuple[int, int]]:
-    """Innermost loops as (first, last) instruction indices: a branch back to an earlier label."""
+    """Innermost loops as (first, last) instruction indices: a branch back to an earlier label
+    (barrier spins aside)."""
     found = sorted({(fn.labels[target], at) for at, target in fn.branches
                     if target in fn.labels and fn.labels[target] <= at})
+    found = [(a, b) for a, b in found if not _is_wait_loop(fn, a, b)]
     return [(a, b) for a, b in found if not any((c, d) != (a, b) and a <= c and d <= b for c, d in found)]
 
 

@@ -42,15 +42,18 @@ def test_compile_report(compile_rows, capsys):
     with capsys.disabled():  # the registers / shared-memory table, in the test output
         print("\n" + format_table(compile_rows))
     builds = {r["kernel"] for r in compile_rows}  # "lora_forward [bf16]", …
-    for kernel in ("lora_shrink", "lora_forward", "lora_backward_dy", "lora_backward_dx"):
+    for kernel in ("lora_shrink", "lora_forward", "lora_backward_g", "lora_backward_rank", "lora_backward_dx",
+                   "lora_forward_tma", "lora_backward_dx_tma"):
         for variant in ("bf16", "bf16+fp32 A,B", "fp32"):
             assert f"{kernel} [{variant}]" in builds
     def kernel_and_variant(name):  # without the dX kernel's launch role, which differs by target
         return re.sub(r", (dX\+dW|dX|dW)\]$", "]", name)
 
-    for target in ("sm80", "sm90"):
-        assert {kernel_and_variant(r["kernel"]) for r in compile_rows if r["target"] == target} == \
-            {kernel_and_variant(b) for b in builds}
+    tma_only = {b for b in builds if "_tma [" in b}  # TMA: sm_90a only
+    assert {kernel_and_variant(r["kernel"]) for r in compile_rows if r["target"] == "sm90"} == \
+        {kernel_and_variant(b) for b in builds}
+    assert {kernel_and_variant(r["kernel"]) for r in compile_rows if r["target"] == "sm80"} == \
+        {kernel_and_variant(b) for b in builds - tma_only}
 
 
 def test_no_spills(compile_rows):
@@ -119,7 +122,7 @@ def test_every_loop_is_found_and_named(compile_rows):
 def test_static_facts_today(compile_rows):
     """What the compiler built, per main-loop iteration: the facts the kernel rebuilds change
     (each a one-line edit when they do)."""
-    dense = [r for k in ("lora_shrink", "lora_forward", "lora_backward_dy", "lora_backward_dx",
+    dense = [r for k in ("lora_shrink", "lora_forward", "lora_backward_g", "lora_backward_rank", "lora_backward_dx",
                          "bottleneck_forward", "bottleneck_backward_dh",
                          "bottleneck_backward_dx") for r in _rows(compile_rows, k)]
     for r in dense:  # no byte loads, no gathers: whole-vector loads and 16-byte (or 8/4-byte edge) copies
@@ -139,22 +142,29 @@ def test_static_facts_today(compile_rows):
     for r in _rows(compile_rows, "lora_forward", "sm90", "bf16]"):
         assert all(int(name.split("n")[1].split("k")[0]) >= 128 for name in r["main_loop"]["tensor_core_instructions"]
                    if name.startswith("wgmma")), r["config"]
-    # … while the dX GEMM runs 64-row tiles (its fused dA made 128 rows spill): wgmma N ≤ 128
-    from peft_ops.kernels.lora import BACKWARD_BLOCK_M
-
-    assert BACKWARD_BLOCK_M["sm90"]["dx"] == 64
-    dx_n = {int(name.split("n")[1].split("k")[0]) for r in _rows(compile_rows, "lora_backward_dx", "sm90", "bf16]")
-            for name in r["main_loop"]["tensor_core_instructions"]}
-    assert max(dx_n) == 128 and min(dx_n) == 64  # the first config's 64-wide tile, the largest's 128
+    # … and the persistent TMA GEMMs (forward and dX) of the half-precision families run 128-row
+    # tiles (two 64-row warpgroups at 8 warps) with wgmma N ≥ 128, operands by TMA, 1 CTA per SM
+    for k in ("lora_forward_tma", "lora_backward_dx_tma"):
+        for variant in ("bf16]", "bf16+fp32 A,B]"):
+            rows = _rows(compile_rows, k, "sm90", variant)
+            assert rows, (k, variant)
+            for r in rows:
+                main = r["main_loop"]["tensor_core_instructions"]
+                assert main and all(name.startswith("wgmma.m64n") and int(name.split("n")[1].split("k")[0]) >= 128
+                                    for name in main), (r["kernel"], r["config"], main)
+                assert "BLOCK_M=128" in r["config"] and "w8" in r["config"] and r["ctas_per_sm"] >= 1
+                assert r["main_loop"]["tma_copies"] == 2 and not r["main_loop"]["cp_async_by_bytes"], r["config"]
     # the decode GEMV: 16-row mma.sync tiles (no wgmma), 3+ CTAs per SM on sm_90
     for r in _rows(compile_rows, "nf4_gemv", "sm90", "bf16, aligned"):
         assert not r["wgmma"] and r["ctas_per_sm"] >= 3, r["config"]
-    # no kernel uses TMA yet
-    assert all(r["facts"]["tma_copies"] == 0 for r in compile_rows)
+    # TMA only in the persistent GEMMs
+    assert all(r["facts"]["tma_copies"] == 0 for r in compile_rows if "_tma [" not in r["kernel"])
 
 
 def test_launches_per_call_are_recorded(compile_record):
     planned = {(p["op"], p["shape"], p["options"], p["phase"]): p for p in compile_record["launches_per_call"]}
     lora = planned[("lora", "M=8192 4096→4096 r=16", "-", "backward")]
-    assert lora["launches"] == 12 and lora["triton"] == 2 and lora["torch_ops"]["aten.sum.dim_IntList"] == 2
+    assert lora["launches"] == 3 and lora["triton"] == 3 and not lora["torch_ops"]
+    assert planned[("lora", "M=8192 4096→4096 r=16", "-", "forward")]["sequence"] == ["_lora_shrink_kernel",
+                                                                                      "_lora_forward_tma_kernel"]
     assert planned[("nf4", "M=1 4096→14336", "-", "forward")]["launches"] == 3

@@ -123,14 +123,17 @@ def test_the_target_rows_today(headline):
     est, got, shapes = headline
     dev = est.device
     lora = got["lora"]["fwd+bwd"]["seconds"] / estimate.base_layer_seconds(shapes["lora"], dev)["fwd+bwd"]
-    assert 1.3 < lora < 1.7  # target ≤ 1.05: the 64-row dX tiles and the PyTorch tail
+    # target ≤ 1.10 static, 1.05 on a GPU: the persistent TMA GEMMs run near the cuBLAS model
+    # (the per-tile pipeline fill of the unflattened loop aside); the shrink, g and rank passes
+    # (x, dY, x + dY) add ≈ 80 µs to the base layer's ≈ 710
+    assert 1.10 < lora < 1.25
     qlora = got["qlora"]["fwd+bwd"]["seconds"] / got["lora"]["fwd+bwd"]["seconds"]
     assert 1.8 < qlora < 3.0  # target ≤ 1.08: per-weight byte loads and table gathers in the GEMMs
     w_bytes = 4096 * 14336 // 2
     gemv_pct = 100 * w_bytes / got["gemv"]["forward"]["seconds"] / dev.bandwidth
     assert 5 < gemv_pct < 35  # target ≥ 85 %
-    # the launches: LoRA 2 + 12, the decode GEMV 3 (a split-K sum and a copy after the kernel)
-    assert (got["lora"]["forward"]["launches"], got["lora"]["backward"]["launches"]) == (2, 12)
+    # the launches: LoRA 2 + 3, the decode GEMV 3 (a split-K sum and a copy after the kernel)
+    assert (got["lora"]["forward"]["launches"], got["lora"]["backward"]["launches"]) == (2, 3)
     assert got["gemv"]["forward"]["launches"] == 3
 
 
@@ -138,7 +141,7 @@ def test_the_target_rows_today(headline):
 def test_each_launch_gets_the_fastest_config_of_its_family(headline):
     est, got, _ = headline
     forward = got["lora"]["forward"]["parts"][1]
-    assert forward["name"] == "_lora_forward_kernel" and forward["config"] and math.isfinite(forward["seconds"])
+    assert forward["name"] == "_lora_forward_tma_kernel" and forward["config"] and math.isfinite(forward["seconds"])
     # the bytes the GEMM moves bound it from below
     assert forward["seconds"] > (8192 * 4096 * 2 * 2 + 4096 * 4096 * 2) / (4.8e12 * 0.9)
     parts = got["bottleneck"]["backward"]["parts"]
