@@ -280,8 +280,10 @@ def saved_activation_rows(dtype=torch.bfloat16) -> list[dict]:
             weights = [*layer.parameters(), *layer.buffers()]  # the NF4 weight is buffers
             found[name] = saved_activation_bytes(lambda layer=layer: layer(x), weights)[0]
         for name, nbytes in found.items():
+            mask_bytes = M * -(-d // 32) * 4 if dropout else 0  # the keep mask, bit-packed
             rows.append({"layer": name, "shape": f"M={M} d={d} r={r}", "dropout": dropout, "saved_bytes": nbytes,
-                         "saved_per_x": nbytes / x_bytes, "x_plus_xa_per_x": (x_bytes + M * r * 4) / x_bytes})
+                         "saved_per_x": nbytes / x_bytes, "x_plus_xa_per_x": (x_bytes + M * r * 4) / x_bytes,
+                         "budget_per_x": (x_bytes + M * r * 4 + mask_bytes) / x_bytes})
     adapter = BottleneckAdapter(d, 64, "gelu", dtype=dtype)
     params = list(adapter.parameters())
     for name, fn in (("peft_ops BottleneckAdapter", lambda: adapter(x)),
@@ -289,7 +291,7 @@ def saved_activation_rows(dtype=torch.bfloat16) -> list[dict]:
                       lambda: reference.bottleneck_adapter(x, *params, "gelu", 1.0))):
         nbytes = saved_activation_bytes(fn, params)[0]
         rows.append({"layer": name, "shape": f"M={M} d={d} m=64", "dropout": 0.0, "saved_bytes": nbytes,
-                     "saved_per_x": nbytes / x_bytes, "x_plus_xa_per_x": None})
+                     "saved_per_x": nbytes / x_bytes, "x_plus_xa_per_x": None, "budget_per_x": None})
     return rows
 
 
@@ -420,8 +422,8 @@ def targets_report(rows: list[dict], saved: list[dict], on_gpu: bool) -> list[di
         got = values(selected, fn, needed) if measured else []
         est = values(selected, est_fn, est_needed)
         report.append(_target(name, relation, goal, worst(got) if got else None, worst(est) if est else None))
-    report.append(_target("activation bytes saved per LoRA layer ÷ (x + x·Aᵀ)", "=", 1,
-                          max([r["saved_per_x"] / r["x_plus_xa_per_x"] for r in lora_saved], default=None), None,
+    report.append(_target("activation bytes saved per LoRA layer ÷ (x + x·Aᵀ + mask bits)",
+                          "=", 1, max([r["saved_per_x"] / r["budget_per_x"] for r in lora_saved], default=None), None,
                           measured_anywhere=True))
     return report
 
@@ -590,9 +592,9 @@ def summary(rows, saved, builds, targets, timed, gpu_name="", calibration=()) ->
                        "measurement)" if estimated else "") + ("; measured timings last" if timed else ""),
               text_table(header, body)]
     lines += ["\nactivation bytes saved for backward (measured here), in units of x",
-              text_table(("layer", "shape", "dropout", "saved ÷ x", "x + x·Aᵀ ÷ x"),
+              text_table(("layer", "shape", "dropout", "saved ÷ x", "x + x·Aᵀ (+ mask bits) ÷ x"),
                          [(r["layer"], r["shape"], r["dropout"], f"{r['saved_per_x']:.3f}",
-                           "" if r["x_plus_xa_per_x"] is None else f"{r['x_plus_xa_per_x']:.3f}") for r in saved])]
+                           "" if r["budget_per_x"] is None else f"{r['budget_per_x']:.3f}") for r in saved])]
     if builds:
         lines += [f"\nthe builds the estimate chose ({len(builds)}; per main-loop iteration and thread)",
                   format_table(builds)]

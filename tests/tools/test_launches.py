@@ -19,7 +19,8 @@ SHRINK, FORWARD, G, RANK, DX = "_lora_shrink_kernel", "_lora_forward_kernel", "_
 # g = dY·B, the rank pass (dA, dB final, in the adapters' dtype), the dX GEMM: no PyTorch tail
 LORA_BACKWARD = [G, RANK, DX]
 EXPECTED = {
-    ("lora", 8192, 4096, 4096, 16): ([SHRINK, FORWARD], LORA_BACKWARD),
+    ("lora", 8192, 4096, 4096, 16): ([SHRINK, "_lora_forward_tma_kernel"],
+                                     [x.replace(DX, "_lora_backward_dx_tma_kernel") for x in LORA_BACKWARD]),
     ("qlora", 8192, 4096, 4096, 16): ([SHRINK, "_nf4_matmul_kernel"],
                                       [x.replace(DX, "_nf4_backward_dx_kernel") for x in LORA_BACKWARD]),
     # decode: the split-K GEMV's partials are summed and copied by PyTorch
@@ -64,8 +65,9 @@ def test_lora_backward_budget_with_trainable_bias(dropout_p, target):
         out = []
         forward = launches.plan(lambda: out.append(peft_ops.lora_linear(x, W, A, B, 2.0, b, dropout_p)), target)
         backward = launches.plan(lambda: out[0].backward(torch.empty(M, N, **meta)), target)
-        assert [str(x) for x in forward] == [SHRINK, FORWARD]
-        assert [str(x) for x in backward] == [G, RANK, DX]
+        tma = "_tma" if target == "sm90" else ""
+        assert [str(x) for x in forward] == [SHRINK, FORWARD.replace("_kernel", f"{tma}_kernel")]
+        assert [str(x) for x in backward] == [G, RANK, DX.replace("_kernel", f"{tma}_kernel")]
         rank = backward[1]
         assert rank.args["COMPUTE_DA"] and rank.args["COMPUTE_DB"] and rank.args["COMPUTE_DBIAS"]
         assert rank.args["HAS_DROPOUT"] == (dropout_p > 0)
@@ -114,7 +116,7 @@ def test_counted_launches_equal_the_plan(device):
         outputs, grad_out = [], torch.ones(M, N, device=device)
         forward = launches.count(lambda: outputs.append(peft_ops.lora_linear(x, W, A, B, 2.0)), device.type)
         backward = launches.count(lambda: outputs[0].backward(grad_out), device.type)
-    planned = launches.op_launches(s, "sm90", 132, dtype=torch.float32)
+    planned = launches.op_launches(s, "sm80", 108, dtype=torch.float32)  # the pointer GEMMs, as the interpreter
     assert [str(x) for x in forward] == [str(x) for x in planned["forward"]]
     assert [str(x) for x in backward] == [str(x) for x in planned["backward"]]
 
