@@ -131,7 +131,7 @@ BACKWARD_RANK_CONFIGS = {
     "sm80": _families(_RANK, base=[(64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 4)], wide=[(64, 128, 4, 3)],
                       fp32=[(32, 64, 4, 3), (64, 32, 4, 3)]),
     "sm90": _families(_RANK, base=[(64, 64, 4, 4), (128, 64, 4, 3), (128, 32, 4, 4)], wide=[(64, 128, 4, 3)],
-                      fp32=[(32, 64, 4, 3), (64, 32, 4, 3)]),
+                      fp32=[(64, 32, 4, 3), (32, 32, 4, 3)]),
     "interpreter": tile_configs(_RANK, [(32, 32, 4, 1)]),
 }
 BACKWARD_DX_CONFIGS = {
@@ -351,62 +351,58 @@ def _lora_backward_rank_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The reductions over M, each program owning BLOCK_C columns of one output and summing
-    every row of M in order (deterministic: no partials, no atomics):
+    every row of M in order (deterministic: no partials, no atomics). Both gradients have the
+    form  out[R-chunk, cols] = scale · Lᵀ·V[:, cols]  with a rank-r left operand L:
 
-        programs [0, ⌈K/BLOCK_C⌉) if COMPUTE_DA:  DA[R-chunk, cols] = da_scale·Gᵀ·(X⊙keep)  (reads x once)
-        the next ⌈N/BLOCK_C⌉:                     DB[cols, R-chunk] = db_scale·dYᵀ·XA      (reads dY once)
-                                                  and DBIAS[cols] = Σ_m dY[m, cols]         (same dY tiles)
+        programs [0, ⌈K/BLOCK_C⌉) if COMPUTE_DA:  dA      = da_scale·Gᵀ·(X⊙keep)   (reads x once)
+        the next ⌈N/BLOCK_C⌉:                     dBᵀ     = db_scale·XAᵀ·dY        (reads dY once)
+                                                  and DBIAS = Σ_m dY                (the same dY tiles)
 
-    each written once, scaled, in its parameter's dtype: nothing is left for a finishing kernel.
+    so one loop serves both (operands picked per program, dB stored transposed), each output
+    written once, scaled, in its parameter's dtype: nothing is left for a finishing kernel.
     DBIAS is written by the first R-chunk's programs only."""
     pid = tl.program_id(0)
     pid_r = tl.program_id(1)
     a_programs = tl.cdiv(K, BLOCK_C) if COMPUTE_DA else 0
+    is_a = pid < a_programs
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
     offs_m = tl.arange(0, BLOCK_M)
+    cols = tl.where(is_a, pid, pid - a_programs) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = cols < tl.where(is_a, K, N)
+    # this program's operands: L [M, R] fp32 rows of g or xa; V [M, ·] rows of x or dY
+    L = tl.where(is_a, G, XA)
+    V = tl.where(is_a, X, DY)
+    stride_vm = tl.where(is_a, stride_xm, stride_dym).to(tl.int64)
+    stride_vc = tl.where(is_a, stride_xk, stride_dyn).to(tl.int64)
     rank_dtype = tl.float32 if RANK_FP32 else X.dtype.element_ty
-    if pid < a_programs:
-        cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_mask = cols < K
-        # (names differ between the two branches: Triton wants a name's type equal in both)
-        acc_da = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-        for m0 in range(0, M, BLOCK_M):
-            rows = (m0 + offs_m).to(tl.int64)
-            m_mask = (m0 + offs_m) < M
-            # Rows past M load as zero in both operands: they add nothing to the sum.
-            x = tl.load(X + rows[:, None] * stride_xm + cols[None, :].to(tl.int64) * stride_xk,
-                        mask=m_mask[:, None] & c_mask[None, :], other=0.0)
-            if HAS_DROPOUT:
-                keep = keep_from_bits(KEEP=KEEP, rows=rows, row_mask=m_mask, k0=pid * BLOCK_C, n_cols=K,
-                                      BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_C)
-                x = tl.where(keep, x, 0.0)
-            g = tl.load(G + rows[:, None] * R + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-            acc_da = mma(tl.trans(g.to(rank_dtype)), x.to(rank_dtype), acc_da, WIDEN_BF16_DOT, DOT_PRECISION)
-        da_ptrs = DA + offs_r[:, None].to(tl.int64) * K + cols[None, :]
-        tl.store(da_ptrs, (acc_da * da_scale).to(DA.dtype.element_ty), mask=r_mask[:, None] & c_mask[None, :])
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    col_sums = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = (m0 + offs_m).to(tl.int64)
+        m_mask = (m0 + offs_m) < M
+        # Rows past M load as zero in both operands: they add nothing to the sums.
+        v = tl.load(V + rows[:, None] * stride_vm + cols[None, :].to(tl.int64) * stride_vc,
+                    mask=m_mask[:, None] & c_mask[None, :], other=0.0)
+        if HAS_DROPOUT:  # x is dropped where the forward dropped it; dY is not
+            # (tensor comparisons, not `& is_a`: the interpreter refuses a scalar in a mask)
+            keep = keep_from_bits(KEEP=KEEP, rows=rows, row_mask=(m0 + offs_m) < tl.where(is_a, M, 0),
+                                  k0=pid * BLOCK_C, n_cols=K, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_C)
+            v = tl.where(keep | (offs_m >= tl.where(is_a, BLOCK_M, 0))[:, None], v, 0.0)
+        if COMPUTE_DBIAS:
+            col_sums += tl.sum(v.to(tl.float32), axis=0)
+        left = tl.load(L + rows[:, None] * R + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = mma(tl.trans(left.to(rank_dtype)), v.to(rank_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+    if is_a:
+        tl.store(DA + offs_r[:, None].to(tl.int64) * K + cols[None, :], (acc * da_scale).to(DA.dtype.element_ty),
+                 mask=r_mask[:, None] & c_mask[None, :])
     else:
-        cols = (pid - a_programs) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_mask = cols < N
-        acc_db = tl.zeros([BLOCK_C, BLOCK_R], dtype=tl.float32)
-        bias_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for m0 in range(0, M, BLOCK_M):
-            rows = (m0 + offs_m).to(tl.int64)
-            m_mask = (m0 + offs_m) < M
-            dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :].to(tl.int64) * stride_dyn,
-                         mask=m_mask[:, None] & c_mask[None, :], other=0.0)
-            if COMPUTE_DB:
-                xa = tl.load(XA + rows[:, None] * R + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :],
-                             other=0.0)
-                acc_db = mma(tl.trans(dy.to(rank_dtype)), xa.to(rank_dtype), acc_db, WIDEN_BF16_DOT, DOT_PRECISION)
-            if COMPUTE_DBIAS:
-                bias_acc += tl.sum(dy.to(tl.float32), axis=0)
-        if COMPUTE_DB:
-            db_ptrs = DB + cols[:, None].to(tl.int64) * R + offs_r[None, :]
-            tl.store(db_ptrs, (acc_db * db_scale).to(DB.dtype.element_ty), mask=c_mask[:, None] & r_mask[None, :])
+        if COMPUTE_DB:  # dBᵀ's tile, stored into dB [N, R]
+            tl.store(DB + cols[None, :].to(tl.int64) * R + offs_r[:, None], (acc * db_scale).to(DB.dtype.element_ty),
+                     mask=r_mask[:, None] & c_mask[None, :])
         if COMPUTE_DBIAS:
             if pid_r == 0:
-                tl.store(DBIAS + cols, bias_acc.to(DBIAS.dtype.element_ty), mask=c_mask)
+                tl.store(DBIAS + cols, col_sums.to(DBIAS.dtype.element_ty), mask=c_mask)
 
 
 @autotuned(BACKWARD_DX_CONFIGS, dtype_family("DY"), key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "RANK_FP32"])

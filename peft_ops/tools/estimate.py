@@ -204,15 +204,17 @@ def _iteration_clocks(it: dict, n: int, num_warps: int, num_stages: int, dev: De
     return throughput[limiter], limiter
 
 
-def build_seconds(row: dict, names: dict, ctas: int, hbm_bytes: int, dev: Device) -> dict:
+def build_seconds(row: dict, names: dict, ctas: int, hbm_bytes: int, dev: Device, persistent: bool = False) -> dict:
     """The estimate of one launch of the build `row` (a aot row) over `ctas` CTAs.
-    `names`: the launch's arguments and constexprs, for the loops' bounds."""
+    `names`: the launch's arguments and constexprs, for the loops' bounds. `persistent`: the
+    CTAs are the tiles of a persistent kernel, whose programs pay the fixed latencies (prologue,
+    final store) once each, not once per tile; each tile still refills its loop's pipeline."""
     facts = row["facts"]
     loops = [(loop, loop_iterations(loop["for"], names)) for loop in facts["loops"]] or \
         [(facts["whole_kernel"], 1)]
 
     def cta_clocks(n: int) -> tuple[float, dict]:
-        total, limits = FIXED_LATENCIES_PER_CTA * dev.latency_clk, {}
+        total, limits = (0.0 if persistent else FIXED_LATENCIES_PER_CTA * dev.latency_clk), {}
         for loop, iterations in loops:
             clocks, limiter = _iteration_clocks(loop, n, row["num_warps"], row["num_stages"], dev)
             total += dev.latency_clk * (iterations > 0) + iterations * clocks
@@ -228,6 +230,8 @@ def build_seconds(row: dict, names: dict, ctas: int, hbm_bytes: int, dev: Device
         partial, partial_limits = cta_clocks(-(-rest // dev.sms))
         clocks += partial
         limits = limits if full else partial_limits
+    if persistent:
+        clocks += FIXED_LATENCIES_PER_CTA * dev.latency_clk
     compute_seconds = clocks / dev.clock_hz
     memory_seconds = hbm_bytes / dev.hbm_bytes_per_second
     bound = max(limits, key=limits.get) if limits else "latency"
@@ -261,17 +265,17 @@ def _candidates(launch, target: str) -> list:
     return configs
 
 
-def _grid_ctas(launch, config, module: str, names: dict) -> int:
-    """CTAs the launch schedules: its grid, or for a persistent kernel (the module's
-    PERSISTENT_TILES names it) its output tiles, each timed as one CTA of a wave — what the
-    programs looping over them run, one per SM."""
+def _grid_ctas(launch, config, module: str, names: dict) -> tuple[int, bool]:
+    """(CTAs the launch schedules, whether it is persistent): its grid, or for a persistent
+    kernel (the module's PERSISTENT_TILES names it) its output tiles, each timed as one CTA of a
+    wave — what the programs looping over them run, one per SM."""
     tiles = getattr(sys.modules[module], "PERSISTENT_TILES", {}).get(launch.name)
     if tiles is not None:
-        return _evaluate(tiles, names)
+        return _evaluate(tiles, names), True
     grid = launch.grid
     if callable(grid):
         grid = grid({**launch.args, **config.kwargs})
-    return math.prod(grid)
+    return math.prod(grid), False
 
 
 class Estimator:
@@ -314,8 +318,8 @@ class Estimator:
             row = self._rows[key]
             module = self._builds[key].module
             names = _loop_names(launch.name, module, launch.args, dict(config.kwargs))
-            timed = build_seconds(row, names, _grid_ctas(launch, config, module, names), _distinct_bytes(launch.args),
-                                  self.device)
+            ctas, persistent = _grid_ctas(launch, config, module, names)
+            timed = build_seconds(row, names, ctas, _distinct_bytes(launch.args), self.device, persistent)
             if best is None or timed["seconds"] < best["seconds"]:
                 best = {"name": launch.name, "config": row["config"], **timed}
         return best
