@@ -157,6 +157,12 @@ _TMA_DX = _families(_DX, base=[(128, 64, 128, 8, 8, 3)], wide=[(128, 64, 256, 8,
                     fp32=[(128, 32, 128, 8, 8, 3), (64, 32, 128, 8, 4, 3)])
 BACKWARD_DX_TMA_CONFIGS = {"sm80": _TMA_DX, "sm90": _TMA_DX,
                            "interpreter": tile_configs(_DX, [(32, 32, 64, 8, 4, 1)])}
+# The cuBLAS path's memory-bound LoRA pieces: the expand C = s·xa·Bᵀ + b (forward, addmm's C)
+# and the dX term C = s/(1-p)·(g·A)⊙keep (backward): one [BLOCK_M, BLOCK_N] tile each program.
+_TILE = ("BLOCK_M", "BLOCK_N")
+_PIECES = _families(_TILE, base=[(64, 128, 4, 2), (128, 64, 4, 2)], wide=[(128, 128, 8, 2)],
+                    fp32=[(64, 64, 4, 2), (32, 128, 4, 2)])
+PIECE_CONFIGS = {"sm80": _PIECES, "sm90": _PIECES, "interpreter": tile_configs(_TILE, [(32, 64, 4, 1)])}
 # Targets whose GEMMs take the persistent TMA kernels (tests add "interpreter" to run them there).
 TMA_TARGETS = {"sm90"}
 # Programs of a persistent kernel in the interpreter (no SMs): a few, so each loops over tiles.
@@ -513,6 +519,48 @@ def _lora_backward_dx_tma_kernel(
         dx_desc.store([pid_m * BLOCK_M, pid_k * BLOCK_K], acc.to(DX.dtype.element_ty))
 
 
+@autotuned(PIECE_CONFIGS, dtype_family("C"), key=["M_BUCKET", "N", "R", "HAS_BIAS", "RANK_FP32"])
+@triton.jit
+def _lora_expand_kernel(
+    XA, B, BIAS, C, M, N, R, M_BUCKET, stride_bn, stride_br, stride_bias, scaling,
+    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """C[M, N] = scaling·XA·Bᵀ + BIAS in C's dtype: the LoRA term and bias of the cuBLAS path's
+    forward, which cuBLAS then adds to x·Wᵀ (C of addmm). Memory-bound: writes M×N once."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=(offs_m % M).to(tl.int64), cols=(offs_n % N).to(tl.int64),
+                        R=R, stride_bn=stride_bn, stride_br=stride_br, stride_bias=stride_bias, scaling=scaling,
+                        HAS_LORA=True, HAS_BIAS=HAS_BIAS, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32,
+                        WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
+    c_ptrs = C + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@autotuned(PIECE_CONFIGS, dtype_family("C"), key=["M_BUCKET", "K", "R", "HAS_DROPOUT", "RANK_FP32"])
+@triton.jit
+def _lora_dx_term_kernel(
+    G, A, KEEP, C, M, K, R, M_BUCKET, stride_ar, stride_ak, lora_scale,
+    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+    WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """C[M, K] = lora_scale·(G·A)⊙keep in C's dtype: the LoRA term of the cuBLAS path's dX,
+    which cuBLAS then adds to dY·W (C of addmm). BLOCK_N is the tile's column count (of K)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    acc = lora_dx_term(G=G, A=A, KEEP=KEEP, rows=offs_m.to(tl.int64), m_mask=m_mask, cols=(offs_k % K).to(tl.int64),
+                       k0=tl.program_id(1) * BLOCK_N, R=R, K=K, stride_ar=stride_ar, stride_ak=stride_ak,
+                       lora_scale=lora_scale, HAS_DROPOUT=HAS_DROPOUT, BLOCK_R=BLOCK_R,
+                       WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_N)
+    c_ptrs = C + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=m_mask[:, None] & (offs_k[None, :] < K))
+
+
 # --------------------------------------------------------------------------------------
 # Launchers. Inputs are validated by peft_ops.ops.lora; these only shape, allocate and launch.
 # --------------------------------------------------------------------------------------
@@ -575,17 +623,32 @@ def persistent_programs(device: torch.device) -> int:
     return multiprocessor_count(device) or INTERPRETER_PROGRAMS
 
 
+GEMMS = ("triton", "cublas")
+
+
 def forward(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor,
-            scaling: float, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x·weightᵀ + scaling·xa·lora_Bᵀ + bias, [M, N] in x's dtype: the persistent TMA GEMM on
-    sm_90a when the operands allow descriptors, else the pointer-based GEMM."""
+            scaling: float, bias: torch.Tensor | None, gemm: str = "triton") -> torch.Tensor:
+    """y = x·weightᵀ + scaling·xa·lora_Bᵀ + bias, [M, N] in x's dtype.
+
+    gemm="triton": one fused kernel — the persistent TMA GEMM on sm_90a when the operands allow
+    descriptors, else the pointer-based GEMM — with the LoRA term and bias in its epilogue.
+    gemm="cublas": the expand kernel writes C = scaling·xa·Bᵀ + bias and ``torch.addmm`` adds
+    x·Wᵀ to it (cuBLAS on a GPU): one more launch and one more M×N write + read, against
+    cuBLAS's own GEMM; the LoRA term is rounded once more (to x's dtype, as addmm's C)."""
     M, K = x.shape
     N = weight.shape[0]
     R = lora_B.shape[1]
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
-        return y
+        return torch.empty((M, N), device=x.device, dtype=x.dtype)
     common = dict(HAS_BIAS=bias is not None, **launch_flags(x.dtype, lora_B.dtype, R))
+    if gemm == "cublas":
+        c = torch.empty((M, N), device=x.device, dtype=x.dtype)
+        with launch_guard(x, weight, lora_B):
+            launch(_lora_expand_kernel, lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(N, META["BLOCK_N"])),
+                xa, lora_B, bias if bias is not None else c, c, M, N, R, m_bucket(M), lora_B.stride(0),
+                lora_B.stride(1), bias.stride(0) if bias is not None else 0, float(scaling), **common)
+        return torch.addmm(c, x, weight.t())
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     with launch_guard(x, weight, lora_B):
         if uses_tma(x, weight, y):
             ensure_scratch_allocator()
@@ -608,17 +671,28 @@ def forward(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: tor
 
 def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
              lora_B: torch.Tensor, xa: torch.Tensor, keep: torch.Tensor | None, scaling: float, dropout_p: float,
-             need_dx: bool, need_dA: bool, need_dB: bool, need_db: bool):
+             need_dx: bool, need_dA: bool, need_dB: bool, need_db: bool, gemm: str = "triton"):
     """(dx, dA, dB, db) of the LoRA layer (None where not needed); dW is the caller's.
 
     dx = dy·W + s/(1-p)·((dy·B)·A)⊙keep       [M, K], x's dtype
     dA = s/(1-p)·(dy·B)ᵀ·(x⊙keep)             [r, K], lora_A's dtype
     dB = s·dyᵀ·xa                             [N, r], lora_B's dtype
     db = Σ_m dy                               [N], dy's dtype
+
+    gemm: the dX GEMM fused ("triton") or cuBLAS's ``torch.addmm`` over the LoRA term written by
+    `_lora_dx_term_kernel` ("cublas"; one more launch), as in ``forward``.
     """
     def launch_dx(g, dx, lora_scale, **constexprs):
         M, N = dy.shape
         K = x.shape[1]
+        if gemm == "cublas":
+            c = torch.empty_like(dx)
+            launch(_lora_dx_term_kernel,
+                lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(K, META["BLOCK_N"])),
+                g, lora_A, keep if keep is not None else g, c, M, K, lora_A.shape[0], m_bucket(M),
+                lora_A.stride(0), lora_A.stride(1), lora_scale, **constexprs)
+            torch.addmm(c, dy, weight, out=dx)
+            return
         tiles = lambda META: triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"])  # noqa: E731
         if uses_tma(dy, weight, dx):
             ensure_scratch_allocator()

@@ -81,7 +81,9 @@ def _restore_backend():
 
 
 def lora_ops(path: str):
-    """The launchers behind LoraLinearFunction: "triton" (kernels) or "torch" (PyTorch path)."""
-    from peft_ops.ops.paths import eager_ops
+    """The launchers behind LoraLinearFunction: "triton" (kernels, each product's implementation
+    chosen as for a user), "cublas" (the kernels' LoRA pieces around torch.addmm, pinned) or
+    "torch" (PyTorch path)."""
+    from peft_ops.ops.paths import KernelLoraOps, eager_ops
 
-    return eager_ops("lora", path)
+    return KernelLoraOps("cublas") if path == "cublas" else eager_ops("lora", path)

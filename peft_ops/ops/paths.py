@@ -15,6 +15,7 @@ import torch
 from ..backend import kernel_modules
 from ..nf4 import NF4Tensors, code_tables, decode
 from ..reference import activation_derivative, apply_activation
+from . import gemm_choice
 from .autograd import mm32, pack_keep_bits, torch_keep_mask, unpack_keep_bits
 
 
@@ -71,6 +72,31 @@ class TorchLoraOps:
             x_kept = x if keep is None else x * keep
             dA = mm32(g.to(rank).t(), x_kept).mul_(lora_scale)
         return dx, dA, dB, (dy.sum(dim=0) if need_db else None)
+
+
+class KernelLoraOps:
+    """The LoRA op's Triton path: the launchers of ``peft_ops.kernels.lora``, each heavy product
+    on the implementation ``gemm_choice`` picks for its shape (or `gemm`, pinned: tests)."""
+
+    def __init__(self, gemm: str | None = None):
+        self.gemm = gemm
+
+    def _gemm(self, phase, t, dtype, M, N, K, r):
+        return self.gemm or gemm_choice.choose(phase, dtype, M, N, K, r, t.device)
+
+    @staticmethod
+    def shrink(x, lora_A, dropout_p, seed):
+        return kernel_modules().lora.shrink(x, lora_A, dropout_p, seed)
+
+    def forward(self, x, weight, xa, lora_B, scaling, bias):
+        gemm = self._gemm("forward", x, x.dtype, x.shape[0], weight.shape[0], x.shape[1], lora_B.shape[1])
+        return kernel_modules().lora.forward(x, weight, xa, lora_B, scaling, bias, gemm=gemm)
+
+    def backward(self, dy, x, weight, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA, need_dB,
+                 need_db):
+        gemm = self._gemm("dx", dy, dy.dtype, dy.shape[0], weight.shape[0], weight.shape[1], lora_A.shape[0])
+        return kernel_modules().lora.backward(dy, x, weight, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx,
+                                              need_dA, need_dB, need_db, gemm=gemm)
 
 
 class TorchNF4Ops:
@@ -164,5 +190,5 @@ def eager_ops(op: str, impl: str):
     """The implementation of `op` ("lora", "nf4", "bottleneck") for `impl` ("triton", "torch")."""
     if impl == "triton":
         kernels = kernel_modules()
-        return {"lora": kernels.lora, "nf4": KernelNF4Ops(), "bottleneck": kernels.bottleneck}[op]
+        return {"lora": KernelLoraOps(), "nf4": KernelNF4Ops(), "bottleneck": kernels.bottleneck}[op]
     return {"lora": TorchLoraOps, "nf4": TorchNF4Ops, "bottleneck": TorchBottleneckOps}[op]

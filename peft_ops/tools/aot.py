@@ -29,6 +29,7 @@ import sys
 import time
 
 from ..backend import kernel_modules
+from ..ops.gemm_choice import cache_root
 from . import kernel_facts, launches
 from .records import text_table, write_json
 
@@ -88,7 +89,7 @@ def _build_job(job) -> dict:
 # --------------------------------------------------------------------------------------
 
 def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("PEFT_OPS_CACHE_DIR") or pathlib.Path.home() / ".cache" / "peft-ops") / "builds"
+    return cache_root() / "builds"
 
 
 _SOURCES_HASH = None

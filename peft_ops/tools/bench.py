@@ -37,6 +37,7 @@ from ..kernels.interface import dtype_named
 from ..nf4 import dequantize, quantize
 from ..nn.bottleneck import BottleneckAdapter
 from ..nn.lora import LoraLinear, QLoraLinear
+from ..ops import gemm_choice
 from ..ops.bottleneck import bottleneck_adapter
 from ..ops.lora import lora_linear
 from ..ops.qlora import nf4_linear, qlora_linear
@@ -77,6 +78,13 @@ def shapes_for(ops: list[str], preset: dict) -> list[OpShape]:
             out += [OpShape(op, M, K, N, r) for K, N in preset["layers"] for r in preset["ranks"]
                     for M in preset["tokens"]]
     return list(dict.fromkeys(out))
+
+
+def gemm_label(s: OpShape, dtype: torch.dtype, device: torch.device) -> str:
+    """"forward/dX" implementations of lora_linear's GEMMs at shape s (``peft_ops.ops.gemm_choice``)."""
+    forward = gemm_choice.choose("forward", dtype, s.M, s.N, s.K, s.r, device)
+    dx = gemm_choice.choose("dx", dtype, s.M, s.N, s.K, s.r, device)
+    return f"{forward}/{dx}"
 
 
 def _sum_phases(values: dict) -> dict:
@@ -506,6 +514,9 @@ def main(argv: list[str]) -> int:
             progress(f"time budget of {args.time_budget:g} s spent: {len(skipped)} shapes not timed")
             break
         phase_rows = model_row(s, gpu_name, gpu)
+        if s.op == "lora":  # the implementation of its GEMMs here: tuned on this GPU, else the default rule
+            for row in phase_rows:
+                row["gemm"] = gemm_label(s, dtype, device if device.type == "cuda" else torch.device("meta"))
         if timing:
             result = timed_rows(s, dtype, device, measure, gpu)
             for row in phase_rows:
@@ -578,6 +589,9 @@ def summary(rows, saved, builds, targets, timed, gpu_name="", calibration=()) ->
     body = [(r["op"], r["shape"], f"{r['flop_per_byte']:.0f}", f"{r['fused_bytes'] / r['min_bytes']:.2f}",
              f"{r['eager_bytes'] / r['fused_bytes']:.2f}", f"{r['bound_speedup_vs_eager']:.2f}",
              f"≤ {r['bound_pct_roofline']:.0f}") for r in show]
+    if any("gemm" in r for r in show):
+        header += ("GEMMs fwd/dX",)
+        body = [b + (r.get("gemm", ""),) for b, r in zip(body, show)]
     if estimated:
         header += ("est. ms", "est. % roofline", "est. ÷ base", "launches")
         body = [b + (_ms(r.get("estimate_ms")), f"{r['estimate_pct_roofline']:.0f}" if "estimate_ms" in r else "",

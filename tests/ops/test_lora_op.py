@@ -362,3 +362,44 @@ def test_operands_tma_cannot_address_take_the_pointer_gemms(monkeypatch):
         with KernelsRan() as ran:
             check_case(case, "triton", DEVICE)
         assert "_lora_forward_kernel" in ran.names and "_lora_forward_tma_kernel" not in ran.names, case.label()
+
+
+# ---------------------------------------------------------------------------------------
+# The cuBLAS implementation: torch.addmm (CPU BLAS here) around the memory-bound LoRA kernels
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(3, 33, 17, 8), (127, 64, 257, 64), (20, 48, 40, 80)],
+                         ids=lambda s: "M{}_K{}_N{}_r{}".format(*s))
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_cublas_path(shape, dtype, dropout_p, device):
+    """The same Function on the cuBLAS implementation: forward and every gradient against float64,
+    with dropout, a trainable bias and adapters of x's dtype or fp32."""
+    from peft_ops.tools.launches import KernelsRan
+
+    M, K, N, r = shape
+    for adapter_dtype in (None, torch.float32):
+        case = LoraCase(M, K, N, r, dtype, dropout_p=dropout_p, adapter_dtype=adapter_dtype, train_base=True)
+        with KernelsRan() as ran:
+            check_case(case, "cublas", device)
+        assert {"_lora_expand_kernel", "_lora_dx_term_kernel"} <= set(ran.names)
+        assert not {"_lora_forward_kernel", "_lora_forward_tma_kernel"} & set(ran.names)
+
+
+@pytest.mark.parametrize("path", ["triton", "cublas"])
+def test_lora_gemm_choice_by_shape_launches(path, monkeypatch):
+    """Planned for an H200: the fused path is 2 + 3 launches, the cuBLAS path one more each (the
+    addmm; its LoRA pieces are one kernel per phase)."""
+    from peft_ops.tools import launches
+    from peft_ops.tools.roofline import OpShape
+
+    monkeypatch.setenv("PEFT_OPS_GEMM", path)
+    planned = launches.op_launches(OpShape("lora", 8192, 4096, 4096, 16), "sm90", 132, dropout_p=0.1, bias=True)
+    forward, backward = ([str(x) for x in planned[p]] for p in ("forward", "backward"))
+    if path == "cublas":
+        assert forward == ["_lora_shrink_kernel", "_lora_expand_kernel", "aten.addmm.default"]
+        assert backward == ["_lora_backward_g_kernel", "_lora_backward_rank_kernel", "_lora_dx_term_kernel",
+                            "aten.addmm.out"]
+    else:
+        assert forward == ["_lora_shrink_kernel", "_lora_forward_tma_kernel"]
+        assert backward == ["_lora_backward_g_kernel", "_lora_backward_rank_kernel", "_lora_backward_dx_tma_kernel"]

@@ -133,3 +133,26 @@ def test_every_autotune_config(kernel):
                     run_checked(case_of(family))
                 except AssertionError as err:
                     raise AssertionError(f"{kernel} {family} {config}: {err}") from err
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cublas_path_at_model_shapes_matches_float64(dtype):
+    case = LoraCase(M=512, K=4096, N=1024, r=16, dtype=dtype, dropout_p=0.05, train_base=True)
+    for result in run_lora_case(case, lora_ops("cublas"), device="cuda"):
+        result.check(f"cuda cublas {case.label()}", case.tolerance(result.name))
+
+
+def test_tune_caches_winners_the_ops_then_use(tmp_path, monkeypatch):
+    from peft_ops.ops import gemm_choice
+    from peft_ops.tools import tune
+    from peft_ops.tools.bench import PRESETS
+
+    monkeypatch.setenv("PEFT_OPS_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("PEFT_OPS_GEMM", raising=False)
+    timings = tune.tune(PRESETS["smoke"], torch.bfloat16, progress=lambda _: None)
+    assert all(ms[g] > 0 for ms in timings.values() for g in gemm_choice.GEMMS)
+    chosen = tune.decide(timings)
+    gemm_choice.write(torch.cuda.get_device_name(), gemm_choice.versions(), chosen)
+    for phase, dtype, M, N, K, r in tune.cases(PRESETS["smoke"], torch.bfloat16):
+        key = gemm_choice.shape_key(phase, dtype, M, N, K, r)
+        assert gemm_choice.choose(phase, dtype, M, N, K, r, torch.device("cuda")) == chosen[key]["gemm"]

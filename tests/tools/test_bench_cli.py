@@ -35,6 +35,9 @@ def test_quick_cpu_mode_writes_every_op(tmp_path):
     assert "no CUDA GPU here" in stdout and "timings" in stdout
     rows = record["rows"]
     assert {r["op"] for r in rows} == {"lora", "qlora", "nf4", "bottleneck"}
+    # lora's GEMM implementations per shape: no tuning off a GPU, so the default rule's
+    assert {(r["M"], r["gemm"]) for r in rows if r["op"] == "lora"} == {(16, "cublas/cublas"), (8192, "triton/triton")}
+    assert "GEMMs fwd/dX" in stdout
     assert {r["phase"] for r in rows} == {"forward", "backward", "fwd+bwd"}
     for row in rows:
         for key in ("flops", "min_bytes", "fused_bytes", "eager_bytes", "bound_fused_ms", "bound_pct_roofline"):

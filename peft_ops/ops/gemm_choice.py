@@ -1,0 +1,112 @@
+"""Which implementation of the LoRA ops' heavy products runs on the Triton backend:
+
+- ``"triton"``: the fused GEMMs (``peft_ops.kernels.lora``): x·Wᵀ with the LoRA term and bias in
+  its epilogue; dY·W with the LoRA term in its accumulator. Fewest launches and bytes.
+- ``"cublas"``: ``torch.addmm`` (cuBLAS on a GPU) for x·Wᵀ and dY·W, the LoRA pieces in
+  memory-bound Triton kernels written as addmm's C: one more launch per phase and one more
+  M×N (M×K) write and read, against cuBLAS's GEMM where it beats ours.
+
+The choice is per GPU, dtype and shape, made by measurement: ``peft-ops tune`` times both on
+the GPU at hand and caches the winners as JSON in the user's cache folder
+(``$PEFT_OPS_CACHE_DIR`` or ``~/.cache/peft-ops``, then ``tune/``), one file per device name,
+torch version and triton version (a new driver stack or GPU measures again). Without a cached
+entry the default rule decides: ``"triton"`` from 64 rows up (the fused GEMMs' tiles are 64-128
+rows), ``"cublas"`` below (a decode-sized M fills few of the fused GEMMs' tiles; cuBLAS has
+split-K and GEMV kernels for it). ``PEFT_OPS_GEMM=triton|cublas`` forces one.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import json
+import os
+import pathlib
+import re
+
+import torch
+
+GEMMS = ("triton", "cublas")
+PHASES = ("forward", "dx")  # x·Wᵀ [M, N, K] and dY·W [M, K, N]
+ENV_VAR = "PEFT_OPS_GEMM"
+DEFAULT_MIN_ROWS = 64  # the default rule: the fused GEMMs from this many rows up
+
+
+def cache_root() -> pathlib.Path:
+    """The user's cache folder for this package (builds, tunings)."""
+    return pathlib.Path(os.environ.get("PEFT_OPS_CACHE_DIR") or pathlib.Path.home() / ".cache" / "peft-ops")
+
+
+def versions() -> dict:
+    """The torch and triton versions tunings are keyed by (triton's read from its metadata: this
+    module does not import triton, see ``peft_ops.backend``)."""
+    return {"torch": torch.__version__, "triton": importlib.metadata.version("triton")}
+
+
+def cache_file(device_name: str, versions: dict) -> pathlib.Path:
+    """The tuning file of one GPU (by name) under one torch / triton pair."""
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", device_name).strip("-")
+    return cache_root() / "tune" / f"{slug}-torch{versions['torch']}-triton{versions['triton']}.json"
+
+
+def shape_key(phase: str, dtype: torch.dtype, M: int, N: int, K: int, r: int) -> str:
+    """The key of one tuned case: M and r by powers of two (one tuning per bucket), the layer's
+    sizes exact. For "dx", N and K are those of the layer (the GEMM is dY [M, N] · W [N, K])."""
+    bucket = 1 << max(int(M) - 1, 0).bit_length()
+    rank = 1 << max(int(r) - 1, 0).bit_length()
+    return f"{phase}|{str(dtype).removeprefix('torch.')}|M{bucket}|N{N}|K{K}|r{rank}"
+
+
+def default_rule(M: int) -> str:
+    return "triton" if M >= DEFAULT_MIN_ROWS else "cublas"
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path: str, mtime: float) -> dict:
+    try:
+        return json.loads(pathlib.Path(path).read_text()).get("choices", {})
+    except (OSError, ValueError):
+        return {}  # an unreadable tuning file is no tuning: the default rule decides
+
+
+def tuned(device_name: str, key: str) -> str | None:
+    """The cached winner for `key` on GPU `device_name` under this torch / triton, or None."""
+    path = cache_file(device_name, versions())
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return None
+    entry = _load(str(path), mtime).get(key)
+    return entry.get("gemm") if isinstance(entry, dict) and entry.get("gemm") in GEMMS else None
+
+
+def choose(phase: str, dtype: torch.dtype, M: int, N: int, K: int, r: int, device: torch.device) -> str:
+    """"triton" or "cublas" for one product on `device`: PEFT_OPS_GEMM if set; on a GPU the tuned
+    winner, else the default rule; for a launch plan (meta tensors, planned for a GPU) the
+    default rule; off a GPU (the Triton interpreter) the fused kernels, which are what it tests."""
+    forced = os.environ.get(ENV_VAR, "auto")
+    if forced in GEMMS:
+        return forced
+    if forced != "auto":
+        raise ValueError(f"{ENV_VAR} must be one of {GEMMS + ('auto',)}; got {forced!r}")
+    if device.type == "cuda":
+        found = tuned(torch.cuda.get_device_name(device), shape_key(phase, dtype, M, N, K, r))
+        return found if found is not None else default_rule(M)
+    return default_rule(M) if device.type == "meta" else "triton"
+
+
+def write(device_name: str, versions: dict, choices: dict) -> pathlib.Path:
+    """Merge `choices` ({key: {"gemm": …, "ms": {gemm: ms}}}) into the tuning file; atomic."""
+    path = cache_file(device_name, versions)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = {}
+    if path.exists():
+        try:
+            old = json.loads(path.read_text()).get("choices", {})
+        except ValueError:
+            old = {}
+    record = {"device": device_name, **versions, "choices": {**old, **choices}}
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    tmp.replace(path)
+    return path
