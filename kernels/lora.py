@@ -795,6 +795,10 @@ def aot_specs(target: str) -> list:
         build("lora_backward_dx", _lora_backward_dx_kernel, BACKWARD_DX_CONFIGS,
               dict(DY=dt, W=dt, G="fp32", A=rt, KEEP="i32", DX=dt), dict(HAS_DROPOUT=True),
               unit_strides=("stride_dyn", "stride_wk", "stride_ak"), float_args=("lora_scale",))
+        build("lora_expand", _lora_expand_kernel, PIECE_CONFIGS, dict(XA="fp32", B=rt, BIAS=dt, C=dt),
+              dict(HAS_BIAS=True), unit_strides=("stride_br", "stride_bias"), float_args=("scaling",))
+        build("lora_dx_term", _lora_dx_term_kernel, PIECE_CONFIGS, dict(G="fp32", A=rt, KEEP="i32", C=dt),
+              dict(HAS_DROPOUT=True), unit_strides=("stride_ak",), float_args=("lora_scale",))
         if target in TMA_TARGETS:  # the persistent TMA GEMMs (sm_90a only: TMA)
             build("lora_forward_tma", _lora_forward_tma_kernel, FORWARD_TMA_CONFIGS,
                   dict(X=dt, W=dt, XA="fp32", B=rt, BIAS=dt, Y=dt), dict(HAS_BIAS=True),

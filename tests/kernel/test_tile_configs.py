@@ -17,7 +17,7 @@ from peft_ops.kernels import nf4 as nf4_kernels
 from peft_ops.tools.accuracy import QLoraCase
 from peft_ops.tools.launches import KernelsRan
 
-from helpers.tile_cases import KERNELS, bottleneck_case, largest, run_checked
+from helpers.tile_cases import KERNELS, bottleneck_case, gemm_for, largest, run_checked
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="interpreter-sized (GPU: tests/reliability/test_gpu.py)")
@@ -35,6 +35,7 @@ def test_largest_production_tile(kernel, family, monkeypatch):
     case_of, _ = KERNELS[kernel]
     if "_tma_" in kernel:  # the persistent TMA GEMMs run where sm_90a's would
         monkeypatch.setattr(lora_kernels, "TMA_TARGETS", {"interpreter"})
+    monkeypatch.setenv("PEFT_OPS_GEMM", gemm_for(kernel))
     config = largest(common.tile_families(kernel, "sm90")[family])
     with common.forced_config(kernel, config), KernelsRan() as ran:
         run_checked(case_of(family))

@@ -117,12 +117,14 @@ def test_custom_ops_on_the_kernels_pass_opcheck():
 
 @pytest.mark.configs
 @pytest.mark.parametrize("kernel", sorted(TILE_CASES))
-def test_every_autotune_config(kernel):
+def test_every_autotune_config(kernel, monkeypatch):
     """Every config of every family of `kernel` on this GPU's target, forced one at a time, at
     small odd shapes: against float64, and in half precision against the PyTorch path."""
     from peft_ops.kernels import bottleneck, common, lora, nf4  # noqa: F401  (register the kernels)
 
-    from helpers.tile_cases import run_checked
+    from helpers.tile_cases import gemm_for, run_checked
+
+    monkeypatch.setenv("PEFT_OPS_GEMM", gemm_for(kernel))
 
     case_of, _ = TILE_CASES[kernel]
     target = common.process_target()
