@@ -41,25 +41,13 @@ from ..ops import gemm_choice
 from ..ops.bottleneck import bottleneck_adapter
 from ..ops.lora import lora_linear
 from ..ops.qlora import nf4_linear, qlora_linear
-from . import estimate, roofline
+from . import estimate, roofline, tune
 from .accuracy import saved_activation_bytes
 from .aot import format_table
+from .presets import PRESETS
 from .records import provenance, text_table, write_csv, write_json
 from .roofline import OPS, PHASES, OpShape
 
-PRESETS = {  # layer shapes (in, out), ranks, token counts M, bottleneck adapters (d, m)
-    "default": dict(layers=[(4096, 4096), (4096, 11008), (4096, 14336)], ranks=[8, 16, 64],
-                    tokens=[1, 16, 512, 4096, 8192], bottlenecks=[(4096, 16), (4096, 64), (4096, 256)]),
-    "quick": dict(layers=[(4096, 4096), (4096, 14336)], ranks=[16], tokens=[16, 8192], bottlenecks=[(4096, 64)]),
-    # tiny shapes: exercises every code path on any device (timings meaningless)
-    "smoke": dict(layers=[(64, 48)], ranks=[8], tokens=[4, 40], bottlenecks=[(64, 8)]),
-    # scripts/gpu-check: the target rows at the headline shapes first, then the default shapes
-    # for as long as --time-budget allows
-    "gpu-check": dict(layers=[(4096, 4096), (4096, 14336), (4096, 11008)], ranks=[16, 64, 8],
-                      tokens=[8192, 1, 16, 4096, 512], bottlenecks=[(4096, 64), (4096, 16), (4096, 256)],
-                      first=[OpShape("lora", 8192, 4096, 4096, 16), OpShape("qlora", 8192, 4096, 4096, 16),
-                             OpShape("nf4", 1, 4096, 14336), OpShape("bottleneck", 8192, 4096, 4096, 64)]),
-}
 # The phases of a bench row: the roofline's two, and their sum.
 ROW_PHASES = (*PHASES, "fwd+bwd")
 # --ops names kept from before the bottleneck op had one name everywhere.
@@ -472,6 +460,9 @@ def main(argv: list[str]) -> int:
                         help="seconds: time no new shape after this (the ones left are listed as skipped)")
     parser.add_argument("--autotune-out", type=pathlib.Path, default=None,
                         help="write the autotuners' choices (JSON) here, after every timed shape")
+    parser.add_argument("--tune", action="store_true",
+                        help="on a CUDA GPU, first run `peft-ops tune --preset quick` (fused LoRA GEMMs against "
+                             "cuBLAS, cached); the rows then show the tuned choice and the record its timings")
     parser.add_argument("--time-anyway", action="store_true", help=argparse.SUPPRESS)  # tests: time on a CPU
     args = parser.parse_args(argv)
     ops = [OP_ALIASES.get(op.strip(), op.strip()) for op in args.ops.split(",") if op.strip()]
@@ -504,6 +495,14 @@ def main(argv: list[str]) -> int:
     for package, what in (("peft", "PEFT's LoRA layer"), ("bitsandbytes", "bitsandbytes' 4-bit layers")):
         if importlib.util.find_spec(package) is None:
             progress(f"{package} is not installed: {what} are left out of the comparison")
+    gemm_tuning = {}
+    if args.tune:
+        if device.type == "cuda":
+            progress("tuning the LoRA GEMMs (fused against cuBLAS, the quick preset's shapes) …")
+            gemm_tuning = tune.decide(tune.tune(PRESETS["quick"], dtype, progress=progress))
+            gemm_choice.write(device_name, gemm_choice.versions(), gemm_tuning)
+        else:
+            progress("--tune: no CUDA GPU here, nothing tuned (the rows show the default rule's choice)")
     preset = PRESETS[args.preset]
     shapes = shapes_for(ops, preset)
     rows, skipped = [], []
@@ -553,6 +552,7 @@ def main(argv: list[str]) -> int:
     def write(builds: list, calibration: list) -> str:
         targets = targets_report(rows, saved, device.type == "cuda")
         record = {**origin, "dtype": args.dtype, "roofline_gpu": {"name": gpu_name, **gpu}, "timed": timing,
+                  "gemm_tuning": gemm_tuning,
                   "rows": rows,
                   "saved_activations": saved, "estimate_builds": builds, "estimate_calibration": calibration,
                   "targets": targets, "skipped_shapes": [f"{s.op} {s.label()}" for s in skipped]}

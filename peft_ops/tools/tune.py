@@ -16,7 +16,7 @@ import torch
 from ..backend import kernel_modules
 from ..ops import gemm_choice
 from ..ops.paths import KernelLoraOps
-from .bench import PRESETS
+from .presets import PRESETS
 from .records import text_table
 
 

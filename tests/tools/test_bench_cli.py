@@ -25,7 +25,7 @@ def test_quick_cpu_mode_writes_every_op(tmp_path):
     """Also: --gpu names the roofline's GPU and --peak-bandwidth / --peak-tflops override its
     peaks; every bound follows them."""
     stdout, record = run_bench(tmp_path, "--quick", "--no-compile", "--gpu", "A100-80GB", "--peak-bandwidth", "1000",
-                               "--peak-tflops", "100")
+                               "--peak-tflops", "100", "--tune")
     gpu = record["roofline_gpu"]
     assert (gpu["name"], gpu["bandwidth_GBps"], gpu["bf16_TFLOPs"]) == ("A100-80GB", 1000, 100)
     for row in record["rows"]:
@@ -38,6 +38,7 @@ def test_quick_cpu_mode_writes_every_op(tmp_path):
     # lora's GEMM implementations per shape: no tuning off a GPU, so the default rule's
     assert {(r["M"], r["gemm"]) for r in rows if r["op"] == "lora"} == {(16, "cublas/cublas"), (8192, "triton/triton")}
     assert "GEMMs fwd/dX" in stdout
+    assert "--tune: no CUDA GPU here" in stdout and record["gemm_tuning"] == {}
     assert {r["phase"] for r in rows} == {"forward", "backward", "fwd+bwd"}
     for row in rows:
         for key in ("flops", "min_bytes", "fused_bytes", "eager_bytes", "bound_fused_ms", "bound_pct_roofline"):
