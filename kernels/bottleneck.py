@@ -26,9 +26,12 @@ Design, from a cost model (bf16, M = 8192, d = 4096, m = 64):
   rows. 4 passes over M×d (dY twice, x, dX) against eager's ≈ 8 (5 for the two linears'
   gradients, the residual sum read twice and written once).
 - Reductions over M are deterministic: within a program in a fixed row order, across row
-  slices as fp32 partials summed by the launcher in slice order; the slice count and the
-  backward tiles are fixed per target and shape (never autotuned), so the order never changes.
-  No float atomics. db_down = Σ_M dh is a torch.sum of the fp32 dh.
+  slices as fp32 partials that `_bottleneck_finish_kernel` sums in slice order, scales and
+  casts to the parameters' dtype (one launch where PyTorch took 8: 4 sums, 2 scalings, 2
+  casts); the slice count and the backward tiles are fixed per target and shape (never
+  autotuned), so the order never changes. No float atomics. db_down = Σ_M dh: the first column
+  block's programs sum their slice's dh rows after their main loop. Backward: 3 launches (4 where the
+  dX kernel is split in two, sm_80 at m > 128).
 - Dropout (on the branch output, before the residual) reuses the LoRA kernels' Philox mask: a
   pure function of (seed, row, column), regenerated in the backward, never stored.
 - Offsets along M (and the strides they multiply) are int64: M·d passes 2³¹ at long sequences.
@@ -114,6 +117,12 @@ BACKWARD_DX_TILES = {
 # The bounds of loops over kernel-local names, as expressions of the launch arguments (for the
 # static estimate, peft_ops.tools.estimate): the dX kernel's row loop covers one slice.
 LOOP_BOUNDS = {"_bottleneck_backward_dx_kernel": {"row_start": "0", "row_end": "min(M, rows_per_slice)"}}
+# Loops that only some programs run (for the static estimate): the dX kernel's Σ dh pass (the
+# first column block), and the finishing kernel's four slice sums (each program runs one).
+LOOP_SHARES = {
+    "_bottleneck_backward_dx_kernel": {"for m1 in range(row_start, row_end, BLOCK_M):": "1 / cdiv(D, BLOCK_D)"},
+    "_bottleneck_finish_kernel": {"for s in range(0, slices):": "1 / 4"},
+}
 ROWS_PER_SLICE = 1024  # the dX kernel's row slices: at least this many rows each …
 TARGET_PROGRAMS = 256  # … and no more slices than it takes to reach this many programs
 
@@ -273,7 +282,7 @@ def _bottleneck_backward_dh_kernel(
 
 @triton.jit(do_not_specialize=["seed"])
 def _bottleneck_backward_dx_kernel(
-    DY, X, H, DH, W_DOWN, DX, DW_DOWN_PARTIAL, DW_UP_PARTIAL, DB_UP_PARTIAL,
+    DY, X, H, DH, W_DOWN, DX, DW_DOWN_PARTIAL, DW_UP_PARTIAL, DB_UP_PARTIAL, DB_DOWN_PARTIAL,
     M, D, BOTTLENECK, rows_per_slice,
     stride_dym, stride_dyd, stride_xm, stride_xd, stride_down_b, stride_down_d,
     seed, dropout_p,
@@ -283,7 +292,8 @@ def _bottleneck_backward_dx_kernel(
 ):
     """For the columns of program_id(0) and the rows of slice program_id(1):
     DX = dY + DH·W_down, and the slice's partials DW_DOWN = DHᵀ·X, DW_UP = (dY⊙keep)ᵀ·act(H),
-    DB_UP = Σ dY⊙keep (the launcher applies s/(1-p) to the last two)."""
+    DB_UP = Σ dY⊙keep, and (column block 0) DB_DOWN = Σ DH; `_bottleneck_finish_kernel` sums
+    the slices and applies s/(1-p) to DW_UP and DB_UP."""
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -330,6 +340,47 @@ def _bottleneck_backward_dx_kernel(
         tl.store(DW_UP_PARTIAL + slice_base + cols[:, None] * BOTTLENECK + offs_b[None, :], dw_up,
                  mask=d_mask[:, None] & b_mask[None, :])
         tl.store(DB_UP_PARTIAL + pid_s.to(tl.int64) * D + cols, db_up, mask=d_mask)
+        if pid_d == 0:  # the slice's Σ dh for db_down: a second, light pass over its dh rows (from L2),
+            # kept out of the main loop, whose registers are dead by now
+            dh_sum = tl.zeros([BLOCK_M, BLOCK_B], dtype=tl.float32)
+            for m1 in range(row_start, row_end, BLOCK_M):
+                rows = m1 + offs_r
+                dh_sum += tl.load(DH + rows[:, None] * BOTTLENECK + offs_b[None, :],
+                                  mask=(rows < row_end)[:, None] & b_mask[None, :], other=0.0)
+            tl.store(DB_DOWN_PARTIAL + pid_s.to(tl.int64) * BOTTLENECK + offs_b, tl.sum(dh_sum, axis=0), mask=b_mask)
+
+
+@triton.jit
+def _slice_sum(PARTIAL, OUT, n, slices, scale, block, BLOCK: tl.constexpr):
+    """OUT[i] = scale·Σ_s PARTIAL[s, i] for i in block `block` of n, in slice order, cast to OUT's dtype."""
+    offs = block * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, slices):
+        acc += tl.load(PARTIAL + s * n + offs, mask=mask, other=0.0)
+    tl.store(OUT + offs, (acc * scale).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bottleneck_finish_kernel(
+    DW_DOWN_PARTIAL, DW_UP_PARTIAL, DB_UP_PARTIAL, DB_DOWN_PARTIAL, DW_DOWN, DW_UP, DB_UP, DB_DOWN,
+    slices, D, BOTTLENECK, branch_scale, BLOCK: tl.constexpr,
+):
+    """The parameter gradients from the dX kernel's row-slice partials, in one launch: each
+    output element sums its slices in slice order (deterministic), is scaled (s/(1-p) for
+    dW_up and db_up) and cast to the parameters' dtype. Programs cover dW_down [m, d], then
+    dW_up [d, m], db_up [d], db_down [m], BLOCK elements each."""
+    pid = tl.program_id(0)
+    n_w = BOTTLENECK * D
+    w_blocks = tl.cdiv(n_w, BLOCK)
+    if pid < w_blocks:
+        _slice_sum(DW_DOWN_PARTIAL, DW_DOWN, n_w, slices, 1.0, pid, BLOCK)
+    elif pid < 2 * w_blocks:
+        _slice_sum(DW_UP_PARTIAL, DW_UP, n_w, slices, branch_scale, pid - w_blocks, BLOCK)
+    elif pid < 2 * w_blocks + tl.cdiv(D, BLOCK):
+        _slice_sum(DB_UP_PARTIAL, DB_UP, D, slices, branch_scale, pid - 2 * w_blocks, BLOCK)
+    else:
+        _slice_sum(DB_DOWN_PARTIAL, DB_DOWN, BOTTLENECK, slices, 1.0, pid - 2 * w_blocks - tl.cdiv(D, BLOCK), BLOCK)
 
 
 # --------------------------------------------------------------------------------------
@@ -380,10 +431,14 @@ def row_slices(M: int, D: int, block_m: int, block_d: int) -> tuple[int, int]:
     return triton.cdiv(M, rows_per_slice), rows_per_slice
 
 
+FINISH_BLOCK = 1024  # elements per program of the finishing kernel
+
+
 def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: float, dropout_p: float,
              seed: int, need_dx: bool, need_dw: bool):
-    """(dx, dW_down, db_down, dW_up, db_up): dx in x's dtype (None unless need_dx), the
-    parameter gradients fp32 (None unless need_dw); the caller casts and drops what it needs not.
+    """(dx, dW_down, db_down, dW_up, db_up): dx (None unless need_dx) and the parameter
+    gradients (None unless need_dw) in x's dtype; the caller drops what it needs not. Three
+    launches: dh, dX with the row slices' partials, the finishing kernel (no PyTorch tail).
 
     dz = s/(1-p)·dY⊙keep,  dh = (dz·W_up)⊙act′(h)
     dx = dY + dh·W_down,  dW_down = dhᵀ·x,  db_down = Σ dh,  dW_up = dzᵀ·act(h),  db_up = Σ dz
@@ -395,7 +450,7 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
     flags = _flags(x, B, activation_name, dropout_p)
     dx = torch.empty((M, D), device=device, dtype=x.dtype) if need_dx else None
     if M == 0 or not (need_dx or need_dw):
-        zeros = (lambda *shape: torch.zeros(shape, device=device)) if need_dw else (lambda *shape: None)
+        zeros = (lambda *shape: torch.zeros(shape, device=device, dtype=x.dtype)) if need_dw else (lambda *shape: None)
         return dx, zeros(B, D), zeros(B), zeros(D, B), zeros(D)
     dh = torch.empty((M, B), device=device, dtype=torch.float32)
     tiles = BACKWARD_DX_TILES[current_target()][tile_family(x.dtype, flags["BLOCK_B"])]
@@ -408,8 +463,9 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
         dw_down_partial = torch.empty((slices, B, D), device=device, dtype=torch.float32)
         dw_up_partial = torch.empty((slices, D, B), device=device, dtype=torch.float32)
         db_up_partial = torch.empty((slices, D), device=device, dtype=torch.float32)
+        db_down_partial = torch.empty((slices, B), device=device, dtype=torch.float32)
     else:
-        dw_down_partial = dw_up_partial = db_up_partial = dh  # not written
+        dw_down_partial = dw_up_partial = db_up_partial = db_down_partial = dh  # not written
     with launch_guard(dy, x, down_weight, up_weight):
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)  # noqa: E731
         launch(_bottleneck_backward_dh_kernel, grid,
@@ -420,19 +476,23 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
         for (block_m, block_d, warps, stages), compute_dx, compute_dw in launches:
             if not (compute_dx or compute_dw):
                 continue
-            slices, rows_per_slice = row_slices(M, D, block_m, block_d)
-            launch(_bottleneck_backward_dx_kernel, (triton.cdiv(D, block_d), slices),
+            launch_slices, rows_per_slice = row_slices(M, D, block_m, block_d)
+            launch(_bottleneck_backward_dx_kernel, (triton.cdiv(D, block_d), launch_slices),
                 dy, x, h, dh, down_weight, dx if compute_dx else dy, dw_down_partial, dw_up_partial, db_up_partial,
-                M, D, B, rows_per_slice,
+                db_down_partial, M, D, B, rows_per_slice,
                 dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), down_weight.stride(0), down_weight.stride(1),
                 seed, dropout_p, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, BLOCK_M=block_m, BLOCK_D=block_d,
                 num_warps=warps, num_stages=stages, **flags,
             )
-    if not need_dw:
-        return dx, None, None, None, None
-    # Slice partials summed in slice order: deterministic.
-    return (dx, dw_down_partial.sum(dim=0), dh.sum(dim=0), dw_up_partial.sum(dim=0).mul_(branch_scale),
-            db_up_partial.sum(dim=0).mul_(branch_scale))
+        if not need_dw:
+            return dx, None, None, None, None
+        grads = [torch.empty(shape, device=device, dtype=x.dtype) for shape in ((B, D), (D, B), (D,), (B,))]
+        blocks = 2 * triton.cdiv(B * D, FINISH_BLOCK) + triton.cdiv(D, FINISH_BLOCK) + triton.cdiv(B, FINISH_BLOCK)
+        launch(_bottleneck_finish_kernel, (blocks,),
+            dw_down_partial, dw_up_partial, db_up_partial, db_down_partial, *grads, slices, D, B, branch_scale,
+            BLOCK=FINISH_BLOCK, num_warps=4)
+    dw_down, dw_up, db_up, db_down = grads
+    return dx, dw_down, db_down, dw_up, db_up
 
 
 def aot_specs(target: str) -> list:
@@ -464,8 +524,15 @@ def aot_specs(target: str) -> list:
                 f"bottleneck_backward_dx [{variant}, {role}]", _bottleneck_backward_dx_kernel,
                 triton.Config(dict(BLOCK_M=bm, BLOCK_D=bd), num_warps=warps, num_stages=stages),
                 dict(DY=dt, X=dt, H="fp32", DH="fp32", W_DOWN=dt, DX=dt, DW_DOWN_PARTIAL="fp32",
-                     DW_UP_PARTIAL="fp32", DB_UP_PARTIAL="fp32"),
+                     DW_UP_PARTIAL="fp32", DB_UP_PARTIAL="fp32", DB_DOWN_PARTIAL="fp32"),
                 {**common, "COMPUTE_DX": role != "dW", "COMPUTE_DW": role != "dX"},
                 unit_strides=("stride_dyd", "stride_xd", "stride_down_d"), float_args=("dropout_p",),
                 plain_ints=plain))
+    for dt in ("bf16", "fp32"):
+        specs.append(KernelBuild(
+            f"bottleneck_finish [{dt}]", _bottleneck_finish_kernel,
+            triton.Config(dict(BLOCK=FINISH_BLOCK), num_warps=4, num_stages=3),
+            dict(DW_DOWN_PARTIAL="fp32", DW_UP_PARTIAL="fp32", DB_UP_PARTIAL="fp32", DB_DOWN_PARTIAL="fp32",
+                 DW_DOWN=dt, DW_UP=dt, DB_UP=dt, DB_DOWN=dt), {}, float_args=("branch_scale",),
+            plain_ints=("slices",), uses_tensor_cores=False))
     return specs

@@ -211,7 +211,10 @@ def bottleneck_backward(dy: Tensor, x: Tensor, h: Tensor, down_weight: Tensor, u
 @bottleneck_backward.register_fake
 def _(dy, x, h, down_weight, up_weight, activation, scaling, dropout_p, seed, need_dx, need_dw, impl):
     m, d = down_weight.shape
-    w = (lambda *shape: h.new_empty(shape if need_dw else _EMPTY))
+    # the kernels' parameter gradients come in x's dtype (cast by their finishing kernel), the
+    # PyTorch path's in fp32 (the Function casts them)
+    dtype = x.dtype if impl == "triton" else torch.float32
+    w = (lambda *shape: h.new_empty(shape, dtype=dtype) if need_dw else h.new_empty(_EMPTY))
     return x.new_empty(tuple(x.shape) if need_dx else _EMPTY), w(m, d), w(m), w(d, m), w(d)
 
 

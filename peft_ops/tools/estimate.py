@@ -165,6 +165,8 @@ def _loop_names(kernel_name: str, module: str, args: dict, config_kwargs: dict) 
     names.update(config_kwargs)
     for local, expression in getattr(sys.modules[module], "LOOP_BOUNDS", {}).get(kernel_name, {}).items():
         names[local] = _evaluate(expression, names)
+    # loops that only some CTAs run (branches on the program id): {for-text: fraction of CTAs}
+    names["_loop_shares"] = getattr(sys.modules[module], "LOOP_SHARES", {}).get(kernel_name, {})
     return names
 
 
@@ -210,15 +212,16 @@ def build_seconds(row: dict, names: dict, ctas: int, hbm_bytes: int, dev: Device
     CTAs are the tiles of a persistent kernel, whose programs pay the fixed latencies (prologue,
     final store) once each, not once per tile; each tile still refills its loop's pipeline."""
     facts = row["facts"]
-    loops = [(loop, loop_iterations(loop["for"], names)) for loop in facts["loops"]] or \
-        [(facts["whole_kernel"], 1)]
+    shares = names.get("_loop_shares", {})
+    loops = [(loop, loop_iterations(loop["for"], names), _evaluate(shares.get(loop["for"], "1"), names))
+             for loop in facts["loops"]] or [(facts["whole_kernel"], 1, 1)]
 
     def cta_clocks(n: int) -> tuple[float, dict]:
         total, limits = (0.0 if persistent else FIXED_LATENCIES_PER_CTA * dev.latency_clk), {}
-        for loop, iterations in loops:
+        for loop, iterations, share in loops:  # share: the fraction of CTAs that run the loop
             clocks, limiter = _iteration_clocks(loop, n, row["num_warps"], row["num_stages"], dev)
-            total += dev.latency_clk * (iterations > 0) + iterations * clocks
-            limits[limiter] = limits.get(limiter, 0) + iterations * clocks
+            total += share * (dev.latency_clk * (iterations > 0) + iterations * clocks)
+            limits[limiter] = limits.get(limiter, 0) + share * iterations * clocks
         return total, limits
 
     occupancy = max(1, row["ctas_per_sm"])

@@ -56,6 +56,16 @@ def test_a_tensor_bound_loop_by_hand():
     per_cta = 64 * clocks + 3 * dev.latency_clk
     assert timed["seconds"] == pytest.approx(2 * per_cta / dev.clock_hz + estimate.LAUNCH_SECONDS)
     assert timed["bound"] == "tensor cores" and timed["waves"] == 2
+    # a persistent kernel's tiles as CTAs: the 2 fixed latencies once per program, not per tile
+    timed = estimate.build_seconds(_row(loop), names, ctas=264, hbm_bytes=0, dev=dev, persistent=True)
+    per_tile = 64 * clocks + dev.latency_clk
+    assert timed["seconds"] == pytest.approx((2 * per_tile + 2 * dev.latency_clk) / dev.clock_hz
+                                             + estimate.LAUNCH_SECONDS)
+    # a loop a quarter of the CTAs run (a branch on the program id) costs a CTA a quarter of it
+    shared = {**names, "_loop_shares": {loop["for"]: "1 / 4"}}
+    timed = estimate.build_seconds(_row(loop), shared, ctas=132, hbm_bytes=0, dev=dev)
+    assert timed["seconds"] == pytest.approx((per_cta - 3 * dev.latency_clk + dev.latency_clk) / 4 / dev.clock_hz
+                                             + 2 * dev.latency_clk / dev.clock_hz + estimate.LAUNCH_SECONDS)
 
 
 def test_latency_bound_and_memory_bound_loops():
