@@ -357,7 +357,7 @@ def _slice_sum(PARTIAL, OUT, n, slices, scale, block, BLOCK: tl.constexpr):
     mask = offs < n
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for s in range(0, slices):
-        acc += tl.load(PARTIAL + s * n + offs, mask=mask, other=0.0)
+        acc += tl.load(PARTIAL + tl.cast(s, tl.int64) * n + offs, mask=mask, other=0.0)
     tl.store(OUT + offs, (acc * scale).to(OUT.dtype.element_ty), mask=mask)
 
 
