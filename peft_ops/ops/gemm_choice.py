@@ -62,22 +62,25 @@ def default_rule(M: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _load(path: str, mtime: float) -> dict:
+def _choices(device_name: str) -> dict:
+    """The tuning file's choices for a GPU, read once per process (a per-call file check would
+    cost every layer call a system call); ``write`` clears this."""
     try:
-        return json.loads(pathlib.Path(path).read_text()).get("choices", {})
+        choices = json.loads(cache_file(device_name, versions()).read_text()).get("choices", {})
     except (OSError, ValueError):
-        return {}  # an unreadable tuning file is no tuning: the default rule decides
+        return {}  # no tuning, or an unreadable one: the default rule decides
+    return choices if isinstance(choices, dict) else {}
 
 
 def tuned(device_name: str, key: str) -> str | None:
     """The cached winner for `key` on GPU `device_name` under this torch / triton, or None."""
-    path = cache_file(device_name, versions())
-    try:
-        mtime = path.stat().st_mtime
-    except OSError:
-        return None
-    entry = _load(str(path), mtime).get(key)
+    entry = _choices(device_name).get(key)
     return entry.get("gemm") if isinstance(entry, dict) and entry.get("gemm") in GEMMS else None
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def choose(phase: str, dtype: torch.dtype, M: int, N: int, K: int, r: int, device: torch.device) -> str:
@@ -90,7 +93,8 @@ def choose(phase: str, dtype: torch.dtype, M: int, N: int, K: int, r: int, devic
     if forced != "auto":
         raise ValueError(f"{ENV_VAR} must be one of {GEMMS + ('auto',)}; got {forced!r}")
     if device.type == "cuda":
-        found = tuned(torch.cuda.get_device_name(device), shape_key(phase, dtype, M, N, K, r))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        found = tuned(_device_name(index), shape_key(phase, dtype, M, N, K, r))
         return found if found is not None else default_rule(M)
     return default_rule(M) if device.type == "meta" else "triton"
 
@@ -109,4 +113,5 @@ def write(device_name: str, versions: dict, choices: dict) -> pathlib.Path:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
     tmp.replace(path)
+    _choices.cache_clear()  # this process sees the new choices
     return path

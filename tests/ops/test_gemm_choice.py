@@ -16,7 +16,11 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PEFT_OPS_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("PEFT_OPS_GEMM", raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    return tmp_path
+    gemm_choice._device_name.cache_clear()
+    gemm_choice._choices.cache_clear()
+    yield tmp_path
+    gemm_choice._device_name.cache_clear()
+    gemm_choice._choices.cache_clear()
 
 
 def test_keys_bucket_rows_and_ranks():
@@ -55,6 +59,7 @@ def test_a_tuning_overrides_the_rule_for_its_gpu_and_versions_only(cache, monkey
     assert gemm_choice.choose("dx", torch.bfloat16, 16, 4096, 4096, 16, CUDA) == "triton"
     # another GPU, or another triton, has no tuning
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    gemm_choice._device_name.cache_clear()
     assert gemm_choice.choose("forward", torch.bfloat16, 8192, 4096, 4096, 16, CUDA) == "triton"
 
 
@@ -63,6 +68,7 @@ def test_a_broken_tuning_file_is_no_tuning(cache):
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
     assert gemm_choice.choose("forward", torch.bfloat16, 8192, 4096, 4096, 16, CUDA) == "triton"
+    gemm_choice._choices.cache_clear()  # read once per process: a new process would see this file
     path.write_text(json.dumps({"choices": {gemm_choice.shape_key("forward", torch.bfloat16, 8192, 4096, 4096, 16):
                                             {"gemm": "magma"}}}))
     assert gemm_choice.choose("forward", torch.bfloat16, 8192, 4096, 4096, 16, CUDA) == "triton"
