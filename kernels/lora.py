@@ -635,6 +635,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: tor
     gemm="cublas": the expand kernel writes C = scaling·xa·Bᵀ + bias and ``torch.addmm`` adds
     x·Wᵀ to it (cuBLAS on a GPU): one more launch and one more M×N write + read, against
     cuBLAS's own GEMM; the LoRA term is rounded once more (to x's dtype, as addmm's C)."""
+    if gemm not in GEMMS:
+        raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
     M, K = x.shape
     N = weight.shape[0]
     R = lora_B.shape[1]
@@ -682,6 +684,8 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
     gemm: the dX GEMM fused ("triton") or cuBLAS's ``torch.addmm`` over the LoRA term written by
     `_lora_dx_term_kernel` ("cublas"; one more launch), as in ``forward``.
     """
+    if gemm not in GEMMS:
+        raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
     def launch_dx(g, dx, lora_scale, **constexprs):
         M, N = dy.shape
         K = x.shape[1]

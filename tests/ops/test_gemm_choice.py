@@ -81,3 +81,15 @@ def test_the_environment_forces_a_choice(cache, monkeypatch):
     monkeypatch.setenv("PEFT_OPS_GEMM", "cutlass")
     with pytest.raises(ValueError, match="PEFT_OPS_GEMM"):
         gemm_choice.choose("forward", torch.bfloat16, 8192, 4096, 4096, 16, CUDA)
+
+
+def test_the_launchers_refuse_an_unknown_gemm():
+    from peft_ops.backend import kernel_modules
+
+    lora = kernel_modules().lora
+    x, w, b = torch.zeros(2, 8), torch.zeros(4, 8), torch.zeros(4, 1)
+    with pytest.raises(ValueError, match="gemm"):
+        lora.forward(x, w, torch.zeros(2, 1), b, 1.0, None, gemm="cutlass")
+    with pytest.raises(ValueError, match="gemm"):
+        lora.backward(torch.zeros(2, 4), x, w, torch.zeros(1, 8), b, torch.zeros(2, 1), None, 1.0, 0.0,
+                      True, True, True, False, gemm="cutlass")
