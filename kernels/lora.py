@@ -224,23 +224,49 @@ def _lora_shrink_kernel(
 
 
 @triton.jit
+def rank_operands(LEFT, RIGHT, rows, row_mask, cols, r0, R, stride_right_c, stride_right_r, left_scale,
+                  BLOCK_R: tl.constexpr):
+    """One rank chunk [r0, r0 + BLOCK_R) of a LoRA term left·right: (left_scale·LEFT[rows, chunk],
+    RIGHT[chunk, cols]) in RIGHT's dtype (x's, or fp32 for RANK_FP32 / fp32 x). LEFT is an fp32
+    [M, R] (x·Aᵀ or g = dY·B); RIGHT is Bᵀ (forward) or A (dX) through its strides. The scale
+    folds into the fp32 left operand before its one rounding to the compute dtype."""
+    rank_dtype = RIGHT.dtype.element_ty
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    left = tl.load(LEFT + rows[:, None] * R + offs_r[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+    right = tl.load(RIGHT + cols[None, :] * stride_right_c + offs_r[:, None].to(tl.int64) * stride_right_r,
+                    mask=r_mask[:, None], other=0.0)
+    return (left * left_scale).to(rank_dtype), right.to(rank_dtype)
+
+
+@triton.jit
+def rank_term(acc, left0, right0, LEFT, RIGHT, rows, row_mask, cols, R, stride_right_c, stride_right_r, left_scale,
+              BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + left_scale·LEFT[rows]·RIGHT[:, cols], the first rank chunk from operands the caller
+    loaded before its main loop (so their latency hides behind it; one chunk covers r ≤ 64 in
+    half precision), the chunks past it (r > BLOCK_R) loaded here."""
+    acc = mma(left0, right0, acc, WIDEN_BF16_DOT, DOT_PRECISION)
+    for r0 in range(BLOCK_R, R, BLOCK_R):
+        left, right = rank_operands(LEFT=LEFT, RIGHT=RIGHT, rows=rows, row_mask=row_mask, cols=cols, r0=r0, R=R,
+                                    stride_right_c=stride_right_c, stride_right_r=stride_right_r,
+                                    left_scale=left_scale, BLOCK_R=BLOCK_R)
+        acc = mma(left, right, acc, WIDEN_BF16_DOT, DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def lora_epilogue(acc, XA, B, BIAS, rows, cols, R, stride_bn, stride_br, stride_bias, scaling,
                   HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, RANK_FP32: tl.constexpr,
                   WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc [+ scaling·XA[rows]·B[cols]ᵀ] [+ BIAS[cols]]: the epilogue of every forward output
-    tile (dense and NF4; rows, cols are valid int64 indices). Scaling is folded into the fp32
-    xa before its one rounding to the compute dtype, so the term accumulates straight into acc
-    (no second M×N tile)."""
+    """acc [+ scaling·XA[rows]·B[cols]ᵀ] [+ BIAS[cols]]: the epilogue of the forward output tiles
+    that load their rank operands after the main loop (NF4, the cuBLAS path's expand; rows,
+    cols are valid int64 indices). The term accumulates straight into acc (no second M×N tile)."""
     if HAS_LORA:
-        # The rank operands' dtype: B's own (x's dtype, or fp32 when RANK_FP32 / fp32 x).
-        rank_dtype = B.dtype.element_ty
-        offs_r = tl.arange(0, BLOCK_R)
         for r0 in range(0, R, BLOCK_R):
-            r_mask = (r0 + offs_r) < R
-            xa = tl.load(XA + rows[:, None] * R + (r0 + offs_r)[None, :], mask=r_mask[None, :], other=0.0)
-            b = tl.load(B + cols[None, :] * stride_bn + (r0 + offs_r)[:, None].to(tl.int64) * stride_br,
-                        mask=r_mask[:, None], other=0.0)
-            acc = mma((xa * scaling).to(rank_dtype), b.to(rank_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+            xa, b = rank_operands(LEFT=XA, RIGHT=B, rows=rows, row_mask=rows >= 0, cols=cols, r0=r0, R=R,
+                                  stride_right_c=stride_bn, stride_right_r=stride_br, left_scale=scaling,
+                                  BLOCK_R=BLOCK_R)
+            acc = mma(xa, b, acc, WIDEN_BF16_DOT, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + cols * stride_bias).to(tl.float32)[None, :]
     return acc
@@ -251,8 +277,9 @@ def lora_dx_term(G, A, KEEP, rows, m_mask, cols, k0, R, K, stride_ar, stride_ak,
                  HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """lora_scale·(G[rows]·A[:, cols])⊙keep as a fresh fp32 [BLOCK_M, BLOCK_K] accumulator for
-    the columns [k0, k0 + BLOCK_K): the dX kernels start from it and continue with their GEMM,
-    so the dropout mask (which applies to this term only) needs no second tile of registers."""
+    the columns [k0, k0 + BLOCK_K): the dX kernels under dropout start from it and continue
+    with their GEMM, so the mask (which applies to this term only) needs no second tile of
+    registers."""
     rank_dtype = A.dtype.element_ty  # x's dtype, or fp32 (RANK_FP32 / fp32 x)
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
@@ -303,6 +330,7 @@ def _lora_forward_kernel(
         x_ptrs += x_step
         w_ptrs += w_step
 
+    # The rank operands load after the loop here (held across it they spill the sm_80 tiles).
     acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
                         stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=True,
                         HAS_BIAS=HAS_BIAS, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
@@ -472,16 +500,23 @@ def _lora_forward_tma_kernel(
     # tile's first loads): a per-tile k-loop is what the static estimate reads; to measure on a GPU.
     for tile in range(tl.program_id(0), tiles, num_programs):
         pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        # The epilogue's loads wrap past the edge onto valid rows/columns; the store clips them.
+        rows = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
+        cols = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+        # The LoRA term's first rank chunk is loaded now, consumed after the main loop.
+        xa0, b0 = rank_operands(LEFT=XA, RIGHT=B, rows=rows, row_mask=rows >= 0, cols=cols, r0=0, R=R,
+                                stride_right_c=stride_bn, stride_right_r=stride_br, left_scale=scaling,
+                                BLOCK_R=BLOCK_R)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(0, k_steps):
             x = x_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
             w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
             acc = mma(x, w.T, acc, WIDEN_BF16_DOT, DOT_PRECISION)
-        # The epilogue's loads wrap past the edge onto valid rows/columns; the store clips them.
-        rows = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
-        cols = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+        acc = rank_term(acc=acc, left0=xa0, right0=b0, LEFT=XA, RIGHT=B, rows=rows, row_mask=rows >= 0, cols=cols,
+                        R=R, stride_right_c=stride_bn, stride_right_r=stride_br, left_scale=scaling, BLOCK_R=BLOCK_R,
+                        WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
         acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
-                            stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=True,
+                            stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=False,
                             HAS_BIAS=HAS_BIAS, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
                             DOT_PRECISION=DOT_PRECISION)
         y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(Y.dtype.element_ty))
@@ -507,15 +542,26 @@ def _lora_backward_dx_tma_kernel(
         pid_m, pid_k = grouped_tile(tile, M, K, BLOCK_M, BLOCK_K, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = ((pid_k * BLOCK_K + tl.arange(0, BLOCK_K)) % K).to(tl.int64)
-        acc = lora_dx_term(G=G, A=A, KEEP=KEEP, rows=offs_m.to(tl.int64), m_mask=offs_m < M, cols=cols,
-                           k0=pid_k * BLOCK_K, R=R, K=K, stride_ar=stride_ar, stride_ak=stride_ak,
-                           lora_scale=lora_scale, HAS_DROPOUT=HAS_DROPOUT, BLOCK_R=BLOCK_R,
-                           WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
-                           BLOCK_K=BLOCK_K)
+        rows = offs_m.to(tl.int64)
+        m_mask = offs_m < M
+        if HAS_DROPOUT:
+            acc = lora_dx_term(G=G, A=A, KEEP=KEEP, rows=rows, m_mask=m_mask, cols=cols, k0=pid_k * BLOCK_K, R=R,
+                               K=K, stride_ar=stride_ar, stride_ak=stride_ak, lora_scale=lora_scale,
+                               HAS_DROPOUT=HAS_DROPOUT, BLOCK_R=BLOCK_R, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
+                               DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+        else:  # no mask: the term's first rank chunk is loaded now, added after the main loop
+            acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+            g0, a0 = rank_operands(LEFT=G, RIGHT=A, rows=rows, row_mask=m_mask, cols=cols, r0=0, R=R,
+                                   stride_right_c=stride_ak, stride_right_r=stride_ar, left_scale=lora_scale,
+                                   BLOCK_R=BLOCK_R)
         for n in range(0, n_steps):
             dy = dy_desc.load([pid_m * BLOCK_M, n * BLOCK_N])
             w = w_desc.load([n * BLOCK_N, pid_k * BLOCK_K])
             acc = mma(dy, w, acc, WIDEN_BF16_DOT, DOT_PRECISION)
+        if not HAS_DROPOUT:
+            acc = rank_term(acc=acc, left0=g0, right0=a0, LEFT=G, RIGHT=A, rows=rows, row_mask=m_mask, cols=cols,
+                            R=R, stride_right_c=stride_ak, stride_right_r=stride_ar, left_scale=lora_scale,
+                            BLOCK_R=BLOCK_R, WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
         dx_desc.store([pid_m * BLOCK_M, pid_k * BLOCK_K], acc.to(DX.dtype.element_ty))
 
 

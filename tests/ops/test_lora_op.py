@@ -333,17 +333,20 @@ def test_bf16_tests_detect_a_wrong_dot(monkeypatch, device):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter: forces the sm_90a kernels' choice here")
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", [(70, 96, 72, 8), (5, 64, 40, 16), (130, 32, 200, 80)],
-                         ids=lambda s: "M{}_K{}_N{}_r{}".format(*s))
+@pytest.mark.parametrize("shape", [(70, 96, 72, 8, 0.2), (5, 64, 40, 16, 0.0), (130, 32, 200, 80, 0.0),
+                                   (130, 32, 200, 80, 0.2)],
+                         ids=lambda s: "M{}_K{}_N{}_r{}_p{}".format(*s))
 def test_tma_gemms(shape, dtype, monkeypatch):
     """Forward and dX through tensor descriptors, persistent programs looping over several
-    tiles each (3 programs), edges zero-filled and clipped by the copy engine, dropout and bias."""
+    tiles each (3 programs), edges zero-filled and clipped by the copy engine, bias, with and
+    without dropout (without it, dX loads its first rank chunk before the main loop), one rank
+    chunk and several (r = 80 > 64)."""
     from peft_ops.kernels import lora as kernels
     from peft_ops.tools.launches import KernelsRan
 
     monkeypatch.setattr(kernels, "TMA_TARGETS", {"interpreter"})
-    M, K, N, r = shape
-    case = LoraCase(M, K, N, r, dtype, dropout_p=0.2)
+    M, K, N, r, dropout_p = shape
+    case = LoraCase(M, K, N, r, dtype, dropout_p=dropout_p)
     with KernelsRan() as ran:
         check_case(case, "triton", DEVICE)
     assert {"_lora_forward_tma_kernel", "_lora_backward_dx_tma_kernel"} <= set(ran.names)
