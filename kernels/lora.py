@@ -163,18 +163,34 @@ _TILE = ("BLOCK_M", "BLOCK_N")
 _PIECES = _families(_TILE, base=[(64, 128, 4, 2), (128, 64, 4, 2)], wide=[(128, 128, 8, 2)],
                     fp32=[(64, 64, 4, 2), (32, 128, 4, 2)])
 PIECE_CONFIGS = {"sm80": _PIECES, "sm90": _PIECES, "interpreter": tile_configs(_TILE, [(32, 64, 4, 1)])}
+# The rank items the persistent TMA dX GEMM runs as extra programs: (RANK_BLOCK_M, RANK_BLOCK_C)
+# keyed by whether the rank products take fp32 operands (fp32 adapters). 128 × 128 in half
+# precision: a 40 KB step keeps one CTA per SM (the GEMM's footprint) streaming, and ⌈K/128⌉ +
+# ⌈N/128⌉ items are few enough to fill the GEMM's last, partial wave (the best mean over the
+# default shapes in the static estimate; 256 × 64 and 128 × 256 measured worse there).
+_RANK_ITEMS = {False: (128, 128), True: (128, 32)}
+RANK_ITEM_TILE = {"sm80": _RANK_ITEMS, "sm90": _RANK_ITEMS, "interpreter": {False: (32, 32), True: (32, 32)}}
 # Targets whose GEMMs take the persistent TMA kernels (tests add "interpreter" to run them there).
 TMA_TARGETS = {"sm90"}
 # Programs of a persistent kernel in the interpreter (no SMs): a few, so each loops over tiles.
 INTERPRETER_PROGRAMS = 3
-# Tiles of the persistent kernels as virtual CTAs: what a static estimate schedules in waves.
-# Local loop bounds of the persistent kernels, for a static estimate's iteration counts.
+# For a static estimate: the persistent kernels' local loop bounds, their work (dX tiles and
+# rank items) as virtual CTAs scheduled in waves, and the loops only part of that work runs.
+_DX_WORK = {"dx_tiles": "cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K)",
+            "rank_items": "(cdiv(K, RANK_BLOCK_C) * COMPUTE_DA + cdiv(N, RANK_BLOCK_C) * max(COMPUTE_DB, COMPUTE_DBIAS))"
+                          " * cdiv(R, BLOCK_R)"}
 LOOP_BOUNDS = {"_lora_forward_tma_kernel": {"k_steps": "cdiv(K, BLOCK_K)"},
-               "_lora_backward_dx_tma_kernel": {"n_steps": "cdiv(N, BLOCK_N)"}}
+               "_lora_backward_dx_tma_kernel": {"n_steps": "cdiv(N, BLOCK_N)", **_DX_WORK},
+               "_lora_backward_rank_kernel": {"RANK_BLOCK_M": "BLOCK_M"}}
 PERSISTENT_TILES = {
     "_lora_forward_tma_kernel": "cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)",
-    "_lora_backward_dx_tma_kernel": "cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K)",
+    "_lora_backward_dx_tma_kernel": "dx_tiles + rank_items",
 }
+_DX_SHARE = "dx_tiles / (dx_tiles + rank_items)"
+LOOP_SHARES = {"_lora_backward_dx_tma_kernel": {
+    "for n in range(0, n_steps):": _DX_SHARE, "for r0 in range(0, R, BLOCK_R):": _DX_SHARE,
+    "for r0 in range(BLOCK_R, R, BLOCK_R):": _DX_SHARE,
+    "for m0 in range(0, M, RANK_BLOCK_M):": "rank_items / (dx_tiles + rank_items)"}}
 
 
 @autotuned(SHRINK_CONFIGS, dtype_family("X"), key=["M_BUCKET", "K", "R", "HAS_DROPOUT", "RANK_FP32"])
@@ -374,45 +390,41 @@ def _lora_backward_g_kernel(
     tl.store(G + rows[:, None] * R + offs_r[None, :], g, mask=m_mask[:, None] & r_mask[None, :])
 
 
-@autotuned(BACKWARD_RANK_CONFIGS, dtype_family("X"),
-           key=["M_BUCKET", "N", "K", "R", "COMPUTE_DA", "COMPUTE_DB", "COMPUTE_DBIAS", "HAS_DROPOUT", "RANK_FP32"])
 @triton.jit
-def _lora_backward_rank_kernel(
-    X, KEEP, G, DY, XA, DA, DB, DBIAS, M, N, K, R, M_BUCKET,
-    stride_xm, stride_xk, stride_dym, stride_dyn, da_scale, db_scale,
-    COMPUTE_DA: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DBIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """The reductions over M, each program owning BLOCK_C columns of one output and summing
-    every row of M in order (deterministic: no partials, no atomics). Both gradients have the
-    form  out[R-chunk, cols] = scale · Lᵀ·V[:, cols]  with a rank-r left operand L:
+def rank_reduction(pid, pid_r, X, KEEP, G, DY, XA, DA, DB, DBIAS, M, N, K, R,
+                   stride_xm, stride_xk, stride_dym, stride_dyn, da_scale, db_scale,
+                   COMPUTE_DA: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DBIAS: tl.constexpr,
+                   HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr,
+                   RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   RANK_BLOCK_M: tl.constexpr, RANK_BLOCK_C: tl.constexpr):
+    """One item of the reductions over M: RANK_BLOCK_C columns of one output (`pid`) for the
+    rank chunk `pid_r`, summing every row of M in order (deterministic: no partials, no
+    atomics). Both gradients have the form  out[R-chunk, cols] = scale · Lᵀ·V[:, cols]  with a
+    rank-r left operand L:
 
-        programs [0, ⌈K/BLOCK_C⌉) if COMPUTE_DA:  dA      = da_scale·Gᵀ·(X⊙keep)   (reads x once)
-        the next ⌈N/BLOCK_C⌉:                     dBᵀ     = db_scale·XAᵀ·dY        (reads dY once)
-                                                  and DBIAS = Σ_m dY                (the same dY tiles)
+        items [0, ⌈K/RANK_BLOCK_C⌉) if COMPUTE_DA:  dA      = da_scale·Gᵀ·(X⊙keep)   (reads x once)
+        the next ⌈N/RANK_BLOCK_C⌉:                  dBᵀ     = db_scale·XAᵀ·dY        (reads dY once)
+                                                    and DBIAS = Σ_m dY                (the same dY tiles)
 
-    so one loop serves both (operands picked per program, dB stored transposed), each output
+    so one loop serves both (operands picked per item, dB stored transposed), each output
     written once, scaled, in its parameter's dtype: nothing is left for a finishing kernel.
-    DBIAS is written by the first R-chunk's programs only."""
-    pid = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    a_programs = tl.cdiv(K, BLOCK_C) if COMPUTE_DA else 0
-    is_a = pid < a_programs
+    DBIAS is written by the first R-chunk's items only."""
+    a_items = tl.cdiv(K, RANK_BLOCK_C) if COMPUTE_DA else 0
+    is_a = pid < a_items
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
-    offs_m = tl.arange(0, BLOCK_M)
-    cols = tl.where(is_a, pid, pid - a_programs) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_m = tl.arange(0, RANK_BLOCK_M)
+    cols = tl.where(is_a, pid, pid - a_items) * RANK_BLOCK_C + tl.arange(0, RANK_BLOCK_C)
     c_mask = cols < tl.where(is_a, K, N)
-    # this program's operands: L [M, R] fp32 rows of g or xa; V [M, ·] rows of x or dY
+    # this item's operands: L [M, R] fp32 rows of g or xa; V [M, ·] rows of x or dY
     L = tl.where(is_a, G, XA)
     V = tl.where(is_a, X, DY)
     stride_vm = tl.where(is_a, stride_xm, stride_dym).to(tl.int64)
     stride_vc = tl.where(is_a, stride_xk, stride_dyn).to(tl.int64)
     rank_dtype = tl.float32 if RANK_FP32 else X.dtype.element_ty
-    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    col_sums = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    acc = tl.zeros([BLOCK_R, RANK_BLOCK_C], dtype=tl.float32)
+    col_sums = tl.zeros([RANK_BLOCK_C], dtype=tl.float32)
+    for m0 in range(0, M, RANK_BLOCK_M):
         rows = (m0 + offs_m).to(tl.int64)
         m_mask = (m0 + offs_m) < M
         # Rows past M load as zero in both operands: they add nothing to the sums.
@@ -421,8 +433,8 @@ def _lora_backward_rank_kernel(
         if HAS_DROPOUT:  # x is dropped where the forward dropped it; dY is not
             # (tensor comparisons, not `& is_a`: the interpreter refuses a scalar in a mask)
             keep = keep_from_bits(KEEP=KEEP, rows=rows, row_mask=(m0 + offs_m) < tl.where(is_a, M, 0),
-                                  k0=pid * BLOCK_C, n_cols=K, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_C)
-            v = tl.where(keep | (offs_m >= tl.where(is_a, BLOCK_M, 0))[:, None], v, 0.0)
+                                  k0=pid * RANK_BLOCK_C, n_cols=K, BLOCK_M=RANK_BLOCK_M, BLOCK_K=RANK_BLOCK_C)
+            v = tl.where(keep | (offs_m >= tl.where(is_a, RANK_BLOCK_M, 0))[:, None], v, 0.0)
         if COMPUTE_DBIAS:
             col_sums += tl.sum(v.to(tl.float32), axis=0)
         left = tl.load(L + rows[:, None] * R + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
@@ -437,6 +449,27 @@ def _lora_backward_rank_kernel(
         if COMPUTE_DBIAS:
             if pid_r == 0:
                 tl.store(DBIAS + cols, col_sums.to(DBIAS.dtype.element_ty), mask=c_mask)
+
+
+@autotuned(BACKWARD_RANK_CONFIGS, dtype_family("X"),
+           key=["M_BUCKET", "N", "K", "R", "COMPUTE_DA", "COMPUTE_DB", "COMPUTE_DBIAS", "HAS_DROPOUT", "RANK_FP32"])
+@triton.jit
+def _lora_backward_rank_kernel(
+    X, KEEP, G, DY, XA, DA, DB, DBIAS, M, N, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_dym, stride_dyn, da_scale, db_scale,
+    COMPUTE_DA: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DBIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The reductions over M (dA, dB, the bias gradient) as their own launch, one program per
+    item of `rank_reduction`: for the dX GEMMs that cannot take them as extra work (pointer
+    GEMMs, NF4, cuBLAS) and for calls that need no dX."""
+    rank_reduction(pid=tl.program_id(0), pid_r=tl.program_id(1), X=X, KEEP=KEEP, G=G, DY=DY, XA=XA, DA=DA, DB=DB,
+                   DBIAS=DBIAS, M=M, N=N, K=K, R=R, stride_xm=stride_xm, stride_xk=stride_xk, stride_dym=stride_dym,
+                   stride_dyn=stride_dyn, da_scale=da_scale, db_scale=db_scale, COMPUTE_DA=COMPUTE_DA,
+                   COMPUTE_DB=COMPUTE_DB, COMPUTE_DBIAS=COMPUTE_DBIAS, HAS_DROPOUT=HAS_DROPOUT, BLOCK_R=BLOCK_R,
+                   WIDEN_BF16_DOT=WIDEN_BF16_DOT, RANK_FP32=RANK_FP32, DOT_PRECISION=DOT_PRECISION,
+                   RANK_BLOCK_M=BLOCK_M, RANK_BLOCK_C=BLOCK_C)
 
 
 @autotuned(BACKWARD_DX_CONFIGS, dtype_family("DY"), key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "RANK_FP32"])
@@ -525,44 +558,73 @@ def _lora_forward_tma_kernel(
 @autotuned(BACKWARD_DX_TMA_CONFIGS, dtype_family("DY"), key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "RANK_FP32"])
 @triton.jit
 def _lora_backward_dx_tma_kernel(
-    DY, W, G, A, KEEP, DX, M, N, K, R, M_BUCKET,
-    stride_dym, stride_wn, stride_ar, stride_ak, lora_scale, num_programs,
-    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
-    WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DY, W, G, A, KEEP, DX, X, XA, DA, DB, DBIAS, M, N, K, R, M_BUCKET,
+    stride_dym, stride_wn, stride_ar, stride_ak, stride_xm, stride_xk, lora_scale, da_scale, db_scale,
+    num_programs,
+    HAS_DROPOUT: tl.constexpr, COMPUTE_DA: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DBIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RANK_BLOCK_M: tl.constexpr, RANK_BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """DX = dY·W + lora_scale·(G·A)⊙keep as `_lora_backward_dx_kernel`, persistent, with dY, W
-    and DX through TMA tensor descriptors."""
-    dy_desc = tl.make_tensor_descriptor(DY, shape=[M, N], strides=[stride_dym, 1], block_shape=[BLOCK_M, BLOCK_N])
-    w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
-    dx_desc = tl.make_tensor_descriptor(DX, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
-    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K)
-    n_steps = tl.cdiv(N, BLOCK_N)
-    for tile in range(tl.program_id(0), tiles, num_programs):
-        pid_m, pid_k = grouped_tile(tile, M, K, BLOCK_M, BLOCK_K, GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = ((pid_k * BLOCK_K + tl.arange(0, BLOCK_K)) % K).to(tl.int64)
-        rows = offs_m.to(tl.int64)
-        m_mask = offs_m < M
-        if HAS_DROPOUT:
-            acc = lora_dx_term(G=G, A=A, KEEP=KEEP, rows=rows, m_mask=m_mask, cols=cols, k0=pid_k * BLOCK_K, R=R,
-                               K=K, stride_ar=stride_ar, stride_ak=stride_ak, lora_scale=lora_scale,
-                               HAS_DROPOUT=HAS_DROPOUT, BLOCK_R=BLOCK_R, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
-                               DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
-        else:  # no mask: the term's first rank chunk is loaded now, added after the main loop
-            acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-            g0, a0 = rank_operands(LEFT=G, RIGHT=A, rows=rows, row_mask=m_mask, cols=cols, r0=0, R=R,
-                                   stride_right_c=stride_ak, stride_right_r=stride_ar, left_scale=lora_scale,
-                                   BLOCK_R=BLOCK_R)
-        for n in range(0, n_steps):
-            dy = dy_desc.load([pid_m * BLOCK_M, n * BLOCK_N])
-            w = w_desc.load([n * BLOCK_N, pid_k * BLOCK_K])
-            acc = mma(dy, w, acc, WIDEN_BF16_DOT, DOT_PRECISION)
-        if not HAS_DROPOUT:
-            acc = rank_term(acc=acc, left0=g0, right0=a0, LEFT=G, RIGHT=A, rows=rows, row_mask=m_mask, cols=cols,
-                            R=R, stride_right_c=stride_ak, stride_right_r=stride_ar, left_scale=lora_scale,
-                            BLOCK_R=BLOCK_R, WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
-        dx_desc.store([pid_m * BLOCK_M, pid_k * BLOCK_K], acc.to(DX.dtype.element_ty))
+    and DX through TMA tensor descriptors — and the reductions over M of the rank pass
+    (`rank_reduction`: dA, dB, the bias gradient) as extra programs of the same launch.
+
+    Programs [0, num_programs) loop over the dX tiles (one per SM); each program past them runs
+    one rank item. The hardware starts those as SMs free up, so the memory-bound rank items fill
+    the GEMM's last, partial wave (at M = 8192, d = 4096 on 132 SMs, 1024 tiles leave 32 SMs idle
+    for one tile's time) and stream x and dY beside tensor-core-bound tiles, instead of a launch
+    of their own after the GEMM. Nothing orders the two: both read only g, x, dY and write
+    disjoint outputs."""
+    pid = tl.program_id(0)
+    if pid < num_programs:
+        dy_desc = tl.make_tensor_descriptor(DY, shape=[M, N], strides=[stride_dym, 1],
+                                            block_shape=[BLOCK_M, BLOCK_N])
+        w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+        dx_desc = tl.make_tensor_descriptor(DX, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K)
+        n_steps = tl.cdiv(N, BLOCK_N)
+        for tile in range(pid, tiles, num_programs):
+            pid_m, pid_k = grouped_tile(tile, M, K, BLOCK_M, BLOCK_K, GROUP_M)
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            cols = ((pid_k * BLOCK_K + tl.arange(0, BLOCK_K)) % K).to(tl.int64)
+            rows = offs_m.to(tl.int64)
+            m_mask = offs_m < M
+            # The term starts the accumulator under dropout (the mask applies to it alone) and in
+            # tiles wider than 128 × 128 (no registers left to hold its operands across the loop);
+            # otherwise its first rank chunk is loaded now and added after the main loop.
+            if HAS_DROPOUT or BLOCK_M * BLOCK_K > 128 * 128:
+                acc = lora_dx_term(G=G, A=A, KEEP=KEEP, rows=rows, m_mask=m_mask, cols=cols, k0=pid_k * BLOCK_K,
+                                   R=R, K=K, stride_ar=stride_ar, stride_ak=stride_ak, lora_scale=lora_scale,
+                                   HAS_DROPOUT=HAS_DROPOUT, BLOCK_R=BLOCK_R, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
+                                   DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+            else:
+                acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+                g0, a0 = rank_operands(LEFT=G, RIGHT=A, rows=rows, row_mask=m_mask, cols=cols, r0=0, R=R,
+                                       stride_right_c=stride_ak, stride_right_r=stride_ar, left_scale=lora_scale,
+                                       BLOCK_R=BLOCK_R)
+            for n in range(0, n_steps):
+                dy = dy_desc.load([pid_m * BLOCK_M, n * BLOCK_N])
+                w = w_desc.load([n * BLOCK_N, pid_k * BLOCK_K])
+                acc = mma(dy, w, acc, WIDEN_BF16_DOT, DOT_PRECISION)
+            if not (HAS_DROPOUT or BLOCK_M * BLOCK_K > 128 * 128):
+                acc = rank_term(acc=acc, left0=g0, right0=a0, LEFT=G, RIGHT=A, rows=rows, row_mask=m_mask,
+                                cols=cols, R=R, stride_right_c=stride_ak, stride_right_r=stride_ar,
+                                left_scale=lora_scale, BLOCK_R=BLOCK_R, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
+                                DOT_PRECISION=DOT_PRECISION)
+            dx_desc.store([pid_m * BLOCK_M, pid_k * BLOCK_K], acc.to(DX.dtype.element_ty))
+    else:
+        if COMPUTE_DA or COMPUTE_DB or COMPUTE_DBIAS:
+            item = pid - num_programs
+            column_items = (tl.cdiv(K, RANK_BLOCK_C) if COMPUTE_DA else 0) + \
+                (tl.cdiv(N, RANK_BLOCK_C) if COMPUTE_DB or COMPUTE_DBIAS else 0)
+            rank_reduction(pid=item % column_items, pid_r=item // column_items, X=X, KEEP=KEEP, G=G, DY=DY, XA=XA,
+                           DA=DA, DB=DB, DBIAS=DBIAS, M=M, N=N, K=K, R=R, stride_xm=stride_xm, stride_xk=stride_xk,
+                           stride_dym=stride_dym, stride_dyn=1, da_scale=da_scale, db_scale=db_scale,
+                           COMPUTE_DA=COMPUTE_DA, COMPUTE_DB=COMPUTE_DB, COMPUTE_DBIAS=COMPUTE_DBIAS,
+                           HAS_DROPOUT=HAS_DROPOUT, BLOCK_R=BLOCK_R, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
+                           RANK_FP32=RANK_FP32, DOT_PRECISION=DOT_PRECISION, RANK_BLOCK_M=RANK_BLOCK_M,
+                           RANK_BLOCK_C=RANK_BLOCK_C)
 
 
 @autotuned(PIECE_CONFIGS, dtype_family("C"), key=["M_BUCKET", "N", "R", "HAS_BIAS", "RANK_FP32"])
@@ -732,7 +794,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
     """
     if gemm not in GEMMS:
         raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
-    def launch_dx(g, dx, lora_scale, **constexprs):
+    def launch_dx(g, dx, lora_scale, rank, **constexprs):
         M, N = dy.shape
         K = x.shape[1]
         if gemm == "cublas":
@@ -742,33 +804,53 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
                 g, lora_A, keep if keep is not None else g, c, M, K, lora_A.shape[0], m_bucket(M),
                 lora_A.stride(0), lora_A.stride(1), lora_scale, **constexprs)
             torch.addmm(c, dy, weight, out=dx)
-            return
+            return False
         tiles = lambda META: triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"])  # noqa: E731
         if uses_tma(dy, weight, dx):
             ensure_scratch_allocator()
             programs = persistent_programs(dy.device)
-            launch(_lora_backward_dx_tma_kernel, lambda META: (min(programs, tiles(META)),),
-                dy, weight, g, lora_A, keep if keep is not None else g, dx, M, N, K, lora_A.shape[0], m_bucket(M),
-                dy.stride(0), weight.stride(0), lora_A.stride(0), lora_A.stride(1), lora_scale, programs,
+            rank_block_m, rank_block_c = RANK_ITEM_TILE[current_target()][lora_A.dtype == torch.float32]
+            if rank is None:
+                items, rank = 0, dict(X=g, XA=g, DA=g, DB=g, DBIAS=g, da_scale=0.0, db_scale=0.0, COMPUTE_DA=False,
+                                      COMPUTE_DB=False, COMPUTE_DBIAS=False)
+            else:
+                items = rank_items(M, N, K, constexprs["BLOCK_R"], lora_A.shape[0], rank_block_c, rank)
+            launch(_lora_backward_dx_tma_kernel, (programs + items,),
+                dy, weight, g, lora_A, keep if keep is not None else g, dx, rank["X"], rank["XA"], rank["DA"],
+                rank["DB"], rank["DBIAS"], M, N, K, lora_A.shape[0], m_bucket(M), dy.stride(0), weight.stride(0),
+                lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), lora_scale, rank["da_scale"],
+                rank["db_scale"], programs, COMPUTE_DA=rank["COMPUTE_DA"], COMPUTE_DB=rank["COMPUTE_DB"],
+                COMPUTE_DBIAS=rank["COMPUTE_DBIAS"], RANK_BLOCK_M=rank_block_m, RANK_BLOCK_C=rank_block_c,
                 **constexprs)
-            return
+            return items > 0
         grid = lambda META: (tiles(META),)  # noqa: E731
         launch(_lora_backward_dx_kernel, grid,
             dy, weight, g, lora_A, keep if keep is not None else g, dx, M, N, x.shape[1], lora_A.shape[0], m_bucket(M),
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_scale, **constexprs)
+        return False
 
     with launch_guard(dy, x, weight, lora_A, lora_B):
         return backward_with(launch_dx, dy, x, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA,
                              need_dB, need_db)
 
 
+def rank_items(M: int, N: int, K: int, block_r: int, R: int, block_c: int, rank: dict) -> int:
+    """Items of `rank_reduction` for column blocks of `block_c`: one per (output column block,
+    rank chunk)."""
+    columns = triton.cdiv(K, block_c) * rank["COMPUTE_DA"] + \
+        triton.cdiv(N, block_c) * (rank["COMPUTE_DB"] or rank["COMPUTE_DBIAS"])
+    return columns * triton.cdiv(R, block_r)
+
+
 def backward_with(launch_dx, dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                   xa: torch.Tensor, keep: torch.Tensor | None, scaling: float, dropout_p: float, need_dx: bool,
                   need_dA: bool, need_dB: bool, need_db: bool):
-    """The LoRA backward for any frozen base weight, in at most three launches: g = dY·B, the
-    rank pass (dA, dB and the bias gradient, final) and `launch_dx(g, dx, lora_scale,
-    **constexprs)`, the dX GEMM of the caller's weight format (dense here, NF4 in nf4.py)."""
+    """The LoRA backward for any frozen base weight, in at most three launches: g = dY·B,
+    `launch_dx(g, dx, lora_scale, rank, **constexprs)` — the dX GEMM of the caller's weight
+    format (dense here, NF4 in nf4.py), which returns whether it also ran the reductions over M
+    described by `rank` (the persistent TMA GEMM takes them as extra programs) — and, unless it
+    did, the rank pass: dA, dB and the bias gradient, final."""
     M, N = dy.shape
     K = x.shape[1]
     R = lora_A.shape[0]
@@ -790,18 +872,23 @@ def backward_with(launch_dx, dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Te
         launch(_lora_backward_g_kernel, lambda META: (triton.cdiv(M, META["BLOCK_M"]), rank_chunks),
             dy, lora_B, g, M, N, R, m_bucket(M), dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
             **flags)
+    rank = None
     if need_dA or need_dB or need_db:
+        unused = xa  # any tensor, for pointers the constexprs switch off
+        rank = dict(X=x, XA=xa, DA=dA if need_dA else unused, DB=dB if need_dB else unused,
+                    DBIAS=db if need_db else unused, da_scale=lora_scale, db_scale=float(scaling), COMPUTE_DA=need_dA,
+                    COMPUTE_DB=need_dB, COMPUTE_DBIAS=need_db)
+    if need_dx and launch_dx(g, dx, lora_scale, rank, HAS_DROPOUT=has_dropout, **flags):
+        rank = None  # the dX launch ran the rank items
+    if rank is not None:
         def rank_grid(META):
             return (triton.cdiv(K, META["BLOCK_C"]) * need_dA + triton.cdiv(N, META["BLOCK_C"]) * (need_dB or need_db),
                     rank_chunks)
-        unused = xa  # any tensor, for pointers the constexprs switch off
         launch(_lora_backward_rank_kernel, rank_grid,
-            x, keep if has_dropout else unused, g if g is not None else unused, dy, xa, dA if need_dA else unused,
-            dB if need_dB else unused, db if need_db else unused, M, N, K, R, m_bucket(M),
-            x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), lora_scale, float(scaling),
-            COMPUTE_DA=need_dA, COMPUTE_DB=need_dB, COMPUTE_DBIAS=need_db, HAS_DROPOUT=has_dropout, **flags)
-    if need_dx:
-        launch_dx(g, dx, lora_scale, HAS_DROPOUT=has_dropout, **flags)
+            x, keep if has_dropout else xa, g if g is not None else xa, dy, xa, rank["DA"], rank["DB"], rank["DBIAS"],
+            M, N, K, R, m_bucket(M), x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), lora_scale,
+            float(scaling), COMPUTE_DA=need_dA, COMPUTE_DB=need_dB, COMPUTE_DBIAS=need_db, HAS_DROPOUT=has_dropout,
+            **flags)
     return dx, dA, dB, db
 
 
@@ -853,7 +940,12 @@ def aot_specs(target: str) -> list:
             build("lora_forward_tma", _lora_forward_tma_kernel, FORWARD_TMA_CONFIGS,
                   dict(X=dt, W=dt, XA="fp32", B=rt, BIAS=dt, Y=dt), dict(HAS_BIAS=True),
                   unit_strides=("stride_br", "stride_bias"), float_args=("scaling",))
-            build("lora_backward_dx_tma", _lora_backward_dx_tma_kernel, BACKWARD_DX_TMA_CONFIGS,
-                  dict(DY=dt, W=dt, G="fp32", A=rt, KEEP="i32", DX=dt), dict(HAS_DROPOUT=True),
-                  unit_strides=("stride_ak",), float_args=("lora_scale",))
+            rank_block_m, rank_block_c = RANK_ITEM_TILE[target][fp32_rank]
+            for dropout in (True, False):  # without dropout, dX holds its first rank chunk across the loop
+                build("lora_backward_dx_tma", _lora_backward_dx_tma_kernel, BACKWARD_DX_TMA_CONFIGS,
+                      dict(DY=dt, W=dt, G="fp32", A=rt, KEEP="i32", DX=dt, X=dt, XA="fp32", DA=rt, DB=rt, DBIAS=dt),
+                      dict(HAS_DROPOUT=dropout, COMPUTE_DA=True, COMPUTE_DB=True, COMPUTE_DBIAS=True,
+                           RANK_BLOCK_M=rank_block_m, RANK_BLOCK_C=rank_block_c),
+                      variant=variant if dropout else f"{variant}, no dropout", unit_strides=("stride_ak", "stride_xk"),
+                      float_args=("lora_scale", "da_scale", "db_scale"))
     return specs

@@ -416,7 +416,7 @@ def qlora_backward(dy: torch.Tensor, x: torch.Tensor, qw, lora_A: torch.Tensor, 
     """(dx, dA, dB, db) of the QLoRA layer, as ``lora.backward`` with the NF4 dX kernel."""
     block_m = DX_BLOCK_M[current_target()]
 
-    def launch_dx(g, dx, lora_scale, **constexprs):
+    def launch_dx(g, dx, lora_scale, rank, **constexprs):  # the rank pass stays its own launch
         M = dy.shape[0]
         grid = lambda META: (triton.cdiv(M, block_m) * triton.cdiv(qw.in_features, META["BLOCK_K"]),)  # noqa: E731
         launch(_nf4_backward_dx_kernel, grid,
@@ -424,6 +424,7 @@ def qlora_backward(dy: torch.Tensor, x: torch.Tensor, qw, lora_A: torch.Tensor, 
             qw.in_features, lora_A.shape[0], m_bucket(M), dy.stride(0), dy.stride(1), lora_A.stride(0),
             lora_A.stride(1), lora_scale, HAS_LORA=True, BLOCK_M=block_m, **constexprs, **_format_flags(qw),
             **NF4_LAUNCH_OPTIONS)
+        return False
 
     with launch_guard(dy, x, qw.packed, lora_A, lora_B):
         return backward_with(launch_dx, dy, x, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA,

@@ -123,8 +123,8 @@ def test_non_contiguous_bias(path, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("grads", ["all", "dA only", "dB only"])
 def test_backward_is_three_kernels_at_most(dtype, grads, device):
-    """The backward launches g = dY·B, the rank pass (dA and dB written once, final, in the
-    adapters' dtype) and the dX GEMM — nothing else: no partials to sum, no casts. In the
+    """The backward launches g = dY·B, the dX GEMM and the rank pass (dA and dB written once,
+    final, in the adapters' dtype) — nothing else: no partials to sum, no casts. In the
     interpreter a rank-pass program sums 150 rows in 5 steps and dA / dB span several programs."""
     from peft_ops.tools.launches import KernelsRan
 
@@ -136,7 +136,7 @@ def test_backward_is_three_kernels_at_most(dtype, grads, device):
     y = peft_ops.lora_linear(x, inp["weight"], lora_A, lora_B, 0.7, dropout_p=0.3)
     with KernelsRan() as ran:
         y.backward(inp["grad_out"])
-    expected = {"all": ["_lora_backward_g_kernel", "_lora_backward_rank_kernel", "_lora_backward_dx_kernel"],
+    expected = {"all": ["_lora_backward_g_kernel", "_lora_backward_dx_kernel", "_lora_backward_rank_kernel"],
                 "dA only": ["_lora_backward_g_kernel", "_lora_backward_rank_kernel"],
                 "dB only": ["_lora_backward_rank_kernel"]}[grads]
     assert ran.names == expected  # the whole count on a GPU is tests/tools/test_launches.py's
@@ -350,7 +350,41 @@ def test_tma_gemms(shape, dtype, monkeypatch):
     with KernelsRan() as ran:
         check_case(case, "triton", DEVICE)
     assert {"_lora_forward_tma_kernel", "_lora_backward_dx_tma_kernel"} <= set(ran.names)
-    assert not {"_lora_forward_kernel", "_lora_backward_dx_kernel"} & set(ran.names)
+    # the rank pass ran as extra programs of the dX launch
+    assert not {"_lora_forward_kernel", "_lora_backward_dx_kernel", "_lora_backward_rank_kernel"} & set(ran.names)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter: forces the sm_90a kernels' choice here")
+@pytest.mark.parametrize("grads", ["all", "x only", "A and B only", "dA only"])
+def test_tma_dx_with_and_without_rank_items(grads, monkeypatch):
+    """The persistent dX launch runs the rank items when dA or dB is wanted beside dX, runs
+    alone when only dX is (frozen adapters), and the rank pass is its own launch when dX is
+    not wanted: every gradient against float64 in each case."""
+    from peft_ops.kernels import lora as kernels
+    from peft_ops.tools.launches import KernelsRan
+
+    monkeypatch.setattr(kernels, "TMA_TARGETS", {"interpreter"})
+    dtype = torch.bfloat16
+    inp = make_lora_inputs(LoraCase(M=75, K=72, N=48, r=8, dtype=dtype, dropout_p=0.0), DEVICE)
+    x = inp["x"].requires_grad_(grads in ("all", "x only"))
+    lora_A = inp["lora_A"].requires_grad_(grads in ("all", "A and B only", "dA only"))
+    lora_B = inp["lora_B"].requires_grad_(grads in ("all", "A and B only"))
+    y = peft_ops.lora_linear(x, inp["weight"], lora_A, lora_B, 0.7)
+    with KernelsRan() as ran:
+        y.backward(inp["grad_out"])
+    expected = {"all": ["_lora_backward_g_kernel", "_lora_backward_dx_tma_kernel"],
+                "x only": ["_lora_backward_g_kernel", "_lora_backward_dx_tma_kernel"],
+                "A and B only": ["_lora_backward_g_kernel", "_lora_backward_rank_kernel"],
+                "dA only": ["_lora_backward_g_kernel", "_lora_backward_rank_kernel"]}[grads]
+    assert ran.names == expected
+    ref = {k: inp[k].detach().double().requires_grad_(t.requires_grad)
+           for k, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B))}
+    reference.lora_linear(ref["x"], inp["weight"].double(), ref["lora_A"], ref["lora_B"], 0.7).backward(
+        inp["grad_out"].double())
+    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
+        assert (t.grad is not None) == t.requires_grad, name
+        if t.grad is not None:
+            assert_close(t.grad, ref[name].grad, dtype, f"d{name}")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter: forces the sm_90a kernels' choice here")
@@ -391,8 +425,9 @@ def test_cublas_path(shape, dtype, dropout_p, device):
 
 @pytest.mark.parametrize("path", ["triton", "cublas"])
 def test_lora_gemm_choice_by_shape_launches(path, monkeypatch):
-    """Planned for an H200: the fused path is 2 + 3 launches, the cuBLAS path one more each (the
-    addmm; its LoRA pieces are one kernel per phase)."""
+    """Planned for an H200: the fused path is 2 + 2 launches (the persistent dX GEMM runs the
+    rank pass as extra programs), the cuBLAS path 3 + 4 (the addmms; its LoRA pieces are one
+    kernel per phase, the rank pass its own launch)."""
     from peft_ops.tools import launches
     from peft_ops.tools.roofline import OpShape
 
@@ -401,8 +436,8 @@ def test_lora_gemm_choice_by_shape_launches(path, monkeypatch):
     forward, backward = ([str(x) for x in planned[p]] for p in ("forward", "backward"))
     if path == "cublas":
         assert forward == ["_lora_shrink_kernel", "_lora_expand_kernel", "aten.addmm.default"]
-        assert backward == ["_lora_backward_g_kernel", "_lora_backward_rank_kernel", "_lora_dx_term_kernel",
-                            "aten.addmm.out"]
+        assert backward == ["_lora_backward_g_kernel", "_lora_dx_term_kernel", "aten.addmm.out",
+                            "_lora_backward_rank_kernel"]
     else:
         assert forward == ["_lora_shrink_kernel", "_lora_forward_tma_kernel"]
-        assert backward == ["_lora_backward_g_kernel", "_lora_backward_rank_kernel", "_lora_backward_dx_tma_kernel"]
+        assert backward == ["_lora_backward_g_kernel", "_lora_backward_dx_tma_kernel"]

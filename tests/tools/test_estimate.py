@@ -133,17 +133,20 @@ def test_the_target_rows_today(headline):
     est, got, shapes = headline
     dev = est.device
     lora = got["lora"]["fwd+bwd"]["seconds"] / estimate.base_layer_seconds(shapes["lora"], dev)["fwd+bwd"]
-    # target ≤ 1.10 static, 1.05 on a GPU: the persistent TMA GEMMs run near the cuBLAS model
-    # (the per-tile pipeline fill of the unflattened loop aside); the shrink, g and rank passes
-    # (x, dY, x + dY) add ≈ 80 µs to the base layer's ≈ 710
-    assert 1.10 < lora < 1.25
+    # target ≤ 1.10 static (met), 1.05 on a GPU: the persistent TMA GEMMs run at the cuBLAS
+    # model (the LoRA term's operands load before the main loop); the shrink and g passes (x, dY)
+    # add ≈ 36 µs to the base layer's ≈ 710, the rank items ≈ 13 µs in the dX GEMM's last wave
+    assert 1.02 < lora <= 1.10
     qlora = got["qlora"]["fwd+bwd"]["seconds"] / got["lora"]["fwd+bwd"]["seconds"]
-    assert 1.8 < qlora < 3.0  # target ≤ 1.08: per-weight byte loads and table gathers in the GEMMs
+    # target ≤ 1.08: per-weight byte loads and table gathers in the GEMMs (3.15 since the LoRA
+    # backward fused its rank pass into the dX launch; QLoRA's NF4 dX keeps it separate)
+    assert 1.8 < qlora < 3.5
     w_bytes = 4096 * 14336 // 2
     gemv_pct = 100 * w_bytes / got["gemv"]["forward"]["seconds"] / dev.bandwidth
     assert 5 < gemv_pct < 35  # target ≥ 85 %
-    # the launches: LoRA 2 + 3, the decode GEMV 3 (a split-K sum and a copy after the kernel)
-    assert (got["lora"]["forward"]["launches"], got["lora"]["backward"]["launches"]) == (2, 3)
+    # the launches: LoRA 2 + 2 (the rank pass rides in the dX launch), the decode GEMV 3 (a
+    # split-K sum and a copy after the kernel)
+    assert (got["lora"]["forward"]["launches"], got["lora"]["backward"]["launches"]) == (2, 2)
     assert got["gemv"]["forward"]["launches"] == 3
 
 

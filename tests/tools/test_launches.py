@@ -16,11 +16,12 @@ from peft_ops.tools.roofline import OpShape
 
 SHRINK, FORWARD, G, RANK, DX = "_lora_shrink_kernel", "_lora_forward_kernel", "_lora_backward_g_kernel", \
     "_lora_backward_rank_kernel", "_lora_backward_dx_kernel"
-# g = dY·B, the rank pass (dA, dB final, in the adapters' dtype), the dX GEMM: no PyTorch tail
-LORA_BACKWARD = [G, RANK, DX]
+# g = dY·B, the dX GEMM, the rank pass (dA, dB final, in the adapters' dtype): no PyTorch tail
+LORA_BACKWARD = [G, DX, RANK]
+# sm_90a: the persistent TMA dX GEMM runs the rank pass's items as extra programs
+TMA_BACKWARD = [G, "_lora_backward_dx_tma_kernel"]
 EXPECTED = {
-    ("lora", 8192, 4096, 4096, 16): ([SHRINK, "_lora_forward_tma_kernel"],
-                                     [x.replace(DX, "_lora_backward_dx_tma_kernel") for x in LORA_BACKWARD]),
+    ("lora", 8192, 4096, 4096, 16): ([SHRINK, "_lora_forward_tma_kernel"], TMA_BACKWARD),
     ("qlora", 8192, 4096, 4096, 16): ([SHRINK, "_nf4_matmul_kernel"],
                                       [x.replace(DX, "_nf4_backward_dx_kernel") for x in LORA_BACKWARD]),
     # decode: the split-K GEMV's partials are summed and copied by PyTorch
@@ -52,7 +53,8 @@ def test_planned_launches_per_call(call, options):
 def test_lora_backward_budget_with_trainable_bias(dropout_p, target):
     """Forward ≤ 2 launches, backward ≤ 3 with every gradient wanted (x, A, B and the bias: its
     sum over M rides on the rank pass's reads of dY), at a long sequence and a wide layer
-    (M = 32768, 14336 outputs, r = 64) as at the headline shape: no row chunks, no partials."""
+    (M = 32768, 14336 outputs, r = 64) as at the headline shape: no row chunks, no partials.
+    On sm_90a the backward is 2: the persistent dX GEMM runs the rank items as extra programs."""
     for M, N, r in ((8192, 4096, 16), (32768, 14336, 64)):
         meta = dict(device="meta", dtype=torch.bfloat16)
         x = torch.empty(M, 4096, **meta).requires_grad_()
@@ -63,8 +65,15 @@ def test_lora_backward_budget_with_trainable_bias(dropout_p, target):
         backward = launches.plan(lambda: out[0].backward(torch.empty(M, N, **meta)), target)
         tma = "_tma" if target == "sm90" else ""
         assert [str(x) for x in forward] == [SHRINK, FORWARD.replace("_kernel", f"{tma}_kernel")]
-        assert [str(x) for x in backward] == [G, RANK, DX.replace("_kernel", f"{tma}_kernel")]
-        rank = backward[1]
+        if tma:
+            assert [str(x) for x in backward] == TMA_BACKWARD
+            rank = backward[1]
+            block_c = rank.args["RANK_BLOCK_C"]
+            dx_programs, items = rank.args["num_programs"], (-(-4096 // block_c) + -(-N // block_c)) * -(-r // 64)
+            assert dx_programs == 132 and rank.grid == (dx_programs + items,)
+        else:
+            assert [str(x) for x in backward] == [G, DX, RANK]
+            rank = backward[2]
         assert rank.args["COMPUTE_DA"] and rank.args["COMPUTE_DB"] and rank.args["COMPUTE_DBIAS"]
         assert rank.args["HAS_DROPOUT"] == (dropout_p > 0)
 
