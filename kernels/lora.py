@@ -177,8 +177,8 @@ INTERPRETER_PROGRAMS = 3
 # For a static estimate: the persistent kernels' local loop bounds, their work (dX tiles and
 # rank items) as virtual CTAs scheduled in waves, and the loops only part of that work runs.
 _DX_WORK = {"dx_tiles": "cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K)",
-            "rank_items": "(cdiv(K, RANK_BLOCK_C) * COMPUTE_DA + cdiv(N, RANK_BLOCK_C) * max(COMPUTE_DB, COMPUTE_DBIAS))"
-                          " * cdiv(R, BLOCK_R)"}
+            "rank_items": "(cdiv(K, RANK_BLOCK_C) * COMPUTE_DA"
+                          " + cdiv(N, RANK_BLOCK_C) * max(COMPUTE_DB, COMPUTE_DBIAS)) * cdiv(R, BLOCK_R)"}
 LOOP_BOUNDS = {"_lora_forward_tma_kernel": {"k_steps": "cdiv(K, BLOCK_K)"},
                "_lora_backward_dx_tma_kernel": {"n_steps": "cdiv(N, BLOCK_N)", **_DX_WORK},
                "_lora_backward_rank_kernel": {"RANK_BLOCK_M": "BLOCK_M"}}
