@@ -20,11 +20,13 @@ Design, from a cost model (bf16, M = 8192, d = 4096, m = 64):
   BLOCK_M × d × 2 B = 34 MiB at BLOCK_M = 16 on 132 SMs, under the 50 MiB L2 of an H100/H200).
 - Backward (dz = s·dY⊙keep/(1-p), the gradient reaching the branch's output):
   `_bottleneck_backward_dh_kernel` reads dY once per row block: dh = (dz·W_up)⊙act′(h)
-  [M, m] fp32. `_bottleneck_backward_dx_kernel` owns a column block of d and a slice of
-  rows; it keeps W_down[:, cols] in registers, reads dY and x once, writes dX = dY + dh·W_down,
-  and accumulates dW_down = dhᵀ·x, dW_up = dzᵀ·act(h), db_up = Σ dz for its columns over its
-  rows. 4 passes over M×d (dY twice, x, dX) against eager's ≈ 8 (5 for the two linears'
-  gradients, the residual sum read twice and written once).
+  [M, m] fp32, and act(h) [M, m] in x's dtype (computed once per element: the dX kernel's
+  ⌈d/BLOCK_D⌉ column blocks each recomputed it before, 64× at d = 4096 — an erf per element
+  for gelu, ≈ a third of that kernel's instructions). `_bottleneck_backward_dx_kernel` owns a
+  column block of d and a slice of rows; it keeps W_down[:, cols] in registers, reads dY and
+  x once, writes dX = dY + dh·W_down, and accumulates dW_down = dhᵀ·x, dW_up = dzᵀ·act(h),
+  db_up = Σ dz for its columns over its rows. 4 passes over M×d (dY twice, x, dX) against
+  eager's ≈ 8 (5 for the two linears' gradients, the residual sum read twice and written once).
 - Reductions over M are deterministic: within a program in a fixed row order, across row
   slices as fp32 partials that `_bottleneck_finish_kernel` sums in slice order, scales and
   casts to the parameters' dtype (one launch where PyTorch took 8: 4 sums, 2 scalings, 2
@@ -256,14 +258,16 @@ def _bottleneck_forward_kernel(
            key=["M_BUCKET", "D", "BOTTLENECK", "HAS_DROPOUT", "ACTIVATION"])
 @triton.jit(do_not_specialize=["seed"])
 def _bottleneck_backward_dh_kernel(
-    DY, W_UP, H, DH, M, D, BOTTLENECK, M_BUCKET,
+    DY, W_UP, H, DH, ACT, M, D, BOTTLENECK, M_BUCKET,
     stride_dym, stride_dyd, stride_up_d, stride_up_b,
     branch_scale, seed, dropout_p,
-    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_B: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, SAVE_ACT: tl.constexpr, BLOCK_B: tl.constexpr,
     WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """DH[M, m] (fp32) = branch_scale·((dY⊙keep)·W_up)⊙act′(H), branch_scale = s/(1-p)."""
+    """DH[M, m] (fp32) = branch_scale·((dY⊙keep)·W_up)⊙act′(H), branch_scale = s/(1-p); with
+    SAVE_ACT also ACT[M, m] = act(H) in ACT's dtype (x's), rounded as the forward fed it to
+    W_up: the dX kernel's column blocks load it instead of each recomputing the activation."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_b = tl.arange(0, BLOCK_B)
     rows = offs_m.to(tl.int64)
@@ -278,11 +282,13 @@ def _bottleneck_backward_dh_kernel(
     hb_mask = m_mask[:, None] & b_mask[None, :]
     h = tl.load(H + h_ptrs, mask=hb_mask, other=0.0)
     tl.store(DH + h_ptrs, branch_scale * grad_act * activation_grad(h, ACTIVATION), mask=hb_mask)
+    if SAVE_ACT:
+        tl.store(ACT + h_ptrs, activation(h, ACTIVATION).to(ACT.dtype.element_ty), mask=hb_mask)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _bottleneck_backward_dx_kernel(
-    DY, X, H, DH, W_DOWN, DX, DW_DOWN_PARTIAL, DW_UP_PARTIAL, DB_UP_PARTIAL, DB_DOWN_PARTIAL,
+    DY, X, ACT, DH, W_DOWN, DX, DW_DOWN_PARTIAL, DW_UP_PARTIAL, DB_UP_PARTIAL, DB_DOWN_PARTIAL,
     M, D, BOTTLENECK, rows_per_slice,
     stride_dym, stride_dyd, stride_xm, stride_xd, stride_down_b, stride_down_d,
     seed, dropout_p,
@@ -291,7 +297,7 @@ def _bottleneck_backward_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """For the columns of program_id(0) and the rows of slice program_id(1):
-    DX = dY + DH·W_down, and the slice's partials DW_DOWN = DHᵀ·X, DW_UP = (dY⊙keep)ᵀ·act(H),
+    DX = dY + DH·W_down, and the slice's partials DW_DOWN = DHᵀ·X, DW_UP = (dY⊙keep)ᵀ·ACT,
     DB_UP = Σ dY⊙keep, and (column block 0) DB_DOWN = Σ DH; `_bottleneck_finish_kernel` sums
     the slices and applies s/(1-p) to DW_UP and DB_UP."""
     pid_d = tl.program_id(0)
@@ -325,8 +331,7 @@ def _bottleneck_backward_dx_kernel(
         if COMPUTE_DW:
             x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=io_mask, other=0.0)
             dw_down = mma(tl.trans(dh), x, dw_down, WIDEN_BF16_DOT, DOT_PRECISION)
-            h = tl.load(H + rows[:, None] * BOTTLENECK + offs_b[None, :], mask=hb_mask, other=0.0)
-            act = activation(h, ACTIVATION).to(dtype)  # as the forward fed it to W_up
+            act = tl.load(ACT + rows[:, None] * BOTTLENECK + offs_b[None, :], mask=hb_mask, other=0.0)
             if HAS_DROPOUT:
                 keep = keep_tile(seed=seed, rows=rows, k0=pid_d * BLOCK_D, n_cols=D, dropout_p=dropout_p,
                                  BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_D)
@@ -453,6 +458,7 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
         zeros = (lambda *shape: torch.zeros(shape, device=device, dtype=x.dtype)) if need_dw else (lambda *shape: None)
         return dx, zeros(B, D), zeros(B), zeros(D, B), zeros(D)
     dh = torch.empty((M, B), device=device, dtype=torch.float32)
+    act = torch.empty((M, B), device=device, dtype=x.dtype) if need_dw else dh  # act(h), for dW_up
     tiles = BACKWARD_DX_TILES[current_target()][tile_family(x.dtype, flags["BLOCK_B"])]
     # (tiles, computes dX, computes the parameter gradients) of each dX-kernel launch
     launches = [(tiles, need_dx, need_dw)] if isinstance(tiles, tuple) else \
@@ -469,16 +475,16 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
     with launch_guard(dy, x, down_weight, up_weight):
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)  # noqa: E731
         launch(_bottleneck_backward_dh_kernel, grid,
-            dy, up_weight, h, dh, M, D, B, m_bucket(M),
+            dy, up_weight, h, dh, act, M, D, B, m_bucket(M),
             dy.stride(0), dy.stride(1), up_weight.stride(0), up_weight.stride(1),
-            branch_scale, seed, dropout_p, **flags,
+            branch_scale, seed, dropout_p, SAVE_ACT=need_dw, **flags,
         )
         for (block_m, block_d, warps, stages), compute_dx, compute_dw in launches:
             if not (compute_dx or compute_dw):
                 continue
             launch_slices, rows_per_slice = row_slices(M, D, block_m, block_d)
             launch(_bottleneck_backward_dx_kernel, (triton.cdiv(D, block_d), launch_slices),
-                dy, x, h, dh, down_weight, dx if compute_dx else dy, dw_down_partial, dw_up_partial, db_up_partial,
+                dy, x, act, dh, down_weight, dx if compute_dx else dy, dw_down_partial, dw_up_partial, db_up_partial,
                 db_down_partial, M, D, B, rows_per_slice,
                 dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), down_weight.stride(0), down_weight.stride(1),
                 seed, dropout_p, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, BLOCK_M=block_m, BLOCK_D=block_d,
@@ -515,7 +521,7 @@ def aot_specs(target: str) -> list:
         for cfg in BACKWARD_DH_CONFIGS[target][family]:
             specs.append(KernelBuild(
                 f"bottleneck_backward_dh [{variant}]", _bottleneck_backward_dh_kernel, cfg,
-                dict(DY=dt, W_UP=dt, H="fp32", DH="fp32"), common,
+                dict(DY=dt, W_UP=dt, H="fp32", DH="fp32", ACT=dt), {**common, "SAVE_ACT": True},
                 unit_strides=("stride_dyd", "stride_up_b"), float_args=("branch_scale", "dropout_p"),
                 plain_ints=plain))
         roles = {"dX+dW": dx_tiles} if isinstance(dx_tiles, tuple) else {"dX": dx_tiles["dx"], "dW": dx_tiles["dw"]}
@@ -523,7 +529,7 @@ def aot_specs(target: str) -> list:
             specs.append(KernelBuild(
                 f"bottleneck_backward_dx [{variant}, {role}]", _bottleneck_backward_dx_kernel,
                 triton.Config(dict(BLOCK_M=bm, BLOCK_D=bd), num_warps=warps, num_stages=stages),
-                dict(DY=dt, X=dt, H="fp32", DH="fp32", W_DOWN=dt, DX=dt, DW_DOWN_PARTIAL="fp32",
+                dict(DY=dt, X=dt, ACT=dt, DH="fp32", W_DOWN=dt, DX=dt, DW_DOWN_PARTIAL="fp32",
                      DW_UP_PARTIAL="fp32", DB_UP_PARTIAL="fp32", DB_DOWN_PARTIAL="fp32"),
                 {**common, "COMPUTE_DX": role != "dW", "COMPUTE_DW": role != "dX"},
                 unit_strides=("stride_dyd", "stride_xd", "stride_down_d"), float_args=("dropout_p",),

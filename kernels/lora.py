@@ -14,7 +14,7 @@ Design, from a cost model (bf16, M = 8192, K = N = 4096, r = 16, H200: 4.8 TB/s,
   (a) is cheaper for every r ≥ 5, so: `_lora_shrink_kernel`, then `_lora_forward_kernel` =
   the GEMM x·Wᵀ with s·xa·Bᵀ + b added in its epilogue (y is written once, no M×N
   intermediate; the epilogue costs r/K of the GEMM: 0.4 %).
-- Backward, g = dY·B [M, r], in three launches (no PyTorch tail):
+- Backward, g = dY·B [M, r], in three launches (two on sm_90a; no PyTorch tail):
   `_lora_backward_g_kernel`: g, one read of dY (64 MiB ≈ 15 µs).
   `_lora_backward_rank_kernel`: every reduction over M, each program owning BLOCK_C columns
   of one output and summing all M rows in order: dA = s/(1-p)·gᵀ·(x⊙keep) (reads x once),
@@ -27,6 +27,22 @@ Design, from a cost model (bf16, M = 8192, K = N = 4096, r = 16, H200: 4.8 TB/s,
   the LoRA term s/(1-p)·(g·A)⊙keep accumulated first, into the accumulator the GEMM then
   continues (the mask touches that term alone, without a second tile of registers). With dA
   gone from it, it runs 128-row tiles (two 64-row wgmma warpgroups, N = 128 or 256), 0 spills.
+- The rank pass inside the dX launch (sm_90a). The persistent dX GEMM's tiles rarely fill its
+  last wave: 2048 tiles of 128×128 on 132 SMs leave 66 SMs idle for one tile's time (≈ 22 µs),
+  while the rank pass is memory-bound (x + dY, 128 MiB ≈ 31 µs at HBM speed) and needs no
+  tensor-core time to speak of. So the launch gets ⌈K/128⌉ + ⌈N/128⌉ extra programs (64 at the
+  headline shape), each one item of the rank pass (`rank_reduction`, the same code as the
+  rank kernel's programs); the hardware starts them as the GEMM's programs finish. Static
+  estimate, H200: dX + rank items 370 µs against 357 + 34 µs as two launches; LoRA fwd+bwd
+  763 µs against the cuBLAS base layer's 711 (1.07×; 784 µs, 1.10×, before). Where the dX GEMM
+  is not the persistent one (sm_80, unaligned operands, NF4, cuBLAS) or dX is not wanted, the
+  rank pass stays its own launch.
+- The LoRA term's operands in the TMA GEMMs: the first rank chunk (r ≤ 64 in half precision:
+  all of it) is loaded before the main loop and applied after it, so its load latency hides
+  behind the loop instead of stalling every tile's epilogue (the dX GEMM under dropout, and
+  its 128×256 tiles, which have no registers left to hold the operands, add the term first):
+  357 µs per GEMM at the headline shape against 367 µs with the loads after the loop. The
+  pointer GEMMs keep loading after the loop (held across it, the operands spill sm_80 tiles).
 - The sm_90a GEMMs (forward and dX) are persistent (one program per SM looping over output
   tiles in grouped order) and take their operands by TMA (tensor descriptors: the copy
   engine moves the tiles, edges zero-filled, stores clipped); where descriptors cannot address
