@@ -32,8 +32,9 @@ Design, from a cost model (bf16, M = 8192, d = 4096, m = 64):
   casts to the parameters' dtype (one launch where PyTorch took 8: 4 sums, 2 scalings, 2
   casts); the slice count and the backward tiles are fixed per target and shape (never
   autotuned), so the order never changes. No float atomics. db_down = Σ_M dh: the first column
-  block's programs sum their slice's dh rows after their main loop. Backward: 3 launches (4 where the
-  dX kernel is split in two, sm_80 at m > 128).
+  block's programs sum their slice's dh rows after their main loop. Backward: 3 launches, also
+  where one program doing dX and the partials spilled (sm_80 at m > 128): there the dX
+  kernel's launch runs the two roles as two sets of programs, each with its own tiles.
 - Dropout (on the branch output, before the residual) reuses the LoRA kernels' Philox mask: a
   pure function of (seed, row, column), regenerated in the backward, never stored.
 - Offsets along M (and the strides they multiply) are int64: M·d passes 2³¹ at long sequences.
@@ -121,8 +122,11 @@ BACKWARD_DX_TILES = {
 LOOP_BOUNDS = {"_bottleneck_backward_dx_kernel": {"row_start": "0", "row_end": "min(M, rows_per_slice)"}}
 # Loops that only some programs run (for the static estimate): the dX kernel's Σ dh pass (the
 # first column block), and the finishing kernel's four slice sums (each program runs one).
+# With SPLIT each program runs one of two inlined copies of the row loop (same source line):
+# each copy is charged to half of the programs, both at the dX role's tiles (an approximation).
 LOOP_SHARES = {
-    "_bottleneck_backward_dx_kernel": {"for m1 in range(row_start, row_end, BLOCK_M):": "1 / cdiv(D, BLOCK_D)"},
+    "_bottleneck_backward_dx_kernel": {"for m1 in range(row_start, row_end, BLOCK_M):": "1 / cdiv(D, BLOCK_D)",
+                                       "for m0 in range(row_start, row_end, BLOCK_M):": "1 / (1 + SPLIT)"},
     "_bottleneck_finish_kernel": {"for s in range(0, slices):": "1 / 4"},
 }
 ROWS_PER_SLICE = 1024  # the dX kernel's row slices: at least this many rows each …
@@ -286,9 +290,9 @@ def _bottleneck_backward_dh_kernel(
         tl.store(ACT + h_ptrs, activation(h, ACTIVATION).to(ACT.dtype.element_ty), mask=hb_mask)
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _bottleneck_backward_dx_kernel(
-    DY, X, ACT, DH, W_DOWN, DX, DW_DOWN_PARTIAL, DW_UP_PARTIAL, DB_UP_PARTIAL, DB_DOWN_PARTIAL,
+@triton.jit
+def dx_slice(
+    pid_d, pid_s, DY, X, ACT, DH, W_DOWN, DX, DW_DOWN_PARTIAL, DW_UP_PARTIAL, DB_UP_PARTIAL, DB_DOWN_PARTIAL,
     M, D, BOTTLENECK, rows_per_slice,
     stride_dym, stride_dyd, stride_xm, stride_xd, stride_down_b, stride_down_d,
     seed, dropout_p,
@@ -296,12 +300,10 @@ def _bottleneck_backward_dx_kernel(
     BLOCK_B: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """For the columns of program_id(0) and the rows of slice program_id(1):
+    """For the columns of column block pid_d and the rows of slice pid_s:
     DX = dY + DH·W_down, and the slice's partials DW_DOWN = DHᵀ·X, DW_UP = (dY⊙keep)ᵀ·ACT,
     DB_UP = Σ dY⊙keep, and (column block 0) DB_DOWN = Σ DH; `_bottleneck_finish_kernel` sums
     the slices and applies s/(1-p) to DW_UP and DB_UP."""
-    pid_d = tl.program_id(0)
-    pid_s = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_b = tl.arange(0, BLOCK_B)
     offs_r = tl.arange(0, BLOCK_M)
@@ -353,6 +355,57 @@ def _bottleneck_backward_dx_kernel(
                 dh_sum += tl.load(DH + rows[:, None] * BOTTLENECK + offs_b[None, :],
                                   mask=(rows < row_end)[:, None] & b_mask[None, :], other=0.0)
             tl.store(DB_DOWN_PARTIAL + pid_s.to(tl.int64) * BOTTLENECK + offs_b, tl.sum(dh_sum, axis=0), mask=b_mask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _bottleneck_backward_dx_kernel(
+    DY, X, ACT, DH, W_DOWN, DX, DW_DOWN_PARTIAL, DW_UP_PARTIAL, DB_UP_PARTIAL, DB_DOWN_PARTIAL,
+    M, D, BOTTLENECK, rows_per_slice, dw_rows_per_slice, dx_programs,
+    stride_dym, stride_dyd, stride_xm, stride_xd, stride_down_b, stride_down_d,
+    seed, dropout_p,
+    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_B: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DW_BLOCK_M: tl.constexpr, DW_BLOCK_D: tl.constexpr,
+):
+    """`dx_slice` for the (column block, row slice) of each program: one role (dX and the
+    parameter gradients' partials, or what COMPUTE_DX / COMPUTE_DW leave) over a 2-D grid; or,
+    with SPLIT (where one program doing both spilled, ptxas), programs [0, dx_programs) compute
+    dX in BLOCK_M × BLOCK_D tiles and the rest the partials in DW_BLOCK_M × DW_BLOCK_D tiles —
+    two roles in one launch (each program runs one branch, so the registers are the larger
+    branch's, not their sum), at the cost of one more read of dY."""
+    if SPLIT:
+        pid = tl.program_id(0)
+        if pid < dx_programs:
+            dx_columns = tl.cdiv(D, BLOCK_D)
+            dx_slice(pid_d=pid % dx_columns, pid_s=pid // dx_columns, DY=DY, X=X, ACT=ACT, DH=DH, W_DOWN=W_DOWN,
+                     DX=DX, DW_DOWN_PARTIAL=DW_DOWN_PARTIAL, DW_UP_PARTIAL=DW_UP_PARTIAL,
+                     DB_UP_PARTIAL=DB_UP_PARTIAL, DB_DOWN_PARTIAL=DB_DOWN_PARTIAL, M=M, D=D, BOTTLENECK=BOTTLENECK,
+                     rows_per_slice=rows_per_slice, stride_dym=stride_dym, stride_dyd=stride_dyd,
+                     stride_xm=stride_xm, stride_xd=stride_xd, stride_down_b=stride_down_b,
+                     stride_down_d=stride_down_d, seed=seed, dropout_p=dropout_p, ACTIVATION=ACTIVATION,
+                     HAS_DROPOUT=HAS_DROPOUT, COMPUTE_DX=True, COMPUTE_DW=False, BLOCK_B=BLOCK_B,
+                     WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
+        else:
+            dw_columns = tl.cdiv(D, DW_BLOCK_D)
+            item = pid - dx_programs
+            dx_slice(pid_d=item % dw_columns, pid_s=item // dw_columns, DY=DY, X=X, ACT=ACT, DH=DH,
+                     W_DOWN=W_DOWN, DX=DX, DW_DOWN_PARTIAL=DW_DOWN_PARTIAL, DW_UP_PARTIAL=DW_UP_PARTIAL,
+                     DB_UP_PARTIAL=DB_UP_PARTIAL, DB_DOWN_PARTIAL=DB_DOWN_PARTIAL, M=M, D=D, BOTTLENECK=BOTTLENECK,
+                     rows_per_slice=dw_rows_per_slice, stride_dym=stride_dym, stride_dyd=stride_dyd,
+                     stride_xm=stride_xm, stride_xd=stride_xd, stride_down_b=stride_down_b,
+                     stride_down_d=stride_down_d, seed=seed, dropout_p=dropout_p, ACTIVATION=ACTIVATION,
+                     HAS_DROPOUT=HAS_DROPOUT, COMPUTE_DX=False, COMPUTE_DW=True, BLOCK_B=BLOCK_B,
+                     WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=DW_BLOCK_M,
+                     BLOCK_D=DW_BLOCK_D)
+    else:
+        dx_slice(pid_d=tl.program_id(0), pid_s=tl.program_id(1), DY=DY, X=X, ACT=ACT, DH=DH, W_DOWN=W_DOWN, DX=DX,
+                 DW_DOWN_PARTIAL=DW_DOWN_PARTIAL, DW_UP_PARTIAL=DW_UP_PARTIAL, DB_UP_PARTIAL=DB_UP_PARTIAL,
+                 DB_DOWN_PARTIAL=DB_DOWN_PARTIAL, M=M, D=D, BOTTLENECK=BOTTLENECK, rows_per_slice=rows_per_slice,
+                 stride_dym=stride_dym, stride_dyd=stride_dyd, stride_xm=stride_xm, stride_xd=stride_xd,
+                 stride_down_b=stride_down_b, stride_down_d=stride_down_d, seed=seed, dropout_p=dropout_p,
+                 ACTIVATION=ACTIVATION, HAS_DROPOUT=HAS_DROPOUT, COMPUTE_DX=COMPUTE_DX, COMPUTE_DW=COMPUTE_DW,
+                 BLOCK_B=BLOCK_B, WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
+                 BLOCK_D=BLOCK_D)
 
 
 @triton.jit
@@ -443,7 +496,8 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
              seed: int, need_dx: bool, need_dw: bool):
     """(dx, dW_down, db_down, dW_up, db_up): dx (None unless need_dx) and the parameter
     gradients (None unless need_dw) in x's dtype; the caller drops what it needs not. Three
-    launches: dh, dX with the row slices' partials, the finishing kernel (no PyTorch tail).
+    launches: dh, dX with the row slices' partials (its two roles in one launch where the
+    tables split them), the finishing kernel (no PyTorch tail).
 
     dz = s/(1-p)·dY⊙keep,  dh = (dz·W_up)⊙act′(h)
     dx = dY + dh·W_down,  dW_down = dhᵀ·x,  db_down = Σ dh,  dW_up = dzᵀ·act(h),  db_up = Σ dz
@@ -460,10 +514,9 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
     dh = torch.empty((M, B), device=device, dtype=torch.float32)
     act = torch.empty((M, B), device=device, dtype=x.dtype) if need_dw else dh  # act(h), for dW_up
     tiles = BACKWARD_DX_TILES[current_target()][tile_family(x.dtype, flags["BLOCK_B"])]
-    # (tiles, computes dX, computes the parameter gradients) of each dX-kernel launch
-    launches = [(tiles, need_dx, need_dw)] if isinstance(tiles, tuple) else \
-        [(tiles["dx"], need_dx, False), (tiles["dw"], False, need_dw)]
-    dw_tiles = next(t for t, _, dw in launches if dw) if need_dw else None
+    # the dX kernel's tiles: one role's, or (split tables, both roles wanted) dX's and the partials'
+    dx_tiles, dw_tiles = (tiles, tiles) if isinstance(tiles, tuple) else (tiles["dx"], tiles["dw"])
+    split = isinstance(tiles, dict) and need_dx and need_dw
     if need_dw:
         slices = row_slices(M, D, dw_tiles[0], dw_tiles[1])[0]
         dw_down_partial = torch.empty((slices, B, D), device=device, dtype=torch.float32)
@@ -479,17 +532,24 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
             dy.stride(0), dy.stride(1), up_weight.stride(0), up_weight.stride(1),
             branch_scale, seed, dropout_p, SAVE_ACT=need_dw, **flags,
         )
-        for (block_m, block_d, warps, stages), compute_dx, compute_dw in launches:
-            if not (compute_dx or compute_dw):
-                continue
-            launch_slices, rows_per_slice = row_slices(M, D, block_m, block_d)
-            launch(_bottleneck_backward_dx_kernel, (triton.cdiv(D, block_d), launch_slices),
-                dy, x, act, dh, down_weight, dx if compute_dx else dy, dw_down_partial, dw_up_partial, db_up_partial,
-                db_down_partial, M, D, B, rows_per_slice,
-                dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), down_weight.stride(0), down_weight.stride(1),
-                seed, dropout_p, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, BLOCK_M=block_m, BLOCK_D=block_d,
-                num_warps=warps, num_stages=stages, **flags,
-            )
+        block_m, block_d, warps, stages = dx_tiles if need_dx else dw_tiles
+        dx_slices, rows_per_slice = row_slices(M, D, block_m, block_d)
+        dw_slices, dw_rows_per_slice = row_slices(M, D, dw_tiles[0], dw_tiles[1])
+        if split:  # both roles in one launch: the dX programs, then the partials' programs
+            assert dw_tiles[2] == warps, "the two roles of one launch share its warps"
+            dx_programs = triton.cdiv(D, block_d) * dx_slices
+            grid = (dx_programs + triton.cdiv(D, dw_tiles[1]) * dw_slices,)
+            stages = min(stages, dw_tiles[3])
+        else:
+            dx_programs = 0
+            grid = (triton.cdiv(D, block_d), dx_slices)
+        launch(_bottleneck_backward_dx_kernel, grid,
+            dy, x, act, dh, down_weight, dx if need_dx else dy, dw_down_partial, dw_up_partial, db_up_partial,
+            db_down_partial, M, D, B, rows_per_slice, dw_rows_per_slice, dx_programs,
+            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), down_weight.stride(0), down_weight.stride(1),
+            seed, dropout_p, COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, SPLIT=split, BLOCK_M=block_m, BLOCK_D=block_d,
+            DW_BLOCK_M=dw_tiles[0], DW_BLOCK_D=dw_tiles[1], num_warps=warps, num_stages=stages, **flags,
+        )
         if not need_dw:
             return dx, None, None, None, None
         grads = [torch.empty(shape, device=device, dtype=x.dtype) for shape in ((B, D), (D, B), (D,), (B,))]
@@ -524,16 +584,20 @@ def aot_specs(target: str) -> list:
                 dict(DY=dt, W_UP=dt, H="fp32", DH="fp32", ACT=dt), {**common, "SAVE_ACT": True},
                 unit_strides=("stride_dyd", "stride_up_b"), float_args=("branch_scale", "dropout_p"),
                 plain_ints=plain))
-        roles = {"dX+dW": dx_tiles} if isinstance(dx_tiles, tuple) else {"dX": dx_tiles["dx"], "dW": dx_tiles["dw"]}
-        for role, (bm, bd, warps, stages) in roles.items():
-            specs.append(KernelBuild(
-                f"bottleneck_backward_dx [{variant}, {role}]", _bottleneck_backward_dx_kernel,
-                triton.Config(dict(BLOCK_M=bm, BLOCK_D=bd), num_warps=warps, num_stages=stages),
-                dict(DY=dt, X=dt, ACT=dt, DH="fp32", W_DOWN=dt, DX=dt, DW_DOWN_PARTIAL="fp32",
-                     DW_UP_PARTIAL="fp32", DB_UP_PARTIAL="fp32", DB_DOWN_PARTIAL="fp32"),
-                {**common, "COMPUTE_DX": role != "dW", "COMPUTE_DW": role != "dX"},
-                unit_strides=("stride_dyd", "stride_xd", "stride_down_d"), float_args=("dropout_p",),
-                plain_ints=plain))
+        # one role per program ("dX+dW"), or where that spilled the two roles of one launch
+        # ("dX, dW": programs of either role, the tiles of each)
+        split = isinstance(dx_tiles, dict)
+        dx_t, dw_t = (dx_tiles["dx"], dx_tiles["dw"]) if split else (dx_tiles, dx_tiles)
+        specs.append(KernelBuild(
+            f"bottleneck_backward_dx [{variant}, {'dX, dW' if split else 'dX+dW'}]", _bottleneck_backward_dx_kernel,
+            triton.Config(dict(BLOCK_M=dx_t[0], BLOCK_D=dx_t[1]), num_warps=dx_t[2],
+                          num_stages=min(dx_t[3], dw_t[3])),
+            dict(DY=dt, X=dt, ACT=dt, DH="fp32", W_DOWN=dt, DX=dt, DW_DOWN_PARTIAL="fp32",
+                 DW_UP_PARTIAL="fp32", DB_UP_PARTIAL="fp32", DB_DOWN_PARTIAL="fp32"),
+            {**common, "COMPUTE_DX": True, "COMPUTE_DW": True, "SPLIT": split, "DW_BLOCK_M": dw_t[0],
+             "DW_BLOCK_D": dw_t[1]},
+            unit_strides=("stride_dyd", "stride_xd", "stride_down_d"), float_args=("dropout_p",),
+            plain_ints=plain + ("dw_rows_per_slice", "dx_programs")))
     for dt in ("bf16", "fp32"):
         specs.append(KernelBuild(
             f"bottleneck_finish [{dt}]", _bottleneck_finish_kernel,

@@ -98,6 +98,24 @@ def test_backward_scratch_is_g_alone(op):
                                                if tuple(t.shape) in returned)
 
 
+@pytest.mark.parametrize("target", ["sm80", "sm90"])
+@pytest.mark.parametrize("m", [64, 256])
+def test_adapter_backward_is_three_launches(target, m):
+    """dh, dX with the partials, the finishing kernel — also where one dX program doing both
+    spilled (sm_80, m > 128): that launch then runs its two roles as two sets of programs."""
+    planned = launches.op_launches(OpShape("bottleneck", 8192, 4096, 4096, m), target, 108 if target == "sm80" else 132,
+                                   dropout_p=0.1)
+    assert [str(x) for x in planned["backward"]] == [
+        "_bottleneck_backward_dh_kernel", "_bottleneck_backward_dx_kernel", "_bottleneck_finish_kernel"]
+    dx = planned["backward"][1]
+    split = target == "sm80" and m == 256
+    assert dx.args["SPLIT"] is split and dx.args["COMPUTE_DX"] and dx.args["COMPUTE_DW"]
+    if split:  # the dX programs, then the partials' programs, each over their own tiles
+        dx_programs = dx.args["dx_programs"]
+        assert len(dx.grid) == 1 and dx.grid[0] > dx_programs > 0
+        assert (dx.args["BLOCK_M"], dx.args["BLOCK_D"]) != (dx.args["DW_BLOCK_M"], dx.args["DW_BLOCK_D"])
+
+
 def test_the_plan_records_grid_and_arguments():
     (shrink, forward), _ = launches.op_launches(OpShape("lora", 300, 128, 96, 8), "sm90", 132).values()
     assert shrink.kind == "triton" and shrink.args["M"] == 300 and shrink.args["K"] == 128
