@@ -54,8 +54,8 @@ def test_nf4_backward_at_production_row_blocks(dtype, monkeypatch):
 @pytest.mark.parametrize("target", ["sm80", "sm90"])
 @pytest.mark.parametrize("family", ["half/b64", "half/b256", "fp32/b128"])
 def test_adapter_backward_at_production_tiles(family, target, monkeypatch):
-    """The adapter dX kernel's fixed tiles (one launch, or the split dX + dW pair of sm_80's
-    half/b256) at their GPU sizes."""
+    """The adapter dX kernel's fixed tiles (one role per program, or sm_80's half/b256 dX and
+    dW roles as two sets of programs of one launch) at their GPU sizes."""
     monkeypatch.setitem(bottleneck_kernels.BACKWARD_DX_TILES, "interpreter",
                         dict(bottleneck_kernels.BACKWARD_DX_TILES[target]))
     with KernelsRan() as ran:
