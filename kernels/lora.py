@@ -294,11 +294,15 @@ def lora_epilogue(acc, XA, B, BIAS, rows, cols, R, stride_bn, stride_br, stride_
     that load their rank operands after the main loop (NF4, the cuBLAS path's expand; rows,
     cols are valid int64 indices). The term accumulates straight into acc (no second M×N tile)."""
     if HAS_LORA:
+        # (rank_operands' loads, written out: its address arithmetic spilled sm_80's 128×256 tile)
+        rank_dtype = B.dtype.element_ty
+        offs_r = tl.arange(0, BLOCK_R)
         for r0 in range(0, R, BLOCK_R):
-            xa, b = rank_operands(LEFT=XA, RIGHT=B, rows=rows, row_mask=rows >= 0, cols=cols, r0=r0, R=R,
-                                  stride_right_c=stride_bn, stride_right_r=stride_br, left_scale=scaling,
-                                  BLOCK_R=BLOCK_R)
-            acc = mma(xa, b, acc, WIDEN_BF16_DOT, DOT_PRECISION)
+            r_mask = (r0 + offs_r) < R
+            xa = tl.load(XA + rows[:, None] * R + (r0 + offs_r)[None, :], mask=r_mask[None, :], other=0.0)
+            b = tl.load(B + cols[None, :] * stride_bn + (r0 + offs_r)[:, None].to(tl.int64) * stride_br,
+                        mask=r_mask[:, None], other=0.0)
+            acc = mma((xa * scaling).to(rank_dtype), b.to(rank_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + cols * stride_bias).to(tl.float32)[None, :]
     return acc
