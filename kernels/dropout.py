@@ -63,23 +63,10 @@ def store_keep_bits(KEEP, keep, rows, row_mask, k0, n_cols, BLOCK_M: tl.constexp
 def keep_from_bits(KEEP, rows, row_mask, k0, n_cols, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """The bool keep tile rows × [k0, k0 + BLOCK_K) from the bit-packed mask KEEP (see
     store_keep_bits; k0 and BLOCK_K multiples of 32): one int32 load per 32 elements."""
-    words = load_keep_words(KEEP=KEEP, rows=rows, row_mask=row_mask, k0=k0, n_cols=n_cols, BLOCK_K=BLOCK_K)
-    return unpack_keep_words(words, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
-
-
-@triton.jit
-def load_keep_words(KEEP, rows, row_mask, k0, n_cols, BLOCK_K: tl.constexpr):
-    """The int32 words of the keep tile rows × [k0, k0 + BLOCK_K): `keep_from_bits` in two
-    steps, for a caller that loads them early and unpacks them later."""
     offs_w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
     n_words = tl.cdiv(n_cols, 32)
-    return tl.load(KEEP + rows[:, None] * n_words + offs_w[None, :],
-                   mask=row_mask[:, None] & (offs_w < n_words)[None, :], other=0)
-
-
-@triton.jit
-def unpack_keep_words(words, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The bool [BLOCK_M, BLOCK_K] keep tile of `load_keep_words`' words."""
+    words = tl.load(KEEP + rows[:, None] * n_words + offs_w[None, :],
+                    mask=row_mask[:, None] & (offs_w < n_words)[None, :], other=0)
     bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1  # arithmetic shift: the & keeps bit b
     return tl.reshape(bits, (BLOCK_M, BLOCK_K)) != 0
 

@@ -41,11 +41,11 @@ Design, from a cost model (bf16, M = 8192, K = N = 4096, r = 16, H200: 4.8 TB/s,
   all of it) is loaded before the main loop and applied after it, so its load latency hides
   behind the loop instead of stalling every tile's epilogue: 357 µs per GEMM at the headline
   shape against 367 µs with the loads after the loop. Under dropout the mask applies to the
-  dX term alone, so the term starts the accumulator; its operands and mask words are loaded
-  one tile ahead (the next tile's during this tile's main loop): dX with dropout 0.1 380 µs
-  against 395 µs. The dX GEMM's 128×256 tiles have no registers left to hold the operands
-  across the loop and add the term first; the pointer GEMMs keep loading after the loop
-  (held across it, the operands spill sm_80 tiles).
+  dX term alone, so the term starts the accumulator, loaded at the tile's start (loading its
+  operands and mask words one tile ahead measured 380 µs against 395 µs for dX with dropout
+  0.1, but spilled 140 bytes under triton 3.6). The dX GEMM's 128×256 tiles have no registers
+  left to hold the operands across the loop and add the term first too; the pointer GEMMs
+  keep loading after the loop (held across it, the operands spill sm_80 tiles).
 - The sm_90a GEMMs (forward and dX) are persistent (one program per SM looping over output
   tiles in grouped order) and take their operands by TMA (tensor descriptors: the copy
   engine moves the tiles, edges zero-filled, stores clipped); where descriptors cannot address
@@ -87,7 +87,7 @@ from .common import (
     multiprocessor_count,
     tile_configs,
 )
-from .dropout import keep_from_bits, keep_tile, load_keep_words, store_keep_bits, unpack_keep_words
+from .dropout import keep_from_bits, keep_tile, store_keep_bits
 
 
 def block_r(r: int, fp32_rank: bool) -> int:
@@ -578,22 +578,6 @@ def _lora_forward_tma_kernel(
         y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(Y.dtype.element_ty))
 
 
-@triton.jit
-def dx_tile_term_operands(G, A, KEEP, tile, M, K, R, stride_ar, stride_ak, lora_scale, BLOCK_R: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """The dX tile `tile`'s LoRA-term operands under dropout: its first rank chunk of
-    lora_scale·g and A and its keep-mask words, for a persistent program to load one tile ahead."""
-    pid_m, pid_k = grouped_tile(tile, M, K, BLOCK_M, BLOCK_K, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = offs_m.to(tl.int64)
-    m_mask = offs_m < M
-    cols = ((pid_k * BLOCK_K + tl.arange(0, BLOCK_K)) % K).to(tl.int64)
-    g0, a0 = rank_operands(LEFT=G, RIGHT=A, rows=rows, row_mask=m_mask, cols=cols, r0=0, R=R,
-                           stride_right_c=stride_ak, stride_right_r=stride_ar, left_scale=lora_scale, BLOCK_R=BLOCK_R)
-    words = load_keep_words(KEEP=KEEP, rows=rows, row_mask=m_mask, k0=pid_k * BLOCK_K, n_cols=K, BLOCK_K=BLOCK_K)
-    return g0, a0, words
-
-
 @autotuned(BACKWARD_DX_TMA_CONFIGS, dtype_family("DY"), key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "RANK_FP32"])
 @triton.jit
 def _lora_backward_dx_tma_kernel(
@@ -623,35 +607,16 @@ def _lora_backward_dx_tma_kernel(
         dx_desc = tl.make_tensor_descriptor(DX, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
         tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K)
         n_steps = tl.cdiv(N, BLOCK_N)
-        # Under dropout the mask applies to the term alone, so the term starts the accumulator,
-        # before the main loop; tiles up to 128 × 128 load its operands one tile ahead (the next
-        # tile's while this one's main loop runs), so that start does not wait on them.
-        PREFETCH_MASKED_TERM: tl.constexpr = HAS_DROPOUT and BLOCK_M * BLOCK_K <= 128 * 128
-        if PREFETCH_MASKED_TERM:
-            g_next, a_next, words_next = dx_tile_term_operands(
-                G=G, A=A, KEEP=KEEP, tile=tl.minimum(pid, tiles - 1), M=M, K=K, R=R, stride_ar=stride_ar,
-                stride_ak=stride_ak, lora_scale=lora_scale, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
-                GROUP_M=GROUP_M)
         for tile in range(pid, tiles, num_programs):
             pid_m, pid_k = grouped_tile(tile, M, K, BLOCK_M, BLOCK_K, GROUP_M)
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             cols = ((pid_k * BLOCK_K + tl.arange(0, BLOCK_K)) % K).to(tl.int64)
             rows = offs_m.to(tl.int64)
             m_mask = offs_m < M
-            if PREFETCH_MASKED_TERM:
-                acc = rank_term(acc=tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32), left0=g_next, right0=a_next,
-                                LEFT=G, RIGHT=A, rows=rows, row_mask=m_mask, cols=cols, R=R, stride_right_c=stride_ak,
-                                stride_right_r=stride_ar, left_scale=lora_scale, BLOCK_R=BLOCK_R,
-                                WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
-                acc = tl.where(unpack_keep_words(words_next, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K), acc, 0.0)
-                g_next, a_next, words_next = dx_tile_term_operands(
-                    G=G, A=A, KEEP=KEEP, tile=tl.minimum(tile + num_programs, tiles - 1), M=M, K=K, R=R,
-                    stride_ar=stride_ar, stride_ak=stride_ak, lora_scale=lora_scale, BLOCK_R=BLOCK_R,
-                    BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M)
-            # Without dropout, tiles up to 128 × 128 load the term's first rank chunk now and add
-            # it after the main loop, its latency hidden behind it. Tiles wider than that (no
-            # registers left for the operands across the loop) start the accumulator with it.
-            elif HAS_DROPOUT or BLOCK_M * BLOCK_K > 128 * 128:
+            # The term starts the accumulator under dropout (the mask applies to it alone) and in
+            # tiles wider than 128 × 128 (no registers left to hold its operands across the loop);
+            # otherwise its first rank chunk is loaded now and added after the main loop.
+            if HAS_DROPOUT or BLOCK_M * BLOCK_K > 128 * 128:
                 acc = lora_dx_term(G=G, A=A, KEEP=KEEP, rows=rows, m_mask=m_mask, cols=cols, k0=pid_k * BLOCK_K,
                                    R=R, K=K, stride_ar=stride_ar, stride_ak=stride_ak, lora_scale=lora_scale,
                                    HAS_DROPOUT=HAS_DROPOUT, BLOCK_R=BLOCK_R, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
