@@ -300,7 +300,7 @@ def dx_slice(
     M, D, BOTTLENECK, rows_per_slice,
     stride_dym, stride_dyd, stride_xm, stride_xd, stride_down_b, stride_down_d,
     seed, dropout_p,
-    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
     BLOCK_B: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -386,7 +386,7 @@ def _bottleneck_backward_dx_kernel(
                      DB_UP_PARTIAL=DB_UP_PARTIAL, DB_DOWN_PARTIAL=DB_DOWN_PARTIAL, M=M, D=D, BOTTLENECK=BOTTLENECK,
                      rows_per_slice=rows_per_slice, stride_dym=stride_dym, stride_dyd=stride_dyd,
                      stride_xm=stride_xm, stride_xd=stride_xd, stride_down_b=stride_down_b,
-                     stride_down_d=stride_down_d, seed=seed, dropout_p=dropout_p, ACTIVATION=ACTIVATION,
+                     stride_down_d=stride_down_d, seed=seed, dropout_p=dropout_p,
                      HAS_DROPOUT=HAS_DROPOUT, COMPUTE_DX=True, COMPUTE_DW=False, BLOCK_B=BLOCK_B,
                      WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
         else:
@@ -397,7 +397,7 @@ def _bottleneck_backward_dx_kernel(
                      DB_UP_PARTIAL=DB_UP_PARTIAL, DB_DOWN_PARTIAL=DB_DOWN_PARTIAL, M=M, D=D, BOTTLENECK=BOTTLENECK,
                      rows_per_slice=dw_rows_per_slice, stride_dym=stride_dym, stride_dyd=stride_dyd,
                      stride_xm=stride_xm, stride_xd=stride_xd, stride_down_b=stride_down_b,
-                     stride_down_d=stride_down_d, seed=seed, dropout_p=dropout_p, ACTIVATION=ACTIVATION,
+                     stride_down_d=stride_down_d, seed=seed, dropout_p=dropout_p,
                      HAS_DROPOUT=HAS_DROPOUT, COMPUTE_DX=False, COMPUTE_DW=True, BLOCK_B=BLOCK_B,
                      WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=DW_BLOCK_M,
                      BLOCK_D=DW_BLOCK_D)
@@ -407,7 +407,7 @@ def _bottleneck_backward_dx_kernel(
                  DB_DOWN_PARTIAL=DB_DOWN_PARTIAL, M=M, D=D, BOTTLENECK=BOTTLENECK, rows_per_slice=rows_per_slice,
                  stride_dym=stride_dym, stride_dyd=stride_dyd, stride_xm=stride_xm, stride_xd=stride_xd,
                  stride_down_b=stride_down_b, stride_down_d=stride_down_d, seed=seed, dropout_p=dropout_p,
-                 ACTIVATION=ACTIVATION, HAS_DROPOUT=HAS_DROPOUT, COMPUTE_DX=COMPUTE_DX, COMPUTE_DW=COMPUTE_DW,
+                 HAS_DROPOUT=HAS_DROPOUT, COMPUTE_DX=COMPUTE_DX, COMPUTE_DW=COMPUTE_DW,
                  BLOCK_B=BLOCK_B, WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
                  BLOCK_D=BLOCK_D)
 
@@ -521,8 +521,8 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
     # the dX kernel's tiles: one role's, or (split tables, both roles wanted) dX's and the partials'
     dx_tiles, dw_tiles = (tiles, tiles) if isinstance(tiles, tuple) else (tiles["dx"], tiles["dw"])
     split = isinstance(tiles, dict) and need_dx and need_dw
+    slices, dw_rows_per_slice = row_slices(M, D, dw_tiles[0], dw_tiles[1])  # the partials' row slices
     if need_dw:
-        slices = row_slices(M, D, dw_tiles[0], dw_tiles[1])[0]
         dw_down_partial = torch.empty((slices, B, D), device=device, dtype=torch.float32)
         dw_up_partial = torch.empty((slices, D, B), device=device, dtype=torch.float32)
         db_up_partial = torch.empty((slices, D), device=device, dtype=torch.float32)
@@ -538,11 +538,10 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
         )
         block_m, block_d, warps, stages = dx_tiles if need_dx else dw_tiles
         dx_slices, rows_per_slice = row_slices(M, D, block_m, block_d)
-        dw_slices, dw_rows_per_slice = row_slices(M, D, dw_tiles[0], dw_tiles[1])
         if split:  # both roles in one launch: the dX programs, then the partials' programs
             assert dw_tiles[2] == warps, "the two roles of one launch share its warps"
             dx_programs = triton.cdiv(D, block_d) * dx_slices
-            grid = (dx_programs + triton.cdiv(D, dw_tiles[1]) * dw_slices,)
+            grid = (dx_programs + triton.cdiv(D, dw_tiles[1]) * slices,)
             stages = min(stages, dw_tiles[3])
         else:
             dx_programs = 0

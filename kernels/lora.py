@@ -319,6 +319,7 @@ def lora_dx_term(G, A, KEEP, rows, m_mask, cols, k0, R, K, stride_ar, stride_ak,
     the columns [k0, k0 + BLOCK_K): the dX kernels under dropout start from it and continue
     with their GEMM, so the mask (which applies to this term only) needs no second tile of
     registers."""
+    # (rank_operands' loads, written out: through it the TMA dX 128×256 tile spilled 4 bytes)
     rank_dtype = A.dtype.element_ty  # x's dtype, or fp32 (RANK_FP32 / fp32 x)
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
@@ -595,8 +596,8 @@ def _lora_backward_dx_tma_kernel(
 
     Programs [0, num_programs) loop over the dX tiles (one per SM); each program past them runs
     one rank item. The hardware starts those as SMs free up, so the memory-bound rank items fill
-    the GEMM's last, partial wave (at M = 8192, d = 4096 on 132 SMs, 1024 tiles leave 32 SMs idle
-    for one tile's time) and stream x and dY beside tensor-core-bound tiles, instead of a launch
+    the GEMM's last, partial wave (at M = 8192, d = 4096 on 132 SMs, 2048 tiles of 128×128 leave
+    66 SMs idle for one tile's time) and stream x and dY beside tensor-core-bound tiles, instead of a launch
     of their own after the GEMM. Nothing orders the two: both read only g, x, dY and write
     disjoint outputs."""
     pid = tl.program_id(0)
@@ -607,16 +608,17 @@ def _lora_backward_dx_tma_kernel(
         dx_desc = tl.make_tensor_descriptor(DX, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
         tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K)
         n_steps = tl.cdiv(N, BLOCK_N)
+        # The term starts the accumulator under dropout (the mask applies to it alone) and in
+        # tiles wider than 128 × 128 (no registers left to hold its operands across the loop);
+        # otherwise its first rank chunk is loaded at the tile's start and added after the loop.
+        TERM_FIRST: tl.constexpr = HAS_DROPOUT or BLOCK_M * BLOCK_K > 128 * 128
         for tile in range(pid, tiles, num_programs):
             pid_m, pid_k = grouped_tile(tile, M, K, BLOCK_M, BLOCK_K, GROUP_M)
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             cols = ((pid_k * BLOCK_K + tl.arange(0, BLOCK_K)) % K).to(tl.int64)
             rows = offs_m.to(tl.int64)
             m_mask = offs_m < M
-            # The term starts the accumulator under dropout (the mask applies to it alone) and in
-            # tiles wider than 128 × 128 (no registers left to hold its operands across the loop);
-            # otherwise its first rank chunk is loaded now and added after the main loop.
-            if HAS_DROPOUT or BLOCK_M * BLOCK_K > 128 * 128:
+            if TERM_FIRST:
                 acc = lora_dx_term(G=G, A=A, KEEP=KEEP, rows=rows, m_mask=m_mask, cols=cols, k0=pid_k * BLOCK_K,
                                    R=R, K=K, stride_ar=stride_ar, stride_ak=stride_ak, lora_scale=lora_scale,
                                    HAS_DROPOUT=HAS_DROPOUT, BLOCK_R=BLOCK_R, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
@@ -630,7 +632,7 @@ def _lora_backward_dx_tma_kernel(
                 dy = dy_desc.load([pid_m * BLOCK_M, n * BLOCK_N])
                 w = w_desc.load([n * BLOCK_N, pid_k * BLOCK_K])
                 acc = mma(dy, w, acc, WIDEN_BF16_DOT, DOT_PRECISION)
-            if not (HAS_DROPOUT or BLOCK_M * BLOCK_K > 128 * 128):
+            if not TERM_FIRST:
                 acc = rank_term(acc=acc, left0=g0, right0=a0, LEFT=G, RIGHT=A, rows=rows, row_mask=m_mask,
                                 cols=cols, R=R, stride_right_c=stride_ak, stride_right_r=stride_ar,
                                 left_scale=lora_scale, BLOCK_R=BLOCK_R, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
