@@ -18,6 +18,10 @@ Design, from a cost model (bf16, M = 8192, d = 4096, m = 64):
   forms act(h)·W_upᵀ chunk by chunk and writes y. The second read is meant for L2: phase 1
   loads x with evict_last and phase 2 with evict_first (rows in flight: ~2 programs/SM ×
   BLOCK_M × d × 2 B = 34 MiB at BLOCK_M = 16 on 132 SMs, under the 50 MiB L2 of an H100/H200).
+  Phase 2's loop carries its own stage count (RESIDUAL_STAGES), which makes Triton's pipeliner
+  stream x's tiles with `cp.async` like W_up's; by default it pipelines only loads that feed a
+  dot, and the residual load waited a full memory latency per iteration (static estimate,
+  H200, bf16, M = 8192, d = 4096, m = 64: 37.8 → 35.0 µs, now bound by L2→SM bytes).
 - Backward (dz = s·dY⊙keep/(1-p), the gradient reaching the branch's output):
   `_bottleneck_backward_dh_kernel` reads dY once per row block: dh = (dz·W_up)⊙act′(h)
   [M, m] fp32, and act(h) [M, m] in x's dtype (computed once per element: the dX kernel's
@@ -35,6 +39,28 @@ Design, from a cost model (bf16, M = 8192, d = 4096, m = 64):
   block's programs sum their slice's dh rows after their main loop. Backward: 3 launches, also
   where one program doing dX and the partials spilled (sm_80 at m > 128): there the dX
   kernel's launch runs the two roles as two sets of programs, each with its own tiles.
+- Where this design stops (static estimate, same shape; `peft_ops.tools.estimate`). The HBM
+  roofline reads x and writes y (forward), reads dY and x and writes dX (backward): 5 passes,
+  336 MB, 70.5 µs at 4.8 TB/s; the ≥ 80 % target means ≤ 88 µs. Here: forward 35.0 µs, dh
+  19.4, dX 51.9 (HBM-bound), finishing kernel 5.8: 112 µs = 63 %. The backward reads dY twice
+  (the dh pass owns rows, the dX pass owns columns), so the design's floor is 6 passes: every
+  kernel at 0.9 of HBM plus 2.5 µs per launch gives ≈ 103 µs (68 %). Reading dY once needs a
+  row slice's dh before that slice's dX programs read dY again (from L2): one launch whose dX
+  work items wait on their slice's dh items, items taken in order from an atomic counter (so
+  every awaited item belongs to a program already running: no deadlock); by hand, ≈ 90 µs
+  (78 %): 201 MB at 0.9 of HBM, one launch, ≈ 5 µs of waiting for the first slices' dh.
+  Not built yet: its correctness rests on memory ordering
+  between programs, which the interpreter (one program at a time) cannot exercise; it waits
+  for a GPU to validate it.
+- W_down and W_up are not staged in shared memory for many row blocks: together they are
+  4·d·m bytes (1 MiB at the shape above, 192 KiB at d = 768, m = 64) against 228 KiB of shared
+  memory per SM, and Triton keeps a loop-invariant tile in registers, not shared memory. At
+  M = 8192 the 64-row blocks give 128 programs for 132 SMs, so each SM already reads W once
+  per launch (from L2: 40 % of the forward's L2→SM bytes, which bound it there). From
+  M = 16384 the forward is HBM-bound (65.9 µs: 0.9 of HBM plus the launch), and a 128-row
+  tile, which would halve W's share (it builds: 185 registers, 0 spills), won nowhere in the
+  estimate, so the tables leave it out. Below M = 8192 row blocks leave SMs idle (M = 4096:
+  64 programs; the forward takes as long as at 8192).
 - Dropout (on the branch output, before the residual) reuses the LoRA kernels' Philox mask: a
   pure function of (seed, row, column), regenerated in the backward, never stored.
 - Offsets along M (and the strides they multiply) are int64: M·d passes 2³¹ at long sequences.
@@ -131,8 +157,9 @@ LOOP_BOUNDS = {"_bottleneck_backward_dx_kernel": {"row_start": "0", "row_end": "
 LOOP_SHARES = {
     "_bottleneck_backward_dx_kernel": {"for m1 in range(row_start, row_end, BLOCK_M):": "1 / cdiv(D, BLOCK_D)",
                                        "for m0 in range(row_start, row_end, BLOCK_M):": "1 / (1 + SPLIT)"},
-    "_bottleneck_finish_kernel": {"for s in range(0, slices):": "1 / 4"},
+    "_bottleneck_finish_kernel": {"for s in tl.range(0, slices, num_stages=RESIDUAL_STAGES):": "1 / 4"},
 }
+RESIDUAL_STAGES = tl.constexpr(3)  # pipeline depth of loops whose loads do not all feed a dot (see the forward)
 ROWS_PER_SLICE = 1024  # the dX kernel's row slices: at least this many rows each …
 TARGET_PROGRAMS = 256  # … and no more slices than it takes to reach this many programs
 
@@ -243,8 +270,11 @@ def _bottleneck_forward_kernel(
     # act(h) meets the tensor cores in x's dtype: its one rounding on the way to y.
     act = activation(h, ACTIVATION).to(X.dtype.element_ty)
 
-    # Phase 2: y = x + s·drop(act·W_upᵀ + b_up), one column block at a time.
-    for d0 in range(0, D, BLOCK_D):
+    # Phase 2: y = x + s·drop(act·W_upᵀ + b_up), one column block at a time. The loop's own
+    # stage count makes the pipeliner stream x's tiles too (cp.async), not only W_up's: by
+    # default it pipelines only loads that feed a dot, and the residual's would wait a full
+    # memory latency each iteration.
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=RESIDUAL_STAGES):
         cols = (d0 + offs_d).to(tl.int64)
         d_mask = (d0 + offs_d) < D
         w_up_t = tl.load(W_UP + cols[None, :] * stride_up_d + offs_b[:, None] * stride_up_b,
@@ -418,7 +448,8 @@ def _slice_sum(PARTIAL, OUT, n, slices, scale, block, BLOCK: tl.constexpr):
     offs = block * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, slices):
+    # the loop's own stage count streams the slices (cp.async): no dot here to start the pipeliner
+    for s in tl.range(0, slices, num_stages=RESIDUAL_STAGES):
         acc += tl.load(PARTIAL + tl.cast(s, tl.int64) * n + offs, mask=mask, other=0.0)
     tl.store(OUT + offs, (acc * scale).to(OUT.dtype.element_ty), mask=mask)
 
