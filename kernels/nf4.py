@@ -41,7 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import interface
 from .common import (
+    INTERPRETED,
     TRITON_VERSION,
     KernelBuild,
     autotuned,
@@ -131,21 +133,156 @@ def nf4_x_wt(acc, x_ptrs, x_step, k_begin, k_end, cols, PACKED, NF4, ABSMAX, ABS
     return acc
 
 
+def emulate_ptx() -> bool:
+    """Whether kernels emulate their inline PTX (`prmt`): under the interpreter, unless the launch
+    is planned for a GPU (a static estimate compiles it)."""
+    return INTERPRETED and interface.planning() is None
+
+
+# bitsandbytes' NF4 code values (fp32), as the constants of `nf4_code_value`'s select tree; a
+# test holds them to peft_ops.nf4.NF4_CODE_VALUES bit for bit (kernels cannot import peft_ops).
+NF4_C0, NF4_C1, NF4_C2, NF4_C3 = (tl.constexpr(-1.0), tl.constexpr(-0.6961928009986877),
+                                  tl.constexpr(-0.5250730514526367), tl.constexpr(-0.39491748809814453))
+NF4_C4, NF4_C5, NF4_C6, NF4_C7 = (tl.constexpr(-0.28444138169288635), tl.constexpr(-0.18477343022823334),
+                                  tl.constexpr(-0.09105003625154495), tl.constexpr(0.0))
+NF4_C8, NF4_C9, NF4_C10, NF4_C11 = (tl.constexpr(0.07958029955625534), tl.constexpr(0.16093020141124725),
+                                    tl.constexpr(0.24611230194568634), tl.constexpr(0.33791524171829224))
+NF4_C12, NF4_C13, NF4_C14, NF4_C15 = (tl.constexpr(0.44070982933044434), tl.constexpr(0.5626170039176941),
+                                      tl.constexpr(0.7229568362236023), tl.constexpr(1.0))
+
+
 @triton.jit
-def _nf4_dequantize_kernel(PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, OUT, numel,
-                           BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr):
-    """OUT[f] = NF4[nibble f]·absmax[f // BLOCKSIZE] for 2·BLOCK elements (BLOCK bytes) per
-    program; one launch for the whole weight, nested absmax included."""
+def nf4_code_value(nib):
+    """NF4[nib] in fp32 for 4-bit codes `nib` (int32, any shape): a select tree on the code's
+    four bits, 15 selects per code and no memory access (a table lookup would be a load whose
+    address depends on the loaded weight: a gather per weight)."""
+    b0 = (nib & 1) != 0
+    b1 = (nib & 2) != 0
+    b2 = (nib & 4) != 0
+    low = tl.where(b2, tl.where(b1, tl.where(b0, NF4_C7, NF4_C6), tl.where(b0, NF4_C5, NF4_C4)),
+                   tl.where(b1, tl.where(b0, NF4_C3, NF4_C2), tl.where(b0, NF4_C1, NF4_C0)))
+    high = tl.where(b2, tl.where(b1, tl.where(b0, NF4_C15, NF4_C14), tl.where(b0, NF4_C13, NF4_C12)),
+                    tl.where(b1, tl.where(b0, NF4_C11, NF4_C10), tl.where(b0, NF4_C9, NF4_C8)))
+    return tl.where((nib & 8) != 0, high, low)
+
+
+@triton.jit
+def nf4_word_codes(words):
+    """The 8 NF4 codes of each packed 32-bit word (little-endian bytes; even element in a byte's
+    high nibble): int32 [*words.shape, 8], in weight order."""
+    j = tl.arange(0, 8)
+    shift = (j >> 1) * 8 + (1 - (j & 1)) * 4  # byte j // 2; its high nibble for even j
+    return (words[:, :, None] >> shift[None, None, :]) & 0xF
+
+
+@triton.jit
+def prmt(a, b, selector, EMULATE: tl.constexpr):
+    """PTX ``prmt.b32`` (default mode) on int32 tensors: byte i of the result is byte
+    (nibble i of `selector`) & 7 of the 8 bytes b:a (a's bytes are 0-3, b's 4-7). The selectors
+    here never set a nibble's bit 3 (prmt's sign-replicating mode). EMULATE: the same in integer
+    ops, for the interpreter (which runs no PTX); the tests run the decode through it."""
+    if EMULATE:
+        out = tl.zeros_like(a + b + selector)
+        for i in tl.static_range(4):
+            index = (selector >> (4 * i)) & 7
+            byte = (tl.where(index < 4, a, b) >> ((index & 3) * 8)) & 0xFF
+            out = out | (byte << (8 * i))
+        return out
+    else:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, selector + tl.zeros_like(a)],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def half_bits(values, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """The 16-bit patterns (int32, high half zero) of fp32 `values` rounded to OUT_DTYPE (fp16 or
+    bf16), to nearest even. The interpreter truncates fp32 → bf16, so EMULATE rounds bf16 on
+    the bits (exact for every finite value)."""
+    if EMULATE and OUT_DTYPE == tl.bfloat16:
+        bits = values.to(tl.int32, bitcast=True)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
+    else:
+        return values.to(OUT_DTYPE).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
+def nf4_byte_planes(absmax, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """For one NF4 block's absmax (fp32, any shape): the block's 16 dequantized values
+    P[v] = OUT_DTYPE(NF4[v]·absmax) — rounded as bitsandbytes rounds them — as byte planes for
+    `prmt`: L_k holds the low bytes of P[4k … 4k+3], H_k the high bytes (8 int32 tensors)."""
+    q0 = half_bits(absmax * NF4_C0, OUT_DTYPE, EMULATE) | (half_bits(absmax * NF4_C1, OUT_DTYPE, EMULATE) << 16)
+    q1 = half_bits(absmax * NF4_C2, OUT_DTYPE, EMULATE) | (half_bits(absmax * NF4_C3, OUT_DTYPE, EMULATE) << 16)
+    q2 = half_bits(absmax * NF4_C4, OUT_DTYPE, EMULATE) | (half_bits(absmax * NF4_C5, OUT_DTYPE, EMULATE) << 16)
+    q3 = half_bits(absmax * NF4_C6, OUT_DTYPE, EMULATE) | (half_bits(absmax * NF4_C7, OUT_DTYPE, EMULATE) << 16)
+    q4 = half_bits(absmax * NF4_C8, OUT_DTYPE, EMULATE) | (half_bits(absmax * NF4_C9, OUT_DTYPE, EMULATE) << 16)
+    q5 = half_bits(absmax * NF4_C10, OUT_DTYPE, EMULATE) | (half_bits(absmax * NF4_C11, OUT_DTYPE, EMULATE) << 16)
+    q6 = half_bits(absmax * NF4_C12, OUT_DTYPE, EMULATE) | (half_bits(absmax * NF4_C13, OUT_DTYPE, EMULATE) << 16)
+    q7 = half_bits(absmax * NF4_C14, OUT_DTYPE, EMULATE) | (half_bits(absmax * NF4_C15, OUT_DTYPE, EMULATE) << 16)
+    # bytes 0, 2 of each pair (the low bytes of P[2i], P[2i+1]), then bytes 1, 3 (the high ones)
+    return (prmt(q0, q1, 0x6420, EMULATE), prmt(q2, q3, 0x6420, EMULATE), prmt(q4, q5, 0x6420, EMULATE),
+            prmt(q6, q7, 0x6420, EMULATE), prmt(q0, q1, 0x7531, EMULATE), prmt(q2, q3, 0x7531, EMULATE),
+            prmt(q4, q5, 0x7531, EMULATE), prmt(q6, q7, 0x7531, EMULATE))
+
+
+@triton.jit
+def nf4_four_codes(half, planes, EMULATE: tl.constexpr):
+    """The 4 dequantized 16-bit values of the 4 codes in the low 16 bits of `half` (2 packed
+    bytes), as two int32 pairs in weight order, by table lookups in registers: 6 prmt pick the
+    low and the high byte of each value (the code's low 3 bits index 8 bytes, its bit 3 picks
+    the half of the table), 2 more interleave them."""
+    l0, l1, l2, l3, h0, h1, h2, h3 = planes
+    index = half & 0x7777  # each code's low 3 bits, one per selector nibble
+    upper = ((half >> 1) & 0x4444) | 0x3210  # byte i from the second source when code i ≥ 8
+    low = prmt(prmt(l0, l1, index, EMULATE), prmt(l2, l3, index, EMULATE), upper, EMULATE)
+    high = prmt(prmt(h0, h1, index, EMULATE), prmt(h2, h3, index, EMULATE), upper, EMULATE)
+    # the codes sit in a byte as (odd element, even element) nibbles, so bytes 0-3 of `low`
+    # hold elements 1, 0, 3, 2
+    return prmt(low, high, 0x4051, EMULATE), prmt(low, high, 0x6273, EMULATE)
+
+
+@triton.jit
+def nf4_word_pairs(words, absmax, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """The 8 weights of each packed 32-bit word, dequantized to OUT_DTYPE (16-bit) with the
+    absmax of its block (broadcast against `words`), as 4 int32 pairs per word in weight order
+    (p0, p1, p2, p3: weights 0-1, 2-3, 4-5, 6-7). No memory access per weight."""
+    planes = nf4_byte_planes(absmax, OUT_DTYPE, EMULATE)
+    p0, p1 = nf4_four_codes(words, planes, EMULATE)
+    p2, p3 = nf4_four_codes(words >> 16, planes, EMULATE)
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _nf4_dequantize_kernel(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, OUT, numel, n_words,
+                           BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, GROUPS: tl.constexpr,
+                           PAIRS: tl.constexpr, EMULATE: tl.constexpr, BLOCK_WORDS: tl.constexpr):
+    """OUT[f] = NF4[nibble f]·absmax[f // BLOCKSIZE] for the 8·BLOCK_WORDS weights of BLOCK_WORDS
+    packed 32-bit words per program (vector loads, codes decoded in registers), in GROUPS groups
+    of weights that share one absmax, decoded once per group; one launch for the whole weight.
+    PAIRS (16-bit OUT, numel even): each group's 16 values are computed once and the codes pick
+    them with `prmt` (≈ 3 instructions per weight); else a select tree per code and a multiply."""
+    WORDS_PER_GROUP: tl.constexpr = BLOCK_WORDS // GROUPS
     pid = tl.program_id(0).to(tl.int64)
-    offs_byte = pid * BLOCK + tl.arange(0, BLOCK)
-    byte = tl.load(PACKED + offs_byte, mask=offs_byte < (numel + 1) // 2, other=0)
-    values = tl.interleave(tl.load(NF4 + (byte >> 4)), tl.load(NF4 + (byte & 0xF)))
-    flat = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-    in_range = flat < numel
-    blocks = tl.where(in_range, flat, 0) // BLOCKSIZE  # in bounds past the end; the store is masked
+    group = tl.arange(0, GROUPS)
+    # A group's words in reverse order: one word per thread-element (a warp still reads whole
+    # sectors), so that a word's 4 output pairs, joined in registers, are one 16-byte store in
+    # the same layout; words loaded 4 per thread went through shared memory to the store's.
+    in_group = WORDS_PER_GROUP - 1 - tl.arange(0, WORDS_PER_GROUP)
+    word = pid * BLOCK_WORDS + group[:, None] * WORDS_PER_GROUP + in_group[None, :]
+    words = tl.load(WORDS + word, mask=word < n_words, other=0)
+    # a group's first weight names its block (the tail's groups past numel: any valid block)
+    first = tl.minimum(pid * BLOCK_WORDS * 8 + group * (WORDS_PER_GROUP * 8), numel - 1)
     absmax = nf4_block_absmax(ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
-                              ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=blocks, NESTED=NESTED)
-    tl.store(OUT + flat, (values * absmax).to(OUT.dtype.element_ty), mask=in_range)
+                              ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=first // BLOCKSIZE, NESTED=NESTED)
+    if PAIRS:
+        p0, p1, p2, p3 = nf4_word_pairs(words, absmax[:, None], OUT.dtype.element_ty, EMULATE)
+        # join(join(a, c), join(b, d)) puts a, b, c, d along its two new (last) axes in that order
+        pairs = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (GROUPS, WORDS_PER_GROUP, 4))
+        pair = word[:, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+        tl.store(OUT.to(tl.pointer_type(tl.int32)) + pair, pairs, mask=pair * 2 < numel)
+    else:
+        flat = word[:, :, None] * 8 + tl.arange(0, 8)[None, None, :]  # [GROUPS, WORDS_PER_GROUP, 8]
+        values = nf4_code_value(nf4_word_codes(words)) * absmax[:, None, None]
+        tl.store(OUT + flat, values.to(OUT.dtype.element_ty), mask=flat < numel)
 
 
 # Autotune lists per target and operand family: "half" = fp16/bf16 x and adapters, "mixed" =
@@ -332,15 +469,41 @@ def _format_flags(qw) -> dict:
             "ROW_ALIGNED": K % qw.blocksize == 0}
 
 
-def dequantize(qw, dtype: torch.dtype, *, tables) -> torch.Tensor:
-    """W [N, K] in `dtype`, one launch."""
+DEQUANT_BLOCK_WORDS = 1024  # packed words per program of the dequantize kernel: 8192 weights, so that
+# each thread decodes many weights per block table (the table costs ≈ 45 instructions)
+
+
+def packed_words(packed: torch.Tensor) -> torch.Tensor:
+    """The packed bytes as int32 words (little-endian), for the word-wide loads: a view when the
+    bytes are 4-byte aligned and a multiple of 4 long, else an aligned zero-padded copy."""
+    flat = packed.reshape(-1)
+    if flat.numel() % 4 or flat.data_ptr() % 4:
+        padded = torch.zeros(triton.cdiv(flat.numel(), 4) * 4, dtype=torch.uint8, device=flat.device)
+        padded[:flat.numel()] = flat
+        flat = padded
+    return flat.view(torch.int32)
+
+
+def dequantize(qw, dtype: torch.dtype, *, tables, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W [N, K] in `dtype`, one launch; into `out` (contiguous [N, K] of `dtype`: a reusable
+    workspace) when given. `tables` is unused here (the codes decode by selects), kept for the
+    launchers' common signature."""
     N, K = qw.out_features, qw.in_features
-    out = torch.empty((N, K), device=qw.packed.device, dtype=dtype)
-    BLOCK = 1024  # bytes per program: 2048 weights
+    if out is None:
+        out = torch.empty((N, K), device=qw.packed.device, dtype=dtype)
+    assert out.shape == (N, K) and out.dtype == dtype and out.is_contiguous(), "the launcher writes a dense [N, K]"
+    if N * K == 0:
+        return out
+    words = packed_words(qw.packed)
+    _, _, absmax, absmax_scale, absmax_map, absmax_offset = _format_args(qw, tables)
+    groups = max(1, DEQUANT_BLOCK_WORDS * 8 // qw.blocksize)  # blocks per program (blocksizes: powers of 2)
+    # pairs of 16-bit values stored as int32: an even count, 4-byte aligned
+    pairs = dtype != torch.float32 and (N * K) % 2 == 0 and out.data_ptr() % 4 == 0
     with launch_guard(qw.packed):
-        launch(_nf4_dequantize_kernel, (triton.cdiv(triton.cdiv(N * K, 2), BLOCK),),
-            *_format_args(qw, tables), out, N * K, BLOCKSIZE=qw.blocksize, NESTED=qw.absmax_scale is not None,
-            BLOCK=BLOCK, **NF4_LAUNCH_OPTIONS)
+        launch(_nf4_dequantize_kernel, (triton.cdiv(words.numel(), DEQUANT_BLOCK_WORDS),),
+            words, absmax, absmax_scale, absmax_map, absmax_offset, out, N * K, words.numel(),
+            BLOCKSIZE=qw.blocksize, NESTED=qw.absmax_scale is not None, GROUPS=groups, PAIRS=pairs,
+            EMULATE=emulate_ptx(), BLOCK_WORDS=DEQUANT_BLOCK_WORDS, **NF4_LAUNCH_OPTIONS)
     return out
 
 
@@ -473,8 +636,11 @@ def aot_specs(target: str) -> list:
                   unit_strides=("stride_dyn", "stride_ak"), float_args=("lora_scale",))
     for out in ("bf16", "fp32"):
         specs.append(KernelBuild(f"nf4_dequantize [{out}]", _nf4_dequantize_kernel,
-                                 triton.Config({"BLOCK": 1024}, num_warps=4, num_stages=1),
-                                 {**fmt_pointers, "OUT": out}, dict(BLOCKSIZE=64, NESTED=True),
-                                 plain_ints=("numel",), options=options, uses_tensor_cores=False))
+                                 triton.Config({"BLOCK_WORDS": DEQUANT_BLOCK_WORDS}, num_warps=4, num_stages=1),
+                                 {"WORDS": "i32", "ABSMAX": "u8", "ABSMAX_SCALE": "fp32", "ABSMAX_MAP": "fp32",
+                                  "ABSMAX_OFFSET": "fp32", "OUT": out},
+                                 dict(BLOCKSIZE=64, NESTED=True, GROUPS=DEQUANT_BLOCK_WORDS * 8 // 64,
+                                      PAIRS=out != "fp32", EMULATE=False),
+                                 plain_ints=("numel", "n_words"), options=options, uses_tensor_cores=False))
     return specs
 

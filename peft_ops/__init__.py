@@ -26,6 +26,7 @@ from .nn.prompt import PrefixTuning, PromptEncoder, PromptTuning
 from .ops.bottleneck import BottleneckAdapterFunction, bottleneck_adapter
 from .ops.lora import LoraLinearFunction, lora_linear
 from .ops.qlora import NF4LinearFunction, QLoraLinearFunction, nf4_linear, qlora_linear
+from .ops.workspace import free_workspaces, workspace_bytes
 from .peft.files import load_peft_adapter, save_peft_adapter
 from .peft.from_peft import FromPeftReport, from_peft
 from .peft.model import apply_adapters, apply_lora, merge_and_unload, trainable_parameters, trainable_summary
@@ -50,6 +51,7 @@ __all__ = [
     "apply_lora",
     "apply_prompt_learning",
     "bottleneck_adapter",
+    "free_workspaces",
     "from_peft",
     "get_backend",
     "load_peft_adapter",
@@ -66,5 +68,6 @@ __all__ = [
     "trainable_parameters",
     "trainable_summary",
     "use_backend",
+    "workspace_bytes",
 ]
 __version__ = "0.1.0"

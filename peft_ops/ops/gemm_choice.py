@@ -13,6 +13,15 @@ torch version and triton version (a new driver stack or GPU measures again). Wit
 entry the default rule decides: ``"triton"`` from 64 rows up (the fused GEMMs' tiles are 64-128
 rows), ``"cublas"`` below (a decode-sized M fills few of the fused GEMMs' tiles; cuBLAS has
 split-K and GEMV kernels for it). ``PEFT_OPS_GEMM=triton|cublas`` forces one.
+
+The NF4 ops (QLoRA) choose the same way between two paths per phase ("nf4-forward",
+"nf4-dx"): ``"fused"``, the NF4 kernels that decode W tile by tile inside the GEMM (or the
+decode GEMV), and ``"dequant"``, W decoded once into a reusable buffer
+(``peft_ops.ops.workspace``) and the dense LoRA path above on it. The default rule: the fused
+kernels up to DEFAULT_DEQUANT_MIN_ROWS rows (the decode GEMV reads 0.5 byte per weight; a
+decoded copy would write and read 4 more), the dense path from there (its GEMMs are the
+LoRA layer's; the decode adds 2.5 bytes per weight, twice per step). ``PEFT_OPS_NF4=fused|dequant``
+forces one.
 """
 
 from __future__ import annotations
@@ -30,6 +39,10 @@ GEMMS = ("triton", "cublas")
 PHASES = ("forward", "dx")  # x·Wᵀ [M, N, K] and dY·W [M, K, N]
 ENV_VAR = "PEFT_OPS_GEMM"
 DEFAULT_MIN_ROWS = 64  # the default rule: the fused GEMMs from this many rows up
+NF4_PATHS = ("fused", "dequant")
+NF4_PHASES = ("nf4-forward", "nf4-dx")  # x·dequant(W)ᵀ [M, N, K] and dY·dequant(W) [M, K, N]
+NF4_ENV_VAR = "PEFT_OPS_NF4"
+DEFAULT_DEQUANT_MIN_ROWS = 17  # the NF4 default rule: the dense path from this many rows up (above the GEMV's 16)
 
 
 def cache_root() -> pathlib.Path:
@@ -72,10 +85,15 @@ def _choices(device_name: str) -> dict:
     return choices if isinstance(choices, dict) else {}
 
 
-def tuned(device_name: str, key: str) -> str | None:
-    """The cached winner for `key` on GPU `device_name` under this torch / triton, or None."""
+def default_nf4_rule(M: int) -> str:
+    return "dequant" if M >= DEFAULT_DEQUANT_MIN_ROWS else "fused"
+
+
+def tuned(device_name: str, key: str, field: str = "gemm", options: tuple = GEMMS) -> str | None:
+    """The cached winner for `key` on GPU `device_name` under this torch / triton, or None
+    (`field` / `options`: "gemm" among GEMMS for the LoRA products, "path" among NF4_PATHS)."""
     entry = _choices(device_name).get(key)
-    return entry.get("gemm") if isinstance(entry, dict) and entry.get("gemm") in GEMMS else None
+    return entry.get(field) if isinstance(entry, dict) and entry.get(field) in options else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,8 +117,24 @@ def choose(phase: str, dtype: torch.dtype, M: int, N: int, K: int, r: int, devic
     return default_rule(M) if device.type == "meta" else "triton"
 
 
+def choose_nf4(phase: str, dtype: torch.dtype, M: int, N: int, K: int, r: int, device: torch.device) -> str:
+    """"fused" or "dequant" for one NF4 product on `device`, as ``choose`` decides for the LoRA
+    ones: PEFT_OPS_NF4 if set; on a GPU the tuned winner, else the default rule; for a launch
+    plan the default rule; off a GPU the fused kernels (the dense path is tested pinned)."""
+    forced = os.environ.get(NF4_ENV_VAR, "auto")
+    if forced in NF4_PATHS:
+        return forced
+    if forced != "auto":
+        raise ValueError(f"{NF4_ENV_VAR} must be one of {NF4_PATHS + ('auto',)}; got {forced!r}")
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        found = tuned(_device_name(index), shape_key(phase, dtype, M, N, K, r), "path", NF4_PATHS)
+        return found if found is not None else default_nf4_rule(M)
+    return default_nf4_rule(M) if device.type == "meta" else "fused"
+
+
 def write(device_name: str, versions: dict, choices: dict) -> pathlib.Path:
-    """Merge `choices` ({key: {"gemm": …, "ms": {gemm: ms}}}) into the tuning file; atomic."""
+    """Merge `choices` ({key: {"gemm" or "path": …, "ms": {option: ms}}}) into the tuning file; atomic."""
     path = cache_file(device_name, versions)
     path.parent.mkdir(parents=True, exist_ok=True)
     old = {}

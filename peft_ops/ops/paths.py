@@ -15,7 +15,7 @@ import torch
 from ..backend import kernel_modules
 from ..nf4 import NF4Tensors, code_tables, decode
 from ..reference import activation_derivative, apply_activation
-from . import gemm_choice
+from . import gemm_choice, workspace
 from .autograd import mm32, pack_keep_bits, torch_keep_mask, unpack_keep_bits
 
 
@@ -121,27 +121,50 @@ class TorchNF4Ops:
 
 
 class KernelNF4Ops:
-    """The NF4 ops' Triton path: the launchers of ``peft_ops.kernels.nf4`` with the format's
-    code tables, and the LoRA shrink. `regime` / `split_k` pin the forward's kernel (tests)."""
+    """The NF4 ops' Triton path, per phase on the path ``gemm_choice.choose_nf4`` picks for its
+    shape (or `path`, pinned: tests): "fused", the launchers of ``peft_ops.kernels.nf4`` (W
+    decoded tile by tile inside the GEMM or the decode GEMV); or "dequant", W decoded into a
+    reusable buffer (``workspace``) and the dense LoRA path on it — decoded again in the
+    backward, never saved. `regime` / `split_k` pin the fused forward's kernel (tests)."""
 
-    def __init__(self, regime: str | None = None, split_k: int | None = None):
-        self.regime, self.split_k = regime, split_k
+    def __init__(self, regime: str | None = None, split_k: int | None = None, path: str | None = None):
+        self.regime, self.split_k, self.path = regime, split_k, path
+
+    def _path(self, phase, t, M, N, K, r):
+        return self.path or gemm_choice.choose_nf4(phase, t.dtype, M, N, K, r, t.device)
+
+    @staticmethod
+    def _dequantized(qw: NF4Tensors, dtype):
+        """W in `dtype`, in this device's (and stream's) buffer for its shape."""
+        buffer = workspace.dequant_buffer(qw.packed.device, dtype, (qw.out_features, qw.in_features))
+        return kernel_modules().nf4.dequantize(qw, dtype, tables=code_tables(qw.packed.device), out=buffer)
 
     @staticmethod
     def shrink(x, lora_A, dropout_p, seed):
         return kernel_modules().lora.shrink(x, lora_A, dropout_p, seed)
 
     def forward(self, x, qw: NF4Tensors, xa, lora_B, scaling, bias):
+        r = lora_B.shape[1] if lora_B is not None else 0
+        if self._path("nf4-forward", x, x.shape[0], qw.out_features, qw.in_features, r) == "dequant":
+            weight = self._dequantized(qw, x.dtype)
+            if xa is not None:
+                return KernelLoraOps().forward(x, weight, xa, lora_B, scaling, bias)
+            # the base layer alone: a plain GEMM, cuBLAS's on a GPU (no LoRA term to fuse)
+            return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
         return kernel_modules().nf4.forward(x, qw, xa, lora_B, scaling, bias, self.regime, self.split_k,
                                             tables=code_tables(x.device))
 
-    @staticmethod
-    def backward_dx(dy, qw: NF4Tensors):
+    def backward_dx(self, dy, qw: NF4Tensors):
+        if self._path("nf4-dx", dy, dy.shape[0], qw.out_features, qw.in_features, 0) == "dequant":
+            return torch.mm(dy, self._dequantized(qw, dy.dtype))
         return kernel_modules().nf4.backward_dx(dy, qw, tables=code_tables(dy.device))
 
-    @staticmethod
-    def qlora_backward(dy, x, qw: NF4Tensors, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA,
+    def qlora_backward(self, dy, x, qw: NF4Tensors, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA,
                        need_dB, need_db):
+        if need_dx and self._path("nf4-dx", dy, dy.shape[0], qw.out_features, qw.in_features,
+                                  lora_A.shape[0]) == "dequant":
+            return KernelLoraOps().backward(dy, x, self._dequantized(qw, dy.dtype), lora_A, lora_B, xa, keep, scaling,
+                                            dropout_p, need_dx, need_dA, need_dB, need_db)
         return kernel_modules().nf4.qlora_backward(dy, x, qw, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx,
                                                    need_dA, need_dB, need_db, tables=code_tables(dy.device))
 

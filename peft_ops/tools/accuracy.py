@@ -332,24 +332,26 @@ class QLoraCase(LoraCase):
     lora: bool = True  # False: nf4_linear (no adapter)
     regime: str | None = None  # "gemm" / "decode"; None: chosen by M
     split_k: int | None = None  # decode path's K slices (kernels only)
+    nf4_path: str | None = None  # "fused" / "dequant" (kernels only); None: chosen by gemm_choice
 
     def label(self) -> str:
         extra = f" bs{self.blocksize}" + ("" if self.double_quant else " no-dq") + \
-            (f" {self.regime}" if self.regime else "") + (f" split{self.split_k}" if self.split_k else "")
+            (f" {self.regime}" if self.regime else "") + (f" split{self.split_k}" if self.split_k else "") + \
+            (f" {self.nf4_path}" if self.nf4_path else "")
         base = LoraCase.label(dataclasses.replace(self, x_transposed=False))
         return (base if self.lora else base.rsplit(" r", 1)[0]) + extra + (" xᵀ" if self.x_transposed else "")
 
 
-def qlora_ops(path: str, regime: str | None = None, split_k: int | None = None):
-    """The ops behind the QLoRA Functions: "triton" (kernels, with an optional forced regime)
-    or "torch" (the PyTorch path)."""
-    return TorchNF4Ops if path == "torch" else KernelNF4Ops(regime, split_k)
+def qlora_ops(path: str, regime: str | None = None, split_k: int | None = None, nf4_path: str | None = None):
+    """The ops behind the QLoRA Functions: "triton" (kernels, with an optional forced regime or
+    NF4 path) or "torch" (the PyTorch path)."""
+    return TorchNF4Ops if path == "torch" else KernelNF4Ops(regime, split_k, nf4_path)
 
 
 def run_qlora_case(case: QLoraCase, path: str, device="cpu", seed: int = 0) -> list[Compared]:
     """qlora_linear's (or nf4_linear's) autograd Function on `path` against the float64
     reference on the exact dequantized weight: y and every gradient."""
-    ops = qlora_ops(path, case.regime, case.split_k)
+    ops = qlora_ops(path, case.regime, case.split_k, case.nf4_path)
     inp = make_lora_inputs(case, device, seed)
     qweight = quantize(inp["weight"], case.blocksize, case.double_quant)
     q = qweight.tensors()

@@ -310,6 +310,9 @@ class Estimator:
 
     def launch_seconds(self, launch) -> dict:
         """The estimate of one planned launch: the fastest of its configs for a Triton kernel."""
+        if launch.kind == "torch" and launch.gemm is not None:  # a matrix product: the cuBLAS model
+            return {"name": launch.name, "seconds": cublas_seconds(*launch.gemm, self.device),
+                    "bound": "cuBLAS model", "config": ""}
         if launch.kind == "torch":
             return {"name": launch.name, "seconds": launch.bytes / self.device.hbm_bytes_per_second + LAUNCH_SECONDS,
                     "bound": "HBM bandwidth", "config": ""}

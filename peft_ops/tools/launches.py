@@ -47,6 +47,8 @@ class Launch:
     args: dict = dataclasses.field(default_factory=dict)  # triton: argument name → value (+ keyword constexprs)
     kernel: object = None  # triton: the kernel object as launched (autotuner or jit function)
     bytes: int = 0  # torch: bytes its tensors on the device hold (inputs read + outputs written)
+    gemm: tuple | None = None  # torch matrix products: (M, N, K) of the [M, K]·[K, N] product
+
 
     def __str__(self) -> str:
         return self.name
@@ -66,6 +68,18 @@ def _launches_a_kernel(func, args, kwargs, out, device_type: str) -> bool:
     if not writes and any(r.alias_info is not None for r in schema.returns):
         return False
     return any(t.device.type == device_type for t in _tensors((args, kwargs, out)))
+
+
+_MATRIX_PRODUCTS = {"aten.mm.default": 0, "aten.mm.out": 0, "aten.addmm.default": 1, "aten.addmm.out": 1}
+
+
+def _gemm_shape(func, args) -> tuple | None:
+    """(M, N, K) of a matrix product op (its [M, K] and [K, N] operands), else None."""
+    first = _MATRIX_PRODUCTS.get(str(func))
+    if first is None:
+        return None
+    a, b = args[first], args[first + 1]
+    return (a.shape[0], b.shape[1], a.shape[1])
 
 
 class LaunchRecorder(TorchDispatchMode):
@@ -120,7 +134,8 @@ class LaunchRecorder(TorchDispatchMode):
             self.allocated.append(torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device="meta"))
         if not self._inside_kernel and _launches_a_kernel(func, args, kwargs, out, self.device_type):
             on_device = [t for t in _tensors((args, kwargs, out)) if t.device.type == self.device_type]
-            self.launches.append(Launch("torch", str(func), bytes=sum(t.numel() * t.element_size() for t in on_device)))
+            self.launches.append(Launch("torch", str(func), bytes=sum(t.numel() * t.element_size() for t in on_device),
+                                        gemm=_gemm_shape(func, args)))
         return out
 
     def __enter__(self):

@@ -1,7 +1,8 @@
 """``peft-ops tune``: on this machine's GPU, time both implementations of the LoRA GEMMs (the
 fused Triton kernels and cuBLAS with the LoRA pieces around it, see
-``peft_ops.ops.gemm_choice``) per phase, dtype, shape bucket and rank, and cache the winners
-for the ops to use. Needs a CUDA GPU; ``--dry-run`` lists the cases anywhere.
+``peft_ops.ops.gemm_choice``) and both paths of the QLoRA ones (the fused NF4 kernels, or W
+decoded into a workspace and the dense path) per phase, dtype, shape bucket and rank, and
+cache the winners for the ops to use. Needs a CUDA GPU; ``--dry-run`` lists the cases anywhere.
 
     peft-ops tune                          # the default preset's layers, ranks and token counts
     peft-ops tune --preset quick --dtype fp16
@@ -14,8 +15,9 @@ import argparse
 import torch
 
 from ..backend import kernel_modules
+from ..nf4 import quantize
 from ..ops import gemm_choice
-from ..ops.paths import KernelLoraOps
+from ..ops.paths import KernelLoraOps, KernelNF4Ops
 from .presets import PRESETS
 from .records import text_table
 
@@ -27,7 +29,7 @@ def cases(preset: dict, dtype: torch.dtype) -> list[tuple]:
     for K, N in preset["layers"]:
         for r in preset["ranks"]:
             for M in preset["tokens"]:
-                for phase in gemm_choice.PHASES:
+                for phase in gemm_choice.PHASES + gemm_choice.NF4_PHASES:
                     key = gemm_choice.shape_key(phase, dtype, M, N, K, r)
                     if key not in seen:
                         seen.add(key)
@@ -35,28 +37,41 @@ def cases(preset: dict, dtype: torch.dtype) -> list[tuple]:
     return out
 
 
-def phase_call(phase: str, gemm: str, dtype: torch.dtype, M: int, N: int, K: int, r: int, device):
+def options(phase: str) -> tuple:
+    """The implementations a phase chooses between, and the field its choice is cached under."""
+    return (gemm_choice.NF4_PATHS, "path") if phase in gemm_choice.NF4_PHASES else (gemm_choice.GEMMS, "gemm")
+
+
+def phase_call(phase: str, option: str, dtype: torch.dtype, M: int, N: int, K: int, r: int, device):
     """A no-argument function running one phase of lora_linear's kernels on implementation
-    `gemm`: the forward GEMM with its LoRA term, or the backward (g, the rank pass, dX)."""
+    `option` ("triton" / "cublas"): the forward GEMM with its LoRA term, or the backward (g,
+    the rank pass, dX); or of qlora_linear's ("nf4-…" phases, "fused" / "dequant")."""
     gen = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen, device=device, dtype=dtype) * shape[-1] ** -0.5
 
     x, weight, lora_A, lora_B = rand(M, K), rand(N, K), rand(r, K), rand(N, r)
-    ops = KernelLoraOps(gemm)
+    if phase in gemm_choice.NF4_PHASES:
+        ops, weight = KernelNF4Ops(path=option), quantize(weight).tensors()
+    else:
+        ops = KernelLoraOps(option)
     xa, keep = ops.shrink(x, lora_A, 0.0, 0)
-    if phase == "forward":
+    if phase in ("forward", "nf4-forward"):
         return lambda: ops.forward(x, weight, xa, lora_B, 1.0, None)
     dy = rand(M, N)
-    return lambda: ops.backward(dy, x, weight, lora_A, lora_B, xa, keep, 1.0, 0.0, True, True, True, False)
+    backward = ops.qlora_backward if phase == "nf4-dx" else ops.backward
+    return lambda: backward(dy, x, weight, lora_A, lora_B, xa, keep, 1.0, 0.0, True, True, True, False)
 
 
 def decide(timings: dict) -> dict:
-    """{key: {"gemm": the faster, "ms": {gemm: ms}}} from {key: {gemm: ms}} (ties: "triton",
-    the fewer launches)."""
-    return {key: {"gemm": min(gemm_choice.GEMMS, key=lambda g: (ms[g], g != "triton")), "ms": ms}
-            for key, ms in timings.items()}
+    """{key: {"gemm" (or "path"): the faster, "ms": {option: ms}}} from {key: {option: ms}}
+    (ties: the first option, "triton" / "fused": the fewer launches)."""
+    decided = {}
+    for key, ms in timings.items():
+        choices, field = options(key.split("|")[0])
+        decided[key] = {field: min(choices, key=lambda o: (ms[o], o != choices[0])), "ms": ms}
+    return decided
 
 
 def tune(preset: dict, dtype: torch.dtype, measure=None, progress=print) -> dict:
@@ -67,7 +82,8 @@ def tune(preset: dict, dtype: torch.dtype, measure=None, progress=print) -> dict
     timings = {}
     for phase, dt, M, N, K, r in cases(preset, dtype):
         key = gemm_choice.shape_key(phase, dt, M, N, K, r)
-        timings[key] = {gemm: measure(phase_call(phase, gemm, dt, M, N, K, r, device)) for gemm in gemm_choice.GEMMS}
+        timings[key] = {option: measure(phase_call(phase, option, dt, M, N, K, r, device))
+                        for option in options(phase)[0]}
         progress(f"{key}: " + ", ".join(f"{g} {ms:.3f} ms" for g, ms in timings[key].items()))
     return timings
 
@@ -91,8 +107,8 @@ def main(argv: list[str]) -> int:
         return 2
     choices = decide(tune(PRESETS[args.preset], dtype))
     path = gemm_choice.write(torch.cuda.get_device_name(), gemm_choice.versions(), choices)
-    print(text_table(("case", "triton ms", "cublas ms", "chosen"),
-                     [(key, f"{c['ms']['triton']:.3f}", f"{c['ms']['cublas']:.3f}", c["gemm"])
+    print(text_table(("case", "times (ms)", "chosen"),
+                     [(key, ", ".join(f"{o} {ms:.3f}" for o, ms in c["ms"].items()), c.get("gemm") or c.get("path"))
                       for key, c in choices.items()]))
     print(f"\nwritten: {path}")
     return 0

@@ -93,3 +93,22 @@ def test_the_launchers_refuse_an_unknown_gemm():
     with pytest.raises(ValueError, match="gemm"):
         lora.backward(torch.zeros(2, 4), x, w, torch.zeros(1, 8), b, torch.zeros(2, 1), None, 1.0, 0.0,
                       True, True, True, False, gemm="cutlass")
+
+
+def test_the_nf4_path_rule_tuning_and_override(cache, monkeypatch):
+    """The QLoRA products: the fused NF4 kernels at decode sizes (M ≤ 16: the GEMV), W decoded
+    into the workspace and the dense path above; a tuning or PEFT_OPS_NF4 overrides."""
+    monkeypatch.delenv("PEFT_OPS_NF4", raising=False)
+    assert gemm_choice.choose_nf4("nf4-forward", torch.bfloat16, 16, 4096, 4096, 16, CUDA) == "fused"
+    assert gemm_choice.choose_nf4("nf4-forward", torch.bfloat16, 17, 4096, 4096, 16, CUDA) == "dequant"
+    assert gemm_choice.choose_nf4("nf4-dx", torch.bfloat16, 8192, 4096, 4096, 16, torch.device("meta")) == "dequant"
+    assert gemm_choice.choose_nf4("nf4-dx", torch.bfloat16, 8192, 64, 64, 8, torch.device("cpu")) == "fused"
+    key = gemm_choice.shape_key("nf4-forward", torch.bfloat16, 8192, 4096, 4096, 16)
+    gemm_choice.write("NVIDIA H200", gemm_choice.versions(), {key: {"path": "fused", "ms": {}}})
+    assert gemm_choice.choose_nf4("nf4-forward", torch.bfloat16, 8192, 4096, 4096, 16, CUDA) == "fused"
+    assert gemm_choice.choose_nf4("nf4-dx", torch.bfloat16, 8192, 4096, 4096, 16, CUDA) == "dequant"  # not tuned
+    monkeypatch.setenv("PEFT_OPS_NF4", "dequant")
+    assert gemm_choice.choose_nf4("nf4-forward", torch.bfloat16, 8192, 4096, 4096, 16, CUDA) == "dequant"
+    monkeypatch.setenv("PEFT_OPS_NF4", "fast")
+    with pytest.raises(ValueError, match="PEFT_OPS_NF4"):
+        gemm_choice.choose_nf4("nf4-forward", torch.bfloat16, 8192, 4096, 4096, 16, CUDA)

@@ -73,6 +73,43 @@ def test_forced_regimes_and_split_k(regime, M, split_k, dtype, device):
               "triton", device)
 
 
+DEQUANT_VARIANTS = {"plain": {}, **{k: VARIANTS[k] for k in ("dropout", "fp32_adapters", "odd_K_blocksize_32",
+                                                              "no_double_quant_no_bias", "non_contiguous_x")}}
+
+
+@pytest.mark.parametrize("M", [3, 67])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("variant", list(DEQUANT_VARIANTS))
+def test_the_dequant_path(variant, dtype, M, device):
+    """W decoded into the workspace, then the dense LoRA kernels (or a plain GEMM for
+    nf4_linear): the same float64 references and budgets as the fused kernels."""
+    kw = dict(M=M, K=64, N=40, r=8, dtype=dtype, nf4_path="dequant")
+    kw.update(DEQUANT_VARIANTS[variant])
+    check(QLoraCase(**kw), "triton", device)
+    if variant in ("plain", "odd_K_blocksize_32"):
+        check(QLoraCase(**{**kw, "lora": False, "train_base": True, "r": 1}), "triton", device)
+
+
+def test_the_workspace_is_reused_per_shape_and_freed_on_request(device):
+    from peft_ops.ops import workspace
+    from peft_ops.ops.paths import KernelNF4Ops
+
+    workspace.free_workspaces()
+    ops = KernelNF4Ops(path="dequant")
+    torch.manual_seed(0)
+    q = quantize(torch.randn(40, 64, device=device)).tensors()
+    x = torch.randn(70, 64, device=device)
+    first = ops.forward(x, q, None, None, 0.0, None)
+    assert workspace.workspace_bytes() == 40 * 64 * 4  # one fp32 buffer of W's shape
+    buffer = next(iter(workspace._BUFFERS.values()))
+    again = ops.forward(x, q, None, None, 0.0, None)
+    assert next(iter(workspace._BUFFERS.values())) is buffer and torch.equal(first, again)  # reused
+    ops.forward(x.half(), q, None, None, 0.0, None)
+    assert workspace.workspace_bytes() == 40 * 64 * (4 + 2)  # one more: per dtype
+    assert peft_ops.free_workspaces(device) == 40 * 64 * 6 and workspace.workspace_bytes() == 0
+    assert torch.equal(ops.forward(x, q, None, None, 0.0, None), first)  # allocates again
+
+
 def test_public_functions_match_the_references(device):
     torch.manual_seed(0)
     x = torch.randn(2, 5, 64, device=device)

@@ -151,10 +151,14 @@ def test_tune_caches_winners_the_ops_then_use(tmp_path, monkeypatch):
 
     monkeypatch.setenv("PEFT_OPS_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("PEFT_OPS_GEMM", raising=False)
+    monkeypatch.delenv("PEFT_OPS_NF4", raising=False)
     timings = tune.tune(PRESETS["smoke"], torch.bfloat16, progress=lambda _: None)
-    assert all(ms[g] > 0 for ms in timings.values() for g in gemm_choice.GEMMS)
+    assert all(ms[o] > 0 for key, ms in timings.items() for o in tune.options(key.split("|")[0])[0])
     chosen = tune.decide(timings)
     gemm_choice.write(torch.cuda.get_device_name(), gemm_choice.versions(), chosen)
     for phase, dtype, M, N, K, r in tune.cases(PRESETS["smoke"], torch.bfloat16):
         key = gemm_choice.shape_key(phase, dtype, M, N, K, r)
-        assert gemm_choice.choose(phase, dtype, M, N, K, r, torch.device("cuda")) == chosen[key]["gemm"]
+        if phase in gemm_choice.NF4_PHASES:
+            assert gemm_choice.choose_nf4(phase, dtype, M, N, K, r, torch.device("cuda")) == chosen[key]["path"]
+        else:
+            assert gemm_choice.choose(phase, dtype, M, N, K, r, torch.device("cuda")) == chosen[key]["gemm"]

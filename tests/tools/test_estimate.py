@@ -138,9 +138,10 @@ def test_the_target_rows_today(headline):
     # add ≈ 36 µs to the base layer's ≈ 710, the rank items ≈ 13 µs in the dX GEMM's last wave
     assert 1.02 < lora <= 1.10
     qlora = got["qlora"]["fwd+bwd"]["seconds"] / got["lora"]["fwd+bwd"]["seconds"]
-    # target ≤ 1.08: per-weight byte loads and table gathers in the GEMMs (3.15 since the LoRA
-    # backward fused its rank pass into the dX launch; QLoRA's NF4 dX keeps it separate)
-    assert 1.8 < qlora < 3.5
+    # target ≤ 1.08: at training sizes W is decoded into a workspace (≈ 16 µs, twice per step:
+    # bound by instruction issue, 12 µs at HBM speed) and the LoRA kernels run on it (3.16
+    # with the fused dequant-GEMMs: per-weight byte loads and table gathers)
+    assert 1.02 < qlora <= 1.08
     w_bytes = 4096 * 14336 // 2
     gemv_pct = 100 * w_bytes / got["gemv"]["forward"]["seconds"] / dev.bandwidth
     assert 5 < gemv_pct < 35  # target ≥ 85 %

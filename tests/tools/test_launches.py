@@ -20,16 +20,18 @@ SHRINK, FORWARD, G, RANK, DX = "_lora_shrink_kernel", "_lora_forward_kernel", "_
 LORA_BACKWARD = [G, DX, RANK]
 # sm_90a: the persistent TMA dX GEMM runs the rank pass's items as extra programs
 TMA_BACKWARD = [G, "_lora_backward_dx_tma_kernel"]
+DEQUANTIZE = "_nf4_dequantize_kernel"
 EXPECTED = {
     ("lora", 8192, 4096, 4096, 16): ([SHRINK, "_lora_forward_tma_kernel"], TMA_BACKWARD),
-    ("qlora", 8192, 4096, 4096, 16): ([SHRINK, "_nf4_matmul_kernel"],
-                                      [x.replace(DX, "_nf4_backward_dx_kernel") for x in LORA_BACKWARD]),
+    # training sizes: W decoded into the workspace, then the dense LoRA kernels (again in the
+    # backward: the decoded weight is never saved)
+    ("qlora", 8192, 4096, 4096, 16): ([SHRINK, DEQUANTIZE, "_lora_forward_tma_kernel"], [DEQUANTIZE, *TMA_BACKWARD]),
     # decode: the split-K GEMV's partials are summed and copied by PyTorch
     ("qlora", 1, 4096, 4096, 16): ([SHRINK, "_nf4_gemv_kernel", "aten.sum.dim_IntList", "aten.copy_.default"],
                                    [x.replace(DX, "_nf4_backward_dx_kernel") for x in LORA_BACKWARD]),
     ("nf4", 1, 4096, 14336, 0): (["_nf4_gemv_kernel", "aten.sum.dim_IntList", "aten.copy_.default"],
                                  ["_nf4_backward_dx_kernel"]),
-    ("nf4", 8192, 4096, 14336, 0): (["_nf4_matmul_kernel"], ["_nf4_backward_dx_kernel"]),
+    ("nf4", 8192, 4096, 14336, 0): ([DEQUANTIZE, "aten.mm.default"], [DEQUANTIZE, "aten.mm.default"]),
     # dh, dX with its row slices' partials, the finishing kernel (sums, scales, casts): no PyTorch tail
     ("bottleneck", 8192, 4096, 4096, 64): (["_bottleneck_forward_kernel"], [
         "_bottleneck_backward_dh_kernel", "_bottleneck_backward_dx_kernel", "_bottleneck_finish_kernel"]),
@@ -44,6 +46,8 @@ def test_planned_launches_per_call(call, options):
         options = {"bias": True}
     planned = launches.op_launches(OpShape(op, M, K, N, r), "sm90", 132, **options)
     forward, backward = EXPECTED[call]
+    if options.get("bias"):  # the dense base layer's bias rides in its GEMM (addmm's C)
+        forward = [name.replace("aten.mm", "aten.addmm") for name in forward]
     assert [str(x) for x in planned["forward"]] == forward
     assert [str(x) for x in planned["backward"]] == backward
 

@@ -1,0 +1,48 @@
+"""Reusable buffers for dequantized NF4 weights (the QLoRA ops' "dequant" path).
+
+At training sizes the QLoRA ops can decode the frozen NF4 weight into a dense buffer and run
+the dense LoRA kernels on it (``peft_ops.ops.gemm_choice`` decides per shape). The buffer is
+scratch: written by the decode, read by the next GEMM on the same stream, then free for the
+next layer. Nothing keeps its contents: the forward decodes, the backward decodes again (the
+dequantized weight is never saved for backward), and no call reuses another's.
+
+One buffer per (device, stream, dtype, shape): the layers of a model share a handful (one
+per distinct weight shape), and two streams never write the same one. They stay allocated
+for the next step until :func:`free_workspaces` releases them (to PyTorch's caching
+allocator; ``torch.cuda.empty_cache()`` then returns them to the driver).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_BUFFERS: dict[tuple, torch.Tensor] = {}
+
+
+def _stream_key(device: torch.device) -> int | None:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+
+
+def dequant_buffer(device: torch.device, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
+    """The buffer for one dequantized weight of `shape` and `dtype` on `device` (and the current
+    stream there): contiguous, its contents undefined."""
+    key = (str(device), _stream_key(device), dtype, tuple(shape))
+    buffer = _BUFFERS.get(key)
+    if buffer is None:
+        buffer = _BUFFERS[key] = torch.empty(shape, device=device, dtype=dtype)
+    return buffer
+
+
+def workspace_bytes(device: torch.device | str | None = None) -> int:
+    """Bytes the dequantization buffers hold (on `device`, or on every device)."""
+    return sum(b.numel() * b.element_size() for key, b in _BUFFERS.items()
+               if device is None or key[0] == str(torch.device(device)))
+
+
+def free_workspaces(device: torch.device | str | None = None) -> int:
+    """Release the dequantization buffers (on `device`, or on every device); the bytes freed.
+    The next QLoRA call on the "dequant" path allocates again."""
+    freed = workspace_bytes(device)
+    for key in [k for k in _BUFFERS if device is None or k[0] == str(torch.device(device))]:
+        del _BUFFERS[key]
+    return freed
