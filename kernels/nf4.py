@@ -263,11 +263,7 @@ def _nf4_dequantize_kernel(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSE
     WORDS_PER_GROUP: tl.constexpr = BLOCK_WORDS // GROUPS
     pid = tl.program_id(0).to(tl.int64)
     group = tl.arange(0, GROUPS)
-    # A group's words in reverse order: one word per thread-element (a warp still reads whole
-    # sectors), so that a word's 4 output pairs, joined in registers, are one 16-byte store in
-    # the same layout; words loaded 4 per thread went through shared memory to the store's.
-    in_group = WORDS_PER_GROUP - 1 - tl.arange(0, WORDS_PER_GROUP)
-    word = pid * BLOCK_WORDS + group[:, None] * WORDS_PER_GROUP + in_group[None, :]
+    word = pid * BLOCK_WORDS + group[:, None] * WORDS_PER_GROUP + tl.arange(0, WORDS_PER_GROUP)[None, :]
     words = tl.load(WORDS + word, mask=word < n_words, other=0)
     # a group's first weight names its block (the tail's groups past numel: any valid block)
     first = tl.minimum(pid * BLOCK_WORDS * 8 + group * (WORDS_PER_GROUP * 8), numel - 1)
@@ -641,6 +637,6 @@ def aot_specs(target: str) -> list:
                                   "ABSMAX_OFFSET": "fp32", "OUT": out},
                                  dict(BLOCKSIZE=64, NESTED=True, GROUPS=DEQUANT_BLOCK_WORDS * 8 // 64,
                                       PAIRS=out != "fp32", EMULATE=False),
-                                 plain_ints=("numel", "n_words"), options=options, uses_tensor_cores=False))
+                                 options=options, uses_tensor_cores=False))
     return specs
 
