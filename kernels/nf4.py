@@ -6,28 +6,43 @@ The format is bitsandbytes' (see ``peft_ops.nf4``, which owns it and hands its t
 to every launcher here as ``tables``): element f = n·K + k of the flattened W is
 nibble (f odd: low, even: high) of byte f // 2, scaled by the fp32 absmax of block
 f // blocksize, which is itself ``map[code8]·scale[block // 256] + offset`` with double
-quantization. `nf4_tile` decodes any [rows × BLOCK_K] tile of W straight from those bytes.
+quantization. `nf4_tile` decodes any [rows × BLOCK_K] tile of W straight from those bytes;
+`nf4_row_tile` and the dequantize kernel decode from the same bytes read as 32-bit words.
 
-Design, from a cost model (bf16, d = 4096, MLP 14336, H200: 4.8 TB/s, 989 TFLOP/s):
+Design, from a cost model (bf16, d = 4096, MLP 14336, H200: 4.8 TB/s, 989 TFLOP/s; every
+figure below is the static estimate of ``peft_ops.tools.estimate``, not a measurement):
 
-- Training-size M (> DECODE_MAX_M): `_nf4_matmul_kernel` is the GEMM of the LoRA forward with
-  its W tile decoded in registers from the 4-bit bytes instead of loaded as bf16. Each W tile
-  is decoded once per BLOCK_M rows of x, so the decode (a byte load, two 16-entry table
-  lookups, the block scale, one multiply per weight) is amortized over 64-128 rows of
-  tensor-core work, and W costs 0.5 byte per weight in HBM instead of 2. No dequantized W
-  exists, in HBM or saved for backward. The alternative — dequantize W to a bf16 buffer
-  (N·K·2 bytes written and read again: 2.5 B/weight extra) and run the dense GEMM — is
-  what bitsandbytes does; which wins above some M is a GPU measurement
-  (`peft-ops bench` times the fused op against dequantize + torch.matmul). Until one is
-  recorded, the fused GEMM is the only path, and this comment is where the crossover goes.
-- Decode-size M (1 … DECODE_MAX_M): the GEMM's tiles would leave most SMs idle (N/BLOCK_N
-  programs) and the op is bound by reading W (4096 × 14336 × 0.5 B = 29 MB ≈ 6 µs). So
-  `_nf4_gemv_kernel` splits K too (split-K): ⌈N/BLOCK_N⌉ × SPLIT_K programs, about two per
-  SM, each decoding its W slice exactly once and multiplying it by all M ≤ 16 rows of x
-  (one 16-row tensor-core dot: x is tiny and stays in L1/L2). Partial sums go to an fp32
-  [SPLIT_K, M, N] buffer summed in a fixed order (deterministic; no atomics).
-- dX = dY·dequant(W) (+ the LoRA term and the dA partials, as in ``lora.py``):
-  `_nf4_backward_dx_kernel`, the dense dX kernel with the same in-register decode.
+- Decoding without lookups in memory. A table lookup per weight (`tl.load(NF4 + nibble)`) is a
+  load whose address depends on the loaded byte: a gather, 4-byte `cp.async` into shared
+  memory, a full memory latency per iteration. The word decoders instead load the packed
+  bytes as 32-bit words (16-byte vectors) and, per NF4 block, build the block's 16 dequantized
+  values P[v] = dtype(NF4[v]·absmax) in registers — bitsandbytes' exact rounding, computed
+  once per block instead of once per weight — as byte planes; `prmt` (PTX byte permute, via
+  inline assembly; emulated in integer ops under the interpreter) then picks each code's two
+  bytes: 16 `prmt` and 5 selector ops per word of 8 codes (≈ 2.6 instructions per weight) plus
+  ≈ 45 per block table. The 8-bit absmax codes (double quantization) are read as words too:
+  1-byte loads are never pipelined.
+- Training sizes (M > DECODE_MAX_M, the default rule of ``peft_ops.ops.gemm_choice``): W is
+  decoded once per call into a reusable buffer (`dequantize`, 0.5 B read + 2 B written per
+  weight: 12.3 µs for 4096 × 4096, at HBM speed) and the dense LoRA kernels run on it — the
+  forward, and again in the backward (the decoded W is never saved). QLoRA fwd+bwd at
+  M = 8192, 4096→4096, r = 16: 788 µs against 763 µs for bf16 LoRA (1.03×; 1.03–1.05 over
+  the default layers). The fused dequant-GEMMs below (`_nf4_matmul_kernel`,
+  `_nf4_backward_dx_kernel`) stay for tuned cases (`peft-ops tune` times both per shape):
+  they decode each W tile once per 64–128 rows with byte loads and code gathers, 3.2× LoRA at
+  that shape (2,409 µs), and lose at every M ≥ 32 of the default layers in the estimate.
+- Decode sizes (M ≤ DECODE_MAX_M): `_nf4_decode_gemv_kernel`, one launch, no partial sums:
+  each program owns BLOCK_N rows of W over the whole of K (W read once for all M ≤ 16 rows of
+  x, which stays in L1/L2), one row per thread so that a thread builds one block table per 64
+  weights, the decoded tile meeting x in a 16-row `mma.sync`. 4096 × 14336 at M = 1: 20.4 µs
+  = 30 % of HBM (the split-K byte GEMV: 38.1 µs, 3 launches); N = 4096: 18.3 µs (21.1).
+  Bound by instruction issue: ≈ 7 instructions per weight, of which the lookups are 2.6; the
+  rest is the 16-bit values' way into shared memory for the tensor cores (one 2-byte store
+  per weight: Triton lays the tile out row-fastest there) and splitting the pairs. 85 % of
+  HBM needs ≤ 3.8 per weight. Narrow layers (N = 4096: 32–64 programs for 132 SMs) would
+  want split-K with an in-kernel reduction. `_nf4_gemv_kernel` (split-K, byte decode, its
+  partials summed by PyTorch) remains for fp32 x and K not a multiple of 128.
+- dX at decode sizes: `_nf4_backward_dx_kernel`, the dense dX kernel with the byte decode.
 - Bit-exactness: the absmax decode ``map·scale + offset`` must round twice, as in
   bitsandbytes; a fused multiply-add would round once and differ in the last bit. Every
   kernel here is launched with ``enable_fp_fusion=False`` (NF4_LAUNCH_OPTIONS), so the
@@ -73,9 +88,16 @@ NF4_LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit
-def nf4_block_absmax(ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, blocks, NESTED: tl.constexpr):
-    """fp32 absmax of NF4 blocks `blocks` (int64 indices, any shape)."""
-    if NESTED:
+def nf4_block_absmax(ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, blocks, NESTED: tl.constexpr,
+                     CODE_WORDS: tl.constexpr = False):
+    """fp32 absmax of NF4 blocks `blocks` (int64 indices, any shape). CODE_WORDS: ABSMAX is the
+    8-bit codes (NESTED) as int32 words, read 4 bytes at a time: a load the pipeliner streams
+    (it leaves 1-byte loads synchronous)."""
+    if NESTED and CODE_WORDS:
+        code8 = (tl.load(ABSMAX + blocks // 4) >> ((blocks % 4) * 8).to(tl.int32)) & 0xFF
+        absmax = tl.load(ABSMAX_MAP + code8) * tl.load(ABSMAX_SCALE + blocks // 256)
+        absmax = absmax + tl.load(ABSMAX_OFFSET)
+    elif NESTED:
         code8 = tl.load(ABSMAX + blocks)
         # one fp32 scale per 256 absmax values (peft_ops.nf4.ABSMAX_BLOCKSIZE)
         absmax = tl.load(ABSMAX_MAP + code8) * tl.load(ABSMAX_SCALE + blocks // 256)
@@ -268,7 +290,8 @@ def _nf4_dequantize_kernel(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSE
     # a group's first weight names its block (the tail's groups past numel: any valid block)
     first = tl.minimum(pid * BLOCK_WORDS * 8 + group * (WORDS_PER_GROUP * 8), numel - 1)
     absmax = nf4_block_absmax(ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
-                              ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=first // BLOCKSIZE, NESTED=NESTED)
+                              ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=first // BLOCKSIZE, NESTED=NESTED,
+                              CODE_WORDS=True)
     if PAIRS:
         p0, p1, p2, p3 = nf4_word_pairs(words, absmax[:, None], OUT.dtype.element_ty, EMULATE)
         # join(join(a, c), join(b, d)) puts a, b, c, d along its two new (last) axes in that order
@@ -303,6 +326,16 @@ _GEMV_GPU = _lists(_GEMV, half=[(128, 64, 4, 3), (64, 64, 4, 3)],
                    fp32=[(64, 64, 4, 3)], general=[(64, 32, 4, 2)])
 GEMV_CONFIGS = {"sm80": _GEMV_GPU, "sm90": _GEMV_GPU, "interpreter": tile_configs(_GEMV, [(32, 32, 4, 1)])}
 GEMV_BLOCK_N_FOR_SPLIT = 64  # the tile width the split-K heuristic assumes
+# The word-decoding GEMV (16-bit x, K % BLOCK_K == 0): (BLOCK_N, BLOCK_K, warps, stages), one W
+# row per thread (BLOCK_N = 32·warps).
+_DECODE_GEMV = ("BLOCK_N", "BLOCK_K")
+# 128 rows for wide layers, 64 (twice the programs) for narrow ones (N = 4096: 18 µs against
+# 20 in the static estimate). Larger K tiles spilled (64×256 on sm_80, 32×256 and 64×128 at
+# 2 warps on sm_90a) or passed 64 KB of shared memory (64×256 on sm_90a: 68 KiB).
+_DECODE_GEMV_ROWS = [(128, 128, 4, 3), (64, 64, 2, 4)]
+DECODE_GEMV_CONFIGS = {**{t: {family: tile_configs(_DECODE_GEMV, _DECODE_GEMV_ROWS) for family in ("half", "mixed")}
+                          for t in ("sm80", "sm90")},
+                       "interpreter": tile_configs(_DECODE_GEMV, [(32, 64, 1, 1)])}
 # dX: BLOCK_M is DX_BLOCK_M (each M-block decodes every W tile once: a wider one halves the
 # decode work but the tile then holds a 128-row accumulator next to the decode).
 DX_BLOCK_M = {"sm80": 64, "sm90": 64, "interpreter": 32}
@@ -401,6 +434,114 @@ def _nf4_gemv_kernel(
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+@triton.jit
+def nf4_row_chunk(WORDS, row_base, planes, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """32 weights of each row (4 packed words at WORDS + row_base, int64 [rows]) decoded with
+    the rows' block tables `planes`: [rows, 32] in OUT_DTYPE. The load is [rows, 4 words]: one
+    16-byte vector per thread and the rows across threads, so everything after it stays in
+    the thread's registers."""
+    words = tl.load(WORDS + row_base[:, None] + tl.arange(0, 4)[None, :])
+    p0, p1 = nf4_four_codes(words, planes, EMULATE)
+    p2, p3 = nf4_four_codes(words >> 16, planes, EMULATE)
+    # [row, word, pair]: join(join(a, c), join(b, d)) orders a, b, c, d
+    pairs = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (row_base.shape[0], 4, 4))
+    low = (pairs & 0xFFFF).to(tl.int16).to(OUT_DTYPE, bitcast=True)
+    high = (pairs >> 16).to(tl.int16).to(OUT_DTYPE, bitcast=True)
+    return tl.reshape(tl.join(low, high), (row_base.shape[0], 32))  # column word·8 + pair·2 + half
+
+
+@triton.jit
+def concat_columns(a, b):
+    """[rows, 2·n] from two [rows, n] tiles side by side (in the thread's registers)."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * a.shape[1]))
+
+
+@triton.jit
+def nf4_row_64(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, row_start, word_base,
+               BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """64 weights of each row from flat index row_start (int64 [rows], a multiple of 32; its
+    packed words from word_base): [rows, 64] in OUT_DTYPE, one block table per block."""
+    absmax = nf4_block_absmax(ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
+                              ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=row_start // BLOCKSIZE, NESTED=NESTED,
+                              CODE_WORDS=True)
+    planes = nf4_byte_planes(absmax[:, None], OUT_DTYPE, EMULATE)
+    first = nf4_row_chunk(WORDS, word_base, planes, OUT_DTYPE, EMULATE)
+    if BLOCKSIZE < 64:  # 32: the second chunk is another block
+        absmax = nf4_block_absmax(ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
+                                  ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=(row_start + 32) // BLOCKSIZE, NESTED=NESTED,
+                                  CODE_WORDS=True)
+        planes = nf4_byte_planes(absmax[:, None], OUT_DTYPE, EMULATE)
+    return concat_columns(first, nf4_row_chunk(WORDS, word_base + 4, planes, OUT_DTYPE, EMULATE))
+
+
+@triton.jit
+def nf4_row_tile(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, rows, k0, K, row_words,
+                 BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """W[rows, k0 : k0 + BLOCK_K] in OUT_DTYPE (16-bit), [len(rows), BLOCK_K] (BLOCK_K: 64, 128 or
+    256), decoded in registers from the packed 32-bit words (K % BLOCK_K == 0 and K % 32 == 0:
+    rows start on a word, every 32-weight chunk sits in one NF4 block): each row by the thread
+    that holds it, one block table per block (per 64 weights for blocks longer than that)."""
+    start = rows * K + k0  # int64 flat index of each row's first weight here
+    base = rows * row_words + k0 // 8
+    tile = nf4_row_64(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, start, base, BLOCKSIZE, NESTED,
+                      OUT_DTYPE, EMULATE)
+    if BLOCK_K >= 128:
+        tile = concat_columns(tile, nf4_row_64(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, start + 64,
+                                               base + 8, BLOCKSIZE, NESTED, OUT_DTYPE, EMULATE))
+    if BLOCK_K >= 256:
+        third = nf4_row_64(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, start + 128, base + 16, BLOCKSIZE,
+                           NESTED, OUT_DTYPE, EMULATE)
+        fourth = nf4_row_64(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, start + 192, base + 24,
+                            BLOCKSIZE, NESTED, OUT_DTYPE, EMULATE)
+        tile = concat_columns(tile, concat_columns(third, fourth))
+    return tile
+
+
+@autotuned(DECODE_GEMV_CONFIGS, dtype_family("X"), key=["M", "N", "K", "R", "HAS_LORA", "HAS_BIAS"] + _NF4_KEY)
+@triton.jit
+def _nf4_decode_gemv_kernel(
+    X, WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, XA, B, BIAS, Y, M, N, K, R, row_words,
+    stride_xm, stride_xk, stride_bn, stride_br, stride_bias, scaling,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_K: tl.constexpr, ROW_ALIGNED: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Y[M, N] = X·dequant(W)ᵀ [+ scaling·XA·Bᵀ] + BIAS for M ≤ BLOCK_M rows, in one launch: each
+    program owns BLOCK_N columns of Y (rows of W) over the whole of K, so W is read once for
+    all M rows, from 32-bit words decoded in registers (`nf4_row_tile`), and no partial sums
+    leave the program. K % BLOCK_K == 0 (the launcher's condition)."""
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = (offs_m % M).to(tl.int64)  # x rows past M repeat a valid one (the store is masked)
+    cols = (offs_n % N).to(tl.int64)  # W rows past N likewise
+    # xᵀ [BLOCK_K, BLOCK_M]: W's tile is the dot's first operand, so its rows (one per thread,
+    # contiguous along K) reach shared memory as 16-byte stores; as the second operand they
+    # went there one 16-bit value at a time
+    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # The loop's own stage count pipelines every load in it, the block scales too (their 8-bit
+    # codes and the map lookup they index): by default only loads feeding the dot are, and the
+    # scales' two dependent loads waited two memory latencies per iteration.
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=GEMV_STAGES):
+        x = tl.load(x_ptrs)
+        w = nf4_row_tile(WORDS=WORDS, ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
+                         ABSMAX_OFFSET=ABSMAX_OFFSET, rows=cols, k0=k0, K=K, row_words=row_words,
+                         BLOCKSIZE=BLOCKSIZE, NESTED=NESTED, OUT_DTYPE=X.dtype.element_ty, EMULATE=EMULATE,
+                         BLOCK_K=BLOCK_K)
+        acc = mma(x, tl.trans(w), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+    acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
+                        stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=HAS_LORA,
+                        HAS_BIAS=HAS_BIAS, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
+                        DOT_PRECISION=DOT_PRECISION)
+    y_ptrs = Y + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
 @autotuned(BACKWARD_DX_CONFIGS, dtype_family("DY", _unaligned),
            key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "HAS_DROPOUT"] + _NF4_KEY)
 @triton.jit
@@ -470,8 +611,9 @@ DEQUANT_BLOCK_WORDS = 1024  # packed words per program of the dequantize kernel:
 
 
 def packed_words(packed: torch.Tensor) -> torch.Tensor:
-    """The packed bytes as int32 words (little-endian), for the word-wide loads: a view when the
-    bytes are 4-byte aligned and a multiple of 4 long, else an aligned zero-padded copy."""
+    """Bytes (the packed codes, or the 8-bit absmax codes) as int32 words (little-endian), for
+    word-wide loads: a view when they are 4-byte aligned and a multiple of 4 long, else an
+    aligned zero-padded copy."""
     flat = packed.reshape(-1)
     if flat.numel() % 4 or flat.data_ptr() % 4:
         padded = torch.zeros(triton.cdiv(flat.numel(), 4) * 4, dtype=torch.uint8, device=flat.device)
@@ -492,6 +634,8 @@ def dequantize(qw, dtype: torch.dtype, *, tables, out: torch.Tensor | None = Non
         return out
     words = packed_words(qw.packed)
     _, _, absmax, absmax_scale, absmax_map, absmax_offset = _format_args(qw, tables)
+    if qw.absmax_scale is not None:  # the 8-bit absmax codes, read as words too
+        absmax = packed_words(absmax)
     groups = max(1, DEQUANT_BLOCK_WORDS * 8 // qw.blocksize)  # blocks per program (blocksizes: powers of 2)
     # pairs of 16-bit values stored as int32: an even count, 4-byte aligned
     pairs = dtype != torch.float32 and (N * K) % 2 == 0 and out.data_ptr() % 4 == 0
@@ -501,6 +645,20 @@ def dequantize(qw, dtype: torch.dtype, *, tables, out: torch.Tensor | None = Non
             BLOCKSIZE=qw.blocksize, NESTED=qw.absmax_scale is not None, GROUPS=groups, PAIRS=pairs,
             EMULATE=emulate_ptx(), BLOCK_WORDS=DEQUANT_BLOCK_WORDS, **NF4_LAUNCH_OPTIONS)
     return out
+
+
+GEMV_STAGES = tl.constexpr(3)  # pipeline depth of the word-decoding GEMV's loop (all its loads)
+# K multiple the word-decoding GEMV needs (its largest BLOCK_K)
+DECODE_GEMV_K_MULTIPLE = {"sm80": 128, "sm90": 128, "interpreter": 64}
+
+
+def word_gemv_fits(x: torch.Tensor, qw) -> bool:
+    """Whether the decode forward takes the word-decoding GEMV: half-precision x (the tables hold
+    16-bit values), K a multiple of its tiles (rows start on a word; chunks sit in one block),
+    the packed bytes 4-byte aligned; else the split-K byte-decoding GEMV."""
+    K = qw.in_features
+    return (x.dtype in (torch.float16, torch.bfloat16) and K % DECODE_GEMV_K_MULTIPLE[current_target()] == 0
+            and qw.packed.data_ptr() % 4 == 0)
 
 
 def split_k_for(N: int, K: int, device: torch.device) -> int:
@@ -540,6 +698,14 @@ def forward(x: torch.Tensor, qw, xa: torch.Tensor | None, lora_B: torch.Tensor |
             grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
             launch(_nf4_matmul_kernel, grid, x, *_format_args(qw, tables), *lora_args,
                    bias if bias is not None else y, y, M, N, K, R, m_bucket(M), *tail, **common)
+            return y
+        if split_k is None and word_gemv_fits(x, qw):
+            absmax, *scales = _format_args(qw, tables)[2:]
+            launch(_nf4_decode_gemv_kernel, lambda META: (triton.cdiv(N, META["BLOCK_N"]),),
+                   x, packed_words(qw.packed), packed_words(absmax) if qw.absmax_scale is not None else absmax,
+                   *scales, *lora_args,
+                   bias if bias is not None else y, y, M, N, K, R, K // 8, *tail, BLOCK_M=GEMV_BLOCK_M,
+                   EMULATE=emulate_ptx(), **common)
             return y
         split = split_k or split_k_for(N, K, x.device)
         out = y if split == 1 else torch.empty((split, M, N), device=x.device, dtype=torch.float32)
@@ -626,6 +792,15 @@ def aot_specs(target: str) -> list:
             build("nf4_gemv", _nf4_gemv_kernel, GEMV_CONFIGS, dict(X=dt, XA="fp32", B=rt, BIAS=dt, OUT="fp32"),
                   dict(HAS_LORA=True, HAS_BIAS=True, BLOCK_M=GEMV_BLOCK_M),
                   unit_strides=("stride_xk", "stride_br", "stride_bias"), float_args=("scaling",))
+            if fmt == "aligned" and family != "fp32":
+                for cfg in DECODE_GEMV_CONFIGS[target][family]:
+                    specs.append(KernelBuild(
+                        f"nf4_decode_gemv [{variant}]", _nf4_decode_gemv_kernel, cfg,
+                        {**fmt_pointers, "WORDS": "i32", "ABSMAX": "i32", "X": dt, "XA": "fp32", "B": rt, "BIAS": dt,
+                         "Y": dt},
+                        {**common, **fmt_flags, "HAS_LORA": True, "HAS_BIAS": True, "BLOCK_M": GEMV_BLOCK_M,
+                         "EMULATE": False}, plain_ints=plain, options=options,
+                        unit_strides=("stride_xk", "stride_br", "stride_bias"), float_args=("scaling",)))
             build("nf4_backward_dx", _nf4_backward_dx_kernel, BACKWARD_DX_CONFIGS,
                   dict(DY=dt, G="fp32", A=rt, KEEP="i32", DX=dt),
                   dict(HAS_LORA=True, HAS_DROPOUT=True, BLOCK_M=DX_BLOCK_M[target]),
@@ -633,7 +808,7 @@ def aot_specs(target: str) -> list:
     for out in ("bf16", "fp32"):
         specs.append(KernelBuild(f"nf4_dequantize [{out}]", _nf4_dequantize_kernel,
                                  triton.Config({"BLOCK_WORDS": DEQUANT_BLOCK_WORDS}, num_warps=4, num_stages=1),
-                                 {"WORDS": "i32", "ABSMAX": "u8", "ABSMAX_SCALE": "fp32", "ABSMAX_MAP": "fp32",
+                                 {"WORDS": "i32", "ABSMAX": "i32", "ABSMAX_SCALE": "fp32", "ABSMAX_MAP": "fp32",
                                   "ABSMAX_OFFSET": "fp32", "OUT": out},
                                  dict(BLOCKSIZE=64, NESTED=True, GROUPS=DEQUANT_BLOCK_WORDS * 8 // 64,
                                       PAIRS=out != "fp32", EMULATE=False),

@@ -77,7 +77,8 @@ def test_nf4_kernels_are_covered(compile_rows):
         for variant in ("bf16", "bf16+fp32 A,B", "fp32"):
             for fmt in ("aligned", "odd K"):
                 assert f"{kernel} [{variant}, {fmt}]" in builds
-    assert {"nf4_dequantize [bf16]", "nf4_dequantize [fp32]"} <= builds
+    assert {"nf4_dequantize [bf16]", "nf4_dequantize [fp32]", "nf4_decode_gemv [bf16]",
+            "nf4_decode_gemv [bf16+fp32 A,B]"} <= builds
 
 
 def test_shared_memory_fits(compile_rows):
@@ -132,8 +133,22 @@ def test_static_facts_today(compile_rows):
     for k in ("lora_shrink", "lora_forward", "lora_backward_dx"):  # the GEMM operands: 16-byte cp.async only
         assert all(set(r["main_loop"]["cp_async_by_bytes"]) == {"16"} and not r["main_loop"]["ld_global_by_bits"]
                    for r in _rows(compile_rows, k)), k
-    # NF4 today (the NF4 rebuild turns these to 0): every main loop loads packed weights byte by
-    # byte and gathers code values through 4-byte cp.async
+    # NF4's word decoders: packed weights in 16-byte cp.async (the GEMV) or 32-bit+ loads (the
+    # dequantize kernel), codes decoded in registers (prmt): no byte loads; the only dependent
+    # loads are the nested absmax map's, one per 64 weights of a row (the GEMV's 4-byte gathers)
+    for r in _rows(compile_rows, "nf4_decode_gemv"):
+        loop = r["main_loop"]
+        assert not loop["ld_global_by_bits"] and "16" in loop["cp_async_by_bytes"], r["kernel"]
+        block_k = int(r["config"].split("BLOCK_K=")[1].split()[0])
+        assert loop["gathers"] == block_k // 64 and loop["instructions"] > 0, (r["kernel"], r["config"])
+        # the decode GEMV's evidence: ≥ 2 CTAs per SM, ≤ 64 KB of shared memory
+        assert r["ctas_per_sm"] >= 2 and r["shared_bytes"] <= 64 * 1024, (r["kernel"], r["config"])
+    for r in _rows(compile_rows, "nf4_dequantize"):
+        whole = r["facts"]["whole_kernel"]
+        assert "8" not in whole["ld_global_by_bits"] and whole["gathers"] <= 1, r["kernel"]  # 1: the absmax map
+    # The fused training GEMMs and the byte-decoding GEMV (fp32 x, K not a multiple of 128) still
+    # load packed weights byte by byte and gather code values through 4-byte cp.async (training
+    # sizes take the dequantize + dense path by default)
     for k in ("nf4_matmul", "nf4_gemv", "nf4_backward_dx"):
         for r in _rows(compile_rows, k):
             loop = r["main_loop"]
@@ -178,4 +193,4 @@ def test_launches_per_call_are_recorded(compile_record):
     assert lora["launches"] == 2 and lora["triton"] == 2 and not lora["torch_ops"]
     assert planned[("lora", "M=8192 4096→4096 r=16", "-", "forward")]["sequence"] == ["_lora_shrink_kernel",
                                                                                       "_lora_forward_tma_kernel"]
-    assert planned[("nf4", "M=1 4096→14336", "-", "forward")]["launches"] == 3
+    assert planned[("nf4", "M=1 4096→14336", "-", "forward")]["launches"] == 1  # the word GEMV, no tail
