@@ -41,6 +41,20 @@ def qlora_case(M):
     return case
 
 
+def split_gemv_case(family):
+    """The split-K byte GEMV: where the word GEMV does not fit (fp32 x; K = 96, not a multiple
+    of its K tiles, but of the blocksize 32: the aligned families)."""
+    if family == "general":
+        return qlora_case(3)(family)
+    return dataclasses.replace(qlora_case(3)(family), K=96, blocksize=32)
+
+
+def decode_gemv_case(family):
+    """The word-decoding GEMV: decode-sized M, half-precision x, K a multiple of its K tiles."""
+    return QLoraCase(M=3, K=128, N=45, r=8, dtype=torch.float16, dropout_p=0.2,
+                     adapter_dtype=torch.float32 if family == "mixed" else None)
+
+
 def bottleneck_case(family):
     operand, width = family.split("/")
     dtype = torch.float32 if operand == "fp32" else torch.bfloat16
@@ -62,7 +76,8 @@ KERNELS = {
     "_lora_expand_kernel": (lora_case, ["half", "mixed", "fp32"]),
     "_lora_dx_term_kernel": (lora_case, ["half", "mixed", "fp32"]),
     "_nf4_matmul_kernel": (qlora_case(37), ["half", "fp32", "general"]),
-    "_nf4_gemv_kernel": (qlora_case(3), ["half", "fp32", "general"]),
+    "_nf4_gemv_kernel": (split_gemv_case, ["half", "fp32", "general"]),
+    "_nf4_decode_gemv_kernel": (decode_gemv_case, ["half", "mixed"]),
     "_nf4_backward_dx_kernel": (qlora_case(37), ["half", "general"]),
     "_bottleneck_forward_kernel": (bottleneck_case, ["half/b64", "half/b256", "fp32/b128"]),
     "_bottleneck_backward_dh_kernel": (bottleneck_case, ["half/b128", "fp32/b64"]),
