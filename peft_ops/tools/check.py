@@ -40,8 +40,11 @@ def lora_cases(quick: bool) -> list[LoraCase]:
 
 
 def qlora_cases(quick: bool) -> list[QLoraCase]:
-    """NF4 rows: the decode GEMV (M ≤ 16, split-K) and the dequant-GEMM, with and without the
-    adapter, an unaligned weight (K odd, blocks straddling rows) and PEFT's fp32 adapters."""
+    """NF4 rows: the decode GEMVs (M ≤ 16: the word-decoding one at K = 128, the split-K one
+    where it does not fit: K = 96, fp32) and training sizes (on a GPU W decoded into the
+    workspace and the dense path, by the default rule; in the interpreter the fused
+    dequant-GEMM), with and without the adapter, an unaligned weight (K odd, blocks straddling
+    rows) and PEFT's fp32 adapters."""
     cases = []
     for dtype in DTYPES:
         cases += [
