@@ -26,7 +26,7 @@ figure below is the static estimate of ``peft_ops.tools.estimate``, not a measur
   decoded once per call into a reusable buffer (`dequantize`, 0.5 B read + 2 B written per
   weight: 12.3 µs for 4096 × 4096, at HBM speed) and the dense LoRA kernels run on it — the
   forward, and again in the backward (the decoded W is never saved). QLoRA fwd+bwd at
-  M = 8192, 4096→4096, r = 16: 788 µs against 763 µs for bf16 LoRA (1.03×; 1.03–1.05 over
+  M = 8192, 4096→4096, r = 16: 788 µs against 763 µs for bf16 LoRA (1.03×; 1.028–1.032 over
   the default layers). The fused dequant-GEMMs below (`_nf4_matmul_kernel`,
   `_nf4_backward_dx_kernel`) stay for tuned cases (`peft-ops tune` times both per shape):
   they decode each W tile once per 64–128 rows with byte loads and code gathers, 3.2× LoRA at
@@ -35,7 +35,7 @@ figure below is the static estimate of ``peft_ops.tools.estimate``, not a measur
   each program owns BLOCK_N rows of W over the whole of K (W read once for all M ≤ 16 rows of
   x, which stays in L1/L2), one row per thread so that a thread builds one block table per 64
   weights, the decoded tile meeting x in a 16-row `mma.sync`. 4096 × 14336 at M = 1: 20.4 µs
-  = 30 % of HBM (the split-K byte GEMV: 38.1 µs, 3 launches); N = 4096: 18.3 µs (21.1).
+  = 31 % of HBM (the split-K byte GEMV: 38.1 µs, 3 launches); N = 4096: 18.3 µs (21.1).
   Bound by instruction issue: ≈ 7 instructions per weight, of which the lookups are 2.6; the
   rest is the 16-bit values' way into shared memory for the tensor cores (one 2-byte store
   per weight: Triton lays the tile out row-fastest there) and splitting the pairs. 85 % of

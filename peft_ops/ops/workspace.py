@@ -33,16 +33,30 @@ def dequant_buffer(device: torch.device, dtype: torch.dtype, shape: tuple[int, i
     return buffer
 
 
-def workspace_bytes(device: torch.device | str | None = None) -> int:
+def _device_name(device) -> str | None:
+    """`device` (None, a torch.device, a name such as "cuda:0", or a CUDA index) as the buffers'
+    key names it; None: every device."""
+    if device is None:
+        return None
+    if not isinstance(device, (torch.device, str, int)) or isinstance(device, bool):
+        raise TypeError(f"device must be a torch.device, a device name or index, or None; got {type(device).__name__}")
+    try:
+        return str(torch.device(device))
+    except RuntimeError as error:
+        raise ValueError(f"device {device!r} is not a device: {error}") from None
+
+
+def workspace_bytes(device: torch.device | str | int | None = None) -> int:
     """Bytes the dequantization buffers hold (on `device`, or on every device)."""
-    return sum(b.numel() * b.element_size() for key, b in _BUFFERS.items()
-               if device is None or key[0] == str(torch.device(device)))
+    name = _device_name(device)
+    return sum(b.numel() * b.element_size() for key, b in _BUFFERS.items() if name is None or key[0] == name)
 
 
-def free_workspaces(device: torch.device | str | None = None) -> int:
+def free_workspaces(device: torch.device | str | int | None = None) -> int:
     """Release the dequantization buffers (on `device`, or on every device); the bytes freed.
     The next QLoRA call on the "dequant" path allocates again."""
+    name = _device_name(device)
     freed = workspace_bytes(device)
-    for key in [k for k in _BUFFERS if device is None or k[0] == str(torch.device(device))]:
+    for key in [k for k in _BUFFERS if name is None or k[0] == name]:
         del _BUFFERS[key]
     return freed

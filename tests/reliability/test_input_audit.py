@@ -124,6 +124,10 @@ AUDIT = {
                                                                     ("name", 1, TypeError)]),
     "use_backend": (lambda name: peft_ops.use_backend(name).__enter__(), lambda: dict(name="auto"), [
         ("name", "gpu", ValueError)]),
+    "free_workspaces": (peft_ops.free_workspaces, lambda: dict(device="cpu"), [
+        ("device", 2.5, TypeError), ("device", "gpu7", ValueError), ("device", True, TypeError)]),
+    "workspace_bytes": (peft_ops.workspace_bytes, lambda: dict(device="cpu"), [
+        ("device", [0], TypeError), ("device", "tpu:x", ValueError)]),
 }
 # Not audited, with the reason: the autograd Functions are the ops' internals (the public
 # functions check their input, then call them); get_backend takes nothing; FromPeftReport is
