@@ -61,7 +61,8 @@ def shapes_for(ops: list[str], preset: dict) -> list[OpShape]:
         if op == "bottleneck":
             out += [OpShape("bottleneck", M, d, d, m) for d, m in preset["bottlenecks"] for M in preset["tokens"]]
         elif op == "nf4":
-            out += [OpShape("nf4", M, K, N) for K, N in preset["layers"] for M in preset["tokens"]]
+            out += [OpShape("nf4", M, K, N) for K, N in preset["layers"]
+                    for M in preset.get("nf4_tokens", preset["tokens"])]
         else:
             out += [OpShape(op, M, K, N, r) for K, N in preset["layers"] for r in preset["ranks"]
                     for M in preset["tokens"]]

@@ -119,3 +119,14 @@ def test_compile_is_another_name_for_aot(capsys):
         cli.main(["compile", "--help"])
     assert exited.value.code == 0
     assert capsys.readouterr().out.startswith("usage: peft-ops aot")
+
+
+def test_nf4_rows_run_every_decode_batch():
+    """The NF4 rows of the default preset: decode batches 1, 2, 4, 8, 16 (the GEMV must stay
+    memory-bound up to 16 rows) and the training sizes, on every layer of the preset."""
+    from peft_ops.tools.bench import shapes_for
+    from peft_ops.tools.presets import PRESETS
+
+    shapes = shapes_for(["nf4"], PRESETS["default"])
+    assert {s.M for s in shapes} == {1, 2, 4, 8, 16, 512, 4096, 8192}
+    assert len(shapes) == 8 * len(PRESETS["default"]["layers"])
