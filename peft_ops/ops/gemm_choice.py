@@ -101,36 +101,33 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def choose(phase: str, dtype: torch.dtype, M: int, N: int, K: int, r: int, device: torch.device) -> str:
-    """"triton" or "cublas" for one product on `device`: PEFT_OPS_GEMM if set; on a GPU the tuned
-    winner, else the default rule; for a launch plan (meta tensors, planned for a GPU) the
-    default rule; off a GPU (the Triton interpreter) the fused kernels, which are what it tests."""
-    forced = os.environ.get(ENV_VAR, "auto")
-    if forced in GEMMS:
+def _decide(env_var: str, options: tuple, field: str, rule, phase: str, dtype: torch.dtype, M: int, N: int,
+            K: int, r: int, device: torch.device) -> str:
+    """One of `options` for one product on `device`: `env_var` if set; on a GPU the tuned winner
+    (cached under `field`), else `rule(M)`; for a launch plan (meta tensors, planned for a GPU)
+    `rule(M)`; off a GPU (the Triton interpreter) the first option, the fused kernels it tests."""
+    forced = os.environ.get(env_var, "auto")
+    if forced in options:
         return forced
     if forced != "auto":
-        raise ValueError(f"{ENV_VAR} must be one of {GEMMS + ('auto',)}; got {forced!r}")
+        raise ValueError(f"{env_var} must be one of {options + ('auto',)}; got {forced!r}")
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        found = tuned(_device_name(index), shape_key(phase, dtype, M, N, K, r))
-        return found if found is not None else default_rule(M)
-    return default_rule(M) if device.type == "meta" else "triton"
+        found = tuned(_device_name(index), shape_key(phase, dtype, M, N, K, r), field, options)
+        return found if found is not None else rule(M)
+    return rule(M) if device.type == "meta" else options[0]
+
+
+def choose(phase: str, dtype: torch.dtype, M: int, N: int, K: int, r: int, device: torch.device) -> str:
+    """"triton" or "cublas" for one LoRA product on `device` (PEFT_OPS_GEMM, a tuning, or
+    `default_rule`; see `_decide`)."""
+    return _decide(ENV_VAR, GEMMS, "gemm", default_rule, phase, dtype, M, N, K, r, device)
 
 
 def choose_nf4(phase: str, dtype: torch.dtype, M: int, N: int, K: int, r: int, device: torch.device) -> str:
-    """"fused" or "dequant" for one NF4 product on `device`, as ``choose`` decides for the LoRA
-    ones: PEFT_OPS_NF4 if set; on a GPU the tuned winner, else the default rule; for a launch
-    plan the default rule; off a GPU the fused kernels (the dense path is tested pinned)."""
-    forced = os.environ.get(NF4_ENV_VAR, "auto")
-    if forced in NF4_PATHS:
-        return forced
-    if forced != "auto":
-        raise ValueError(f"{NF4_ENV_VAR} must be one of {NF4_PATHS + ('auto',)}; got {forced!r}")
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        found = tuned(_device_name(index), shape_key(phase, dtype, M, N, K, r), "path", NF4_PATHS)
-        return found if found is not None else default_nf4_rule(M)
-    return default_nf4_rule(M) if device.type == "meta" else "fused"
+    """"fused" or "dequant" for one NF4 product on `device` (PEFT_OPS_NF4, a tuning, or
+    `default_nf4_rule`; off a GPU the fused kernels: the dense path is tested pinned)."""
+    return _decide(NF4_ENV_VAR, NF4_PATHS, "path", default_nf4_rule, phase, dtype, M, N, K, r, device)
 
 
 def write(device_name: str, versions: dict, choices: dict) -> pathlib.Path:
