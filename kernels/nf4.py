@@ -7,7 +7,7 @@ to every launcher here as ``tables``): element f = n·K + k of the flattened W i
 nibble (f odd: low, even: high) of byte f // 2, scaled by the fp32 absmax of block
 f // blocksize, which is itself ``map[code8]·scale[block // 256] + offset`` with double
 quantization. `nf4_tile` decodes any [rows × BLOCK_K] tile of W straight from those bytes;
-`nf4_row_tile` and the dequantize kernel decode from the same bytes read as 32-bit words.
+`nf4_fragment_tile` and the dequantize kernel decode from the same bytes read as 32-bit words.
 
 Design, from a cost model (bf16, d = 4096, MLP 14336, H200: 4.8 TB/s, 989 TFLOP/s; every
 figure below is the static estimate of ``peft_ops.tools.estimate``, not a measurement):
@@ -33,15 +33,25 @@ figure below is the static estimate of ``peft_ops.tools.estimate``, not a measur
   that shape (2,409 µs), and lose at every M ≥ 32 of the default layers in the estimate.
 - Decode sizes (M ≤ DECODE_MAX_M): `_nf4_decode_gemv_kernel`, one launch, no partial sums:
   each program owns BLOCK_N rows of W over the whole of K (W read once for all M ≤ 16 rows of
-  x, which stays in L1/L2), one row per thread so that a thread builds one block table per 64
-  weights, the decoded tile meeting x in a 16-row `mma.sync`. 4096 × 14336 at M = 1: 20.4 µs
-  = 31 % of HBM (the split-K byte GEMV: 38.1 µs, 3 launches); N = 4096: 18.3 µs (21.1).
-  Bound by instruction issue: ≈ 7 instructions per weight, of which the lookups are 2.6; the
-  rest is the 16-bit values' way into shared memory for the tensor cores (one 2-byte store
-  per weight: Triton lays the tile out row-fastest there) and splitting the pairs. 85 % of
-  HBM needs ≤ 3.8 per weight. Narrow layers (N = 4096: 32–64 programs for 132 SMs) would
-  want split-K with an in-kernel reduction. `_nf4_gemv_kernel` (split-K, byte decode, its
-  partials summed by PyTorch) remains for fp32 x and K not a multiple of 128.
+  x, which stays in L1/L2). W goes from registers straight into the tensor cores: the dot is
+  the same for any order of k and of W's rows, so `nf4_fragment_tile` decodes W in the order
+  of the `mma` operand's registers (x is read in the same permuted k order, 4- or 8-byte
+  pieces): a lane loads 64 consecutive weights of each of its two rows as 16-byte vectors,
+  builds one block table per row (`cvt.rn.bf16x2.f32`: 24 instructions), and its prmt
+  lookups (with their 5 selector instructions per word) leave the 16-bit values packed two
+  per register, as the tensor cores take them. Per weight ≈ 4.8 PTX instructions (sm_90a,
+  `mma.sync`, 2 warps; sm_80 4.7): prmt 2.1, selectors 0.6, tables 0.2, loads and address
+  arithmetic the rest. 4096 × 14336 at M = 1: 14.9 µs = 41 % of HBM (bound by instruction
+  issue); N = 4096: 9.7 µs (latency: 128 programs for 132 SMs); 14336 → 4096: 22.7 µs.
+  Before: 20.4 / 18.3 / 53.0 µs, when the decoded tile went through shared memory (a 2-byte
+  store per weight: Triton laid the operand out row-fastest there) and was split into
+  16-bit halves. 85 % of HBM needs ≤ 2.6 instructions per weight: below the 2 prmt per
+  weight that any exact lookup of a 16-bit value in a per-block table costs with 3-bit
+  `prmt` indices (one per output byte), so this design cannot reach it; narrow layers would
+  gain most from split-K with an in-kernel reduction (not built). `wgmma` (4 warps) was
+  measured in the estimate at 5.6 instructions per weight: its register operands cost a
+  `mov` each. `_nf4_gemv_kernel` (split-K, byte decode, partials summed by PyTorch) remains
+  for fp32 x and K not a multiple of 256.
 - dX at decode sizes: `_nf4_backward_dx_kernel`, the dense dX kernel with the byte decode.
 - Bit-exactness: the absmax decode ``map·scale + offset`` must round twice, as in
   bitsandbytes; a fused multiply-add would round once and differ in the last bit. Every
@@ -228,18 +238,36 @@ def half_bits(values, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def value_pair(low, high, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """fp32 `low`, `high` rounded to OUT_DTYPE (16-bit, to nearest even) and packed into one int32
+    (low in bits 0-15): one `cvt.rn.bf16x2.f32` / `cvt.rn.f16x2.f32` on a GPU (two roundings,
+    two widenings, a shift and an or when written elementwise)."""
+    if EMULATE:
+        return half_bits(low, OUT_DTYPE, EMULATE) | (half_bits(high, OUT_DTYPE, EMULATE) << 16)
+    else:
+        # the instruction puts its first source in the upper half
+        operands = [low.to(tl.int32, bitcast=True), high.to(tl.int32, bitcast=True)]
+        if OUT_DTYPE == tl.bfloat16:
+            return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", operands, dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", operands, dtype=tl.int32,
+                                             is_pure=True, pack=1)
+
+
+@triton.jit
 def nf4_byte_planes(absmax, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
     """For one NF4 block's absmax (fp32, any shape): the block's 16 dequantized values
     P[v] = OUT_DTYPE(NF4[v]·absmax) — rounded as bitsandbytes rounds them — as byte planes for
     `prmt`: L_k holds the low bytes of P[4k … 4k+3], H_k the high bytes (8 int32 tensors)."""
-    q0 = half_bits(absmax * NF4_C0, OUT_DTYPE, EMULATE) | (half_bits(absmax * NF4_C1, OUT_DTYPE, EMULATE) << 16)
-    q1 = half_bits(absmax * NF4_C2, OUT_DTYPE, EMULATE) | (half_bits(absmax * NF4_C3, OUT_DTYPE, EMULATE) << 16)
-    q2 = half_bits(absmax * NF4_C4, OUT_DTYPE, EMULATE) | (half_bits(absmax * NF4_C5, OUT_DTYPE, EMULATE) << 16)
-    q3 = half_bits(absmax * NF4_C6, OUT_DTYPE, EMULATE) | (half_bits(absmax * NF4_C7, OUT_DTYPE, EMULATE) << 16)
-    q4 = half_bits(absmax * NF4_C8, OUT_DTYPE, EMULATE) | (half_bits(absmax * NF4_C9, OUT_DTYPE, EMULATE) << 16)
-    q5 = half_bits(absmax * NF4_C10, OUT_DTYPE, EMULATE) | (half_bits(absmax * NF4_C11, OUT_DTYPE, EMULATE) << 16)
-    q6 = half_bits(absmax * NF4_C12, OUT_DTYPE, EMULATE) | (half_bits(absmax * NF4_C13, OUT_DTYPE, EMULATE) << 16)
-    q7 = half_bits(absmax * NF4_C14, OUT_DTYPE, EMULATE) | (half_bits(absmax * NF4_C15, OUT_DTYPE, EMULATE) << 16)
+    q0 = value_pair(absmax * NF4_C0, absmax * NF4_C1, OUT_DTYPE, EMULATE)
+    q1 = value_pair(absmax * NF4_C2, absmax * NF4_C3, OUT_DTYPE, EMULATE)
+    q2 = value_pair(absmax * NF4_C4, absmax * NF4_C5, OUT_DTYPE, EMULATE)
+    q3 = value_pair(absmax * NF4_C6, absmax * NF4_C7, OUT_DTYPE, EMULATE)
+    q4 = value_pair(absmax * NF4_C8, absmax * NF4_C9, OUT_DTYPE, EMULATE)
+    q5 = value_pair(absmax * NF4_C10, absmax * NF4_C11, OUT_DTYPE, EMULATE)
+    q6 = value_pair(absmax * NF4_C12, absmax * NF4_C13, OUT_DTYPE, EMULATE)
+    q7 = value_pair(absmax * NF4_C14, absmax * NF4_C15, OUT_DTYPE, EMULATE)
     # bytes 0, 2 of each pair (the low bytes of P[2i], P[2i+1]), then bytes 1, 3 (the high ones)
     return (prmt(q0, q1, 0x6420, EMULATE), prmt(q2, q3, 0x6420, EMULATE), prmt(q4, q5, 0x6420, EMULATE),
             prmt(q6, q7, 0x6420, EMULATE), prmt(q0, q1, 0x7531, EMULATE), prmt(q2, q3, 0x7531, EMULATE),
@@ -247,19 +275,71 @@ def nf4_byte_planes(absmax, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def nf4_four_codes(half, planes, EMULATE: tl.constexpr):
-    """The 4 dequantized 16-bit values of the 4 codes in the low 16 bits of `half` (2 packed
-    bytes), as two int32 pairs in weight order, by table lookups in registers: 6 prmt pick the
-    low and the high byte of each value (the code's low 3 bits index 8 bytes, its bit 3 picks
-    the half of the table), 2 more interleave them."""
+def nf4_selectors(words, EMULATE: tl.constexpr):
+    """The `prmt` selectors of `nf4_code_bytes` for the 8 codes of each packed word: (index,
+    upper) for its low 16 bits, then for its high 16 bits (prmt reads a selector's low 16 bits).
+    index: each code's low 3 bits, one per nibble; upper: nibble i is i, or i + 4 (the second
+    source) when code i ≥ 8. 5 instructions per word."""
+    index = words & 0x77777777
+    if EMULATE:
+        upper = ((words >> 1) & 0x44444444) | 0x32103210
+    else:  # one lop3: (a & b) | c
+        upper = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x44444444, 0x32103210, 0xEA;", "=r,r", [words >> 1],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+    return index, upper, index >> 16, upper >> 16
+
+
+@triton.jit
+def nf4_code_bytes(index, upper, planes, EMULATE: tl.constexpr):
+    """For the 4 codes whose selectors are `index`, `upper` (`nf4_selectors`): the low bytes and
+    the high bytes of their 4 dequantized 16-bit values (int32 each, bytes in the codes' nibble
+    order: elements 1, 0, 3, 2), by table lookups in registers: 6 prmt, 3 per byte plane (the
+    code's low 3 bits index 8 bytes, its bit 3 picks the half of the table)."""
     l0, l1, l2, l3, h0, h1, h2, h3 = planes
-    index = half & 0x7777  # each code's low 3 bits, one per selector nibble
-    upper = ((half >> 1) & 0x4444) | 0x3210  # byte i from the second source when code i ≥ 8
     low = prmt(prmt(l0, l1, index, EMULATE), prmt(l2, l3, index, EMULATE), upper, EMULATE)
     high = prmt(prmt(h0, h1, index, EMULATE), prmt(h2, h3, index, EMULATE), upper, EMULATE)
+    return low, high
+
+
+@triton.jit
+def nf4_four_codes(index, upper, planes, EMULATE: tl.constexpr):
+    """The 4 dequantized 16-bit values of 4 codes (their selectors `index`, `upper`), as two int32
+    pairs in weight order: the looked-up bytes (`nf4_code_bytes`) interleaved by 2 more prmt."""
+    low, high = nf4_code_bytes(index, upper, planes, EMULATE)
     # the codes sit in a byte as (odd element, even element) nibbles, so bytes 0-3 of `low`
     # hold elements 1, 0, 3, 2
     return prmt(low, high, 0x4051, EMULATE), prmt(low, high, 0x6273, EMULATE)
+
+
+@triton.jit
+def four_copies(a):
+    """[*a.shape, 4] holding `a` four times along the new (register) axis; no instructions."""
+    return tl.reshape(tl.join(tl.join(a, a), tl.join(a, a)), (a.shape[0], a.shape[1], a.shape[2], 4))
+
+
+@triton.jit
+def nf4_four_values(index, upper, planes, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """The 4 dequantized values of 4 codes (their selectors `index`, `upper`, [a, b, c] int32) as
+    an OUT_DTYPE (16-bit) tensor [a, b, c, 4] in weight order. On a GPU the two interleaving
+    prmt are one inline-assembly block whose outputs are the 16-bit values packed two per
+    register, as the tensor cores take them: split into 16-bit halves in IR, they cost 5
+    instructions per pair to split and pack again (and, shift, two cvt, prmt)."""
+    low, high = nf4_code_bytes(index, upper, planes, EMULATE)
+    if EMULATE:
+        pairs = tl.join(prmt(low, high, 0x4051, EMULATE), prmt(low, high, 0x6273, EMULATE))
+        values = tl.reshape(tl.join(pairs & 0xFFFF, pairs >> 16), (low.shape[0], low.shape[1], low.shape[2], 4))
+        return values.to(tl.int16).to(OUT_DTYPE, bitcast=True)
+    else:
+        # pack=4: $0, $1 hold the 4 outputs two per register; each input's 4 copies are $2-$5
+        # (low) and $6-$9 (high), of which the block reads the first
+        asm: tl.constexpr = "prmt.b32 $0, $2, $6, 0x4051;\n\tprmt.b32 $1, $2, $6, 0x6273;"
+        operands = [four_copies(low), four_copies(high)]
+        if OUT_DTYPE == tl.bfloat16:  # (the dtype argument must be a dtype, not a constexpr)
+            return tl.inline_asm_elementwise(asm, "=r,=r,r,r,r,r,r,r,r,r", operands, dtype=tl.bfloat16, is_pure=True,
+                                             pack=4)
+        else:
+            return tl.inline_asm_elementwise(asm, "=r,=r,r,r,r,r,r,r,r,r", operands, dtype=tl.float16, is_pure=True,
+                                             pack=4)
 
 
 @triton.jit
@@ -268,8 +348,9 @@ def nf4_word_pairs(words, absmax, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr
     absmax of its block (broadcast against `words`), as 4 int32 pairs per word in weight order
     (p0, p1, p2, p3: weights 0-1, 2-3, 4-5, 6-7). No memory access per weight."""
     planes = nf4_byte_planes(absmax, OUT_DTYPE, EMULATE)
-    p0, p1 = nf4_four_codes(words, planes, EMULATE)
-    p2, p3 = nf4_four_codes(words >> 16, planes, EMULATE)
+    index, upper, index_high, upper_high = nf4_selectors(words, EMULATE)
+    p0, p1 = nf4_four_codes(index, upper, planes, EMULATE)
+    p2, p3 = nf4_four_codes(index_high, upper_high, planes, EMULATE)
     return p0, p1, p2, p3
 
 
@@ -328,14 +409,16 @@ GEMV_CONFIGS = {"sm80": _GEMV_GPU, "sm90": _GEMV_GPU, "interpreter": tile_config
 GEMV_BLOCK_N_FOR_SPLIT = 64  # the tile width the split-K heuristic assumes
 # The word-decoding GEMV (16-bit x, K % BLOCK_K == 0): (BLOCK_N, BLOCK_K, warps, stages), one W
 # row per thread (BLOCK_N = 32·warps).
-_DECODE_GEMV = ("BLOCK_N", "BLOCK_K")
-# 128 rows for wide layers, 64 (twice the programs) for narrow ones (N = 4096: 18 µs against
-# 20 in the static estimate). Larger K tiles spilled (64×256 on sm_80, 32×256 and 64×128 at
-# 2 warps on sm_90a) or passed 64 KB of shared memory (64×256 on sm_90a: 68 KiB).
-_DECODE_GEMV_ROWS = [(128, 128, 4, 3), (64, 64, 2, 4)]
-DECODE_GEMV_CONFIGS = {**{t: {family: tile_configs(_DECODE_GEMV, _DECODE_GEMV_ROWS) for family in ("half", "mixed")}
-                          for t in ("sm80", "sm90")},
-                       "interpreter": tile_configs(_DECODE_GEMV, [(32, 64, 1, 1)])}
+_DECODE_GEMV = ("BLOCK_N", "BLOCK_K", "K_WIDTH")
+# K_WIDTH: consecutive k per lane in the tensor-core operand as Triton 3.9 lays out 16-bit W
+# from registers — 4 for `mma.sync`, 2 for `wgmma`; decoded in that order, W needs no shuffle
+# or shared-memory pass (another order is still right, only slower). sm_90a runs 2 warps of
+# `mma.sync` (32 rows): at 4 warps Triton picks `wgmma`, whose register operands cost a `mov`
+# each (5.6 instructions per weight against 4.8).
+_DECODE_GEMV_HALF = {"sm80": [(64, 256, 4, 4, 3)], "sm90": [(32, 256, 4, 2, 3)]}
+DECODE_GEMV_CONFIGS = {**{t: {family: tile_configs(_DECODE_GEMV, rows) for family in ("half", "mixed")}
+                          for t, rows in _DECODE_GEMV_HALF.items()},
+                       "interpreter": tile_configs(_DECODE_GEMV, [(32, 256, 2, 1, 1)])}
 # dX: BLOCK_M is DX_BLOCK_M (each M-block decodes every W tile once: a wider one halves the
 # decode work but the tile then holds a 128-row accumulator next to the decode).
 DX_BLOCK_M = {"sm80": 64, "sm90": 64, "interpreter": 32}
@@ -435,67 +518,85 @@ def _nf4_gemv_kernel(
 
 
 @triton.jit
-def nf4_row_chunk(WORDS, row_base, planes, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """32 weights of each row (4 packed words at WORDS + row_base, int64 [rows]) decoded with
-    the rows' block tables `planes`: [rows, 32] in OUT_DTYPE. The load is [rows, 4 words]: one
-    16-byte vector per thread and the rows across threads, so everything after it stays in
-    the thread's registers."""
-    words = tl.load(WORDS + row_base[:, None] + tl.arange(0, 4)[None, :])
-    p0, p1 = nf4_four_codes(words, planes, EMULATE)
-    p2, p3 = nf4_four_codes(words >> 16, planes, EMULATE)
-    # [row, word, pair]: join(join(a, c), join(b, d)) orders a, b, c, d
-    pairs = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (row_base.shape[0], 4, 4))
-    low = (pairs & 0xFFFF).to(tl.int16).to(OUT_DTYPE, bitcast=True)
-    high = (pairs >> 16).to(tl.int16).to(OUT_DTYPE, bitcast=True)
-    return tl.reshape(tl.join(low, high), (row_base.shape[0], 32))  # column word·8 + pair·2 + half
+def nf4_fragment_k(kappa, K_WIDTH: tl.constexpr):
+    """The k offset (within a 256-wide tile of W) of position `kappa` of the tensor-core tile
+    (`nf4_fragment_tile`), where k = 64·t + 32·h + 8·w + v (t: the lane, w: the word of a 4-word
+    load, v: the weight in the word, h: which of the two loads). kappa's bits, from bit 0:
+    K_WIDTH = 2 (`wgmma`): v0, t0, t1, v1, v2, w0, w1, h; K_WIDTH = 4 (`mma.sync` as Triton
+    feeds it on sm_80): v0, v1, t0, t1, v2, w0, w1, h."""
+    if K_WIDTH == 2:
+        t = (kappa >> 1) & 3
+        v = (kappa & 1) | (((kappa >> 3) & 3) << 1)
+    else:
+        t = (kappa >> 2) & 3
+        v = (kappa & 3) | (((kappa >> 4) & 1) << 2)
+    return t * 64 + (kappa >> 7) * 32 + ((kappa >> 5) & 3) * 8 + v
 
 
 @triton.jit
-def concat_columns(a, b):
-    """[rows, 2·n] from two [rows, n] tiles side by side (in the thread's registers)."""
-    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * a.shape[1]))
-
-
-@triton.jit
-def nf4_row_64(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, row_start, word_base,
-               BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """64 weights of each row from flat index row_start (int64 [rows], a multiple of 32; its
-    packed words from word_base): [rows, 64] in OUT_DTYPE, one block table per block."""
-    absmax = nf4_block_absmax(ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
-                              ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=row_start // BLOCKSIZE, NESTED=NESTED,
-                              CODE_WORDS=True)
-    planes = nf4_byte_planes(absmax[:, None], OUT_DTYPE, EMULATE)
-    first = nf4_row_chunk(WORDS, word_base, planes, OUT_DTYPE, EMULATE)
-    if BLOCKSIZE < 64:  # 32: the second chunk is another block
+def nf4_fragment_half(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, rows, k0, K, row_words, h, planes,
+                      BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """For W rows `rows` (int64 [n]): the 4 packed words at k0 + 64·t + 32·h of each row, t = 0..3,
+    one 16-byte vector per (row, t) — [n, 4 (t), 4 (word)] with t across lanes — decoded:
+    [n, t, word, 2, 4] (weights 0-3, 4-7 of each word), and the rows' block tables (built here
+    when `planes` is None)."""
+    t = tl.arange(0, 4)
+    if planes is None:
+        blocks = (rows * K + k0)[:, None] // BLOCKSIZE + (t * 64 + h * 32)[None, :] // BLOCKSIZE
         absmax = nf4_block_absmax(ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
-                                  ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=(row_start + 32) // BLOCKSIZE, NESTED=NESTED,
-                                  CODE_WORDS=True)
-        planes = nf4_byte_planes(absmax[:, None], OUT_DTYPE, EMULATE)
-    return concat_columns(first, nf4_row_chunk(WORDS, word_base + 4, planes, OUT_DTYPE, EMULATE))
+                                  ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=blocks, NESTED=NESTED, CODE_WORDS=True)
+        planes = nf4_byte_planes(absmax[:, :, None], OUT_DTYPE, EMULATE)
+    word = (rows * row_words + k0 // 8)[:, None, None] + (t * 8 + h * 4)[None, :, None] + tl.arange(0, 4)[None, None, :]
+    words = tl.load(WORDS + word)
+    index, upper, index_high, upper_high = nf4_selectors(words, EMULATE)
+    first = nf4_four_values(index, upper, planes, OUT_DTYPE, EMULATE)
+    second = nf4_four_values(index_high, upper_high, planes, OUT_DTYPE, EMULATE)
+    return tl.permute(tl.join(first, second), (0, 1, 2, 4, 3)), planes
 
 
 @triton.jit
-def nf4_row_tile(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, rows, k0, K, row_words,
-                 BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    """W[rows, k0 : k0 + BLOCK_K] in OUT_DTYPE (16-bit), [len(rows), BLOCK_K] (BLOCK_K: 64, 128 or
-    256), decoded in registers from the packed 32-bit words (K % BLOCK_K == 0 and K % 32 == 0:
-    rows start on a word, every 32-weight chunk sits in one NF4 block): each row by the thread
-    that holds it, one block table per block (per 64 weights for blocks longer than that)."""
-    start = rows * K + k0  # int64 flat index of each row's first weight here
-    base = rows * row_words + k0 // 8
-    tile = nf4_row_64(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, start, base, BLOCKSIZE, NESTED,
-                      OUT_DTYPE, EMULATE)
-    if BLOCK_K >= 128:
-        tile = concat_columns(tile, nf4_row_64(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, start + 64,
-                                               base + 8, BLOCKSIZE, NESTED, OUT_DTYPE, EMULATE))
-    if BLOCK_K >= 256:
-        third = nf4_row_64(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, start + 128, base + 16, BLOCKSIZE,
-                           NESTED, OUT_DTYPE, EMULATE)
-        fourth = nf4_row_64(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, start + 192, base + 24,
-                            BLOCKSIZE, NESTED, OUT_DTYPE, EMULATE)
-        tile = concat_columns(tile, concat_columns(third, fourth))
-    return tile
+def nf4_fragment_rows(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, rows, k0, K, row_words,
+                      BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """W[rows, k0 : k0 + 256] decoded, as [n, 4 (t), 4 (word), 2 (half), 4 (weight), 2 (h)]."""
+    low, planes = nf4_fragment_half(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, rows, k0, K, row_words, 0,
+                                    None, BLOCKSIZE, NESTED, OUT_DTYPE, EMULATE)
+    if BLOCKSIZE < 64:  # the second half of each lane's 64 weights is another block
+        planes = None
+    high, planes = nf4_fragment_half(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, rows, k0, K, row_words,
+                                     1, planes, BLOCKSIZE, NESTED, OUT_DTYPE, EMULATE)
+    return tl.join(low, high)
+
+
+@triton.jit
+def nf4_fragment_tile(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, row0, N, k0, K, row_words,
+                      BLOCK_N: tl.constexpr, K_WIDTH: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                      OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """W[row0 : row0 + BLOCK_N, k0 + nf4_fragment_k(kappa)] for kappa = 0..255, in OUT_DTYPE (16-bit),
+    decoded in registers from 16-byte loads of packed words, laid out so that every thread
+    already holds its own part of the tensor-core operand (the dot's first operand, 4 warps,
+    `mma.sync` or `wgmma` with W from registers): no shared-memory round trip for W.
+
+    The dot is the same for any order of k (x is loaded in the same order, `nf4_fragment_k`)
+    and of the rows, so both are chosen to match the operand's layout: in it a lane holds rows
+    r, r + 8 (and + 64 in a 128-row tile) and pairs of k two apart in groups of 8. A lane here
+    loads 64 consecutive weights of each of its rows (one NF4 block of 64: one table per row),
+    as the operand's k positions 2·t, 2·t + 1 (+ 8·i), and its two row groups by two loads."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    r = tl.arange(0, HALF)
+    base = row0 + (r >> 3) * 16 + (r & 7)  # row groups of 8, 16 apart; the loads below add 0 and 8
+    upper = nf4_fragment_rows(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, (base % N).to(tl.int64), k0, K,
+                              row_words, BLOCKSIZE, NESTED, OUT_DTYPE, EMULATE)
+    lower = nf4_fragment_rows(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, ((base + 8) % N).to(tl.int64),
+                              k0, K, row_words, BLOCKSIZE, NESTED, OUT_DTYPE, EMULATE)
+    # [r_hi, r_lo, t, word, half, j1, j0, h, row8]
+    tile = tl.reshape(tl.join(upper, lower), (HALF // 8, 8, 4, 4, 2, 2, 2, 2, 2))
+    # rows r_hi·16 + row8·8 + r_lo; k positions as `nf4_fragment_k` orders them (the operand's
+    # K_WIDTH consecutive positions per lane: j0 alone, or j1 j0)
+    if K_WIDTH == 2:  # h·128 + word·32 + half·16 + j1·8 + t·2 + j0
+        tile = tl.permute(tile, (0, 8, 1, 7, 3, 4, 5, 2, 6))
+    else:  # h·128 + word·32 + half·16 + t·4 + j1·2 + j0
+        tile = tl.permute(tile, (0, 8, 1, 7, 3, 4, 2, 5, 6))
+    return tl.reshape(tile, (BLOCK_N, 256))
 
 
 @autotuned(DECODE_GEMV_CONFIGS, dtype_family("X"), key=["M", "N", "K", "R", "HAS_LORA", "HAS_BIAS"] + _NF4_KEY)
@@ -506,34 +607,34 @@ def _nf4_decode_gemv_kernel(
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_K: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
     WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_WIDTH: tl.constexpr,
 ):
     """Y[M, N] = X·dequant(W)ᵀ [+ scaling·XA·Bᵀ] + BIAS for M ≤ BLOCK_M rows, in one launch: each
     program owns BLOCK_N columns of Y (rows of W) over the whole of K, so W is read once for
-    all M rows, from 32-bit words decoded in registers (`nf4_row_tile`), and no partial sums
+    all M rows, from 32-bit words decoded in registers (`nf4_fragment_tile`), and no partial sums
     leave the program. K % BLOCK_K == 0 (the launcher's condition)."""
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     rows = (offs_m % M).to(tl.int64)  # x rows past M repeat a valid one (the store is masked)
     cols = (offs_n % N).to(tl.int64)  # W rows past N likewise
-    # xᵀ [BLOCK_K, BLOCK_M]: W's tile is the dot's first operand, so its rows (one per thread,
-    # contiguous along K) reach shared memory as 16-byte stores; as the second operand they
-    # went there one 16-bit value at a time
-    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # xᵀ [BLOCK_K, BLOCK_M] in the tile's k order: runs of K_WIDTH adjacent k (4- or 8-byte loads)
+    k_order = tl.max_contiguous(tl.multiple_of(nf4_fragment_k(tl.arange(0, BLOCK_K), K_WIDTH), K_WIDTH), K_WIDTH)
+    x_ptrs = X + rows[None, :] * stride_xm + k_order[:, None].to(tl.int64) * stride_xk
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     # The loop's own stage count pipelines every load in it, the block scales too (their 8-bit
     # codes and the map lookup they index): by default only loads feeding the dot are, and the
     # scales' two dependent loads waited two memory latencies per iteration.
     for k0 in tl.range(0, K, BLOCK_K, num_stages=GEMV_STAGES):
         x = tl.load(x_ptrs)
-        w = nf4_row_tile(WORDS=WORDS, ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
-                         ABSMAX_OFFSET=ABSMAX_OFFSET, rows=cols, k0=k0, K=K, row_words=row_words,
-                         BLOCKSIZE=BLOCKSIZE, NESTED=NESTED, OUT_DTYPE=X.dtype.element_ty, EMULATE=EMULATE,
-                         BLOCK_K=BLOCK_K)
-        acc = mma(x, tl.trans(w), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+        w = nf4_fragment_tile(WORDS=WORDS, ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
+                              ABSMAX_OFFSET=ABSMAX_OFFSET, row0=pid * BLOCK_N, N=N, k0=k0, K=K, row_words=row_words,
+                              BLOCK_N=BLOCK_N, K_WIDTH=K_WIDTH, BLOCKSIZE=BLOCKSIZE, NESTED=NESTED,
+                              OUT_DTYPE=X.dtype.element_ty,
+                              EMULATE=EMULATE)
+        acc = mma(w, x, acc, WIDEN_BF16_DOT, DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
+    acc = tl.trans(acc)
     acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
                         stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=HAS_LORA,
                         HAS_BIAS=HAS_BIAS, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
@@ -648,8 +749,8 @@ def dequantize(qw, dtype: torch.dtype, *, tables, out: torch.Tensor | None = Non
 
 
 GEMV_STAGES = tl.constexpr(3)  # pipeline depth of the word-decoding GEMV's loop (all its loads)
-# K multiple the word-decoding GEMV needs (its largest BLOCK_K)
-DECODE_GEMV_K_MULTIPLE = {"sm80": 128, "sm90": 128, "interpreter": 64}
+# K multiple the word-decoding GEMV needs (its BLOCK_K: `nf4_fragment_tile` is 256 wide)
+DECODE_GEMV_K_MULTIPLE = {"sm80": 256, "sm90": 256, "interpreter": 256}
 
 
 def word_gemv_fits(x: torch.Tensor, qw) -> bool:

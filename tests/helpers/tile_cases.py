@@ -51,7 +51,7 @@ def split_gemv_case(family):
 
 def decode_gemv_case(family):
     """The word-decoding GEMV: decode-sized M, half-precision x, K a multiple of its K tiles."""
-    return QLoraCase(M=3, K=128, N=45, r=8, dtype=torch.float16, dropout_p=0.2,
+    return QLoraCase(M=3, K=256, N=45, r=8, dtype=torch.float16, dropout_p=0.2,
                      adapter_dtype=torch.float32 if family == "mixed" else None)
 
 

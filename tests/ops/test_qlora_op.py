@@ -73,6 +73,30 @@ def test_forced_regimes_and_split_k(regime, M, split_k, dtype, device):
               "triton", device)
 
 
+WORD_GEMV_CASES = {
+    "bs64": dict(blocksize=64),
+    "bs32_no_double_quant": dict(blocksize=32, double_quant=False),  # two block tables per lane
+    "bs128_K512_odd_N": dict(blocksize=128, K=512, N=67),  # a lane's block shared with its neighbour
+    "bs256_no_bias_nf4_only": dict(blocksize=256, bias=False, lora=False, train_base=True, r=1),
+    "dropout_fp32_adapters": dict(dropout_p=0.3, adapter_dtype=torch.float32),
+}
+
+
+@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("variant", list(WORD_GEMV_CASES))
+def test_the_word_decoding_gemv(variant, dtype, M, device):
+    """The one-launch decode GEMV (16-bit x, K a multiple of 256): W decoded from 32-bit words
+    straight into the tensor cores' operand order, x read in the same permuted k order."""
+    from peft_ops.tools.launches import KernelsRan
+
+    kw = dict(M=M, K=256, N=45, r=8, dtype=dtype)
+    kw.update(WORD_GEMV_CASES[variant])
+    with KernelsRan() as ran:
+        check(QLoraCase(**kw), "triton", device)
+    assert "_nf4_decode_gemv_kernel" in ran.names
+
+
 DEQUANT_VARIANTS = {"plain": {}, **{k: VARIANTS[k] for k in ("dropout", "fp32_adapters", "odd_K_blocksize_32",
                                                               "no_double_quant_no_bias", "non_contiguous_x")}}
 

@@ -144,9 +144,10 @@ def test_the_target_rows_today(headline):
     assert 1.02 < qlora <= 1.08
     w_bytes = 4096 * 14336 // 2
     gemv_pct = 100 * w_bytes / got["gemv"]["forward"]["seconds"] / dev.bandwidth
-    # target ≥ 85 %: the word-decoding GEMV (≈ 7 instructions per weight: the prmt lookups, the
-    # 16-bit values' way into shared memory for the tensor cores) is bound by instruction issue
-    assert 20 < gemv_pct < 40
+    # target ≥ 85 %: the word-decoding GEMV (≈ 4.8 instructions per weight, 2.1 of them the prmt
+    # lookups; W decoded straight into the tensor cores' operand registers) is bound by
+    # instruction issue (31 % when its 16-bit values went through shared memory)
+    assert 35 < gemv_pct < 50
     # the launches: LoRA 2 + 2 (the rank pass rides in the dX launch), the decode GEMV 1
     assert (got["lora"]["forward"]["launches"], got["lora"]["backward"]["launches"]) == (2, 2)
     assert got["gemv"]["forward"]["launches"] == 1
