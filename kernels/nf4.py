@@ -749,8 +749,8 @@ def dequantize(qw, dtype: torch.dtype, *, tables, out: torch.Tensor | None = Non
 
 
 GEMV_STAGES = tl.constexpr(3)  # pipeline depth of the word-decoding GEMV's loop (all its loads)
-# K multiple the word-decoding GEMV needs (its BLOCK_K: `nf4_fragment_tile` is 256 wide)
-DECODE_GEMV_K_MULTIPLE = {"sm80": 256, "sm90": 256, "interpreter": 256}
+# K multiple the word-decoding GEMV needs on every target (its BLOCK_K: `nf4_fragment_tile` is 256 wide)
+DECODE_GEMV_K_MULTIPLE = 256
 
 
 def word_gemv_fits(x: torch.Tensor, qw) -> bool:
@@ -758,7 +758,7 @@ def word_gemv_fits(x: torch.Tensor, qw) -> bool:
     16-bit values), K a multiple of its tiles (rows start on a word; chunks sit in one block),
     the packed bytes 4-byte aligned; else the split-K byte-decoding GEMV."""
     K = qw.in_features
-    return (x.dtype in (torch.float16, torch.bfloat16) and K % DECODE_GEMV_K_MULTIPLE[current_target()] == 0
+    return (x.dtype in (torch.float16, torch.bfloat16) and K % DECODE_GEMV_K_MULTIPLE == 0
             and qw.packed.data_ptr() % 4 == 0)
 
 
