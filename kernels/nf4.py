@@ -6,8 +6,9 @@ The format is bitsandbytes' (see ``peft_ops.nf4``, which owns it and hands its t
 to every launcher here as ``tables``): element f = n·K + k of the flattened W is
 nibble (f odd: low, even: high) of byte f // 2, scaled by the fp32 absmax of block
 f // blocksize, which is itself ``map[code8]·scale[block // 256] + offset`` with double
-quantization. `nf4_tile` decodes any [rows × BLOCK_K] tile of W straight from those bytes;
-`nf4_fragment_tile` and the dequantize kernel decode from the same bytes read as 32-bit words.
+quantization. Every kernel reads those bytes as 32-bit words: `nf4_word_tile` decodes any
+[rows × BLOCK_K] tile of W (the fused GEMMs), `nf4_fragment_tile` the decode GEMV's operand, and
+the dequantize kernel whole words.
 
 Design, from a cost model (bf16, d = 4096, MLP 14336, H200: 4.8 TB/s, 989 TFLOP/s; every
 figure below is the static estimate of ``peft_ops.tools.estimate``, not a measurement):
@@ -22,37 +23,52 @@ figure below is the static estimate of ``peft_ops.tools.estimate``, not a measur
   bytes: 16 `prmt` and 5 selector ops per word of 8 codes (≈ 2.6 instructions per weight) plus
   ≈ 45 per block table. The 8-bit absmax codes (double quantization) are read as words too:
   1-byte loads are never pipelined.
-- Training sizes (M > DECODE_MAX_M, the default rule of ``peft_ops.ops.gemm_choice``): W is
-  decoded once per call into a reusable buffer (`dequantize`, 0.5 B read + 2 B written per
-  weight: 12.3 µs for 4096 × 4096, at HBM speed) and the dense LoRA kernels run on it — the
-  forward, and again in the backward (the decoded W is never saved). QLoRA fwd+bwd at
-  M = 8192, 4096→4096, r = 16: 788 µs against 763 µs for bf16 LoRA (1.03×; 1.028–1.032 over
-  the default layers). The fused dequant-GEMMs below (`_nf4_matmul_kernel`,
-  `_nf4_backward_dx_kernel`) stay for tuned cases (`peft-ops tune` times both per shape):
-  they decode each W tile once per 64–128 rows with byte loads and code gathers, 3.2× LoRA at
-  that shape (2,409 µs), and lose at every M ≥ 32 of the default layers in the estimate.
-- Decode sizes (M ≤ DECODE_MAX_M): `_nf4_decode_gemv_kernel`, one launch, no partial sums:
-  each program owns BLOCK_N rows of W over the whole of K (W read once for all M ≤ 16 rows of
-  x, which stays in L1/L2). W goes from registers straight into the tensor cores: the dot is
-  the same for any order of k and of W's rows, so `nf4_fragment_tile` decodes W in the order
-  of the `mma` operand's registers (x is read in the same permuted k order, 4- or 8-byte
-  pieces): a lane loads 64 consecutive weights of each of its two rows as 16-byte vectors,
-  builds one block table per row (`cvt.rn.bf16x2.f32`: 24 instructions), and its prmt
-  lookups (with their 5 selector instructions per word) leave the 16-bit values packed two
-  per register, as the tensor cores take them. Per weight ≈ 4.8 PTX instructions (sm_90a,
-  `mma.sync`, 2 warps; sm_80 4.7): prmt 2.1, selectors 0.6, tables 0.2, loads and address
-  arithmetic the rest. 4096 × 14336 at M = 1: 14.9 µs = 41 % of HBM (bound by instruction
-  issue); N = 4096: 9.7 µs (latency: 128 programs for 132 SMs); 14336 → 4096: 22.7 µs.
-  Before: 20.4 / 18.3 / 53.0 µs, when the decoded tile went through shared memory (a 2-byte
-  store per weight: Triton laid the operand out row-fastest there) and was split into
-  16-bit halves. 85 % of HBM needs ≤ 2.6 instructions per weight: below the 2 prmt per
-  weight that any exact lookup of a 16-bit value in a per-block table costs with 3-bit
-  `prmt` indices (one per output byte), so this design cannot reach it; narrow layers would
-  gain most from split-K with an in-kernel reduction (not built). `wgmma` (4 warps) was
-  measured in the estimate at 5.6 instructions per weight: its register operands cost a
-  `mov` each. `_nf4_gemv_kernel` (split-K, byte decode, partials summed by PyTorch) remains
-  for fp32 x and K not a multiple of 256.
-- dX at decode sizes: `_nf4_backward_dx_kernel`, the dense dX kernel with the byte decode.
+- Training sizes (M ≥ 512, the default rule of ``peft_ops.ops.gemm_choice``): W is decoded
+  once per call into a reusable buffer (`dequantize`, 0.5 B read + 2 B written per weight:
+  12.3 µs for 4096 × 4096, at HBM speed) and the dense LoRA kernels run on it — the forward,
+  and again in the backward (the decoded W is never saved). QLoRA fwd+bwd at M = 8192,
+  4096→4096, r = 16: 788 µs against 763 µs for bf16 LoRA (1.03×; 1.028–1.032 over the
+  default layers). The fused dequant-GEMMs below (`_nf4_matmul_kernel`,
+  `_nf4_backward_dx_kernel`) decode each W tile in registers once per 64–128 rows
+  (`nf4_word_tile`): 1,296 µs at that shape (1.70× LoRA; 2,409 µs when they loaded bytes
+  and gathered code values), but faster than decode + dense from 17 to 256 rows on every
+  default layer (M = 128, 4096→4096: 84 against 89 µs; 14336→4096: 177 against 229 µs),
+  where they run by default.
+- The fused GEMMs' tiles (`nf4_word_tile`): with K % blocksize == 0 (real models) each row
+  starts on a word, its words load as vectors (pipelined `cp.async`), the block table is built
+  once per row and tile and the codes pick 16-bit values by `prmt` as above; fp32 x takes a
+  select tree per code (15 selects) and a multiply. K odd or rows that start inside a block: a
+  row starts at any nibble, so each 8 weights come from two 32-bit words funnel-shifted into
+  place (nibble-swapped, 64-bit shift), and each weight takes one of the two block scales its
+  row segment can touch. No byte loads, no per-weight gathers in any of them (the nested
+  absmax map is one lookup per row and tile, two on unaligned rows).
+- Decode sizes (M ≤ DECODE_MAX_M): `_nf4_decode_gemv_kernel`, one launch: each program owns
+  BLOCK_N rows of W over a slice of K (W read once for all M ≤ 16 rows of x, which stays in
+  L1/L2). W goes from registers straight into the tensor cores: the dot is the same for any
+  order of k and of W's rows, so `nf4_fragment_tile` decodes W in the order of the `mma`
+  operand's registers (x is read in the same permuted k order, 4- or 8-byte pieces): a lane
+  loads 64 consecutive weights of each of its two rows as 16-byte vectors, builds one block
+  table per row (`cvt.rn.bf16x2.f32`: 24 instructions), and its prmt lookups (with their 5
+  selector instructions per word) leave the 16-bit values packed two per register, as the
+  tensor cores take them. Per weight ≈ 4.8 PTX instructions (sm_90a, `mma.sync`, 2 warps;
+  sm_80 4.7): prmt 2.1, selectors 0.6, tables 0.2, loads and address arithmetic the rest.
+  Narrow layers split K (`split_k_for`: the fewest power-of-two slices that give 2 programs
+  per SM, slices of whole 256-column tiles; 1, 4 and 8 per SM were worse in the estimate):
+  each program stores its fp32 partial ([16 × BLOCK_N], in a scratch reused across calls) and
+  the tile's last program — found by an atomic counter, release/acquire — sums the partials
+  in slice order (deterministic) and runs the epilogue; no PyTorch tail, no memset (the
+  counters are zeroed once, and each launch leaves them zero). 4096 × 14336 at M = 1: 14.9 µs
+  = 41 % of HBM (no split: 448 programs; bound by instruction issue); 4096 → 4096: 7.1 µs
+  (split 2; 9.7 unsplit, 128 programs for 132 SMs); 14336 → 4096: 13.6 µs (45 %; 22.7
+  unsplit); 11008 → 4096: 11.6 µs (18.4). Before the register-operand decode: 20.4 / 18.3 /
+  53.0 µs (the decoded tile went through shared memory, a 2-byte store per weight). 85 % of
+  HBM needs ≤ 2.6 instructions per weight: below the 2 prmt per weight that any exact lookup
+  of a 16-bit value in a per-block table costs with 3-bit `prmt` indices (one per output
+  byte), so this design cannot reach it. `wgmma` (4 warps) was measured in the estimate at
+  5.6 instructions per weight: its register operands cost a `mov` each. `_nf4_gemv_kernel`
+  (the same split-K and reduction over `nf4_word_tile`, 64-column tiles) serves fp32 x and K
+  not a multiple of 256.
+- dX at decode sizes: `_nf4_backward_dx_kernel`, the dense dX kernel over `nf4_word_tile`.
 - Bit-exactness: the absmax decode ``map·scale + offset`` must round twice, as in
   bitsandbytes; a fused multiply-add would round once and differ in the last bit. Every
   kernel here is launched with ``enable_fp_fusion=False`` (NF4_LAUNCH_OPTIONS), so the
@@ -117,54 +133,6 @@ def nf4_block_absmax(ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, blocks, NE
     return absmax
 
 
-@triton.jit
-def nf4_tile(PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, rows, k0, K,
-             BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-             EVEN_K: tl.constexpr, ROW_ALIGNED: tl.constexpr):
-    """fp32 W[rows, k0 + j mod K] for j < BLOCK_K: a [len(rows), BLOCK_K] tile decoded from the
-    NF4 bytes. `rows` are valid int64 row indices; columns past K wrap onto valid ones (the
-    caller's other operand is zero there), so every load is in bounds and unmasked."""
-    row_start = rows * K  # int64: n·K passes 2³¹ for big weights
-    flat = row_start[:, None] + ((k0 + tl.arange(0, BLOCK_K)) % K)[None, :]  # flat index of each weight
-    if EVEN_K:
-        # K even: each row starts on a byte, so byte j of the tile holds its columns 2j
-        # (high nibble) and 2j+1 (low): one byte load per two weights.
-        pair_cols = (k0 + 2 * tl.arange(0, BLOCK_K // 2)) % K
-        byte = tl.load(PACKED + (row_start[:, None] + pair_cols[None, :]) // 2)
-        values = tl.interleave(tl.load(NF4 + (byte >> 4)), tl.load(NF4 + (byte & 0xF)))
-    else:
-        byte = tl.load(PACKED + flat // 2)
-        values = tl.load(NF4 + tl.where(flat % 2 == 0, byte >> 4, byte & 0xF))
-    if ROW_ALIGNED and BLOCK_K <= BLOCKSIZE:
-        # K % blocksize == 0 and the tile (k0 a multiple of BLOCK_K) sits inside one block of
-        # each row: one scale per row instead of one per weight.
-        scale = nf4_block_absmax(ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
-                                 ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=(row_start + k0) // BLOCKSIZE,
-                                 NESTED=NESTED)[:, None]
-    else:
-        scale = nf4_block_absmax(ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
-                                 ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=flat // BLOCKSIZE, NESTED=NESTED)
-    return values * scale
-
-
-@triton.jit
-def nf4_x_wt(acc, x_ptrs, x_step, k_begin, k_end, cols, PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP,
-             ABSMAX_OFFSET, K, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-             EVEN_K: tl.constexpr, ROW_ALIGNED: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr,
-             DOT_PRECISION: tl.constexpr):
-    """acc + X[:, k_begin:k_end]·dequant(W)[cols, k_begin:k_end]ᵀ, W decoded tile by tile in
-    registers (k_begin a multiple of BLOCK_K; x_ptrs point at column k_begin of the x rows)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        x = tl.load(x_ptrs, mask=(offs_k < k_end - k0)[None, :], other=0.0)  # zero past the end: W wraps there
-        w = nf4_tile(PACKED=PACKED, NF4=NF4, ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
-                     ABSMAX_OFFSET=ABSMAX_OFFSET, rows=cols, k0=k0, K=K, BLOCK_K=BLOCK_K, BLOCKSIZE=BLOCKSIZE,
-                     NESTED=NESTED, EVEN_K=EVEN_K, ROW_ALIGNED=ROW_ALIGNED)
-        acc = mma(x, tl.trans(w.to(x.dtype)), acc, WIDEN_BF16_DOT, DOT_PRECISION)
-        x_ptrs += x_step
-    return acc
-
-
 def emulate_ptx() -> bool:
     """Whether kernels emulate their inline PTX (`prmt`): under the interpreter, unless the launch
     is planned for a GPU (a static estimate compiles it)."""
@@ -204,7 +172,7 @@ def nf4_word_codes(words):
     high nibble): int32 [*words.shape, 8], in weight order."""
     j = tl.arange(0, 8)
     shift = (j >> 1) * 8 + (1 - (j & 1)) * 4  # byte j // 2; its high nibble for even j
-    return (words[:, :, None] >> shift[None, None, :]) & 0xF
+    return (tl.expand_dims(words, len(words.shape)) >> shift) & 0xF
 
 
 @triton.jit
@@ -355,6 +323,105 @@ def nf4_word_pairs(words, absmax, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr
 
 
 @triton.jit
+def swap_nibbles(words):
+    """Each byte's two nibbles swapped: a packed word's element e (high nibble of byte e // 2 for
+    even e, as bitsandbytes packs) moves to nibble e, so that a shift by 4·e bits reaches it."""
+    return ((words >> 4) & 0x0F0F0F0F) | ((words & 0x0F0F0F0F) << 4)
+
+
+@triton.jit
+def round_to(values, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """fp32 `values` in OUT_DTYPE, rounded to nearest even (on the bits under the interpreter,
+    which truncates fp32 → bf16)."""
+    if EMULATE and OUT_DTYPE == tl.bfloat16:
+        return half_bits(values, OUT_DTYPE, EMULATE).to(tl.int16).to(OUT_DTYPE, bitcast=True)
+    else:
+        return values.to(OUT_DTYPE)
+
+
+@triton.jit
+def nf4_word_tile(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, rows, k0, K, numel,
+                  BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ALIGNED: tl.constexpr,
+                  OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """W[rows, k0 : k0 + BLOCK_K] in OUT_DTYPE ([len(rows), BLOCK_K]; k0 a multiple of BLOCK_K,
+    `rows` valid int64 row indices), decoded in registers from the packed bytes read as 32-bit
+    words: no byte loads and no load whose address depends on a weight's code. Columns past K
+    hold the weights that follow in memory (the next row's; clamped at the end): finite values
+    that the caller's other operand zeroes or its store masks.
+
+    ALIGNED (K % BLOCKSIZE == 0): each row starts on a word, and the tile's words are loaded as
+    vectors; each block's 16 values are built once (`nf4_byte_planes`, 16-bit OUT_DTYPE) and
+    picked by `prmt` (≈ 3 instructions per weight), or, for fp32, computed by a select tree
+    per code and one multiply. Otherwise (K odd, or rows that start inside a block) a row's
+    weights start at any nibble: the words are shifted into place two at a time (a 64-bit
+    funnel shift of nibble-swapped words), and each weight picks one of the two block scales
+    its row segment can touch (BLOCK_K ≤ BLOCKSIZE)."""
+    start = rows * K + k0  # int64 flat index of each row's first weight
+    last_word = (numel - 1) // 8
+    last_block = (numel - 1) // BLOCKSIZE
+    if ALIGNED:
+        GROUPS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K > BLOCKSIZE else 1  # blocks across the tile
+        GROUP_WORDS: tl.constexpr = BLOCK_K // 8 // GROUPS
+        group = tl.arange(0, GROUPS)
+        word = ((start // 8)[:, None, None] + (group * GROUP_WORDS)[None, :, None]
+                + tl.arange(0, GROUP_WORDS)[None, None, :])
+        blocks = (start // BLOCKSIZE)[:, None] + group[None, :]
+        if BLOCK_K > BLOCKSIZE:  # K need not be a multiple of BLOCK_K: the last row's tile may pass the end
+            word = tl.minimum(word, last_word)
+            blocks = tl.minimum(blocks, last_block)
+        words = tl.load(WORDS + word)
+        absmax = nf4_block_absmax(ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
+                                  ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=blocks, NESTED=NESTED, CODE_WORDS=True)
+        if OUT_DTYPE == tl.float32:
+            values = nf4_code_value(nf4_word_codes(words)) * absmax[:, :, None, None]
+        else:
+            planes = nf4_byte_planes(absmax[:, :, None], OUT_DTYPE, EMULATE)
+            index, upper, index_high, upper_high = nf4_selectors(words, EMULATE)
+            first = nf4_four_values(index, upper, planes, OUT_DTYPE, EMULATE)  # weights 0-3 of each word
+            second = nf4_four_values(index_high, upper_high, planes, OUT_DTYPE, EMULATE)  # 4-7
+            values = tl.permute(tl.join(first, second), (0, 1, 2, 4, 3))
+    else:
+        tl.static_assert(BLOCK_K <= BLOCKSIZE, "a row segment touches at most two blocks")
+        WORDS_PER_ROW: tl.constexpr = BLOCK_K // 8
+        word = tl.minimum((start // 8)[:, None] + tl.arange(0, WORDS_PER_ROW)[None, :], last_word)
+        low = swap_nibbles(tl.load(WORDS + word)).to(tl.uint32, bitcast=True).to(tl.uint64)
+        high = swap_nibbles(tl.load(WORDS + tl.minimum(word + 1, last_word))).to(tl.uint32, bitcast=True)
+        shift = ((start % 8) * 4).to(tl.uint64)[:, None]
+        words = ((low | (high.to(tl.uint64) << 32)) >> shift).to(tl.uint32).to(tl.int32, bitcast=True)
+        codes = (words[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 0xF  # element e at nibble e
+        # the segment's two blocks: the first weight's, and the next (past the end: the last)
+        first_block = start // BLOCKSIZE
+        first = nf4_block_absmax(ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
+                                 ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=first_block, NESTED=NESTED, CODE_WORDS=True)
+        second = nf4_block_absmax(ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
+                                  ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=tl.minimum(first_block + 1, last_block),
+                                  NESTED=NESTED, CODE_WORDS=True)
+        in_first = ((first_block + 1) * BLOCKSIZE - start).to(tl.int32)  # weights of the row in its first block
+        position = 8 * tl.arange(0, WORDS_PER_ROW)[:, None] + tl.arange(0, 8)[None, :]
+        absmax = tl.where(position[None, :, :] < in_first[:, None, None], first[:, None, None], second[:, None, None])
+        values = round_to(nf4_code_value(codes) * absmax, OUT_DTYPE, EMULATE)
+    return tl.reshape(values, (rows.shape[0], BLOCK_K))
+
+
+@triton.jit
+def nf4_x_wt(acc, x_ptrs, x_step, k_begin, k_end, cols, WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP,
+             ABSMAX_OFFSET, K, numel, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+             ALIGNED: tl.constexpr, EMULATE: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    """acc + X[:, k_begin:k_end]·dequant(W)[cols, k_begin:k_end]ᵀ, W decoded tile by tile in
+    registers (k_begin a multiple of BLOCK_K; x_ptrs point at column k_begin of the x rows)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        x = tl.load(x_ptrs, mask=(offs_k < k_end - k0)[None, :], other=0.0)  # zero past the end: W runs on there
+        w = nf4_word_tile(WORDS=WORDS, ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
+                          ABSMAX_OFFSET=ABSMAX_OFFSET, rows=cols, k0=k0, K=K, numel=numel, BLOCK_K=BLOCK_K,
+                          BLOCKSIZE=BLOCKSIZE, NESTED=NESTED, ALIGNED=ALIGNED, OUT_DTYPE=x.dtype, EMULATE=EMULATE)
+        acc = mma(x, tl.trans(w), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+        x_ptrs += x_step
+    return acc
+
+
+@triton.jit
 def _nf4_dequantize_kernel(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, OUT, numel, n_words,
                            BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, GROUPS: tl.constexpr,
                            PAIRS: tl.constexpr, EMULATE: tl.constexpr, BLOCK_WORDS: tl.constexpr):
@@ -396,17 +463,19 @@ def _lists(names, half, mixed, fp32, general):
 
 
 _GEMM = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+# fp32: 8 warps (the select-tree decode of fp32 values held 244-255 registers at 4 warps; 300 B
+# of spills under Triton 3.6)
 _MATMUL_GPU = _lists(_GEMM, half=[(128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 3), (128, 64, 64, 8, 4, 3)],
-                     mixed=[(64, 128, 64, 8, 4, 3)], fp32=[(64, 64, 32, 8, 4, 3)], general=[(64, 64, 32, 8, 8, 2)])
+                     mixed=[(64, 128, 64, 8, 4, 3)], fp32=[(64, 64, 32, 8, 8, 3)], general=[(64, 64, 32, 8, 8, 2)])
 MATMUL_CONFIGS = {"sm80": _MATMUL_GPU, "sm90": _MATMUL_GPU, "interpreter": tile_configs(_GEMM, [(32, 32, 32, 8, 4, 1)])}
 _GEMV = ("BLOCK_N", "BLOCK_K")
-# Triton before 3.9 spilled (16 B) on the 128-column GEMV tile with fp32 adapters (sm_90).
+# 64 columns in every family, so that the split-K rule (`split_k_for`) knows the tile count;
+# Triton before 3.9 spilled (176 B) on the fp32 tile at 4 warps (3.9 spills 12 B at 8).
 _OLD_TRITON = TRITON_VERSION < (3, 9)
-_GEMV_GPU = _lists(_GEMV, half=[(128, 64, 4, 3), (64, 64, 4, 3)],
-                   mixed=[(64, 64, 4, 3)] if _OLD_TRITON else [(128, 64, 4, 3), (64, 64, 4, 3)],
-                   fp32=[(64, 64, 4, 3)], general=[(64, 32, 4, 2)])
+_GEMV_GPU = _lists(_GEMV, half=[(64, 64, 4, 3)], mixed=[(64, 64, 4, 3)],
+                   fp32=[(64, 64, 8, 3)] if _OLD_TRITON else [(64, 64, 4, 3)], general=[(64, 32, 4, 2)])
 GEMV_CONFIGS = {"sm80": _GEMV_GPU, "sm90": _GEMV_GPU, "interpreter": tile_configs(_GEMV, [(32, 32, 4, 1)])}
-GEMV_BLOCK_N_FOR_SPLIT = 64  # the tile width the split-K heuristic assumes
+GEMV_BLOCK_N_FOR_SPLIT = 64  # the split-K GEMV's column tile on a GPU (every config's: the split follows it)
 # The word-decoding GEMV (16-bit x, K % BLOCK_K == 0): (BLOCK_N, BLOCK_K, warps, stages), one W
 # row per thread (BLOCK_N = 32·warps).
 _DECODE_GEMV = ("BLOCK_N", "BLOCK_K", "K_WIDTH")
@@ -416,6 +485,7 @@ _DECODE_GEMV = ("BLOCK_N", "BLOCK_K", "K_WIDTH")
 # `mma.sync` (32 rows): at 4 warps Triton picks `wgmma`, whose register operands cost a `mov`
 # each (5.6 instructions per weight against 4.8).
 _DECODE_GEMV_HALF = {"sm80": [(64, 256, 4, 4, 3)], "sm90": [(32, 256, 4, 2, 3)]}
+DECODE_GEMV_BLOCK_N = {"sm80": 64, "sm90": 32, "interpreter": 32}  # each target's one config's (split-K follows it)
 DECODE_GEMV_CONFIGS = {**{t: {family: tile_configs(_DECODE_GEMV, rows) for family in ("half", "mixed")}
                           for t, rows in _DECODE_GEMV_HALF.items()},
                        "interpreter": tile_configs(_DECODE_GEMV, [(32, 256, 2, 1, 1)])}
@@ -441,6 +511,7 @@ _NF4_KEY = ["BLOCKSIZE", "NESTED", "EVEN_K", "ROW_ALIGNED", "RANK_FP32"]
 LOOP_BOUNDS = {
     "_nf4_matmul_kernel": {"k_begin": "0", "k_end": "K"},
     "_nf4_gemv_kernel": {"k_begin": "0", "k_end": "min(K, cdiv(cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K)"},
+    "_nf4_decode_gemv_kernel": {"k_begin": "0", "k_end": "min(K, cdiv(cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K)"},
 }
 
 
@@ -448,11 +519,11 @@ LOOP_BOUNDS = {
            key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "HAS_BIAS"] + _NF4_KEY)
 @triton.jit
 def _nf4_matmul_kernel(
-    X, PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, XA, B, BIAS, Y, M, N, K, R, M_BUCKET,
+    X, WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, XA, B, BIAS, Y, M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_bn, stride_br, stride_bias, scaling,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_K: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
-    WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Y[M, N] = X·dequant(W)ᵀ [+ scaling·XA·Bᵀ] + BIAS, W decoded tile by tile in registers."""
@@ -465,10 +536,11 @@ def _nf4_matmul_kernel(
     cols = (offs_n % N).to(tl.int64)
     x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
     acc = nf4_x_wt(acc=tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), x_ptrs=x_ptrs,
-                   x_step=BLOCK_K * tl.cast(stride_xk, tl.int64), k_begin=0, k_end=K, cols=cols, PACKED=PACKED,
-                   NF4=NF4, ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
-                   ABSMAX_OFFSET=ABSMAX_OFFSET, K=K, BLOCK_K=BLOCK_K, BLOCKSIZE=BLOCKSIZE, NESTED=NESTED,
-                   EVEN_K=EVEN_K, ROW_ALIGNED=ROW_ALIGNED, WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
+                   x_step=BLOCK_K * tl.cast(stride_xk, tl.int64), k_begin=0, k_end=K, cols=cols, WORDS=WORDS,
+                   ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP, ABSMAX_OFFSET=ABSMAX_OFFSET,
+                   K=K, numel=tl.cast(N, tl.int64) * K, BLOCK_K=BLOCK_K, BLOCKSIZE=BLOCKSIZE, NESTED=NESTED,
+                   ALIGNED=EVEN_K and ROW_ALIGNED, EMULATE=EMULATE, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
+                   DOT_PRECISION=DOT_PRECISION)
     acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
                         stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=HAS_LORA,
                         HAS_BIAS=HAS_BIAS, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
@@ -477,19 +549,58 @@ def _nf4_matmul_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+@triton.jit
+def split_k_total(acc, PARTIALS, COUNTERS, tile, pid_s, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """The sum over the SPLIT_K programs of one output tile of their fp32 partials `acc`
+    ([BLOCK_M, BLOCK_N]), in the program that finishes last, and whether this is that program
+    (the others return zeros and False). Deterministic: the last one adds the partials in
+    slice order 0, 1, …, whichever order the programs finished in. Each program stores its
+    partial, then (after a barrier: all its threads' stores issued) increments the tile's
+    counter with release-acquire semantics, so the program that sees SPLIT_K - 1 sees every
+    partial; it reads them past L1 (`.cg`: the buffer is reused across launches) and sets the
+    counter back to 0 for the next launch (COUNTERS start zeroed, and every launch leaves them so)."""
+    base = PARTIALS + (tile.to(tl.int64) * SPLIT_K) * (BLOCK_M * BLOCK_N)
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(base + pid_s * (BLOCK_M * BLOCK_N) + offs, acc)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(COUNTERS + tile, 1, sem="acq_rel")
+    last = arrived == SPLIT_K - 1
+    total = tl.zeros_like(acc)
+    if last:
+        for s in tl.static_range(SPLIT_K):
+            total += tl.load(base + s * (BLOCK_M * BLOCK_N) + offs, cache_modifier=".cg")
+        tl.atomic_xchg(COUNTERS + tile, 0)
+    return total, last
+
+
+@triton.jit
+def gemv_output(acc, XA, B, BIAS, Y, rows, cols, offs_m, offs_n, M, N, R, stride_bn, stride_br, stride_bias, scaling,
+                HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, RANK_FP32: tl.constexpr,
+                WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Y[offs_m, offs_n] = acc [+ scaling·XA·Bᵀ] + BIAS: the GEMVs' last step, on the whole sum."""
+    acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
+                        stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=HAS_LORA,
+                        HAS_BIAS=HAS_BIAS, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
+                        DOT_PRECISION=DOT_PRECISION)
+    y_ptrs = Y + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
 @autotuned(GEMV_CONFIGS, dtype_family("X", _unaligned),
-           key=["M", "N", "K", "R", "SPLIT_K", "HAS_LORA", "HAS_BIAS"] + _NF4_KEY)
+           key=["M", "N", "K", "R", "HAS_LORA", "HAS_BIAS"] + _NF4_KEY)
 @triton.jit
 def _nf4_gemv_kernel(
-    X, PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, XA, B, BIAS, OUT, M, N, K, R, SPLIT_K,
+    X, WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, XA, B, BIAS, Y, PARTIALS, COUNTERS, M, N, K, R,
     stride_xm, stride_xk, stride_bn, stride_br, stride_bias, scaling,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_K: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
-    WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """OUT[s, M, N] = partial s of X·dequant(W)ᵀ over the s-th K slice, M ≤ BLOCK_M; slice 0
-    also adds scaling·XA·Bᵀ and BIAS. Each program decodes its [BLOCK_N × K-slice] of W once."""
+    """Y[M, N] = X·dequant(W)ᵀ [+ scaling·XA·Bᵀ] + BIAS for M ≤ BLOCK_M rows, one launch: program
+    (n, s) decodes its [BLOCK_N × K-slice s] of W once; with SPLIT_K > 1 the tile's last program
+    sums the slices' partials (`split_k_total`) and writes Y."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -505,16 +616,18 @@ def _nf4_gemv_kernel(
     x_ptrs = X + rows[:, None] * stride_xm + (k_begin + offs_k)[None, :].to(tl.int64) * stride_xk
     acc = nf4_x_wt(acc=tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), x_ptrs=x_ptrs,
                    x_step=BLOCK_K * tl.cast(stride_xk, tl.int64), k_begin=k_begin, k_end=k_end, cols=cols,
-                   PACKED=PACKED, NF4=NF4, ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
-                   ABSMAX_OFFSET=ABSMAX_OFFSET, K=K, BLOCK_K=BLOCK_K, BLOCKSIZE=BLOCKSIZE, NESTED=NESTED,
-                   EVEN_K=EVEN_K, ROW_ALIGNED=ROW_ALIGNED, WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
-    if pid_s == 0:  # the LoRA term and bias once, with the first K slice
-        acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
-                            stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=HAS_LORA,
-                            HAS_BIAS=HAS_BIAS, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
-                            DOT_PRECISION=DOT_PRECISION)
-    out_ptrs = OUT + pid_s.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+                   WORDS=WORDS, ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
+                   ABSMAX_OFFSET=ABSMAX_OFFSET, K=K, numel=tl.cast(N, tl.int64) * K, BLOCK_K=BLOCK_K,
+                   BLOCKSIZE=BLOCKSIZE, NESTED=NESTED, ALIGNED=EVEN_K and ROW_ALIGNED, EMULATE=EMULATE,
+                   WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
+    if SPLIT_K > 1:
+        acc, last = split_k_total(acc, PARTIALS, COUNTERS, pid_n, pid_s, SPLIT_K, BLOCK_M, BLOCK_N)
+        if last:
+            gemv_output(acc, XA, B, BIAS, Y, rows, cols, offs_m, offs_n, M, N, R, stride_bn, stride_br, stride_bias,
+                        scaling, HAS_LORA, HAS_BIAS, BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION)
+    else:
+        gemv_output(acc, XA, B, BIAS, Y, rows, cols, offs_m, offs_n, M, N, R, stride_bn, stride_br, stride_bias,
+                    scaling, HAS_LORA, HAS_BIAS, BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION)
 
 
 @triton.jit
@@ -602,30 +715,38 @@ def nf4_fragment_tile(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, ro
 @autotuned(DECODE_GEMV_CONFIGS, dtype_family("X"), key=["M", "N", "K", "R", "HAS_LORA", "HAS_BIAS"] + _NF4_KEY)
 @triton.jit
 def _nf4_decode_gemv_kernel(
-    X, WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, XA, B, BIAS, Y, M, N, K, R, row_words,
-    stride_xm, stride_xk, stride_bn, stride_br, stride_bias, scaling,
+    X, WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, XA, B, BIAS, Y, PARTIALS, COUNTERS, M, N, K, R,
+    row_words, stride_xm, stride_xk, stride_bn, stride_br, stride_bias, scaling,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_K: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
     WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_WIDTH: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    K_WIDTH: tl.constexpr,
 ):
-    """Y[M, N] = X·dequant(W)ᵀ [+ scaling·XA·Bᵀ] + BIAS for M ≤ BLOCK_M rows, in one launch: each
-    program owns BLOCK_N columns of Y (rows of W) over the whole of K, so W is read once for
-    all M rows, from 32-bit words decoded in registers (`nf4_fragment_tile`), and no partial sums
-    leave the program. K % BLOCK_K == 0 (the launcher's condition)."""
+    """Y[M, N] = X·dequant(W)ᵀ [+ scaling·XA·Bᵀ] + BIAS for M ≤ BLOCK_M rows, in one launch: program
+    (n, s) owns BLOCK_N columns of Y (rows of W) over the s-th of SPLIT_K slices of K, so W is
+    read once for all M rows, from 32-bit words decoded in registers (`nf4_fragment_tile`); with
+    SPLIT_K > 1 (narrow layers: more programs than column tiles) the tile's last program sums
+    the slices' fp32 partials in a fixed order (`split_k_total`) and writes Y. K % BLOCK_K == 0
+    (the launcher's condition)."""
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    # slices of whole BLOCK_K tiles (each stays on word and block boundaries)
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_begin = pid_s * k_per_split
+    k_end = tl.minimum(K, k_begin + k_per_split)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = (offs_m % M).to(tl.int64)  # x rows past M repeat a valid one (the store is masked)
     cols = (offs_n % N).to(tl.int64)  # W rows past N likewise
     # xᵀ [BLOCK_K, BLOCK_M] in the tile's k order: runs of K_WIDTH adjacent k (4- or 8-byte loads)
     k_order = tl.max_contiguous(tl.multiple_of(nf4_fragment_k(tl.arange(0, BLOCK_K), K_WIDTH), K_WIDTH), K_WIDTH)
-    x_ptrs = X + rows[None, :] * stride_xm + k_order[:, None].to(tl.int64) * stride_xk
+    x_ptrs = X + rows[None, :] * stride_xm + (k_begin + k_order)[:, None].to(tl.int64) * stride_xk
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     # The loop's own stage count pipelines every load in it, the block scales too (their 8-bit
     # codes and the map lookup they index): by default only loads feeding the dot are, and the
     # scales' two dependent loads waited two memory latencies per iteration.
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=GEMV_STAGES):
+    for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=GEMV_STAGES):
         x = tl.load(x_ptrs)
         w = nf4_fragment_tile(WORDS=WORDS, ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
                               ABSMAX_OFFSET=ABSMAX_OFFSET, row0=pid * BLOCK_N, N=N, k0=k0, K=K, row_words=row_words,
@@ -635,23 +756,26 @@ def _nf4_decode_gemv_kernel(
         acc = mma(w, x, acc, WIDEN_BF16_DOT, DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
     acc = tl.trans(acc)
-    acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
-                        stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=HAS_LORA,
-                        HAS_BIAS=HAS_BIAS, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
-                        DOT_PRECISION=DOT_PRECISION)
-    y_ptrs = Y + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    if SPLIT_K > 1:
+        acc, last = split_k_total(acc, PARTIALS, COUNTERS, pid, pid_s, SPLIT_K, BLOCK_M, BLOCK_N)
+        if last:
+            gemv_output(acc, XA, B, BIAS, Y, rows, cols, offs_m, offs_n, M, N, R, stride_bn, stride_br, stride_bias,
+                        scaling, HAS_LORA, HAS_BIAS, BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION)
+    else:
+        gemv_output(acc, XA, B, BIAS, Y, rows, cols, offs_m, offs_n, M, N, R, stride_bn, stride_br, stride_bias,
+                    scaling, HAS_LORA, HAS_BIAS, BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION)
 
 
 @autotuned(BACKWARD_DX_CONFIGS, dtype_family("DY", _unaligned),
            key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "HAS_DROPOUT"] + _NF4_KEY)
 @triton.jit
 def _nf4_backward_dx_kernel(
-    DY, PACKED, NF4, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, G, A, KEEP, DX,
+    DY, WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, G, A, KEEP, DX,
     M, N, K, R, M_BUCKET, stride_dym, stride_dyn, stride_ar, stride_ak, lora_scale,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_K: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Per output tile (M-block, K-block): DX = dY·dequant(W) [+ lora_scale·(G·A)⊙keep], the
@@ -674,13 +798,15 @@ def _nf4_backward_dx_kernel(
     wrapped_rows = (offs_m % M).to(tl.int64)
     dy_ptrs = DY + wrapped_rows[:, None] * stride_dym + offs_n[None, :].to(tl.int64) * stride_dyn
     dy_step = BLOCK_N * tl.cast(stride_dyn, tl.int64)
+    numel = tl.cast(N, tl.int64) * K
     for n0 in range(0, N, BLOCK_N):
         dy = tl.load(dy_ptrs, mask=(offs_n < N - n0)[None, :], other=0.0)  # zero past N: W wraps there
         w_rows = ((n0 + offs_n) % N).to(tl.int64)
-        w = nf4_tile(PACKED=PACKED, NF4=NF4, ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
-                     ABSMAX_OFFSET=ABSMAX_OFFSET, rows=w_rows, k0=pid_k * BLOCK_K, K=K, BLOCK_K=BLOCK_K,
-                     BLOCKSIZE=BLOCKSIZE, NESTED=NESTED, EVEN_K=EVEN_K, ROW_ALIGNED=ROW_ALIGNED)
-        acc = mma(dy, w.to(DY.dtype.element_ty), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+        w = nf4_word_tile(WORDS=WORDS, ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
+                          ABSMAX_OFFSET=ABSMAX_OFFSET, rows=w_rows, k0=pid_k * BLOCK_K, K=K, numel=numel,
+                          BLOCK_K=BLOCK_K, BLOCKSIZE=BLOCKSIZE, NESTED=NESTED, ALIGNED=EVEN_K and ROW_ALIGNED,
+                          OUT_DTYPE=DY.dtype.element_ty, EMULATE=EMULATE)
+        acc = mma(dy, w, acc, WIDEN_BF16_DOT, DOT_PRECISION)
         dy_ptrs += dy_step
     dx_ptrs = DX + rows[:, None] * K + offs_k[None, :]
     tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
@@ -693,12 +819,13 @@ def _nf4_backward_dx_kernel(
 # --------------------------------------------------------------------------------------
 
 def _format_args(qw, tables) -> tuple:
-    """The six pointer arguments every kernel here takes for W, in order."""
-    code, absmax_map = tables
-    nested = qw.absmax_scale is not None
-    absmax_map = absmax_map if nested else qw.absmax  # (unused when not nested)
-    return (qw.packed, code, qw.absmax, qw.absmax_scale if nested else qw.absmax, absmax_map,
-            qw.absmax_offset if nested else qw.absmax)
+    """The five pointer arguments every kernel here takes for W, in order: the packed codes as
+    int32 words, the absmax (its 8-bit codes as words too, with double quantization), and the
+    second level's scale, map and offset (unused pointers without it)."""
+    _, absmax_map = tables
+    if qw.absmax_scale is None:
+        return packed_words(qw.packed), qw.absmax, qw.absmax, qw.absmax, qw.absmax
+    return packed_words(qw.packed), packed_words(qw.absmax), qw.absmax_scale, absmax_map, qw.absmax_offset
 
 
 def _format_flags(qw) -> dict:
@@ -733,10 +860,7 @@ def dequantize(qw, dtype: torch.dtype, *, tables, out: torch.Tensor | None = Non
     assert out.shape == (N, K) and out.dtype == dtype and out.is_contiguous(), "the launcher writes a dense [N, K]"
     if N * K == 0:
         return out
-    words = packed_words(qw.packed)
-    _, _, absmax, absmax_scale, absmax_map, absmax_offset = _format_args(qw, tables)
-    if qw.absmax_scale is not None:  # the 8-bit absmax codes, read as words too
-        absmax = packed_words(absmax)
+    words, absmax, absmax_scale, absmax_map, absmax_offset = _format_args(qw, tables)
     groups = max(1, DEQUANT_BLOCK_WORDS * 8 // qw.blocksize)  # blocks per program (blocksizes: powers of 2)
     # pairs of 16-bit values stored as int32: an even count, 4-byte aligned
     pairs = dtype != torch.float32 and (N * K) % 2 == 0 and out.data_ptr() % 4 == 0
@@ -762,22 +886,47 @@ def word_gemv_fits(x: torch.Tensor, qw) -> bool:
             and qw.packed.data_ptr() % 4 == 0)
 
 
-def split_k_for(N: int, K: int, device: torch.device) -> int:
-    """K slices of the decode GEMV: enough programs for about two per SM, each slice ≥ 512
-    columns (shorter ones would not amortize their partial sums)."""
+MAX_SPLIT_K = 16  # K slices of a decode GEMV at most (a compiled variant per power of two)
+SPLIT_K_CHOICES = (1, 2, 4, 8, 16)
+DECODE_GEMV_PROGRAMS_PER_SM = 2  # the word GEMV's split-K target (see the module docstring)
+
+
+def split_k_for(N: int, K: int, device: torch.device, block_n: int = GEMV_BLOCK_N_FOR_SPLIT,
+                k_tile: int = 512, programs_per_sm: int = 2) -> int:
+    """K slices of a decode GEMV: the fewest (a power of two) that give `programs_per_sm`
+    programs per SM over column tiles of `block_n`, each slice at least `k_tile` columns
+    (shorter ones would not amortize their partial sums; the word GEMV's slices are whole
+    256-column tiles). 1 off a GPU."""
     sms = multiprocessor_count(device)
     if sms is None:
         return 1
-    tiles = triton.cdiv(N, GEMV_BLOCK_N_FOR_SPLIT)
-    return max(1, min(triton.cdiv(2 * sms, tiles), K // 512))
+    tiles = triton.cdiv(N, block_n)
+    split = 1
+    while split < MAX_SPLIT_K and tiles * split < programs_per_sm * sms and K // (2 * split) >= k_tile:
+        split *= 2
+    return split
+
+
+def split_k_scratch(device: torch.device, split: int, N: int, scratch=None) -> tuple:
+    """(fp32 partials, int32 counters) for a decode GEMV of `split` K slices over N columns:
+    room for any column tile up to 128 wide, and a counter per 16 columns. The counters must be
+    zero (every launch leaves them so): `scratch(device, floats, counters)` gives reusable ones
+    (``peft_ops.ops.workspace``); without it they are allocated (and zeroed) per call."""
+    floats = split * GEMV_BLOCK_M * triton.cdiv(N, 128) * 128
+    counters = triton.cdiv(N, 16)
+    if scratch is not None:
+        return scratch(device, floats, counters)
+    return (torch.empty(floats, device=device, dtype=torch.float32),
+            torch.zeros(counters, device=device, dtype=torch.int32))
 
 
 def forward(x: torch.Tensor, qw, xa: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float,
             bias: torch.Tensor | None, regime: str | None = None, split_k: int | None = None, *,
-            tables) -> torch.Tensor:
-    """y = x·dequant(W)ᵀ [+ scaling·xa·lora_Bᵀ] + bias, [M, N] in x's dtype. `regime`: "gemm"
-    or "decode" (default: decode for M ≤ DECODE_MAX_M); `split_k`: the decode path's K slices
-    (default: split_k_for)."""
+            tables, scratch=None) -> torch.Tensor:
+    """y = x·dequant(W)ᵀ [+ scaling·xa·lora_Bᵀ] + bias, [M, N] in x's dtype, one launch.
+    `regime`: "gemm" or "decode" (default: decode for M ≤ DECODE_MAX_M); `split_k` (a power of
+    two ≤ MAX_SPLIT_K) pins the split-K GEMV at that many K slices (default: the word GEMV where
+    it fits, each at `split_k_for`'s slices); `scratch`: see `split_k_scratch`."""
     M, K = x.shape
     N = qw.out_features
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
@@ -798,23 +947,23 @@ def forward(x: torch.Tensor, qw, xa: torch.Tensor | None, lora_B: torch.Tensor |
         if regime == "gemm":
             grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
             launch(_nf4_matmul_kernel, grid, x, *_format_args(qw, tables), *lora_args,
-                   bias if bias is not None else y, y, M, N, K, R, m_bucket(M), *tail, **common)
+                   bias if bias is not None else y, y, M, N, K, R, m_bucket(M), *tail, EMULATE=emulate_ptx(),
+                   **common)
             return y
-        if split_k is None and word_gemv_fits(x, qw):
-            absmax, *scales = _format_args(qw, tables)[2:]
-            launch(_nf4_decode_gemv_kernel, lambda META: (triton.cdiv(N, META["BLOCK_N"]),),
-                   x, packed_words(qw.packed), packed_words(absmax) if qw.absmax_scale is not None else absmax,
-                   *scales, *lora_args,
-                   bias if bias is not None else y, y, M, N, K, R, K // 8, *tail, BLOCK_M=GEMV_BLOCK_M,
-                   EMULATE=emulate_ptx(), **common)
-            return y
-        split = split_k or split_k_for(N, K, x.device)
-        out = y if split == 1 else torch.empty((split, M, N), device=x.device, dtype=torch.float32)
-        grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), split)  # noqa: E731
-        launch(_nf4_gemv_kernel, grid, x, *_format_args(qw, tables), *lora_args, bias if bias is not None else y,
-               out, M, N, K, R, split, *tail, BLOCK_M=GEMV_BLOCK_M, **common)
-    if split > 1:
-        y.copy_(out.sum(dim=0))  # a fixed summation order: deterministic
+        word = split_k is None and word_gemv_fits(x, qw)
+        if word:
+            block_n = DECODE_GEMV_BLOCK_N[current_target()]
+            split = split_k_for(N, K, x.device, block_n, DECODE_GEMV_K_MULTIPLE, DECODE_GEMV_PROGRAMS_PER_SM)
+        else:
+            split = split_k or split_k_for(N, K, x.device)
+            if split not in SPLIT_K_CHOICES:
+                raise ValueError(f"split_k must be a power of two up to {MAX_SPLIT_K}, got {split}")
+        partials, counters = split_k_scratch(x.device, split, N, scratch) if split > 1 else (y, y)
+        kernel = _nf4_decode_gemv_kernel if word else _nf4_gemv_kernel
+        extra = (K // 8,) if word else ()  # the word GEMV's row length in words
+        launch(kernel, lambda META: (triton.cdiv(N, META["BLOCK_N"]), split), x, *_format_args(qw, tables),
+               *lora_args, bias if bias is not None else y, y, partials, counters, M, N, K, R, *extra, *tail,
+               BLOCK_M=GEMV_BLOCK_M, SPLIT_K=split, EMULATE=emulate_ptx(), **common)
     return y
 
 
@@ -832,7 +981,8 @@ def backward_dx(dy: torch.Tensor, qw, *, tables) -> torch.Tensor:
         launch(_nf4_backward_dx_kernel, grid,
             dy, *_format_args(qw, tables), dy, dy, dy, dx, M, N, K, 0, m_bucket(M),
             dy.stride(0), dy.stride(1), 0, 0, 1.0,
-            HAS_LORA=False, HAS_DROPOUT=False, BLOCK_M=block_m, **flags, **NF4_LAUNCH_OPTIONS)
+            HAS_LORA=False, HAS_DROPOUT=False, BLOCK_M=block_m, EMULATE=emulate_ptx(), **flags,
+            **NF4_LAUNCH_OPTIONS)
     return dx
 
 
@@ -848,8 +998,8 @@ def qlora_backward(dy: torch.Tensor, x: torch.Tensor, qw, lora_A: torch.Tensor, 
         launch(_nf4_backward_dx_kernel, grid,
             dy, *_format_args(qw, tables), g, lora_A, keep if keep is not None else g, dx, M, qw.out_features,
             qw.in_features, lora_A.shape[0], m_bucket(M), dy.stride(0), dy.stride(1), lora_A.stride(0),
-            lora_A.stride(1), lora_scale, HAS_LORA=True, BLOCK_M=block_m, **constexprs, **_format_flags(qw),
-            **NF4_LAUNCH_OPTIONS)
+            lora_A.stride(1), lora_scale, HAS_LORA=True, BLOCK_M=block_m, EMULATE=emulate_ptx(), **constexprs,
+            **_format_flags(qw), **NF4_LAUNCH_OPTIONS)
         return False
 
     with launch_guard(dy, x, qw.packed, lora_A, lora_B):
@@ -869,16 +1019,15 @@ FORMAT_VARIANTS = {"aligned": dict(EVEN_K=True, ROW_ALIGNED=True), "odd K": dict
 
 
 def aot_specs(target: str) -> list:
-    plain = ("M", "seed", "SPLIT_K", "R")
-    fmt_pointers = dict(PACKED="u8", NF4="fp32", ABSMAX="u8", ABSMAX_SCALE="fp32", ABSMAX_MAP="fp32",
-                        ABSMAX_OFFSET="fp32")
+    plain = ("M", "seed", "R")
+    fmt_pointers = dict(WORDS="i32", ABSMAX="i32", ABSMAX_SCALE="fp32", ABSMAX_MAP="fp32", ABSMAX_OFFSET="fp32")
     options = dict(NF4_LAUNCH_OPTIONS)
     specs = []
     for variant, v in AOT_VARIANTS.items():
         dt, rt, family = v["dtype"], v["rank_dtype"], v["family"]
         fp32_rank = rt == "fp32"
         common = dict(BLOCK_R=block_r(64, fp32_rank), WIDEN_BF16_DOT=False, RANK_FP32=fp32_rank and dt != "fp32",
-                      DOT_PRECISION="tf32x3", BLOCKSIZE=64, NESTED=True)
+                      DOT_PRECISION="tf32x3", BLOCKSIZE=64, NESTED=True, EMULATE=False)
         for fmt, fmt_flags in FORMAT_VARIANTS.items():
             def build(name, kernel, configs, pointers, constexprs, fmt=fmt, fmt_flags=fmt_flags, variant=variant,
                       family=family, common=common, **kw):
@@ -890,17 +1039,20 @@ def aot_specs(target: str) -> list:
             build("nf4_matmul", _nf4_matmul_kernel, MATMUL_CONFIGS, dict(X=dt, XA="fp32", B=rt, BIAS=dt, Y=dt),
                   dict(HAS_LORA=True, HAS_BIAS=True), unit_strides=("stride_xk", "stride_br", "stride_bias"),
                   float_args=("scaling",))
-            build("nf4_gemv", _nf4_gemv_kernel, GEMV_CONFIGS, dict(X=dt, XA="fp32", B=rt, BIAS=dt, OUT="fp32"),
-                  dict(HAS_LORA=True, HAS_BIAS=True, BLOCK_M=GEMV_BLOCK_M),
+            # (split-K builds: the in-kernel reduction of the partials compiled in)
+            build("nf4_gemv", _nf4_gemv_kernel, GEMV_CONFIGS,
+                  dict(X=dt, XA="fp32", B=rt, BIAS=dt, Y=dt, PARTIALS="fp32", COUNTERS="i32"),
+                  dict(HAS_LORA=True, HAS_BIAS=True, BLOCK_M=GEMV_BLOCK_M, SPLIT_K=4),
                   unit_strides=("stride_xk", "stride_br", "stride_bias"), float_args=("scaling",))
             if fmt == "aligned" and family != "fp32":
                 for cfg in DECODE_GEMV_CONFIGS[target][family]:
                     specs.append(KernelBuild(
                         f"nf4_decode_gemv [{variant}]", _nf4_decode_gemv_kernel, cfg,
-                        {**fmt_pointers, "WORDS": "i32", "ABSMAX": "i32", "X": dt, "XA": "fp32", "B": rt, "BIAS": dt,
-                         "Y": dt},
+                        {**fmt_pointers, "X": dt, "XA": "fp32", "B": rt, "BIAS": dt, "Y": dt, "PARTIALS": "fp32",
+                         "COUNTERS": "i32"},
                         {**common, **fmt_flags, "HAS_LORA": True, "HAS_BIAS": True, "BLOCK_M": GEMV_BLOCK_M,
-                         "EMULATE": False}, plain_ints=plain, options=options,
+                         "SPLIT_K": 2},
+                        plain_ints=plain, options=options,
                         unit_strides=("stride_xk", "stride_br", "stride_bias"), float_args=("scaling",)))
             build("nf4_backward_dx", _nf4_backward_dx_kernel, BACKWARD_DX_CONFIGS,
                   dict(DY=dt, G="fp32", A=rt, KEEP="i32", DX=dt),

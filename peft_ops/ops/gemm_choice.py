@@ -18,10 +18,14 @@ The NF4 ops (QLoRA) choose the same way between two paths per phase ("nf4-forwar
 "nf4-dx"): ``"fused"``, the NF4 kernels that decode W tile by tile inside the GEMM (or the
 decode GEMV), and ``"dequant"``, W decoded once into a reusable buffer
 (``peft_ops.ops.workspace``) and the dense LoRA path above on it. The default rule: the fused
-kernels up to DEFAULT_DEQUANT_MIN_ROWS rows (the decode GEMV reads 0.5 byte per weight; a
-decoded copy would write and read 4 more), the dense path from there (its GEMMs are the
-LoRA layer's; the decode adds 2.5 bytes per weight, twice per step). ``PEFT_OPS_NF4=fused|dequant``
-forces one.
+kernels below DEFAULT_DEQUANT_MIN_ROWS rows (the decode GEMV reads 0.5 byte per weight; a
+decoded copy would write and read 4 more, and the fused GEMMs decode each W tile in
+registers once per 64-128 rows), the dense path from there (its GEMMs are the LoRA layer's;
+the decode adds 2.5 bytes per weight, twice per step). The threshold is the static estimate's
+crossover on an H200 (bf16, r = 16, layers 4096→4096, 4096→14336, 14336→4096, 4096→1024):
+QLoRA fwd+bwd is faster fused at every M ≤ 256 (e.g. M = 128, 4096→4096: 84 against 89 µs),
+dense at M = 512 on three of the four (4096→4096: 115 against 105 µs) and far beyond
+(M = 8192: 1,296 against 788 µs). ``PEFT_OPS_NF4=fused|dequant`` forces one.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ DEFAULT_MIN_ROWS = 64  # the default rule: the fused GEMMs from this many rows u
 NF4_PATHS = ("fused", "dequant")
 NF4_PHASES = ("nf4-forward", "nf4-dx")  # x·dequant(W)ᵀ [M, N, K] and dY·dequant(W) [M, K, N]
 NF4_ENV_VAR = "PEFT_OPS_NF4"
-DEFAULT_DEQUANT_MIN_ROWS = 17  # the NF4 default rule: the dense path from this many rows up (above the GEMV's 16)
+DEFAULT_DEQUANT_MIN_ROWS = 512  # the NF4 default rule: the dense path from this many rows up (the estimate's crossover)
 
 
 def cache_root() -> pathlib.Path:

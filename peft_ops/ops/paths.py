@@ -152,7 +152,7 @@ class KernelNF4Ops:
             # the base layer alone: a plain GEMM, cuBLAS's on a GPU (no LoRA term to fuse)
             return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
         return kernel_modules().nf4.forward(x, qw, xa, lora_B, scaling, bias, self.regime, self.split_k,
-                                            tables=code_tables(x.device))
+                                            tables=code_tables(x.device), scratch=workspace.split_k_scratch)
 
     def backward_dx(self, dy, qw: NF4Tensors):
         if self._path("nf4-dx", dy, dy.shape[0], qw.out_features, qw.in_features, 0) == "dequant":

@@ -58,7 +58,7 @@ def qlora_cases(quick: bool) -> list[QLoraCase]:
         if dtype != torch.float32:
             cases += [QLoraCase(M=24, K=64, N=40, r=8, dtype=dtype, adapter_dtype=torch.float32)]
         if not quick:
-            cases += [QLoraCase(M=9, K=256, N=24, r=8, dtype=dtype, split_k=3)]
+            cases += [QLoraCase(M=9, K=256, N=24, r=8, dtype=dtype, split_k=4)]
     return cases
 
 

@@ -42,7 +42,7 @@ def qlora_case(M):
 
 
 def split_gemv_case(family):
-    """The split-K byte GEMV: where the word GEMV does not fit (fp32 x; K = 96, not a multiple
+    """The split-K GEMV: where the word GEMV does not fit (fp32 x; K = 96, not a multiple
     of its K tiles, but of the blocksize 32: the aligned families)."""
     if family == "general":
         return qlora_case(3)(family)

@@ -61,3 +61,16 @@ def test_adapter_backward_at_production_tiles(family, target, monkeypatch):
     with KernelsRan() as ran:
         run_checked(bottleneck_case(family))
     assert "_bottleneck_backward_dx_kernel" in ran.names
+
+
+def test_the_split_k_rules_know_the_gemv_tiles():
+    """The split-K rule counts column tiles before the autotuner picks a config: every GPU config
+    of the split-K GEMV is GEMV_BLOCK_N_FOR_SPLIT wide, and the word GEMV's one config per target
+    is DECODE_GEMV_BLOCK_N wide (and the scratch holds tiles up to 128)."""
+    for target in ("sm80", "sm90"):
+        for configs in nf4_kernels.GEMV_CONFIGS[target].values():
+            assert {c.kwargs["BLOCK_N"] for c in configs} == {nf4_kernels.GEMV_BLOCK_N_FOR_SPLIT}
+    for target, block_n in nf4_kernels.DECODE_GEMV_BLOCK_N.items():
+        table = nf4_kernels.DECODE_GEMV_CONFIGS[target]  # per family on a GPU, one list in the interpreter
+        for configs in table.values() if isinstance(table, dict) else [table]:
+            assert {c.kwargs["BLOCK_N"] for c in configs} == {block_n} and block_n <= 128

@@ -96,11 +96,13 @@ def test_the_launchers_refuse_an_unknown_gemm():
 
 
 def test_the_nf4_path_rule_tuning_and_override(cache, monkeypatch):
-    """The QLoRA products: the fused NF4 kernels at decode sizes (M ≤ 16: the GEMV), W decoded
-    into the workspace and the dense path above; a tuning or PEFT_OPS_NF4 overrides."""
+    """The QLoRA products: the fused NF4 kernels below 512 rows (the GEMV up to 16, the fused
+    dequant-GEMMs above), W decoded into the workspace and the dense path from 512 rows; a
+    tuning or PEFT_OPS_NF4 overrides."""
     monkeypatch.delenv("PEFT_OPS_NF4", raising=False)
     assert gemm_choice.choose_nf4("nf4-forward", torch.bfloat16, 16, 4096, 4096, 16, CUDA) == "fused"
-    assert gemm_choice.choose_nf4("nf4-forward", torch.bfloat16, 17, 4096, 4096, 16, CUDA) == "dequant"
+    assert gemm_choice.choose_nf4("nf4-forward", torch.bfloat16, 511, 4096, 4096, 16, CUDA) == "fused"
+    assert gemm_choice.choose_nf4("nf4-forward", torch.bfloat16, 512, 4096, 4096, 16, CUDA) == "dequant"
     assert gemm_choice.choose_nf4("nf4-dx", torch.bfloat16, 8192, 4096, 4096, 16, torch.device("meta")) == "dequant"
     assert gemm_choice.choose_nf4("nf4-dx", torch.bfloat16, 8192, 64, 64, 8, torch.device("cpu")) == "fused"
     key = gemm_choice.shape_key("nf4-forward", torch.bfloat16, 8192, 4096, 4096, 16)

@@ -65,7 +65,7 @@ def test_variants(variant, dtype, path, M, device):
 
 
 @pytest.mark.parametrize("regime, M, split_k", [("gemm", 1, None), ("gemm", 16, None), ("decode", 16, 4),
-                                               ("decode", 7, 2), ("decode", 2, 5)])
+                                               ("decode", 7, 2), ("decode", 2, 8)])  # 8: an empty last slice
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_forced_regimes_and_split_k(regime, M, split_k, dtype, device):
     for lora in (True, False):
@@ -95,6 +95,60 @@ def test_the_word_decoding_gemv(variant, dtype, M, device):
     with KernelsRan() as ran:
         check(QLoraCase(**kw), "triton", device)
     assert "_nf4_decode_gemv_kernel" in ran.names
+
+
+# (N·K / 64 blocks a multiple of 4: the 8-bit absmax codes are read as words in place, not
+# through a padded copy)
+@pytest.mark.parametrize("kernel, N, K, dtype", [("_nf4_decode_gemv_kernel", 45, 1024, torch.bfloat16),
+                                                  ("_nf4_gemv_kernel", 32, 200, torch.float32)])
+def test_split_k_partials_are_summed_in_the_same_launch(kernel, N, K, dtype, device, monkeypatch):
+    """Narrow layers split K (here: a GPU of 4 SMs, so that the word GEMV asks for 4 slices): each
+    program's fp32 partial goes to the scratch, the tile's last program sums them in slice order
+    and writes y — one launch, no PyTorch tail, the counters left zero for the next call, the
+    scratch reused, the result the same bits every call."""
+    from peft_ops.kernels import nf4 as nf4_kernels
+    from peft_ops.ops import workspace
+    from peft_ops.ops.paths import KernelNF4Ops
+    from peft_ops.tools.launches import KernelsRan, count
+
+    monkeypatch.setattr(nf4_kernels, "multiprocessor_count", lambda device: 4)
+    word = "decode" in kernel
+    block_n = nf4_kernels.DECODE_GEMV_BLOCK_N["interpreter"] if word else nf4_kernels.GEMV_BLOCK_N_FOR_SPLIT
+    k_tile = nf4_kernels.DECODE_GEMV_K_MULTIPLE if "decode" in kernel else 512
+    per_sm = nf4_kernels.DECODE_GEMV_PROGRAMS_PER_SM if "decode" in kernel else 2
+    split = nf4_kernels.split_k_for(N, K, device, block_n, k_tile, per_sm)
+    if "decode" in kernel:
+        assert split == 4
+    else:
+        split = 4  # the split-K GEMV's own rule keeps ≥ 512 columns per slice: pinned here
+    with KernelsRan() as ran:
+        check(QLoraCase(M=3, K=K, N=N, r=8, dtype=dtype, regime="decode",
+                        split_k=None if "decode" in kernel else split), "triton", device)
+    assert kernel in ran.names
+    workspace.free_workspaces()
+    torch.manual_seed(0)
+    q = quantize(torch.randn(N, K, device=device) / 8).tensors()
+    x = torch.randn(3, K, device=device, dtype=dtype)
+    xa, lora_B = torch.randn(3, 8, device=device, dtype=dtype), torch.randn(N, 8, device=device, dtype=dtype)
+    ops = KernelNF4Ops(regime="decode", split_k=None if "decode" in kernel else split)
+    first = ops.forward(x, q, xa, lora_B, 0.5, None)
+    partials, counters = (b for key, b in workspace._BUFFERS.items() if key[-1].startswith("split-k"))
+    assert partials.numel() >= split * 16 * N and not counters.any()  # every tile's counter back to 0
+    launches = count(lambda: ops.forward(x, q, xa, lora_B, 0.5, None), device_type=device.type)
+    assert [launch.name for launch in launches] == [kernel]  # no memset, no sum, no copy
+    again = ops.forward(x, q, xa, lora_B, 0.5, None)
+    assert torch.equal(first, again) and not counters.any()
+    scratch = [b for key, b in workspace._BUFFERS.items() if key[-1].startswith("split-k")]
+    assert len(scratch) == 2 and scratch[0] is partials and scratch[1] is counters
+
+
+def test_a_split_k_that_is_not_a_power_of_two_is_refused(device):
+    from peft_ops.kernels import nf4 as nf4_kernels
+
+    q = quantize(torch.randn(24, 200, device=device)).tensors()
+    with pytest.raises(ValueError, match="split_k"):
+        nf4_kernels.forward(torch.randn(2, 200, device=device), q, None, None, 0.0, None, "decode", 5,
+                            tables=peft_ops.nf4.code_tables(device))
 
 
 DEQUANT_VARIANTS = {"plain": {}, **{k: VARIANTS[k] for k in ("dropout", "fp32_adapters", "odd_K_blocksize_32",

@@ -12,7 +12,7 @@ import torch
 
 # Pointers to tensors that grow with the token count M (activations, their gradients, the
 # per-row fp32 tensors and the per-M-block partials), or with a weight's size (NF4 codes).
-GROW_WITH_M_OR_WEIGHT = {"X", "Y", "DY", "DX", "XA", "G", "H", "DH", "OUT", "KEEP", "PACKED", "ABSMAX", "W",
+GROW_WITH_M_OR_WEIGHT = {"X", "Y", "DY", "DX", "XA", "G", "H", "DH", "OUT", "KEEP", "WORDS", "ABSMAX", "W",
                          "DA_PARTIAL", "DB_PARTIAL", "DW_DOWN_PARTIAL", "DW_UP_PARTIAL", "DB_UP_PARTIAL"}
 
 
