@@ -57,8 +57,9 @@ figure below is the static estimate of ``peft_ops.tools.estimate``, not a measur
   each program stores its fp32 partial ([16 × BLOCK_N], in a scratch reused across calls) and
   the tile's last program — found by an atomic counter, release/acquire — sums the partials
   in slice order (deterministic) and runs the epilogue; no PyTorch tail, no memset (the
-  counters are zeroed once, and each launch leaves them zero). 4096 × 14336 at M = 1: 14.9 µs
-  = 41 % of HBM (no split: 448 programs; bound by instruction issue); 4096 → 4096: 7.1 µs
+  counters are zeroed once, and each launch leaves them zero). 4096 × 14336 at M = 1: 15.1 µs
+  = 41 % of HBM (no split: 448 programs; bound by instruction issue; 17.4 µs under Triton 3.6,
+  whose x loads are 2-byte); 4096 → 4096: 7.1 µs
   (split 2; 9.7 unsplit, 128 programs for 132 SMs); 14336 → 4096: 13.6 µs (45 %; 22.7
   unsplit); 11008 → 4096: 11.6 µs (18.4). Before the register-operand decode: 20.4 / 18.3 /
   53.0 µs (the decoded tile went through shared memory, a 2-byte store per weight). 85 % of
@@ -647,20 +648,27 @@ def nf4_fragment_k(kappa, K_WIDTH: tl.constexpr):
 
 
 @triton.jit
-def nf4_fragment_half(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, rows, k0, K, row_words, h, planes,
-                      BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """For W rows `rows` (int64 [n]): the 4 packed words at k0 + 64·t + 32·h of each row, t = 0..3,
-    one 16-byte vector per (row, t) — [n, 4 (t), 4 (word)] with t across lanes — decoded:
-    [n, t, word, 2, 4] (weights 0-3, 4-7 of each word), and the rows' block tables (built here
-    when `planes` is None)."""
-    t = tl.arange(0, 4)
+def nf4_fragment_half(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, row0, row_add, N, k0, K, row_words, h,
+                      planes, HALF: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                      OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """For the HALF rows r of W at row0 + (r // 8)·16 + r % 8 + row_add (wrapped into N): the 4
+    packed words at k0 + 64·t + 32·h of each row, t = 0..3, one 16-byte vector per (row, t),
+    decoded: [HALF, t, word, 2, 4] (weights 0-3, 4-7 of each word), and the rows' block tables
+    (built here when `planes` is None). The (row, t) pairs are enumerated as one flat index,
+    t fastest, so that the loads' natural layout puts t on lanes 0-1, the row on lanes 2-4 and
+    the row group on the warp — the tensor-core operand's own arrangement (a [row, t] load
+    let older Triton pick another, and the decoded tile then went through shared memory)."""
+    q = tl.arange(0, HALF * 4)
+    r = q // 4
+    t = q % 4
+    rows = ((row0 + (r >> 3) * 16 + (r & 7) + row_add) % N).to(tl.int64)
     if planes is None:
-        blocks = (rows * K + k0)[:, None] // BLOCKSIZE + (t * 64 + h * 32)[None, :] // BLOCKSIZE
+        blocks = (rows * K + k0) // BLOCKSIZE + (t * 64 + h * 32) // BLOCKSIZE
         absmax = nf4_block_absmax(ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
                                   ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=blocks, NESTED=NESTED, CODE_WORDS=True)
-        planes = nf4_byte_planes(absmax[:, :, None], OUT_DTYPE, EMULATE)
-    word = (rows * row_words + k0 // 8)[:, None, None] + (t * 8 + h * 4)[None, :, None] + tl.arange(0, 4)[None, None, :]
-    words = tl.load(WORDS + word)
+        planes = nf4_byte_planes(tl.reshape(absmax, (HALF, 4))[:, :, None], OUT_DTYPE, EMULATE)
+    word = (rows * row_words + k0 // 8 + t * 8 + h * 4)[:, None] + tl.arange(0, 4)[None, :]
+    words = tl.reshape(tl.load(WORDS + word), (HALF, 4, 4))
     index, upper, index_high, upper_high = nf4_selectors(words, EMULATE)
     first = nf4_four_values(index, upper, planes, OUT_DTYPE, EMULATE)
     second = nf4_four_values(index_high, upper_high, planes, OUT_DTYPE, EMULATE)
@@ -668,15 +676,17 @@ def nf4_fragment_half(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, ro
 
 
 @triton.jit
-def nf4_fragment_rows(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, rows, k0, K, row_words,
-                      BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """W[rows, k0 : k0 + 256] decoded, as [n, 4 (t), 4 (word), 2 (half), 4 (weight), 2 (h)]."""
-    low, planes = nf4_fragment_half(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, rows, k0, K, row_words, 0,
-                                    None, BLOCKSIZE, NESTED, OUT_DTYPE, EMULATE)
+def nf4_fragment_rows(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, row0, row_add, N, k0, K, row_words,
+                      HALF: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                      EMULATE: tl.constexpr):
+    """W[rows, k0 : k0 + 256] decoded (the HALF rows of `nf4_fragment_half`), as
+    [HALF, 4 (t), 4 (word), 2 (half), 4 (weight), 2 (h)]."""
+    low, planes = nf4_fragment_half(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, row0, row_add, N, k0, K,
+                                    row_words, 0, None, HALF, BLOCKSIZE, NESTED, OUT_DTYPE, EMULATE)
     if BLOCKSIZE < 64:  # the second half of each lane's 64 weights is another block
         planes = None
-    high, planes = nf4_fragment_half(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, rows, k0, K, row_words,
-                                     1, planes, BLOCKSIZE, NESTED, OUT_DTYPE, EMULATE)
+    high, planes = nf4_fragment_half(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, row0, row_add, N, k0, K,
+                                     row_words, 1, planes, HALF, BLOCKSIZE, NESTED, OUT_DTYPE, EMULATE)
     return tl.join(low, high)
 
 
@@ -695,12 +705,11 @@ def nf4_fragment_tile(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, ro
     loads 64 consecutive weights of each of its rows (one NF4 block of 64: one table per row),
     as the operand's k positions 2·t, 2·t + 1 (+ 8·i), and its two row groups by two loads."""
     HALF: tl.constexpr = BLOCK_N // 2
-    r = tl.arange(0, HALF)
-    base = row0 + (r >> 3) * 16 + (r & 7)  # row groups of 8, 16 apart; the loads below add 0 and 8
-    upper = nf4_fragment_rows(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, (base % N).to(tl.int64), k0, K,
-                              row_words, BLOCKSIZE, NESTED, OUT_DTYPE, EMULATE)
-    lower = nf4_fragment_rows(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, ((base + 8) % N).to(tl.int64),
-                              k0, K, row_words, BLOCKSIZE, NESTED, OUT_DTYPE, EMULATE)
+    # row groups of 8, 16 apart; the second call adds 8
+    upper = nf4_fragment_rows(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, row0, 0, N, k0, K, row_words,
+                              HALF, BLOCKSIZE, NESTED, OUT_DTYPE, EMULATE)
+    lower = nf4_fragment_rows(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, row0, 8, N, k0, K, row_words,
+                              HALF, BLOCKSIZE, NESTED, OUT_DTYPE, EMULATE)
     # [r_hi, r_lo, t, word, half, j1, j0, h, row8]
     tile = tl.reshape(tl.join(upper, lower), (HALF // 8, 8, 4, 4, 2, 2, 2, 2, 2))
     # rows r_hi·16 + row8·8 + r_lo; k positions as `nf4_fragment_k` orders them (the operand's
@@ -739,15 +748,18 @@ def _nf4_decode_gemv_kernel(
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = (offs_m % M).to(tl.int64)  # x rows past M repeat a valid one (the store is masked)
     cols = (offs_n % N).to(tl.int64)  # W rows past N likewise
-    # xᵀ [BLOCK_K, BLOCK_M] in the tile's k order: runs of K_WIDTH adjacent k (4- or 8-byte loads)
-    k_order = tl.max_contiguous(tl.multiple_of(nf4_fragment_k(tl.arange(0, BLOCK_K), K_WIDTH), K_WIDTH), K_WIDTH)
-    x_ptrs = X + rows[None, :] * stride_xm + (k_begin + k_order)[:, None].to(tl.int64) * stride_xk
+    # xᵀ [BLOCK_K, BLOCK_M] in the tile's k order: runs of K_WIDTH adjacent k (4- or 8-byte loads),
+    # loaded as [run, row, K_WIDTH] (the contiguous axis last) and permuted into place in registers
+    RUNS: tl.constexpr = BLOCK_K // K_WIDTH
+    run_start = tl.multiple_of(nf4_fragment_k(tl.arange(0, RUNS) * K_WIDTH, K_WIDTH), K_WIDTH)
+    x_ptrs = (X + rows[None, :, None] * stride_xm
+              + (k_begin + run_start[:, None, None] + tl.arange(0, K_WIDTH)[None, None, :]).to(tl.int64) * stride_xk)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     # The loop's own stage count pipelines every load in it, the block scales too (their 8-bit
     # codes and the map lookup they index): by default only loads feeding the dot are, and the
     # scales' two dependent loads waited two memory latencies per iteration.
     for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=GEMV_STAGES):
-        x = tl.load(x_ptrs)
+        x = tl.reshape(tl.permute(tl.load(x_ptrs), (0, 2, 1)), (BLOCK_K, BLOCK_M))
         w = nf4_fragment_tile(WORDS=WORDS, ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
                               ABSMAX_OFFSET=ABSMAX_OFFSET, row0=pid * BLOCK_N, N=N, k0=k0, K=K, row_words=row_words,
                               BLOCK_N=BLOCK_N, K_WIDTH=K_WIDTH, BLOCKSIZE=BLOCKSIZE, NESTED=NESTED,
