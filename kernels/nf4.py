@@ -576,16 +576,23 @@ def split_k_total(acc, PARTIALS, COUNTERS, tile, pid_s, SPLIT_K: tl.constexpr, B
 
 
 @triton.jit
-def gemv_output(acc, XA, B, BIAS, Y, rows, cols, offs_m, offs_n, M, N, R, stride_bn, stride_br, stride_bias, scaling,
-                HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, RANK_FP32: tl.constexpr,
-                WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Y[offs_m, offs_n] = acc [+ scaling·XA·Bᵀ] + BIAS: the GEMVs' last step, on the whole sum."""
-    acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
-                        stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=HAS_LORA,
-                        HAS_BIAS=HAS_BIAS, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
-                        DOT_PRECISION=DOT_PRECISION)
-    y_ptrs = Y + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+def gemv_finish(acc, PARTIALS, COUNTERS, tile, pid_s, XA, B, BIAS, Y, rows, cols, offs_m, offs_n, M, N, R,
+                stride_bn, stride_br, stride_bias, scaling, SPLIT_K: tl.constexpr, HAS_LORA: tl.constexpr,
+                HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, RANK_FP32: tl.constexpr,
+                WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """The GEMVs' last step: Y[offs_m, offs_n] = acc [+ scaling·XA·Bᵀ] + BIAS on the whole sum —
+    with SPLIT_K > 1 by the tile's last program only, on the slices' sum (`split_k_total`)."""
+    last = pid_s == 0  # one slice: the only program
+    if SPLIT_K > 1:
+        acc, last = split_k_total(acc, PARTIALS, COUNTERS, tile, pid_s, SPLIT_K, BLOCK_M, BLOCK_N)
+    if last:
+        acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
+                            stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=HAS_LORA,
+                            HAS_BIAS=HAS_BIAS, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
+                            DOT_PRECISION=DOT_PRECISION)
+        y_ptrs = Y + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 @autotuned(GEMV_CONFIGS, dtype_family("X", _unaligned),
@@ -621,14 +628,9 @@ def _nf4_gemv_kernel(
                    ABSMAX_OFFSET=ABSMAX_OFFSET, K=K, numel=tl.cast(N, tl.int64) * K, BLOCK_K=BLOCK_K,
                    BLOCKSIZE=BLOCKSIZE, NESTED=NESTED, ALIGNED=EVEN_K and ROW_ALIGNED, EMULATE=EMULATE,
                    WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
-    if SPLIT_K > 1:
-        acc, last = split_k_total(acc, PARTIALS, COUNTERS, pid_n, pid_s, SPLIT_K, BLOCK_M, BLOCK_N)
-        if last:
-            gemv_output(acc, XA, B, BIAS, Y, rows, cols, offs_m, offs_n, M, N, R, stride_bn, stride_br, stride_bias,
-                        scaling, HAS_LORA, HAS_BIAS, BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION)
-    else:
-        gemv_output(acc, XA, B, BIAS, Y, rows, cols, offs_m, offs_n, M, N, R, stride_bn, stride_br, stride_bias,
-                    scaling, HAS_LORA, HAS_BIAS, BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION)
+    gemv_finish(acc, PARTIALS, COUNTERS, pid_n, pid_s, XA, B, BIAS, Y, rows, cols, offs_m, offs_n, M, N, R, stride_bn,
+                stride_br, stride_bias, scaling, SPLIT_K, HAS_LORA, HAS_BIAS, BLOCK_R, RANK_FP32, WIDEN_BF16_DOT,
+                DOT_PRECISION, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -768,14 +770,9 @@ def _nf4_decode_gemv_kernel(
         acc = mma(w, x, acc, WIDEN_BF16_DOT, DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
     acc = tl.trans(acc)
-    if SPLIT_K > 1:
-        acc, last = split_k_total(acc, PARTIALS, COUNTERS, pid, pid_s, SPLIT_K, BLOCK_M, BLOCK_N)
-        if last:
-            gemv_output(acc, XA, B, BIAS, Y, rows, cols, offs_m, offs_n, M, N, R, stride_bn, stride_br, stride_bias,
-                        scaling, HAS_LORA, HAS_BIAS, BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION)
-    else:
-        gemv_output(acc, XA, B, BIAS, Y, rows, cols, offs_m, offs_n, M, N, R, stride_bn, stride_br, stride_bias,
-                    scaling, HAS_LORA, HAS_BIAS, BLOCK_R, RANK_FP32, WIDEN_BF16_DOT, DOT_PRECISION)
+    gemv_finish(acc, PARTIALS, COUNTERS, pid, pid_s, XA, B, BIAS, Y, rows, cols, offs_m, offs_n, M, N, R, stride_bn,
+                stride_br, stride_bias, scaling, SPLIT_K, HAS_LORA, HAS_BIAS, BLOCK_R, RANK_FP32, WIDEN_BF16_DOT,
+                DOT_PRECISION, BLOCK_M, BLOCK_N)
 
 
 @autotuned(BACKWARD_DX_CONFIGS, dtype_family("DY", _unaligned),

@@ -24,7 +24,7 @@ registers once per 64-128 rows), the dense path from there (its GEMMs are the Lo
 the decode adds 2.5 bytes per weight, twice per step). The threshold is the static estimate's
 crossover on an H200 (bf16, r = 16, layers 4096→4096, 4096→14336, 14336→4096, 4096→1024):
 QLoRA fwd+bwd is faster fused at every M ≤ 256 (e.g. M = 128, 4096→4096: 84 against 89 µs),
-dense at M = 512 on three of the four (4096→4096: 115 against 105 µs) and far beyond
+dense at M = 512 on three of the four (4096→4096: 105 µs dense against 115 fused) and far beyond
 (M = 8192: 1,296 against 788 µs). ``PEFT_OPS_NF4=fused|dequant`` forces one.
 """
 
