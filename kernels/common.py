@@ -236,6 +236,31 @@ def mma(a, b, acc, WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def split_k_total(acc, PARTIALS, COUNTERS, tile, pid_s, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """The sum over the SPLIT_K programs of one output tile of their fp32 partials `acc`
+    ([BLOCK_M, BLOCK_N]), in the program that finishes last, and whether this is that program
+    (the others return zeros and False). Deterministic: the last one adds the partials in
+    slice order 0, 1, …, whichever order the programs finished in. Each program stores its
+    partial, then (after a barrier: all its threads' stores issued) increments the tile's
+    counter with release-acquire semantics, so the program that sees SPLIT_K - 1 sees every
+    partial; it reads them past L1 (`.cg`: the buffer is reused across launches) and sets the
+    counter back to 0 for the next launch (COUNTERS start zeroed, and every launch leaves them so)."""
+    base = PARTIALS + (tile.to(tl.int64) * SPLIT_K) * (BLOCK_M * BLOCK_N)
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(base + pid_s * (BLOCK_M * BLOCK_N) + offs, acc)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(COUNTERS + tile, 1, sem="acq_rel")
+    last = arrived == SPLIT_K - 1
+    total = tl.zeros_like(acc)
+    if last:
+        for s in tl.static_range(SPLIT_K):
+            total += tl.load(base + s * (BLOCK_M * BLOCK_N) + offs, cache_modifier=".cg")
+        tl.atomic_xchg(COUNTERS + tile, 0)
+    return total, last
+
+
+@triton.jit
 def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Tile (pid_m, pid_n) of program `pid`, GROUP_M row-tiles at a time so that the tiles
     running together share their rows of the left operand in L2 (Triton's matmul tutorial)."""

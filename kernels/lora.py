@@ -312,6 +312,16 @@ def lora_epilogue(acc, XA, B, BIAS, rows, cols, R, stride_bn, stride_br, stride_
 
 
 @triton.jit
+def dora_scale(acc, SCALE, BIAS, cols, stride_bias, HAS_BIAS: tl.constexpr):
+    """DoRA's output from the pre-scale tile acc = x·Wᵀ + s·xa·Bᵀ: acc ⊙ SCALE[cols] + BIAS[cols]
+    (SCALE = magnitude / ‖W + s·B·A‖ per output column, fp32; see ``kernels.dora``)."""
+    acc = acc * tl.load(SCALE + cols)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols * stride_bias).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def lora_dx_term(G, A, KEEP, rows, m_mask, cols, k0, R, K, stride_ar, stride_ak, lora_scale,
                  HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -338,17 +348,18 @@ def lora_dx_term(G, A, KEEP, rows, m_mask, cols, k0, R, K, stride_ar, stride_ak,
     return acc
 
 
-@autotuned(FORWARD_CONFIGS, dtype_family("X"), key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "RANK_FP32"])
+@autotuned(FORWARD_CONFIGS, dtype_family("X"), key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "DORA", "RANK_FP32"])
 @triton.jit
 def _lora_forward_kernel(
-    X, W, XA, B, BIAS, Y, M, N, K, R, M_BUCKET,
+    X, W, XA, B, BIAS, Y, SCALE, PRE, M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br, stride_bias,
     scaling,
-    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DORA: tl.constexpr, BLOCK_R: tl.constexpr,
     WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Y[M, N] = X·Wᵀ + scaling·XA·Bᵀ + BIAS, the LoRA term and bias in the epilogue."""
+    """Y[M, N] = X·Wᵀ + scaling·XA·Bᵀ + BIAS, the LoRA term and bias in the epilogue. DORA: PRE
+    gets X·Wᵀ + scaling·XA·Bᵀ and Y = PRE ⊙ SCALE[n] + BIAS (`dora_scale`)."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -373,12 +384,16 @@ def _lora_forward_kernel(
     # The rank operands load after the loop here (held across it they spill the sm_80 tiles).
     acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
                         stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=True,
-                        HAS_BIAS=HAS_BIAS, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
-                        DOT_PRECISION=DOT_PRECISION)
+                        HAS_BIAS=HAS_BIAS and not DORA, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32,
+                        WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
 
     out_rows = offs_m.to(tl.int64)
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if DORA:
+        tl.store(PRE + out_rows[:, None] * N + offs_n[None, :], acc.to(PRE.dtype.element_ty), mask=out_mask)
+        acc = dora_scale(acc, SCALE, BIAS, cols, stride_bias, HAS_BIAS)
     y_ptrs = Y + out_rows[:, None] * N + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=out_mask)
 
 
 @autotuned(BACKWARD_G_CONFIGS, dtype_family("DY"), key=["M_BUCKET", "N", "R", "RANK_FP32"])
@@ -535,12 +550,12 @@ def _lora_backward_dx_kernel(
     tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
 
 
-@autotuned(FORWARD_TMA_CONFIGS, dtype_family("X"), key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "RANK_FP32"])
+@autotuned(FORWARD_TMA_CONFIGS, dtype_family("X"), key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "DORA", "RANK_FP32"])
 @triton.jit
 def _lora_forward_tma_kernel(
-    X, W, XA, B, BIAS, Y, M, N, K, R, M_BUCKET,
+    X, W, XA, B, BIAS, Y, SCALE, PRE, M, N, K, R, M_BUCKET,
     stride_xm, stride_wn, stride_bn, stride_br, stride_bias, scaling, num_programs,
-    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DORA: tl.constexpr, BLOCK_R: tl.constexpr,
     WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -551,6 +566,8 @@ def _lora_forward_tma_kernel(
     x_desc = tl.make_tensor_descriptor(X, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
     y_desc = tl.make_tensor_descriptor(Y, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
+    if DORA:
+        pre_desc = tl.make_tensor_descriptor(PRE, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(K, BLOCK_K)
     # Not flattened (tl.range(..., flatten=True) would overlap a tile's epilogue with the next
@@ -574,8 +591,11 @@ def _lora_forward_tma_kernel(
                         WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
         acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
                             stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=False,
-                            HAS_BIAS=HAS_BIAS, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
-                            DOT_PRECISION=DOT_PRECISION)
+                            HAS_BIAS=HAS_BIAS and not DORA, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32,
+                            WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
+        if DORA:
+            pre_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(PRE.dtype.element_ty))
+            acc = dora_scale(acc, SCALE, BIAS, cols, stride_bias, HAS_BIAS)
         y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(Y.dtype.element_ty))
 
 
@@ -768,40 +788,66 @@ def forward(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: tor
     gemm="cublas": the expand kernel writes C = scaling·xa·Bᵀ + bias and ``torch.addmm`` adds
     x·Wᵀ to it (cuBLAS on a GPU): one more launch and one more M×N write + read, against
     cuBLAS's own GEMM; the LoRA term is rounded once more (to x's dtype, as addmm's C)."""
+    return _forward(x, weight, xa, lora_B, scaling, bias, gemm, None)[0]
+
+
+def dora_forward(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                 bias: torch.Tensor | None, col_scale: torch.Tensor, gemm: str = "triton"):
+    """(y, pre): pre = x·weightᵀ + scaling·xa·lora_Bᵀ (the pre-scale output DoRA's backward
+    needs) and y = pre ⊙ col_scale + bias, both [M, N] in x's dtype; col_scale fp32 [N] (the
+    magnitude over the column norm, ``dora.weight_norm``). The same GEMM as :func:`forward`,
+    the scale in its epilogue (gemm="triton"); on the cuBLAS path the scale and bias are one
+    more elementwise pass."""
+    return _forward(x, weight, xa, lora_B, scaling, bias, gemm, col_scale)
+
+
+def _forward(x, weight, xa, lora_B, scaling, bias, gemm, col_scale):
     if gemm not in GEMMS:
         raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
     M, K = x.shape
     N = weight.shape[0]
     R = lora_B.shape[1]
+    dora = col_scale is not None
     if M == 0:
-        return torch.empty((M, N), device=x.device, dtype=x.dtype)
-    common = dict(HAS_BIAS=bias is not None, **launch_flags(x.dtype, lora_B.dtype, R))
+        empty = torch.empty((M, N), device=x.device, dtype=x.dtype)
+        return empty, (torch.empty_like(empty) if dora else None)
     if gemm == "cublas":
         c = torch.empty((M, N), device=x.device, dtype=x.dtype)
+        expand_bias = None if dora else bias  # DoRA: the bias comes after the scale
         with launch_guard(x, weight, lora_B):
             launch(_lora_expand_kernel, lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(N, META["BLOCK_N"])),
-                xa, lora_B, bias if bias is not None else c, c, M, N, R, m_bucket(M), lora_B.stride(0),
-                lora_B.stride(1), bias.stride(0) if bias is not None else 0, float(scaling), **common)
-        return torch.addmm(c, x, weight.t())
+                xa, lora_B, expand_bias if expand_bias is not None else c, c, M, N, R, m_bucket(M), lora_B.stride(0),
+                lora_B.stride(1), expand_bias.stride(0) if expand_bias is not None else 0, float(scaling),
+                HAS_BIAS=expand_bias is not None, **launch_flags(x.dtype, lora_B.dtype, R))
+        y = torch.addmm(c, x, weight.t())
+        if not dora:
+            return y, None
+        scaled = y.float().mul_(col_scale)
+        if bias is not None:
+            scaled += bias
+        return scaled.to(x.dtype), y
+    common = dict(HAS_BIAS=bias is not None, DORA=dora, **launch_flags(x.dtype, lora_B.dtype, R))
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    pre = torch.empty_like(y) if dora else None
+    dora_args = (col_scale, pre) if dora else (y, y)  # unused pointers when not DORA
     with launch_guard(x, weight, lora_B):
         if uses_tma(x, weight, y):
             ensure_scratch_allocator()
             programs = persistent_programs(x.device)
             grid = lambda META: (min(programs, triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"])),)  # noqa: E731
             launch(_lora_forward_tma_kernel, grid,
-                x, weight, xa, lora_B, bias if bias is not None else y, y, M, N, K, R, m_bucket(M),
+                x, weight, xa, lora_B, bias if bias is not None else y, y, *dora_args, M, N, K, R, m_bucket(M),
                 x.stride(0), weight.stride(0), lora_B.stride(0), lora_B.stride(1),
                 bias.stride(0) if bias is not None else 0, float(scaling), programs, **common)
-            return y
+            return y, pre
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
         launch(_lora_forward_kernel, grid,
-            x, weight, xa, lora_B, bias if bias is not None else y, y, M, N, K, R, m_bucket(M),
+            x, weight, xa, lora_B, bias if bias is not None else y, y, *dora_args, M, N, K, R, m_bucket(M),
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
             bias.stride(0) if bias is not None else 0,
             float(scaling), **common,
         )
-    return y
+    return y, pre
 
 
 def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
@@ -946,8 +992,12 @@ def aot_specs(target: str) -> list:
               dict(HAS_DROPOUT=True), unit_strides=("stride_xk", "stride_ak"),
               float_args=("dropout_p", "keep_scale"))
         build("lora_forward", _lora_forward_kernel, FORWARD_CONFIGS,
-              dict(X=dt, W=dt, XA="fp32", B=rt, BIAS=dt, Y=dt), dict(HAS_BIAS=True),
+              dict(X=dt, W=dt, XA="fp32", B=rt, BIAS=dt, Y=dt, SCALE="fp32", PRE=dt), dict(HAS_BIAS=True, DORA=False),
               unit_strides=("stride_xk", "stride_wk", "stride_br", "stride_bias"), float_args=("scaling",))
+        build("lora_forward", _lora_forward_kernel, FORWARD_CONFIGS,
+              dict(X=dt, W=dt, XA="fp32", B=rt, BIAS=dt, Y=dt, SCALE="fp32", PRE=dt), dict(HAS_BIAS=True, DORA=True),
+              variant=f"{variant}, DoRA", unit_strides=("stride_xk", "stride_wk", "stride_br", "stride_bias"),
+              float_args=("scaling",))
         build("lora_backward_g", _lora_backward_g_kernel, BACKWARD_G_CONFIGS, dict(DY=dt, B=rt, G="fp32"), {},
               unit_strides=("stride_dyn", "stride_br"))
         build("lora_backward_rank", _lora_backward_rank_kernel, BACKWARD_RANK_CONFIGS,
@@ -962,9 +1012,11 @@ def aot_specs(target: str) -> list:
         build("lora_dx_term", _lora_dx_term_kernel, PIECE_CONFIGS, dict(G="fp32", A=rt, KEEP="i32", C=dt),
               dict(HAS_DROPOUT=True), unit_strides=("stride_ak",), float_args=("lora_scale",))
         if target in TMA_TARGETS:  # the persistent TMA GEMMs (sm_90a only: TMA)
-            build("lora_forward_tma", _lora_forward_tma_kernel, FORWARD_TMA_CONFIGS,
-                  dict(X=dt, W=dt, XA="fp32", B=rt, BIAS=dt, Y=dt), dict(HAS_BIAS=True),
-                  unit_strides=("stride_br", "stride_bias"), float_args=("scaling",))
+            for dora in (False, True):
+                build("lora_forward_tma", _lora_forward_tma_kernel, FORWARD_TMA_CONFIGS,
+                      dict(X=dt, W=dt, XA="fp32", B=rt, BIAS=dt, Y=dt, SCALE="fp32", PRE=dt),
+                      dict(HAS_BIAS=True, DORA=dora), variant=f"{variant}, DoRA" if dora else variant,
+                      unit_strides=("stride_br", "stride_bias"), float_args=("scaling",))
             rank_block_m, rank_block_c = RANK_ITEM_TILE[target][fp32_rank]
             for dropout in (True, False):  # without dropout, dX holds its first rank chunk across the loop
                 build("lora_backward_dx_tma", _lora_backward_dx_tma_kernel, BACKWARD_DX_TMA_CONFIGS,

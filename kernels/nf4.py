@@ -97,6 +97,7 @@ from .common import (
     m_bucket,
     mma,
     multiprocessor_count,
+    split_k_total,
     tile_configs,
 )
 from .lora import (
@@ -551,31 +552,6 @@ def _nf4_matmul_kernel(
 
 
 @triton.jit
-def split_k_total(acc, PARTIALS, COUNTERS, tile, pid_s, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """The sum over the SPLIT_K programs of one output tile of their fp32 partials `acc`
-    ([BLOCK_M, BLOCK_N]), in the program that finishes last, and whether this is that program
-    (the others return zeros and False). Deterministic: the last one adds the partials in
-    slice order 0, 1, …, whichever order the programs finished in. Each program stores its
-    partial, then (after a barrier: all its threads' stores issued) increments the tile's
-    counter with release-acquire semantics, so the program that sees SPLIT_K - 1 sees every
-    partial; it reads them past L1 (`.cg`: the buffer is reused across launches) and sets the
-    counter back to 0 for the next launch (COUNTERS start zeroed, and every launch leaves them so)."""
-    base = PARTIALS + (tile.to(tl.int64) * SPLIT_K) * (BLOCK_M * BLOCK_N)
-    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    tl.store(base + pid_s * (BLOCK_M * BLOCK_N) + offs, acc)
-    tl.debug_barrier()
-    arrived = tl.atomic_add(COUNTERS + tile, 1, sem="acq_rel")
-    last = arrived == SPLIT_K - 1
-    total = tl.zeros_like(acc)
-    if last:
-        for s in tl.static_range(SPLIT_K):
-            total += tl.load(base + s * (BLOCK_M * BLOCK_N) + offs, cache_modifier=".cg")
-        tl.atomic_xchg(COUNTERS + tile, 0)
-    return total, last
-
-
-@triton.jit
 def gemv_finish(acc, PARTIALS, COUNTERS, tile, pid_s, XA, B, BIAS, Y, rows, cols, offs_m, offs_n, M, N, R,
                 stride_bn, stride_br, stride_bias, scaling, SPLIT_K: tl.constexpr, HAS_LORA: tl.constexpr,
                 HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, RANK_FP32: tl.constexpr,
@@ -931,14 +907,15 @@ def split_k_scratch(device: torch.device, split: int, N: int, scratch=None) -> t
 
 def forward(x: torch.Tensor, qw, xa: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float,
             bias: torch.Tensor | None, regime: str | None = None, split_k: int | None = None, *,
-            tables, scratch=None) -> torch.Tensor:
-    """y = x·dequant(W)ᵀ [+ scaling·xa·lora_Bᵀ] + bias, [M, N] in x's dtype, one launch.
+            tables, scratch=None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = x·dequant(W)ᵀ [+ scaling·xa·lora_Bᵀ] + bias, [M, N] in x's dtype (or `out_dtype`:
+    fp32 keeps the accumulator unrounded, as DoRA's A·Wᵀ takes it), one launch.
     `regime`: "gemm" or "decode" (default: decode for M ≤ DECODE_MAX_M); `split_k` (a power of
     two ≤ MAX_SPLIT_K) pins the split-K GEMV at that many K slices (default: the word GEMV where
     it fits, each at `split_k_for`'s slices); `scratch`: see `split_k_scratch`."""
     M, K = x.shape
     N = qw.out_features
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    y = torch.empty((M, N), device=x.device, dtype=out_dtype or x.dtype)
     if M == 0:
         return y
     regime = regime or ("decode" if M <= DECODE_MAX_M else "gemm")

@@ -2,6 +2,7 @@
 
     import peft_ops
     y = peft_ops.lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
+    y = peft_ops.dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p)  # DoRA
     layer = peft_ops.LoraLinear.from_linear(linear, r=16, lora_alpha=32)
     qlayer = peft_ops.QLoraLinear.from_linear(linear, r=16, lora_alpha=32)   # NF4 base (QLoRA)
     y = peft_ops.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, "gelu", scaling)
@@ -24,6 +25,7 @@ from .nn.bottleneck import BottleneckAdapter, WithAdapter
 from .nn.lora import LoraLinear, QLoraLinear
 from .nn.prompt import PrefixTuning, PromptEncoder, PromptTuning
 from .ops.bottleneck import BottleneckAdapterFunction, bottleneck_adapter
+from .ops.dora import DoraLinearFunction, QDoraLinearFunction, dora_linear, qdora_linear, squared_row_norms
 from .ops.lora import LoraLinearFunction, lora_linear
 from .ops.qlora import NF4LinearFunction, QLoraLinearFunction, nf4_linear, qlora_linear
 from .ops.workspace import free_workspaces, workspace_bytes
@@ -35,6 +37,7 @@ from .peft.prompt import PromptLearningModel, apply_prompt_learning, load_prompt
 __all__ = [
     "BottleneckAdapter",
     "BottleneckAdapterFunction",
+    "DoraLinearFunction",
     "FromPeftReport",
     "LoraLinear",
     "LoraLinearFunction",
@@ -45,12 +48,14 @@ __all__ = [
     "PromptLearningModel",
     "PromptTuning",
     "QLoraLinear",
+    "QDoraLinearFunction",
     "QLoraLinearFunction",
     "WithAdapter",
     "apply_adapters",
     "apply_lora",
     "apply_prompt_learning",
     "bottleneck_adapter",
+    "dora_linear",
     "free_workspaces",
     "from_peft",
     "get_backend",
@@ -60,11 +65,13 @@ __all__ = [
     "merge_and_unload",
     "nf4",
     "nf4_linear",
+    "qdora_linear",
     "qlora_linear",
     "reference",
     "save_peft_adapter",
     "save_prompt_learning",
     "set_backend",
+    "squared_row_norms",
     "trainable_parameters",
     "trainable_summary",
     "use_backend",

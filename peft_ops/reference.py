@@ -33,6 +33,48 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     return base + (scaling * lora).to(base.dtype)
 
 
+def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """‖W_n + scaling·B_n·A‖ per output row n, from the materialized matrix (the definition),
+    in the wider of the weight's and the adapters' dtypes."""
+    dtype = torch.promote_types(weight.dtype, lora_A.dtype)
+    return torch.linalg.norm(weight.to(dtype) + scaling * (lora_B.to(dtype) @ lora_A.to(dtype)), dim=1)
+
+
+def dora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                magnitude: torch.Tensor, scaling: float, bias: torch.Tensor | None = None, dropout_p: float = 0.0, *,
+                dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """DoRA as PEFT computes it (``DoraLinearLayer``), with c = magnitude / ‖W + s·B·A‖ per
+    output column (the norm detached from the graph) and xd = dropout(x):
+
+        y = x·Wᵀ + b + (c − 1)·(xd·Wᵀ) + c·s·(xd·Aᵀ)·Bᵀ
+
+    which without dropout is c·(x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b. The DoRA terms in the wider of x's and
+    the adapters' dtypes (PEFT casts x to the adapters' dtype), the result in x's dtype.
+    ``dropout_mask``: as in :func:`lora_linear`.
+    """
+    base = F.linear(x, weight, bias)
+    dtype = torch.promote_types(x.dtype, lora_A.dtype)
+    dropped = x.to(dtype)
+    if dropout_mask is not None:
+        dropped = dropped * dropout_mask.to(dtype) / (1.0 - dropout_p)
+    elif dropout_p > 0:
+        dropped = F.dropout(dropped, p=dropout_p, training=True)
+    norm = dora_weight_norm(weight, lora_A.detach(), lora_B.detach(), scaling).detach()
+    scale = magnitude.to(dtype) / norm.to(dtype)
+    lora = (dropped @ lora_A.to(dtype).t()) @ lora_B.to(dtype).t()
+    y = base + (scale - 1) * F.linear(dropped, weight.to(dtype)) + scale * (scaling * lora)
+    return y.to(x.dtype)
+
+
+def qdora_linear(x: torch.Tensor, qweight, lora_A: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
+                 scaling: float, bias: torch.Tensor | None = None, dropout_p: float = 0.0, *,
+                 dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`dora_linear` on the NF4 weight dequantized to x's dtype (as PEFT's DoRA over a
+    bitsandbytes 4-bit layer)."""
+    return dora_linear(x, nf4_dequantize(qweight, x.dtype), lora_A, lora_B, magnitude, scaling, bias, dropout_p,
+                       dropout_mask=dropout_mask)
+
+
 def nf4_dequantize(qweight: NF4Weight | NF4Tensors, dtype: torch.dtype | None = None) -> torch.Tensor:
     """W [out, in] = NF4_CODE[nibble]·absmax[block] in fp32, cast to `dtype` (default: the
     weight's original dtype): the format's own decoding rule, :func:`peft_ops.nf4.decode`

@@ -169,6 +169,191 @@ class KernelNF4Ops:
                                                    need_dA, need_dB, need_db, tables=code_tables(dy.device))
 
 
+def dropped_input(x: torch.Tensor, keep: torch.Tensor, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(xd, x − xd) in x's dtype, xd = x⊙keep/(1-p) for the bit-packed keep mask: DoRA's base
+    term under dropout takes xd through the GEMM and x − xd through a second product."""
+    kept = unpack_keep_bits(keep, x.shape[1])
+    dropped = torch.where(kept, x.float() * (1.0 / (1.0 - dropout_p)), 0.0)
+    return dropped.to(x.dtype), (x.float() - dropped).to(x.dtype)
+
+
+def dora_dropout_dx(dx: torch.Tensor, dy_minus_scaled: torch.Tensor, keep: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """dX of DoRA under dropout from the LoRA backward's dX on dY' = dY⊙c (which holds
+    dY'·W + s·(g·A)⊙keep/(1-p)) and `dy_minus_scaled` = (dY − dY')·W [M, K] fp32:
+    dX = that + (dY − dY')·W ⊙ (1 − keep/(1-p)), in dx's dtype."""
+    kept = unpack_keep_bits(keep, dx.shape[1])
+    complement = torch.where(kept, -dropout_p / (1.0 - dropout_p), 1.0)
+    return (dx.float() + dy_minus_scaled * complement).to(dx.dtype)
+
+
+class TorchDoraOps:
+    """The DoRA op's PyTorch path, with the steps and roundings of the Triton path
+    (``peft_ops.kernels.dora`` and the LoRA kernels): the norm from ‖W‖² + 2s·B·(A·Wᵀ) +
+    s²·B·(A·Aᵀ)·Bᵀ in fp32, pre = xd·Wᵀ + s·xa·Bᵀ kept in x's dtype, the LoRA backward on
+    dY' = dY⊙c."""
+
+    shrink = staticmethod(TorchLoraOps.shrink)
+
+    @staticmethod
+    def norm(weight, lora_A, lora_B, magnitude, scaling, weight_sq_norm):
+        """(‖W + s·B·A‖, magnitude / it), fp32 [N]."""
+        rank = rank_dtype(weight.dtype, lora_A.dtype)
+        products = mm32(lora_A.to(rank), weight.to(rank).t())  # A·Wᵀ [r, N]
+        return norm_from_products(products, lora_A, lora_B, magnitude, scaling, weight_sq_norm)
+
+    @staticmethod
+    def forward(x, weight, xa, keep, lora_B, scaling, bias, col_scale, dropout_p):
+        """(y, pre): pre = xd·Wᵀ + s·xa·Bᵀ in x's dtype; y = pre⊙c + b [+ (x − xd)·Wᵀ]."""
+        dropped, rest = dropped_input(x, keep, dropout_p) if keep is not None else (x, None)
+        pre = TorchLoraOps.forward(dropped, weight, xa, lora_B, scaling, None)
+        y = pre.float() * col_scale
+        if bias is not None:
+            y += bias
+        if rest is not None:
+            y += mm32(rest, weight.t())
+        return y.to(x.dtype), pre
+
+    @staticmethod
+    def backward(dy, x, weight, lora_A, lora_B, xa, keep, pre, col_scale, norm, scaling, dropout_p, need_dx,
+                 need_dA, need_dB, need_dmag, need_db):
+        """(dx, dA, dB, d(magnitude), db): dA, dB, d(magnitude) in fp32."""
+        dy32 = dy.float()
+        scaled = (dy32 * col_scale).to(dy.dtype)
+        dmag = (dy32 * pre.float()).sum(dim=0).div_(norm) if need_dmag else None
+        db = dy.sum(dim=0) if need_db else None
+        dx, dA, dB, _ = TorchLoraOps.backward(scaled, x, weight, lora_A, lora_B, xa, keep, scaling, dropout_p,
+                                             need_dx, need_dA, need_dB, False)
+        if need_dx and keep is not None:
+            dx = dora_dropout_dx(dx, mm32(dy32 - scaled.float(), weight), keep, dropout_p)
+        return dx, dA, dB, dmag, db
+
+
+def norm_from_products(products, lora_A, lora_B, magnitude, scaling, weight_sq_norm):
+    """(‖W + s·B·A‖, magnitude / it) fp32 [N] from A·Wᵀ [r, N]: the norm kernel's finishing
+    step in PyTorch ops."""
+    a32, b32 = lora_A.float(), lora_B.float()
+    cross = (b32 * products.float().t()).sum(dim=1)
+    quad = ((b32 @ (a32 @ a32.t())) * b32).sum(dim=1)
+    norm = (weight_sq_norm + 2.0 * scaling * cross + scaling * scaling * quad).clamp_min_(0.0).sqrt_()
+    return norm, magnitude.float() / norm
+
+
+class KernelDoraOps:
+    """The DoRA op's Triton path: the norm kernel, the LoRA shrink, the LoRA GEMM with the DoRA
+    scale in its epilogue, the dY pass, then the LoRA backward on dY' (each GEMM on the
+    implementation ``gemm_choice`` picks, or `gemm`, pinned: tests). Under dropout the second
+    base product runs as a plain GEMM (``torch.mm``: cuBLAS on a GPU)."""
+
+    def __init__(self, gemm: str | None = None):
+        self.gemm = gemm
+        self.lora = KernelLoraOps(gemm)
+
+    @staticmethod
+    def norm(weight, lora_A, lora_B, magnitude, scaling, weight_sq_norm):
+        return kernel_modules().dora.weight_norm(lora_A, lora_B, magnitude, scaling, weight_sq_norm, weight=weight,
+                                                 scratch=workspace.split_k_scratch)
+
+    shrink = staticmethod(KernelLoraOps.shrink)
+
+    def forward(self, x, weight, xa, keep, lora_B, scaling, bias, col_scale, dropout_p):
+        dropped, rest = dropped_input(x, keep, dropout_p) if keep is not None else (x, None)
+        gemm = self.lora._gemm("forward", x, x.dtype, x.shape[0], weight.shape[0], x.shape[1], lora_B.shape[1])
+        y, pre = kernel_modules().lora.dora_forward(dropped, weight, xa, lora_B, scaling, bias, col_scale, gemm=gemm)
+        if rest is not None:
+            y = torch.addmm(y, rest, weight.t())
+        return y, pre
+
+    def backward(self, dy, x, weight, lora_A, lora_B, xa, keep, pre, col_scale, norm, scaling, dropout_p, need_dx,
+                 need_dA, need_dB, need_dmag, need_db):
+        need_lora = need_dx or need_dA or need_dB
+        scaled, dmag, db = kernel_modules().dora.backward_dy(dy, pre, col_scale, norm, need_lora, need_dmag, need_db,
+                                                             scratch=workspace.split_k_scratch)
+        dx = dA = dB = None
+        if need_lora:
+            dx, dA, dB, _ = self.lora.backward(scaled, x, weight, lora_A, lora_B, xa, keep, scaling, dropout_p,
+                                               need_dx, need_dA, need_dB, False)
+        if need_dx and keep is not None:
+            dx = dora_dropout_dx(dx, mm32(dy - scaled, weight), keep, dropout_p)
+        return dx, dA, dB, dmag, db
+
+
+class TorchQDoraOps:
+    """The QDoRA op's PyTorch path: W decoded transiently in x's dtype, then TorchDoraOps."""
+
+    shrink = staticmethod(TorchLoraOps.shrink)
+
+    @staticmethod
+    def norm(qw: NF4Tensors, lora_A, lora_B, magnitude, scaling, weight_sq_norm, dtype):
+        return TorchDoraOps.norm(decode(qw, dtype), lora_A, lora_B, magnitude, scaling, weight_sq_norm)
+
+    @staticmethod
+    def forward(x, qw: NF4Tensors, xa, keep, lora_B, scaling, bias, col_scale, dropout_p):
+        return TorchDoraOps.forward(x, decode(qw, x.dtype), xa, keep, lora_B, scaling, bias, col_scale, dropout_p)
+
+    @staticmethod
+    def backward(dy, x, qw: NF4Tensors, lora_A, lora_B, xa, keep, pre, col_scale, norm, scaling, dropout_p, need_dx,
+                 need_dA, need_dB, need_dmag, need_db):
+        return TorchDoraOps.backward(dy, x, decode(qw, dy.dtype), lora_A, lora_B, xa, keep, pre, col_scale, norm,
+                                     scaling, dropout_p, need_dx, need_dA, need_dB, need_dmag, need_db)
+
+
+class KernelQDoraOps:
+    """The QDoRA op's Triton path, per phase on the path ``gemm_choice.choose_nf4`` picks (or
+    `path`, pinned: tests): "dequant", W decoded into the reusable buffer and KernelDoraOps on
+    it; "fused", the NF4 kernels (the NF4 GEMM / decode GEMV for pre, with the scale and bias
+    in PyTorch ops after it; the NF4 backward on dY'). The norm's A·Wᵀ always reads the 4-bit W."""
+
+    def __init__(self, path: str | None = None):
+        self.path = path
+        self.nf4 = KernelNF4Ops(path=path)
+
+    def _path(self, phase, t, M, qw, r):
+        return self.nf4._path(phase, t, M, qw.out_features, qw.in_features, r)
+
+    @staticmethod
+    def norm(qw: NF4Tensors, lora_A, lora_B, magnitude, scaling, weight_sq_norm, dtype):
+        """A·Wᵀ [r, N] (fp32) by the NF4 decode GEMV (r ≤ 16; the NF4 GEMM above): one pass over
+        the 4-bit W, decoded in registers, whichever path the GEMMs take; then the norm kernel."""
+        kernels = kernel_modules()
+        products = kernels.nf4.forward(lora_A.to(dtype), qw, None, None, 0.0, None, tables=code_tables(qw.packed.device),
+                                       scratch=workspace.split_k_scratch, out_dtype=torch.float32)
+        return kernels.dora.weight_norm(lora_A, lora_B, magnitude, scaling, weight_sq_norm, products=products,
+                                        scratch=workspace.split_k_scratch)
+
+    shrink = staticmethod(KernelLoraOps.shrink)
+
+    def forward(self, x, qw: NF4Tensors, xa, keep, lora_B, scaling, bias, col_scale, dropout_p):
+        if self._path("nf4-forward", x, x.shape[0], qw, lora_B.shape[1]) == "dequant":
+            return KernelDoraOps().forward(x, KernelNF4Ops._dequantized(qw, x.dtype), xa, keep, lora_B, scaling,
+                                           bias, col_scale, dropout_p)
+        dropped, rest = dropped_input(x, keep, dropout_p) if keep is not None else (x, None)
+        pre = self.nf4.forward(dropped, qw, xa, lora_B, scaling, None)
+        y = pre.float() * col_scale
+        if bias is not None:
+            y += bias
+        if rest is not None:
+            y += self.nf4.forward(rest, qw, None, None, 0.0, None).float()
+        return y.to(x.dtype), pre
+
+    def backward(self, dy, x, qw: NF4Tensors, lora_A, lora_B, xa, keep, pre, col_scale, norm, scaling, dropout_p,
+                 need_dx, need_dA, need_dB, need_dmag, need_db):
+        if need_dx and self._path("nf4-dx", dy, dy.shape[0], qw, lora_A.shape[0]) == "dequant":
+            return KernelDoraOps().backward(dy, x, KernelNF4Ops._dequantized(qw, dy.dtype), lora_A, lora_B, xa, keep,
+                                            pre, col_scale, norm, scaling, dropout_p, need_dx, need_dA, need_dB,
+                                            need_dmag, need_db)
+        need_lora = need_dx or need_dA or need_dB
+        scaled, dmag, db = kernel_modules().dora.backward_dy(dy, pre, col_scale, norm, need_lora, need_dmag, need_db,
+                                                             scratch=workspace.split_k_scratch)
+        dx = dA = dB = None
+        if need_lora:
+            dx, dA, dB, _ = self.nf4.qlora_backward(dy=scaled, x=x, qw=qw, lora_A=lora_A, lora_B=lora_B, xa=xa,
+                                                    keep=keep, scaling=scaling, dropout_p=dropout_p, need_dx=need_dx,
+                                                    need_dA=need_dA, need_dB=need_dB, need_db=False)
+        if need_dx and keep is not None:
+            dx = dora_dropout_dx(dx, self.nf4.backward_dx(dy - scaled, qw).float(), keep, dropout_p)
+        return dx, dA, dB, dmag, db
+
+
 class TorchBottleneckOps:
     """The bottleneck op's PyTorch path (act(h) and dh rounded to the compute dtype as the
     tensor cores' operands); same signatures as the launchers of ``peft_ops.kernels.bottleneck``."""
@@ -210,8 +395,10 @@ def bottleneck_impl(impl: str, dtype: torch.dtype, bottleneck_size: int) -> str:
 
 
 def eager_ops(op: str, impl: str):
-    """The implementation of `op` ("lora", "nf4", "bottleneck") for `impl` ("triton", "torch")."""
+    """The implementation of `op` ("lora", "nf4", "dora", "qdora", "bottleneck") for `impl`
+    ("triton", "torch")."""
     if impl == "triton":
-        kernels = kernel_modules()
-        return {"lora": KernelLoraOps(), "nf4": KernelNF4Ops(), "bottleneck": kernels.bottleneck}[op]
-    return {"lora": TorchLoraOps, "nf4": TorchNF4Ops, "bottleneck": TorchBottleneckOps}[op]
+        return {"lora": KernelLoraOps, "nf4": KernelNF4Ops, "dora": KernelDoraOps, "qdora": KernelQDoraOps,
+                "bottleneck": lambda: kernel_modules().bottleneck}[op]()
+    return {"lora": TorchLoraOps, "nf4": TorchNF4Ops, "dora": TorchDoraOps, "qdora": TorchQDoraOps,
+            "bottleneck": TorchBottleneckOps}[op]

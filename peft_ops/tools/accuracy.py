@@ -36,8 +36,17 @@ from ..kernels.interface import DTYPE_NAMES
 from ..nf4 import quantize
 from ..ops.autograd import eager_seed, torch_keep_mask
 from ..ops.bottleneck import BottleneckAdapterFunction
+from ..ops.dora import DoraLinearFunction, QDoraLinearFunction, squared_row_norms
 from ..ops.lora import LoraLinearFunction
-from ..ops.paths import KernelNF4Ops, TorchLoraOps, TorchNF4Ops, bottleneck_impl, eager_ops
+from ..ops.paths import (
+    KernelDoraOps,
+    KernelNF4Ops,
+    KernelQDoraOps,
+    TorchLoraOps,
+    TorchNF4Ops,
+    bottleneck_impl,
+    eager_ops,
+)
 from ..ops.qlora import NF4LinearFunction, QLoraLinearFunction
 from .launches import KernelsRan
 
@@ -375,6 +384,125 @@ def run_qlora_case(case: QLoraCase, path: str, device="cpu", seed: int = 0) -> l
     inputs["weight"] = reference.nf4_dequantize(qweight, torch.float32)
     scaling = case.scaling if case.lora else 0.0  # no adapter: the LoRA term is zero
     return compare_with_reference(case, y, tensors, inputs, inp["grad_out"], trainable, scaling, path, device, seed)
+
+
+# --------------------------------------------------------------------------------------
+# DoRA cases: the LoRA harness plus a magnitude vector, on a dense or an NF4 weight. The
+# reference is PEFT's formula in float64 (``reference.dora_linear``). The error scale of each
+# output is the same formula on |inputs| with every signed factor bounded by its magnitude:
+# c = m/‖W + s·B·A‖ fixed at its true value, |c − 1| ≤ |c| + 1. Budget: one rounding more
+# than LoRA's for every tensor downstream of dY' = dY⊙c (rounded to x's dtype as the LoRA
+# backward's dY), and under dropout for y (the second base product's operand x − xd).
+# --------------------------------------------------------------------------------------
+
+DORA_GRAD_NAMES = {"x": "dx", "weight": "dW", "lora_A": "dA", "lora_B": "dB", "magnitude": "dm", "bias": "db"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DoraCase(LoraCase):
+    nf4: bool = False  # the weight quantized to NF4 (qdora_linear)
+    nf4_path: str | None = None  # "fused" / "dequant" (kernels only); None: chosen by gemm_choice
+    gemm: str | None = None  # "triton" / "cublas" (dense kernels only); None: chosen by gemm_choice
+
+    def tolerance(self, tensor: str = "y") -> float:
+        extra = tensor in ("dx", "dA", "dB", "dW") or (tensor == "y" and self.dropout_p > 0)
+        u = UNIT_ROUNDOFF[self.dtype]
+        return (ROUNDINGS + (1 if extra else 0)) * u + FP32_ACCUMULATION
+
+    def label(self) -> str:
+        extra = (" nf4" if self.nf4 else "") + (f" {self.nf4_path}" if self.nf4_path else "") + \
+            (f" {self.gemm}" if self.gemm else "")
+        return LoraCase.label(dataclasses.replace(self, x_transposed=False)) + extra + \
+            (" xᵀ" if self.x_transposed else "")
+
+
+def dora_ops(path: str, nf4: bool, nf4_path: str | None = None, gemm: str | None = None):
+    """The ops behind the DoRA Functions on `path` ("triton" / "torch")."""
+    if path == "torch":
+        return eager_ops("qdora" if nf4 else "dora", "torch")
+    return KernelQDoraOps(nf4_path) if nf4 else KernelDoraOps(gemm)
+
+
+def make_dora_inputs(case: DoraCase, device="cpu", seed: int = 0) -> dict:
+    """The LoRA case's inputs and a magnitude vector near the column norms (as PEFT initializes
+    it, then trained away from them): c = m/‖·‖ in [0.5, 1.5]."""
+    inp = make_lora_inputs(case, device, seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    factor = 0.5 + torch.rand(case.N, generator=gen, dtype=torch.float64)
+    norm = reference.dora_weight_norm(inp["weight"].double(), inp["lora_A"].double(), inp["lora_B"].double(),
+                                      case.scaling)
+    inp["magnitude"] = (factor * norm.cpu()).to(device=device, dtype=case.adapter_dtype or case.dtype)
+    return inp
+
+
+def dora_reference_with_scale(inputs: dict, scaling: float, dropout_p: float, mask, grad_out, trainable):
+    """Float64 values and error scales of y and the gradients of `trainable`: {name: (value, scale)}."""
+    value = {k: v.detach().double().requires_grad_(k in trainable) if v is not None else None
+             for k, v in inputs.items()}
+    y = reference.dora_linear(value["x"], value["weight"], value["lora_A"], value["lora_B"], value["magnitude"],
+                              scaling, value["bias"], dropout_p, dropout_mask=mask)
+    y.backward(grad_out.double())
+    norm = reference.dora_weight_norm(value["weight"].detach(), value["lora_A"].detach(), value["lora_B"].detach(),
+                                      scaling)
+    t = {k: v.detach().double().abs().requires_grad_(k in trainable) if v is not None else None
+         for k, v in inputs.items()}
+    c = t["magnitude"] / norm
+    x = t["x"]
+    dropped = x if mask is None else x * mask.double() / (1.0 - dropout_p)
+    lora = abs(scaling) * (dropped @ t["lora_A"].t()) @ t["lora_B"].t()
+    if dropout_p > 0:
+        scale = x @ t["weight"].t() + (c + 1) * (dropped @ t["weight"].t()) + c * lora
+    else:
+        scale = c * (x @ t["weight"].t() + lora)
+    if t["bias"] is not None:
+        scale = scale + t["bias"]
+    scale.backward(grad_out.double().abs())
+    out = {"y": (y.detach(), scale.detach())}
+    for k in trainable:
+        if value[k] is not None:
+            out[DORA_GRAD_NAMES[k]] = (value[k].grad, t[k].grad)
+    return out
+
+
+def run_dora_case(case: DoraCase, path: str, device="cpu", seed: int = 0) -> list[Compared]:
+    """dora_linear's (or qdora_linear's) autograd Function on `path` against the float64
+    reference on the same inputs (the exact dequantized weight for NF4) and dropout mask."""
+    ops = dora_ops(path, case.nf4, case.nf4_path, case.gemm)
+    inp = make_dora_inputs(case, device, seed)
+    trainable = ["x", "lora_A", "lora_B", "magnitude"] + (["bias"] + ([] if case.nf4 else ["weight"])
+                                                            if case.train_base else [])
+    tensors = {k: v.clone().requires_grad_(k in trainable) if v is not None else None
+               for k, v in inp.items() if k != "grad_out"}
+    if case.x_transposed:
+        tensors["x"] = non_contiguous(inp["x"])
+    torch.manual_seed(seed)
+    with kernels_must_run(path):
+        if case.nf4:
+            qweight = quantize(inp["weight"], case.blocksize if hasattr(case, "blocksize") else 64)
+            q = qweight.tensors()
+            meta = (q.out_features, q.in_features, q.blocksize, q.dtype)
+            sq_norm = squared_row_norms(qweight, case.dtype)
+            y = QDoraLinearFunction.apply(tensors["x"], tensors["lora_A"], tensors["lora_B"], tensors["magnitude"],
+                                          tensors["bias"], q.packed, q.absmax, q.absmax_scale, q.absmax_offset, meta,
+                                          case.scaling, case.dropout_p, sq_norm, ops)
+        else:
+            y = DoraLinearFunction.apply(tensors["x"], tensors["weight"], tensors["lora_A"], tensors["lora_B"],
+                                         tensors["magnitude"], tensors["bias"], case.scaling, case.dropout_p,
+                                         squared_row_norms(inp["weight"]), ops)
+        y.backward(inp["grad_out"])
+    inputs = {k: v for k, v in inp.items() if k != "grad_out"}
+    if case.nf4:
+        inputs["weight"] = reference.nf4_dequantize(qweight, case.dtype)  # the weight the GEMMs take
+    mask = None
+    if case.dropout_p > 0:
+        x = tensors["x"]
+        mask = expected_keep_mask(seed, x.numel() // case.K, case.K, case.dropout_p, path, device).view(x.shape)
+    refs = dora_reference_with_scale(inputs, case.scaling, case.dropout_p, mask, inp["grad_out"], trainable)
+    results = [Compared("y", y, *refs["y"], case.dtype)]
+    for k in trainable:
+        if tensors[k] is not None:
+            results.append(Compared(DORA_GRAD_NAMES[k], tensors[k].grad, *refs[DORA_GRAD_NAMES[k]], case.dtype))
+    return results
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,214 @@
+"""DoRA ops: ``dora_linear`` (dense base) and ``qdora_linear`` (NF4 base), with their autograd
+Functions over the Triton kernels or the PyTorch path (``peft_ops.ops.paths``), and
+``squared_row_norms``, the per-row ‖W_n‖² the norm starts from (the layers cache it)."""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .. import reference
+from ..backend import resolve
+from ..nf4 import NF4Tensors, NF4Weight, decode
+from . import checks
+from .autograd import autocast_dtype, call_without_autocast, draw_seed, unpack_keep_bits
+from .custom_ops import ops_for_call
+from .lora import check_lora_args, check_lora_linear_args
+from .qlora import _check_base, _meta
+
+_SQ_NORM_CHUNK = 1 << 24  # elements of W widened to fp32 at a time: 64 MiB of transient
+
+
+def squared_row_norms(weight: torch.Tensor | NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """‖W_n‖² per output row n, fp32 [out]: of `weight` [out, in] as it is, or of an NF4 weight
+    decoded to `dtype` (default: its own; the compute dtype, the values its GEMM takes).
+    Summed in fp32, a chunk of rows at a time (no fp32 copy of W). Compute it once per frozen
+    weight and pass it to :func:`dora_linear` / :func:`qdora_linear`; the layers cache it."""
+    if isinstance(weight, NF4Weight):
+        q = weight.tensors()
+        return squared_row_norms(decode(q, dtype or q.dtype))
+    checks.tensor("weight", weight, ndim=2)
+    checks.float_dtype("weight", weight)
+    rows = max(1, _SQ_NORM_CHUNK // max(1, weight.shape[1]))
+    with torch.no_grad():
+        return torch.cat([chunk.float().square().sum(dim=1) for chunk in weight.detach().split(rows)])
+
+
+def _check_dora_args(magnitude, weight_sq_norm_arg, out_features: int, x: torch.Tensor, base: torch.Tensor) -> None:
+    """magnitude [out] (x's dtype or fp32) and the optional cached ‖W_n‖² (fp32 [out])."""
+    checks.tensor("magnitude", magnitude, ndim=1)
+    if magnitude.shape[0] != out_features:
+        raise ValueError(f"magnitude must be [out_features] = [{out_features}], got {tuple(magnitude.shape)}")
+    checks.float_dtype("magnitude", magnitude)
+    if magnitude.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"magnitude has dtype {magnitude.dtype}: it must have x's dtype ({x.dtype}) or float32")
+    checks.optional_tensor("weight_sq_norm", weight_sq_norm_arg, ndim=1)
+    if weight_sq_norm_arg is not None:
+        if weight_sq_norm_arg.shape[0] != out_features:
+            raise ValueError(f"weight_sq_norm must be [out_features] = [{out_features}], "
+                             f"got {tuple(weight_sq_norm_arg.shape)}")
+        if weight_sq_norm_arg.dtype != torch.float32:
+            raise TypeError(f"weight_sq_norm must be float32 (‖W_n‖² summed in fp32), got {weight_sq_norm_arg.dtype}")
+    checks.same_device({"x": x, "weight": base, "magnitude": magnitude, "weight_sq_norm": weight_sq_norm_arg})
+
+
+def _dropped(x2d: torch.Tensor, keep: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    """xd = x⊙keep/(1-p) in x's dtype (x itself without dropout)."""
+    if keep is None:
+        return x2d
+    kept = unpack_keep_bits(keep, x2d.shape[1])
+    return torch.where(kept, x2d.float() * (1.0 / (1.0 - dropout_p)), 0.0).to(x2d.dtype)
+
+
+class DoraLinearFunction(torch.autograd.Function):
+    """y = x·Wᵀ + b + (c − 1)⊙(xd·Wᵀ) + c⊙s·(xd·Aᵀ)·Bᵀ, c = m / ‖W + s·B·A‖ per output column
+    (the norm detached), xd = x⊙keep/(1-p); without dropout y = c⊙(x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b.
+
+    Forward:  ‖W + s·B·A‖² = ‖W‖² + 2s·B⊙(A·Wᵀ)ᵀ + s²·B(A·Aᵀ)⊙B, rows summed (no W + s·B·A)
+              xa  = xd·Aᵀ                        (shrink: [M, r], fp32)
+              pre = xd·Wᵀ + s·xa·Bᵀ              (GEMM, kept: [M, N] in x's dtype)
+              y   = c⊙pre + b [+ (x − xd)·Wᵀ]    (the epilogue [+ a second product under dropout])
+    Backward, with dY' = dY⊙c and g = dY'·B:
+              d(magnitude) = Σ_m dY⊙pre / ‖·‖
+              dX = dY'·W + s·(g·A)⊙keep/(1-p) [+ ((dY − dY')·W)⊙(1 − keep/(1-p))]
+              dA = s/(1-p)·gᵀ·(x⊙keep),  dB = s·dY'ᵀ·xa,  db = Σ_m dY
+              dW = dY'ᵀ·x; under dropout dYᵀ·x + (dY⊙(c − 1))ᵀ·xd   (only when W trains)
+    Saved: x, xa [M, r] fp32, pre [M, N], the keep mask bit-packed, the fp32 [N] norm and c.
+    PEFT's DoRA layer saves x, xd, the materialized W + s·B·A and its upcast copies instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, sq_norm, ops):
+        x2d = x.reshape(-1, x.shape[-1])
+        norm, col_scale = ops.norm(weight, lora_A, lora_B, magnitude, scaling, sq_norm)
+        xa, keep = ops.shrink(x2d, lora_A, dropout_p, draw_seed(ops, dropout_p))
+        y, pre = ops.forward(x2d, weight, xa, keep, lora_B, scaling, bias, col_scale, dropout_p)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, keep, pre, col_scale, norm)
+        ctx.scaling, ctx.dropout_p, ctx.ops, ctx.magnitude_dtype = scaling, dropout_p, ops, magnitude.dtype
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, xa, keep, pre, col_scale, norm = ctx.saved_tensors
+        need_dx, need_dW, need_dA, need_dB, need_dmag, need_db = ctx.needs_input_grad[:6]
+        x2d = x.reshape(-1, x.shape[-1])
+        dy2d = dy.reshape(-1, weight.shape[0])
+        dx, dA, dB, dmag, db = ctx.ops.backward(dy2d, x2d, weight, lora_A, lora_B, xa, keep, pre, col_scale, norm,
+                                                ctx.scaling, ctx.dropout_p, need_dx, need_dA, need_dB, need_dmag,
+                                                need_db)
+        dW = None
+        if need_dW:  # rare (a trainable base): PyTorch ops
+            dy32 = dy2d.float()
+            if keep is None:
+                dW = torch.mm((dy32 * col_scale).t(), x2d.float())
+            else:
+                dW = torch.mm(dy32.t(), x2d.float()) + torch.mm((dy32 * (col_scale - 1)).t(),
+                                                                 _dropped(x2d, keep, ctx.dropout_p).float())
+            dW = dW.to(weight.dtype)
+        return (
+            dx.view(x.shape) if dx is not None else None,
+            dW,
+            dA.to(lora_A.dtype) if dA is not None else None,
+            dB.to(lora_B.dtype) if dB is not None else None,
+            dmag.to(ctx.magnitude_dtype) if dmag is not None else None,
+            db,
+            None, None, None, None,
+        )
+
+
+class QDoraLinearFunction(torch.autograd.Function):
+    """DoraLinearFunction on an NF4 base: W = dequant(W) in x's dtype, frozen (no dW). The norm's
+    A·Wᵀ comes from the NF4 decode GEMV (one pass over the 4-bit W). Saved as DoraLinearFunction,
+    with the NF4 tensors in place of W (never a dequantized copy)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, magnitude, bias, packed, absmax, absmax_scale, absmax_offset, meta, scaling,
+                dropout_p, sq_norm, ops):
+        qw = NF4Tensors(packed, absmax, absmax_scale, absmax_offset, *meta)
+        x2d = x.reshape(-1, x.shape[-1])
+        norm, col_scale = ops.norm(qw, lora_A, lora_B, magnitude, scaling, sq_norm, x.dtype)
+        xa, keep = ops.shrink(x2d, lora_A, dropout_p, draw_seed(ops, dropout_p))
+        y, pre = ops.forward(x2d, qw, xa, keep, lora_B, scaling, bias, col_scale, dropout_p)
+        ctx.save_for_backward(x, lora_A, lora_B, xa, keep, pre, col_scale, norm, packed, absmax, absmax_scale,
+                              absmax_offset)
+        ctx.meta, ctx.scaling, ctx.dropout_p, ctx.ops = meta, scaling, dropout_p, ops
+        ctx.magnitude_dtype = magnitude.dtype
+        return y.view(*x.shape[:-1], qw.out_features)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, lora_A, lora_B, xa, keep, pre, col_scale, norm, *nf4_tensors = ctx.saved_tensors
+        qw = NF4Tensors(*nf4_tensors, *ctx.meta)
+        need_dx, need_dA, need_dB, need_dmag, need_db = ctx.needs_input_grad[:5]
+        x2d = x.reshape(-1, x.shape[-1])
+        dy2d = dy.reshape(-1, qw.out_features)
+        dx, dA, dB, dmag, db = ctx.ops.backward(dy2d, x2d, qw, lora_A, lora_B, xa, keep, pre, col_scale, norm,
+                                                ctx.scaling, ctx.dropout_p, need_dx, need_dA, need_dB, need_dmag,
+                                                need_db)
+        return (
+            dx.view(x.shape) if dx is not None else None,
+            dA.to(lora_A.dtype) if dA is not None else None,
+            dB.to(lora_B.dtype) if dB is not None else None,
+            dmag.to(ctx.magnitude_dtype) if dmag is not None else None,
+            db,
+            None, None, None, None, None, None, None, None, None,
+        )
+
+
+def dora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                magnitude: torch.Tensor, scaling: float, bias: torch.Tensor | None = None, dropout_p: float = 0.0, *,
+                weight_sq_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """DoRA (weight-decomposed LoRA), PEFT's formula fused: with c = magnitude / ‖W + s·B·A‖ per
+    output row of W (the norm detached from the graph, as in the paper and PEFT) and
+    xd = dropout(x),
+
+        y = x·Wᵀ + bias + (c − 1)·(xd·Wᵀ) + c·scaling·(xd·Aᵀ)·Bᵀ
+
+    — without dropout, c·(x·Wᵀ + scaling·(x·Aᵀ)·Bᵀ) + bias. The norm comes from
+    ‖W‖² + 2s·B·(A·Wᵀ) + s²·B·(A·Aᵀ)·Bᵀ: W + s·B·A is never built.
+
+    Layouts and dtypes as :func:`~peft_ops.lora_linear`; magnitude [out] in x's dtype or
+    float32 (PEFT's ``lora_magnitude_vector``). ``weight_sq_norm``: ‖W_n‖² (fp32 [out],
+    :func:`squared_row_norms`) when cached, else computed here (one more pass over W). Gradients
+    flow to x, lora_A, lora_B, magnitude, bias and weight, whichever require grad.
+    """
+    if (dtype := autocast_dtype(x)) is not None:
+        return call_without_autocast(dora_linear, dtype, dict(
+            x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, magnitude=magnitude, scaling=scaling, bias=bias,
+            dropout_p=dropout_p, weight_sq_norm=weight_sq_norm), keep=("magnitude", "weight_sq_norm"))
+    scaling, dropout_p = check_lora_linear_args(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
+    _check_dora_args(magnitude, weight_sq_norm, weight.shape[0], x, weight)
+    impl = resolve(x.device)
+    if impl == "reference":
+        return reference.dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p)
+    sq_norm = weight_sq_norm if weight_sq_norm is not None else squared_row_norms(weight)
+    return DoraLinearFunction.apply(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, sq_norm,
+                                    ops_for_call("dora", impl))
+
+
+def qdora_linear(x: torch.Tensor, qweight: NF4Weight, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                 magnitude: torch.Tensor, scaling: float, bias: torch.Tensor | None = None, dropout_p: float = 0.0, *,
+                 weight_sq_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`dora_linear` on an NF4 base (QDoRA): W = dequant(qweight) in x's dtype, as
+    :func:`~peft_ops.qlora_linear` takes it; the norm's A·Wᵀ reads the 4-bit weight (the
+    decode GEMV), and no dequantized W is saved. ``weight_sq_norm``: ‖W_n‖² of the weight
+    decoded to x's dtype (``squared_row_norms(qweight, x.dtype)``). Gradients flow to x, lora_A,
+    lora_B, magnitude and bias."""
+    if (dtype := autocast_dtype(x)) is not None:
+        return call_without_autocast(qdora_linear, dtype, dict(
+            x=x, qweight=qweight, lora_A=lora_A, lora_B=lora_B, magnitude=magnitude, scaling=scaling, bias=bias,
+            dropout_p=dropout_p, weight_sq_norm=weight_sq_norm), keep=("magnitude", "weight_sq_norm"))
+    _check_base(x, qweight, bias)
+    scaling, dropout_p = check_lora_args(x, qweight.out_features, qweight.in_features, lora_A, lora_B,
+                                         scaling, dropout_p, {"qweight": qweight.packed, "bias": bias})
+    _check_dora_args(magnitude, weight_sq_norm, qweight.out_features, x, qweight.packed)
+    impl = resolve(x.device)
+    if impl == "reference":
+        return reference.qdora_linear(x, qweight, lora_A, lora_B, magnitude, scaling, bias, dropout_p)
+    sq_norm = weight_sq_norm if weight_sq_norm is not None else squared_row_norms(qweight, x.dtype)
+    q = qweight.tensors()
+    return QDoraLinearFunction.apply(x, lora_A, lora_B, magnitude, bias, q.packed, q.absmax, q.absmax_scale,
+                                     q.absmax_offset, _meta(qweight), scaling, dropout_p, sq_norm,
+                                     ops_for_call("qdora", impl))
