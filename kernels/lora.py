@@ -822,7 +822,7 @@ def _forward(x, weight, xa, lora_B, scaling, bias, gemm, col_scale):
         y = torch.addmm(c, x, weight.t())
         if not dora:
             return y, None
-        scaled = y.float().mul_(col_scale)
+        scaled = y.float() * col_scale  # (not in place: y is pre, and .float() of fp32 is y itself)
         if bias is not None:
             scaled += bias
         return scaled.to(x.dtype), y

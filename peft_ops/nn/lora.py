@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..nf4 import NF4Weight, quantize
 from ..ops import checks
+from ..ops.dora import RowNormCache, dora_linear, dora_weight_norm, qdora_linear
 from ..ops.lora import lora_linear
 from ..ops.qlora import nf4_linear, qlora_linear
 
@@ -28,10 +29,10 @@ def _adapter_dtype(adapter_dtype, weight_dtype: torch.dtype) -> torch.dtype:
 
 class _LoraAdapter:
     """What LoraLinear and QLoraLinear share: configuration checks, the adapter parameters and
-    their initialization, and ΔW = scaling·B·A."""
+    their initialization, ΔW = scaling·B·A, and DoRA's magnitude (``use_dora``)."""
 
     @staticmethod
-    def _checked_config(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora) -> tuple:
+    def _checked_config(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, use_dora=False) -> tuple:
         """The validated configuration (each error names its argument); sets nothing."""
         in_features = checks.positive_int("in_features", in_features)
         out_features = checks.positive_int("out_features", out_features)
@@ -40,25 +41,42 @@ class _LoraAdapter:
         lora_dropout = checks.probability("lora_dropout", lora_dropout)
         if not isinstance(use_rslora, bool):
             raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
-        return in_features, out_features, r, lora_alpha, lora_dropout, use_rslora
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be a bool, got {type(use_dora).__name__}")
+        return in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, use_dora
 
     def _configure(self, *config) -> None:
         # Every check runs before any attribute is set or any parameter is frozen.
-        in_features, out_features, r, lora_alpha, lora_dropout, use_rslora = self._checked_config(*config)
+        in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, use_dora = self._checked_config(*config)
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.lora_alpha, self.lora_dropout, self.use_rslora = lora_alpha, lora_dropout, use_rslora
+        self.use_dora = use_dora
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.merged = False
         self._adapter_disabled = False
+        self._sq_norms = RowNormCache()  # DoRA: ‖W_n‖² of the frozen weight, per compute dtype
 
     def _create_adapter(self, device, dtype) -> None:
         self.lora_A = nn.Parameter(torch.empty((self.r, self.in_features), device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty((self.out_features, self.r), device=device, dtype=dtype))
+        if self.use_dora:  # PEFT's name, so state_dict keys and adapter files match its own
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("lora_magnitude_vector", None)
 
     def reset_lora_parameters(self) -> None:
-        """PEFT's default: A kaiming-uniform (a = √5), B zeros."""
+        """PEFT's default: A kaiming-uniform (a = √5), B zeros; with DoRA the magnitude is the
+        column norm ‖W + s·B·A‖ (= ‖W‖ with B = 0: the layer starts as the base layer)."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        self.reset_magnitude()
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """DoRA: set the magnitude to the current ‖W + s·B·A‖ per output row (PEFT does this
+        when it adds a DoRA adapter). No-op without DoRA."""
+        if self.use_dora:
+            self.lora_magnitude_vector.copy_(self.weight_norm())
 
     def _delta_weight_fp32(self) -> torch.Tensor:
         return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
@@ -72,13 +90,18 @@ class LoraLinear(_LoraAdapter, nn.Module):
     ``scaling = lora_alpha / r``, or ``lora_alpha / √r`` with ``use_rslora`` (rsLoRA).
     Dropout applies to the adapter's input, in training mode only. The forward is one call to
     the fused :func:`peft_ops.lora_linear`.
+
+    ``use_dora=True``: DoRA, as PEFT — a trained ``lora_magnitude_vector`` [out] m (starting at
+    ‖W‖) and y = x·Wᵀ + b + (c − 1)·(xd·Wᵀ) + c·scaling·(xd·Aᵀ)·Bᵀ with c = m/‖W + s·B·A‖ per
+    output row (the norm detached) and xd = dropout(x): one call to :func:`peft_ops.dora_linear`,
+    with ‖W‖² computed once and cached.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, use_dora: bool = False) -> None:
         super().__init__()
-        self._configure(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora)
+        self._configure(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, use_dora)
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
         factory = {"device": device, "dtype": dtype}
@@ -92,7 +115,8 @@ class LoraLinear(_LoraAdapter, nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, adapter_dtype: torch.dtype | None = None) -> "LoraLinear":
+                    use_rslora: bool = False, adapter_dtype: torch.dtype | None = None,
+                    use_dora: bool = False) -> "LoraLinear":
         """Wrap ``linear``: its weight and bias Parameters are shared (not copied) and frozen.
         ``adapter_dtype``: the adapters' dtype, the weight's (default) or float32 (PEFT's
         default on a half-precision base)."""
@@ -100,7 +124,7 @@ class LoraLinear(_LoraAdapter, nn.Module):
         adapter_dtype = _adapter_dtype(adapter_dtype, linear.weight.dtype)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._configure(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, use_rslora)
+        layer._configure(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, use_rslora, use_dora)
         layer.weight = linear.weight.requires_grad_(False)
         if linear.bias is not None:
             layer.bias = linear.bias.requires_grad_(False)
@@ -122,21 +146,45 @@ class LoraLinear(_LoraAdapter, nn.Module):
         """``scaling·B·A`` [out, in], computed in fp32, returned in the weight's dtype."""
         return self._delta_weight_fp32().to(self.weight.dtype)
 
+    def weight_norm(self) -> torch.Tensor:
+        """‖W_n + scaling·B_n·A‖ per output row, fp32 [out] (of the unmerged weight), without
+        building W + s·B·A."""
+        if self.merged:
+            raise RuntimeError("weight_norm() of a merged layer: unmerge() first (W holds the merged weight)")
+        return dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling,
+                                weight_sq_norm=self._sq_norms(self.weight, self.weight.dtype))
+
+    def merged_weight_fp32(self) -> torch.Tensor:
+        """The weight a merge writes, in fp32: W + s·B·A, or with DoRA m/‖W + s·B·A‖ ⊙ (W + s·B·A)
+        (per output row, as PEFT merges it)."""
+        weight = self.weight.detach().float() + self._delta_weight_fp32()
+        if self.use_dora:
+            weight *= (self.lora_magnitude_vector.detach().float() / self.weight_norm())[:, None]
+        return weight
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Add the adapter into ``weight`` (in place); the forward then runs the base alone."""
+        """Fold the adapter into ``weight`` (in place; W + s·B·A, or with DoRA
+        m/‖W + s·B·A‖ ⊙ (W + s·B·A), summed in fp32 and rounded once); the forward then runs the
+        base alone."""
         if self.merged:
             return
-        self.weight.add_(self.delta_weight())
+        if self.use_dora:
+            self._merge_scale = self.lora_magnitude_vector.float() / self.weight_norm()  # unmerge divides by it
+        self.weight.copy_(self.merged_weight_fp32())
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the adapter from ``weight`` again (exact in fp32, one rounding per element
-        in half precision, as in PEFT)."""
+        """Take the adapter out of ``weight`` again (exact in fp32, one rounding per element in
+        half precision, as in PEFT; DoRA divides by the scale the merge applied)."""
         if not self.merged:
             return
-        self.weight.sub_(self.delta_weight())
+        if self.use_dora:
+            self.weight.copy_(self.weight.float() / self._merge_scale[:, None] - self._delta_weight_fp32())
+            del self._merge_scale
+        else:
+            self.weight.sub_(self.delta_weight())
         self.merged = False
 
     @contextlib.contextmanager
@@ -156,12 +204,16 @@ class LoraLinear(_LoraAdapter, nn.Module):
         if self.merged or self._adapter_disabled:
             return F.linear(x, self.weight, self.bias)
         dropout_p = self.lora_dropout if self.training else 0.0
+        if self.use_dora:
+            return dora_linear(x, self.weight, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
+                               self.bias, dropout_p, weight_sq_norm=self._sq_norms(self.weight, x.dtype))
         return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias, dropout_p)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout:g}, "
-                f"bias={self.bias is not None}, use_rslora={self.use_rslora}, merged={self.merged}")
+                f"bias={self.bias is not None}, use_rslora={self.use_rslora}, use_dora={self.use_dora}, "
+                f"merged={self.merged}")
 
 
 class QLoraLinear(_LoraAdapter, nn.Module):
@@ -174,10 +226,13 @@ class QLoraLinear(_LoraAdapter, nn.Module):
     to :func:`peft_ops.qlora_linear` (or :func:`peft_ops.nf4_linear` with the adapter disabled).
     Merging into 4 bits would lose the adapter's precision, so there is no ``merge``:
     :meth:`merged_linear` returns a dense ``nn.Linear`` with dequant(W) + ΔW for export.
+    ``use_dora=True``: QDoRA, DoRA (see :class:`LoraLinear`) on the NF4 base through
+    :func:`peft_ops.qdora_linear`.
     """
 
     def __init__(self, qweight: NF4Weight, bias: torch.Tensor | None = None, r: int = 8, lora_alpha: float = 8,
-                 lora_dropout: float = 0.0, use_rslora: bool = False, adapter_dtype: torch.dtype | None = None) -> None:
+                 lora_dropout: float = 0.0, use_rslora: bool = False, adapter_dtype: torch.dtype | None = None,
+                 use_dora: bool = False) -> None:
         if not isinstance(qweight, NF4Weight):
             raise TypeError(f"qweight must be a peft_ops.nf4.NF4Weight, got {type(qweight).__name__}")
         checks.optional_tensor("bias", bias, ndim=1)
@@ -187,7 +242,7 @@ class QLoraLinear(_LoraAdapter, nn.Module):
         if adapter_dtype not in checks.FLOAT_DTYPES:
             raise TypeError(f"adapter_dtype must be float32, float16 or bfloat16, got {adapter_dtype}")
         super().__init__()
-        self._configure(qweight.in_features, qweight.out_features, r, lora_alpha, lora_dropout, use_rslora)
+        self._configure(qweight.in_features, qweight.out_features, r, lora_alpha, lora_dropout, use_rslora, use_dora)
         self.qweight = qweight
         if bias is not None:
             self.bias = nn.Parameter(bias.detach(), requires_grad=False)
@@ -199,20 +254,22 @@ class QLoraLinear(_LoraAdapter, nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False, blocksize: int = 64, double_quant: bool = True,
-                    adapter_dtype: torch.dtype | None = None) -> "QLoraLinear":
+                    adapter_dtype: torch.dtype | None = None, use_dora: bool = False) -> "QLoraLinear":
         """Quantize ``linear.weight`` to NF4 (bitsandbytes' bytes) and add an adapter; the bias
         is kept as is (frozen). ``linear`` itself is left untouched."""
         checks.module("linear", linear, nn.Linear)
         # check the configuration before the (costly) quantization
-        cls._checked_config(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, use_rslora)
+        cls._checked_config(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, use_rslora,
+                            use_dora)
         adapter_dtype = _adapter_dtype(adapter_dtype, linear.weight.dtype)
         qweight = quantize(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
         bias = linear.bias.detach() if linear.bias is not None else None
-        return cls(qweight, bias, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype)
+        return cls(qweight, bias, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, use_dora)
 
     @classmethod
     def from_bnb(cls, module: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                 use_rslora: bool = False, adapter_dtype: torch.dtype | None = None) -> "QLoraLinear":
+                 use_rslora: bool = False, adapter_dtype: torch.dtype | None = None,
+                 use_dora: bool = False) -> "QLoraLinear":
         """From a bitsandbytes ``Linear4bit`` (duck-typed: ``module.weight`` holds the packed
         bytes and ``module.weight.quant_state`` their QuantState). Its tensors are shared.
         Adapters default to the QuantState's dtype (bitsandbytes' compute dtype may differ)."""
@@ -224,11 +281,18 @@ class QLoraLinear(_LoraAdapter, nn.Module):
         qweight = NF4Weight.from_bnb(weight.data, quant_state)
         bias = getattr(module, "bias", None)
         bias = bias.detach().to(qweight.dtype) if bias is not None else None
-        return cls(qweight, bias, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype)
+        return cls(qweight, bias, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, use_dora)
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling·B·A`` [out, in] in fp32."""
         return self._delta_weight_fp32()
+
+    def weight_norm(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """‖W_n + scaling·B_n·A‖ per output row, fp32 [out], W decoded to `dtype` (default: the
+        quantized weight's own; the compute dtype), without building W + s·B·A."""
+        dtype = dtype or self.qweight.dtype
+        return dora_weight_norm(self.qweight, self.lora_A, self.lora_B, self.scaling, dtype,
+                                weight_sq_norm=self._sq_norms(self.qweight, dtype))
 
     @torch.no_grad()
     def merged_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
@@ -239,6 +303,8 @@ class QLoraLinear(_LoraAdapter, nn.Module):
         weight = self.qweight.dequantize(torch.float32)
         if not self._adapter_disabled:
             weight += self.delta_weight()
+            if self.use_dora:
+                weight *= (self.lora_magnitude_vector.float() / self.weight_norm())[:, None]
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=weight.device, dtype=dtype)
         linear.weight.copy_(weight)
@@ -260,9 +326,12 @@ class QLoraLinear(_LoraAdapter, nn.Module):
         if self._adapter_disabled:
             return nf4_linear(x, self.qweight, bias)
         dropout_p = self.lora_dropout if self.training else 0.0
+        if self.use_dora:
+            return qdora_linear(x, self.qweight, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
+                                bias, dropout_p, weight_sq_norm=self._sq_norms(self.qweight, x.dtype))
         return qlora_linear(x, self.qweight, self.lora_A, self.lora_B, self.scaling, bias, dropout_p)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout:g}, "
-                f"bias={self.bias is not None}, use_rslora={self.use_rslora}")
+                f"bias={self.bias is not None}, use_rslora={self.use_rslora}, use_dora={self.use_dora}")

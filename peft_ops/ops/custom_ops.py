@@ -181,6 +181,146 @@ class CompiledNF4Ops(CompiledLoraOps):
 
 
 # --------------------------------------------------------------------------------------
+# DoRA / QDoRA (the shrink is LoRA's)
+# --------------------------------------------------------------------------------------
+
+@custom_op("peft_ops::dora_norm", mutates_args=())
+def dora_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float,
+              weight_sq_norm: Tensor | None, impl: str) -> tuple[Tensor, Tensor]:
+    return eager_ops("dora", impl).norm(weight, lora_A, lora_B, magnitude, scaling, weight_sq_norm)
+
+
+@dora_norm.register_fake
+def _(weight, lora_A, lora_B, magnitude, scaling, weight_sq_norm, impl):
+    return tuple(magnitude.new_empty((lora_B.shape[0],), dtype=torch.float32) for _ in range(2))
+
+
+@custom_op("peft_ops::dora_forward", mutates_args=())
+def dora_forward(x: Tensor, weight: Tensor, xa: Tensor, keep: Tensor | None, lora_B: Tensor, scaling: float,
+                 bias: Tensor | None, col_scale: Tensor, dropout_p: float, impl: str) -> tuple[Tensor, Tensor]:
+    return eager_ops("dora", impl).forward(x, weight, xa, keep, lora_B, scaling, bias, col_scale, dropout_p)
+
+
+@dora_forward.register_fake
+def _(x, weight, xa, keep, lora_B, scaling, bias, col_scale, dropout_p, impl):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _dora_grads(grads: tuple, x: Tensor, lora_A: Tensor, lora_B: Tensor, dy: Tensor) -> tuple:
+    dx, dA, dB, dmag, db = grads
+    return _or_empty(dx, x), _or_empty(dA, lora_A), _or_empty(dB, lora_B), _or_empty(dmag, dy), _or_empty(db, dy)
+
+
+def _dora_grads_fake(x_shape, K, N, r, needs, dy, xa, lora_A, lora_B, impl):
+    need_dx, need_dA, need_dB, need_dmag, need_db = needs
+    return (dy.new_empty(tuple(x_shape) if need_dx else _EMPTY),
+            xa.new_empty((r, K) if need_dA else _EMPTY, dtype=_adapter_grad_dtype(impl, lora_A)),
+            xa.new_empty((N, r) if need_dB else _EMPTY, dtype=_adapter_grad_dtype(impl, lora_B)),
+            xa.new_empty((N,) if need_dmag else _EMPTY, dtype=torch.float32),
+            dy.new_empty((N,) if need_db else _EMPTY))
+
+
+@custom_op("peft_ops::dora_backward", mutates_args=())
+def dora_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor,
+                  keep: Tensor | None, pre: Tensor, col_scale: Tensor, norm: Tensor, scaling: float, dropout_p: float,
+                  need_dx: bool, need_dA: bool, need_dB: bool, need_dmag: bool, need_db: bool,
+                  impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = eager_ops("dora", impl).backward(dy, x, weight, lora_A, lora_B, xa, keep, pre, col_scale, norm, scaling,
+                                             dropout_p, need_dx, need_dA, need_dB, need_dmag, need_db)
+    return _dora_grads(grads, x, lora_A, lora_B, dy)
+
+
+@dora_backward.register_fake
+def _(dy, x, weight, lora_A, lora_B, xa, keep, pre, col_scale, norm, scaling, dropout_p, need_dx, need_dA, need_dB,
+      need_dmag, need_db, impl):
+    return _dora_grads_fake(x.shape, x.shape[1], weight.shape[0], lora_A.shape[0],
+                            (need_dx, need_dA, need_dB, need_dmag, need_db), dy, xa, lora_A, lora_B, impl)
+
+
+@custom_op("peft_ops::qdora_norm", mutates_args=())
+def qdora_norm(packed: Tensor, absmax: Tensor, absmax_scale: Tensor | None, absmax_offset: Tensor | None,
+               out_features: int, in_features: int, blocksize: int, dtype: torch.dtype, lora_A: Tensor,
+               lora_B: Tensor, magnitude: Tensor, scaling: float, weight_sq_norm: Tensor | None,
+               compute_dtype: torch.dtype,
+               impl: str) -> tuple[Tensor, Tensor]:
+    qw = NF4Tensors(packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype)
+    return eager_ops("qdora", impl).norm(qw, lora_A, lora_B, magnitude, scaling, weight_sq_norm, compute_dtype)
+
+
+@qdora_norm.register_fake
+def _(packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype, lora_A, lora_B,
+      magnitude, scaling, weight_sq_norm, compute_dtype, impl):
+    return tuple(magnitude.new_empty((out_features,), dtype=torch.float32) for _ in range(2))
+
+
+@custom_op("peft_ops::qdora_forward", mutates_args=())
+def qdora_forward(x: Tensor, packed: Tensor, absmax: Tensor, absmax_scale: Tensor | None, absmax_offset: Tensor | None,
+                  out_features: int, in_features: int, blocksize: int, dtype: torch.dtype, xa: Tensor,
+                  keep: Tensor | None, lora_B: Tensor, scaling: float, bias: Tensor | None, col_scale: Tensor,
+                  dropout_p: float, impl: str) -> tuple[Tensor, Tensor]:
+    qw = NF4Tensors(packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype)
+    return eager_ops("qdora", impl).forward(x, qw, xa, keep, lora_B, scaling, bias, col_scale, dropout_p)
+
+
+@qdora_forward.register_fake
+def _(x, packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype, xa, keep, lora_B,
+      scaling, bias, col_scale, dropout_p, impl):
+    return x.new_empty((x.shape[0], out_features)), x.new_empty((x.shape[0], out_features))
+
+
+@custom_op("peft_ops::qdora_backward", mutates_args=())
+def qdora_backward(dy: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, absmax_scale: Tensor | None,
+                   absmax_offset: Tensor | None, out_features: int, in_features: int, blocksize: int,
+                   dtype: torch.dtype, lora_A: Tensor, lora_B: Tensor, xa: Tensor, keep: Tensor | None, pre: Tensor,
+                   col_scale: Tensor, norm: Tensor, scaling: float, dropout_p: float, need_dx: bool, need_dA: bool,
+                   need_dB: bool, need_dmag: bool, need_db: bool,
+                   impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    qw = NF4Tensors(packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype)
+    grads = eager_ops("qdora", impl).backward(dy, x, qw, lora_A, lora_B, xa, keep, pre, col_scale, norm, scaling,
+                                              dropout_p, need_dx, need_dA, need_dB, need_dmag, need_db)
+    return _dora_grads(grads, x, lora_A, lora_B, dy)
+
+
+@qdora_backward.register_fake
+def _(dy, x, packed, absmax, absmax_scale, absmax_offset, out_features, in_features, blocksize, dtype, lora_A, lora_B,
+      xa, keep, pre, col_scale, norm, scaling, dropout_p, need_dx, need_dA, need_dB, need_dmag, need_db, impl):
+    return _dora_grads_fake(x.shape, in_features, out_features, lora_A.shape[0],
+                            (need_dx, need_dA, need_dB, need_dmag, need_db), dy, xa, lora_A, lora_B, impl)
+
+
+class CompiledDoraOps(CompiledLoraOps):
+    """The DoRA ops' interface (TorchDoraOps / KernelDoraOps), through the custom ops."""
+
+    def norm(self, weight, lora_A, lora_B, magnitude, scaling, weight_sq_norm):
+        return dora_norm(weight, lora_A, lora_B, magnitude, scaling, weight_sq_norm, self.impl)
+
+    def forward(self, x, weight, xa, keep, lora_B, scaling, bias, col_scale, dropout_p):
+        return dora_forward(x, weight, xa, keep, lora_B, scaling, bias, col_scale, dropout_p, self.impl)
+
+    def backward(self, dy, x, weight, lora_A, lora_B, xa, keep, pre, col_scale, norm, scaling, dropout_p, need_dx,
+                 need_dA, need_dB, need_dmag, need_db):
+        grads = dora_backward(dy, x, weight, lora_A, lora_B, xa, keep, pre, col_scale, norm, scaling, dropout_p,
+                              need_dx, need_dA, need_dB, need_dmag, need_db, self.impl)
+        return _needed(grads, (need_dx, need_dA, need_dB, need_dmag, need_db))
+
+
+class CompiledQDoraOps(CompiledLoraOps):
+    """The QDoRA ops' interface (TorchQDoraOps / KernelQDoraOps), through the custom ops."""
+
+    def norm(self, qw, lora_A, lora_B, magnitude, scaling, weight_sq_norm, dtype):
+        return qdora_norm(*qw, lora_A, lora_B, magnitude, scaling, weight_sq_norm, dtype, self.impl)
+
+    def forward(self, x, qw, xa, keep, lora_B, scaling, bias, col_scale, dropout_p):
+        return qdora_forward(x, *qw, xa, keep, lora_B, scaling, bias, col_scale, dropout_p, self.impl)
+
+    def backward(self, dy, x, qw, lora_A, lora_B, xa, keep, pre, col_scale, norm, scaling, dropout_p, need_dx,
+                 need_dA, need_dB, need_dmag, need_db):
+        grads = qdora_backward(dy, x, *qw, lora_A, lora_B, xa, keep, pre, col_scale, norm, scaling, dropout_p,
+                               need_dx, need_dA, need_dB, need_dmag, need_db, self.impl)
+        return _needed(grads, (need_dx, need_dA, need_dB, need_dmag, need_db))
+
+
+# --------------------------------------------------------------------------------------
 # Bottleneck
 # --------------------------------------------------------------------------------------
 
@@ -232,7 +372,8 @@ class CompiledBottleneckOps(CompiledLoraOps):
         return (dx if need_dx else None, *(dw if need_dw else (None,) * 4))
 
 
-_COMPILED = {"lora": CompiledLoraOps, "nf4": CompiledNF4Ops, "bottleneck": CompiledBottleneckOps}
+_COMPILED = {"lora": CompiledLoraOps, "nf4": CompiledNF4Ops, "dora": CompiledDoraOps, "qdora": CompiledQDoraOps,
+             "bottleneck": CompiledBottleneckOps}
 
 
 def ops_for_call(op: str, impl: str):

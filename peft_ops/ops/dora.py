@@ -9,29 +9,60 @@ from torch.autograd.function import once_differentiable
 
 from .. import reference
 from ..backend import resolve
-from ..nf4 import NF4Tensors, NF4Weight, decode
+from ..nf4 import NF4Tensors, NF4Weight
 from . import checks
 from .autograd import autocast_dtype, call_without_autocast, draw_seed, unpack_keep_bits
 from .custom_ops import ops_for_call
 from .lora import check_lora_args, check_lora_linear_args
-from .qlora import _check_base, _meta
+from .paths import eager_ops, squared_row_norms
+from .qlora import check_nf4_base, nf4_meta
 
-_SQ_NORM_CHUNK = 1 << 24  # elements of W widened to fp32 at a time: 64 MiB of transient
 
-
-def squared_row_norms(weight: torch.Tensor | NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """‖W_n‖² per output row n, fp32 [out]: of `weight` [out, in] as it is, or of an NF4 weight
-    decoded to `dtype` (default: its own; the compute dtype, the values its GEMM takes).
-    Summed in fp32, a chunk of rows at a time (no fp32 copy of W). Compute it once per frozen
-    weight and pass it to :func:`dora_linear` / :func:`qdora_linear`; the layers cache it."""
-    if isinstance(weight, NF4Weight):
-        q = weight.tensors()
-        return squared_row_norms(decode(q, dtype or q.dtype))
-    checks.tensor("weight", weight, ndim=2)
-    checks.float_dtype("weight", weight)
-    rows = max(1, _SQ_NORM_CHUNK // max(1, weight.shape[1]))
+def dora_weight_norm(weight: torch.Tensor | NF4Weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                     dtype: torch.dtype | None = None, weight_sq_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """‖W_n + scaling·B_n·A‖ per output row, fp32 [out], without building W + s·B·A (as the ops
+    compute it, on the current backend; no autograd). An NF4 weight counts as decoded to
+    `dtype` (default: its own). What DoRA's magnitude starts from (PEFT: the norm at creation)
+    and what a merge divides by."""
+    scaling = checks.real_number("scaling", scaling)
+    nf4 = isinstance(weight, NF4Weight)
+    dtype = dtype or (weight.dtype if nf4 else None)
+    sq = weight_sq_norm if weight_sq_norm is not None else squared_row_norms(weight, dtype if nf4 else None)
+    device = weight.packed.device if nf4 else weight.device
+    impl = resolve(device)
+    magnitude = torch.ones(lora_B.shape[0], device=device, dtype=torch.float32)  # unused: the norm alone is kept
     with torch.no_grad():
-        return torch.cat([chunk.float().square().sum(dim=1) for chunk in weight.detach().split(rows)])
+        if impl == "reference":
+            dense = reference.nf4_dequantize(weight, dtype) if nf4 else weight
+            return reference.dora_weight_norm(dense, lora_A, lora_B, scaling).float()
+        if nf4:
+            return eager_ops("qdora", impl).norm(weight.tensors(), lora_A, lora_B, magnitude, scaling, sq, dtype)[0]
+        return eager_ops("dora", impl).norm(weight, lora_A, lora_B, magnitude, scaling, sq)[0]
+
+
+class RowNormCache:
+    """‖W_n‖² of one frozen weight (dense or NF4) per compute dtype, computed on first use and
+    again only when the weight changes (its storage, or its version counter: an in-place update
+    such as a merge). What the DoRA layers hold, so a step reads W once (for A·Wᵀ), not twice."""
+
+    def __init__(self):
+        self._key, self._value = None, None
+
+    def __call__(self, weight: torch.Tensor | NF4Weight, dtype: torch.dtype) -> torch.Tensor | None:
+        """The cached ‖W_n‖² (fp32 [out]); None inside torch.compile, where storage addresses and
+        version counters cannot be read: the op then computes it in the graph (one more pass
+        over W per call)."""
+        if torch.compiler.is_compiling():
+            return None
+        tensor = weight.packed if isinstance(weight, NF4Weight) else weight
+        key = (tensor.data_ptr(), tensor._version, tensor.device, tensor.shape, dtype)
+        if key != self._key:
+            self._value = squared_row_norms(weight, dtype if isinstance(weight, NF4Weight) else None)
+            self._key = key
+        return self._value
+
+    def clear(self) -> None:
+        self._key, self._value = None, None
 
 
 def _check_dora_args(magnitude, weight_sq_norm_arg, out_features: int, x: torch.Tensor, base: torch.Tensor) -> None:
@@ -183,8 +214,7 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     impl = resolve(x.device)
     if impl == "reference":
         return reference.dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p)
-    sq_norm = weight_sq_norm if weight_sq_norm is not None else squared_row_norms(weight)
-    return DoraLinearFunction.apply(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, sq_norm,
+    return DoraLinearFunction.apply(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, weight_sq_norm,
                                     ops_for_call("dora", impl))
 
 
@@ -200,15 +230,14 @@ def qdora_linear(x: torch.Tensor, qweight: NF4Weight, lora_A: torch.Tensor, lora
         return call_without_autocast(qdora_linear, dtype, dict(
             x=x, qweight=qweight, lora_A=lora_A, lora_B=lora_B, magnitude=magnitude, scaling=scaling, bias=bias,
             dropout_p=dropout_p, weight_sq_norm=weight_sq_norm), keep=("magnitude", "weight_sq_norm"))
-    _check_base(x, qweight, bias)
+    check_nf4_base(x, qweight, bias)
     scaling, dropout_p = check_lora_args(x, qweight.out_features, qweight.in_features, lora_A, lora_B,
                                          scaling, dropout_p, {"qweight": qweight.packed, "bias": bias})
     _check_dora_args(magnitude, weight_sq_norm, qweight.out_features, x, qweight.packed)
     impl = resolve(x.device)
     if impl == "reference":
         return reference.qdora_linear(x, qweight, lora_A, lora_B, magnitude, scaling, bias, dropout_p)
-    sq_norm = weight_sq_norm if weight_sq_norm is not None else squared_row_norms(qweight, x.dtype)
     q = qweight.tensors()
     return QDoraLinearFunction.apply(x, lora_A, lora_B, magnitude, bias, q.packed, q.absmax, q.absmax_scale,
-                                     q.absmax_offset, _meta(qweight), scaling, dropout_p, sq_norm,
+                                     q.absmax_offset, nf4_meta(qweight), scaling, dropout_p, weight_sq_norm,
                                      ops_for_call("qdora", impl))

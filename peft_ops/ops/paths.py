@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from ..backend import kernel_modules
-from ..nf4 import NF4Tensors, code_tables, decode
+from ..nf4 import NF4Tensors, NF4Weight, code_tables, decode
 from ..reference import activation_derivative, apply_activation
-from . import gemm_choice, workspace
+from . import checks, gemm_choice, workspace
 from .autograd import mm32, pack_keep_bits, torch_keep_mask, unpack_keep_bits
 
 
@@ -177,13 +177,33 @@ def dropped_input(x: torch.Tensor, keep: torch.Tensor, dropout_p: float) -> tupl
     return dropped.to(x.dtype), (x.float() - dropped).to(x.dtype)
 
 
-def dora_dropout_dx(dx: torch.Tensor, dy_minus_scaled: torch.Tensor, keep: torch.Tensor, dropout_p: float) -> torch.Tensor:
+def dora_dropout_dx(dx: torch.Tensor, dy_minus_scaled: torch.Tensor, keep: torch.Tensor,
+                    dropout_p: float) -> torch.Tensor:
     """dX of DoRA under dropout from the LoRA backward's dX on dY' = dY⊙c (which holds
     dY'·W + s·(g·A)⊙keep/(1-p)) and `dy_minus_scaled` = (dY − dY')·W [M, K] fp32:
     dX = that + (dY − dY')·W ⊙ (1 − keep/(1-p)), in dx's dtype."""
     kept = unpack_keep_bits(keep, dx.shape[1])
     complement = torch.where(kept, -dropout_p / (1.0 - dropout_p), 1.0)
     return (dx.float() + dy_minus_scaled * complement).to(dx.dtype)
+
+
+_SQ_NORM_CHUNK = 1 << 24  # elements of W widened to fp32 at a time: 64 MiB of transient
+
+
+def squared_row_norms(weight: torch.Tensor | NF4Weight | NF4Tensors, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """‖W_n‖² per output row n, fp32 [out]: of `weight` [out, in] as it is, or of an NF4 weight
+    decoded to `dtype` (default: its own; the compute dtype, the values its GEMM takes).
+    Summed in fp32, a chunk of rows at a time (no fp32 copy of W). Compute it once per frozen
+    weight and pass it to :func:`~peft_ops.dora_linear` / :func:`~peft_ops.qdora_linear`; the
+    layers cache it."""
+    if isinstance(weight, (NF4Weight, NF4Tensors)):
+        q = weight.tensors() if isinstance(weight, NF4Weight) else weight
+        return squared_row_norms(decode(q, dtype or q.dtype))
+    checks.tensor("weight", weight, ndim=2)
+    checks.float_dtype("weight", weight)
+    rows = max(1, _SQ_NORM_CHUNK // max(1, weight.shape[1]))
+    with torch.no_grad():
+        return torch.cat([chunk.float().square().sum(dim=1) for chunk in weight.detach().split(rows)])
 
 
 class TorchDoraOps:
@@ -196,7 +216,9 @@ class TorchDoraOps:
 
     @staticmethod
     def norm(weight, lora_A, lora_B, magnitude, scaling, weight_sq_norm):
-        """(‖W + s·B·A‖, magnitude / it), fp32 [N]."""
+        """(‖W + s·B·A‖, magnitude / it), fp32 [N]; ‖W_n‖² computed here when not given."""
+        if weight_sq_norm is None:
+            weight_sq_norm = squared_row_norms(weight)
         rank = rank_dtype(weight.dtype, lora_A.dtype)
         products = mm32(lora_A.to(rank), weight.to(rank).t())  # A·Wᵀ [r, N]
         return norm_from_products(products, lora_A, lora_B, magnitude, scaling, weight_sq_norm)
@@ -250,6 +272,8 @@ class KernelDoraOps:
 
     @staticmethod
     def norm(weight, lora_A, lora_B, magnitude, scaling, weight_sq_norm):
+        if weight_sq_norm is None:
+            weight_sq_norm = squared_row_norms(weight)
         return kernel_modules().dora.weight_norm(lora_A, lora_B, magnitude, scaling, weight_sq_norm, weight=weight,
                                                  scratch=workspace.split_k_scratch)
 
@@ -314,9 +338,12 @@ class KernelQDoraOps:
     def norm(qw: NF4Tensors, lora_A, lora_B, magnitude, scaling, weight_sq_norm, dtype):
         """A·Wᵀ [r, N] (fp32) by the NF4 decode GEMV (r ≤ 16; the NF4 GEMM above): one pass over
         the 4-bit W, decoded in registers, whichever path the GEMMs take; then the norm kernel."""
+        if weight_sq_norm is None:
+            weight_sq_norm = squared_row_norms(qw, dtype)
         kernels = kernel_modules()
-        products = kernels.nf4.forward(lora_A.to(dtype), qw, None, None, 0.0, None, tables=code_tables(qw.packed.device),
-                                       scratch=workspace.split_k_scratch, out_dtype=torch.float32)
+        products = kernels.nf4.forward(lora_A.to(dtype), qw, None, None, 0.0, None,
+                                       tables=code_tables(qw.packed.device), scratch=workspace.split_k_scratch,
+                                       out_dtype=torch.float32)
         return kernels.dora.weight_norm(lora_A, lora_B, magnitude, scaling, weight_sq_norm, products=products,
                                         scratch=workspace.split_k_scratch)
 

@@ -15,7 +15,7 @@ from .custom_ops import ops_for_call
 from .lora import check_bias, check_lora_args
 
 
-def _check_base(x, qweight, bias) -> None:
+def check_nf4_base(x, qweight, bias) -> None:
     """x, the NF4 weight and the bias of nf4_linear / qlora_linear."""
     if not isinstance(qweight, NF4Weight):
         raise TypeError(f"qweight must be a peft_ops.nf4.NF4Weight, got {type(qweight).__name__}")
@@ -98,7 +98,7 @@ class QLoraLinearFunction(torch.autograd.Function):
         )
 
 
-def _meta(qweight: NF4Weight) -> tuple:
+def nf4_meta(qweight: NF4Weight) -> tuple:
     q = qweight.tensors()
     return q.out_features, q.in_features, q.blocksize, q.dtype
 
@@ -114,12 +114,12 @@ def nf4_linear(x: torch.Tensor, qweight: NF4Weight, bias: torch.Tensor | None = 
     """
     if (dtype := autocast_dtype(x)) is not None:  # x and bias in the autocast dtype; W decodes to x's
         return call_without_autocast(nf4_linear, dtype, dict(x=x, qweight=qweight, bias=bias))
-    _check_base(x, qweight, bias)
+    check_nf4_base(x, qweight, bias)
     impl = resolve(x.device)
     if impl == "reference":
         return reference.nf4_linear(x, qweight, bias)
     q = qweight.tensors()
-    return NF4LinearFunction.apply(x, bias, q.packed, q.absmax, q.absmax_scale, q.absmax_offset, _meta(qweight),
+    return NF4LinearFunction.apply(x, bias, q.packed, q.absmax, q.absmax_scale, q.absmax_offset, nf4_meta(qweight),
                                    ops_for_call("nf4", impl))
 
 
@@ -135,7 +135,7 @@ def qlora_linear(x: torch.Tensor, qweight: NF4Weight, lora_A: torch.Tensor, lora
     if (dtype := autocast_dtype(x)) is not None:
         return call_without_autocast(qlora_linear, dtype, dict(
             x=x, qweight=qweight, lora_A=lora_A, lora_B=lora_B, scaling=scaling, bias=bias, dropout_p=dropout_p))
-    _check_base(x, qweight, bias)
+    check_nf4_base(x, qweight, bias)
     scaling, dropout_p = check_lora_args(x, qweight.out_features, qweight.in_features, lora_A, lora_B,
                                          scaling, dropout_p, {"qweight": qweight.packed, "bias": bias})
     impl = resolve(x.device)
@@ -143,4 +143,4 @@ def qlora_linear(x: torch.Tensor, qweight: NF4Weight, lora_A: torch.Tensor, lora
         return reference.qlora_linear(x, qweight, lora_A, lora_B, scaling, bias, dropout_p)
     q = qweight.tensors()
     return QLoraLinearFunction.apply(x, lora_A, lora_B, bias, q.packed, q.absmax, q.absmax_scale, q.absmax_offset,
-                                     _meta(qweight), scaling, dropout_p, ops_for_call("nf4", impl))
+                                     nf4_meta(qweight), scaling, dropout_p, ops_for_call("nf4", impl))

@@ -74,7 +74,7 @@ def base_model_name(model: nn.Module) -> str | None:
 
 # Config fields whose non-default values ask for something these layers do not do.
 _UNSUPPORTED = {
-    "use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out (GPT-2 Conv1D weights)", "modules_to_save": "modules_to_save",
+    "fan_in_fan_out": "fan_in_fan_out (GPT-2 Conv1D weights)", "modules_to_save": "modules_to_save",
     "layers_to_transform": "layers_to_transform", "layers_pattern": "layers_pattern", "lora_bias": "lora_bias",
     "target_parameters": "target_parameters", "trainable_token_indices": "trainable_token_indices",
     "use_qalora": "QALoRA", "alora_invocation_tokens": "aLoRA", "megatron_config": "Megatron layers",
@@ -93,8 +93,9 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the LoRA layers of `model` (``LoraLinear`` / ``QLoraLinear``) as a PEFT adapter
     folder that ``peft.PeftModel.from_pretrained`` loads: keys
     ``base_model.model.<module>.lora_A.weight`` [r, in] and ``...lora_B.weight`` [out, r] in the
-    adapters' dtype; ``target_modules`` the exact module names; the most common r and
-    lora_alpha as ``r`` / ``lora_alpha``, the others in ``rank_pattern`` / ``alpha_pattern``.
+    adapters' dtype (DoRA layers: ``...lora_magnitude_vector`` [out] too, and ``use_dora``);
+    ``target_modules`` the exact module names; the most common r and lora_alpha as ``r`` /
+    ``lora_alpha``, the others in ``rank_pattern`` / ``alpha_pattern``.
 
     In a process group (DDP, FSDP2) every rank calls it and rank 0 writes; FSDP2-sharded
     adapters are gathered first."""
@@ -105,6 +106,10 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     rslora = {m.use_rslora for _, m in layers}
     if len(rslora) > 1:
         raise ValueError("some layers use rsLoRA and some do not: PEFT's config has one use_rslora for all")
+    dora = {m.use_dora for _, m in layers}
+    if len(dora) > 1:
+        raise ValueError("some layers use DoRA and some do not: PEFT's config has one use_dora for all")
+    use_dora = dora.pop()
     r = _most_common(m.r for _, m in layers)
     alpha = _most_common(m.lora_alpha for _, m in layers)
     config = {
@@ -113,7 +118,7 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         "use_rslora": rslora.pop(), "target_modules": sorted(name for name, _ in layers),
         "rank_pattern": {name: m.r for name, m in layers if m.r != r},
         "alpha_pattern": {name: m.lora_alpha for name, m in layers if m.lora_alpha != alpha},
-        "bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None,
+        "bias": "none", "fan_in_fan_out": False, "use_dora": use_dora, "modules_to_save": None,
         "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
         "base_model_name_or_path": base_model_name(model), "revision": None,
     }
@@ -121,6 +126,8 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     for name, layer in layers:
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = _full(layer.lora_A)
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = _full(layer.lora_B)
+        if use_dora:  # PEFT's key: its ModuleDict's ".<adapter>.weight" stripped
+            tensors[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = _full(layer.lora_magnitude_vector)
     if _distributed_rank() in (None, 0):  # in a process group, rank 0 writes
         write_folder(path, config, tensors)
 
@@ -150,24 +157,29 @@ def _lora_config(config: dict, where: str) -> dict:
     use_rslora = config.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         raise ValueError(f"{where}: use_rslora must be true or false")
+    use_dora = config.get("use_dora", False)
+    if not isinstance(use_dora, bool):
+        raise ValueError(f"{where}: use_dora must be true or false")
     rank_pattern, alpha_pattern = check_patterns(config.get("rank_pattern") or None,
                                                  config.get("alpha_pattern") or None)
     return {"target_modules": targets, "r": checks.positive_int("r", config.get("r", 8)),
             "lora_alpha": checks.real_number("lora_alpha", config.get("lora_alpha", 8)),
             "lora_dropout": checks.probability("lora_dropout", config.get("lora_dropout", 0.0)),
-            "use_rslora": use_rslora, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+            "use_rslora": use_rslora, "use_dora": use_dora, "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
             "exclude_modules": config.get("exclude_modules")}
 
 
 def load_peft_adapter(model: nn.Module, path: str | os.PathLike, quantize: str | None = None) -> nn.Module:
     """Read a PEFT LoRA folder into a plain `model`: put a ``LoraLinear`` (``QLoraLinear`` with
     ``quantize="nf4"``) on each linear layer the config's ``target_modules`` name (less
-    ``exclude_modules``), with its ``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern`` and
+    ``exclude_modules``), with its ``r``, ``lora_alpha``, ``use_rslora``, ``use_dora`` (DoRA /
+    QDoRA, the magnitude from ``lora_magnitude_vector``), ``rank_pattern`` and
     ``alpha_pattern``, load the adapter weights, freeze the rest, and return the model.
 
     Every field, key, shape, dtype and value is checked before the model changes: on any
-    error (missing or extra keys, shapes that disagree with the config, a damaged file, DoRA
-    or another unsupported option, a .bin pickle) the model is exactly as before."""
+    error (missing or extra keys, shapes that disagree with the config, a damaged file, an
+    unsupported option, a .bin pickle) the model is exactly as before."""
     checks.module("model", model)
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
@@ -182,22 +194,25 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, quantize: str |
         r = checks.positive_int(f"rank_pattern for {name}", pattern_value(cfg["rank_pattern"], name, cfg["r"]))
         alpha = pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"])
         key_a, key_b = f"{KEY_PREFIX}{name}.lora_A.weight", f"{KEY_PREFIX}{name}.lora_B.weight"
-        expected |= {key_a, key_b}
-        for key, shape in ((key_a, (r, linear.in_features)), (key_b, (linear.out_features, r))):
+        key_m = f"{KEY_PREFIX}{name}.lora_magnitude_vector" if cfg["use_dora"] else None
+        expected |= {key_a, key_b} | ({key_m} if key_m else set())
+        shapes = [(key_a, (r, linear.in_features)), (key_b, (linear.out_features, r))]
+        for key, shape in shapes + ([(key_m, (linear.out_features,))] if key_m else []):
             if key in tensors and tuple(tensors[key].shape) != shape:
                 raise ValueError(f"{key} has shape {tuple(tensors[key].shape)}, but the config (r={r}) and the "
                                  f"model's {name} ({linear.in_features}→{linear.out_features}) need {shape}")
-        plan.append((name, linear, r, alpha, key_a, key_b))
+        plan.append((name, linear, r, alpha, key_a, key_b, key_m))
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or extra:
         raise ValueError(f"{path}: the adapter weights do not fit the config on this model: "
                          f"missing {missing[:6]}{' …' if len(missing) > 6 else ''}, "
                          f"unexpected {extra[:6]}{' …' if len(extra) > 6 else ''}")
     layers = []
-    for name, linear, r, alpha, key_a, key_b in plan:
-        a, b = tensors[key_a], tensors[key_b]
+    for name, linear, r, alpha, key_a, key_b, key_m in plan:
+        weights = (tensors[key_a], tensors[key_b]) + ((tensors[key_m],) if key_m else ())
         # PEFT's fp32 adapters stay fp32 on a half-precision base (our layers take them as they are)
-        adapter_dtype = torch.float32 if a.dtype == torch.float32 else linear.weight.dtype
+        adapter_dtype = torch.float32 if weights[0].dtype == torch.float32 else linear.weight.dtype
         layers.append((name, dict(r=r, lora_alpha=alpha, lora_dropout=cfg["lora_dropout"],
-                                  use_rslora=cfg["use_rslora"], adapter_dtype=adapter_dtype), (a, b)))
+                                  use_rslora=cfg["use_rslora"], adapter_dtype=adapter_dtype,
+                                  use_dora=cfg["use_dora"]), weights))
     return replace_linears(model, layers, quantize)

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..nf4 import NF4Weight
 from ..ops import checks
+from ..ops.dora import RowNormCache, dora_linear, qdora_linear
 from ..ops.lora import lora_linear
 from ..ops.qlora import qlora_linear
 
@@ -34,13 +35,20 @@ class _FusedLoraForward:
     PEFT's (see ``_fused_plan``)."""
 
     def _fused_plan(self, x: torch.Tensor, args, kwargs):
-        """(adapter name, dropout p) when the fused op computes exactly PEFT's result, else None."""
+        """(adapter name, dropout p, DoRA magnitude or None) when the fused op computes exactly
+        PEFT's result, else None."""
         if args or kwargs or self.disable_adapters or self.merged:
             return None
         active = [a for a in self.active_adapters if a in self.lora_A]
-        if len(active) != 1 or active[0] in getattr(self, "lora_variant", {}):
+        if len(active) != 1:
             return None
         adapter = active[0]
+        magnitude = None
+        variant = getattr(self, "lora_variant", {}).get(adapter)
+        if variant is not None:
+            if not _is_dora(variant):
+                return None
+            magnitude = self.lora_magnitude_vector[adapter].weight
         dropout = self.lora_dropout[adapter]
         if isinstance(dropout, nn.Identity) or not self.training:
             p = 0.0
@@ -53,7 +61,9 @@ class _FusedLoraForward:
         a_dtype = self.lora_A[adapter].weight.dtype
         if a_dtype != self.lora_B[adapter].weight.dtype or a_dtype not in (x.dtype, torch.float32):
             return None
-        return adapter, p
+        if magnitude is not None and magnitude.dtype not in (x.dtype, torch.float32):
+            return None
+        return adapter, p, magnitude
 
     def _peft_forward(self, x, *args, **kwargs):
         return super(_FusedLoraForward, self).forward(x, *args, **kwargs)  # PEFT's own class, next in the MRO
@@ -62,27 +72,39 @@ class _FusedLoraForward:
         plan = self._fused_plan(x, args, kwargs)
         if plan is None:
             return self._peft_forward(x, *args, **kwargs)
-        adapter, p = plan
+        adapter, p, magnitude = plan
         return self._fused_forward(x, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                                   self.scaling[adapter], p)
+                                   self.scaling[adapter], p, magnitude)
 
 
 class _FusedLinear(_FusedLoraForward):
-    def _fused_forward(self, x, lora_A, lora_B, scaling, p):
+    def _fused_forward(self, x, lora_A, lora_B, scaling, p, magnitude):
         base = self.base_layer
         if x.dtype != base.weight.dtype:  # lora_linear takes one dtype for x and W: let PEFT cast
             return self._peft_forward(x)
+        if magnitude is not None:
+            return dora_linear(x, base.weight, lora_A, lora_B, magnitude, scaling, base.bias, p,
+                               weight_sq_norm=self._peft_ops_sq_norms(base.weight, x.dtype))
         return lora_linear(x, base.weight, lora_A, lora_B, scaling, base.bias, p)
 
 
 class _FusedLinear4bit(_FusedLoraForward):
-    def _fused_forward(self, x, lora_A, lora_B, scaling, p):
+    def _fused_forward(self, x, lora_A, lora_B, scaling, p, magnitude):
         qweight = self._peft_ops_nf4  # NF4Weight over the layer's own bitsandbytes tensors
         if x.dtype != qweight.dtype:
             return self._peft_forward(x)
         bias = self.get_base_layer().bias
         bias = bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias
+        if magnitude is not None:
+            return qdora_linear(x, qweight, lora_A, lora_B, magnitude, scaling, bias, p,
+                                weight_sq_norm=self._peft_ops_sq_norms(qweight, x.dtype))
         return qlora_linear(x, qweight, lora_A, lora_B, scaling, bias, p)
+
+
+def _is_dora(variant) -> bool:
+    """PEFT's DoRA variant (``peft.tuners.lora.variants.DoraLinearVariant``), by name: the
+    variants module moved across PEFT versions."""
+    return type(variant).__name__ == "DoraLinearVariant"
 
 
 _FUSED_CLASSES: dict[tuple[type, type], type] = {}
@@ -103,10 +125,9 @@ def _why_not(layer) -> str | None:
     if len(layer.active_adapters) > 1:
         return f"{len(layer.active_adapters)} active adapters (the fused layer runs one)"
     for adapter in layer.lora_A:
-        if layer.use_dora.get(adapter, False):
-            return f"DoRA (adapter {adapter!r})"
-        if getattr(layer, "lora_variant", {}).get(adapter) is not None:
-            return f"LoRA variant {type(layer.lora_variant[adapter]).__name__} (adapter {adapter!r})"
+        variant = getattr(layer, "lora_variant", {}).get(adapter)
+        if variant is not None and not _is_dora(variant):
+            return f"LoRA variant {type(variant).__name__} (adapter {adapter!r})"
         if getattr(layer, "lora_bias", {}).get(adapter, False):
             return f"lora_bias (adapter {adapter!r})"
     if getattr(layer, "fan_in_fan_out", False):
@@ -117,9 +138,10 @@ def _why_not(layer) -> str | None:
 def from_peft(peft_model: nn.Module) -> FromPeftReport:
     """Swap, in place, the LoRA layers of a Hugging Face ``PeftModel`` — ``peft.tuners.lora.Linear``
     over an ``nn.Linear``, and PEFT's bitsandbytes ``Linear4bit`` (NF4) LoRA layers — for the
-    fused ones, sharing every Parameter and buffer. Layers it cannot handle (several
-    adapters, DoRA or another variant, fan_in_fan_out, lora_bias, other base layers) are left
-    as they are and reported, in the returned report and as a warning."""
+    fused ones, sharing every Parameter and buffer; DoRA layers (dense and 4-bit) run
+    :func:`peft_ops.dora_linear` / :func:`peft_ops.qdora_linear`. Layers it cannot handle
+    (several adapters, a variant other than DoRA, fan_in_fan_out, lora_bias, other base
+    layers) are left as they are and reported, in the returned report and as a warning."""
     try:
         from peft.tuners.lora import layer as lora_layers
     except ImportError as err:
@@ -152,9 +174,10 @@ def from_peft(peft_model: nn.Module) -> FromPeftReport:
         if reason is not None:
             report.skipped[name] = reason
     for name, module, mixin, nf4 in plans:
+        # not submodules: the state_dict must stay exactly PEFT's
         if nf4 is not None:
-            # not a submodule: the state_dict must stay exactly PEFT's
             object.__setattr__(module, "_peft_ops_nf4", nf4)
+        object.__setattr__(module, "_peft_ops_sq_norms", RowNormCache())  # DoRA's ‖W‖², computed once
         module.__class__ = _fused_class(type(module), mixin)
         report.swapped.append(name)
     if not plans and not report.skipped:

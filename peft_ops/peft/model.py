@@ -106,13 +106,14 @@ def trainable_summary(model: nn.Module) -> str:
 
 def replace_linears(model: nn.Module, layers: list, quantize: str | None) -> nn.Module:
     """Put a LoraLinear (QLoraLinear when quantize == "nf4") in place of each nn.Linear named in
-    `layers` = [(name, from_linear keyword arguments, (lora_A, lora_B) or None)], then freeze
-    every other parameter. Each configuration is checked before anything changes."""
+    `layers` = [(name, from_linear keyword arguments, (lora_A, lora_B[, magnitude]) or None)],
+    then freeze every other parameter. Each configuration is checked before anything changes.
+    A DoRA layer given adapters but no magnitude starts it at ‖W + s·B·A‖, as PEFT does."""
     layer_class = QLoraLinear if quantize == "nf4" else LoraLinear
     for name, kw, _ in layers:
         linear = model.get_submodule(name)
         layer_class._checked_config(linear.in_features, linear.out_features, kw["r"], kw["lora_alpha"],
-                                    kw["lora_dropout"], kw["use_rslora"])
+                                    kw["lora_dropout"], kw["use_rslora"], kw.get("use_dora", False))
     built = []
     for name, kw, weights in layers:
         layer = layer_class.from_linear(model.get_submodule(name), **kw)
@@ -120,11 +121,17 @@ def replace_linears(model: nn.Module, layers: list, quantize: str | None) -> nn.
             with torch.no_grad():
                 layer.lora_A.copy_(weights[0])
                 layer.lora_B.copy_(weights[1])
+                if layer.use_dora and len(weights) > 2:
+                    layer.lora_magnitude_vector.copy_(weights[2])
+                else:
+                    layer.reset_magnitude()
         built.append((name, layer))
     model.requires_grad_(False)
     for name, layer in built:
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
+        if layer.use_dora:
+            layer.lora_magnitude_vector.requires_grad_(True)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     return model
@@ -132,7 +139,7 @@ def replace_linears(model: nn.Module, layers: list, quantize: str | None) -> nn.
 
 def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                use_rslora: bool = False, quantize: str | None = None, rank_pattern: dict | None = None,
-               alpha_pattern: dict | None = None) -> nn.Module:
+               alpha_pattern: dict | None = None, use_dora: bool = False) -> nn.Module:
     """Replace each ``nn.Linear`` of `model` that `target_modules` names with a
     :class:`LoraLinear` sharing its weight and bias (a :class:`QLoraLinear` holding its NF4
     quantization with ``quantize="nf4"``), freeze every other parameter, return the model.
@@ -141,7 +148,9 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
     full name; only ``nn.Linear`` modules are candidates, and a target list that matches none is
     a ValueError listing the model's linear layer names. ``rank_pattern`` / ``alpha_pattern``
     ({regex: value}) override ``r`` / ``lora_alpha`` per module as in PEFT (the first key that
-    matches the end of the name). Everything is checked before the model changes.
+    matches the end of the name). ``use_dora=True``: DoRA layers (QDoRA with
+    ``quantize="nf4"``), each magnitude starting at its column norms ‖W‖ as in PEFT.
+    Everything is checked before the model changes.
     """
     checks.module("model", model)
     r = checks.positive_int("r", r)
@@ -149,6 +158,8 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
     lora_dropout = checks.probability("lora_dropout", lora_dropout)
     if not isinstance(use_rslora, bool):
         raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"use_dora must be a bool, got {type(use_dora).__name__}")
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     rank_pattern, alpha_pattern = check_patterns(rank_pattern, alpha_pattern)
@@ -156,7 +167,8 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
                if not isinstance(m, (LoraLinear, QLoraLinear))]
     layers = [(name, dict(r=pattern_value(rank_pattern, name, r),
                           lora_alpha=pattern_value(alpha_pattern, name, lora_alpha),
-                          lora_dropout=lora_dropout, use_rslora=use_rslora), None) for name, _ in targets]
+                          lora_dropout=lora_dropout, use_rslora=use_rslora, use_dora=use_dora), None)
+              for name, _ in targets]
     return replace_linears(model, layers, quantize)
 
 
@@ -179,7 +191,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             with torch.no_grad():
                 weight = layer.weight.float()
                 if not layer.merged and not layer._adapter_disabled:
-                    weight = weight + layer._delta_weight_fp32()
+                    weight = layer.merged_weight_fp32()
                 merged.weight.copy_(weight)
                 if layer.bias is not None:
                     merged.bias.copy_(layer.bias)

@@ -203,8 +203,8 @@ def test_from_peft_keeps_outputs_gradients_keys_and_files(tmp_path, monkeypatch)
 
 def test_from_peft_reports_what_it_leaves():
     base = llama()
-    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=["q_proj"], use_dora=True))
-    with pytest.warns(UserWarning, match="DoRA"):
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=["q_proj"], lora_bias=True))
+    with pytest.warns(UserWarning, match="lora_bias"):
         report = peft_ops.from_peft(model)
     assert not report.swapped and set(report.skipped) == {f"base_model.model.model.layers.{i}.self_attn.q_proj"
                                                           for i in range(2)}
@@ -279,8 +279,10 @@ def _damage(path, what):
         tensors[key] = tensors[key].to(torch.int32)
     elif what == "nan":
         tensors[key] = tensors[key] * float("nan")
-    elif what == "dora":
+    elif what == "dora without magnitudes":
         config["use_dora"] = True
+    elif what == "dora not a bool":
+        config["use_dora"] = "yes"
     elif what == "prompt config":
         config["peft_type"] = "PROMPT_TUNING"
     elif what == "rank mismatch":
@@ -308,7 +310,8 @@ def _damage(path, what):
 
 # what → a word the refusal must name (None: any ValueError)
 DAMAGES = {"missing key": None, "extra key": None, "wrong shape": None, "int weights": None, "nan": None,
-           "dora": "DoRA", "prompt config": "peft_type", "rank mismatch": None, "no target_modules": "target_modules",
+           "dora without magnitudes": "lora_magnitude_vector", "dora not a bool": "use_dora",
+           "prompt config": "peft_type", "rank mismatch": None, "no target_modules": "target_modules",
            "modules_to_save": "modules_to_save", "fan_in_fan_out": "fan_in_fan_out",
            "layers_to_transform": "layers_to_transform", "trained biases": "bias", "truncated": None, "pickle": None,
            "bad json": None}

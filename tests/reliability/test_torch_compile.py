@@ -110,3 +110,61 @@ def _opcheck_cases():
 def test_custom_ops_pass_opcheck(name):
     op, args = _opcheck_cases()[name]
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+class DoraModel(nn.Module):
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.dora = peft_ops.LoraLinear.from_linear(nn.Linear(32, 24), r=4, lora_dropout=dropout, use_dora=True)
+        self.qdora = peft_ops.QLoraLinear.from_linear(nn.Linear(24, 32), r=4, lora_dropout=dropout, use_dora=True)
+        with torch.no_grad():
+            for layer in (self.dora, self.qdora):
+                layer.lora_B.normal_(0, 0.3)
+                layer.lora_magnitude_vector.mul_(1.2)
+
+    def forward(self, x):
+        return self.qdora(torch.relu(self.dora(x)))
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_compiled_dora_equals_eager(path):
+    """DoRA and QDoRA layers compile with fullgraph=True (‖W‖² computed in the graph there) and
+    give eager's outputs and gradients, on the PyTorch path (inductor) and the interpreted
+    kernels (aot_eager)."""
+    if path == "triton" and torch.cuda.is_available():
+        pytest.skip("interpreted kernels (GPU: tests/reliability/test_gpu.py)")
+    model = DoraModel()
+    x = torch.randn(2, 5, 32)
+    with peft_ops.use_backend(path):
+        eager = run(model, x)
+        compiled = run(torch.compile(model, fullgraph=True, backend="inductor" if path == "torch" else "aot_eager"), x)
+    for a, b in zip(eager, compiled):
+        assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _dora_opcheck_cases():
+    gen = torch.Generator().manual_seed(0)
+    x, W = torch.randn(5, 16, generator=gen), torch.randn(12, 16, generator=gen)
+    A, B = torch.randn(4, 16, generator=gen), torch.randn(12, 4, generator=gen)
+    m, sq = torch.rand(12, generator=gen) + 0.5, W.square().sum(1)
+    xa, dy = torch.randn(5, 4, generator=gen), torch.randn(5, 12, generator=gen)
+    pre, c, norm = torch.randn(5, 12, generator=gen), torch.rand(12, generator=gen), torch.rand(12, generator=gen) + 1
+    q = tuple(peft_ops.nf4.quantize(W).tensors())
+    keep = torch.randint(-2**31, 2**31, (5, 1), generator=gen, dtype=torch.int64).to(torch.int32)  # 16 columns
+    return {
+        "dora_norm": (custom_ops.dora_norm, (W, A, B, m, 0.5, sq, "torch")),
+        "dora_forward": (custom_ops.dora_forward, (x, W, xa, keep, B, 0.5, None, c, 0.2, "torch")),
+        "dora_backward": (custom_ops.dora_backward, (dy, x, W, A, B, xa, keep, pre, c, norm, 0.5, 0.2, True, True,
+                                                     False, True, True, "torch")),
+        "qdora_norm": (custom_ops.qdora_norm, (*q, A, B, m, 0.5, sq, torch.float32, "torch")),
+        "qdora_forward": (custom_ops.qdora_forward, (x, *q, xa, None, B, 0.5, None, c, 0.0, "torch")),
+        "qdora_backward": (custom_ops.qdora_backward, (dy, x, *q, A, B, xa, None, pre, c, norm, 0.5, 0.0, True, False,
+                                                       True, True, False, "torch")),
+    }
+
+
+@pytest.mark.parametrize("name", list(_dora_opcheck_cases()))
+def test_dora_custom_ops_pass_opcheck(name):
+    op, args = _dora_opcheck_cases()[name]
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
