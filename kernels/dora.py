@@ -63,6 +63,15 @@ MAX_SLICES = 16  # K (norm) or M (dY pass) slices per column tile: powers of two
 PROGRAMS_PER_SM = 2  # memory-bound passes: two resident programs per SM keep loads in flight
 
 
+# For the static estimate: the loops' local bounds (program 0's slice: every slice but the last
+# is as long), and the loop only the last program of a column tile runs (the quadratic term).
+LOOP_BOUNDS = {
+    "_dora_norm_kernel": {"k_start": "0", "k_end": "min(K, cdiv(cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K)"},
+    "_dora_backward_dy_kernel": {"m_start": "0", "m_end": "min(M, rows_per_slice)"},
+}
+LOOP_SHARES = {"_dora_norm_kernel": {"for i in range(0, R):": "1 / SPLIT_K"}}
+
+
 def rank_pad(r: int) -> int:
     """The rank as the norm kernel's tiles hold it: a power of two ≥ 16 (tl.dot's minimum)."""
     return max(16, triton.next_power_of_2(r))
@@ -146,13 +155,19 @@ def _dora_norm_kernel(
         b_t = tl.load(B + cols[None, :] * stride_bn + offs_r[:, None].to(tl.int64) * stride_br,
                       mask=r_mask[:, None], other=0.0).to(tl.float32)
         cross = tl.sum(b_t * acc, axis=0)
-        # B_n·GRAM·B_nᵀ one row of GRAM at a time, in fp32 FMAs: r²·BLOCK_N per tile (r/K of
-        # the pass); a [r, r] × [r, BLOCK_N] dot spilled at r = 64.
-        quad = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for i in range(0, R):
-            gram_row = tl.load(GRAM + i * R + offs_r, mask=r_mask, other=0.0)
-            b_i = tl.load(B + cols * stride_bn + i * stride_br).to(tl.float32)
-            quad += b_i * tl.sum(gram_row[:, None] * b_t, axis=0)
+        if R_PAD <= 64:
+            # B_n·GRAM·B_nᵀ as one [r, r] × [r, BLOCK_N] dot: GRAM loaded with B's tile (one
+            # wait), fp32 operands at DOT_PRECISION (tf32x3: fp32-accurate)
+            gram = tl.load(GRAM + offs_r[:, None] * R + offs_r[None, :], mask=r_mask[:, None] & r_mask[None, :],
+                           other=0.0)
+            quad = tl.sum(b_t * tl.dot(gram, b_t, input_precision=DOT_PRECISION), axis=0)
+        else:
+            # wider ranks: one row of GRAM at a time in fp32 FMAs (the whole [r, r] tile spills)
+            quad = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for i in range(0, R):
+                gram_row = tl.load(GRAM + i * R + offs_r, mask=r_mask, other=0.0)
+                b_i = tl.load(B + cols * stride_bn + i * stride_br).to(tl.float32)
+                quad += b_i * tl.sum(gram_row[:, None] * b_t, axis=0)
         square = tl.load(WSQ + cols) + 2.0 * scaling * cross + (scaling * scaling) * quad
         norm = tl.sqrt(tl.maximum(square, 0.0))  # ≥ 0 in exact math; rounding may not
         n_mask = offs_n < N

@@ -131,6 +131,18 @@ FORWARD_CONFIGS = {
                             (64, 64, 16, 8, 4, 3)]),
     "interpreter": tile_configs(_GEMM, [(32, 32, 32, 8, 4, 1)]),
 }
+# DoRA's forward (DORA: pre stored, the column scale in the epilogue) in half precision: the base
+# tiles only (the 128×256 tile spilled 48 bytes on sm_90a with the extra store).
+for _tables in (FORWARD_CONFIGS["sm80"], FORWARD_CONFIGS["sm90"]):
+    _tables["dora"] = _tables["mixed"]
+
+
+def forward_family(named_args: dict, constexprs: dict) -> str:
+    """dtype_family("X"), with half-precision DoRA launches in their own list ("dora")."""
+    family = dtype_family("X")(named_args, constexprs)
+    return "dora" if family == "half" and constexprs.get("DORA") else family
+
+
 SHRINK_CONFIGS = {
     "sm80": _families(_SHRINK, base=[(64, 64, 4, 3), (16, 128, 4, 4)], wide=[(128, 64, 8, 3), (32, 128, 4, 3)],
                       fp32=[(32, 32, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2)]),
@@ -348,7 +360,7 @@ def lora_dx_term(G, A, KEEP, rows, m_mask, cols, k0, R, K, stride_ar, stride_ak,
     return acc
 
 
-@autotuned(FORWARD_CONFIGS, dtype_family("X"), key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "DORA", "RANK_FP32"])
+@autotuned(FORWARD_CONFIGS, forward_family, key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "DORA", "RANK_FP32"])
 @triton.jit
 def _lora_forward_kernel(
     X, W, XA, B, BIAS, Y, SCALE, PRE, M, N, K, R, M_BUCKET,
@@ -996,7 +1008,8 @@ def aot_specs(target: str) -> list:
               unit_strides=("stride_xk", "stride_wk", "stride_br", "stride_bias"), float_args=("scaling",))
         build("lora_forward", _lora_forward_kernel, FORWARD_CONFIGS,
               dict(X=dt, W=dt, XA="fp32", B=rt, BIAS=dt, Y=dt, SCALE="fp32", PRE=dt), dict(HAS_BIAS=True, DORA=True),
-              variant=f"{variant}, DoRA", unit_strides=("stride_xk", "stride_wk", "stride_br", "stride_bias"),
+              variant=f"{variant}, DoRA", family="dora" if family == "half" else family,
+              unit_strides=("stride_xk", "stride_wk", "stride_br", "stride_bias"),
               float_args=("scaling",))
         build("lora_backward_g", _lora_backward_g_kernel, BACKWARD_G_CONFIGS, dict(DY=dt, B=rt, G="fp32"), {},
               unit_strides=("stride_dyn", "stride_br"))

@@ -39,6 +39,7 @@ from ..nn.bottleneck import BottleneckAdapter
 from ..nn.lora import LoraLinear, QLoraLinear
 from ..ops import gemm_choice
 from ..ops.bottleneck import bottleneck_adapter
+from ..ops.dora import dora_linear, qdora_linear, squared_row_norms
 from ..ops.lora import lora_linear
 from ..ops.qlora import nf4_linear, qlora_linear
 from . import estimate, roofline, tune
@@ -46,7 +47,7 @@ from .accuracy import saved_activation_bytes
 from .aot import format_table
 from .presets import PRESETS
 from .records import provenance, text_table, write_csv, write_json
-from .roofline import OPS, PHASES, OpShape
+from .roofline import ADAPTER_OPS, NF4_OPS, OPS, PHASES, OpShape
 
 # The phases of a bench row: the roofline's two, and their sum.
 ROW_PHASES = (*PHASES, "fwd+bwd")
@@ -100,7 +101,7 @@ def model_row(s: OpShape, gpu_name: str, gpu: dict) -> list[dict]:
                # the bytes-only model: bounds (the least time those FLOPs and bytes can take), not predictions
                "bound_fused_ms": t_fused * 1e3, "bound_eager_ms": t_eager * 1e3,
                "bound_speedup_vs_eager": t_eager / t_fused, "bound_pct_roofline": 100 * t_min / t_fused}
-        if s.op in ("lora", "qlora"):
+        if s.op in ADAPTER_OPS:
             row["bound_fused_vs_base"] = t_fused / roofline.roofline_seconds(*base[phase], gpu)
         rows.append(row)
     return rows
@@ -148,23 +149,38 @@ def implementations(s: OpShape, dtype: torch.dtype, device: torch.device) -> tup
     W = rand(s.N, s.K, scale=s.K ** -0.5)
     impls = {"base": lambda: F.linear(x, W)}
     leaves, weights = [x], [W]
-    if s.op in ("qlora", "nf4"):
+    if s.op in NF4_OPS:
         q = quantize(W)
         weights += list(q.buffers())
         if s.op == "nf4":
             impls["fused"] = lambda: nf4_linear(x, q)
             impls["eager"] = lambda: F.linear(x, dequantize(q, dtype))
-    if s.op in ("lora", "qlora"):
+    magnitude = None
+    if s.op in ADAPTER_OPS:
         A, B = rand(s.r, s.K, scale=s.K ** -0.5, grad=True), rand(s.N, s.r, scale=s.r ** -0.5, grad=True)
         leaves += [A, B]
         if s.op == "lora":
             impls["fused"] = lambda: lora_linear(x, W, A, B, 2.0)
             impls["eager"] = lambda: reference.lora_linear(x, W, A, B, 2.0)
-        else:
+        elif s.op == "qlora":
             impls["fused"] = lambda: qlora_linear(x, q, A, B, 2.0)
             impls["eager"] = lambda: reference.qlora_linear(x, q, A, B, 2.0)
             impls["lora (bf16 base)"] = lambda: lora_linear(x, W, A, B, 2.0)
-        peft_layer = _peft_layer(s, W, A, B, quantized=s.op == "qlora")
+        else:  # DoRA: ‖W‖² cached, as the layers hold it; beside it our LoRA (QLoRA) at the same shape
+            magnitude = (W.float().norm(dim=1) * 1.1).to(dtype).requires_grad_()
+            leaves.append(magnitude)
+            if s.op == "dora":
+                sq = squared_row_norms(W)
+                impls["fused"] = lambda: dora_linear(x, W, A, B, magnitude, 2.0, weight_sq_norm=sq)
+                impls["eager"] = lambda: reference.dora_linear(x, W, A, B, magnitude, 2.0)
+                impls["lora"] = lambda: lora_linear(x, W, A, B, 2.0)
+            else:
+                sq = squared_row_norms(q, dtype)
+                impls["fused"] = lambda: qdora_linear(x, q, A, B, magnitude, 2.0, weight_sq_norm=sq)
+                impls["eager"] = lambda: reference.qdora_linear(x, q, A, B, magnitude, 2.0)
+                impls["qlora"] = lambda: qlora_linear(x, q, A, B, 2.0)
+            weights.append(sq)
+        peft_layer = _peft_layer(s, W, A, B, quantized=s.op in NF4_OPS, magnitude=magnitude)
         if peft_layer is not None:
             impls["peft"] = lambda: peft_layer(x)
             weights += [*peft_layer.parameters(), *peft_layer.buffers()]
@@ -193,8 +209,9 @@ def _bnb_layer(W: torch.Tensor):
     return layer
 
 
-def _peft_layer(s: OpShape, W, A, B, quantized: bool):
-    """PEFT's LoRA layer over nn.Linear (or over bitsandbytes' Linear4bit), with A and B."""
+def _peft_layer(s: OpShape, W, A, B, quantized: bool, magnitude=None):
+    """PEFT's LoRA layer over nn.Linear (or over bitsandbytes' Linear4bit), with A and B; its
+    DoRA layer when a magnitude is given."""
     try:
         import peft
     except ImportError:
@@ -209,11 +226,14 @@ def _peft_layer(s: OpShape, W, A, B, quantized: bool):
             base.weight.copy_(W)
     holder = torch.nn.Module()
     holder.proj = base
-    model = peft.get_peft_model(holder, peft.LoraConfig(r=s.r, lora_alpha=2 * s.r, target_modules=["proj"]))
+    model = peft.get_peft_model(holder, peft.LoraConfig(r=s.r, lora_alpha=2 * s.r, target_modules=["proj"],
+                                                        use_dora=magnitude is not None))
     layer = model.base_model.model.proj
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(A)
         layer.lora_B["default"].weight.copy_(B)
+        if magnitude is not None:
+            layer.lora_magnitude_vector["default"].weight.copy_(magnitude)
     return layer
 
 
@@ -261,7 +281,9 @@ def saved_activation_rows(dtype=torch.bfloat16) -> list[dict]:
         layers = {"peft_ops LoraLinear": LoraLinear.from_linear(linear, r=r, lora_alpha=2 * r,
                                                                           lora_dropout=dropout),
                   "peft_ops QLoraLinear": QLoraLinear.from_linear(linear, r=r, lora_alpha=2 * r,
-                                                                            lora_dropout=dropout)}
+                                                                            lora_dropout=dropout),
+                  "peft_ops LoraLinear (DoRA)": LoraLinear.from_linear(linear, r=r, lora_alpha=2 * r,
+                                                                       lora_dropout=dropout, use_dora=True)}
         try:
             import peft
 
@@ -269,6 +291,11 @@ def saved_activation_rows(dtype=torch.bfloat16) -> list[dict]:
             holder.proj = torch.nn.Linear(d, d, bias=False, dtype=dtype)
             layers["PEFT LoRA (fp32 adapters)"] = peft.get_peft_model(holder, peft.LoraConfig(
                 r=r, lora_alpha=2 * r, target_modules=["proj"], lora_dropout=dropout)).base_model.model.proj
+            dora_holder = torch.nn.Module()
+            dora_holder.proj = torch.nn.Linear(d, d, bias=False, dtype=dtype)
+            layers["PEFT DoRA (fp32 adapters)"] = peft.get_peft_model(dora_holder, peft.LoraConfig(
+                r=r, lora_alpha=2 * r, target_modules=["proj"], lora_dropout=dropout,
+                use_dora=True)).base_model.model.proj
         except ImportError:
             pass
         found = {}
@@ -278,9 +305,11 @@ def saved_activation_rows(dtype=torch.bfloat16) -> list[dict]:
             found[name] = saved_activation_bytes(lambda layer=layer: layer(x), weights)[0]
         for name, nbytes in found.items():
             mask_bytes = M * -(-d // 32) * 4 if dropout else 0  # the keep mask, bit-packed
+            # DoRA keeps one [M, out] tensor more (the pre-scale output) and two fp32 [out] vectors
+            dora = M * d * x.element_size() + 2 * d * 4 if "DoRA" in name else 0
             rows.append({"layer": name, "shape": f"M={M} d={d} r={r}", "dropout": dropout, "saved_bytes": nbytes,
                          "saved_per_x": nbytes / x_bytes, "x_plus_xa_per_x": (x_bytes + M * r * 4) / x_bytes,
-                         "budget_per_x": (x_bytes + M * r * 4 + mask_bytes) / x_bytes})
+                         "budget_per_x": (x_bytes + M * r * 4 + mask_bytes + dora) / x_bytes})
     adapter = BottleneckAdapter(d, 64, "gelu", dtype=dtype)
     params = list(adapter.parameters())
     for name, fn in (("peft_ops BottleneckAdapter", lambda: adapter(x)),
@@ -300,7 +329,9 @@ def add_estimates(rows: list[dict], shapes: list[OpShape], gpu_name: str, gpu: d
         progress(f"no static estimate for {gpu_name} (estimates exist for {', '.join(sorted(estimate.GPUS))})")
         return []
     est = estimate.Estimator(gpu_name, jobs)
-    wanted = list(shapes) + [dataclasses.replace(s, op="lora") for s in shapes if s.op == "qlora"]
+    # beside QLoRA and DoRA our LoRA at the same shape; beside QDoRA our QLoRA
+    companion = {"qlora": "lora", "dora": "lora", "qdora": "qlora"}
+    wanted = list(shapes) + [dataclasses.replace(s, op=companion[s.op]) for s in shapes if s.op in companion]
     results = est.ops(list(dict.fromkeys(wanted)), dtype, progress=progress)
     chosen = {}
     for row in rows:
@@ -314,11 +345,12 @@ def add_estimates(rows: list[dict], shapes: list[OpShape], gpu_name: str, gpu: d
         row["estimate_kernels"] = "; ".join(f"{p['name'].strip('_').removesuffix('_kernel')} {p['config']} "
                                             f"({p['bound']})" for p in phase["parts"] if p["config"] is not None
                                             and not p["name"].startswith("aten."))
-        if s.op in ("lora", "qlora", "nf4"):
+        if s.op in (*ADAPTER_OPS, "nf4"):
             row["estimate_base_ms"] = estimate.base_layer_seconds(s, est.device)[row["phase"]] * 1e3
             row["estimate_vs_base"] = row["estimate_ms"] / row["estimate_base_ms"]
-        if s.op == "qlora":
-            row["estimate_lora_ms"] = results[dataclasses.replace(s, op="lora")][row["phase"]]["seconds"] * 1e3
+        if s.op in companion:
+            other = companion[s.op]
+            row[f"estimate_{other}_ms"] = results[dataclasses.replace(s, op=other)][row["phase"]]["seconds"] * 1e3
         for part in phase["parts"]:
             if not part["name"].startswith("aten."):
                 chosen[(part["name"], part["config"])] = part
@@ -390,9 +422,12 @@ def targets_report(rows: list[dict], saved: list[dict], on_gpu: bool) -> list[di
 
     lora = select("lora", "fwd+bwd", lambda r: r["M"] == 8192)
     qlora = select("qlora", "fwd+bwd", lambda r: r["M"] == 8192)
+    dora = select("dora", "fwd+bwd", lambda r: r["M"] == 8192)
+    qdora = select("qdora", "fwd+bwd", lambda r: r["M"] == 8192)
     gemv = select("nf4", "forward", gemv_shape)
     bottleneck = select("bottleneck", "fwd+bwd", lambda r: r["M"] >= 4096)
     lora_saved = [r for r in saved if r["layer"] == "peft_ops LoraLinear"]
+    dora_saved = [r for r in saved if r["layer"] == "peft_ops LoraLinear (DoRA)"]
 
     def values(selected, key_fn, needed):
         return [key_fn(r) for r in selected if all(k in r for k in needed)]
@@ -405,6 +440,14 @@ def targets_report(rows: list[dict], saved: list[dict], on_gpu: bool) -> list[di
         ("QLoRA fwd+bwd ÷ bf16 LoRA fwd+bwd at M = 8192", "≤", 1.08, qlora, max,
          lambda r: r["ms_fused"] / r["ms_lora (bf16 base)"], ("ms_fused", "ms_lora (bf16 base)"),
          lambda r: r["estimate_ms"] / r["estimate_lora_ms"], ("estimate_ms", "estimate_lora_ms")),
+        ("DoRA fwd+bwd ÷ our LoRA fwd+bwd at M = 8192", "≤", 1.15, dora, max,
+         lambda r: r["ms_fused"] / r["ms_lora"], ("ms_fused", "ms_lora"),
+         lambda r: r["estimate_ms"] / r["estimate_lora_ms"], ("estimate_ms", "estimate_lora_ms")),
+        ("DoRA fwd+bwd: speedup over PEFT's DoRA layer at M = 8192", "≥", 1.7, dora, min,
+         lambda r: r["ms_peft"] / r["ms_fused"], ("ms_peft", "ms_fused"), None, ()),
+        ("QDoRA fwd+bwd ÷ our QLoRA fwd+bwd at M = 8192", "≤", 1.15, qdora, max,
+         lambda r: r["ms_fused"] / r["ms_qlora"], ("ms_fused", "ms_qlora"),
+         lambda r: r["estimate_ms"] / r["estimate_qlora_ms"], ("estimate_ms", "estimate_qlora_ms")),
         ("NF4 decode GEMV: % of HBM bandwidth", "≥", 85, gemv, min,
          lambda r: r["pct_bandwidth"], ("pct_bandwidth",), lambda r: r["estimate_pct_hbm"], ("estimate_pct_hbm",)),
         ("NF4 decode GEMV: speedup over the bf16 GEMV", "≥", 3, gemv, min,
@@ -417,10 +460,13 @@ def targets_report(rows: list[dict], saved: list[dict], on_gpu: bool) -> list[di
     report = []
     for name, relation, goal, selected, worst, fn, needed, est_fn, est_needed in specs:
         got = values(selected, fn, needed) if measured else []
-        est = values(selected, est_fn, est_needed)
+        est = values(selected, est_fn, est_needed) if est_fn is not None else []
         report.append(_target(name, relation, goal, worst(got) if got else None, worst(est) if est else None))
     report.append(_target("activation bytes saved per LoRA layer ÷ (x + x·Aᵀ + mask bits)",
                           "=", 1, max([r["saved_per_x"] / r["budget_per_x"] for r in lora_saved], default=None), None,
+                          measured_anywhere=True))
+    report.append(_target("activation bytes saved per DoRA layer ÷ (x + x·Aᵀ + one [M, out] + mask bits)",
+                          "=", 1, max([r["saved_per_x"] / r["budget_per_x"] for r in dora_saved], default=None), None,
                           measured_anywhere=True))
     return report
 

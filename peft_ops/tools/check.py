@@ -17,7 +17,16 @@ import torch
 from ..backend import interpreting, kernel_modules, triton_available
 from ..kernels.interface import DTYPE_NAMES, FLOAT_DTYPES
 from ..ops.paths import TorchLoraOps
-from .accuracy import BottleneckCase, LoraCase, QLoraCase, run_bottleneck_case, run_lora_case, run_qlora_case
+from .accuracy import (
+    BottleneckCase,
+    DoraCase,
+    LoraCase,
+    QLoraCase,
+    run_bottleneck_case,
+    run_dora_case,
+    run_lora_case,
+    run_qlora_case,
+)
 from .records import text_table
 
 DTYPES = FLOAT_DTYPES
@@ -59,6 +68,26 @@ def qlora_cases(quick: bool) -> list[QLoraCase]:
             cases += [QLoraCase(M=24, K=64, N=40, r=8, dtype=dtype, adapter_dtype=torch.float32)]
         if not quick:
             cases += [QLoraCase(M=9, K=256, N=24, r=8, dtype=dtype, split_k=4)]
+    return cases
+
+
+def dora_cases(quick: bool) -> list[DoraCase]:
+    """DoRA rows (dora_linear, and qdora_linear on NF4): odd shapes, dropout (PEFT's base term on
+    the dropped-out input), 3-D / non-contiguous input, a trainable base, PEFT's fp32 adapters,
+    decode sizes (M ≤ 16) and training sizes of the NF4 base."""
+    cases = []
+    for dtype in DTYPES:
+        cases += [
+            DoraCase(M=33, K=64, N=48, r=8, dtype=dtype),
+            DoraCase(M=70, K=96, N=40, r=16, dtype=dtype, dropout_p=0.25, bias=False, leading=(2,)),
+            DoraCase(M=19, K=40, N=33, r=3, dtype=dtype, train_base=True, x_transposed=True),
+            DoraCase(M=3, K=128, N=40, r=8, dtype=dtype, nf4=True, dropout_p=0.1),
+            DoraCase(M=40, K=64, N=33, r=4, dtype=dtype, nf4=True),
+        ]
+        if dtype != torch.float32:
+            cases += [DoraCase(M=24, K=48, N=40, r=8, dtype=dtype, adapter_dtype=torch.float32, dropout_p=0.1)]
+        if not quick:
+            cases += [DoraCase(M=65, K=130, N=96, r=64, dtype=dtype, dropout_p=0.1)]
     return cases
 
 
@@ -114,6 +143,11 @@ def run_checks(device: torch.device, paths: list[str], quick: bool = False, prog
                 continue  # split-K is the kernels' own
             op = "qlora_linear" if case.lora else "nf4_linear"
             rows += _rows(op, path, case, run_qlora_case(case, path, device=device))
+            if progress:
+                progress(rows)
+        for case in dora_cases(quick):
+            op = "qdora_linear" if case.nf4 else "dora_linear"
+            rows += _rows(op, path, case, run_dora_case(case, path, device=device))
             if progress:
                 progress(rows)
         for case in bottleneck_cases(quick):

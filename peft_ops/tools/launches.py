@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..kernels import interface
 from ..nf4 import ABSMAX_BLOCKSIZE, NF4Weight
 from ..ops.bottleneck import bottleneck_adapter
+from ..ops.dora import dora_linear, qdora_linear
 from ..ops.lora import lora_linear
 from ..ops.qlora import nf4_linear, qlora_linear
 from .roofline import OpShape
@@ -232,9 +233,14 @@ def op_call(s, dtype=torch.bfloat16, dropout_p: float = 0.0, bias: bool = False)
         params = (leaf(s.r, s.K), leaf(s.r) if bias else None, leaf(s.K, s.r), leaf(s.K) if bias else None)
         return (lambda: bottleneck_adapter(x, *params, "gelu", 1.0, dropout_p)), torch.empty(s.M, s.K, **meta)
     b = torch.empty(s.N, **meta) if bias else None
-    base = torch.empty(s.N, s.K, **meta) if s.op == "lora" else meta_nf4_weight(s.N, s.K, dtype=dtype)
+    base = torch.empty(s.N, s.K, **meta) if s.op in ("lora", "dora") else meta_nf4_weight(s.N, s.K, dtype=dtype)
     if s.op == "nf4":
         forward = lambda: nf4_linear(x, base, b)  # noqa: E731
+    elif s.op in ("dora", "qdora"):  # ‖W‖² cached, as the layers hold it
+        A, B, m = leaf(s.r, s.K), leaf(s.N, s.r), leaf(s.N)
+        sq = torch.empty(s.N, device="meta", dtype=torch.float32)
+        op = dora_linear if s.op == "dora" else qdora_linear
+        forward = lambda: op(x, base, A, B, m, 2.0, b, dropout_p, weight_sq_norm=sq)  # noqa: E731
     else:
         A, B = leaf(s.r, s.K), leaf(s.N, s.r)
         op = lora_linear if s.op == "lora" else qlora_linear
@@ -263,6 +269,8 @@ LAUNCH_TABLE_CALLS = (
     ("lora", 8192, 4096, 4096, 16, {}), ("lora", 8192, 4096, 4096, 16, {"dropout_p": 0.1}),
     ("lora", 8192, 4096, 4096, 16, {"bias": True}),
     ("qlora", 8192, 4096, 4096, 16, {}), ("qlora", 1, 4096, 4096, 16, {}),
+    ("dora", 8192, 4096, 4096, 16, {}), ("dora", 8192, 4096, 4096, 16, {"dropout_p": 0.1}),
+    ("qdora", 8192, 4096, 4096, 16, {}), ("qdora", 1, 4096, 4096, 16, {}),
     ("nf4", 1, 4096, 14336, 0, {}), ("nf4", 16, 4096, 14336, 0, {}), ("nf4", 8192, 4096, 14336, 0, {}),
     ("bottleneck", 8192, 4096, 4096, 64, {}), ("bottleneck", 8192, 4096, 4096, 64, {"dropout_p": 0.1}),
 )

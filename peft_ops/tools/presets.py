@@ -20,5 +20,6 @@ PRESETS = {  # layer shapes (in, out), ranks, token counts M (nf4_tokens: the NF
                       tokens=[8192, 1, 16, 4096, 512], nf4_tokens=[1, 8192, 2, 4, 8, 16, 4096, 512],
                       bottlenecks=[(4096, 64), (4096, 16), (4096, 256)],
                       first=[OpShape("lora", 8192, 4096, 4096, 16), OpShape("qlora", 8192, 4096, 4096, 16),
-                             OpShape("nf4", 1, 4096, 14336), OpShape("bottleneck", 8192, 4096, 4096, 64)]),
+                             OpShape("nf4", 1, 4096, 14336), OpShape("bottleneck", 8192, 4096, 4096, 64),
+                             OpShape("dora", 8192, 4096, 4096, 16), OpShape("qdora", 8192, 4096, 4096, 16)]),
 }

@@ -27,7 +27,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .. import reference
 from ..backend import kernel_modules
 
-OPS = ("lora", "qlora", "nf4", "bottleneck")
+OPS = ("lora", "qlora", "dora", "qdora", "nf4", "bottleneck")
+# ops with a LoRA adapter (rank r), and those whose base weight is NF4
+ADAPTER_OPS = ("lora", "qlora", "dora", "qdora")
+NF4_OPS = ("qlora", "qdora", "nf4")
 PHASES = ("forward", "backward")
 
 # Dense bf16 tensor-core FLOP/s and HBM bandwidth from the vendors' datasheets (no sparsity).
@@ -60,8 +63,8 @@ def gpu_for_device_name(name: str) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class OpShape:
-    """One op at one shape. lora / qlora: x [M, K] → [M, N] with rank r; nf4: the same without
-    an adapter; bottleneck: x [M, d] with bottleneck m (K = N = d, r = m)."""
+    """One op at one shape. lora / qlora / dora / qdora: x [M, K] → [M, N] with rank r; nf4: the
+    same without an adapter; bottleneck: x [M, d] with bottleneck m (K = N = d, r = m)."""
     op: str
     M: int
     K: int
@@ -72,7 +75,7 @@ class OpShape:
     def label(self) -> str:
         if self.op == "bottleneck":
             return f"M={self.M} d={self.K} m={self.r}"
-        rank = f" r={self.r}" if self.op in ("lora", "qlora") else ""
+        rank = f" r={self.r}" if self.op in ADAPTER_OPS else ""
         return f"M={self.M} {self.K}→{self.N}{rank}"
 
 
@@ -90,13 +93,14 @@ def flops(s: OpShape, phase: str) -> int:
     base = 2 * M * N * K
     if s.op == "nf4":
         return base  # forward x·Wᵀ; backward dX = dY·W
+    norm = 2 * r * N * K if s.op in ("dora", "qdora") else 0  # DoRA's A·Wᵀ for the column norm
     if phase == "forward":  # x·Wᵀ + (x·Aᵀ)·Bᵀ
-        return base + 2 * M * K * r + 2 * M * N * r
+        return base + 2 * M * K * r + 2 * M * N * r + norm
     return base + 4 * M * N * r + 4 * M * K * r  # dX (with g = dY·B and g·A), dA, dB
 
 
 def _weight_bytes(s: OpShape) -> int:
-    return nf4_weight_bytes(s.N, s.K) if s.op in ("qlora", "nf4") else s.N * s.K * s.element_bytes
+    return nf4_weight_bytes(s.N, s.K) if s.op in NF4_OPS else s.N * s.K * s.element_bytes
 
 
 def min_bytes(s: OpShape, phase: str) -> int:
@@ -105,9 +109,11 @@ def min_bytes(s: OpShape, phase: str) -> int:
         params = (2 * K * r + r + K) * e
         return 2 * M * K * e + params if phase == "forward" else 3 * M * K * e + 2 * params
     adapters = (r * K + N * r) * e
+    # DoRA: d(magnitude) needs the pre-scale output per element, kept (written, read) or recomputed
+    kept = M * N * e if s.op in ("dora", "qdora") else 0
     if phase == "forward":  # read x, W (and A, B), write y
-        return (M * K + M * N) * e + _weight_bytes(s) + adapters
-    return (M * N + 2 * M * K) * e + _weight_bytes(s) + 2 * adapters  # read dY, W, x; write dX (dA, dB)
+        return (M * K + M * N) * e + _weight_bytes(s) + adapters + kept
+    return (M * N + 2 * M * K) * e + _weight_bytes(s) + 2 * adapters + kept  # read dY, W, x; write dX (dA, dB)
 
 
 def fused_bytes(s: OpShape, phase: str) -> int:
@@ -118,6 +124,11 @@ def fused_bytes(s: OpShape, phase: str) -> int:
     if s.op == "nf4":  # one pass over x, W and y (the decode GEMV's split-K partials are M×N fp32)
         return min_bytes(s, phase)
     rank_fp32 = 4 * M * r  # xa or g, fp32
+    if s.op in ("dora", "qdora"):  # DoRA: the norm's pass over W; the dY pass (dY, pre → dY')
+        lora = fused_bytes(dataclasses.replace(s, op="lora" if s.op == "dora" else "qlora"), phase)
+        if phase == "forward":
+            return lora + _weight_bytes(s) + M * N * e  # + pre written
+        return lora + 3 * M * N * e
     if phase == "forward":  # shrink reads x and writes xa; the GEMM reads x, W, xa, B and writes y
         return min_bytes(s, phase) + M * K * e + 2 * rank_fp32
     # dY kernel: dY, B, xa → g and dB partials; dX kernel: dY, W, g, A, x → dX and dA partials
@@ -180,7 +191,11 @@ def unfused_bytes(s: OpShape, dropout_p: float = 0.0) -> dict:
         else:
             A = torch.empty(s.r, s.K, **meta, requires_grad=True)
             B = torch.empty(s.N, s.r, **meta, requires_grad=True)
-            run = lambda: reference.lora_linear(x, W, A, B, 2.0, None, dropout_p)  # noqa: E731
+            if s.op in ("dora", "qdora"):
+                m = torch.empty(s.N, **meta, requires_grad=True)
+                run = lambda: reference.dora_linear(x, W, A, B, m, 2.0, None, dropout_p)  # noqa: E731
+            else:
+                run = lambda: reference.lora_linear(x, W, A, B, 2.0, None, dropout_p)  # noqa: E731
         out_features = s.N
     grad_out = torch.empty(s.M, out_features, **meta)  # made outside the count: not eager's traffic
     with CountBytes() as forward:
@@ -188,7 +203,7 @@ def unfused_bytes(s: OpShape, dropout_p: float = 0.0) -> dict:
     with CountBytes() as backward:
         y.backward(grad_out)
     counted = {"forward": forward.bytes, "backward": backward.bytes}
-    if s.op in ("qlora", "nf4"):  # bitsandbytes dequantizes before the forward and the backward matmul
+    if s.op in NF4_OPS:  # bitsandbytes dequantizes before the forward and the backward matmul
         for phase in PHASES:
             counted[phase] += nf4_weight_bytes(s.N, s.K) + s.N * s.K * s.element_bytes
     return counted

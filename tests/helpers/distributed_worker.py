@@ -1,8 +1,9 @@
 """Run as a script: train one step of a small model holding LoraLinear, QLoraLinear and a
 BottleneckAdapter under DDP or FSDP2 (gloo, 2 CPU processes on loopback), or in a single
 process on the whole batch, and write the adapter gradients and updated weights (safetensors).
+A mode ending in "+dora" makes both LoRA layers DoRA layers (use_dora=True).
 
-    python distributed_worker.py {single,ddp,fsdp2} OUT_DIR [PORT]
+    python distributed_worker.py {single,ddp,fsdp2}[+dora] OUT_DIR [PORT]
 """
 
 import os
@@ -18,15 +19,18 @@ WORLD = 2
 
 
 class Model(nn.Module):
-    def __init__(self):
+    def __init__(self, dora=False):
         super().__init__()
         torch.manual_seed(0)
-        self.lora = peft_ops.LoraLinear.from_linear(nn.Linear(16, 16), r=4, lora_alpha=8)
-        self.qlora = peft_ops.QLoraLinear.from_linear(nn.Linear(16, 16), r=4, lora_alpha=8)
+        self.lora = peft_ops.LoraLinear.from_linear(nn.Linear(16, 16), r=4, lora_alpha=8, use_dora=dora)
+        self.qlora = peft_ops.QLoraLinear.from_linear(nn.Linear(16, 16), r=4, lora_alpha=8, use_dora=dora)
         self.adapter = peft_ops.BottleneckAdapter(16, 4, "gelu")
         with torch.no_grad():  # past the zero init, so every gradient is nonzero
             for p in (self.lora.lora_B, self.qlora.lora_B, self.adapter.up_weight, self.adapter.up_bias):
                 p.normal_(0, 0.3)
+            if dora:
+                self.lora.lora_magnitude_vector.mul_(1.2)
+                self.qlora.lora_magnitude_vector.mul_(0.9)
 
     def forward(self, x):
         return self.adapter(self.qlora(torch.relu(self.lora(x))))
@@ -56,13 +60,13 @@ def main():
     from safetensors.torch import save_file
 
     x, target = batch()
-    if mode == "single":
-        model = Model()
+    if mode.startswith("single"):
+        model = Model(dora=mode.endswith("+dora"))
         grads = step(model, x, target)
         params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-        peft_ops.save_peft_adapter(model, os.path.join(out, "peft_single"))
+        peft_ops.save_peft_adapter(model, os.path.join(out, f"peft_{mode}"))
         save_file({**{"grad." + k: v for k, v in grads.items()}, **{"param." + k: v for k, v in params.items()}},
-                  os.path.join(out, "single.safetensors"))
+                  os.path.join(out, f"{mode}.safetensors"))
         return
     port = sys.argv[3]
     torch.multiprocessing.spawn(worker, args=(mode, out, port), nprocs=WORLD, join=True)
@@ -75,8 +79,8 @@ def worker(rank, mode, out, port):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     x, target = batch()
     rows = slice(rank * 4, rank * 4 + 4)  # each rank its half of the global batch
-    model = Model()
-    if mode == "ddp":
+    model = Model(dora=mode.endswith("+dora"))
+    if mode.startswith("ddp"):
         wrapped = nn.parallel.DistributedDataParallel(model)
         inner = wrapped.module
     else:

@@ -29,6 +29,14 @@ def qlora_args(lora=True):
     return args
 
 
+def dora_args(nf4=False):
+    args = lora_args()
+    args["magnitude"] = torch.rand(12) + 0.5
+    if nf4:
+        args["qweight"] = peft_ops.nf4.quantize(args.pop("weight"))
+    return args
+
+
 def adapter_args():
     inp = make_bottleneck_inputs(BottleneckCase(M=5, d=16, m=4, dtype=torch.float32))
     return dict(x=inp["x"], down_weight=inp["down_weight"], down_bias=inp["down_bias"], up_weight=inp["up_weight"],
@@ -62,12 +70,21 @@ AUDIT = {
     "nf4_linear": (peft_ops.nf4_linear, lambda: qlora_args(lora=False), [
         ("qweight", None, TypeError), ("x", f32(5, 17), ValueError), ("bias", f32(13), ValueError),
         ("x", f32(5, 16).to(torch.int32), TypeError)]),
+    "dora_linear": (peft_ops.dora_linear, dora_args, [
+        ("magnitude", f32(11), ValueError), ("magnitude", f32(12).half(), TypeError), ("magnitude", 1.0, TypeError),
+        ("weight_sq_norm", f32(12).double(), TypeError), ("weight_sq_norm", meta(f32(12)), ValueError),
+        ("lora_B", f32(12, 5), ValueError), ("x", f32(5, 15), ValueError), ("scaling", NAN, ValueError)]),
+    "qdora_linear": (peft_ops.qdora_linear, lambda: dora_args(nf4=True), [
+        ("qweight", f32(12, 16), TypeError), ("magnitude", f32(12, 1), ValueError), ("dropout_p", 1.0, ValueError),
+        ("weight_sq_norm", f32(3), ValueError)]),
+    "squared_row_norms": (peft_ops.squared_row_norms, lambda: dict(weight=torch.randn(8, 16)), [
+        ("weight", [[1.0]], TypeError), ("weight", f32(8), ValueError), ("weight", f32(8, 16).long(), TypeError)]),
     "bottleneck_adapter": (peft_ops.bottleneck_adapter, adapter_args, [
         ("x", 3, TypeError), ("down_weight", f32(4, 15), ValueError), ("up_bias", meta(f32(16)), ValueError),
         ("activation", "tanh", ValueError), ("scaling", NAN, ValueError), ("up_weight", f32(16, 4).half(), TypeError)]),
     "LoraLinear": (peft_ops.LoraLinear, lambda: dict(in_features=16, out_features=8), [
         ("in_features", 0, ValueError), ("r", 2.5, TypeError), ("lora_alpha", NAN, ValueError),
-        ("lora_dropout", 1.0, ValueError), ("bias", "yes", TypeError)]),
+        ("lora_dropout", 1.0, ValueError), ("bias", "yes", TypeError), ("use_dora", 1, TypeError)]),
     "QLoraLinear": (peft_ops.QLoraLinear, lambda: dict(qweight=peft_ops.nf4.quantize(torch.randn(8, 16))), [
         ("qweight", torch.randn(8, 16), TypeError), ("bias", f32(9), ValueError), ("r", 0, ValueError),
         ("lora_alpha", NAN, ValueError)]),
@@ -104,7 +121,7 @@ AUDIT = {
     "apply_lora": (peft_ops.apply_lora, lambda: dict(model=Tiny(), target_modules=["proj"]), [
         ("model", None, TypeError), ("r", 0, ValueError), ("lora_alpha", NAN, ValueError),
         ("target_modules", ["nope"], ValueError), ("rank_pattern", {"proj": -1}, ValueError),
-        ("quantize", "int4", ValueError)]),
+        ("quantize", "int4", ValueError), ("use_dora", "yes", TypeError)]),
     "apply_prompt_learning": (peft_ops.apply_prompt_learning, lambda: dict(model=Tiny(), method="prompt_tuning",
                                                                            num_virtual_tokens=4), [
         ("model", nn.Linear(4, 4), ValueError), ("num_virtual_tokens", 0, ValueError), ("method", "x", ValueError)]),
@@ -134,7 +151,7 @@ AUDIT = {
 # a result record; `reference` holds the unchecked float64 math the tests compare against;
 # `nf4` is the module audited through nf4.quantize / nf4.dequantize.
 EXEMPT = {"LoraLinearFunction", "NF4LinearFunction", "QLoraLinearFunction", "BottleneckAdapterFunction",
-          "get_backend", "FromPeftReport", "reference", "nf4"}
+          "DoraLinearFunction", "QDoraLinearFunction", "get_backend", "FromPeftReport", "reference", "nf4"}
 
 CASES = [(name, i) for name, (_, _, bad) in AUDIT.items() for i in range(len(bad))]
 

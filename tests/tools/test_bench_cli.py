@@ -34,7 +34,7 @@ def test_quick_cpu_mode_writes_every_op(tmp_path):
                                                       rel=1e-12)
     assert "no CUDA GPU here" in stdout and "timings" in stdout
     rows = record["rows"]
-    assert {r["op"] for r in rows} == {"lora", "qlora", "nf4", "bottleneck"}
+    assert {r["op"] for r in rows} == {"lora", "qlora", "dora", "qdora", "nf4", "bottleneck"}
     # lora's GEMM implementations per shape: no tuning off a GPU, so the default rule's
     assert {(r["M"], r["gemm"]) for r in rows if r["op"] == "lora"} == {(16, "cublas/cublas"), (8192, "triton/triton")}
     assert "GEMMs fwd/dX" in stdout
@@ -68,6 +68,11 @@ def test_quick_cpu_mode_writes_every_op(tmp_path):
     text = (tmp_path / "bench.txt").read_text()
     assert "upper bound" in text and "pred." not in text
     assert targets["activation bytes saved per LoRA layer ÷ (x + x·Aᵀ + mask bits)"]["status"] == "met"
+    assert targets["activation bytes saved per DoRA layer ÷ (x + x·Aᵀ + one [M, out] + mask bits)"]["status"] == "met"
+    for dropout in (0.0, 0.1):  # PEFT's DoRA layer keeps W + s·B·A and more
+        if ("PEFT DoRA (fp32 adapters)", dropout) in saved:
+            assert saved[("PEFT DoRA (fp32 adapters)", dropout)]["saved_per_x"] > \
+                saved[("peft_ops LoraLinear (DoRA)", dropout)]["saved_per_x"]
 
 
 def test_timing_code_path_on_tiny_shapes(tmp_path):
@@ -81,6 +86,8 @@ def test_timing_code_path_on_tiny_shapes(tmp_path):
     assert {"fused", "eager", "base", "lora (bf16 base)"} | ({"peft"} if has_peft and has_bnb else set()) \
         <= impls["qlora"]
     assert {"fused", "eager", "base"} | ({"peft"} if has_peft else set()) <= impls["lora"]
+    assert {"fused", "eager", "base", "lora"} | ({"peft"} if has_peft else set()) <= impls["dora"]
+    assert {"fused", "eager", "base", "qlora"} | ({"peft"} if has_peft and has_bnb else set()) <= impls["qdora"]
     assert {"fused", "eager", "base"} | ({"bitsandbytes"} if has_bnb else set()) <= impls["nf4"]
     assert {"fused", "eager"} <= impls["bottleneck"]
     assert all(math.isfinite(r["ms_fused"]) and r["ms_fused"] > 0 for r in rows)
@@ -93,8 +100,8 @@ def test_unknown_op_is_an_error(tmp_path, capsys):
     from peft_ops.tools import cli
 
     with pytest.raises(SystemExit) as exited:
-        cli.main(["bench", "--ops", "lora,dora", "--out", str(tmp_path)])
-    assert exited.value.code == 2 and "dora" in capsys.readouterr().err
+        cli.main(["bench", "--ops", "lora,vera", "--out", str(tmp_path)])
+    assert exited.value.code == 2 and "vera" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before anything ran
 
 
