@@ -13,14 +13,18 @@ import torch
 
 import peft_ops
 from peft_ops.ops.bottleneck import BottleneckAdapterFunction
+from peft_ops.ops.dora import DoraLinearFunction, QDoraLinearFunction, squared_row_norms
 from peft_ops.ops.lora import LoraLinearFunction
 from peft_ops.ops.paths import eager_ops
 from peft_ops.ops.qlora import NF4LinearFunction, QLoraLinearFunction
 from peft_ops.tools.accuracy import (
     BottleneckCase,
+    DoraCase,
     LoraCase,
     QLoraCase,
+    dora_ops,
     make_bottleneck_inputs,
+    make_dora_inputs,
     make_lora_inputs,
     qlora_ops,
 )
@@ -51,6 +55,24 @@ def _qlora(path, lora=True):
         inp["grad_out"]
 
 
+def _dora(path, nf4=False):
+    """DoRA: the norm's split-K sum and the dY pass's row-slice sums (d(magnitude), db) too."""
+    inp = make_dora_inputs(DoraCase(M=24, K=64, N=40, r=8, dtype=torch.bfloat16), DEVICE)  # 2 row slices here
+    leaves = [inp["x"], inp["lora_A"], inp["lora_B"], inp["magnitude"]]
+    ops = dora_ops(path, nf4)
+    if nf4:
+        qweight = peft_ops.nf4.quantize(inp["weight"])
+        q = qweight.tensors()
+        quantized = (q.packed, q.absmax, q.absmax_scale, q.absmax_offset,
+                     (q.out_features, q.in_features, q.blocksize, q.dtype))
+        sq = squared_row_norms(qweight, torch.bfloat16)
+        return lambda t: QDoraLinearFunction.apply(*t, inp["bias"], *quantized, 0.5, 0.2, sq, ops), leaves, \
+            inp["grad_out"]
+    sq = squared_row_norms(inp["weight"])
+    return lambda t: DoraLinearFunction.apply(t[0], inp["weight"], *t[1:], inp["bias"], 0.5, 0.2, sq, ops), leaves, \
+        inp["grad_out"]
+
+
 def _adapter(path):
     case = BottleneckCase(M=70, d=48, m=24, dtype=torch.bfloat16)
     inp = make_bottleneck_inputs(case, DEVICE)
@@ -60,7 +82,7 @@ def _adapter(path):
 
 
 OPS = {"lora_linear": _lora, "qlora_linear": _qlora, "nf4_linear": lambda path: _qlora(path, lora=False),
-       "bottleneck_adapter": _adapter}
+       "dora_linear": _dora, "qdora_linear": lambda path: _dora(path, nf4=True), "bottleneck_adapter": _adapter}
 
 
 @pytest.mark.parametrize("path", PATHS)

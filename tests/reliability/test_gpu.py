@@ -6,7 +6,15 @@ import torch
 
 from peft_ops.ops.lora import LoraLinearFunction
 from peft_ops.tools import check
-from peft_ops.tools.accuracy import LoraCase, make_lora_inputs, run_bottleneck_case, run_lora_case, run_qlora_case
+from peft_ops.tools.accuracy import (
+    DoraCase,
+    LoraCase,
+    make_lora_inputs,
+    run_bottleneck_case,
+    run_dora_case,
+    run_lora_case,
+    run_qlora_case,
+)
 
 from conftest import lora_ops
 from helpers.tile_cases import KERNELS as TILE_CASES
@@ -17,6 +25,7 @@ pytestmark = pytest.mark.gpu
 # fp32 adapters, the NF4 decode and GEMM paths, every adapter activation) on the kernels.
 CHECK_CASES = [("lora", c) for c in check.lora_cases(quick=False)] + \
     [("qlora", c) for c in check.qlora_cases(quick=False)] + \
+    [("dora", c) for c in check.dora_cases(quick=False)] + \
     [("bottleneck", c) for c in check.bottleneck_cases(quick=False)]
 
 
@@ -32,6 +41,7 @@ def test_every_check_case_matches_float64_on_the_gpu(item):
     op, case = item
     run = {"lora": lambda: run_lora_case(case, lora_ops("triton"), device="cuda"),
            "qlora": lambda: run_qlora_case(case, "triton", device="cuda"),
+           "dora": lambda: run_dora_case(case, "triton", device="cuda"),
            "bottleneck": lambda: run_bottleneck_case(case, "triton", device="cuda")}[op]
     for result in run():
         result.check(f"cuda {case.label()}", case.tolerance(result.name))
@@ -42,6 +52,17 @@ def test_every_check_case_matches_float64_on_the_gpu(item):
 def test_model_shapes_match_float64(dtype, dropout_p):
     case = LoraCase(M=512, K=4096, N=1024, r=16, dtype=dtype, dropout_p=dropout_p, leading=(2,))
     for result in run_lora_case(case, lora_ops("triton"), device="cuda"):
+        result.check(f"cuda {case.label()}", case.tolerance(result.name))
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["dora", "qdora"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.05])
+def test_dora_at_model_shapes_matches_float64(nf4, dropout_p):
+    """DoRA at a model's shape: the norm kernel's split-K and the dY pass's row slices at their
+    GPU sizes, the persistent GEMMs with the DoRA epilogue."""
+    case = DoraCase(M=1024, K=4096, N=1024, r=16, dtype=torch.bfloat16, dropout_p=dropout_p, nf4=nf4,
+                    adapter_dtype=torch.float32)
+    for result in run_dora_case(case, "triton", device="cuda"):
         result.check(f"cuda {case.label()}", case.tolerance(result.name))
 
 
