@@ -11,10 +11,10 @@ from .. import reference
 from ..backend import resolve
 from ..nf4 import NF4Tensors, NF4Weight
 from . import checks
-from .autograd import autocast_dtype, call_without_autocast, draw_seed, unpack_keep_bits
+from .autograd import autocast_dtype, call_without_autocast, draw_seed
 from .custom_ops import ops_for_call
 from .lora import check_lora_args, check_lora_linear_args
-from .paths import eager_ops, squared_row_norms
+from .paths import dropped_input, eager_ops, squared_row_norms
 from .qlora import check_nf4_base, nf4_meta
 
 
@@ -83,14 +83,6 @@ def _check_dora_args(magnitude, weight_sq_norm_arg, out_features: int, x: torch.
     checks.same_device({"x": x, "weight": base, "magnitude": magnitude, "weight_sq_norm": weight_sq_norm_arg})
 
 
-def _dropped(x2d: torch.Tensor, keep: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
-    """xd = x⊙keep/(1-p) in x's dtype (x itself without dropout)."""
-    if keep is None:
-        return x2d
-    kept = unpack_keep_bits(keep, x2d.shape[1])
-    return torch.where(kept, x2d.float() * (1.0 / (1.0 - dropout_p)), 0.0).to(x2d.dtype)
-
-
 class DoraLinearFunction(torch.autograd.Function):
     """y = x·Wᵀ + b + (c − 1)⊙(xd·Wᵀ) + c⊙s·(xd·Aᵀ)·Bᵀ, c = m / ‖W + s·B·A‖ per output column
     (the norm detached), xd = x⊙keep/(1-p); without dropout y = c⊙(x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b.
@@ -134,8 +126,8 @@ class DoraLinearFunction(torch.autograd.Function):
             if keep is None:
                 dW = torch.mm((dy32 * col_scale).t(), x2d.float())
             else:
-                dW = torch.mm(dy32.t(), x2d.float()) + torch.mm((dy32 * (col_scale - 1)).t(),
-                                                                 _dropped(x2d, keep, ctx.dropout_p).float())
+                dropped = dropped_input(x2d, keep, ctx.dropout_p)[0]
+                dW = torch.mm(dy32.t(), x2d.float()) + torch.mm((dy32 * (col_scale - 1)).t(), dropped.float())
             dW = dW.to(weight.dtype)
         return (
             dx.view(x.shape) if dx is not None else None,

@@ -54,6 +54,7 @@ VARIANTS = {
     "no_bias": dict(bias=False),
     "3d_input": dict(leading=(3,)),
     "train_base": dict(train_base=True),  # dW and db too
+    "train_base_dropout": dict(train_base=True, dropout_p=0.3),  # dW = dYᵀ·x + (dY⊙(c − 1))ᵀ·xd
     "fp32_adapters": dict(adapter_dtype=torch.float32),
     "fp32_adapters_dropout": dict(adapter_dtype=torch.float32, dropout_p=0.2),
     "x_transposed": dict(x_transposed=True),
