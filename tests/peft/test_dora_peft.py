@@ -15,24 +15,14 @@ from peft_ops.ops import dora as dora_ops
 from peft_ops.ops.autograd import torch_keep_mask
 from peft_ops.tools.accuracy import saved_activation_bytes
 
+from helpers.tiny_llama import ids, llama
+
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 FP32_TOL = 1e-5  # fp32 logits and gradients: PEFT's and ours differ by summation order only
 PATHS = ["triton", "torch"]
-
-
-def llama(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      bos_token_id=None, eos_token_id=None)
-    return transformers.LlamaForCausalLM(config).to(dtype).eval()
-
-
-def ids(seed=0):
-    return torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(seed))
 
 
 def randomize(model, seed=1):

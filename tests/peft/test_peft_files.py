@@ -13,23 +13,13 @@ import peft_ops
 from peft_ops import LoraLinear, QLoraLinear, apply_lora, load_peft_adapter, save_peft_adapter
 from peft_ops.tools.accuracy import assert_close
 
+from helpers.tiny_llama import ids, llama
+
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 FP32_TOL = 1e-5  # the parity bound for fp32 logits
-
-
-def llama(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      bos_token_id=None, eos_token_id=None)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def ids(seed=0):
-    return torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(seed))
 
 
 def randomize_lora(model, seed=1):
