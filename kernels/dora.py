@@ -23,7 +23,8 @@ fwd+bwd (static estimate):
   GEMM (2·M·N·K = 275 GFLOP ≈ 300 µs); keeping it costs one [M, N] tensor in x's dtype and its
   write + read (≈ 28 µs): kept, for every K ≥ 64 (where the GEMM's K-fold reuse outweighs two
   passes over M×N). `_dora_backward_dy_kernel` reads dY and pre once, writes dY·(m/‖·‖) (the
-  dY the LoRA backward then takes: dX = dY'·W + s·(g·A), g = dY'·B, dB = s·dY'ᵀ·xa) and sums
+  dY the LoRA backward then takes: dX = dY'·W + s·(g·A), g = dY'·B, dB = s·dY'ᵀ·xa; with fp32
+  adapters g = dY·(c⊙B) and dB = c⊙(s·dYᵀ·xa) from the unrounded dY instead) and sums
   d(magnitude) and db over the rows in a fixed order: 3 × 64 MiB ≈ 42 µs. Estimated DoRA
   fwd+bwd ≈ 763 + 7 + 14 + 42 ≈ 826 µs ≈ 1.08× LoRA (target ≤ 1.15×).
 - Dropout (training with p > 0): PEFT's DoRA takes its base term on the dropped-out input,

@@ -864,20 +864,27 @@ def _forward(x, weight, xa, lora_B, scaling, bias, gemm, col_scale):
 
 def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
              lora_B: torch.Tensor, xa: torch.Tensor, keep: torch.Tensor | None, scaling: float, dropout_p: float,
-             need_dx: bool, need_dA: bool, need_dB: bool, need_db: bool, gemm: str = "triton"):
+             need_dx: bool, need_dA: bool, need_dB: bool, need_db: bool, gemm: str = "triton",
+             dy_base: torch.Tensor | None = None):
     """(dx, dA, dB, db) of the LoRA layer (None where not needed); dW is the caller's.
 
-    dx = dy·W + s/(1-p)·((dy·B)·A)⊙keep       [M, K], x's dtype
+    dx = dy_base·W + s/(1-p)·((dy·B)·A)⊙keep  [M, K], x's dtype (dy_base: dy unless given)
     dA = s/(1-p)·(dy·B)ᵀ·(x⊙keep)             [r, K], lora_A's dtype
     dB = s·dyᵀ·xa                             [N, r], lora_B's dtype
     db = Σ_m dy                               [N], dy's dtype
 
     gemm: the dX GEMM fused ("triton") or cuBLAS's ``torch.addmm`` over the LoRA term written by
-    `_lora_dx_term_kernel` ("cublas"; one more launch), as in ``forward``.
+    `_lora_dx_term_kernel` ("cublas"; one more launch), as in ``forward``. `dy_base` [M, N] (dy's
+    dtype): another gradient for the base product only (DoRA's dY⊙c, its rank terms taking dY with
+    c folded into B); the rank pass then runs as its own launch.
     """
     if gemm not in GEMMS:
         raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
+    base = dy if dy_base is None else dy_base
+
     def launch_dx(g, dx, lora_scale, rank, **constexprs):
+        if dy_base is not None:
+            rank = None  # the TMA GEMM's rank items read its own dY operand: here not the rank terms' dY
         M, N = dy.shape
         K = x.shape[1]
         if gemm == "cublas":
@@ -886,10 +893,10 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
                 lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(K, META["BLOCK_N"])),
                 g, lora_A, keep if keep is not None else g, c, M, K, lora_A.shape[0], m_bucket(M),
                 lora_A.stride(0), lora_A.stride(1), lora_scale, **constexprs)
-            torch.addmm(c, dy, weight, out=dx)
+            torch.addmm(c, base, weight, out=dx)
             return False
         tiles = lambda META: triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"])  # noqa: E731
-        if uses_tma(dy, weight, dx):
+        if uses_tma(base, weight, dx):
             ensure_scratch_allocator()
             programs = persistent_programs(dy.device)
             rank_block_m, rank_block_c = RANK_ITEM_TILE[current_target()][lora_A.dtype == torch.float32]
@@ -899,8 +906,8 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
             else:
                 items = rank_items(M, N, K, constexprs["BLOCK_R"], lora_A.shape[0], rank_block_c, rank)
             launch(_lora_backward_dx_tma_kernel, (programs + items,),
-                dy, weight, g, lora_A, keep if keep is not None else g, dx, rank["X"], rank["XA"], rank["DA"],
-                rank["DB"], rank["DBIAS"], M, N, K, lora_A.shape[0], m_bucket(M), dy.stride(0), weight.stride(0),
+                base, weight, g, lora_A, keep if keep is not None else g, dx, rank["X"], rank["XA"], rank["DA"],
+                rank["DB"], rank["DBIAS"], M, N, K, lora_A.shape[0], m_bucket(M), base.stride(0), weight.stride(0),
                 lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), lora_scale, rank["da_scale"],
                 rank["db_scale"], programs, COMPUTE_DA=rank["COMPUTE_DA"], COMPUTE_DB=rank["COMPUTE_DB"],
                 COMPUTE_DBIAS=rank["COMPUTE_DBIAS"], RANK_BLOCK_M=rank_block_m, RANK_BLOCK_C=rank_block_c,
@@ -908,12 +915,12 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
             return items > 0
         grid = lambda META: (tiles(META),)  # noqa: E731
         launch(_lora_backward_dx_kernel, grid,
-            dy, weight, g, lora_A, keep if keep is not None else g, dx, M, N, x.shape[1], lora_A.shape[0], m_bucket(M),
-            dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+            base, weight, g, lora_A, keep if keep is not None else g, dx, M, N, x.shape[1], lora_A.shape[0],
+            m_bucket(M), base.stride(0), base.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_scale, **constexprs)
         return False
 
-    with launch_guard(dy, x, weight, lora_A, lora_B):
+    with launch_guard(dy, base, x, weight, lora_A, lora_B):
         return backward_with(launch_dx, dy, x, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA,
                              need_dB, need_db)
 

@@ -974,21 +974,24 @@ def backward_dx(dy: torch.Tensor, qw, *, tables) -> torch.Tensor:
 
 def qlora_backward(dy: torch.Tensor, x: torch.Tensor, qw, lora_A: torch.Tensor, lora_B: torch.Tensor,
                    xa: torch.Tensor, keep: torch.Tensor | None, scaling: float, dropout_p: float,
-                   need_dx: bool, need_dA: bool, need_dB: bool, need_db: bool, *, tables):
-    """(dx, dA, dB, db) of the QLoRA layer, as ``lora.backward`` with the NF4 dX kernel."""
+                   need_dx: bool, need_dA: bool, need_dB: bool, need_db: bool, *, tables,
+                   dy_base: torch.Tensor | None = None):
+    """(dx, dA, dB, db) of the QLoRA layer, as ``lora.backward`` (`dy_base` too) with the NF4 dX
+    kernel."""
     block_m = DX_BLOCK_M[current_target()]
+    base = dy if dy_base is None else dy_base
 
     def launch_dx(g, dx, lora_scale, rank, **constexprs):  # the rank pass stays its own launch
         M = dy.shape[0]
         grid = lambda META: (triton.cdiv(M, block_m) * triton.cdiv(qw.in_features, META["BLOCK_K"]),)  # noqa: E731
         launch(_nf4_backward_dx_kernel, grid,
-            dy, *_format_args(qw, tables), g, lora_A, keep if keep is not None else g, dx, M, qw.out_features,
-            qw.in_features, lora_A.shape[0], m_bucket(M), dy.stride(0), dy.stride(1), lora_A.stride(0),
+            base, *_format_args(qw, tables), g, lora_A, keep if keep is not None else g, dx, M, qw.out_features,
+            qw.in_features, lora_A.shape[0], m_bucket(M), base.stride(0), base.stride(1), lora_A.stride(0),
             lora_A.stride(1), lora_scale, HAS_LORA=True, BLOCK_M=block_m, EMULATE=emulate_ptx(), **constexprs,
             **_format_flags(qw), **NF4_LAUNCH_OPTIONS)
         return False
 
-    with launch_guard(dy, x, qw.packed, lora_A, lora_B):
+    with launch_guard(dy, base, x, qw.packed, lora_A, lora_B):
         return backward_with(launch_dx, dy, x, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA,
                              need_dB, need_db)
 

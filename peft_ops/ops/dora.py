@@ -91,10 +91,11 @@ class DoraLinearFunction(torch.autograd.Function):
               xa  = xd·Aᵀ                        (shrink: [M, r], fp32)
               pre = xd·Wᵀ + s·xa·Bᵀ              (GEMM, kept: [M, N] in x's dtype)
               y   = c⊙pre + b [+ (x − xd)·Wᵀ]    (the epilogue [+ a second product under dropout])
-    Backward, with dY' = dY⊙c and g = dY'·B:
+    Backward, with dY' = dY⊙c and g = dY'·B (= dY·(c⊙B): fp32 adapters on a half x take this
+    form, never rounding dY' on the way to dA and dB; ``paths.folds_scale_into_B``):
               d(magnitude) = Σ_m dY⊙pre / ‖·‖
               dX = dY'·W + s·(g·A)⊙keep/(1-p) [+ ((dY − dY')·W)⊙(1 − keep/(1-p))]
-              dA = s/(1-p)·gᵀ·(x⊙keep),  dB = s·dY'ᵀ·xa,  db = Σ_m dY
+              dA = s/(1-p)·gᵀ·(x⊙keep),  dB = s·dY'ᵀ·xa = c⊙(s·dYᵀ·xa),  db = Σ_m dY
               dW = dY'ᵀ·x; under dropout dYᵀ·x + (dY⊙(c − 1))ᵀ·xd   (only when W trains)
     Saved: x, xa [M, r] fp32, pre [M, N], the keep mask bit-packed, the fp32 [N] norm and c.
     PEFT's DoRA layer saves x, xd, the materialized W + s·B·A and its upcast copies instead.

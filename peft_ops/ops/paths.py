@@ -53,8 +53,9 @@ class TorchLoraOps:
         return y.to(x.dtype)
 
     @staticmethod
-    def backward(dy, x, weight, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA, need_dB, need_db):
-        """dA, dB in fp32 (the Function casts them)."""
+    def backward(dy, x, weight, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA, need_dB, need_db,
+                 dy_base=None):
+        """dA, dB in fp32 (the Function casts them); `dy_base`: the base product's own dY (DoRA)."""
         rank = rank_dtype(dy.dtype, lora_A.dtype)
         lora_scale = scaling / (1.0 - dropout_p)
         keep = unpack_keep_bits(keep, x.shape[1]) if keep is not None else None
@@ -67,7 +68,7 @@ class TorchLoraOps:
             lora = mm32((g * lora_scale).to(rank), lora_A.to(rank))
             if keep is not None:
                 lora *= keep
-            dx = (mm32(dy, weight) + lora).to(dy.dtype)
+            dx = (mm32(dy if dy_base is None else dy_base, weight) + lora).to(dy.dtype)
         if need_dA:
             x_kept = x if keep is None else x * keep
             dA = mm32(g.to(rank).t(), x_kept).mul_(lora_scale)
@@ -93,10 +94,10 @@ class KernelLoraOps:
         return kernel_modules().lora.forward(x, weight, xa, lora_B, scaling, bias, gemm=gemm)
 
     def backward(self, dy, x, weight, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA, need_dB,
-                 need_db):
+                 need_db, dy_base=None):
         gemm = self._gemm("dx", dy, dy.dtype, dy.shape[0], weight.shape[0], weight.shape[1], lora_A.shape[0])
         return kernel_modules().lora.backward(dy, x, weight, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx,
-                                              need_dA, need_dB, need_db, gemm=gemm)
+                                              need_dA, need_dB, need_db, gemm=gemm, dy_base=dy_base)
 
 
 class TorchNF4Ops:
@@ -115,9 +116,9 @@ class TorchNF4Ops:
 
     @staticmethod
     def qlora_backward(dy, x, qw: NF4Tensors, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA,
-                       need_dB, need_db):
+                       need_dB, need_db, dy_base=None):
         return TorchLoraOps.backward(dy, x, decode(qw, dy.dtype), lora_A, lora_B, xa, keep, scaling, dropout_p,
-                                     need_dx, need_dA, need_dB, need_db)
+                                     need_dx, need_dA, need_dB, need_db, dy_base)
 
 
 class KernelNF4Ops:
@@ -160,13 +161,14 @@ class KernelNF4Ops:
         return kernel_modules().nf4.backward_dx(dy, qw, tables=code_tables(dy.device))
 
     def qlora_backward(self, dy, x, qw: NF4Tensors, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA,
-                       need_dB, need_db):
+                       need_dB, need_db, dy_base=None):
         if need_dx and self._path("nf4-dx", dy, dy.shape[0], qw.out_features, qw.in_features,
                                   lora_A.shape[0]) == "dequant":
             return KernelLoraOps().backward(dy, x, self._dequantized(qw, dy.dtype), lora_A, lora_B, xa, keep, scaling,
-                                            dropout_p, need_dx, need_dA, need_dB, need_db)
+                                            dropout_p, need_dx, need_dA, need_dB, need_db, dy_base)
         return kernel_modules().nf4.qlora_backward(dy, x, qw, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx,
-                                                   need_dA, need_dB, need_db, tables=code_tables(dy.device))
+                                                   need_dA, need_dB, need_db, tables=code_tables(dy.device),
+                                                   dy_base=dy_base)
 
 
 def dropped_input(x: torch.Tensor, keep: torch.Tensor, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,11 +245,34 @@ class TorchDoraOps:
         scaled = (dy32 * col_scale).to(dy.dtype)
         dmag = (dy32 * pre.float()).sum(dim=0).div_(norm) if need_dmag else None
         db = dy.sum(dim=0) if need_db else None
-        dx, dA, dB, _ = TorchLoraOps.backward(scaled, x, weight, lora_A, lora_B, xa, keep, scaling, dropout_p,
-                                             need_dx, need_dA, need_dB, False)
+        dx, dA, dB = dora_lora_backward(TorchLoraOps.backward, dy, scaled, x, weight, lora_A, lora_B, xa, keep,
+                                        col_scale, scaling, dropout_p, need_dx, need_dA, need_dB)
         if need_dx and keep is not None:
             dx = dora_dropout_dx(dx, mm32(dy32 - scaled.float(), weight), keep, dropout_p)
         return dx, dA, dB, dmag, db
+
+
+def folds_scale_into_B(dy: torch.Tensor, lora_B: torch.Tensor) -> bool:
+    """Whether DoRA's backward takes its rank terms from dY with c folded into B (g = dY·(c⊙B),
+    dB = c⊙(s·dYᵀ·xa)) rather than from dY' = dY⊙c rounded to dY's dtype: with fp32 adapters on
+    a half-precision dY. There the rounding would leave dA and dB half-precision-accurate, where
+    PEFT's are fp32 (it scales the fp32 LoRA output); with half adapters PEFT rounds dY' too."""
+    return lora_B.dtype == torch.float32 and dy.dtype != torch.float32
+
+
+def dora_lora_backward(lora_backward, dy, scaled, x, weight, lora_A, lora_B, xa, keep, col_scale, scaling, dropout_p,
+                       need_dx, need_dA, need_dB):
+    """(dx, dA, dB) of DoRA's LoRA part through `lora_backward` (a LoRA path's backward, or its
+    NF4 one with `weight` its NF4 weight) on dY' = dY⊙c (`scaled`, dY's dtype): dX's base product
+    takes dY', the rank terms dY' too, or dY and c⊙B where ``folds_scale_into_B`` (dB then
+    scaled by c per row: c⊙(s·dYᵀ·xa) = s·dY'ᵀ·xa)."""
+    if not folds_scale_into_B(dy, lora_B):
+        return lora_backward(scaled, x, weight, lora_A, lora_B, xa, keep, scaling, dropout_p, need_dx, need_dA,
+                             need_dB, False)[:3]
+    column = col_scale[:, None]
+    dx, dA, dB, _ = lora_backward(dy, x, weight, lora_A, lora_B * column, xa, keep, scaling, dropout_p, need_dx,
+                                  need_dA, need_dB, False, scaled)
+    return dx, dA, (dB.mul_(column) if dB is not None else None)
 
 
 def norm_from_products(products, lora_A, lora_B, magnitude, scaling, weight_sq_norm):
@@ -290,12 +315,13 @@ class KernelDoraOps:
     def backward(self, dy, x, weight, lora_A, lora_B, xa, keep, pre, col_scale, norm, scaling, dropout_p, need_dx,
                  need_dA, need_dB, need_dmag, need_db):
         need_lora = need_dx or need_dA or need_dB
-        scaled, dmag, db = kernel_modules().dora.backward_dy(dy, pre, col_scale, norm, need_lora, need_dmag, need_db,
-                                                             scratch=workspace.split_k_scratch)
+        need_scaled = need_dx or (need_lora and not folds_scale_into_B(dy, lora_B))
+        scaled, dmag, db = kernel_modules().dora.backward_dy(dy, pre, col_scale, norm, need_scaled, need_dmag,
+                                                             need_db, scratch=workspace.split_k_scratch)
         dx = dA = dB = None
         if need_lora:
-            dx, dA, dB, _ = self.lora.backward(scaled, x, weight, lora_A, lora_B, xa, keep, scaling, dropout_p,
-                                               need_dx, need_dA, need_dB, False)
+            dx, dA, dB = dora_lora_backward(self.lora.backward, dy, scaled, x, weight, lora_A, lora_B, xa, keep,
+                                            col_scale, scaling, dropout_p, need_dx, need_dA, need_dB)
         if need_dx and keep is not None:
             dx = dora_dropout_dx(dx, mm32(dy - scaled, weight), keep, dropout_p)
         return dx, dA, dB, dmag, db
@@ -337,13 +363,24 @@ class KernelQDoraOps:
     @staticmethod
     def norm(qw: NF4Tensors, lora_A, lora_B, magnitude, scaling, weight_sq_norm, dtype):
         """A·Wᵀ [r, N] (fp32) by the NF4 decode GEMV (r ≤ 16; the NF4 GEMM above): one pass over
-        the 4-bit W, decoded in registers, whichever path the GEMMs take; then the norm kernel."""
+        the 4-bit W, decoded in registers, whichever path the GEMMs take; then the norm kernel.
+        fp32 adapters on a half-precision W: A enters as hi + lo, two rows each in W's dtype
+        (A·Wᵀ to ~2⁻¹⁶ relative, as PEFT's fp32 A·Wᵀ; hi alone would round A to x's dtype), the
+        2r rows in the same single pass over W, then one sum."""
         if weight_sq_norm is None:
             weight_sq_norm = squared_row_norms(qw, dtype)
         kernels = kernel_modules()
-        products = kernels.nf4.forward(lora_A.to(dtype), qw, None, None, 0.0, None,
+        r = lora_A.shape[0]
+        split = lora_A.dtype == torch.float32 and dtype != torch.float32
+        rows = torch.empty((2 * r if split else r, lora_A.shape[1]), device=lora_A.device, dtype=dtype)
+        rows[:r] = lora_A
+        if split:
+            torch.sub(lora_A, rows[:r], out=rows[r:])
+        products = kernels.nf4.forward(rows, qw, None, None, 0.0, None,
                                        tables=code_tables(qw.packed.device), scratch=workspace.split_k_scratch,
                                        out_dtype=torch.float32)
+        if split:
+            products = products[:r] + products[r:]
         return kernels.dora.weight_norm(lora_A, lora_B, magnitude, scaling, weight_sq_norm, products=products,
                                         scratch=workspace.split_k_scratch)
 
@@ -369,13 +406,13 @@ class KernelQDoraOps:
                                             pre, col_scale, norm, scaling, dropout_p, need_dx, need_dA, need_dB,
                                             need_dmag, need_db)
         need_lora = need_dx or need_dA or need_dB
-        scaled, dmag, db = kernel_modules().dora.backward_dy(dy, pre, col_scale, norm, need_lora, need_dmag, need_db,
-                                                             scratch=workspace.split_k_scratch)
+        need_scaled = need_dx or (need_lora and not folds_scale_into_B(dy, lora_B))
+        scaled, dmag, db = kernel_modules().dora.backward_dy(dy, pre, col_scale, norm, need_scaled, need_dmag,
+                                                             need_db, scratch=workspace.split_k_scratch)
         dx = dA = dB = None
         if need_lora:
-            dx, dA, dB, _ = self.nf4.qlora_backward(dy=scaled, x=x, qw=qw, lora_A=lora_A, lora_B=lora_B, xa=xa,
-                                                    keep=keep, scaling=scaling, dropout_p=dropout_p, need_dx=need_dx,
-                                                    need_dA=need_dA, need_dB=need_dB, need_db=False)
+            dx, dA, dB = dora_lora_backward(self.nf4.qlora_backward, dy, scaled, x, qw, lora_A, lora_B, xa, keep,
+                                            col_scale, scaling, dropout_p, need_dx, need_dA, need_dB)
         if need_dx and keep is not None:
             dx = dora_dropout_dx(dx, self.nf4.backward_dx(dy - scaled, qw).float(), keep, dropout_p)
         return dx, dA, dB, dmag, db

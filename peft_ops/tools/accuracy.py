@@ -392,7 +392,9 @@ def run_qlora_case(case: QLoraCase, path: str, device="cpu", seed: int = 0) -> l
 # output is the same formula on |inputs| with every signed factor bounded by its magnitude:
 # c = m/‖W + s·B·A‖ fixed at its true value, |c − 1| ≤ |c| + 1. Budget: one rounding more
 # than LoRA's for every tensor downstream of dY' = dY⊙c (rounded to x's dtype as the LoRA
-# backward's dY), and under dropout for y (the second base product's operand x − xd).
+# backward's dY), and under dropout for y (the second base product's operand x − xd). fp32
+# adapters on a half-precision x: dA and dB are fp32 all the way (c folded into fp32 B, never
+# rounded: ``paths.folds_scale_into_B``), judged at fp32 as LoRA's.
 # --------------------------------------------------------------------------------------
 
 DORA_GRAD_NAMES = {"x": "dx", "weight": "dW", "lora_A": "dA", "lora_B": "dB", "magnitude": "dm", "bias": "db"}
@@ -405,6 +407,8 @@ class DoraCase(LoraCase):
     gemm: str | None = None  # "triton" / "cublas" (dense kernels only); None: chosen by gemm_choice
 
     def tolerance(self, tensor: str = "y") -> float:
+        if tensor in ("dA", "dB") and self.adapter_dtype == torch.float32:
+            return TOLERANCES[torch.float32]
         extra = tensor in ("dx", "dA", "dB", "dW") or (tensor == "y" and self.dropout_p > 0)
         u = UNIT_ROUNDOFF[self.dtype]
         return (ROUNDINGS + (1 if extra else 0)) * u + FP32_ACCUMULATION
