@@ -30,7 +30,9 @@ fwd+bwd (static estimate):
 - Dropout (training with p > 0): PEFT's DoRA takes its base term on the dropped-out input,
   y = x·Wᵀ + b + (m/‖·‖ − 1)·(drop(x)·Wᵀ) + (m/‖·‖)·s·(drop(x)·Aᵀ)·Bᵀ, which needs the base GEMM
   twice, forward and backward. The fused kernels take drop(x) and the second product
-  ((x − drop(x))·Wᵀ forward, ((dY − dY')·W)⊙(1 − keep/(1−p)) in dX) runs as a plain GEMM.
+  ((x − drop(x))·Wᵀ forward, ((dY − dY')·W)⊙(1 − keep/(1−p)) in dX) runs as a plain
+  half-precision GEMM; `_dora_dropout_split_kernel` and `_dora_dropout_dx_kernel` are the
+  elementwise glue around it (one pass each).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from .common import (
     multiprocessor_count,
     split_k_total,
 )
+from .dropout import keep_from_bits
 
 # (BLOCK_N, BLOCK_K, warps, stages) of the norm's pass over W per target and operand family
 # ("half": bf16/fp16 A and W; "fp32": fp32 adapters, W widened in registers). Memory-bound:
@@ -60,6 +63,9 @@ NORM_TILES = {"sm80": {"half": (64, 128, 4, 3), "fp32": (64, 32, 4, 3)},
               "interpreter": {"half": (16, 32, 4, 1), "fp32": (16, 32, 4, 1)}}
 # (BLOCK_M, BLOCK_N, warps, stages) of the dY pass: 64 bf16 columns = one 128-byte line per row.
 DY_TILES = {"sm80": (64, 64, 4, 3), "sm90": (64, 64, 4, 4), "interpreter": (16, 16, 4, 1)}
+# (BLOCK_M, BLOCK_K, warps) of the dropout glue's elementwise passes: BLOCK_K a multiple of 32
+# (whole words of the bit-packed keep mask), 128 bf16 columns = two 128-byte lines per row.
+DROPOUT_TILES = {"sm80": (16, 128, 4), "sm90": (16, 128, 4), "interpreter": (16, 32, 4)}
 MAX_SLICES = 16  # K (norm) or M (dY pass) slices per column tile: powers of two up to this
 PROGRAMS_PER_SM = 2  # memory-bound passes: two resident programs per SM keep loads in flight
 
@@ -222,6 +228,75 @@ def _dora_backward_dy_kernel(
                 tl.store(DBIAS + offs_n, dbias.to(DBIAS.dtype.element_ty), mask=n_mask)
 
 
+@triton.jit
+def _dora_dropout_split_kernel(X, KEEP, XD, REST, M, K, stride_xm, stride_xk, keep_scale,
+                               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """XD = X⊙keep·keep_scale and REST = X − XD (from XD before its rounding), [M, K] in X's
+    dtype, keep_scale = 1/(1-p), KEEP bit-packed: DoRA's base term under dropout takes XD through
+    the fused GEMM and REST through the second product. One read of X, two writes."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_mask = offs_m < M
+    rows = offs_m.to(tl.int64)
+    mask = row_mask[:, None] & (offs_k < K)[None, :]
+    x = tl.load(X + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk, mask=mask,
+                other=0.0).to(tl.float32)
+    keep = keep_from_bits(KEEP, rows, row_mask, tl.program_id(1) * BLOCK_K, K, BLOCK_M, BLOCK_K)
+    dropped = tl.where(keep, x * keep_scale, 0.0)
+    out = rows[:, None] * K + offs_k[None, :]
+    tl.store(XD + out, dropped.to(XD.dtype.element_ty), mask=mask)
+    tl.store(REST + out, (x - dropped).to(REST.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dora_dropout_dx_kernel(DX, CORRECTION, KEEP, OUT, M, K, kept_factor,
+                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """OUT = DX + CORRECTION ⊙ (1 − keep/(1-p)) in DX's dtype (kept_factor = −p/(1-p), dropped
+    elements 1), all [M, K] contiguous: DoRA's dX under dropout from the LoRA backward's dX on
+    dY' and CORRECTION = (dY − dY')·W. One fp32 sum, one rounding."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_mask = offs_m < M
+    rows = offs_m.to(tl.int64)
+    mask = row_mask[:, None] & (offs_k < K)[None, :]
+    offsets = rows[:, None] * K + offs_k[None, :]
+    dx = tl.load(DX + offsets, mask=mask, other=0.0).to(tl.float32)
+    correction = tl.load(CORRECTION + offsets, mask=mask, other=0.0).to(tl.float32)
+    keep = keep_from_bits(KEEP, rows, row_mask, tl.program_id(1) * BLOCK_K, K, BLOCK_M, BLOCK_K)
+    tl.store(OUT + offsets, (dx + correction * tl.where(keep, kept_factor, 1.0)).to(OUT.dtype.element_ty),
+             mask=mask)
+
+
+def _dropout_launch(kernel, M: int, K: int, *args) -> None:
+    block_m, block_k, warps = DROPOUT_TILES[current_target()]
+    launch(kernel, (triton.cdiv(M, block_m), triton.cdiv(K, block_k)), *args, BLOCK_M=block_m, BLOCK_K=block_k,
+           num_warps=warps, num_stages=1)
+
+
+def dropout_split(x: torch.Tensor, keep: torch.Tensor, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(xd, x − xd), [M, K] contiguous in x's dtype: xd = x⊙keep/(1-p) for the bit-packed keep
+    mask [M, ⌈K/32⌉] int32 (the shrink's). One launch."""
+    M, K = x.shape
+    xd, rest = torch.empty((M, K), device=x.device, dtype=x.dtype), torch.empty((M, K), device=x.device, dtype=x.dtype)
+    if M * K:
+        with launch_guard(x, keep):
+            _dropout_launch(_dora_dropout_split_kernel, M, K, x, keep, xd, rest, M, K, x.stride(0), x.stride(1),
+                            1.0 / (1.0 - dropout_p))
+    return xd, rest
+
+
+def dropout_dx(dx: torch.Tensor, correction: torch.Tensor, keep: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """dx + correction ⊙ (1 − keep/(1-p)) in dx's dtype (a new tensor; dx and correction [M, K]
+    contiguous, correction in any float dtype). One launch."""
+    M, K = dx.shape
+    out = torch.empty_like(dx)
+    if M * K:
+        with launch_guard(dx, correction, keep):
+            _dropout_launch(_dora_dropout_dx_kernel, M, K, dx, correction.contiguous(), keep, out, M, K,
+                            -dropout_p / (1.0 - dropout_p))
+    return out
+
+
 def weight_norm(lora_A: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor, scaling: float,
                 weight_sq_norm: torch.Tensor, *, weight: torch.Tensor | None = None,
                 products: torch.Tensor | None = None, scratch=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,6 +379,15 @@ def aot_specs(target: str) -> list:
                 dict(HAS_W=True, SPLIT_K=4, R_PAD=rank_pad(r), WIDEN_BF16_DOT=False, DOT_PRECISION="tf32x3",
                      BLOCK_N=norm_block_n(r, block_n), BLOCK_K=norm_block_k(r, block_k)),
                 unit_strides=("stride_ak", "stride_wk", "stride_br"), float_args=("scaling",), plain_ints=("R",)))
+    block_m, block_k, warps = DROPOUT_TILES[target]
+    for dt in ("bf16", "fp32"):
+        config = triton.Config(dict(BLOCK_M=block_m, BLOCK_K=block_k), num_warps=warps, num_stages=1)
+        specs.append(KernelBuild(f"dora_dropout_split [{dt}]", _dora_dropout_split_kernel, config,
+                                 dict(X=dt, KEEP="i32", XD=dt, REST=dt), {}, unit_strides=("stride_xk",),
+                                 float_args=("keep_scale",), plain_ints=("M",), uses_tensor_cores=False))
+        specs.append(KernelBuild(f"dora_dropout_dx [{dt}]", _dora_dropout_dx_kernel, config,
+                                 dict(DX=dt, CORRECTION=dt, KEEP="i32", OUT=dt), {}, float_args=("kept_factor",),
+                                 plain_ints=("M",), uses_tensor_cores=False))
     block_m, block_n, warps, stages = DY_TILES[target]
     for dt in ("bf16", "fp32"):
         specs.append(KernelBuild(

@@ -705,6 +705,23 @@ def _lora_expand_kernel(
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+@autotuned(PIECE_CONFIGS, dtype_family("Y"), key=["M_BUCKET", "N", "HAS_BIAS"])
+@triton.jit
+def _dora_scale_kernel(
+    PRE, SCALE, BIAS, Y, M, N, M_BUCKET, stride_bias,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Y[M, N] = PRE ⊙ SCALE[n] + BIAS[n] (`dora_scale`): the DoRA output of the cuBLAS path's
+    forward from its pre-scale output (cuBLAS's addmm). Memory-bound: reads and writes M×N once."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    offsets = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    pre = tl.load(PRE + offsets, mask=mask, other=0.0).to(tl.float32)
+    y = dora_scale(pre, SCALE, BIAS, (offs_n % N).to(tl.int64), stride_bias, HAS_BIAS)
+    tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
+
+
 @autotuned(PIECE_CONFIGS, dtype_family("C"), key=["M_BUCKET", "K", "R", "HAS_DROPOUT", "RANK_FP32"])
 @triton.jit
 def _lora_dx_term_kernel(
@@ -809,7 +826,7 @@ def dora_forward(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B
     needs) and y = pre ⊙ col_scale + bias, both [M, N] in x's dtype; col_scale fp32 [N] (the
     magnitude over the column norm, ``dora.weight_norm``). The same GEMM as :func:`forward`,
     the scale in its epilogue (gemm="triton"); on the cuBLAS path the scale and bias are one
-    more elementwise pass."""
+    more launch (`_dora_scale_kernel`, after addmm's pre)."""
     return _forward(x, weight, xa, lora_B, scaling, bias, gemm, col_scale)
 
 
@@ -834,10 +851,12 @@ def _forward(x, weight, xa, lora_B, scaling, bias, gemm, col_scale):
         y = torch.addmm(c, x, weight.t())
         if not dora:
             return y, None
-        scaled = y.float() * col_scale  # (not in place: y is pre, and .float() of fp32 is y itself)
-        if bias is not None:
-            scaled += bias
-        return scaled.to(x.dtype), y
+        scaled = torch.empty_like(y)
+        with launch_guard(y, col_scale):
+            launch(_dora_scale_kernel, lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(N, META["BLOCK_N"])),
+                y, col_scale, bias if bias is not None else y, scaled, M, N, m_bucket(M),
+                bias.stride(0) if bias is not None else 0, HAS_BIAS=bias is not None)
+        return scaled, y
     common = dict(HAS_BIAS=bias is not None, DORA=dora, **launch_flags(x.dtype, lora_B.dtype, R))
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     pre = torch.empty_like(y) if dora else None
@@ -916,8 +935,8 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
         grid = lambda META: (tiles(META),)  # noqa: E731
         launch(_lora_backward_dx_kernel, grid,
             base, weight, g, lora_A, keep if keep is not None else g, dx, M, N, x.shape[1], lora_A.shape[0],
-            m_bucket(M), base.stride(0), base.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
-            lora_scale, **constexprs)
+            m_bucket(M), base.stride(0), base.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0),
+            lora_A.stride(1), lora_scale, **constexprs)
         return False
 
     with launch_guard(dy, base, x, weight, lora_A, lora_B):
@@ -1029,6 +1048,11 @@ def aot_specs(target: str) -> list:
               unit_strides=("stride_dyn", "stride_wk", "stride_ak"), float_args=("lora_scale",))
         build("lora_expand", _lora_expand_kernel, PIECE_CONFIGS, dict(XA="fp32", B=rt, BIAS=dt, C=dt),
               dict(HAS_BIAS=True), unit_strides=("stride_br", "stride_bias"), float_args=("scaling",))
+        if not fp32_rank or dt == "fp32":  # no rank operands: the fp32-adapter variant is the bf16 build
+            for cfg in PIECE_CONFIGS[target][family]:
+                specs.append(KernelBuild(f"dora_scale [{dt}]", _dora_scale_kernel, cfg,
+                                         dict(PRE=dt, SCALE="fp32", BIAS=dt, Y=dt), dict(HAS_BIAS=True),
+                                         plain_ints=plain, unit_strides=("stride_bias",), uses_tensor_cores=False))
         build("lora_dx_term", _lora_dx_term_kernel, PIECE_CONFIGS, dict(G="fp32", A=rt, KEEP="i32", C=dt),
               dict(HAS_DROPOUT=True), unit_strides=("stride_ak",), float_args=("lora_scale",))
         if target in TMA_TARGETS:  # the persistent TMA GEMMs (sm_90a only: TMA)

@@ -103,6 +103,7 @@ from .common import (
 from .lora import (
     backward_with,
     block_r,
+    dora_scale,
     launch_flags,
     lora_dx_term,
     lora_epilogue,
@@ -518,17 +519,18 @@ LOOP_BOUNDS = {
 
 
 @autotuned(MATMUL_CONFIGS, dtype_family("X", _unaligned),
-           key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "HAS_BIAS"] + _NF4_KEY)
+           key=["M_BUCKET", "N", "K", "R", "HAS_LORA", "HAS_BIAS", "DORA"] + _NF4_KEY)
 @triton.jit
 def _nf4_matmul_kernel(
-    X, WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, XA, B, BIAS, Y, M, N, K, R, M_BUCKET,
+    X, WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, XA, B, BIAS, Y, SCALE, PRE, M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_bn, stride_br, stride_bias, scaling,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_K: tl.constexpr, ROW_ALIGNED: tl.constexpr,
-    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DORA: tl.constexpr, BLOCK_R: tl.constexpr,
     WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Y[M, N] = X·dequant(W)ᵀ [+ scaling·XA·Bᵀ] + BIAS, W decoded tile by tile in registers."""
+    """Y[M, N] = X·dequant(W)ᵀ [+ scaling·XA·Bᵀ] + BIAS, W decoded tile by tile in registers.
+    DORA: PRE gets X·dequant(W)ᵀ + scaling·XA·Bᵀ and Y = PRE ⊙ SCALE[n] + BIAS (`store_output`)."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -545,40 +547,52 @@ def _nf4_matmul_kernel(
                    DOT_PRECISION=DOT_PRECISION)
     acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
                         stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=HAS_LORA,
-                        HAS_BIAS=HAS_BIAS, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
-                        DOT_PRECISION=DOT_PRECISION)
-    y_ptrs = Y + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+                        HAS_BIAS=HAS_BIAS and not DORA, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32,
+                        WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
+    store_output(acc, Y, SCALE, PRE, BIAS, cols, offs_m, offs_n, M, N, stride_bias, HAS_BIAS, DORA)
 
 
 @triton.jit
-def gemv_finish(acc, PARTIALS, COUNTERS, tile, pid_s, XA, B, BIAS, Y, rows, cols, offs_m, offs_n, M, N, R,
-                stride_bn, stride_br, stride_bias, scaling, SPLIT_K: tl.constexpr, HAS_LORA: tl.constexpr,
-                HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, RANK_FP32: tl.constexpr,
+def store_output(acc, Y, SCALE, PRE, BIAS, cols, offs_m, offs_n, M, N, stride_bias, HAS_BIAS: tl.constexpr,
+                 DORA: tl.constexpr):
+    """Y[offs_m, offs_n] = acc; DORA: PRE = acc (the pre-scale output DoRA's backward keeps) and
+    Y = acc ⊙ SCALE[cols] + BIAS[cols] (the bias left out of acc), from the same accumulator."""
+    offsets = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if DORA:
+        tl.store(PRE + offsets, acc.to(PRE.dtype.element_ty), mask=mask)
+        acc = dora_scale(acc, SCALE, BIAS, cols, stride_bias, HAS_BIAS)
+    tl.store(Y + offsets, acc.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gemv_finish(acc, PARTIALS, COUNTERS, tile, pid_s, XA, B, BIAS, Y, SCALE, PRE, rows, cols, offs_m, offs_n, M, N,
+                R, stride_bn, stride_br, stride_bias, scaling, SPLIT_K: tl.constexpr, HAS_LORA: tl.constexpr,
+                HAS_BIAS: tl.constexpr, DORA: tl.constexpr, BLOCK_R: tl.constexpr, RANK_FP32: tl.constexpr,
                 WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr):
-    """The GEMVs' last step: Y[offs_m, offs_n] = acc [+ scaling·XA·Bᵀ] + BIAS on the whole sum —
-    with SPLIT_K > 1 by the tile's last program only, on the slices' sum (`split_k_total`)."""
+    """The GEMVs' last step: Y[offs_m, offs_n] = acc [+ scaling·XA·Bᵀ] + BIAS on the whole sum
+    (DORA: `store_output`'s PRE and scaled Y) — with SPLIT_K > 1 by the tile's last program
+    only, on the slices' sum (`split_k_total`)."""
     last = pid_s == 0  # one slice: the only program
     if SPLIT_K > 1:
         acc, last = split_k_total(acc, PARTIALS, COUNTERS, tile, pid_s, SPLIT_K, BLOCK_M, BLOCK_N)
     if last:
         acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
                             stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=HAS_LORA,
-                            HAS_BIAS=HAS_BIAS, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
-                            DOT_PRECISION=DOT_PRECISION)
-        y_ptrs = Y + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+                            HAS_BIAS=HAS_BIAS and not DORA, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32,
+                            WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
+        store_output(acc, Y, SCALE, PRE, BIAS, cols, offs_m, offs_n, M, N, stride_bias, HAS_BIAS, DORA)
 
 
 @autotuned(GEMV_CONFIGS, dtype_family("X", _unaligned),
-           key=["M", "N", "K", "R", "HAS_LORA", "HAS_BIAS"] + _NF4_KEY)
+           key=["M", "N", "K", "R", "HAS_LORA", "HAS_BIAS", "DORA"] + _NF4_KEY)
 @triton.jit
 def _nf4_gemv_kernel(
-    X, WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, XA, B, BIAS, Y, PARTIALS, COUNTERS, M, N, K, R,
-    stride_xm, stride_xk, stride_bn, stride_br, stride_bias, scaling,
+    X, WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, XA, B, BIAS, Y, SCALE, PRE, PARTIALS, COUNTERS,
+    M, N, K, R, stride_xm, stride_xk, stride_bn, stride_br, stride_bias, scaling,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_K: tl.constexpr, ROW_ALIGNED: tl.constexpr,
-    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DORA: tl.constexpr, BLOCK_R: tl.constexpr,
     WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE: tl.constexpr,
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -604,9 +618,9 @@ def _nf4_gemv_kernel(
                    ABSMAX_OFFSET=ABSMAX_OFFSET, K=K, numel=tl.cast(N, tl.int64) * K, BLOCK_K=BLOCK_K,
                    BLOCKSIZE=BLOCKSIZE, NESTED=NESTED, ALIGNED=EVEN_K and ROW_ALIGNED, EMULATE=EMULATE,
                    WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
-    gemv_finish(acc, PARTIALS, COUNTERS, pid_n, pid_s, XA, B, BIAS, Y, rows, cols, offs_m, offs_n, M, N, R, stride_bn,
-                stride_br, stride_bias, scaling, SPLIT_K, HAS_LORA, HAS_BIAS, BLOCK_R, RANK_FP32, WIDEN_BF16_DOT,
-                DOT_PRECISION, BLOCK_M, BLOCK_N)
+    gemv_finish(acc, PARTIALS, COUNTERS, pid_n, pid_s, XA, B, BIAS, Y, SCALE, PRE, rows, cols, offs_m, offs_n, M, N,
+                R, stride_bn, stride_br, stride_bias, scaling, SPLIT_K, HAS_LORA, HAS_BIAS, DORA, BLOCK_R, RANK_FP32,
+                WIDEN_BF16_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -699,13 +713,14 @@ def nf4_fragment_tile(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, ro
     return tl.reshape(tile, (BLOCK_N, 256))
 
 
-@autotuned(DECODE_GEMV_CONFIGS, dtype_family("X"), key=["M", "N", "K", "R", "HAS_LORA", "HAS_BIAS"] + _NF4_KEY)
+@autotuned(DECODE_GEMV_CONFIGS, dtype_family("X"),
+           key=["M", "N", "K", "R", "HAS_LORA", "HAS_BIAS", "DORA"] + _NF4_KEY)
 @triton.jit
 def _nf4_decode_gemv_kernel(
-    X, WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, XA, B, BIAS, Y, PARTIALS, COUNTERS, M, N, K, R,
-    row_words, stride_xm, stride_xk, stride_bn, stride_br, stride_bias, scaling,
+    X, WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, XA, B, BIAS, Y, SCALE, PRE, PARTIALS, COUNTERS,
+    M, N, K, R, row_words, stride_xm, stride_xk, stride_bn, stride_br, stride_bias, scaling,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_K: tl.constexpr, ROW_ALIGNED: tl.constexpr,
-    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DORA: tl.constexpr, BLOCK_R: tl.constexpr,
     WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE: tl.constexpr,
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     K_WIDTH: tl.constexpr,
@@ -746,9 +761,9 @@ def _nf4_decode_gemv_kernel(
         acc = mma(w, x, acc, WIDEN_BF16_DOT, DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
     acc = tl.trans(acc)
-    gemv_finish(acc, PARTIALS, COUNTERS, pid, pid_s, XA, B, BIAS, Y, rows, cols, offs_m, offs_n, M, N, R, stride_bn,
-                stride_br, stride_bias, scaling, SPLIT_K, HAS_LORA, HAS_BIAS, BLOCK_R, RANK_FP32, WIDEN_BF16_DOT,
-                DOT_PRECISION, BLOCK_M, BLOCK_N)
+    gemv_finish(acc, PARTIALS, COUNTERS, pid, pid_s, XA, B, BIAS, Y, SCALE, PRE, rows, cols, offs_m, offs_n, M, N, R,
+                stride_bn, stride_br, stride_bias, scaling, SPLIT_K, HAS_LORA, HAS_BIAS, DORA, BLOCK_R, RANK_FP32,
+                WIDEN_BF16_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
 
 @autotuned(BACKWARD_DX_CONFIGS, dtype_family("DY", _unaligned),
@@ -913,11 +928,26 @@ def forward(x: torch.Tensor, qw, xa: torch.Tensor | None, lora_B: torch.Tensor |
     `regime`: "gemm" or "decode" (default: decode for M ≤ DECODE_MAX_M); `split_k` (a power of
     two ≤ MAX_SPLIT_K) pins the split-K GEMV at that many K slices (default: the word GEMV where
     it fits, each at `split_k_for`'s slices); `scratch`: see `split_k_scratch`."""
+    return _forward(x, qw, xa, lora_B, scaling, bias, regime, split_k, tables, scratch, out_dtype, None)[0]
+
+
+def dora_forward(x: torch.Tensor, qw, xa: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                 bias: torch.Tensor | None, col_scale: torch.Tensor, regime: str | None = None,
+                 split_k: int | None = None, *, tables, scratch=None):
+    """(y, pre) of QDoRA: pre = x·dequant(W)ᵀ + scaling·xa·lora_Bᵀ (kept for the backward) and
+    y = pre ⊙ col_scale + bias, both [M, N] in x's dtype, from the same accumulator in the
+    kernel :func:`forward` launches (col_scale fp32 [N]: ``dora.weight_norm``'s). One launch."""
+    return _forward(x, qw, xa, lora_B, scaling, bias, regime, split_k, tables, scratch, None, col_scale)
+
+
+def _forward(x, qw, xa, lora_B, scaling, bias, regime, split_k, tables, scratch, out_dtype, col_scale):
     M, K = x.shape
     N = qw.out_features
+    dora = col_scale is not None
     y = torch.empty((M, N), device=x.device, dtype=out_dtype or x.dtype)
+    pre = torch.empty_like(y) if dora else None
     if M == 0:
-        return y
+        return y, pre
     regime = regime or ("decode" if M <= DECODE_MAX_M else "gemm")
     if regime == "decode" and M > GEMV_BLOCK_M:
         raise ValueError(f"the decode regime takes at most {GEMV_BLOCK_M} rows, got {M}")
@@ -926,16 +956,17 @@ def forward(x: torch.Tensor, qw, xa: torch.Tensor | None, lora_B: torch.Tensor |
     adapter_dtype = lora_B.dtype if has_lora else x.dtype
     flags = {**launch_flags(x.dtype, adapter_dtype, max(R, 1)), **_format_flags(qw)}
     lora_args = (xa, lora_B) if has_lora else (x, x)  # unused pointers when HAS_LORA is False
-    common = dict(HAS_LORA=has_lora, HAS_BIAS=bias is not None, **flags, **NF4_LAUNCH_OPTIONS)
+    common = dict(HAS_LORA=has_lora, HAS_BIAS=bias is not None, DORA=dora, **flags, **NF4_LAUNCH_OPTIONS)
     tail = (x.stride(0), x.stride(1), lora_B.stride(0) if has_lora else 0, lora_B.stride(1) if has_lora else 0,
             bias.stride(0) if bias is not None else 0, float(scaling))
+    outputs = (y, col_scale, pre) if dora else (y, y, y)  # Y, SCALE, PRE (unused pointers when not DORA)
     with launch_guard(x, qw.packed):
         if regime == "gemm":
             grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
             launch(_nf4_matmul_kernel, grid, x, *_format_args(qw, tables), *lora_args,
-                   bias if bias is not None else y, y, M, N, K, R, m_bucket(M), *tail, EMULATE=emulate_ptx(),
+                   bias if bias is not None else y, *outputs, M, N, K, R, m_bucket(M), *tail, EMULATE=emulate_ptx(),
                    **common)
-            return y
+            return y, pre
         word = split_k is None and word_gemv_fits(x, qw)
         if word:
             block_n = DECODE_GEMV_BLOCK_N[current_target()]
@@ -948,9 +979,9 @@ def forward(x: torch.Tensor, qw, xa: torch.Tensor | None, lora_B: torch.Tensor |
         kernel = _nf4_decode_gemv_kernel if word else _nf4_gemv_kernel
         extra = (K // 8,) if word else ()  # the word GEMV's row length in words
         launch(kernel, lambda META: (triton.cdiv(N, META["BLOCK_N"]), split), x, *_format_args(qw, tables),
-               *lora_args, bias if bias is not None else y, y, partials, counters, M, N, K, R, *extra, *tail,
+               *lora_args, bias if bias is not None else y, *outputs, partials, counters, M, N, K, R, *extra, *tail,
                BLOCK_M=GEMV_BLOCK_M, SPLIT_K=split, EMULATE=emulate_ptx(), **common)
-    return y
+    return y, pre
 
 
 def backward_dx(dy: torch.Tensor, qw, *, tables) -> torch.Tensor:
@@ -1025,24 +1056,29 @@ def aot_specs(target: str) -> list:
                                              {**common, **fmt_flags, **constexprs}, plain_ints=plain,
                                              options=options, **kw))
 
-            build("nf4_matmul", _nf4_matmul_kernel, MATMUL_CONFIGS, dict(X=dt, XA="fp32", B=rt, BIAS=dt, Y=dt),
-                  dict(HAS_LORA=True, HAS_BIAS=True), unit_strides=("stride_xk", "stride_br", "stride_bias"),
-                  float_args=("scaling",))
-            # (split-K builds: the in-kernel reduction of the partials compiled in)
-            build("nf4_gemv", _nf4_gemv_kernel, GEMV_CONFIGS,
-                  dict(X=dt, XA="fp32", B=rt, BIAS=dt, Y=dt, PARTIALS="fp32", COUNTERS="i32"),
-                  dict(HAS_LORA=True, HAS_BIAS=True, BLOCK_M=GEMV_BLOCK_M, SPLIT_K=4),
-                  unit_strides=("stride_xk", "stride_br", "stride_bias"), float_args=("scaling",))
-            if fmt == "aligned" and family != "fp32":
-                for cfg in DECODE_GEMV_CONFIGS[target][family]:
-                    specs.append(KernelBuild(
-                        f"nf4_decode_gemv [{variant}]", _nf4_decode_gemv_kernel, cfg,
-                        {**fmt_pointers, "X": dt, "XA": "fp32", "B": rt, "BIAS": dt, "Y": dt, "PARTIALS": "fp32",
-                         "COUNTERS": "i32"},
-                        {**common, **fmt_flags, "HAS_LORA": True, "HAS_BIAS": True, "BLOCK_M": GEMV_BLOCK_M,
-                         "SPLIT_K": 2},
-                        plain_ints=plain, options=options,
-                        unit_strides=("stride_xk", "stride_br", "stride_bias"), float_args=("scaling",)))
+            outputs = dict(Y=dt, SCALE="fp32", PRE=dt)
+            # DoRA's epilogue (PRE stored, Y scaled) on the half-precision builds of the real-model format
+            doras = (False, True) if fmt == "aligned" and family != "fp32" else (False,)
+            for dora in doras:
+                tag = f"{variant}, DoRA" if dora else variant
+                build("nf4_matmul", _nf4_matmul_kernel, MATMUL_CONFIGS, dict(X=dt, XA="fp32", B=rt, BIAS=dt, **outputs),
+                      dict(HAS_LORA=True, HAS_BIAS=True, DORA=dora), variant=tag,
+                      unit_strides=("stride_xk", "stride_br", "stride_bias"), float_args=("scaling",))
+                # (split-K builds: the in-kernel reduction of the partials compiled in)
+                build("nf4_gemv", _nf4_gemv_kernel, GEMV_CONFIGS,
+                      dict(X=dt, XA="fp32", B=rt, BIAS=dt, **outputs, PARTIALS="fp32", COUNTERS="i32"),
+                      dict(HAS_LORA=True, HAS_BIAS=True, DORA=dora, BLOCK_M=GEMV_BLOCK_M, SPLIT_K=4), variant=tag,
+                      unit_strides=("stride_xk", "stride_br", "stride_bias"), float_args=("scaling",))
+                if fmt == "aligned" and family != "fp32":
+                    for cfg in DECODE_GEMV_CONFIGS[target][family]:
+                        specs.append(KernelBuild(
+                            f"nf4_decode_gemv [{tag}]", _nf4_decode_gemv_kernel, cfg,
+                            {**fmt_pointers, "X": dt, "XA": "fp32", "B": rt, "BIAS": dt, **outputs,
+                             "PARTIALS": "fp32", "COUNTERS": "i32"},
+                            {**common, **fmt_flags, "HAS_LORA": True, "HAS_BIAS": True, "DORA": dora,
+                             "BLOCK_M": GEMV_BLOCK_M, "SPLIT_K": 2},
+                            plain_ints=plain, options=options,
+                            unit_strides=("stride_xk", "stride_br", "stride_bias"), float_args=("scaling",)))
             build("nf4_backward_dx", _nf4_backward_dx_kernel, BACKWARD_DX_CONFIGS,
                   dict(DY=dt, G="fp32", A=rt, KEEP="i32", DX=dt),
                   dict(HAS_LORA=True, HAS_DROPOUT=True, BLOCK_M=DX_BLOCK_M[target]),

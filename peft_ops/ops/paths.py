@@ -182,11 +182,11 @@ def dropped_input(x: torch.Tensor, keep: torch.Tensor, dropout_p: float) -> tupl
 def dora_dropout_dx(dx: torch.Tensor, dy_minus_scaled: torch.Tensor, keep: torch.Tensor,
                     dropout_p: float) -> torch.Tensor:
     """dX of DoRA under dropout from the LoRA backward's dX on dY' = dY⊙c (which holds
-    dY'·W + s·(g·A)⊙keep/(1-p)) and `dy_minus_scaled` = (dY − dY')·W [M, K] fp32:
+    dY'·W + s·(g·A)⊙keep/(1-p)) and `dy_minus_scaled` = (dY − dY')·W [M, K] (any float dtype):
     dX = that + (dY − dY')·W ⊙ (1 − keep/(1-p)), in dx's dtype."""
     kept = unpack_keep_bits(keep, dx.shape[1])
     complement = torch.where(kept, -dropout_p / (1.0 - dropout_p), 1.0)
-    return (dx.float() + dy_minus_scaled * complement).to(dx.dtype)
+    return (dx.float() + dy_minus_scaled.float() * complement).to(dx.dtype)
 
 
 _SQ_NORM_CHUNK = 1 << 24  # elements of W widened to fp32 at a time: 64 MiB of transient
@@ -248,7 +248,7 @@ class TorchDoraOps:
         dx, dA, dB = dora_lora_backward(TorchLoraOps.backward, dy, scaled, x, weight, lora_A, lora_B, xa, keep,
                                         col_scale, scaling, dropout_p, need_dx, need_dA, need_dB)
         if need_dx and keep is not None:
-            dx = dora_dropout_dx(dx, mm32(dy32 - scaled.float(), weight), keep, dropout_p)
+            dx = dora_dropout_dx(dx, mm32(dy - scaled, weight).to(dy.dtype), keep, dropout_p)
         return dx, dA, dB, dmag, db
 
 
@@ -305,7 +305,7 @@ class KernelDoraOps:
     shrink = staticmethod(KernelLoraOps.shrink)
 
     def forward(self, x, weight, xa, keep, lora_B, scaling, bias, col_scale, dropout_p):
-        dropped, rest = dropped_input(x, keep, dropout_p) if keep is not None else (x, None)
+        dropped, rest = kernel_modules().dora.dropout_split(x, keep, dropout_p) if keep is not None else (x, None)
         gemm = self.lora._gemm("forward", x, x.dtype, x.shape[0], weight.shape[0], x.shape[1], lora_B.shape[1])
         y, pre = kernel_modules().lora.dora_forward(dropped, weight, xa, lora_B, scaling, bias, col_scale, gemm=gemm)
         if rest is not None:
@@ -322,8 +322,8 @@ class KernelDoraOps:
         if need_lora:
             dx, dA, dB = dora_lora_backward(self.lora.backward, dy, scaled, x, weight, lora_A, lora_B, xa, keep,
                                             col_scale, scaling, dropout_p, need_dx, need_dA, need_dB)
-        if need_dx and keep is not None:
-            dx = dora_dropout_dx(dx, mm32(dy - scaled, weight), keep, dropout_p)
+        if need_dx and keep is not None:  # (dY − dY')·W in dY's dtype: a tensor-core GEMM, not an fp32 one
+            dx = kernel_modules().dora.dropout_dx(dx, torch.mm(dy - scaled, weight), keep, dropout_p)
         return dx, dA, dB, dmag, db
 
 
@@ -350,8 +350,8 @@ class TorchQDoraOps:
 class KernelQDoraOps:
     """The QDoRA op's Triton path, per phase on the path ``gemm_choice.choose_nf4`` picks (or
     `path`, pinned: tests): "dequant", W decoded into the reusable buffer and KernelDoraOps on
-    it; "fused", the NF4 kernels (the NF4 GEMM / decode GEMV for pre, with the scale and bias
-    in PyTorch ops after it; the NF4 backward on dY'). The norm's A·Wᵀ always reads the 4-bit W."""
+    it; "fused", the NF4 kernels (the NF4 GEMM / decode GEMV storing pre and y = c·pre + b from
+    its epilogue; the NF4 backward on dY'). The norm's A·Wᵀ always reads the 4-bit W."""
 
     def __init__(self, path: str | None = None):
         self.path = path
@@ -372,10 +372,12 @@ class KernelQDoraOps:
         kernels = kernel_modules()
         r = lora_A.shape[0]
         split = lora_A.dtype == torch.float32 and dtype != torch.float32
-        rows = torch.empty((2 * r if split else r, lora_A.shape[1]), device=lora_A.device, dtype=dtype)
-        rows[:r] = lora_A
         if split:
+            rows = torch.empty((2 * r, lora_A.shape[1]), device=lora_A.device, dtype=dtype)
+            rows[:r] = lora_A
             torch.sub(lora_A, rows[:r], out=rows[r:])
+        else:
+            rows = lora_A.to(dtype)
         products = kernels.nf4.forward(rows, qw, None, None, 0.0, None,
                                        tables=code_tables(qw.packed.device), scratch=workspace.split_k_scratch,
                                        out_dtype=torch.float32)
@@ -390,14 +392,15 @@ class KernelQDoraOps:
         if self._path("nf4-forward", x, x.shape[0], qw, lora_B.shape[1]) == "dequant":
             return KernelDoraOps().forward(x, KernelNF4Ops._dequantized(qw, x.dtype), xa, keep, lora_B, scaling,
                                            bias, col_scale, dropout_p)
-        dropped, rest = dropped_input(x, keep, dropout_p) if keep is not None else (x, None)
-        pre = self.nf4.forward(dropped, qw, xa, lora_B, scaling, None)
-        y = pre.float() * col_scale
-        if bias is not None:
-            y += bias
-        if rest is not None:
-            y += self.nf4.forward(rest, qw, None, None, 0.0, None).float()
-        return y.to(x.dtype), pre
+        kernels = kernel_modules()
+        dropped, rest = kernels.dora.dropout_split(x, keep, dropout_p) if keep is not None else (x, None)
+        tables = code_tables(x.device)
+        y, pre = kernels.nf4.dora_forward(dropped, qw, xa, lora_B, scaling, bias, col_scale, self.nf4.regime,
+                                          self.nf4.split_k, tables=tables, scratch=workspace.split_k_scratch)
+        if rest is not None:  # the second base product in fp32, y added, one rounding (as addmm's)
+            y = kernels.nf4.forward(rest, qw, None, None, 0.0, None, tables=tables, scratch=workspace.split_k_scratch,
+                                    out_dtype=torch.float32).add_(y).to(x.dtype)
+        return y, pre
 
     def backward(self, dy, x, qw: NF4Tensors, lora_A, lora_B, xa, keep, pre, col_scale, norm, scaling, dropout_p,
                  need_dx, need_dA, need_dB, need_dmag, need_db):
@@ -414,7 +417,7 @@ class KernelQDoraOps:
             dx, dA, dB = dora_lora_backward(self.nf4.qlora_backward, dy, scaled, x, qw, lora_A, lora_B, xa, keep,
                                             col_scale, scaling, dropout_p, need_dx, need_dA, need_dB)
         if need_dx and keep is not None:
-            dx = dora_dropout_dx(dx, self.nf4.backward_dx(dy - scaled, qw).float(), keep, dropout_p)
+            dx = kernel_modules().dora.dropout_dx(dx, self.nf4.backward_dx(dy - scaled, qw), keep, dropout_p)
         return dx, dA, dB, dmag, db
 
 

@@ -96,6 +96,36 @@ def test_qdora_kernel_paths(nf4_path, dropout_p, device):
                         nf4_path=nf4_path, adapter_dtype=torch.float32), "triton", device)
 
 
+@pytest.mark.parametrize(("regime", "split_k"), [("gemm", None), ("decode", None), ("decode", 1), ("decode", 2)],
+                         ids=["nf4_gemm", "word_gemv", "gemv", "gemv_split2"])
+def test_nf4_kernels_write_pre_and_the_scaled_output_from_one_accumulator(regime, split_k, device):
+    """QDoRA's fused forward, each NF4 kernel with DORA: pre bit-equal to the plain kernel's
+    output (no bias), y = acc⊙c + b from the same fp32 accumulator, rounded once."""
+    from peft_ops.backend import kernel_modules
+    from peft_ops.nf4 import code_tables
+
+    nf4 = kernel_modules().nf4
+    M, K, N, r = (20 if regime == "gemm" else 5), 128, 48, 8
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=gen).to(device=device, dtype=torch.bfloat16)
+    qw = quantize((torch.randn(N, K, generator=gen) * K ** -0.5).to(device=device, dtype=torch.bfloat16)).tensors()
+    xa = torch.randn(M, r, generator=gen).to(device)
+    lora_B = (torch.randn(N, r, generator=gen) * r ** -0.5).to(device=device, dtype=torch.bfloat16)
+    bias = torch.randn(N, generator=gen).to(device=device, dtype=torch.bfloat16)
+    col_scale = (0.5 + torch.rand(N, generator=gen)).to(device)
+    tables = code_tables(device)
+    with kernels_must_run("triton"):
+        y, pre = nf4.dora_forward(x, qw, xa, lora_B, 0.75, bias, col_scale, regime, split_k, tables=tables)
+        plain = nf4.forward(x, qw, xa, lora_B, 0.75, None, regime, split_k, tables=tables)
+        acc = nf4.forward(x, qw, xa, lora_B, 0.75, None, regime, split_k, tables=tables, out_dtype=torch.float32)
+    assert pre.dtype == y.dtype == torch.bfloat16
+    assert torch.equal(pre, plain)
+    scaled = acc.double() * col_scale.double()
+    expected = scaled + bias.double()
+    error = (y.double() - expected).abs() / (scaled.abs() + bias.double().abs())
+    assert error.max() <= UNIT_ROUNDOFF[torch.bfloat16] + FP32_ACCUMULATION
+
+
 # The column norm ‖W_n + s·B_n·A‖ from ‖W_n‖² + 2s·B_n·(A·W_nᵀ) + s²·B_n·(A·Aᵀ)·B_nᵀ, against the
 # float64 norm of the materialized matrix. Every input is exact in its dtype and the sums are fp32,
 # so the norm is good to fp32 accumulation whatever the dtype — except A·Wᵀ of an NF4 weight with
