@@ -33,6 +33,10 @@ builds it really launches:
 4. The frozen base layer (what LoRA is judged against) is a cuBLAS model: persistent, TMA-fed
    wgmma tiles (128×256 and smaller, the best per shape) on sm_90, ``mma.sync`` on sm_80, at
    the pipe efficiency that reproduces the calibration below; a GEMV (M = 1) is memory-bound.
+5. PEFT's own LoRA / DoRA layer (``peft_layer_seconds``): its real code run on meta tensors,
+   each ATen op one launch — half-precision matrix products by the cuBLAS model, fp32 ones
+   (its default fp32 adapters) at the FP32 CUDA-core peak or their bytes, the rest their bytes
+   at 0.9 of HBM bandwidth — plus 2.5 µs each.
 
 Calibration (``CALIBRATION``; tests hold the model to each within a few percent):
 - cuBLAS bf16 GEMM 8192³ on an H200: 790 TFLOP/s (measured on this workplace's H200);
@@ -55,6 +59,7 @@ import re
 import sys
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..backend import kernel_modules
 from . import launches as launch_plans
@@ -62,12 +67,14 @@ from .aot import run_builds
 from .roofline import GPUS as DATASHEETS
 
 # Parameters beyond the datasheet (roofline.GPUS): the compile target, SMs, loaded DRAM latency.
+# fp32_TFLOPs: the datasheet's FP32 (CUDA-core) peak, what PyTorch's fp32 matmuls get by default
+# (TF32 off): PEFT's fp32 adapters run there.
 GPUS = {
-    "A100-40GB": dict(target="sm80", sms=108, dram_latency_ns=600),
-    "A100-80GB": dict(target="sm80", sms=108, dram_latency_ns=600),
-    "H100-PCIe": dict(target="sm90", sms=114, dram_latency_ns=650),
-    "H100-SXM": dict(target="sm90", sms=132, dram_latency_ns=650),
-    "H200": dict(target="sm90", sms=132, dram_latency_ns=650),
+    "A100-40GB": dict(target="sm80", sms=108, dram_latency_ns=600, fp32_TFLOPs=19.5),
+    "A100-80GB": dict(target="sm80", sms=108, dram_latency_ns=600, fp32_TFLOPs=19.5),
+    "H100-PCIe": dict(target="sm90", sms=114, dram_latency_ns=650, fp32_TFLOPs=51.0),
+    "H100-SXM": dict(target="sm90", sms=132, dram_latency_ns=650, fp32_TFLOPs=67.0),
+    "H200": dict(target="sm90", sms=132, dram_latency_ns=650, fp32_TFLOPs=67.0),
 }
 TARGET_RATES = {  # per SM per clock
     "sm90": dict(tensor_flops={"half": 4096, "tf32": 2048, "fp8": 8192, "int8": 8192}, shared_bytes=128,
@@ -98,6 +105,7 @@ class Device:
     bandwidth: float  # bytes/s
     latency_clk: float
     rates: dict
+    fp32_flops: float = 0.0  # FP32 CUDA-core FLOP/s (no tensor cores)
 
     @property
     def hbm_bytes_per_second(self) -> float:
@@ -112,7 +120,7 @@ def device(name: str) -> Device:
     rates = TARGET_RATES[spec["target"]]
     clock = sheet["bf16_TFLOPs"] * 1e12 / (spec["sms"] * rates["tensor_flops"]["half"])
     return Device(name, spec["target"], spec["sms"], clock, sheet["bandwidth_GBps"] * 1e9,
-                  spec["dram_latency_ns"] * 1e-9 * clock, rates)
+                  spec["dram_latency_ns"] * 1e-9 * clock, rates, spec["fp32_TFLOPs"] * 1e12)
 
 
 # --------------------------------------------------------------------------------------
@@ -404,6 +412,81 @@ def base_layer_seconds(s, dev: Device) -> dict:
     forward = cublas_seconds(s.M, s.N, s.K, dev, s.element_bytes)
     backward = cublas_seconds(s.M, s.K, s.N, dev, s.element_bytes)
     return {"forward": forward, "backward": backward, "fwd+bwd": forward + backward}
+
+
+# --------------------------------------------------------------------------------------
+# PEFT's own layers, op by op
+# --------------------------------------------------------------------------------------
+
+_MATMULS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default"}
+
+
+class _EagerLaunches(TorchDispatchMode):
+    """Each ATen op an eager chain dispatches, as one launch: (op, [M, N, K] of a matrix product
+    or None, its tensors' dtype, bytes read + written). Views move nothing and launch nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):
+            return out
+        leaves = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        gemm = None
+        if str(func) in _MATMULS:
+            a, b = (args[1], args[2]) if str(func) == "aten.addmm.default" else (args[0], args[1])
+            batch = a.shape[0] if a.dim() == 3 else 1
+            gemm = (batch * a.shape[-2], b.shape[-1], a.shape[-1])
+        self.launches.append((str(func), gemm, out.dtype if isinstance(out, torch.Tensor) else None,
+                              sum(t.numel() * t.element_size() for t in leaves)))
+        return out
+
+
+def eager_launch_seconds(launch: tuple, dev: Device) -> float:
+    """One eager launch: a half-precision matrix product by the cuBLAS model; an fp32 one on the
+    FP32 CUDA cores (PyTorch's default, TF32 off) or its bytes, whichever is longer; anything else
+    its bytes at HBM speed; each plus a launch."""
+    _, gemm, dtype, nbytes = launch
+    memory = nbytes / dev.hbm_bytes_per_second
+    if gemm is not None and dtype in (torch.bfloat16, torch.float16):
+        return cublas_seconds(*gemm, dev)
+    if gemm is not None:
+        return max(2 * math.prod(gemm) / dev.fp32_flops, memory) + LAUNCH_SECONDS
+    return memory + LAUNCH_SECONDS
+
+
+def peft_layer_seconds(s, dev: Device, dropout_p: float = 0.0) -> dict | None:
+    """PEFT's own layer at shape `s` (op "lora", or "dora": its DoRA layer), bf16 base and PEFT's
+    default fp32 adapters, forward and backward run on meta tensors and each ATen op it
+    dispatches timed as one launch (`eager_launch_seconds`): {phase: {seconds, launches, parts}}.
+    None without peft, or for ops PEFT runs through other packages (NF4: bitsandbytes)."""
+    if s.op not in ("lora", "dora"):
+        return None
+    try:
+        import peft
+    except ImportError:
+        return None
+    holder = torch.nn.Module()
+    holder.proj = torch.nn.Linear(s.K, s.N, bias=False, device="meta", dtype=torch.bfloat16)
+    config = peft.LoraConfig(r=s.r, lora_alpha=2 * s.r, target_modules=["proj"], lora_dropout=dropout_p,
+                             use_dora=s.op == "dora")
+    layer = peft.get_peft_model(holder, config).base_model.model.proj
+    x = torch.empty(s.M, s.K, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.empty(s.M, s.N, device="meta", dtype=torch.bfloat16)
+    with _EagerLaunches() as forward:
+        y = layer(x)
+    with _EagerLaunches() as backward:
+        y.backward(grad_out)
+    out = {}
+    for phase, log in (("forward", forward), ("backward", backward)):
+        parts = [{"name": launch[0], "seconds": eager_launch_seconds(launch, dev)} for launch in log.launches]
+        out[phase] = {"seconds": sum(p["seconds"] for p in parts), "launches": len(parts), "parts": parts}
+    out["fwd+bwd"] = {"seconds": out["forward"]["seconds"] + out["backward"]["seconds"],
+                      "launches": out["forward"]["launches"] + out["backward"]["launches"],
+                      "parts": out["forward"]["parts"] + out["backward"]["parts"]}
+    return out
 
 
 # --------------------------------------------------------------------------------------

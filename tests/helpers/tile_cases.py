@@ -10,10 +10,12 @@ import torch
 
 from peft_ops.tools.accuracy import (
     BottleneckCase,
+    DoraCase,
     LoraCase,
     QLoraCase,
     assert_paths_agree,
     run_bottleneck_case,
+    run_dora_case,
     run_lora_case,
     run_qlora_case,
 )
@@ -55,6 +57,12 @@ def decode_gemv_case(family):
                      adapter_dtype=torch.float32 if family == "mixed" else None)
 
 
+def dora_cublas_case(family):
+    """DoRA on the cuBLAS path (its scale kernel after cuBLAS's pre), bias and dropout on."""
+    dtype = torch.float32 if family == "fp32" else torch.bfloat16
+    return DoraCase(M=37, K=70, N=45, r=8, dtype=dtype, dropout_p=0.3, gemm="cublas")
+
+
 def bottleneck_case(family):
     operand, width = family.split("/")
     dtype = torch.float32 if operand == "fp32" else torch.bfloat16
@@ -75,6 +83,7 @@ KERNELS = {
     # the cuBLAS implementation's memory-bound LoRA pieces (run with PEFT_OPS_GEMM=cublas)
     "_lora_expand_kernel": (lora_case, ["half", "mixed", "fp32"]),
     "_lora_dx_term_kernel": (lora_case, ["half", "mixed", "fp32"]),
+    "_dora_scale_kernel": (dora_cublas_case, ["half", "fp32"]),
     "_nf4_matmul_kernel": (qlora_case(37), ["half", "fp32", "general"]),
     "_nf4_gemv_kernel": (split_gemv_case, ["half", "fp32", "general"]),
     "_nf4_decode_gemv_kernel": (decode_gemv_case, ["half", "mixed"]),
@@ -87,7 +96,7 @@ KERNELS = {
 def gemm_for(kernel: str) -> str:
     """The PEFT_OPS_GEMM under which `kernel` runs: the cuBLAS path for its LoRA pieces, else the
     fused kernels (also at the cases' small M, where the default rule would take cuBLAS on a GPU)."""
-    return "cublas" if kernel in ("_lora_expand_kernel", "_lora_dx_term_kernel") else "triton"
+    return "cublas" if kernel in ("_lora_expand_kernel", "_lora_dx_term_kernel", "_dora_scale_kernel") else "triton"
 
 
 def largest(configs):
@@ -98,6 +107,8 @@ def largest(configs):
 
 
 def run_case(case, path):
+    if isinstance(case, DoraCase):
+        return run_dora_case(case, path, device=DEVICE)
     if isinstance(case, QLoraCase):
         return run_qlora_case(case, path, device=DEVICE)
     if isinstance(case, BottleneckCase):

@@ -122,6 +122,35 @@ def test_one_training_step_with_dropout_matches_peft(path, monkeypatch, tmp_path
             assert relative(ours_p.grad, their_p.grad) <= FP32_TOL, name
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_fp32_adapters_on_a_bf16_layer_get_fp32_gradients(path):
+    """PEFT's default on a bf16 model: fp32 adapters (and magnitude). One layer, the same bf16 x
+    and dY: dA and dB equal PEFT's to fp32 (both scale the rank terms by c in fp32; rounding dY⊙c
+    to bf16 on the way would leave them ≈ 1.6e-3 apart), y and dX to bf16."""
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.lin = nn.Linear(96, 80, bias=True).to(torch.bfloat16)
+    theirs = peft.get_peft_model(holder, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["lin"], use_dora=True))
+    randomize(theirs)
+    layer = theirs.base_model.model.lin
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    m = layer.lora_magnitude_vector["default"].weight
+    assert A.dtype == B.dtype == m.dtype == torch.float32
+    x = torch.randn(40, 96).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(40, 80).to(torch.bfloat16)
+    layer(x).backward(dy)
+    ours = {name: t.detach().clone().requires_grad_() for name, t in (("x", x), ("A", A), ("B", B), ("m", m))}
+    with peft_ops.use_backend(path):
+        y = peft_ops.dora_linear(ours["x"], layer.base_layer.weight, ours["A"], ours["B"], ours["m"], 2.0,
+                                 layer.base_layer.bias)
+    y.backward(dy)
+    assert relative(y, layer(x)) <= 2 * 2.0**-8
+    assert relative(ours["x"].grad, x.grad) <= 2 * 2.0**-8
+    assert relative(ours["A"].grad, A.grad) <= FP32_TOL
+    assert relative(ours["B"].grad, B.grad) <= FP32_TOL
+    assert relative(ours["m"].grad, m.grad) <= 2 * 2.0**-8  # Σ dY·pre: pre is in x's dtype on both sides
+
+
 def test_bf16_logits_and_gradients_within_bf16_tolerance(tmp_path):
     """A bf16 model with PEFT's fp32 adapters (its default): within bf16's tolerance of PEFT."""
     base = llama(dtype=torch.bfloat16)

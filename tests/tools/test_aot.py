@@ -114,7 +114,8 @@ def test_every_loop_is_found_and_named(compile_rows):
         for loop in facts["loops"]:
             assert loop["for"].startswith("for ") and " in " in loop["for"], (r["kernel"], loop["source"])
         # one tile per program, only the loop over rank chunks: the cuBLAS path's LoRA pieces
-        loopless = r["kernel"].startswith(("nf4_dequantize", "dropout_mask", "lora_expand", "lora_dx_term"))
+        loopless = r["kernel"].startswith(("nf4_dequantize", "dropout_mask", "lora_expand", "lora_dx_term",
+                                            "dora_scale", "dora_dropout_split", "dora_dropout_dx"))
         assert bool(facts["main_loops"]) != loopless, r["kernel"]
         assert r["ctas_per_sm"] >= 1 and r["limited_by"]
     # the adapter forward streams the row twice: two main loops
@@ -166,6 +167,27 @@ def test_static_facts_today(compile_rows):
             assert set(loop["ld_global_by_bits"]) <= ({"32"} if not aligned else set()), (r["kernel"], loop)
             assert loop["gathers"] == (1 if aligned else 2), (r["kernel"], r["config"], loop["gathers"])
             assert loop["cp_async_by_bytes"].get("4", 0) <= 8, (r["kernel"], r["config"], loop["cp_async_by_bytes"])
+    # DoRA: the norm's pass over W streams A and W in 16-byte cp.async (no loads, no gathers in
+    # its main loop); the dY pass reads dY and pre as 128-bit vectors; the elementwise pieces
+    # (the cuBLAS path's scale, the dropout glue) load and store 128-bit vectors, mask words 32-bit
+    # (r = 256, past the one-dot quadratic term's R_PAD ≤ 64: the per-row loop over B's rows is
+    # the heaviest loop there, with narrower loads of B — no gathers either)
+    for r in _rows(compile_rows, "dora_norm"):
+        loop = r["main_loop"]
+        assert loop["gathers"] == 0, r["kernel"]
+        if "r 256]" not in r["kernel"]:
+            assert set(loop["cp_async_by_bytes"]) == {"16"} and not loop["ld_global_by_bits"], (r["kernel"], loop)
+    for r in _rows(compile_rows, "dora_backward_dy"):
+        loop = r["main_loop"]
+        assert set(loop["ld_global_by_bits"]) == {"128"} and loop["gathers"] == 0, (r["kernel"], loop)
+    for k in ("dora_scale", "dora_dropout_split", "dora_dropout_dx"):
+        rows = _rows(compile_rows, k)
+        assert rows, k
+        for r in rows:
+            whole = r["facts"]["whole_kernel"]
+            assert "128" in whole["ld_global_by_bits"] and whole["gathers"] == 0, (r["kernel"], whole)
+            assert set(whole["ld_global_by_bits"]) <= {"128", "32", "16"}, (r["kernel"], whole)
+            assert set(whole["st_global_by_bits"]) == {"128"}, (r["kernel"], whole)
     # sm_90a: every half-precision forward GEMM tile runs wgmma with N ≥ 128 …
     for r in _rows(compile_rows, "lora_forward", "sm90", "bf16]"):
         assert all(int(name.split("n")[1].split("k")[0]) >= 128 for name in r["main_loop"]["tensor_core_instructions"]

@@ -104,6 +104,34 @@ def test_cublas_model_and_gpu_table():
     assert estimate.device("A100-80GB").target == "sm80"
 
 
+def test_peft_layers_op_by_op():
+    """PEFT's own DoRA layer on meta tensors (bf16 base, its default fp32 adapters): each ATen op
+    one launch, its two base products by the cuBLAS model, its fp32 adapter products on the FP32
+    CUDA cores or their bytes, the rest their bytes at 0.9 of HBM bandwidth."""
+    pytest.importorskip("peft")
+    h200 = estimate.device("H200")
+    s = OpShape("dora", 8192, 4096, 4096, 16)
+    theirs = estimate.peft_layer_seconds(s, h200)
+    base = estimate.cublas_seconds(8192, 4096, 4096, h200)
+    for phase in ("forward", "backward"):
+        parts = theirs[phase]["parts"]
+        assert theirs[phase]["seconds"] == pytest.approx(sum(p["seconds"] for p in parts))
+        assert [p["seconds"] for p in parts if p["name"] == "aten.mm.default"].count(base) == 1  # x·Wᵀ, dY·W
+        assert all(p["seconds"] >= estimate.LAUNCH_SECONDS for p in parts)
+    # an fp32 product: x·Aᵀ [8192 × 4096] · [4096 × 16] reads x in fp32 (its bytes bound it)
+    fp32 = estimate.eager_launch_seconds(("aten.mm.default", (8192, 16, 4096), torch.float32, 4 * (8192 * 4096
+                                          + 4096 * 16 + 8192 * 16)), h200)
+    assert fp32 == pytest.approx(4 * (8192 * 4096 + 4096 * 16 + 8192 * 16) / (4.8e12 * 0.9) + estimate.LAUNCH_SECONDS)
+    # a square fp32 product is FP32-bound: 2·n³ at 67 TFLOP/s
+    n = 4096
+    square = estimate.eager_launch_seconds(("aten.mm.default", (n, n, n), torch.float32, 12 * n * n), h200)
+    assert square == pytest.approx(2 * n ** 3 / 67e12 + estimate.LAUNCH_SECONDS)
+    # What it says today: 39 launches, ≈ 2.3 ms (our DoRA layer: ≈ 0.84 ms, test_bench_cli's row)
+    assert theirs["fwd+bwd"]["launches"] == 39
+    assert 2.0e-3 < theirs["fwd+bwd"]["seconds"] < 2.6e-3
+    assert estimate.peft_layer_seconds(OpShape("qdora", 8192, 4096, 4096, 16), h200) is None
+
+
 @pytest.fixture(scope="module")
 def calibration():
     return estimate.calibration()
