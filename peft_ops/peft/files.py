@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from ..nn.lora import LoraLinear, QLoraLinear
 from ..ops import checks
 from .model import replace_linears
-from .targets import check_patterns, find_targets, matches_target, pattern_value
+from .targets import check_patterns, find_targets, pattern_value
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -75,7 +75,7 @@ def base_model_name(model: nn.Module) -> str | None:
 # Config fields whose non-default values ask for something these layers do not do.
 _UNSUPPORTED = {
     "fan_in_fan_out": "fan_in_fan_out (GPT-2 Conv1D weights)", "modules_to_save": "modules_to_save",
-    "layers_to_transform": "layers_to_transform", "layers_pattern": "layers_pattern", "lora_bias": "lora_bias",
+    "lora_bias": "lora_bias",
     "target_parameters": "target_parameters", "trainable_token_indices": "trainable_token_indices",
     "use_qalora": "QALoRA", "alora_invocation_tokens": "aLoRA", "megatron_config": "Megatron layers",
 }
@@ -166,8 +166,8 @@ def _lora_config(config: dict, where: str) -> dict:
             "lora_alpha": checks.real_number("lora_alpha", config.get("lora_alpha", 8)),
             "lora_dropout": checks.probability("lora_dropout", config.get("lora_dropout", 0.0)),
             "use_rslora": use_rslora, "use_dora": use_dora, "rank_pattern": rank_pattern,
-            "alpha_pattern": alpha_pattern,
-            "exclude_modules": config.get("exclude_modules")}
+            "alpha_pattern": alpha_pattern, "exclude_modules": config.get("exclude_modules"),
+            "layers_to_transform": config.get("layers_to_transform"), "layers_pattern": config.get("layers_pattern")}
 
 
 def load_peft_adapter(model: nn.Module, path: str | os.PathLike, quantize: str | None = None) -> nn.Module:
@@ -186,9 +186,8 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, quantize: str |
     config, tensors = read_folder(path)
     where = os.path.join(path, CONFIG_NAME)
     cfg = _lora_config(config, where)
-    targets = find_targets(model, cfg["target_modules"], nn.Linear)
-    if cfg["exclude_modules"]:
-        targets = [(n, m) for n, m in targets if not matches_target(n, cfg["exclude_modules"])]
+    targets = find_targets(model, cfg["target_modules"], nn.Linear, exclude_modules=cfg["exclude_modules"],
+                           layers_to_transform=cfg["layers_to_transform"], layers_pattern=cfg["layers_pattern"])
     expected, plan = set(), []
     for name, linear in targets:
         r = checks.positive_int(f"rank_pattern for {name}", pattern_value(cfg["rank_pattern"], name, cfg["r"]))

@@ -139,14 +139,19 @@ def replace_linears(model: nn.Module, layers: list, quantize: str | None) -> nn.
 
 def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                use_rslora: bool = False, quantize: str | None = None, rank_pattern: dict | None = None,
-               alpha_pattern: dict | None = None, use_dora: bool = False) -> nn.Module:
+               alpha_pattern: dict | None = None, use_dora: bool = False, exclude_modules=None,
+               layers_to_transform=None, layers_pattern=None) -> nn.Module:
     """Replace each ``nn.Linear`` of `model` that `target_modules` names with a
     :class:`LoraLinear` sharing its weight and bias (a :class:`QLoraLinear` holding its NF4
     quantization with ``quantize="nf4"``), freeze every other parameter, return the model.
 
     Matching is PEFT's: a list of module-name suffixes, or one regex string matched against the
     full name; only ``nn.Linear`` modules are candidates, and a target list that matches none is
-    a ValueError listing the model's linear layer names. ``rank_pattern`` / ``alpha_pattern``
+    a ValueError listing the model's linear layer names. ``target_modules="all-linear"`` (PEFT's
+    shorthand): every linear layer but the output layer (a transformers model's
+    ``get_output_embeddings()``). ``exclude_modules`` (suffixes or a regex) leaves modules out;
+    ``layers_to_transform`` (an index or a list) with ``layers_pattern`` (e.g. "layers") keeps
+    only those layers, PEFT's rules for each. ``rank_pattern`` / ``alpha_pattern``
     ({regex: value}) override ``r`` / ``lora_alpha`` per module as in PEFT (the first key that
     matches the end of the name). ``use_dora=True``: DoRA layers (QDoRA with
     ``quantize="nf4"``), each magnitude starting at its column norms ‖W‖ as in PEFT.
@@ -163,7 +168,9 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     rank_pattern, alpha_pattern = check_patterns(rank_pattern, alpha_pattern)
-    targets = [(name, m) for name, m in find_targets(model, target_modules, nn.Linear)
+    targets = [(name, m) for name, m in find_targets(model, target_modules, nn.Linear, exclude_modules=exclude_modules,
+                                                       layers_to_transform=layers_to_transform,
+                                                       layers_pattern=layers_pattern)
                if not isinstance(m, (LoraLinear, QLoraLinear))]
     layers = [(name, dict(r=pattern_value(rank_pattern, name, r),
                           lora_alpha=pattern_value(alpha_pattern, name, lora_alpha),

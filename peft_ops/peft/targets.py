@@ -10,19 +10,20 @@ import torch.nn as nn
 from ..ops import checks
 
 
-def check_target_modules(target_modules: object) -> str | tuple[str, ...]:
+def check_target_modules(target_modules: object, arg: str = "target_modules") -> str | tuple[str, ...]:
+    """A regex string, or a tuple of module-name suffixes (`arg`: the argument's name in errors)."""
     if isinstance(target_modules, str):
         try:
             re.compile(target_modules)
         except re.error as err:
-            raise ValueError(f"target_modules is not a valid regular expression: {err}") from None
+            raise ValueError(f"{arg} is not a valid regular expression: {err}") from None
         return target_modules
     if not isinstance(target_modules, (list, tuple, set, frozenset)) or \
             not all(isinstance(t, str) for t in target_modules):
-        raise TypeError("target_modules must be a list of module-name suffixes or one regex string, got "
+        raise TypeError(f"{arg} must be a list of module-name suffixes or one regex string, got "
                         f"{type(target_modules).__name__}")
     if not target_modules:
-        raise ValueError("target_modules is empty: name at least one module")
+        raise ValueError(f"{arg} is empty: name at least one module")
     return tuple(target_modules)
 
 
@@ -34,13 +35,118 @@ def matches_target(name: str, target_modules: str | tuple[str, ...]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def find_targets(model: nn.Module, target_modules, kind: type | None = None) -> list[tuple[str, nn.Module]]:
+ALL_LINEAR = "all-linear"  # PEFT's shorthand (any case)
+
+
+def is_all_linear(target_modules: object) -> bool:
+    return isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2's linear layers, weight stored [in, out]), without importing it."""
+    return any(cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") for cls in type(module).__mro__)
+
+
+def all_linear_names(model: nn.Module) -> tuple[str, ...]:
+    """PEFT's "all-linear": the full names of every ``nn.Linear`` and ``Conv1D`` of `model`
+    except its output layer (a transformers model's ``get_output_embeddings()``: the LM head)."""
+    names = [name for name, module in model.named_modules() if name and (isinstance(module, nn.Linear)
+                                                                         or _is_conv1d(module))]
+    head = None
+    if callable(getattr(model, "get_output_embeddings", None)):
+        try:
+            head = model.get_output_embeddings()
+        except NotImplementedError:
+            head = None
+    if head is not None:
+        excluded = next((name for name, module in model.named_modules() if module is head), None)
+        names = [name for name in names if name != excluded]
+    return tuple(names)
+
+
+def check_layer_selection(exclude_modules, layers_to_transform, layers_pattern):
+    """Validated (exclude_modules, layers_to_transform, layers_pattern) as PEFT takes them:
+    a regex string or a list of name suffixes; a layer index or a list of them; a name or list."""
+    if exclude_modules is not None:
+        exclude_modules = check_target_modules(exclude_modules, "exclude_modules") if exclude_modules != [] else None
+    if layers_to_transform is not None:
+        indices = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
+        if not isinstance(indices, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
+            raise TypeError("layers_to_transform must be a layer index or a list of indices (ints ≥ 0), got "
+                            f"{layers_to_transform!r}")
+        layers_to_transform = layers_to_transform if isinstance(layers_to_transform, int) else tuple(indices)
+    if layers_pattern is not None:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+            raise TypeError(f"layers_pattern must be a string or a list of strings, got {layers_pattern!r}")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"layers_pattern {pattern!r} is not a valid regular expression: {err}") from None
+        layers_pattern = tuple(patterns)
+        if layers_to_transform is None:
+            raise ValueError("layers_pattern needs layers_to_transform (the layer indices to adapt)")
+    return exclude_modules, layers_to_transform, layers_pattern
+
+
+def layer_index(name: str, layers_pattern: tuple[str, ...] | None) -> int | None:
+    """PEFT's layer index of a module name: the first number after a segment named by a layers
+    pattern ("model.layers.3.mlp" → 3), or after any segment when none is given; None if none."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        match = None
+        for pattern in layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def selected(name: str, target_modules, exclude_modules=None, layers_to_transform=None,
+             layers_pattern=None) -> bool:
+    """PEFT's rule for one module name: excluded by `exclude_modules` first; then named by
+    `target_modules` (a list: `layers_to_transform` applies to it)."""
+    if exclude_modules is not None and matches_target(name, exclude_modules):
+        return False
+    if not matches_target(name, target_modules):
+        return False
+    if layers_to_transform is None:
+        return True
+    index = layer_index(name, layers_pattern)
+    if index is None:
+        return False
+    return index == layers_to_transform if isinstance(layers_to_transform, int) else index in layers_to_transform
+
+
+def find_targets(model: nn.Module, target_modules, kind: type | None = None, *, exclude_modules=None,
+                 layers_to_transform=None, layers_pattern=None) -> list[tuple[str, nn.Module]]:
     """(name, module) of every submodule of `model` (of type `kind`, when given) that
-    `target_modules` names; none is a ValueError listing the names of the candidates."""
+    `target_modules` names ("all-linear": :func:`all_linear_names`), PEFT's `exclude_modules`,
+    `layers_to_transform` and `layers_pattern` applied; none is a ValueError listing the names
+    of the candidates."""
+    exclude_modules, layers_to_transform, layers_pattern = check_layer_selection(
+        exclude_modules, layers_to_transform, layers_pattern)
+    if isinstance(target_modules, str) and layers_to_transform is not None:  # PEFT's LoraConfig refuses it too
+        raise ValueError("layers_to_transform (and layers_pattern) cannot be used when target_modules is a string "
+                         f"({target_modules!r}): name the modules as a list")
+    if is_all_linear(target_modules):
+        target_modules = all_linear_names(model)
+        if not target_modules:
+            raise ValueError(f"target_modules 'all-linear': {type(model).__name__} has no linear layer")
+        conv1d = [name for name, module in model.named_modules() if name in target_modules and _is_conv1d(module)
+                  and selected(name, target_modules, exclude_modules, layers_to_transform, layers_pattern)]
+        if conv1d and kind is not None:  # the callers' kinds (nn.Linear) never take Conv1D
+            raise ValueError(f"target_modules 'all-linear' takes transformers' Conv1D layers ({', '.join(conv1d[:8])}"
+                             f"{', …' if len(conv1d) > 8 else ''}), which these layers do not wrap yet (GPT-2 "
+                             "style weights [in, out]); name the nn.Linear layers, or exclude those")
     target_modules = check_target_modules(target_modules)
     candidates = [(name, module) for name, module in model.named_modules()
                   if name and (kind is None or isinstance(module, kind))]
-    found = [(name, module) for name, module in candidates if matches_target(name, target_modules)]
+    found = [(name, module) for name, module in candidates
+             if selected(name, target_modules, exclude_modules, layers_to_transform, layers_pattern)]
     if not found:
         names = [name for name, _ in candidates]
         what = f"{kind.__module__}.{kind.__name__} layer" if kind is not None else "module"

@@ -121,7 +121,8 @@ AUDIT = {
     "apply_lora": (peft_ops.apply_lora, lambda: dict(model=Tiny(), target_modules=["proj"]), [
         ("model", None, TypeError), ("r", 0, ValueError), ("lora_alpha", NAN, ValueError),
         ("target_modules", ["nope"], ValueError), ("rank_pattern", {"proj": -1}, ValueError),
-        ("quantize", "int4", ValueError), ("use_dora", "yes", TypeError)]),
+        ("quantize", "int4", ValueError), ("use_dora", "yes", TypeError), ("exclude_modules", 7, TypeError),
+        ("layers_to_transform", "0", TypeError), ("layers_pattern", 3, TypeError)]),
     "apply_prompt_learning": (peft_ops.apply_prompt_learning, lambda: dict(model=Tiny(), method="prompt_tuning",
                                                                            num_virtual_tokens=4), [
         ("model", nn.Linear(4, 4), ValueError), ("num_virtual_tokens", 0, ValueError), ("method", "x", ValueError)]),

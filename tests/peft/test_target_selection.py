@@ -1,0 +1,129 @@
+"""Which layers get LoRA: PEFT's own selection is the oracle. On a tiny Llama built from a
+config, apply_lora(model, ...) wraps exactly the modules peft.get_peft_model wraps for the same
+target_modules ("all-linear" included), exclude_modules, layers_to_transform and layers_pattern;
+PEFT's files with those fields load onto the same modules; bad values fail before the model
+changes."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from peft_ops import LoraLinear, apply_lora, load_peft_adapter
+
+from helpers.tiny_llama import llama
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+SELECTIONS = {
+    "all_linear": dict(target_modules="all-linear"),
+    "all_linear_upper_case": dict(target_modules="ALL-LINEAR"),
+    "all_linear_minus_mlp": dict(target_modules="all-linear", exclude_modules=["gate_proj", "up_proj"]),
+    "all_linear_minus_regex": dict(target_modules="all-linear", exclude_modules=r".*\.self_attn\.[ko]_proj"),
+    "layer_1_by_pattern": dict(target_modules=["q_proj", "down_proj"], layers_to_transform=[1],
+                               layers_pattern="layers"),
+    "layer_0_any_pattern": dict(target_modules=["v_proj", "o_proj"], layers_to_transform=0),
+    "layer_1_two_patterns": dict(target_modules=["gate_proj", "o_proj"], layers_to_transform=1,
+                                 layers_pattern=["blocks", "layers"]),
+    "list_minus_suffix": dict(target_modules=["q_proj", "k_proj", "v_proj"],
+                              exclude_modules=["layers.0.self_attn.k_proj"]),
+}
+
+
+def peft_targets(base, **selection):
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, **selection))
+    prefix = "base_model.model."
+    return {name.removeprefix(prefix) for name, module in model.named_modules()
+            if isinstance(module, peft.tuners.lora.LoraLayer)}
+
+
+def our_targets(model):
+    return {name for name, module in model.named_modules() if isinstance(module, LoraLinear)}
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_apply_lora_selects_what_peft_selects(selection):
+    base = llama()
+    expected = peft_targets(base, **SELECTIONS[selection])
+    ours = apply_lora(copy.deepcopy(base), r=4, lora_alpha=8, **SELECTIONS[selection])
+    assert expected and our_targets(ours) == expected
+    if "all_linear" in selection:  # never the LM head
+        assert "lm_head" not in expected and isinstance(ours.lm_head, nn.Linear)
+        assert not isinstance(ours.lm_head, LoraLinear)
+
+
+@pytest.mark.parametrize("selection", ["all_linear_minus_mlp", "layer_1_by_pattern", "list_minus_suffix"])
+def test_peft_files_with_these_fields_load_onto_the_same_modules(selection, tmp_path):
+    """PEFT writes exclude_modules / layers_to_transform / layers_pattern into its config (and the
+    resolved module names for "all-linear"); loading selects the same modules, same weights."""
+    base = llama()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, **SELECTIONS[selection]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    theirs.save_pretrained(tmp_path)
+    ours = load_peft_adapter(copy.deepcopy(base), tmp_path)
+    assert our_targets(ours) == peft_targets(base, **SELECTIONS[selection])
+    x = torch.randint(0, 64, (2, 5), generator=gen)
+    with torch.no_grad():
+        assert torch.allclose(ours(x).logits, theirs(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
+class Plain(nn.Module):
+    """No get_output_embeddings: "all-linear" takes every linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.head = nn.Linear(8, 2)
+
+
+def test_all_linear_without_an_output_layer_takes_every_linear():
+    model = apply_lora(Plain(), "all-linear", r=2)
+    assert our_targets(model) == {"block.0", "block.2", "head"}
+
+
+def test_all_linear_refuses_conv1d_layers_before_changing_anything():
+    """GPT-2's Conv1D ([in, out] weights): PEFT's "all-linear" takes them; these layers do not wrap
+    them yet, so the call fails naming them, the model untouched."""
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="Conv1D.*c_attn"):
+        apply_lora(model, "all-linear")
+    assert not our_targets(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+BAD = [
+    (dict(layers_to_transform=[0]), ValueError, "cannot be used when target_modules is a string"),
+    (dict(target_modules=["q_proj"], layers_to_transform=[0, -1]), TypeError, "layers_to_transform"),
+    (dict(target_modules=["q_proj"], layers_to_transform="0"), TypeError, "layers_to_transform"),
+    (dict(target_modules=["q_proj"], layers_to_transform=True), TypeError, "layers_to_transform"),
+    (dict(target_modules=["q_proj"], layers_pattern="layers"), ValueError, "layers_pattern needs layers_to_transform"),
+    (dict(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern=3), TypeError, "layers_pattern"),
+    (dict(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="(layers"), ValueError,
+     "layers_pattern"),
+    (dict(exclude_modules=7), TypeError, "exclude_modules"),
+    (dict(exclude_modules="(q"), ValueError, "exclude_modules is not a valid regular expression"),
+    (dict(exclude_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+     ValueError, "matches no"),
+    (dict(target_modules=["q_proj"], layers_to_transform=[5]), ValueError, "matches no"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD)))
+def test_bad_selection_is_refused_before_the_model_changes(case):
+    kwargs, error, match = BAD[case]
+    model = llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        apply_lora(model, **{"target_modules": "all-linear", **kwargs})
+    assert not our_targets(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
