@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from ..nn.lora import LoraLinear, QLoraLinear
 from ..ops import checks
+from .config import lora_settings
 from .model import replace_linears
-from .targets import check_patterns, find_targets, pattern_value
+from .targets import find_targets, pattern_value
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -71,15 +72,6 @@ def base_model_name(model: nn.Module) -> str | None:
 # --------------------------------------------------------------------------------------
 # LoRA files
 # --------------------------------------------------------------------------------------
-
-# Config fields whose non-default values ask for something these layers do not do.
-_UNSUPPORTED = {
-    "fan_in_fan_out": "fan_in_fan_out (GPT-2 Conv1D weights)", "modules_to_save": "modules_to_save",
-    "lora_bias": "lora_bias",
-    "target_parameters": "target_parameters", "trainable_token_indices": "trainable_token_indices",
-    "use_qalora": "QALoRA", "alora_invocation_tokens": "aLoRA", "megatron_config": "Megatron layers",
-}
-
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, (LoraLinear, QLoraLinear))]
@@ -142,34 +134,6 @@ def _distributed_rank() -> int | None:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
 
 
-def _lora_config(config: dict, where: str) -> dict:
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{where}: peft_type is {config.get('peft_type')!r}, not 'LORA' (prompt-learning folders "
-                         "load with peft_ops.load_prompt_learning)")
-    for field, what in _UNSUPPORTED.items():
-        if config.get(field):
-            raise ValueError(f"{where}: {what} ({field}={config[field]!r}) is not supported")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"{where}: bias={config['bias']!r} (trained biases) is not supported; only 'none'")
-    targets = config.get("target_modules")
-    if not targets:
-        raise ValueError(f"{where}: target_modules is missing (PEFT's per-architecture defaults are not guessed)")
-    use_rslora = config.get("use_rslora", False)
-    if not isinstance(use_rslora, bool):
-        raise ValueError(f"{where}: use_rslora must be true or false")
-    use_dora = config.get("use_dora", False)
-    if not isinstance(use_dora, bool):
-        raise ValueError(f"{where}: use_dora must be true or false")
-    rank_pattern, alpha_pattern = check_patterns(config.get("rank_pattern") or None,
-                                                 config.get("alpha_pattern") or None)
-    return {"target_modules": targets, "r": checks.positive_int("r", config.get("r", 8)),
-            "lora_alpha": checks.real_number("lora_alpha", config.get("lora_alpha", 8)),
-            "lora_dropout": checks.probability("lora_dropout", config.get("lora_dropout", 0.0)),
-            "use_rslora": use_rslora, "use_dora": use_dora, "rank_pattern": rank_pattern,
-            "alpha_pattern": alpha_pattern, "exclude_modules": config.get("exclude_modules"),
-            "layers_to_transform": config.get("layers_to_transform"), "layers_pattern": config.get("layers_pattern")}
-
-
 def load_peft_adapter(model: nn.Module, path: str | os.PathLike, quantize: str | None = None) -> nn.Module:
     """Read a PEFT LoRA folder into a plain `model`: put a ``LoraLinear`` (``QLoraLinear`` with
     ``quantize="nf4"``) on each linear layer the config's ``target_modules`` name (less
@@ -185,9 +149,10 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, quantize: str |
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     config, tensors = read_folder(path)
     where = os.path.join(path, CONFIG_NAME)
-    cfg = _lora_config(config, where)
+    cfg = lora_settings(config, where)
     targets = find_targets(model, cfg["target_modules"], nn.Linear, exclude_modules=cfg["exclude_modules"],
-                           layers_to_transform=cfg["layers_to_transform"], layers_pattern=cfg["layers_pattern"])
+                           layers_to_transform=cfg["layers_to_transform"], layers_pattern=cfg["layers_pattern"],
+                           task_type=cfg["task_type"])
     expected, plan = set(), []
     for name, linear in targets:
         r = checks.positive_int(f"rank_pattern for {name}", pattern_value(cfg["rank_pattern"], name, cfg["r"]))

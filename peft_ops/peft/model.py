@@ -10,6 +10,7 @@ from ..nn.bottleneck import BottleneckAdapter, WithAdapter
 from ..nn.lora import LoraLinear, QLoraLinear
 from ..ops import checks
 from ..ops.bottleneck import check_activation
+from .config import config_dict, is_config, lora_settings
 from .targets import check_patterns, find_targets, pattern_value
 
 
@@ -156,8 +157,33 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
     matches the end of the name). ``use_dora=True``: DoRA layers (QDoRA with
     ``quantize="nf4"``), each magnitude starting at its column norms ‖W‖ as in PEFT.
     Everything is checked before the model changes.
+
+    ``apply_lora(model, config)``: a ``peft.LoraConfig`` (or its dict) in place of
+    `target_modules` and the settings, each field honoured (those above, and ``task_type``
+    for "all-linear") or refused by name (``modules_to_save``, ``init_lora_weights`` other than
+    PEFT's default, …); the keyword settings then stay at their defaults.
     """
     checks.module("model", model)
+    if is_config(target_modules):
+        given = {k: v for k, v in dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                                       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_dora=use_dora,
+                                       exclude_modules=exclude_modules, layers_to_transform=layers_to_transform,
+                                       layers_pattern=layers_pattern).items() if v != _APPLY_DEFAULTS[k]}
+        if given:
+            raise TypeError(f"apply_lora got a config and {sorted(given)} too: set them in the config")
+        cfg = lora_settings(config_dict(target_modules), "config", creating=True)
+        task_type = cfg.pop("task_type")
+        return _apply_lora(model, quantize=quantize, task_type=task_type, **cfg)
+    return _apply_lora(model, target_modules, r, lora_alpha, lora_dropout, use_rslora, quantize, rank_pattern,
+                       alpha_pattern, use_dora, exclude_modules, layers_to_transform, layers_pattern)
+
+
+_APPLY_DEFAULTS = dict(r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, rank_pattern=None, alpha_pattern=None,
+                       use_dora=False, exclude_modules=None, layers_to_transform=None, layers_pattern=None)
+
+
+def _apply_lora(model, target_modules, r, lora_alpha, lora_dropout, use_rslora, quantize, rank_pattern, alpha_pattern,
+                use_dora, exclude_modules, layers_to_transform, layers_pattern, task_type=None):
     r = checks.positive_int("r", r)
     lora_alpha = checks.real_number("lora_alpha", lora_alpha)
     lora_dropout = checks.probability("lora_dropout", lora_dropout)
@@ -170,7 +196,7 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
     rank_pattern, alpha_pattern = check_patterns(rank_pattern, alpha_pattern)
     targets = [(name, m) for name, m in find_targets(model, target_modules, nn.Linear, exclude_modules=exclude_modules,
                                                        layers_to_transform=layers_to_transform,
-                                                       layers_pattern=layers_pattern)
+                                                       layers_pattern=layers_pattern, task_type=task_type)
                if not isinstance(m, (LoraLinear, QLoraLinear))]
     layers = [(name, dict(r=pattern_value(rank_pattern, name, r),
                           lora_alpha=pattern_value(alpha_pattern, name, lora_alpha),

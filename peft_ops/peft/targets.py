@@ -47,9 +47,13 @@ def _is_conv1d(module: nn.Module) -> bool:
     return any(cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") for cls in type(module).__mro__)
 
 
-def all_linear_names(model: nn.Module) -> tuple[str, ...]:
+SEQ_CLS_HEADS = ("score", "classifier")  # PEFT's names for a sequence classifier's head
+
+
+def all_linear_names(model: nn.Module, task_type: str | None = None) -> tuple[str, ...]:
     """PEFT's "all-linear": the full names of every ``nn.Linear`` and ``Conv1D`` of `model`
-    except its output layer (a transformers model's ``get_output_embeddings()``: the LM head)."""
+    except its output layer (a transformers model's ``get_output_embeddings()``: the LM head;
+    without one and with task_type "SEQ_CLS", the classifier head ``score`` / ``classifier``)."""
     names = [name for name, module in model.named_modules() if name and (isinstance(module, nn.Linear)
                                                                          or _is_conv1d(module))]
     head = None
@@ -58,6 +62,8 @@ def all_linear_names(model: nn.Module) -> tuple[str, ...]:
             head = model.get_output_embeddings()
         except NotImplementedError:
             head = None
+    if head is None and task_type == "SEQ_CLS" and callable(getattr(model, "get_output_embeddings", None)):
+        head = next((getattr(model, n) for n in SEQ_CLS_HEADS if getattr(model, n, None) is not None), None)
     if head is not None:
         excluded = next((name for name, module in model.named_modules() if module is head), None)
         names = [name for name in names if name != excluded]
@@ -122,18 +128,18 @@ def selected(name: str, target_modules, exclude_modules=None, layers_to_transfor
 
 
 def find_targets(model: nn.Module, target_modules, kind: type | None = None, *, exclude_modules=None,
-                 layers_to_transform=None, layers_pattern=None) -> list[tuple[str, nn.Module]]:
+                 layers_to_transform=None, layers_pattern=None, task_type=None) -> list[tuple[str, nn.Module]]:
     """(name, module) of every submodule of `model` (of type `kind`, when given) that
-    `target_modules` names ("all-linear": :func:`all_linear_names`), PEFT's `exclude_modules`,
-    `layers_to_transform` and `layers_pattern` applied; none is a ValueError listing the names
-    of the candidates."""
+    `target_modules` names ("all-linear": :func:`all_linear_names`, for `task_type`), PEFT's
+    `exclude_modules`, `layers_to_transform` and `layers_pattern` applied; none is a ValueError
+    listing the names of the candidates."""
     exclude_modules, layers_to_transform, layers_pattern = check_layer_selection(
         exclude_modules, layers_to_transform, layers_pattern)
     if isinstance(target_modules, str) and layers_to_transform is not None:  # PEFT's LoraConfig refuses it too
         raise ValueError("layers_to_transform (and layers_pattern) cannot be used when target_modules is a string "
                          f"({target_modules!r}): name the modules as a list")
     if is_all_linear(target_modules):
-        target_modules = all_linear_names(model)
+        target_modules = all_linear_names(model, task_type)
         if not target_modules:
             raise ValueError(f"target_modules 'all-linear': {type(model).__name__} has no linear layer")
         conv1d = [name for name, module in model.named_modules() if name in target_modules and _is_conv1d(module)

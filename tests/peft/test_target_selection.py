@@ -127,3 +127,62 @@ def test_bad_selection_is_refused_before_the_model_changes(case):
     assert not our_targets(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
+
+
+# apply_lora(model, peft.LoraConfig(...)): the config's fields honoured or refused by name.
+def test_apply_lora_takes_a_lora_config_as_peft_does():
+    base = llama()
+    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
+                             rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 6}, lora_dropout=0.1,
+                             exclude_modules=["layers.1.self_attn.q_proj"])
+    theirs = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+    for given in (config, config.to_dict(), {k: v for k, v in config.to_dict().items() if k != "peft_type"}):
+        ours = apply_lora(copy.deepcopy(base), given)
+        layers = {name: m for name, m in ours.named_modules() if isinstance(m, LoraLinear)}
+        assert set(layers) == peft_targets(base, **{k: getattr(config, k) for k in (
+            "target_modules", "exclude_modules")})
+        for name, layer in layers.items():
+            peft_layer = theirs.base_model.model.get_submodule(name)
+            assert layer.r == peft_layer.r["default"], name
+            assert layer.scaling == pytest.approx(peft_layer.scaling["default"]), name
+            assert layer.lora_dropout == pytest.approx(0.1) and layer.use_rslora
+
+
+def test_all_linear_for_sequence_classification_leaves_the_head_out():
+    """No output embeddings: with task_type "SEQ_CLS" PEFT leaves the classifier head (`score`)
+    out of "all-linear", and so do we."""
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    base = transformers.LlamaForSequenceClassification(config)
+    lora = peft.LoraConfig(r=4, target_modules="all-linear", task_type="SEQ_CLS")
+    theirs = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(lora))
+    expected = {name.removeprefix("base_model.model.") for name, m in theirs.named_modules()
+                if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert "score" not in expected
+    assert our_targets(apply_lora(copy.deepcopy(base), lora)) == expected
+
+
+REFUSED = [
+    (dict(modules_to_save=["lm_head"]), ValueError, "modules_to_save"),
+    (dict(init_lora_weights="gaussian"), ValueError, "init_lora_weights"),
+    (dict(bias="all"), ValueError, "bias"),
+    (dict(layer_replication=[[0, 1]]), ValueError, "layer_replication"),
+    (dict(use_dora="yes"), ValueError, "use_dora"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(REFUSED)))
+def test_config_fields_these_layers_do_not_do_are_refused_by_name(case):
+    fields, error, match = REFUSED[case]
+    config = {**peft.LoraConfig(r=4, target_modules=["q_proj"]).to_dict(), **fields}
+    model = llama()
+    with pytest.raises(error, match=match):
+        apply_lora(model, config)
+    assert not our_targets(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_a_config_and_keyword_settings_together_are_refused():
+    model = llama()
+    with pytest.raises(TypeError, match="r"):
+        apply_lora(model, peft.LoraConfig(target_modules=["q_proj"]), r=4)
+    assert not our_targets(model)
