@@ -27,14 +27,14 @@ def dora_weight_norm(weight: torch.Tensor | NF4Weight, lora_A: torch.Tensor, lor
     scaling = checks.real_number("scaling", scaling)
     nf4 = isinstance(weight, NF4Weight)
     dtype = dtype or (weight.dtype if nf4 else None)
-    sq = weight_sq_norm if weight_sq_norm is not None else squared_row_norms(weight, dtype if nf4 else None)
     device = weight.packed.device if nf4 else weight.device
     impl = resolve(device)
-    magnitude = torch.ones(lora_B.shape[0], device=device, dtype=torch.float32)  # unused: the norm alone is kept
     with torch.no_grad():
         if impl == "reference":
             dense = reference.nf4_dequantize(weight, dtype) if nf4 else weight
             return reference.dora_weight_norm(dense, lora_A, lora_B, scaling).float()
+        sq = weight_sq_norm if weight_sq_norm is not None else squared_row_norms(weight, dtype if nf4 else None)
+        magnitude = torch.ones(lora_B.shape[0], device=device, dtype=torch.float32)  # unused: the norm alone is kept
         if nf4:
             return eager_ops("qdora", impl).norm(weight.tensors(), lora_A, lora_B, magnitude, scaling, sq, dtype)[0]
         return eager_ops("dora", impl).norm(weight, lora_A, lora_B, magnitude, scaling, sq)[0]

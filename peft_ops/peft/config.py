@@ -34,18 +34,16 @@ def _peft_defaults() -> dict:
     return peft.LoraConfig().to_dict()
 
 
+def is_config(value: object) -> bool:
+    """A LoRA config (a PEFT config object, or a dict) rather than a target_modules value."""
+    return isinstance(value, dict) or (callable(getattr(value, "to_dict", None)) and hasattr(value, "peft_type"))
+
+
 def config_dict(config: object) -> dict:
     """A ``peft.LoraConfig`` (or any PEFT config object) or its dict, as a plain dict."""
-    if isinstance(config, dict):
-        return dict(config)
-    if callable(getattr(config, "to_dict", None)) and hasattr(config, "peft_type"):
-        return config.to_dict()
-    raise TypeError(f"config must be a peft.LoraConfig or its dict, got {type(config).__name__}")
-
-
-def is_config(value: object) -> bool:
-    """A LoRA config (object or dict) rather than a target_modules value."""
-    return isinstance(value, dict) or (callable(getattr(value, "to_dict", None)) and hasattr(value, "peft_type"))
+    if not is_config(config):
+        raise TypeError(f"config must be a peft.LoraConfig or its dict, got {type(config).__name__}")
+    return dict(config) if isinstance(config, dict) else config.to_dict()
 
 
 def lora_settings(config: dict, where: str, *, creating: bool = False) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 
@@ -165,10 +167,12 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
     """
     checks.module("model", model)
     if is_config(target_modules):
-        given = {k: v for k, v in dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
-                                       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_dora=use_dora,
-                                       exclude_modules=exclude_modules, layers_to_transform=layers_to_transform,
-                                       layers_pattern=layers_pattern).items() if v != _APPLY_DEFAULTS[k]}
+        settings = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_dora=use_dora,
+                        exclude_modules=exclude_modules, layers_to_transform=layers_to_transform,
+                        layers_pattern=layers_pattern)
+        defaults = inspect.signature(apply_lora).parameters
+        given = {k: v for k, v in settings.items() if v != defaults[k].default}
         if given:
             raise TypeError(f"apply_lora got a config and {sorted(given)} too: set them in the config")
         cfg = lora_settings(config_dict(target_modules), "config", creating=True)
@@ -176,10 +180,6 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
         return _apply_lora(model, quantize=quantize, task_type=task_type, **cfg)
     return _apply_lora(model, target_modules, r, lora_alpha, lora_dropout, use_rslora, quantize, rank_pattern,
                        alpha_pattern, use_dora, exclude_modules, layers_to_transform, layers_pattern)
-
-
-_APPLY_DEFAULTS = dict(r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, rank_pattern=None, alpha_pattern=None,
-                       use_dora=False, exclude_modules=None, layers_to_transform=None, layers_pattern=None)
 
 
 def _apply_lora(model, target_modules, r, lora_alpha, lora_dropout, use_rslora, quantize, rank_pattern, alpha_pattern,

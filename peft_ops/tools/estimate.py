@@ -59,12 +59,12 @@ import re
 import sys
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..backend import kernel_modules
 from . import launches as launch_plans
 from .aot import run_builds
 from .roofline import GPUS as DATASHEETS
+from .roofline import CountBytes
 
 # Parameters beyond the datasheet (roofline.GPUS): the compile target, SMs, loaded DRAM latency.
 # fp32_TFLOPs: the datasheet's FP32 (CUDA-core) peak, what PyTorch's fp32 matmuls get by default
@@ -418,36 +418,10 @@ def base_layer_seconds(s, dev: Device) -> dict:
 # PEFT's own layers, op by op
 # --------------------------------------------------------------------------------------
 
-_MATMULS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default"}
-
-
-class _EagerLaunches(TorchDispatchMode):
-    """Each ATen op an eager chain dispatches, as one launch: (op, [M, N, K] of a matrix product
-    or None, its tensors' dtype, bytes read + written). Views move nothing and launch nothing."""
-
-    def __init__(self):
-        super().__init__()
-        self.launches = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if any(r.alias_info is not None for r in func._schema.returns):
-            return out
-        leaves = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
-        gemm = None
-        if str(func) in _MATMULS:
-            a, b = (args[1], args[2]) if str(func) == "aten.addmm.default" else (args[0], args[1])
-            batch = a.shape[0] if a.dim() == 3 else 1
-            gemm = (batch * a.shape[-2], b.shape[-1], a.shape[-1])
-        self.launches.append((str(func), gemm, out.dtype if isinstance(out, torch.Tensor) else None,
-                              sum(t.numel() * t.element_size() for t in leaves)))
-        return out
-
-
 def eager_launch_seconds(launch: tuple, dev: Device) -> float:
-    """One eager launch: a half-precision matrix product by the cuBLAS model; an fp32 one on the
-    FP32 CUDA cores (PyTorch's default, TF32 off) or its bytes, whichever is longer; anything else
-    its bytes at HBM speed; each plus a launch."""
+    """One eager launch (a `CountBytes` record): a half-precision matrix product by the cuBLAS
+    model; an fp32 one on the FP32 CUDA cores (PyTorch's default, TF32 off) or its bytes,
+    whichever is longer; anything else its bytes at HBM speed; each plus a launch."""
     _, gemm, dtype, nbytes = launch
     memory = nbytes / dev.hbm_bytes_per_second
     if gemm is not None and dtype in (torch.bfloat16, torch.float16):
@@ -475,9 +449,9 @@ def peft_layer_seconds(s, dev: Device, dropout_p: float = 0.0) -> dict | None:
     layer = peft.get_peft_model(holder, config).base_model.model.proj
     x = torch.empty(s.M, s.K, device="meta", dtype=torch.bfloat16, requires_grad=True)
     grad_out = torch.empty(s.M, s.N, device="meta", dtype=torch.bfloat16)
-    with _EagerLaunches() as forward:
+    with CountBytes() as forward:
         y = layer(x)
-    with _EagerLaunches() as backward:
+    with CountBytes() as backward:
         y.backward(grad_out)
     out = {}
     for phase, log in (("forward", forward), ("backward", backward)):

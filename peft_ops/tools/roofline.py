@@ -155,19 +155,31 @@ def _bottleneck_fused_bytes(M: int, d: int, m: int, e: int) -> dict:
 # Eager PyTorch, counted op by op
 # --------------------------------------------------------------------------------------
 
+_MATMULS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default"}
+
+
 class CountBytes(TorchDispatchMode):
-    """Bytes each ATen op reads (tensor inputs) and writes (outputs); views move nothing."""
+    """Bytes each ATen op reads (tensor inputs) and writes (outputs); views move nothing. Each
+    op is also recorded as one launch in `launches`: (op, [M, N, K] of a matrix product or None,
+    its output's dtype, its bytes)."""
 
     def __init__(self):
         super().__init__()
         self.bytes = 0
+        self.launches = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if any(r.alias_info is not None for r in func._schema.returns):
             return out  # a view, or an in-place op returning its input: counted where it is read
         leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
-        self.bytes += sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+        nbytes = sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+        self.bytes += nbytes
+        gemm = None
+        if str(func) in _MATMULS:
+            a, b = (args[1], args[2]) if str(func) == "aten.addmm.default" else (args[0], args[1])
+            gemm = (a.shape[0] * a.shape[1] if a.dim() == 3 else a.shape[0], b.shape[-1], a.shape[-1])
+        self.launches.append((str(func), gemm, out.dtype if isinstance(out, torch.Tensor) else None, nbytes))
         return out
 
 
