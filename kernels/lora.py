@@ -135,12 +135,27 @@ FORWARD_CONFIGS = {
 # tiles only (the 128×256 tile spilled 48 bytes on sm_90a with the extra store).
 for _tables in (FORWARD_CONFIGS["sm80"], FORWARD_CONFIGS["sm90"]):
     _tables["dora"] = _tables["mixed"]
+# W stored [K, N] (Conv1D, unit stride along N) in half precision: on sm_80 the base tiles only
+# (the 128×256 tile spilled 60 bytes there); sm_90a's pointer GEMM keeps every tile spill-free.
+FORWARD_CONFIGS["sm80"]["kn"] = FORWARD_CONFIGS["sm80"]["mixed"]
+FORWARD_CONFIGS["sm90"]["kn"] = FORWARD_CONFIGS["sm90"]["half"]
 
 
 def forward_family(named_args: dict, constexprs: dict) -> str:
-    """dtype_family("X"), with half-precision DoRA launches in their own list ("dora")."""
+    """dtype_family("X"), with half-precision DoRA launches in their own list ("dora"), and those
+    over W stored [K, N] in theirs ("kn")."""
     family = dtype_family("X")(named_args, constexprs)
-    return "dora" if family == "half" and constexprs.get("DORA") else family
+    if family == "half" and constexprs.get("DORA"):
+        return "dora"
+    if family == "half" and named_args.get("stride_wn") == 1 and named_args.get("stride_wk") != 1:
+        return "kn"
+    return family
+
+
+def dx_tma_family(named_args: dict, constexprs: dict) -> str:
+    """dtype_family("DY"), with half-precision launches over W stored [K, N] in their own list ("kn")."""
+    family = dtype_family("DY")(named_args, constexprs)
+    return "kn" if family == "half" and constexprs.get("W_KN") else family
 
 
 SHRINK_CONFIGS = {
@@ -186,6 +201,9 @@ FORWARD_TMA_CONFIGS = {"sm80": _TMA_FORWARD, "sm90": _TMA_FORWARD,
                        "interpreter": tile_configs(_GEMM, [(32, 32, 32, 8, 4, 1)])}
 _TMA_DX = _families(_DX, base=[(128, 64, 128, 8, 8, 3)], wide=[(128, 64, 256, 8, 8, 2)],
                     fp32=[(128, 32, 128, 8, 8, 3), (64, 32, 128, 8, 4, 3)])
+# W stored [K, N] (Conv1D) in half precision: the base tile only (the 128×256 tile spilled 16
+# bytes on sm_90a, at 255 registers, with the B tiles transposed in shared memory).
+_TMA_DX["kn"] = _TMA_DX["mixed"]
 BACKWARD_DX_TMA_CONFIGS = {"sm80": _TMA_DX, "sm90": _TMA_DX,
                            "interpreter": tile_configs(_DX, [(32, 32, 64, 8, 4, 1)])}
 # The cuBLAS path's memory-bound LoRA pieces: the expand C = s·xa·Bᵀ + b (forward, addmm's C)
@@ -562,21 +580,26 @@ def _lora_backward_dx_kernel(
     tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
 
 
-@autotuned(FORWARD_TMA_CONFIGS, dtype_family("X"), key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "DORA", "RANK_FP32"])
+@autotuned(FORWARD_TMA_CONFIGS, dtype_family("X"),
+           key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "DORA", "W_KN", "RANK_FP32"])
 @triton.jit
 def _lora_forward_tma_kernel(
     X, W, XA, B, BIAS, Y, SCALE, PRE, M, N, K, R, M_BUCKET,
-    stride_xm, stride_wn, stride_bn, stride_br, stride_bias, scaling, num_programs,
-    HAS_BIAS: tl.constexpr, DORA: tl.constexpr, BLOCK_R: tl.constexpr,
+    stride_xm, stride_w, stride_bn, stride_br, stride_bias, scaling, num_programs,
+    HAS_BIAS: tl.constexpr, DORA: tl.constexpr, W_KN: tl.constexpr, BLOCK_R: tl.constexpr,
     WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Y = X·Wᵀ + scaling·XA·Bᵀ + BIAS as `_lora_forward_kernel`, persistent (num_programs
     programs, each looping over output tiles in grouped order) with X, W and Y through TMA
     tensor descriptors: the copy engine moves the tiles (no address arithmetic in the warps),
-    edges are zero-filled on load and clipped on store, so no masks."""
+    edges are zero-filled on load and clipped on store, so no masks. W_KN: W is stored [K, N]
+    (a transposed view, e.g. GPT-2's Conv1D weight; stride_w its row stride), read as such."""
     x_desc = tl.make_tensor_descriptor(X, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
-    w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    if W_KN:  # [K, N] tiles are the B operand as they are: wgmma reads them N-major from shared memory
+        w_desc = tl.make_tensor_descriptor(W, shape=[K, N], strides=[stride_w, 1], block_shape=[BLOCK_K, BLOCK_N])
+    else:
+        w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[stride_w, 1], block_shape=[BLOCK_N, BLOCK_K])
     y_desc = tl.make_tensor_descriptor(Y, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
     if DORA:
         pre_desc = tl.make_tensor_descriptor(PRE, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
@@ -596,8 +619,10 @@ def _lora_forward_tma_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(0, k_steps):
             x = x_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
-            w = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
-            acc = mma(x, w.T, acc, WIDEN_BF16_DOT, DOT_PRECISION)
+            if W_KN:
+                acc = mma(x, w_desc.load([k * BLOCK_K, pid_n * BLOCK_N]), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+            else:
+                acc = mma(x, w_desc.load([pid_n * BLOCK_N, k * BLOCK_K]).T, acc, WIDEN_BF16_DOT, DOT_PRECISION)
         acc = rank_term(acc=acc, left0=xa0, right0=b0, LEFT=XA, RIGHT=B, rows=rows, row_mask=rows >= 0, cols=cols,
                         R=R, stride_right_c=stride_bn, stride_right_r=stride_br, left_scale=scaling, BLOCK_R=BLOCK_R,
                         WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
@@ -611,13 +636,15 @@ def _lora_forward_tma_kernel(
         y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(Y.dtype.element_ty))
 
 
-@autotuned(BACKWARD_DX_TMA_CONFIGS, dtype_family("DY"), key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "RANK_FP32"])
+@autotuned(BACKWARD_DX_TMA_CONFIGS, dx_tma_family,
+           key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "W_KN", "RANK_FP32"])
 @triton.jit
 def _lora_backward_dx_tma_kernel(
     DY, W, G, A, KEEP, DX, X, XA, DA, DB, DBIAS, M, N, K, R, M_BUCKET,
-    stride_dym, stride_wn, stride_ar, stride_ak, stride_xm, stride_xk, lora_scale, da_scale, db_scale,
+    stride_dym, stride_w, stride_ar, stride_ak, stride_xm, stride_xk, lora_scale, da_scale, db_scale,
     num_programs,
-    HAS_DROPOUT: tl.constexpr, COMPUTE_DA: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_DBIAS: tl.constexpr,
+    W_KN: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DA: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    COMPUTE_DBIAS: tl.constexpr,
     BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     RANK_BLOCK_M: tl.constexpr, RANK_BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -631,12 +658,17 @@ def _lora_backward_dx_tma_kernel(
     the GEMM's last, partial wave (at M = 8192, d = 4096 on 132 SMs, 2048 tiles of 128×128 leave
     66 SMs idle for one tile's time) and stream x and dY beside tensor-core-bound tiles, instead of a launch
     of their own after the GEMM. Nothing orders the two: both read only g, x, dY and write
-    disjoint outputs."""
+    disjoint outputs. W_KN: W is stored [K, N] (a transposed view; stride_w its row stride)."""
     pid = tl.program_id(0)
     if pid < num_programs:
         dy_desc = tl.make_tensor_descriptor(DY, shape=[M, N], strides=[stride_dym, 1],
                                             block_shape=[BLOCK_M, BLOCK_N])
-        w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+        if W_KN:  # [K, N] tiles, transposed in shared memory for the B operand
+            w_desc = tl.make_tensor_descriptor(W, shape=[K, N], strides=[stride_w, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
+        else:
+            w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[stride_w, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
         dx_desc = tl.make_tensor_descriptor(DX, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
         tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K)
         n_steps = tl.cdiv(N, BLOCK_N)
@@ -662,7 +694,10 @@ def _lora_backward_dx_tma_kernel(
                                        BLOCK_R=BLOCK_R)
             for n in range(0, n_steps):
                 dy = dy_desc.load([pid_m * BLOCK_M, n * BLOCK_N])
-                w = w_desc.load([n * BLOCK_N, pid_k * BLOCK_K])
+                if W_KN:
+                    w = w_desc.load([pid_k * BLOCK_K, n * BLOCK_N]).T
+                else:
+                    w = w_desc.load([n * BLOCK_N, pid_k * BLOCK_K])
                 acc = mma(dy, w, acc, WIDEN_BF16_DOT, DOT_PRECISION)
             if not TERM_FIRST:
                 acc = rank_term(acc=acc, left0=g0, right0=a0, LEFT=G, RIGHT=A, rows=rows, row_mask=m_mask,
@@ -781,6 +816,14 @@ def tma_ready(*matrices: torch.Tensor) -> bool:
                for t in matrices)
 
 
+def weight_operand(weight: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(the rows TMA reads W [N, K] through, whether they are W's columns): W itself when its
+    inner stride is 1, else Wᵀ when that one's is — a Conv1D weight [in, out] passed as its
+    transpose, read in place (no copy) by the kernels' W_KN layout."""
+    transposed = weight.stride(1) != 1 and weight.stride(0) == 1
+    return (weight.t() if transposed else weight), transposed
+
+
 def uses_tma(*matrices: torch.Tensor) -> bool:
     """Whether a GEMM over these operands takes the persistent TMA kernel here (sm_90a, or a
     target a test added to TMA_TARGETS) rather than the pointer-based one."""
@@ -861,15 +904,16 @@ def _forward(x, weight, xa, lora_B, scaling, bias, gemm, col_scale):
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     pre = torch.empty_like(y) if dora else None
     dora_args = (col_scale, pre) if dora else (y, y)  # unused pointers when not DORA
+    w_rows, w_kn = weight_operand(weight)
     with launch_guard(x, weight, lora_B):
-        if uses_tma(x, weight, y):
+        if uses_tma(x, w_rows, y):
             ensure_scratch_allocator()
             programs = persistent_programs(x.device)
             grid = lambda META: (min(programs, triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"])),)  # noqa: E731
             launch(_lora_forward_tma_kernel, grid,
                 x, weight, xa, lora_B, bias if bias is not None else y, y, *dora_args, M, N, K, R, m_bucket(M),
-                x.stride(0), weight.stride(0), lora_B.stride(0), lora_B.stride(1),
-                bias.stride(0) if bias is not None else 0, float(scaling), programs, **common)
+                x.stride(0), w_rows.stride(0), lora_B.stride(0), lora_B.stride(1),
+                bias.stride(0) if bias is not None else 0, float(scaling), programs, W_KN=w_kn, **common)
             return y, pre
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
         launch(_lora_forward_kernel, grid,
@@ -915,7 +959,8 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
             torch.addmm(c, base, weight, out=dx)
             return False
         tiles = lambda META: triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"])  # noqa: E731
-        if uses_tma(base, weight, dx):
+        w_rows, w_kn = weight_operand(weight)
+        if uses_tma(base, w_rows, dx):
             ensure_scratch_allocator()
             programs = persistent_programs(dy.device)
             rank_block_m, rank_block_c = RANK_ITEM_TILE[current_target()][lora_A.dtype == torch.float32]
@@ -926,9 +971,9 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
                 items = rank_items(M, N, K, constexprs["BLOCK_R"], lora_A.shape[0], rank_block_c, rank)
             launch(_lora_backward_dx_tma_kernel, (programs + items,),
                 base, weight, g, lora_A, keep if keep is not None else g, dx, rank["X"], rank["XA"], rank["DA"],
-                rank["DB"], rank["DBIAS"], M, N, K, lora_A.shape[0], m_bucket(M), base.stride(0), weight.stride(0),
+                rank["DB"], rank["DBIAS"], M, N, K, lora_A.shape[0], m_bucket(M), base.stride(0), w_rows.stride(0),
                 lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), lora_scale, rank["da_scale"],
-                rank["db_scale"], programs, COMPUTE_DA=rank["COMPUTE_DA"], COMPUTE_DB=rank["COMPUTE_DB"],
+                rank["db_scale"], programs, W_KN=w_kn, COMPUTE_DA=rank["COMPUTE_DA"], COMPUTE_DB=rank["COMPUTE_DB"],
                 COMPUTE_DBIAS=rank["COMPUTE_DBIAS"], RANK_BLOCK_M=rank_block_m, RANK_BLOCK_C=rank_block_c,
                 **constexprs)
             return items > 0
@@ -1046,6 +1091,15 @@ def aot_specs(target: str) -> list:
         build("lora_backward_dx", _lora_backward_dx_kernel, BACKWARD_DX_CONFIGS,
               dict(DY=dt, W=dt, G="fp32", A=rt, KEEP="i32", DX=dt), dict(HAS_DROPOUT=True),
               unit_strides=("stride_dyn", "stride_wk", "stride_ak"), float_args=("lora_scale",))
+        if variant == "bf16":  # W stored [K, N] (Conv1D): unit stride along N, the B tiles N-major
+            build("lora_forward", _lora_forward_kernel, FORWARD_CONFIGS,
+                  dict(X=dt, W=dt, XA="fp32", B=rt, BIAS=dt, Y=dt, SCALE="fp32", PRE=dt),
+                  dict(HAS_BIAS=True, DORA=False), variant=f"{variant}, W [K, N]", family="kn",
+                  unit_strides=("stride_xk", "stride_wn", "stride_br", "stride_bias"), float_args=("scaling",))
+            build("lora_backward_dx", _lora_backward_dx_kernel, BACKWARD_DX_CONFIGS,
+                  dict(DY=dt, W=dt, G="fp32", A=rt, KEEP="i32", DX=dt), dict(HAS_DROPOUT=True),
+                  variant=f"{variant}, W [K, N]", unit_strides=("stride_dyn", "stride_wn", "stride_ak"),
+                  float_args=("lora_scale",))
         build("lora_expand", _lora_expand_kernel, PIECE_CONFIGS, dict(XA="fp32", B=rt, BIAS=dt, C=dt),
               dict(HAS_BIAS=True), unit_strides=("stride_br", "stride_bias"), float_args=("scaling",))
         if not fp32_rank or dt == "fp32":  # no rank operands: the fp32-adapter variant is the bf16 build
@@ -1059,14 +1113,22 @@ def aot_specs(target: str) -> list:
             for dora in (False, True):
                 build("lora_forward_tma", _lora_forward_tma_kernel, FORWARD_TMA_CONFIGS,
                       dict(X=dt, W=dt, XA="fp32", B=rt, BIAS=dt, Y=dt, SCALE="fp32", PRE=dt),
-                      dict(HAS_BIAS=True, DORA=dora), variant=f"{variant}, DoRA" if dora else variant,
+                      dict(HAS_BIAS=True, DORA=dora, W_KN=False), variant=f"{variant}, DoRA" if dora else variant,
                       unit_strides=("stride_br", "stride_bias"), float_args=("scaling",))
+            # W stored [K, N] (Conv1D): the same GEMM with the B operand's tiles N-major
+            build("lora_forward_tma", _lora_forward_tma_kernel, FORWARD_TMA_CONFIGS,
+                  dict(X=dt, W=dt, XA="fp32", B=rt, BIAS=dt, Y=dt, SCALE="fp32", PRE=dt),
+                  dict(HAS_BIAS=True, DORA=False, W_KN=True), variant=f"{variant}, W [K, N]",
+                  unit_strides=("stride_br", "stride_bias"), float_args=("scaling",))
             rank_block_m, rank_block_c = RANK_ITEM_TILE[target][fp32_rank]
-            for dropout in (True, False):  # without dropout, dX holds its first rank chunk across the loop
+            # without dropout, dX holds its first rank chunk across the loop; W [K, N]: Conv1D's layout
+            for dropout, w_kn in ((True, False), (False, False), (True, True)):
+                label = variant + ("" if dropout else ", no dropout") + (", W [K, N]" if w_kn else "")
                 build("lora_backward_dx_tma", _lora_backward_dx_tma_kernel, BACKWARD_DX_TMA_CONFIGS,
                       dict(DY=dt, W=dt, G="fp32", A=rt, KEEP="i32", DX=dt, X=dt, XA="fp32", DA=rt, DB=rt, DBIAS=dt),
-                      dict(HAS_DROPOUT=dropout, COMPUTE_DA=True, COMPUTE_DB=True, COMPUTE_DBIAS=True,
+                      dict(HAS_DROPOUT=dropout, W_KN=w_kn, COMPUTE_DA=True, COMPUTE_DB=True, COMPUTE_DBIAS=True,
                            RANK_BLOCK_M=rank_block_m, RANK_BLOCK_C=rank_block_c),
-                      variant=variant if dropout else f"{variant}, no dropout", unit_strides=("stride_ak", "stride_xk"),
+                      variant=label, family="kn" if w_kn and family == "half" else family,
+                      unit_strides=("stride_ak", "stride_xk"),
                       float_args=("lora_scale", "da_scale", "db_scale"))
     return specs

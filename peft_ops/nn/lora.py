@@ -17,6 +17,25 @@ from ..ops.lora import lora_linear
 from ..ops.qlora import nf4_linear, qlora_linear
 
 
+def is_conv1d(module: object) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's linear layers: weight stored [in, out], y = x·weight +
+    bias), recognized without importing transformers."""
+    return any(cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+               for cls in type(module).__mro__)
+
+
+def linear_features(module: nn.Module, arg: str = "linear") -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of an ``nn.Linear`` (weight [out, in]) or a
+    transformers ``Conv1D`` (weight [in, out]: fan_in_fan_out); TypeError naming `arg` for
+    anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if is_conv1d(module) and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
+        in_features, out_features = module.weight.shape
+        return in_features, out_features, True
+    raise TypeError(f"{arg} must be a torch.nn.Linear or a transformers Conv1D, got {type(module).__name__}")
+
+
 def _adapter_dtype(adapter_dtype, weight_dtype: torch.dtype) -> torch.dtype:
     """The adapters' dtype: the base weight's (None), or float32 on any base."""
     if adapter_dtype is None:
@@ -85,7 +104,9 @@ class _LoraAdapter:
 class LoraLinear(_LoraAdapter, nn.Module):
     """``nn.Linear`` with a LoRA adapter: ``y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ``.
 
-    ``weight`` [out, in] and ``bias`` [out] are frozen; ``lora_A`` [r, in] (kaiming-uniform,
+    ``weight`` [out, in] and ``bias`` [out] are frozen (``fan_in_fan_out=True``: ``weight`` is
+    stored [in, out], as transformers' ``Conv1D`` — GPT-2 — holds it, and PEFT's flag of that
+    name; the fused op reads it through its strides, never a transposed copy); ``lora_A`` [r, in] (kaiming-uniform,
     a = √5) and ``lora_B`` [out, r] (zeros, so the layer starts as the linear layer) train.
     ``scaling = lora_alpha / r``, or ``lora_alpha / √r`` with ``use_rslora`` (rsLoRA).
     Dropout applies to the adapter's input, in training mode only. The forward is one call to
@@ -99,13 +120,17 @@ class LoraLinear(_LoraAdapter, nn.Module):
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
-                 device=None, dtype=None, use_dora: bool = False) -> None:
+                 device=None, dtype=None, use_dora: bool = False, fan_in_fan_out: bool = False) -> None:
         super().__init__()
+        if not isinstance(fan_in_fan_out, bool):
+            raise TypeError(f"fan_in_fan_out must be a bool, got {type(fan_in_fan_out).__name__}")
         self._configure(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, use_dora)
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+        self.fan_in_fan_out = fan_in_fan_out
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory), requires_grad=False)
+        shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
         else:
@@ -117,14 +142,16 @@ class LoraLinear(_LoraAdapter, nn.Module):
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False, adapter_dtype: torch.dtype | None = None,
                     use_dora: bool = False) -> "LoraLinear":
-        """Wrap ``linear``: its weight and bias Parameters are shared (not copied) and frozen.
-        ``adapter_dtype``: the adapters' dtype, the weight's (default) or float32 (PEFT's
+        """Wrap ``linear`` — an ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2; the layer then
+        has ``fan_in_fan_out=True``): its weight and bias Parameters are shared (not copied) and
+        frozen. ``adapter_dtype``: the adapters' dtype, the weight's (default) or float32 (PEFT's
         default on a half-precision base)."""
-        checks.module("linear", linear, nn.Linear)
+        in_features, out_features, fan_in_fan_out = linear_features(linear)
         adapter_dtype = _adapter_dtype(adapter_dtype, linear.weight.dtype)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._configure(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, use_rslora, use_dora)
+        layer._configure(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, use_dora)
+        layer.fan_in_fan_out = fan_in_fan_out
         layer.weight = linear.weight.requires_grad_(False)
         if linear.bias is not None:
             layer.bias = linear.bias.requires_grad_(False)
@@ -135,29 +162,37 @@ class LoraLinear(_LoraAdapter, nn.Module):
         return layer
 
     def reset_parameters(self) -> None:
-        """nn.Linear's initialization for the base, then the adapter's."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        """nn.Linear's initialization for the base (on W [out, in] in either layout), then the
+        adapter's."""
+        nn.init.kaiming_uniform_(self.base_weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
         self.reset_lora_parameters()
 
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """W [out, in]: ``weight`` itself, or with ``fan_in_fan_out`` its transposed view."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
     def delta_weight(self) -> torch.Tensor:
-        """``scaling·B·A`` [out, in], computed in fp32, returned in the weight's dtype."""
-        return self._delta_weight_fp32().to(self.weight.dtype)
+        """``scaling·B·A`` computed in fp32, returned in the weight's dtype and layout ([out, in];
+        [in, out] with ``fan_in_fan_out``, as PEFT's ``get_delta_weight``)."""
+        delta = self._delta_weight_fp32().to(self.weight.dtype)
+        return delta.t() if self.fan_in_fan_out else delta
 
     def weight_norm(self) -> torch.Tensor:
         """‖W_n + scaling·B_n·A‖ per output row, fp32 [out] (of the unmerged weight), without
         building W + s·B·A."""
         if self.merged:
             raise RuntimeError("weight_norm() of a merged layer: unmerge() first (W holds the merged weight)")
-        return dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling,
-                                weight_sq_norm=self._sq_norms(self.weight, self.weight.dtype))
+        return dora_weight_norm(self.base_weight, self.lora_A, self.lora_B, self.scaling,
+                                weight_sq_norm=self._sq_norms(self.base_weight, self.weight.dtype))
 
     def merged_weight_fp32(self) -> torch.Tensor:
-        """The weight a merge writes, in fp32: W + s·B·A, or with DoRA m/‖W + s·B·A‖ ⊙ (W + s·B·A)
-        (per output row, as PEFT merges it)."""
-        weight = self.weight.detach().float() + self._delta_weight_fp32()
+        """The weight a merge writes, in fp32, [out, in] in either layout: W + s·B·A, or with DoRA
+        m/‖W + s·B·A‖ ⊙ (W + s·B·A) (per output row, as PEFT merges it)."""
+        weight = self.base_weight.detach().float() + self._delta_weight_fp32()
         if self.use_dora:
             weight *= (self.lora_magnitude_vector.detach().float() / self.weight_norm())[:, None]
         return weight
@@ -171,7 +206,7 @@ class LoraLinear(_LoraAdapter, nn.Module):
             return
         if self.use_dora:
             self._merge_scale = self.lora_magnitude_vector.float() / self.weight_norm()  # unmerge divides by it
-        self.weight.copy_(self.merged_weight_fp32())
+        self.base_weight.copy_(self.merged_weight_fp32())
         self.merged = True
 
     @torch.no_grad()
@@ -181,7 +216,8 @@ class LoraLinear(_LoraAdapter, nn.Module):
         if not self.merged:
             return
         if self.use_dora:
-            self.weight.copy_(self.weight.float() / self._merge_scale[:, None] - self._delta_weight_fp32())
+            weight = self.base_weight
+            weight.copy_(weight.float() / self._merge_scale[:, None] - self._delta_weight_fp32())
             del self._merge_scale
         else:
             self.weight.sub_(self.delta_weight())
@@ -201,19 +237,20 @@ class LoraLinear(_LoraAdapter, nn.Module):
                 self.merge()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.base_weight  # [out, in]: a view of a Conv1D's [in, out] weight, read in place
         if self.merged or self._adapter_disabled:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, weight, self.bias)
         dropout_p = self.lora_dropout if self.training else 0.0
         if self.use_dora:
-            return dora_linear(x, self.weight, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
-                               self.bias, dropout_p, weight_sq_norm=self._sq_norms(self.weight, x.dtype))
-        return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias, dropout_p)
+            return dora_linear(x, weight, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
+                               self.bias, dropout_p, weight_sq_norm=self._sq_norms(weight, x.dtype))
+        return lora_linear(x, weight, self.lora_A, self.lora_B, self.scaling, self.bias, dropout_p)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout:g}, "
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}, use_dora={self.use_dora}, "
-                f"merged={self.merged}")
+                f"merged={self.merged}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
 
 
 class QLoraLinear(_LoraAdapter, nn.Module):
@@ -256,13 +293,15 @@ class QLoraLinear(_LoraAdapter, nn.Module):
                     use_rslora: bool = False, blocksize: int = 64, double_quant: bool = True,
                     adapter_dtype: torch.dtype | None = None, use_dora: bool = False) -> "QLoraLinear":
         """Quantize ``linear.weight`` to NF4 (bitsandbytes' bytes) and add an adapter; the bias
-        is kept as is (frozen). ``linear`` itself is left untouched."""
-        checks.module("linear", linear, nn.Linear)
+        is kept as is (frozen). ``linear`` itself is left untouched. A transformers ``Conv1D``
+        (weight [in, out]) is quantized as W [out, in], the layout bitsandbytes' ``Linear4bit``
+        holds (as transformers quantizes GPT-2)."""
+        in_features, out_features, fan_in_fan_out = linear_features(linear)
         # check the configuration before the (costly) quantization
-        cls._checked_config(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, use_rslora,
-                            use_dora)
+        cls._checked_config(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, use_dora)
         adapter_dtype = _adapter_dtype(adapter_dtype, linear.weight.dtype)
-        qweight = quantize(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        weight = linear.weight.detach()
+        qweight = quantize(weight.t() if fan_in_fan_out else weight, blocksize=blocksize, double_quant=double_quant)
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(qweight, bias, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, use_dora)
 

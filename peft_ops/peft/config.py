@@ -9,12 +9,13 @@ from .targets import check_patterns
 
 # What these layers do with a config: the selection (targets.find_targets), the layer settings.
 HONOURED = ("target_modules", "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "rank_pattern",
-            "alpha_pattern", "exclude_modules", "layers_to_transform", "layers_pattern", "task_type")
+            "alpha_pattern", "exclude_modules", "layers_to_transform", "layers_pattern", "task_type",
+            "fan_in_fan_out")
 # Fields that describe the adapter but change nothing the layers compute.
 METADATA = ("peft_type", "inference_mode", "base_model_name_or_path", "revision", "auto_mapping", "peft_version")
 # Fields whose non-default values ask for something these layers do not do (named in the error).
 UNSUPPORTED = {
-    "fan_in_fan_out": "fan_in_fan_out (GPT-2 Conv1D weights)", "modules_to_save": "modules_to_save",
+    "modules_to_save": "modules_to_save",
     "lora_bias": "lora_bias", "target_parameters": "target_parameters",
     "trainable_token_indices": "trainable_token_indices", "use_qalora": "QALoRA",
     "alora_invocation_tokens": "aLoRA", "megatron_config": "Megatron layers",
@@ -80,6 +81,10 @@ def lora_settings(config: dict, where: str, *, creating: bool = False) -> dict:
     use_dora = config.get("use_dora", False)
     if not isinstance(use_dora, bool):
         raise ValueError(f"{where}: use_dora must be true or false")
+    # PEFT sets each layer's layout from its module (Conv1D: [in, out]; nn.Linear: [out, in]),
+    # warning when the flag disagrees: the layers here do the same, the flag only checked
+    if not isinstance(config.get("fan_in_fan_out", False), bool):
+        raise ValueError(f"{where}: fan_in_fan_out must be true or false")
     task_type = config.get("task_type")
     task_type = getattr(task_type, "value", task_type)  # PEFT's TaskType enum or its string
     rank_pattern, alpha_pattern = check_patterns(config.get("rank_pattern") or None,

@@ -14,11 +14,11 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..nn.lora import LoraLinear, QLoraLinear
+from ..nn.lora import LoraLinear, QLoraLinear, linear_features
 from ..ops import checks
 from .config import lora_settings
 from .model import replace_linears
-from .targets import find_targets, pattern_value
+from .targets import find_targets, is_linear_layer, pattern_value
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -110,7 +110,8 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         "use_rslora": rslora.pop(), "target_modules": sorted(name for name, _ in layers),
         "rank_pattern": {name: m.r for name, m in layers if m.r != r},
         "alpha_pattern": {name: m.lora_alpha for name, m in layers if m.lora_alpha != alpha},
-        "bias": "none", "fan_in_fan_out": False, "use_dora": use_dora, "modules_to_save": None,
+        "bias": "none", "fan_in_fan_out": any(getattr(m, "fan_in_fan_out", False) for _, m in layers),
+        "use_dora": use_dora, "modules_to_save": None,
         "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
         "base_model_name_or_path": base_model_name(model), "revision": None,
     }
@@ -150,21 +151,22 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, quantize: str |
     config, tensors = read_folder(path)
     where = os.path.join(path, CONFIG_NAME)
     cfg = lora_settings(config, where)
-    targets = find_targets(model, cfg["target_modules"], nn.Linear, exclude_modules=cfg["exclude_modules"],
+    targets = find_targets(model, cfg["target_modules"], is_linear_layer, exclude_modules=cfg["exclude_modules"],
                            layers_to_transform=cfg["layers_to_transform"], layers_pattern=cfg["layers_pattern"],
                            task_type=cfg["task_type"])
     expected, plan = set(), []
     for name, linear in targets:
+        in_features, out_features, _ = linear_features(linear, name)
         r = checks.positive_int(f"rank_pattern for {name}", pattern_value(cfg["rank_pattern"], name, cfg["r"]))
         alpha = pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"])
         key_a, key_b = f"{KEY_PREFIX}{name}.lora_A.weight", f"{KEY_PREFIX}{name}.lora_B.weight"
         key_m = f"{KEY_PREFIX}{name}.lora_magnitude_vector" if cfg["use_dora"] else None
         expected |= {key_a, key_b} | ({key_m} if key_m else set())
-        shapes = [(key_a, (r, linear.in_features)), (key_b, (linear.out_features, r))]
-        for key, shape in shapes + ([(key_m, (linear.out_features,))] if key_m else []):
+        shapes = [(key_a, (r, in_features)), (key_b, (out_features, r))]
+        for key, shape in shapes + ([(key_m, (out_features,))] if key_m else []):
             if key in tensors and tuple(tensors[key].shape) != shape:
                 raise ValueError(f"{key} has shape {tuple(tensors[key].shape)}, but the config (r={r}) and the "
-                                 f"model's {name} ({linear.in_features}→{linear.out_features}) need {shape}")
+                                 f"model's {name} ({in_features}→{out_features}) need {shape}")
         plan.append((name, linear, r, alpha, key_a, key_b, key_m))
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or extra:

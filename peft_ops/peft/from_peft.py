@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..nf4 import NF4Weight
+from ..nn.lora import is_conv1d
 from ..ops import checks
 from ..ops.dora import RowNormCache, dora_linear, qdora_linear
 from ..ops.lora import lora_linear
@@ -82,10 +83,11 @@ class _FusedLinear(_FusedLoraForward):
         base = self.base_layer
         if x.dtype != base.weight.dtype:  # lora_linear takes one dtype for x and W: let PEFT cast
             return self._peft_forward(x)
+        weight = base.weight.t() if self.fan_in_fan_out else base.weight  # Conv1D's [in, out], read in place
         if magnitude is not None:
-            return dora_linear(x, base.weight, lora_A, lora_B, magnitude, scaling, base.bias, p,
-                               weight_sq_norm=self._peft_ops_sq_norms(base.weight, x.dtype))
-        return lora_linear(x, base.weight, lora_A, lora_B, scaling, base.bias, p)
+            return dora_linear(x, weight, lora_A, lora_B, magnitude, scaling, base.bias, p,
+                               weight_sq_norm=self._peft_ops_sq_norms(weight, x.dtype))
+        return lora_linear(x, weight, lora_A, lora_B, scaling, base.bias, p)
 
 
 class _FusedLinear4bit(_FusedLoraForward):
@@ -130,8 +132,9 @@ def _why_not(layer) -> str | None:
             return f"LoRA variant {type(variant).__name__} (adapter {adapter!r})"
         if getattr(layer, "lora_bias", {}).get(adapter, False):
             return f"lora_bias (adapter {adapter!r})"
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out (a transposed Conv1D weight)"
+    if bool(getattr(layer, "fan_in_fan_out", False)) != is_conv1d(layer.get_base_layer()):
+        return (f"fan_in_fan_out={getattr(layer, 'fan_in_fan_out', False)} over a "
+                f"{type(layer.get_base_layer()).__name__} (the flag must say the weight's layout)")
     return None
 
 
@@ -139,9 +142,10 @@ def from_peft(peft_model: nn.Module) -> FromPeftReport:
     """Swap, in place, the LoRA layers of a Hugging Face ``PeftModel`` — ``peft.tuners.lora.Linear``
     over an ``nn.Linear``, and PEFT's bitsandbytes ``Linear4bit`` (NF4) LoRA layers — for the
     fused ones, sharing every Parameter and buffer; DoRA layers (dense and 4-bit) run
-    :func:`peft_ops.dora_linear` / :func:`peft_ops.qdora_linear`. Layers it cannot handle
-    (several adapters, a variant other than DoRA, fan_in_fan_out, lora_bias, other base
-    layers) are left as they are and reported, in the returned report and as a warning."""
+    :func:`peft_ops.dora_linear` / :func:`peft_ops.qdora_linear`; over transformers' ``Conv1D``
+    (GPT-2, PEFT's ``fan_in_fan_out``) the op reads its [in, out] weight in place. Layers it
+    cannot handle (several adapters, a variant other than DoRA, lora_bias, other base layers)
+    are left as they are and reported, in the returned report and as a warning."""
     try:
         from peft.tuners.lora import layer as lora_layers
     except ImportError as err:
@@ -161,7 +165,7 @@ def from_peft(peft_model: nn.Module) -> FromPeftReport:
         linear_layer = isinstance(module, lora_layers.Linear) or \
             (PeftLinear4bit is not None and isinstance(module, PeftLinear4bit))
         base = module.get_base_layer()
-        if reason is None and linear_layer and type(base) is nn.Linear:
+        if reason is None and linear_layer and (type(base) is nn.Linear or is_conv1d(base)):
             plans.append((name, module, _FusedLinear, None))
         elif reason is None and linear_layer and hasattr(getattr(base, "weight", None), "quant_state"):
             # bitsandbytes 4-bit: PEFT's Linear4bit layer, or its plain Linear where PEFT's bnb

@@ -9,11 +9,11 @@ import torch.nn as nn
 
 from ..nf4 import NF4Weight
 from ..nn.bottleneck import BottleneckAdapter, WithAdapter
-from ..nn.lora import LoraLinear, QLoraLinear
+from ..nn.lora import LoraLinear, QLoraLinear, linear_features
 from ..ops import checks
 from ..ops.bottleneck import check_activation
 from .config import config_dict, is_config, lora_settings
-from .targets import check_patterns, find_targets, pattern_value
+from .targets import check_patterns, find_targets, is_linear_layer, pattern_value
 
 
 def _hidden_size_of(name: str, module: nn.Module, model: nn.Module, hidden_size: int | None) -> int:
@@ -114,8 +114,8 @@ def replace_linears(model: nn.Module, layers: list, quantize: str | None) -> nn.
     A DoRA layer given adapters but no magnitude starts it at ‖W + s·B·A‖, as PEFT does."""
     layer_class = QLoraLinear if quantize == "nf4" else LoraLinear
     for name, kw, _ in layers:
-        linear = model.get_submodule(name)
-        layer_class._checked_config(linear.in_features, linear.out_features, kw["r"], kw["lora_alpha"],
+        in_features, out_features, _ = linear_features(model.get_submodule(name), name)
+        layer_class._checked_config(in_features, out_features, kw["r"], kw["lora_alpha"],
                                     kw["lora_dropout"], kw["use_rslora"], kw.get("use_dora", False))
     built = []
     for name, kw, weights in layers:
@@ -144,13 +144,14 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
                use_rslora: bool = False, quantize: str | None = None, rank_pattern: dict | None = None,
                alpha_pattern: dict | None = None, use_dora: bool = False, exclude_modules=None,
                layers_to_transform=None, layers_pattern=None) -> nn.Module:
-    """Replace each ``nn.Linear`` of `model` that `target_modules` names with a
-    :class:`LoraLinear` sharing its weight and bias (a :class:`QLoraLinear` holding its NF4
+    """Replace each ``nn.Linear`` (or transformers ``Conv1D``: GPT-2) of `model` that
+    `target_modules` names with a :class:`LoraLinear` sharing its weight and bias (a Conv1D's
+    [in, out] weight read in place: ``fan_in_fan_out``; a :class:`QLoraLinear` holding its NF4
     quantization with ``quantize="nf4"``), freeze every other parameter, return the model.
 
     Matching is PEFT's: a list of module-name suffixes, or one regex string matched against the
-    full name; only ``nn.Linear`` modules are candidates, and a target list that matches none is
-    a ValueError listing the model's linear layer names. ``target_modules="all-linear"`` (PEFT's
+    full name; only ``nn.Linear`` / ``Conv1D`` modules are candidates, and a target list that
+    matches none is a ValueError listing the model's linear layer names. ``target_modules="all-linear"`` (PEFT's
     shorthand): every linear layer but the output layer (a transformers model's
     ``get_output_embeddings()``). ``exclude_modules`` (suffixes or a regex) leaves modules out;
     ``layers_to_transform`` (an index or a list) with ``layers_pattern`` (e.g. "layers") keeps
@@ -194,7 +195,8 @@ def _apply_lora(model, target_modules, r, lora_alpha, lora_dropout, use_rslora, 
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     rank_pattern, alpha_pattern = check_patterns(rank_pattern, alpha_pattern)
-    targets = [(name, m) for name, m in find_targets(model, target_modules, nn.Linear, exclude_modules=exclude_modules,
+    targets = [(name, m) for name, m in find_targets(model, target_modules, is_linear_layer,
+                                                       exclude_modules=exclude_modules,
                                                        layers_to_transform=layers_to_transform,
                                                        layers_pattern=layers_pattern, task_type=task_type)
                if not isinstance(m, (LoraLinear, QLoraLinear))]
@@ -219,16 +221,30 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         if isinstance(layer, QLoraLinear):
             merged = layer.merged_linear()
         else:
-            merged = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                               device=layer.weight.device, dtype=layer.weight.dtype)
+            merged = _plain_layer(layer)
             with torch.no_grad():
-                weight = layer.weight.float()
+                weight = layer.base_weight.float()
                 if not layer.merged and not layer._adapter_disabled:
                     weight = layer.merged_weight_fp32()
-                merged.weight.copy_(weight)
+                (merged.weight.t() if layer.fan_in_fan_out else merged.weight).copy_(weight)
                 if layer.bias is not None:
                     merged.bias.copy_(layer.bias)
         merged.requires_grad_(False)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, merged)
     return model
+
+
+def _plain_layer(layer: LoraLinear) -> nn.Module:
+    """The layer type a LoraLinear wrapped, empty: ``nn.Linear``, or transformers' ``Conv1D``
+    (weight [in, out]) for a ``fan_in_fan_out`` layer, so the merged model's keys and shapes are
+    the original's."""
+    factory = dict(device=layer.weight.device, dtype=layer.weight.dtype)
+    if not layer.fan_in_fan_out:
+        return nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, **factory)
+    from transformers.pytorch_utils import Conv1D  # a fan_in_fan_out layer wrapped one: transformers is there
+
+    conv = Conv1D(layer.out_features, layer.in_features).to(**factory)
+    if layer.bias is None:
+        conv.bias = None
+    return conv

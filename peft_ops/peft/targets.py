@@ -7,6 +7,7 @@ import re
 
 import torch.nn as nn
 
+from ..nn.lora import is_conv1d
 from ..ops import checks
 
 
@@ -42,9 +43,9 @@ def is_all_linear(target_modules: object) -> bool:
     return isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2's linear layers, weight stored [in, out]), without importing it."""
-    return any(cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") for cls in type(module).__mro__)
+def is_linear_layer(module: nn.Module) -> bool:
+    """A layer LoRA wraps: ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2, weight [in, out])."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 SEQ_CLS_HEADS = ("score", "classifier")  # PEFT's names for a sequence classifier's head
@@ -54,8 +55,7 @@ def all_linear_names(model: nn.Module, task_type: str | None = None) -> tuple[st
     """PEFT's "all-linear": the full names of every ``nn.Linear`` and ``Conv1D`` of `model`
     except its output layer (a transformers model's ``get_output_embeddings()``: the LM head;
     without one and with task_type "SEQ_CLS", the classifier head ``score`` / ``classifier``)."""
-    names = [name for name, module in model.named_modules() if name and (isinstance(module, nn.Linear)
-                                                                         or _is_conv1d(module))]
+    names = [name for name, module in model.named_modules() if name and is_linear_layer(module)]
     head = None
     if callable(getattr(model, "get_output_embeddings", None)):
         try:
@@ -127,9 +127,10 @@ def selected(name: str, target_modules, exclude_modules=None, layers_to_transfor
     return index == layers_to_transform if isinstance(layers_to_transform, int) else index in layers_to_transform
 
 
-def find_targets(model: nn.Module, target_modules, kind: type | None = None, *, exclude_modules=None,
+def find_targets(model: nn.Module, target_modules, kind=None, *, exclude_modules=None,
                  layers_to_transform=None, layers_pattern=None, task_type=None) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every submodule of `model` (of type `kind`, when given) that
+    """(name, module) of every submodule of `model` (of type `kind`, or for which the predicate
+    `kind` holds — ``is_linear_layer`` —, when given) that
     `target_modules` names ("all-linear": :func:`all_linear_names`, for `task_type`), PEFT's
     `exclude_modules`, `layers_to_transform` and `layers_pattern` applied; none is a ValueError
     listing the names of the candidates."""
@@ -142,20 +143,16 @@ def find_targets(model: nn.Module, target_modules, kind: type | None = None, *, 
         target_modules = all_linear_names(model, task_type)
         if not target_modules:
             raise ValueError(f"target_modules 'all-linear': {type(model).__name__} has no linear layer")
-        conv1d = [name for name, module in model.named_modules() if name in target_modules and _is_conv1d(module)
-                  and selected(name, target_modules, exclude_modules, layers_to_transform, layers_pattern)]
-        if conv1d and kind is not None:  # the callers' kinds (nn.Linear) never take Conv1D
-            raise ValueError(f"target_modules 'all-linear' takes transformers' Conv1D layers ({', '.join(conv1d[:8])}"
-                             f"{', …' if len(conv1d) > 8 else ''}), which these layers do not wrap yet (GPT-2 "
-                             "style weights [in, out]); name the nn.Linear layers, or exclude those")
     target_modules = check_target_modules(target_modules)
+    accepts = (lambda m: isinstance(m, kind)) if isinstance(kind, type) else kind
     candidates = [(name, module) for name, module in model.named_modules()
-                  if name and (kind is None or isinstance(module, kind))]
+                  if name and (accepts is None or accepts(module))]
     found = [(name, module) for name, module in candidates
              if selected(name, target_modules, exclude_modules, layers_to_transform, layers_pattern)]
     if not found:
         names = [name for name, _ in candidates]
-        what = f"{kind.__module__}.{kind.__name__} layer" if kind is not None else "module"
+        what = "module" if kind is None else f"{kind.__module__}.{kind.__name__} layer" if isinstance(kind, type) \
+            else "linear layer (nn.Linear or transformers' Conv1D)"
         shown = ", ".join(names[:40]) + (f", … ({len(names)} in all)" if len(names) > 40 else "")
         raise ValueError(f"target_modules {target_modules!r} matches no {what} of {type(model).__name__}; "
                          f"its {what} names are: {shown or '(none)'}")

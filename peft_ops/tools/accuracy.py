@@ -208,13 +208,19 @@ class LoraCase:
     train_base: bool = False  # weight and bias require grad too
     scaling: float = 0.75
     x_transposed: bool = False  # x a non-contiguous view (a transpose of its storage)
+    weight_kn: bool = False  # W [N, K] stored [K, N] (GPT-2's Conv1D weight, passed as its .t())
 
     def tolerance(self, tensor: str = "y") -> float:
         return tolerance(self.dtype, self.adapter_dtype, tensor)
 
     def label(self) -> str:
         lead = "×".join(map(str, self.leading)) + "×" if self.leading else ""
-        return f"{lead}{self.M}×{self.K}→{self.N} r{self.r}" + (" xᵀ" if self.x_transposed else "")
+        return f"{lead}{self.M}×{self.K}→{self.N} r{self.r}" + layout_label(self)
+
+
+def layout_label(case) -> str:
+    """The case label's note of non-contiguous operands."""
+    return (" xᵀ" if case.x_transposed else "") + (" W[K,N]" if getattr(case, "weight_kn", False) else "")
 
 
 def make_lora_inputs(case: LoraCase, device="cpu", seed: int = 0) -> dict:
@@ -289,6 +295,23 @@ def non_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_(True)
 
 
+def stored_kn(weight: torch.Tensor) -> torch.Tensor:
+    """W [N, K]'s values in [K, N] storage (as a Conv1D holds them): a leaf view with strides
+    (1, N), requiring grad as `weight` does."""
+    out = torch.empty_strided(tuple(weight.shape), (1, weight.shape[0]), dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        out.copy_(weight)
+    return out.requires_grad_(weight.requires_grad)
+
+
+def laid_out(case: LoraCase, tensors: dict, inp: dict) -> None:
+    """Put the case's non-contiguous operands in `tensors` (x transposed, W stored [K, N])."""
+    if case.x_transposed:
+        tensors["x"] = non_contiguous(inp["x"])
+    if case.weight_kn:
+        tensors["weight"] = stored_kn(tensors["weight"])
+
+
 def run_lora_case(case: LoraCase, ops, device="cpu", seed: int = 0) -> list[Compared]:
     """Run lora_linear's autograd Function with `ops` (kernel launchers or TorchLoraOps) and the
     float64 reference on the same inputs and the same dropout mask: y and every gradient."""
@@ -296,8 +319,7 @@ def run_lora_case(case: LoraCase, ops, device="cpu", seed: int = 0) -> list[Comp
     trainable = ["x", "lora_A", "lora_B"] + (["weight", "bias"] if case.train_base else [])
     tensors = {k: v.clone().requires_grad_(k in trainable) if v is not None else None
                for k, v in inp.items() if k != "grad_out"}
-    if case.x_transposed:
-        tensors["x"] = non_contiguous(inp["x"])
+    laid_out(case, tensors, inp)
     torch.manual_seed(seed)
     with kernels_must_run("torch" if ops is TorchLoraOps else "triton"):
         y = LoraLinearFunction.apply(tensors["x"], tensors["weight"], tensors["lora_A"], tensors["lora_B"],
@@ -416,8 +438,8 @@ class DoraCase(LoraCase):
     def label(self) -> str:
         extra = (" nf4" if self.nf4 else "") + (f" {self.nf4_path}" if self.nf4_path else "") + \
             (f" {self.gemm}" if self.gemm else "")
-        return LoraCase.label(dataclasses.replace(self, x_transposed=False)) + extra + \
-            (" xᵀ" if self.x_transposed else "")
+        return LoraCase.label(dataclasses.replace(self, x_transposed=False, weight_kn=False)) + extra + \
+            layout_label(self)
 
 
 def dora_ops(path: str, nf4: bool, nf4_path: str | None = None, gemm: str | None = None):
@@ -477,8 +499,7 @@ def run_dora_case(case: DoraCase, path: str, device="cpu", seed: int = 0) -> lis
                                                             if case.train_base else [])
     tensors = {k: v.clone().requires_grad_(k in trainable) if v is not None else None
                for k, v in inp.items() if k != "grad_out"}
-    if case.x_transposed:
-        tensors["x"] = non_contiguous(inp["x"])
+    laid_out(case, tensors, inp)
     torch.manual_seed(seed)
     with kernels_must_run(path):
         if case.nf4:
@@ -492,7 +513,7 @@ def run_dora_case(case: DoraCase, path: str, device="cpu", seed: int = 0) -> lis
         else:
             y = DoraLinearFunction.apply(tensors["x"], tensors["weight"], tensors["lora_A"], tensors["lora_B"],
                                          tensors["magnitude"], tensors["bias"], case.scaling, case.dropout_p,
-                                         squared_row_norms(inp["weight"]), ops)
+                                         squared_row_norms(tensors["weight"]), ops)
         y.backward(inp["grad_out"])
     inputs = {k: v for k, v in inp.items() if k != "grad_out"}
     if case.nf4:

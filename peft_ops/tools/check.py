@@ -40,6 +40,7 @@ def lora_cases(quick: bool) -> list[LoraCase]:
             LoraCase(M=127, K=96, N=70, r=16, dtype=dtype, dropout_p=0.25, bias=False),
             LoraCase(M=19, K=40, N=33, r=3, dtype=dtype, leading=(2,), train_base=True),
             LoraCase(M=29, K=56, N=24, r=4, dtype=dtype, x_transposed=True, dropout_p=0.1),
+            LoraCase(M=21, K=48, N=40, r=4, dtype=dtype, weight_kn=True, dropout_p=0.1, train_base=True),
         ]
         if dtype != torch.float32:  # PEFT's fp32 adapters on a half-precision base
             cases += [LoraCase(M=24, K=48, N=40, r=8, dtype=dtype, adapter_dtype=torch.float32, dropout_p=0.1)]
@@ -81,6 +82,7 @@ def dora_cases(quick: bool) -> list[DoraCase]:
             DoraCase(M=33, K=64, N=48, r=8, dtype=dtype),
             DoraCase(M=70, K=96, N=40, r=16, dtype=dtype, dropout_p=0.25, bias=False, leading=(2,)),
             DoraCase(M=19, K=40, N=33, r=3, dtype=dtype, train_base=True, x_transposed=True),
+            DoraCase(M=21, K=48, N=40, r=4, dtype=dtype, train_base=True, weight_kn=True, dropout_p=0.1),
             DoraCase(M=3, K=128, N=40, r=8, dtype=dtype, nf4=True, dropout_p=0.1),
             DoraCase(M=40, K=64, N=33, r=4, dtype=dtype, nf4=True),
         ]

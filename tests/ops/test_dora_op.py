@@ -59,6 +59,8 @@ VARIANTS = {
     "fp32_adapters_dropout": dict(adapter_dtype=torch.float32, dropout_p=0.2),
     "x_transposed": dict(x_transposed=True),
     "dropout_3d_no_bias": dict(dropout_p=0.5, leading=(2,), bias=False),
+    # GPT-2's Conv1D: W passed as the .t() of its [in, out] storage; the norms and dW through strides
+    "weight_stored_kn": dict(weight_kn=True, train_base=True, dropout_p=0.3),
 }
 
 

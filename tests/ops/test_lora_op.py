@@ -55,6 +55,8 @@ VARIANTS = {
     "3d_input": dict(leading=(3,)),
     "train_base": dict(train_base=True),  # dW and db too
     "dropout_3d_no_bias": dict(dropout_p=0.5, leading=(2,), bias=False),
+    # GPT-2's Conv1D: W [out, in] passed as the .t() of its [in, out] storage, dW through the view
+    "weight_stored_kn": dict(weight_kn=True, train_base=True, dropout_p=0.2),
 }
 
 
@@ -355,6 +357,69 @@ def test_tma_gemms(shape, dtype, monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter: forces the sm_90a kernels' choice here")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("adapter_dtype", [None, torch.float32], ids=["adapters_x_dtype", "fp32_adapters"])
+def test_tma_gemms_read_a_weight_stored_kn(dtype, adapter_dtype, monkeypatch):
+    """W stored [K, N] (a Conv1D weight passed as its transpose): the descriptors address its
+    storage as [K, N] tiles (W_KN), forward and dX, every gradient against float64, dW
+    through the view."""
+    from peft_ops.kernels import lora as kernels
+    from peft_ops.tools.launches import KernelsRan
+
+    monkeypatch.setattr(kernels, "TMA_TARGETS", {"interpreter"})
+    seen = []
+    original = kernels.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        if "W_KN" in kwargs:
+            seen.append(kwargs["W_KN"])
+        return original(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "launch", spy)
+    for dropout_p in (0.0, 0.2):
+        case = LoraCase(70, 72, 40, 8, dtype, dropout_p=dropout_p, adapter_dtype=adapter_dtype, weight_kn=True,
+                        train_base=True)
+        with KernelsRan() as ran:
+            check_case(case, "triton", DEVICE)
+        assert {"_lora_forward_tma_kernel", "_lora_backward_dx_tma_kernel"} <= set(ran.names)
+    assert seen == [True] * 4
+
+
+@pytest.mark.parametrize("op", ["lora", "dora"])
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+def test_weight_stored_kn_is_read_in_place_on_an_h200_plan(op, gemm, monkeypatch):
+    """Planned for an H200 at GPT-2 medium's c_attn (in 1024 → out 3072, M = 2048, r = 16,
+    dropout on): with W stored [K, N] the fused path's two GEMMs are the persistent TMA kernels
+    in their W_KN layout, cuBLAS takes the view as a transposed operand, and nothing the size of
+    W is allocated in the forward or the backward — no transposed copy."""
+    from peft_ops.tools import launches
+
+    monkeypatch.setenv("PEFT_OPS_GEMM", gemm)
+    M, K, N, r = 2048, 1024, 3072, 16
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    x = torch.empty(M, K, **meta).requires_grad_()
+    weight = torch.empty(K, N, **meta).t()  # Conv1D's [in, out] storage
+    A, B = torch.empty(r, K, **meta).requires_grad_(), torch.empty(N, r, **meta).requires_grad_()
+    if op == "dora":
+        m, sq = torch.empty(N, **meta).requires_grad_(), torch.empty(N, device="meta", dtype=torch.float32)
+        forward = lambda: peft_ops.dora_linear(x, weight, A, B, m, 2.0, None, 0.1, weight_sq_norm=sq)  # noqa: E731
+    else:
+        forward = lambda: peft_ops.lora_linear(x, weight, A, B, 2.0, None, 0.1)  # noqa: E731
+    out = []
+    phases = [launches.planned_recorder(lambda: out.append(forward())),
+              launches.planned_recorder(lambda: out[0].backward(torch.empty(M, N, **meta)))]
+    for recorder in phases:
+        assert not [tuple(t.shape) for t in recorder.allocated if t.numel() == N * K]
+    gemms = [launch for recorder in phases for launch in recorder.launches
+             if str(launch) in ("_lora_forward_tma_kernel", "_lora_backward_dx_tma_kernel")]
+    if gemm == "triton":
+        assert [str(g) for g in gemms] == ["_lora_forward_tma_kernel", "_lora_backward_dx_tma_kernel"]
+        assert all(g.args["W_KN"] for g in gemms)
+    else:
+        assert not gemms
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter: forces the sm_90a kernels' choice here")
 @pytest.mark.parametrize("grads", ["all", "x only", "A and B only", "dA only"])
 def test_tma_dx_with_and_without_rank_items(grads, monkeypatch):
     """The persistent dX launch runs the rank items when dA or dB is wanted beside dX, runs
@@ -416,7 +481,9 @@ def test_cublas_path(shape, dtype, dropout_p, device):
 
     M, K, N, r = shape
     for adapter_dtype in (None, torch.float32):
-        case = LoraCase(M, K, N, r, dtype, dropout_p=dropout_p, adapter_dtype=adapter_dtype, train_base=True)
+        # W stored [K, N] (Conv1D) once: cuBLAS takes the view as a transposed operand
+        case = LoraCase(M, K, N, r, dtype, dropout_p=dropout_p, adapter_dtype=adapter_dtype, train_base=True,
+                        weight_kn=adapter_dtype is None)
         with KernelsRan() as ran:
             check_case(case, "cublas", device)
         assert {"_lora_expand_kernel", "_lora_dx_term_kernel"} <= set(ran.names)

@@ -281,8 +281,8 @@ def _damage(path, what):
         config["target_modules"] = None
     elif what == "modules_to_save":
         config["modules_to_save"] = ["lm_head"]
-    elif what == "fan_in_fan_out":
-        config["fan_in_fan_out"] = True
+    elif what == "fan_in_fan_out not a bool":  # (true or false: each layer's layout comes from its module)
+        config["fan_in_fan_out"] = "yes"
     elif what == "layers_to_transform":
         config["layers_to_transform"] = [1]
     elif what == "trained biases":
@@ -302,7 +302,7 @@ def _damage(path, what):
 DAMAGES = {"missing key": None, "extra key": None, "wrong shape": None, "int weights": None, "nan": None,
            "dora without magnitudes": "lora_magnitude_vector", "dora not a bool": "use_dora",
            "prompt config": "peft_type", "rank mismatch": None, "no target_modules": "target_modules",
-           "modules_to_save": "modules_to_save", "fan_in_fan_out": "fan_in_fan_out",
+           "modules_to_save": "modules_to_save", "fan_in_fan_out not a bool": "fan_in_fan_out",
            # (layers_to_transform is supported: here it leaves layer 0's weights in the file unexpected)
            "layers_to_transform": "unexpected", "trained biases": "bias", "truncated": None, "pickle": None,
            "bad json": None}
