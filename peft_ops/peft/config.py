@@ -10,16 +10,22 @@ from .targets import check_patterns
 # What these layers do with a config: the selection (targets.find_targets), the layer settings.
 HONOURED = ("target_modules", "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "rank_pattern",
             "alpha_pattern", "exclude_modules", "layers_to_transform", "layers_pattern", "task_type",
-            "fan_in_fan_out")
+            "fan_in_fan_out", "modules_to_save", "bias")
 # Fields that describe the adapter but change nothing the layers compute.
 METADATA = ("peft_type", "inference_mode", "base_model_name_or_path", "revision", "auto_mapping", "peft_version")
 # Fields whose non-default values ask for something these layers do not do (named in the error).
 UNSUPPORTED = {
-    "modules_to_save": "modules_to_save",
     "lora_bias": "lora_bias", "target_parameters": "target_parameters",
     "trainable_token_indices": "trainable_token_indices", "use_qalora": "QALoRA",
     "alora_invocation_tokens": "aLoRA", "megatron_config": "Megatron layers",
 }
+
+
+# PEFT's `bias`: which biases train beside the adapters (and are saved with them).
+BIAS_MODES = ("none", "lora_only", "all")
+# The heads PEFT's task models add to modules_to_save (PeftModelForSequenceClassification, …).
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
 
 
 # PEFT's defaults that are not falsy, for a config dict read without peft installed.
@@ -50,7 +56,7 @@ def config_dict(config: object) -> dict:
 def lora_settings(config: dict, where: str, *, creating: bool = False) -> dict:
     """The settings of a PEFT LoRA config {target_modules, r, lora_alpha, lora_dropout, use_rslora,
     use_dora, rank_pattern, alpha_pattern, exclude_modules, layers_to_transform, layers_pattern,
-    task_type}, every value checked; a ValueError naming `where` and the field for anything else.
+    task_type, modules_to_save, bias}, every value checked; a ValueError naming `where` and the field for anything else.
     `creating` (new adapters from a config, not a file's trained weights): every other field must
     hold PEFT's default too (an initialization such as ``init_lora_weights="gaussian"`` included)."""
     peft_type = config.get("peft_type", "LORA" if creating else None)  # a hand-written dict may leave it out
@@ -60,12 +66,20 @@ def lora_settings(config: dict, where: str, *, creating: bool = False) -> dict:
     for field, what in UNSUPPORTED.items():
         if config.get(field):
             raise ValueError(f"{where}: {what} ({field}={config[field]!r}) is not supported")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"{where}: bias={config['bias']!r} (trained biases) is not supported; only 'none'")
+    bias = config.get("bias", "none")
+    if bias not in BIAS_MODES:
+        raise ValueError(f"{where}: bias must be one of {BIAS_MODES}, got {bias!r}")
+    modules_to_save = config.get("modules_to_save") or None
+    if modules_to_save is not None:
+        modules_to_save = [modules_to_save] if isinstance(modules_to_save, str) else modules_to_save
+        if not isinstance(modules_to_save, (list, tuple, set)) or not all(isinstance(m, str) and m
+                                                                          for m in modules_to_save):
+            raise ValueError(f"{where}: modules_to_save must be a list of module names, got {modules_to_save!r}")
+        modules_to_save = list(modules_to_save)
     if creating:
         defaults = _peft_defaults()
         for field, value in config.items():
-            if field in HONOURED or field in METADATA or field == "bias":
+            if field in HONOURED or field in METADATA:
                 continue
             default = defaults.get(field)
             if value != default and not (default is None and not value):
@@ -95,4 +109,4 @@ def lora_settings(config: dict, where: str, *, creating: bool = False) -> dict:
             "use_rslora": use_rslora, "use_dora": use_dora, "rank_pattern": rank_pattern,
             "alpha_pattern": alpha_pattern, "exclude_modules": config.get("exclude_modules"),
             "layers_to_transform": config.get("layers_to_transform"), "layers_pattern": config.get("layers_pattern"),
-            "task_type": task_type}
+            "task_type": task_type, "modules_to_save": modules_to_save, "bias": bias}

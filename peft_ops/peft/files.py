@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from ..nn.lora import LoraLinear, QLoraLinear, linear_features
 from ..ops import checks
 from .config import lora_settings
-from .model import replace_linears
+from .model import EXTRAS, check_extras, mark_extras_trainable, replace_linears, saved_module_names
 from .targets import find_targets, is_linear_layer, pattern_value
 
 CONFIG_NAME = "adapter_config.json"
@@ -102,6 +102,7 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     if len(dora) > 1:
         raise ValueError("some layers use DoRA and some do not: PEFT's config has one use_dora for all")
     use_dora = dora.pop()
+    extras = getattr(model, EXTRAS, None) or {"modules_to_save": None, "bias": "none"}
     r = _most_common(m.r for _, m in layers)
     alpha = _most_common(m.lora_alpha for _, m in layers)
     config = {
@@ -110,8 +111,8 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         "use_rslora": rslora.pop(), "target_modules": sorted(name for name, _ in layers),
         "rank_pattern": {name: m.r for name, m in layers if m.r != r},
         "alpha_pattern": {name: m.lora_alpha for name, m in layers if m.lora_alpha != alpha},
-        "bias": "none", "fan_in_fan_out": any(getattr(m, "fan_in_fan_out", False) for _, m in layers),
-        "use_dora": use_dora, "modules_to_save": None,
+        "bias": extras["bias"], "fan_in_fan_out": any(getattr(m, "fan_in_fan_out", False) for _, m in layers),
+        "use_dora": use_dora, "modules_to_save": extras["modules_to_save"],
         "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
         "base_model_name_or_path": base_model_name(model), "revision": None,
     }
@@ -121,8 +122,28 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = _full(layer.lora_B)
         if use_dora:  # PEFT's key: its ModuleDict's ".<adapter>.weight" stripped
             tensors[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = _full(layer.lora_magnitude_vector)
+    for key, (_, param) in extra_keys(model, extras, [name for name, _ in layers]).items():
+        tensors[key] = _full(param)
     if _distributed_rank() in (None, 0):  # in a process group, rank 0 writes
         write_folder(path, config, tensors)
+
+
+def extra_keys(model: nn.Module, extras: dict, lora_names: list[str]) -> dict[str, tuple[str, nn.Parameter]]:
+    """PEFT's keys of what trains beside the adapters → (parameter name in `model`, parameter):
+    each parameter of a modules_to_save module (``<module>.<param>``), and the `bias` mode's
+    biases — a LoRA layer's under ``<module>.base_layer.bias`` (PEFT's wrapper holds the base
+    layer there), any other as named."""
+    out = {}
+    for module in saved_module_names(model, extras["modules_to_save"] or []):
+        for name, param in model.get_submodule(module).named_parameters():
+            out[f"{KEY_PREFIX}{module}.{name}"] = (f"{module}.{name}", param)
+    lora = set(lora_names)
+    for name, param in model.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        if extras["bias"] == "all" and "bias" in name or extras["bias"] == "lora_only" and owner in lora \
+                and leaf == "bias":
+            out[f"{KEY_PREFIX}{owner}.base_layer.{leaf}" if owner in lora else f"{KEY_PREFIX}{name}"] = (name, param)
+    return out
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -154,7 +175,14 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, quantize: str |
     targets = find_targets(model, cfg["target_modules"], is_linear_layer, exclude_modules=cfg["exclude_modules"],
                            layers_to_transform=cfg["layers_to_transform"], layers_pattern=cfg["layers_pattern"],
                            task_type=cfg["task_type"])
-    expected, plan = set(), []
+    extras = check_extras(model, cfg["modules_to_save"], cfg["bias"], cfg["task_type"],
+                          [name for name, _ in targets])
+    beside = extra_keys(model, extras, [name for name, _ in targets])  # modules_to_save, trained biases
+    for key, (name, param) in beside.items():
+        if key in tensors and tensors[key].shape != param.shape:
+            raise ValueError(f"{key} has shape {tuple(tensors[key].shape)}, but the model's {name} is "
+                             f"{tuple(param.shape)}")
+    expected, plan = set(beside), []
     for name, linear in targets:
         in_features, out_features, _ = linear_features(linear, name)
         r = checks.positive_int(f"rank_pattern for {name}", pattern_value(cfg["rank_pattern"], name, cfg["r"]))
@@ -168,7 +196,13 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, quantize: str |
                 raise ValueError(f"{key} has shape {tuple(tensors[key].shape)}, but the config (r={r}) and the "
                                  f"model's {name} ({in_features}→{out_features}) need {shape}")
         plan.append((name, linear, r, alpha, key_a, key_b, key_m))
-    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    # PEFT's bias="all" also writes the biases its ModulesToSaveWrapper holds inside (the trained
+    # copy, again, and the original): known, and not read
+    wrapped = {f"{KEY_PREFIX}{module}.{level}.{name}" for module in extras["modules"]
+               for level in ("modules_to_save", "original_module")
+               for name, _ in model.get_submodule(module).named_parameters() if "bias" in name} \
+        if cfg["bias"] == "all" else set()
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected - wrapped)
     if missing or extra:
         raise ValueError(f"{path}: the adapter weights do not fit the config on this model: "
                          f"missing {missing[:6]}{' …' if len(missing) > 6 else ''}, "
@@ -181,4 +215,8 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, quantize: str |
         layers.append((name, dict(r=r, lora_alpha=alpha, lora_dropout=cfg["lora_dropout"],
                                   use_rslora=cfg["use_rslora"], adapter_dtype=adapter_dtype,
                                   use_dora=cfg["use_dora"]), weights))
-    return replace_linears(model, layers, quantize)
+    replace_linears(model, layers, quantize)
+    with torch.no_grad():  # (by name: a QLoraLinear holds a new bias Parameter)
+        for key, (name, _) in beside.items():
+            model.get_parameter(name).copy_(tensors[key])
+    return mark_extras_trainable(model, extras)

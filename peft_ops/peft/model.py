@@ -12,7 +12,7 @@ from ..nn.bottleneck import BottleneckAdapter, WithAdapter
 from ..nn.lora import LoraLinear, QLoraLinear, linear_features
 from ..ops import checks
 from ..ops.bottleneck import check_activation
-from .config import config_dict, is_config, lora_settings
+from .config import BIAS_MODES, TASK_HEADS, config_dict, is_config, lora_settings
 from .targets import check_patterns, find_targets, is_linear_layer, pattern_value
 
 
@@ -131,19 +131,21 @@ def replace_linears(model: nn.Module, layers: list, quantize: str | None) -> nn.
         built.append((name, layer))
     model.requires_grad_(False)
     for name, layer in built:
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
-        if layer.use_dora:
-            layer.lora_magnitude_vector.requires_grad_(True)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-    return model
+    for layer in model.modules():  # these adapters, and those an earlier call put in
+        if isinstance(layer, (LoraLinear, QLoraLinear)):
+            layer.lora_A.requires_grad_(True)
+            layer.lora_B.requires_grad_(True)
+            if layer.use_dora:
+                layer.lora_magnitude_vector.requires_grad_(True)
+    return mark_extras_trainable(model, {"modules_to_save": None, "bias": "none"})
 
 
 def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                use_rslora: bool = False, quantize: str | None = None, rank_pattern: dict | None = None,
                alpha_pattern: dict | None = None, use_dora: bool = False, exclude_modules=None,
-               layers_to_transform=None, layers_pattern=None) -> nn.Module:
+               layers_to_transform=None, layers_pattern=None, modules_to_save=None, bias: str = "none") -> nn.Module:
     """Replace each ``nn.Linear`` (or transformers ``Conv1D``: GPT-2) of `model` that
     `target_modules` names with a :class:`LoraLinear` sharing its weight and bias (a Conv1D's
     [in, out] weight read in place: ``fan_in_fan_out``; a :class:`QLoraLinear` holding its NF4
@@ -161,17 +163,24 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
     ``quantize="nf4"``), each magnitude starting at its column norms ‖W‖ as in PEFT.
     Everything is checked before the model changes.
 
+    ``modules_to_save`` (PEFT's: module names, each matching every module whose full name ends
+    with it): those modules train whole beside the adapters — a classification head — and are
+    saved with them. ``bias``: "none", "lora_only" (the biases of the LoRA layers train) or "all"
+    (every parameter named ``bias``), as PEFT.
+
     ``apply_lora(model, config)``: a ``peft.LoraConfig`` (or its dict) in place of
-    `target_modules` and the settings, each field honoured (those above, and ``task_type``
-    for "all-linear") or refused by name (``modules_to_save``, ``init_lora_weights`` other than
-    PEFT's default, …); the keyword settings then stay at their defaults.
+    `target_modules` and the settings, each field honoured (those above, and ``task_type``:
+    "all-linear"'s output layer, and the head PEFT's task models train — ``classifier`` /
+    ``score`` for SEQ_CLS and TOKEN_CLS, ``qa_outputs`` for QUESTION_ANS) or refused by name
+    (``lora_bias``, ``init_lora_weights`` other than PEFT's default, …); the keyword settings
+    then stay at their defaults.
     """
     checks.module("model", model)
     if is_config(target_modules):
         settings = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_dora=use_dora,
                         exclude_modules=exclude_modules, layers_to_transform=layers_to_transform,
-                        layers_pattern=layers_pattern)
+                        layers_pattern=layers_pattern, modules_to_save=modules_to_save, bias=bias)
         defaults = inspect.signature(apply_lora).parameters
         given = {k: v for k, v in settings.items() if v != defaults[k].default}
         if given:
@@ -180,11 +189,13 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
         task_type = cfg.pop("task_type")
         return _apply_lora(model, quantize=quantize, task_type=task_type, **cfg)
     return _apply_lora(model, target_modules, r, lora_alpha, lora_dropout, use_rslora, quantize, rank_pattern,
-                       alpha_pattern, use_dora, exclude_modules, layers_to_transform, layers_pattern)
+                       alpha_pattern, use_dora, exclude_modules, layers_to_transform, layers_pattern,
+                       modules_to_save=modules_to_save, bias=bias)
 
 
 def _apply_lora(model, target_modules, r, lora_alpha, lora_dropout, use_rslora, quantize, rank_pattern, alpha_pattern,
-                use_dora, exclude_modules, layers_to_transform, layers_pattern, task_type=None):
+                use_dora, exclude_modules, layers_to_transform, layers_pattern, task_type=None, modules_to_save=None,
+                bias="none"):
     r = checks.positive_int("r", r)
     lora_alpha = checks.real_number("lora_alpha", lora_alpha)
     lora_dropout = checks.probability("lora_dropout", lora_dropout)
@@ -204,7 +215,69 @@ def _apply_lora(model, target_modules, r, lora_alpha, lora_dropout, use_rslora, 
                           lora_alpha=pattern_value(alpha_pattern, name, lora_alpha),
                           lora_dropout=lora_dropout, use_rslora=use_rslora, use_dora=use_dora), None)
               for name, _ in targets]
-    return replace_linears(model, layers, quantize)
+    extras = check_extras(model, modules_to_save, bias, task_type, [name for name, _, _ in layers])
+    replace_linears(model, layers, quantize)
+    return mark_extras_trainable(model, extras)
+
+
+# --------------------------------------------------------------------------------------
+# PEFT's modules_to_save and bias: what trains (and is saved) beside the adapters
+# --------------------------------------------------------------------------------------
+
+EXTRAS = "peft_ops_extras"  # attribute of the model root: {"modules_to_save": names or None, "bias": mode}
+
+
+def saved_module_names(model: nn.Module, modules_to_save) -> list[str]:
+    """PEFT's rule for modules_to_save: every module whose full name ends with one of the names
+    (a plain suffix)."""
+    return [name for name, _ in model.named_modules() if name and any(name.endswith(k) for k in modules_to_save)]
+
+
+def check_extras(model: nn.Module, modules_to_save, bias: str, task_type, lora_names: list[str]) -> dict:
+    """{"modules_to_save", "modules", "bias", "lora_names"} checked against `model` before it
+    changes: the names (a task type's head added, as PEFT's task models add it), the modules they
+    match — each name given must match one, and none may hold or sit inside a LoRA target."""
+    if modules_to_save is not None:
+        if isinstance(modules_to_save, str):
+            modules_to_save = [modules_to_save]
+        if not isinstance(modules_to_save, (list, tuple)) or not all(isinstance(m, str) and m
+                                                                     for m in modules_to_save):
+            raise TypeError(f"modules_to_save must be a list of module names, got {modules_to_save!r}")
+    checks.one_of("bias", bias, BIAS_MODES)
+    given = list(modules_to_save or [])
+    heads = TASK_HEADS.get(task_type, ())
+    for name in given:  # (a task's head names may match nothing: PEFT lists both "classifier" and "score")
+        if name not in heads and not saved_module_names(model, [name]):
+            raise ValueError(f"modules_to_save: {name!r} names no module of {type(model).__name__}")
+    names = given + [h for h in heads if h not in given and saved_module_names(model, [h])]
+    modules = saved_module_names(model, names)
+    for module in modules:
+        clash = [t for t in lora_names if t == module or t.startswith(module + ".") or module.startswith(t + ".")]
+        if clash:
+            raise ValueError(f"modules_to_save: {module} is (or holds) LoRA target {clash[0]}: a module either trains "
+                             "whole or takes an adapter")
+    return {"modules_to_save": names or None, "modules": modules, "bias": bias, "lora_names": list(lora_names)}
+
+
+def mark_extras_trainable(model: nn.Module, extras: dict) -> nn.Module:
+    """Make the modules_to_save and the `bias` mode's biases trainable (after the adapters went
+    in, everything else frozen) — with those of an earlier ``apply_lora`` on the model — and
+    record them on the model for ``save_peft_adapter``."""
+    before = getattr(model, EXTRAS, None) or {"modules_to_save": None, "bias": "none"}
+    names = list(dict.fromkeys((before["modules_to_save"] or []) + (extras["modules_to_save"] or [])))
+    bias = extras["bias"] if extras["bias"] != "none" else before["bias"]
+    for name in saved_module_names(model, names):
+        model.get_submodule(name).requires_grad_(True)
+    if bias == "all":  # PEFT's rule: every parameter with "bias" in its name
+        for name, param in model.named_parameters():
+            if "bias" in name:
+                param.requires_grad_(True)
+    elif bias == "lora_only":
+        for layer in model.modules():
+            if isinstance(layer, (LoraLinear, QLoraLinear)) and layer.bias is not None:
+                layer.bias.requires_grad_(True)
+    setattr(model, EXTRAS, {"modules_to_save": names or None, "bias": bias})
+    return model
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

@@ -41,14 +41,16 @@ def _built(model_class, config, seed=0):
 def llama(hidden=32):
     import transformers
     return _built(transformers.LlamaForCausalLM, transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None, eos_token_id=None))
 
 
 def qwen2(hidden=32):  # grouped-query attention, biases on q/k/v
     import transformers
     return _built(transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None, eos_token_id=None))
 
 
@@ -62,7 +64,8 @@ def gpt2(hidden=32):  # Conv1D layers: weights stored [in, out]
 def gpt_neox(hidden=32):
     import transformers
     return _built(transformers.GPTNeoXForCausalLM, transformers.GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4,
         max_position_embeddings=64, bos_token_id=None, eos_token_id=None))
 
 
@@ -77,15 +80,16 @@ def opt(hidden=32):
 def bert_classifier(hidden=32):
     import transformers
     return _built(transformers.BertForSequenceClassification, transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4,
         max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
 
 
 def t5(hidden=32):  # encoder-decoder
     import transformers
     return _built(transformers.T5ForConditionalGeneration, transformers.T5Config(
-        vocab_size=VOCAB, d_model=hidden, d_kv=hidden // 4, d_ff=2 * hidden, num_layers=2, num_decoder_layers=2, num_heads=4,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0))
+        vocab_size=VOCAB, d_model=hidden, d_kv=hidden // 4, d_ff=2 * hidden, num_layers=2, num_decoder_layers=2,
+        num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0))
 
 
 ARCHITECTURES = {a.name: a for a in (

@@ -182,3 +182,42 @@ def test_layer_runs_on_every_backend(device):
     for name in ("auto", "torch"):  # the kernels and the PyTorch path (the reference is `expected`)
         with peft_ops.use_backend(name):
             assert_close(layer(x), expected, torch.float32, name)
+
+
+def test_conv1d_layer_reads_its_weight_in_place_merges_and_unloads_to_conv1d():
+    """transformers' Conv1D (weight [in, out], y = x·W + b) wrapped by LoraLinear.from_linear:
+    the Parameters shared, fan_in_fan_out set, the forward equal to the Conv1D plus the LoRA
+    term (float64 reference), merge / unmerge in the [in, out] layout, merge_and_unload back to a
+    Conv1D with the merged weight; QLoraLinear quantizes W [out, in] as bitsandbytes holds it."""
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(40, 24)  # nf = out 40, nx = in 24
+    nn.init.normal_(conv.bias)
+    layer = peft_ops.LoraLinear.from_linear(conv, r=4, lora_alpha=8)
+    assert layer.fan_in_fan_out and layer.weight is conv.weight and layer.bias is conv.bias
+    assert (layer.in_features, layer.out_features) == (24, 40)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 24)
+    W = conv.weight.double().t()
+    expected = x.double() @ W.t() + conv.bias.double() + 2.0 * (x.double() @ layer.lora_A.double().t()) @ \
+        layer.lora_B.double().t()
+    assert_close(layer(x), expected, torch.float32, "Conv1D LoRA forward")
+    with torch.no_grad():
+        weight = conv.weight.clone()
+        layer.merge()
+        assert_close(layer(x), expected, torch.float32, "merged")
+        assert_close(conv.weight.t(), W + 2.0 * layer.lora_B.double() @ layer.lora_A.double(), torch.float32,
+                     "merged weight")
+        layer.unmerge()
+        assert_close(conv.weight, weight.double(), torch.float32, "unmerged weight")
+    model = nn.Sequential(layer)
+    merged = peft_ops.merge_and_unload(model)[0]
+    assert type(merged) is Conv1D and merged.weight.shape == (24, 40)
+    assert_close(merged(x), expected, torch.float32, "merge_and_unload → Conv1D")
+    q = peft_ops.QLoraLinear.from_linear(conv, r=4)
+    assert (q.in_features, q.out_features) == (24, 40)
+    assert torch.equal(q.qweight.dequantize(torch.float32),
+                       peft_ops.nf4.quantize(conv.weight.t().contiguous()).dequantize(torch.float32))

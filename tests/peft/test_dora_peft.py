@@ -222,8 +222,9 @@ def test_from_peft_swaps_dora_layers(monkeypatch):
 
 
 def llama_4bit(bnb, seed=0):
-    """The tiny Llama with its target layers as bitsandbytes 4-bit NF4 layers (quantized on CPU)."""
-    model = llama(seed)
+    """The tiny Llama (64 wide: rows of whole NF4 blocks, see `llama`) with its target layers as
+    bitsandbytes 4-bit NF4 layers (quantized on CPU)."""
+    model = llama(seed, hidden=64, intermediate=128)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
             q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,

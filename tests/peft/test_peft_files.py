@@ -285,8 +285,8 @@ def _damage(path, what):
         config["fan_in_fan_out"] = "yes"
     elif what == "layers_to_transform":
         config["layers_to_transform"] = [1]
-    elif what == "trained biases":
-        config["bias"] = "lora_only"
+    elif what == "unknown bias mode":
+        config["bias"] = "some"
     if what == "truncated":
         weights.write_bytes(weights.read_bytes()[:-7])
     elif what == "pickle":
@@ -302,9 +302,9 @@ def _damage(path, what):
 DAMAGES = {"missing key": None, "extra key": None, "wrong shape": None, "int weights": None, "nan": None,
            "dora without magnitudes": "lora_magnitude_vector", "dora not a bool": "use_dora",
            "prompt config": "peft_type", "rank mismatch": None, "no target_modules": "target_modules",
-           "modules_to_save": "modules_to_save", "fan_in_fan_out not a bool": "fan_in_fan_out",
+           "modules_to_save": "lm_head", "fan_in_fan_out not a bool": "fan_in_fan_out",
            # (layers_to_transform is supported: here it leaves layer 0's weights in the file unexpected)
-           "layers_to_transform": "unexpected", "trained biases": "bias", "truncated": None, "pickle": None,
+           "layers_to_transform": "unexpected", "unknown bias mode": "bias", "truncated": None, "pickle": None,
            "bad json": None}
 
 
@@ -429,11 +429,30 @@ def test_from_peft_reports_each_skip_reason(setting, reason):
         assert set(report.skipped) == {"base_model.model.model.embed_tokens"} and len(report.swapped) == 2
 
 
-def test_from_peft_skips_gpt2_conv1d_fan_in_fan_out():
+def test_from_peft_swaps_gpt2_conv1d_layers():
+    """PEFT's LoRA over GPT-2's Conv1D (fan_in_fan_out): swapped, the [in, out] weight read in
+    place, PEFT's logits and gradients; a layer whose flag contradicts its base is left to PEFT."""
     config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32)
     torch.manual_seed(0)
-    model = peft.get_peft_model(transformers.GPT2LMHeadModel(config),
-                                peft.LoraConfig(target_modules=["c_attn"], fan_in_fan_out=True))
+    theirs = peft.get_peft_model(transformers.GPT2LMHeadModel(config).eval(),
+                                 peft.LoraConfig(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
+    randomize_lora(theirs)
+    ours = copy.deepcopy(theirs)
+    report = peft_ops.from_peft(ours)
+    assert sorted(report.swapped) == ["base_model.model.transformer.h.0.attn.c_attn",
+                                      "base_model.model.transformer.h.0.mlp.c_fc"] and not report.skipped
+    x = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    for model in (theirs, ours):
+        model(input_ids=x, labels=x).loss.backward()
+    with torch.no_grad():
+        assert_close(ours(input_ids=x).logits, theirs(input_ids=x).logits.double(), torch.float32, "logits")
+    grads = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            assert_close(p.grad, grads[name].grad.double(), torch.float32, name)
+    contradicting = copy.deepcopy(theirs)
+    contradicting.base_model.model.transformer.h[0].attn.c_attn.fan_in_fan_out = False
     with pytest.warns(UserWarning):
-        report = peft_ops.from_peft(model)
-    assert not report.swapped and all("fan_in_fan_out" in why for why in report.skipped.values())
+        report = peft_ops.from_peft(contradicting)
+    assert list(report.skipped) == ["base_model.model.transformer.h.0.attn.c_attn"]
+    assert "fan_in_fan_out" in report.skipped["base_model.model.transformer.h.0.attn.c_attn"]

@@ -87,17 +87,19 @@ def test_all_linear_without_an_output_layer_takes_every_linear():
     assert our_targets(model) == {"block.0", "block.2", "head"}
 
 
-def test_all_linear_refuses_conv1d_layers_before_changing_anything():
-    """GPT-2's Conv1D ([in, out] weights): PEFT's "all-linear" takes them; these layers do not wrap
-    them yet, so the call fails naming them, the model untouched."""
+def test_all_linear_takes_gpt2_conv1d_layers_as_peft():
+    """GPT-2's Conv1D ([in, out] weights): "all-linear" takes them as PEFT does (its lm_head left
+    out), each wrapped in place with fan_in_fan_out."""
     config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
-    model = transformers.GPT2LMHeadModel(config)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="Conv1D.*c_attn"):
-        apply_lora(model, "all-linear")
-    assert not our_targets(model)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert all(p.requires_grad for p in model.parameters())
+    base = transformers.GPT2LMHeadModel(config)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules="all-linear",
+                                                                       fan_in_fan_out=True))
+    expected = {name.removeprefix("base_model.model.") for name, m in theirs.named_modules()
+                if isinstance(m, peft.tuners.lora.LoraLayer)}
+    model = apply_lora(copy.deepcopy(base), "all-linear")
+    assert our_targets(model) == expected == {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                                              "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"}
+    assert all(model.get_submodule(name).fan_in_fan_out for name in expected)
 
 
 BAD = [
@@ -163,9 +165,11 @@ def test_all_linear_for_sequence_classification_leaves_the_head_out():
 
 
 REFUSED = [
-    (dict(modules_to_save=["lm_head"]), ValueError, "modules_to_save"),
+    (dict(modules_to_save=["no_such_head"]), ValueError, "modules_to_save"),
+    (dict(modules_to_save=["q_proj"]), ValueError, "modules_to_save.*LoRA target"),
     (dict(init_lora_weights="gaussian"), ValueError, "init_lora_weights"),
-    (dict(bias="all"), ValueError, "bias"),
+    (dict(bias="some"), ValueError, "bias"),
+    (dict(lora_bias=True), ValueError, "lora_bias"),
     (dict(layer_replication=[[0, 1]]), ValueError, "layer_replication"),
     (dict(use_dora="yes"), ValueError, "use_dora"),
 ]

@@ -84,7 +84,8 @@ AUDIT = {
         ("activation", "tanh", ValueError), ("scaling", NAN, ValueError), ("up_weight", f32(16, 4).half(), TypeError)]),
     "LoraLinear": (peft_ops.LoraLinear, lambda: dict(in_features=16, out_features=8), [
         ("in_features", 0, ValueError), ("r", 2.5, TypeError), ("lora_alpha", NAN, ValueError),
-        ("lora_dropout", 1.0, ValueError), ("bias", "yes", TypeError), ("use_dora", 1, TypeError)]),
+        ("lora_dropout", 1.0, ValueError), ("bias", "yes", TypeError), ("use_dora", 1, TypeError),
+        ("fan_in_fan_out", 1, TypeError)]),
     "QLoraLinear": (peft_ops.QLoraLinear, lambda: dict(qweight=peft_ops.nf4.quantize(torch.randn(8, 16))), [
         ("qweight", torch.randn(8, 16), TypeError), ("bias", f32(9), ValueError), ("r", 0, ValueError),
         ("lora_alpha", NAN, ValueError)]),
@@ -122,7 +123,9 @@ AUDIT = {
         ("model", None, TypeError), ("r", 0, ValueError), ("lora_alpha", NAN, ValueError),
         ("target_modules", ["nope"], ValueError), ("rank_pattern", {"proj": -1}, ValueError),
         ("quantize", "int4", ValueError), ("use_dora", "yes", TypeError), ("exclude_modules", 7, TypeError),
-        ("layers_to_transform", "0", TypeError), ("layers_pattern", 3, TypeError)]),
+        ("layers_to_transform", "0", TypeError), ("layers_pattern", 3, TypeError),
+        ("modules_to_save", 3, TypeError), ("modules_to_save", ["no_such_head"], ValueError),
+        ("bias", "some", ValueError)]),
     "apply_prompt_learning": (peft_ops.apply_prompt_learning, lambda: dict(model=Tiny(), method="prompt_tuning",
                                                                            num_virtual_tokens=4), [
         ("model", nn.Linear(4, 4), ValueError), ("num_virtual_tokens", 0, ValueError), ("method", "x", ValueError)]),
