@@ -89,7 +89,7 @@ def candidate_configs(kernel_name: str, target: str, named_args: dict, constexpr
 _AUTOTUNERS: dict = {}
 
 
-def tuned_kernels(modules=("lora", "nf4", "bottleneck")) -> list[str]:
+def tuned_kernels(modules=("lora", "nf4", "bottleneck", "embedding")) -> list[str]:
     """Names of the autotuned kernels of these kernel modules imported so far (import them
     first); `modules=None`: every module's, the calibration kernels' included."""
     return [name for name, tuner in _AUTOTUNERS.items()

@@ -997,6 +997,31 @@ def rank_items(M: int, N: int, K: int, block_r: int, R: int, block_c: int, rank:
     return columns * triton.cdiv(R, block_r)
 
 
+def g_and_dB(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scaling: float, need_g: bool, need_dB: bool,
+             adapter_dtype: torch.dtype):
+    """(g = dY·B [M, r] fp32, dB = scaling·dYᵀ·xa [N, r] in lora_B's dtype), None where not
+    needed: the rank-side pieces of the LoRA backward (`_lora_backward_g_kernel` and the rank
+    pass with dB alone), for an op whose input side is its own (the embedding's gathered A)."""
+    M, N = dy.shape
+    R = lora_B.shape[1]
+    flags = launch_flags(dy.dtype, adapter_dtype, R)
+    rank_chunks = triton.cdiv(R, flags["BLOCK_R"])
+    g = torch.empty((M, R), device=dy.device, dtype=torch.float32) if need_g else None
+    dB = (torch.zeros if M == 0 else torch.empty)((N, R), device=dy.device, dtype=lora_B.dtype) if need_dB else None
+    if M == 0:
+        return g, dB
+    if need_g:
+        launch(_lora_backward_g_kernel, lambda META: (triton.cdiv(M, META["BLOCK_M"]), rank_chunks),
+            dy, lora_B, g, M, N, R, m_bucket(M), dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
+            **flags)
+    if need_dB:
+        launch(_lora_backward_rank_kernel, lambda META: (triton.cdiv(N, META["BLOCK_C"]), rank_chunks),
+            dy, xa, xa, dy, xa, xa, dB, dy, M, N, N, R, m_bucket(M), dy.stride(0), dy.stride(1),  # X: dY's type
+            dy.stride(0), dy.stride(1), 0.0, float(scaling), COMPUTE_DA=False, COMPUTE_DB=True,
+            COMPUTE_DBIAS=False, HAS_DROPOUT=False, **flags)
+    return g, dB
+
+
 def backward_with(launch_dx, dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                   xa: torch.Tensor, keep: torch.Tensor | None, scaling: float, dropout_p: float, need_dx: bool,
                   need_dA: bool, need_dB: bool, need_db: bool):

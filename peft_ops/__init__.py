@@ -22,10 +22,11 @@ from . import nf4, reference
 from .backend import get_backend, set_backend, use_backend
 from .nf4 import NF4Weight
 from .nn.bottleneck import BottleneckAdapter, WithAdapter
-from .nn.lora import LoraLinear, QLoraLinear
+from .nn.lora import LoraEmbedding, LoraLinear, QLoraLinear
 from .nn.prompt import PrefixTuning, PromptEncoder, PromptTuning
 from .ops.bottleneck import BottleneckAdapterFunction, bottleneck_adapter
 from .ops.dora import DoraLinearFunction, QDoraLinearFunction, dora_linear, qdora_linear, squared_row_norms
+from .ops.embedding import LoraEmbeddingFunction, lora_embedding
 from .ops.lora import LoraLinearFunction, lora_linear
 from .ops.qlora import NF4LinearFunction, QLoraLinearFunction, nf4_linear, qlora_linear
 from .ops.workspace import free_workspaces, workspace_bytes
@@ -39,6 +40,8 @@ __all__ = [
     "BottleneckAdapterFunction",
     "DoraLinearFunction",
     "FromPeftReport",
+    "LoraEmbedding",
+    "LoraEmbeddingFunction",
     "LoraLinear",
     "LoraLinearFunction",
     "NF4LinearFunction",
@@ -61,6 +64,7 @@ __all__ = [
     "get_backend",
     "load_peft_adapter",
     "load_prompt_learning",
+    "lora_embedding",
     "lora_linear",
     "merge_and_unload",
     "nf4",

@@ -98,11 +98,20 @@ def resolve(device: torch.device) -> str:
 
 def kernel_modules():
     """The package ``peft_ops.kernels`` with its kernel modules imported (``.lora``, ``.nf4``,
-    ``.bottleneck``, ``.dora``, ``.dropout``, ``.calibration``, ``.common``): on first use, never when
+    ``.bottleneck``, ``.dora``, ``.embedding``, ``.dropout``, ``.calibration``, ``.common``): on first use, never when
     peft_ops is imported. (A module, not a namespace object: torch.compile traces through it.)"""
     # The one import inside a function in peft_ops: @triton.jit reads TRITON_INTERPRET when a
     # kernel module is first imported, so the kernels must wait until an op runs, by which time
     # a script has set it (or not).
-    from .kernels import bottleneck, calibration, common, dora, dropout, lora, nf4  # noqa: F401  (binds kernels.<name>)
+    from .kernels import (  # noqa: F401  (binds kernels.<name>)
+        bottleneck,
+        calibration,
+        common,
+        dora,
+        dropout,
+        embedding,
+        lora,
+        nf4,
+    )
 
     return kernels

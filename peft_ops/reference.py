@@ -33,6 +33,16 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     return base + (scaling * lora).to(base.dtype)
 
 
+def lora_embedding(ids: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                   scaling: float, padding_idx: int | None = None) -> torch.Tensor:
+    """E[ids] + scaling·(A[:, ids])ᵀ·Bᵀ in E's dtype (the LoRA term in the adapters' dtype when it
+    is wider), PEFT's embedding LoRA: A = lora_embedding_A [r, V], B = lora_embedding_B [D, r];
+    padding_idx's column of A gets no gradient, as F.embedding's rule."""
+    base = F.embedding(ids, weight, padding_idx)
+    after_A = F.embedding(ids, lora_A.t(), padding_idx)
+    return base + (scaling * (after_A @ lora_B.t())).to(base.dtype)
+
+
 def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """‖W_n + scaling·B_n·A‖ per output row n, from the materialized matrix (the definition),
     in the wider of the weight's and the adapters' dtypes."""

@@ -44,3 +44,20 @@ def test_distributed_example_under_torchrun(strategy, quantize, tmp_path):
     losses = [float(v) for v in re.findall(r"loss ([\d.]+)", out.stdout)]
     assert len(losses) == 2 and losses[1] < losses[0], out.stdout
     assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+
+
+def test_trainer_example_trains_and_peft_loads_its_file(tmp_path):
+    """examples/train_with_trainer.py: transformers.Trainer on our layers (a peft.LoraConfig
+    applied by apply_lora), the eval loss falls, and PeftModel.from_pretrained loads the saved
+    folder with our logits (the script checks; here its report)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "train_with_trainer.py"), "--steps", "8", "--out",
+                          str(tmp_path / "adapter")], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    before, after = (float(v) for v in re.search(r"eval loss ([\d.]+) → ([\d.]+)", out.stdout).groups())
+    assert after < before, out.stdout
+    difference = float(re.search(r"logits within ([\d.e+-]+)", out.stdout).group(1))
+    assert difference <= 1e-4
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size > 0

@@ -1,4 +1,5 @@
-"""LoRA layers: ``LoraLinear`` (a drop-in for nn.Linear) and ``QLoraLinear`` (an NF4 base)."""
+"""LoRA layers: ``LoraLinear`` (a drop-in for nn.Linear or transformers' Conv1D), ``QLoraLinear``
+(an NF4 base) and ``LoraEmbedding`` (a drop-in for nn.Embedding)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from ..nf4 import NF4Weight, quantize
 from ..ops import checks
 from ..ops.dora import RowNormCache, dora_linear, dora_weight_norm, qdora_linear
+from ..ops.embedding import lora_embedding
 from ..ops.lora import lora_linear
 from ..ops.qlora import nf4_linear, qlora_linear
 
@@ -101,7 +103,24 @@ class _LoraAdapter:
         return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
 
 
-class LoraLinear(_LoraAdapter, nn.Module):
+class _Unmergeable:
+    """``disable_adapter`` for the layers that merge in place (LoraLinear, LoraEmbedding)."""
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Run the base layer alone inside the block (unmerging for its duration if merged)."""
+        was_merged = self.merged
+        self.unmerge()
+        self._adapter_disabled = True
+        try:
+            yield self
+        finally:
+            self._adapter_disabled = False
+            if was_merged:
+                self.merge()
+
+
+class LoraLinear(_Unmergeable, _LoraAdapter, nn.Module):
     """``nn.Linear`` with a LoRA adapter: ``y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ``.
 
     ``weight`` [out, in] and ``bias`` [out] are frozen (``fan_in_fan_out=True``: ``weight`` is
@@ -222,19 +241,6 @@ class LoraLinear(_LoraAdapter, nn.Module):
         else:
             self.weight.sub_(self.delta_weight())
         self.merged = False
-
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator["LoraLinear"]:
-        """Run the base layer alone inside the block (unmerging for its duration if merged)."""
-        was_merged = self.merged
-        self.unmerge()
-        self._adapter_disabled = True
-        try:
-            yield self
-        finally:
-            self._adapter_disabled = False
-            if was_merged:
-                self.merge()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.base_weight  # [out, in]: a view of a Conv1D's [in, out] weight, read in place
@@ -374,3 +380,114 @@ class QLoraLinear(_LoraAdapter, nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout:g}, "
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}, use_dora={self.use_dora}")
+
+
+class LoraEmbedding(_Unmergeable, nn.Module):
+    """``nn.Embedding`` with a LoRA adapter, PEFT's ``lora.Embedding``:
+    ``y = E[ids] + scaling·(A[:, ids])ᵀ·Bᵀ``.
+
+    ``weight`` [V, D] is frozen (shared with the wrapped embedding); ``lora_embedding_A`` [r, V]
+    (zeros) and ``lora_embedding_B`` [D, r] (normal) train — PEFT's names, shapes and
+    initialization, the reverse of a linear layer's, so the layer starts as the embedding.
+    ``scaling = lora_alpha / r`` (``/ √r`` with ``use_rslora``). No dropout: PEFT applies none
+    to an embedding's adapter (``lora_dropout`` is kept for the config only). The forward is one
+    call to the fused :func:`peft_ops.lora_embedding`; ``padding_idx`` as the embedding's.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 8, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, use_rslora: bool = False, padding_idx: int | None = None,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self._configure(num_embeddings, embedding_dim, r, lora_alpha, lora_dropout, use_rslora, padding_idx)
+        self.weight = nn.Parameter(torch.empty((num_embeddings, embedding_dim), device=device, dtype=dtype),
+                                   requires_grad=False)
+        self._create_adapter(self.weight.device, self.weight.dtype)
+        nn.init.normal_(self.weight)
+        if self.padding_idx is not None:
+            with torch.no_grad():
+                self.weight[self.padding_idx].zero_()
+        self.reset_lora_parameters()
+
+    @staticmethod
+    def _checked_config(num_embeddings, embedding_dim, r, lora_alpha, lora_dropout, use_rslora, padding_idx):
+        num_embeddings = checks.positive_int("num_embeddings", num_embeddings)
+        embedding_dim = checks.positive_int("embedding_dim", embedding_dim)
+        r = checks.positive_int("r", r)
+        lora_alpha = checks.real_number("lora_alpha", lora_alpha)
+        lora_dropout = checks.probability("lora_dropout", lora_dropout)
+        if not isinstance(use_rslora, bool):
+            raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
+        if padding_idx is not None:
+            if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
+                raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"padding_idx must be in [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
+            padding_idx %= num_embeddings
+        return num_embeddings, embedding_dim, r, lora_alpha, lora_dropout, use_rslora, padding_idx
+
+    def _configure(self, *config) -> None:
+        (self.num_embeddings, self.embedding_dim, self.r, self.lora_alpha, self.lora_dropout, self.use_rslora,
+         self.padding_idx) = self._checked_config(*config)
+        self.scaling = self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        self.use_dora = False
+        self.merged = False
+        self._adapter_disabled = False
+
+    def _create_adapter(self, device, dtype) -> None:
+        self.lora_embedding_A = nn.Parameter(torch.empty((self.r, self.num_embeddings), device=device, dtype=dtype))
+        self.lora_embedding_B = nn.Parameter(torch.empty((self.embedding_dim, self.r), device=device, dtype=dtype))
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                       use_rslora: bool = False, adapter_dtype: torch.dtype | None = None) -> "LoraEmbedding":
+        """Wrap ``embedding``: its weight Parameter is shared (not copied) and frozen. An
+        embedding whose lookup changes its table or its gradient (``max_norm``,
+        ``scale_grad_by_freq``, ``sparse``) is refused: the fused gather does neither."""
+        checks.module("embedding", embedding, nn.Embedding)
+        for option in ("max_norm", "scale_grad_by_freq", "sparse"):
+            if getattr(embedding, option):
+                raise ValueError(f"embedding has {option}={getattr(embedding, option)!r}: LoraEmbedding takes a "
+                                 "plain lookup")
+        adapter_dtype = _adapter_dtype(adapter_dtype, embedding.weight.dtype)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._configure(embedding.num_embeddings, embedding.embedding_dim, r, lora_alpha, lora_dropout, use_rslora,
+                         embedding.padding_idx)
+        layer.weight = embedding.weight.requires_grad_(False)
+        layer._create_adapter(embedding.weight.device, adapter_dtype)
+        layer.reset_lora_parameters()
+        return layer
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's initialization for an embedding: A zeros, B standard normal."""
+        nn.init.zeros_(self.lora_embedding_A)
+        nn.init.normal_(self.lora_embedding_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling·(B·A)ᵀ`` [V, D] computed in fp32, returned in the table's dtype."""
+        delta = self.scaling * (self.lora_embedding_B.detach().float() @ self.lora_embedding_A.detach().float())
+        return delta.t().to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into ``weight`` (in place); the forward then runs the lookup alone."""
+        if not self.merged:
+            self.weight.copy_(self.weight.float() + self.delta_weight().float())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.sub_(self.delta_weight())
+            self.merged = False
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.merged or self._adapter_disabled:
+            return F.embedding(ids, self.weight, self.padding_idx)
+        return lora_embedding(ids, self.weight, self.lora_embedding_A, self.lora_embedding_B, self.scaling,
+                              self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, r={self.r}, "
+                f"lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, padding_idx={self.padding_idx}, "
+                f"use_rslora={self.use_rslora}, merged={self.merged}")

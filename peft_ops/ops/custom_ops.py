@@ -372,8 +372,52 @@ class CompiledBottleneckOps(CompiledLoraOps):
         return (dx if need_dx else None, *(dw if need_dw else (None,) * 4))
 
 
+# --------------------------------------------------------------------------------------
+# Embedding LoRA
+# --------------------------------------------------------------------------------------
+
+@custom_op("peft_ops::lora_embedding_forward", mutates_args=())
+def lora_embedding_forward(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                           impl: str) -> tuple[Tensor, Tensor]:
+    return eager_ops("embedding", impl).forward(ids, weight, lora_A, lora_B, scaling)
+
+
+@lora_embedding_forward.register_fake
+def _(ids, weight, lora_A, lora_B, scaling, impl):
+    M = ids.shape[0]
+    return weight.new_empty((M, weight.shape[1])), weight.new_empty((M, lora_A.shape[0]), dtype=torch.float32)
+
+
+@custom_op("peft_ops::lora_embedding_backward", mutates_args=())
+def lora_embedding_backward(dy: Tensor, ids: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Tensor, scaling: float,
+                            padding_idx: int | None, need_dA: bool, need_dB: bool, impl: str) -> tuple[Tensor, Tensor]:
+    dA, dB = eager_ops("embedding", impl).backward(dy, ids, lora_A, lora_B, xa, scaling, padding_idx, need_dA,
+                                                   need_dB)
+    return _or_empty(dA, xa), _or_empty(dB, xa)
+
+
+@lora_embedding_backward.register_fake
+def _(dy, ids, lora_A, lora_B, xa, scaling, padding_idx, need_dA, need_dB, impl):
+    # the kernels return the adapters' dtype, the PyTorch path fp32 (the Function casts)
+    dtype = (lambda t: t.dtype) if impl == "triton" else (lambda t: torch.float32)
+    return (lora_A.new_empty(lora_A.shape, dtype=dtype(lora_A)) if need_dA else xa.new_empty(_EMPTY),
+            lora_B.new_empty(lora_B.shape, dtype=dtype(lora_B)) if need_dB else xa.new_empty(_EMPTY))
+
+
+class CompiledEmbeddingOps(CompiledLoraOps):
+    """The embedding LoRA ops' interface, through the custom ops."""
+
+    def forward(self, ids, weight, lora_A, lora_B, scaling):
+        return lora_embedding_forward(ids, weight, lora_A, lora_B, scaling, self.impl)
+
+    def backward(self, dy, ids, lora_A, lora_B, xa, scaling, padding_idx, need_dA, need_dB):
+        grads = lora_embedding_backward(dy, ids, lora_A, lora_B, xa, scaling, padding_idx, need_dA, need_dB,
+                                        self.impl)
+        return _needed(grads, (need_dA, need_dB))
+
+
 _COMPILED = {"lora": CompiledLoraOps, "nf4": CompiledNF4Ops, "dora": CompiledDoraOps, "qdora": CompiledQDoraOps,
-             "bottleneck": CompiledBottleneckOps}
+             "embedding": CompiledEmbeddingOps, "bottleneck": CompiledBottleneckOps}
 
 
 def ops_for_call(op: str, impl: str):

@@ -453,6 +453,46 @@ class TorchBottleneckOps:
                 dy_kept.float().sum(dim=0).mul_(branch_scale))
 
 
+class TorchEmbeddingOps:
+    """The embedding LoRA op's PyTorch path (the steps of ``peft_ops.kernels.embedding``): xa the
+    gathered columns of A in fp32, y = E[ids] + s·xa·Bᵀ rounded once; dA summed per id with
+    ``index_add_`` (deterministic on a CPU; on a GPU as deterministic as PyTorch's setting)."""
+
+    @staticmethod
+    def forward(ids, weight, lora_A, lora_B, scaling):
+        xa = lora_A.t().index_select(0, ids).float()
+        rank = rank_dtype(weight.dtype, lora_B.dtype)
+        y = weight.index_select(0, ids).float() + mm32((xa * scaling).to(rank), lora_B.to(rank).t())
+        return y.to(weight.dtype), xa
+
+    @staticmethod
+    def backward(dy, ids, lora_A, lora_B, xa, scaling, padding_idx, need_dA, need_dB):
+        rank = rank_dtype(dy.dtype, lora_A.dtype)
+        dA = dB = None
+        if need_dB:
+            dB = mm32(dy.t(), xa.to(rank)).mul_(scaling)
+        if need_dA:
+            g = mm32(dy, lora_B.to(rank)).mul_(scaling)
+            if padding_idx is not None:
+                g[ids == padding_idx] = 0.0
+            dA = torch.zeros(lora_A.shape[::-1], device=dy.device, dtype=torch.float32).index_add_(0, ids, g)
+            dA = dA.t().contiguous()
+        return dA, dB
+
+
+class KernelEmbeddingOps:
+    """The embedding LoRA op's Triton path: the launchers of ``peft_ops.kernels.embedding``."""
+
+    @staticmethod
+    def forward(ids, weight, lora_A, lora_B, scaling):
+        return kernel_modules().embedding.forward(ids, weight, lora_A, lora_B, scaling)
+
+    @staticmethod
+    def backward(dy, ids, lora_A, lora_B, xa, scaling, padding_idx, need_dA, need_dB):
+        return kernel_modules().embedding.backward(dy, ids, lora_A, lora_B, xa, scaling, padding_idx, need_dA,
+                                                   need_dB)
+
+
 def bottleneck_impl(impl: str, dtype: torch.dtype, bottleneck_size: int) -> str:
     """The path the bottleneck op takes for `impl`: the kernels, unless the bottleneck is wider
     than their tile tables hold (then the PyTorch path, cuBLAS GEMMs on a GPU)."""
@@ -462,10 +502,10 @@ def bottleneck_impl(impl: str, dtype: torch.dtype, bottleneck_size: int) -> str:
 
 
 def eager_ops(op: str, impl: str):
-    """The implementation of `op` ("lora", "nf4", "dora", "qdora", "bottleneck") for `impl`
-    ("triton", "torch")."""
+    """The implementation of `op` ("lora", "nf4", "dora", "qdora", "embedding", "bottleneck") for
+    `impl` ("triton", "torch")."""
     if impl == "triton":
         return {"lora": KernelLoraOps, "nf4": KernelNF4Ops, "dora": KernelDoraOps, "qdora": KernelQDoraOps,
-                "bottleneck": lambda: kernel_modules().bottleneck}[op]()
+                "embedding": KernelEmbeddingOps, "bottleneck": lambda: kernel_modules().bottleneck}[op]()
     return {"lora": TorchLoraOps, "nf4": TorchNF4Ops, "dora": TorchDoraOps, "qdora": TorchQDoraOps,
-            "bottleneck": TorchBottleneckOps}[op]
+            "embedding": TorchEmbeddingOps, "bottleneck": TorchBottleneckOps}[op]

@@ -14,11 +14,11 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..nn.lora import LoraLinear, QLoraLinear, linear_features
+from ..nn.lora import LoraEmbedding, LoraLinear, QLoraLinear, linear_features
 from ..ops import checks
 from .config import lora_settings
 from .model import EXTRAS, check_extras, mark_extras_trainable, replace_linears, saved_module_names
-from .targets import find_targets, is_linear_layer, pattern_value
+from .targets import find_targets, is_lora_target, pattern_value
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -74,7 +74,8 @@ def base_model_name(model: nn.Module) -> str | None:
 # --------------------------------------------------------------------------------------
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, (LoraLinear, QLoraLinear))]
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, (LoraLinear, QLoraLinear, LoraEmbedding))]
 
 
 def _most_common(values):
@@ -82,10 +83,11 @@ def _most_common(values):
 
 
 def save_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the LoRA layers of `model` (``LoraLinear`` / ``QLoraLinear``) as a PEFT adapter
-    folder that ``peft.PeftModel.from_pretrained`` loads: keys
+    """Write the LoRA layers of `model` (``LoraLinear`` / ``QLoraLinear`` / ``LoraEmbedding``) as
+    a PEFT adapter folder that ``peft.PeftModel.from_pretrained`` loads: keys
     ``base_model.model.<module>.lora_A.weight`` [r, in] and ``...lora_B.weight`` [out, r] in the
-    adapters' dtype (DoRA layers: ``...lora_magnitude_vector`` [out] too, and ``use_dora``);
+    adapters' dtype (an embedding's ``...lora_embedding_A`` [r, V] and ``...lora_embedding_B``
+    [D, r]; DoRA layers: ``...lora_magnitude_vector`` [out] too, and ``use_dora``);
     ``target_modules`` the exact module names; the most common r and lora_alpha as ``r`` /
     ``lora_alpha``, the others in ``rank_pattern`` / ``alpha_pattern``.
 
@@ -94,7 +96,8 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     checks.module("model", model)
     layers = _lora_layers(model)
     if not layers:
-        raise ValueError(f"model ({type(model).__name__}) has no LoraLinear or QLoraLinear layer to save")
+        raise ValueError(f"model ({type(model).__name__}) has no LoraLinear, QLoraLinear or LoraEmbedding layer "
+                         "to save")
     rslora = {m.use_rslora for _, m in layers}
     if len(rslora) > 1:
         raise ValueError("some layers use rsLoRA and some do not: PEFT's config has one use_rslora for all")
@@ -118,6 +121,10 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     }
     tensors = {}
     for name, layer in layers:
+        if isinstance(layer, LoraEmbedding):  # PEFT's ParameterDict keys, the adapter name stripped
+            tensors[f"{KEY_PREFIX}{name}.lora_embedding_A"] = _full(layer.lora_embedding_A)
+            tensors[f"{KEY_PREFIX}{name}.lora_embedding_B"] = _full(layer.lora_embedding_B)
+            continue
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = _full(layer.lora_A)
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = _full(layer.lora_B)
         if use_dora:  # PEFT's key: its ModuleDict's ".<adapter>.weight" stripped
@@ -172,7 +179,7 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, quantize: str |
     config, tensors = read_folder(path)
     where = os.path.join(path, CONFIG_NAME)
     cfg = lora_settings(config, where)
-    targets = find_targets(model, cfg["target_modules"], is_linear_layer, exclude_modules=cfg["exclude_modules"],
+    targets = find_targets(model, cfg["target_modules"], is_lora_target, exclude_modules=cfg["exclude_modules"],
                            layers_to_transform=cfg["layers_to_transform"], layers_pattern=cfg["layers_pattern"],
                            task_type=cfg["task_type"])
     extras = check_extras(model, cfg["modules_to_save"], cfg["bias"], cfg["task_type"],
@@ -184,11 +191,23 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, quantize: str |
                              f"{tuple(param.shape)}")
     expected, plan = set(beside), []
     for name, linear in targets:
-        in_features, out_features, _ = linear_features(linear, name)
         r = checks.positive_int(f"rank_pattern for {name}", pattern_value(cfg["rank_pattern"], name, cfg["r"]))
         alpha = pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"])
-        key_a, key_b = f"{KEY_PREFIX}{name}.lora_A.weight", f"{KEY_PREFIX}{name}.lora_B.weight"
-        key_m = f"{KEY_PREFIX}{name}.lora_magnitude_vector" if cfg["use_dora"] else None
+        if isinstance(linear, nn.Embedding):  # PEFT's lora_embedding_A [r, V], lora_embedding_B [D, r]
+            in_features, out_features = linear.num_embeddings, linear.embedding_dim
+            key_a, key_b = f"{KEY_PREFIX}{name}.lora_embedding_A", f"{KEY_PREFIX}{name}.lora_embedding_B"
+            key_m = None
+            table = f"{KEY_PREFIX}{name}.base_layer.weight"  # PEFT saves a targeted embedding's table too
+            if table in tensors:
+                if tensors[table].shape != linear.weight.shape:
+                    raise ValueError(f"{table} has shape {tuple(tensors[table].shape)}, but the model's {name} is "
+                                     f"{tuple(linear.weight.shape)}")
+                beside[table] = (f"{name}.weight", linear.weight)
+                expected.add(table)
+        else:
+            in_features, out_features, _ = linear_features(linear, name)
+            key_a, key_b = f"{KEY_PREFIX}{name}.lora_A.weight", f"{KEY_PREFIX}{name}.lora_B.weight"
+            key_m = f"{KEY_PREFIX}{name}.lora_magnitude_vector" if cfg["use_dora"] else None
         expected |= {key_a, key_b} | ({key_m} if key_m else set())
         shapes = [(key_a, (r, in_features)), (key_b, (out_features, r))]
         for key, shape in shapes + ([(key_m, (out_features,))] if key_m else []):

@@ -21,6 +21,7 @@ from ..nf4 import NF4Weight
 from ..nn.lora import is_conv1d
 from ..ops import checks
 from ..ops.dora import RowNormCache, dora_linear, qdora_linear
+from ..ops.embedding import lora_embedding
 from ..ops.lora import lora_linear
 from ..ops.qlora import qlora_linear
 
@@ -103,6 +104,32 @@ class _FusedLinear4bit(_FusedLoraForward):
         return qlora_linear(x, qweight, lora_A, lora_B, scaling, bias, p)
 
 
+class _FusedEmbedding:
+    """Mixed in front of PEFT's ``lora.Embedding``: :func:`peft_ops.lora_embedding` when it
+    computes exactly PEFT's result (one active plain adapter in the table's dtype — PEFT's
+    result takes the wider dtype of fp32 adapters —, no embed_scale), else PEFT's forward."""
+
+    def _fused_adapter(self, args, kwargs):
+        if args or kwargs or self.disable_adapters or self.merged:
+            return None
+        active = [a for a in self.active_adapters if a in self.lora_embedding_A]
+        if len(active) != 1 or active[0] in getattr(self, "lora_variant", {}):
+            return None
+        embed_scale = getattr(self, "_get_embed_scale", lambda: None)()
+        A = self.lora_embedding_A[active[0]]
+        if embed_scale is not None or A.dtype != self.get_base_layer().weight.dtype:
+            return None
+        return active[0]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        adapter = self._fused_adapter(args, kwargs)
+        if adapter is None:
+            return super(_FusedEmbedding, self).forward(x, *args, **kwargs)  # PEFT's own class
+        base = self.get_base_layer()
+        return lora_embedding(x, base.weight, self.lora_embedding_A[adapter], self.lora_embedding_B[adapter],
+                              self.scaling[adapter], base.padding_idx)
+
+
 def _is_dora(variant) -> bool:
     """PEFT's DoRA variant (``peft.tuners.lora.variants.DoraLinearVariant``), by name: the
     variants module moved across PEFT versions."""
@@ -117,7 +144,7 @@ def _fused_class(peft_class: type, mixin: type) -> type:
     since PEFT's plain Linear may sit over a dense or a bitsandbytes 4-bit base."""
     key = (peft_class, mixin)
     if key not in _FUSED_CLASSES:
-        kind = "NF4" if mixin is _FusedLinear4bit else ""
+        kind = "NF4" if mixin is _FusedLinear4bit else ""  # (Embedding: PEFT's class name says it)
         _FUSED_CLASSES[key] = type(f"Fused{kind}{peft_class.__name__}", (mixin, peft_class), {"__module__": __name__})
     return _FUSED_CLASSES[key]
 
@@ -126,7 +153,7 @@ def _why_not(layer) -> str | None:
     """Why `layer` (a PEFT LoRA layer) must stay PEFT's, or None."""
     if len(layer.active_adapters) > 1:
         return f"{len(layer.active_adapters)} active adapters (the fused layer runs one)"
-    for adapter in layer.lora_A:
+    for adapter in list(layer.lora_A) + list(getattr(layer, "lora_embedding_A", {})):
         variant = getattr(layer, "lora_variant", {}).get(adapter)
         if variant is not None and not _is_dora(variant):
             return f"LoRA variant {type(variant).__name__} (adapter {adapter!r})"
@@ -142,7 +169,8 @@ def from_peft(peft_model: nn.Module) -> FromPeftReport:
     """Swap, in place, the LoRA layers of a Hugging Face ``PeftModel`` — ``peft.tuners.lora.Linear``
     over an ``nn.Linear``, and PEFT's bitsandbytes ``Linear4bit`` (NF4) LoRA layers — for the
     fused ones, sharing every Parameter and buffer; DoRA layers (dense and 4-bit) run
-    :func:`peft_ops.dora_linear` / :func:`peft_ops.qdora_linear`; over transformers' ``Conv1D``
+    :func:`peft_ops.dora_linear` / :func:`peft_ops.qdora_linear`; PEFT's ``lora.Embedding`` runs
+    :func:`peft_ops.lora_embedding`; over transformers' ``Conv1D``
     (GPT-2, PEFT's ``fan_in_fan_out``) the op reads its [in, out] weight in place. Layers it
     cannot handle (several adapters, a variant other than DoRA, lora_bias, other base layers)
     are left as they are and reported, in the returned report and as a warning."""
@@ -165,7 +193,13 @@ def from_peft(peft_model: nn.Module) -> FromPeftReport:
         linear_layer = isinstance(module, lora_layers.Linear) or \
             (PeftLinear4bit is not None and isinstance(module, PeftLinear4bit))
         base = module.get_base_layer()
-        if reason is None and linear_layer and (type(base) is nn.Linear or is_conv1d(base)):
+        if reason is None and isinstance(module, lora_layers.Embedding):
+            if type(base) is nn.Embedding and not (base.max_norm or base.scale_grad_by_freq or base.sparse):
+                plans.append((name, module, _FusedEmbedding, None))
+            else:
+                reason = f"Embedding over {type(base).__name__} (max_norm, scale_grad_by_freq or sparse, or not a " \
+                         "plain nn.Embedding)"
+        elif reason is None and linear_layer and (type(base) is nn.Linear or is_conv1d(base)):
             plans.append((name, module, _FusedLinear, None))
         elif reason is None and linear_layer and hasattr(getattr(base, "weight", None), "quant_state"):
             # bitsandbytes 4-bit: PEFT's Linear4bit layer, or its plain Linear where PEFT's bnb

@@ -9,11 +9,11 @@ import torch.nn as nn
 
 from ..nf4 import NF4Weight
 from ..nn.bottleneck import BottleneckAdapter, WithAdapter
-from ..nn.lora import LoraLinear, QLoraLinear, linear_features
+from ..nn.lora import LoraEmbedding, LoraLinear, QLoraLinear, linear_features
 from ..ops import checks
 from ..ops.bottleneck import check_activation
 from .config import BIAS_MODES, TASK_HEADS, config_dict, is_config, lora_settings
-from .targets import check_patterns, find_targets, is_linear_layer, pattern_value
+from .targets import check_patterns, find_targets, is_lora_target, pattern_value
 
 
 def _hidden_size_of(name: str, module: nn.Module, model: nn.Module, hidden_size: int | None) -> int:
@@ -107,19 +107,43 @@ def trainable_summary(model: nn.Module) -> str:
 # LoRA / QLoRA on a whole model
 # --------------------------------------------------------------------------------------
 
+LORA_LAYERS = (LoraLinear, QLoraLinear, LoraEmbedding)
+
+
 def replace_linears(model: nn.Module, layers: list, quantize: str | None) -> nn.Module:
-    """Put a LoraLinear (QLoraLinear when quantize == "nf4") in place of each nn.Linear named in
-    `layers` = [(name, from_linear keyword arguments, (lora_A, lora_B[, magnitude]) or None)],
-    then freeze every other parameter. Each configuration is checked before anything changes.
-    A DoRA layer given adapters but no magnitude starts it at ‖W + s·B·A‖, as PEFT does."""
+    """Put a LoraLinear (QLoraLinear when quantize == "nf4") in place of each nn.Linear / Conv1D,
+    and a LoraEmbedding in place of each nn.Embedding, named in `layers` = [(name, layer keyword
+    arguments, (lora_A, lora_B[, magnitude]) or None)], then freeze every other parameter. Each
+    configuration is checked before anything changes. A DoRA layer given adapters but no
+    magnitude starts it at ‖W + s·B·A‖, as PEFT does."""
     layer_class = QLoraLinear if quantize == "nf4" else LoraLinear
     for name, kw, _ in layers:
-        in_features, out_features, _ = linear_features(model.get_submodule(name), name)
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Embedding):
+            if kw.get("use_dora"):
+                raise ValueError(f"use_dora: {name} is an embedding; DoRA here is for linear layers")
+            LoraEmbedding._checked_config(module.num_embeddings, module.embedding_dim, kw["r"], kw["lora_alpha"],
+                                          kw["lora_dropout"], kw["use_rslora"], module.padding_idx)
+            for option in ("max_norm", "scale_grad_by_freq", "sparse"):
+                if getattr(module, option):
+                    raise ValueError(f"{name} has {option}={getattr(module, option)!r}: LoraEmbedding takes a plain "
+                                     "lookup")
+            continue
+        in_features, out_features, _ = linear_features(module, name)
         layer_class._checked_config(in_features, out_features, kw["r"], kw["lora_alpha"],
                                     kw["lora_dropout"], kw["use_rslora"], kw.get("use_dora", False))
     built = []
     for name, kw, weights in layers:
-        layer = layer_class.from_linear(model.get_submodule(name), **kw)
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Embedding):
+            layer = LoraEmbedding.from_embedding(module, **{k: v for k, v in kw.items() if k != "use_dora"})
+            if weights is not None:
+                with torch.no_grad():
+                    layer.lora_embedding_A.copy_(weights[0])
+                    layer.lora_embedding_B.copy_(weights[1])
+            built.append((name, layer))
+            continue
+        layer = layer_class.from_linear(module, **kw)
         if weights is not None:
             with torch.no_grad():
                 layer.lora_A.copy_(weights[0])
@@ -134,12 +158,18 @@ def replace_linears(model: nn.Module, layers: list, quantize: str | None) -> nn.
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     for layer in model.modules():  # these adapters, and those an earlier call put in
-        if isinstance(layer, (LoraLinear, QLoraLinear)):
-            layer.lora_A.requires_grad_(True)
-            layer.lora_B.requires_grad_(True)
-            if layer.use_dora:
-                layer.lora_magnitude_vector.requires_grad_(True)
+        for param in adapter_parameters(layer):
+            param.requires_grad_(True)
     return mark_extras_trainable(model, {"modules_to_save": None, "bias": "none"})
+
+
+def adapter_parameters(layer: nn.Module) -> list[nn.Parameter]:
+    """The trained parameters of one of our LoRA layers (none for any other module)."""
+    if isinstance(layer, LoraEmbedding):
+        return [layer.lora_embedding_A, layer.lora_embedding_B]
+    if isinstance(layer, (LoraLinear, QLoraLinear)):
+        return [layer.lora_A, layer.lora_B] + ([layer.lora_magnitude_vector] if layer.use_dora else [])
+    return []
 
 
 def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
@@ -206,11 +236,11 @@ def _apply_lora(model, target_modules, r, lora_alpha, lora_dropout, use_rslora, 
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     rank_pattern, alpha_pattern = check_patterns(rank_pattern, alpha_pattern)
-    targets = [(name, m) for name, m in find_targets(model, target_modules, is_linear_layer,
+    targets = [(name, m) for name, m in find_targets(model, target_modules, is_lora_target,
                                                        exclude_modules=exclude_modules,
                                                        layers_to_transform=layers_to_transform,
                                                        layers_pattern=layers_pattern, task_type=task_type)
-               if not isinstance(m, (LoraLinear, QLoraLinear))]
+               if not isinstance(m, LORA_LAYERS)]
     layers = [(name, dict(r=pattern_value(rank_pattern, name, r),
                           lora_alpha=pattern_value(alpha_pattern, name, lora_alpha),
                           lora_dropout=lora_dropout, use_rslora=use_rslora, use_dora=use_dora), None)
@@ -282,7 +312,9 @@ def mark_extras_trainable(model: nn.Module, extras: dict) -> nn.Module:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """For export: replace each :class:`LoraLinear` by an ``nn.Linear`` whose weight is
-    W + scaling·B·A (summed in fp32, rounded once) and each :class:`QLoraLinear` by one with
+    W + scaling·B·A (summed in fp32, rounded once; a ``Conv1D`` for a ``fan_in_fan_out`` layer),
+    each :class:`LoraEmbedding` by an ``nn.Embedding`` with E + scaling·(B·A)ᵀ, and each
+    :class:`QLoraLinear` by an ``nn.Linear`` with
     dequant(W) + scaling·B·A, in place; return the model. A Hugging Face ``PeftModel``
     (including one passed through :func:`peft_ops.from_peft`) is merged by PEFT's own
     ``merge_and_unload``. Bottleneck adapters (``WithAdapter``) are nonlinear: they cannot
@@ -290,9 +322,17 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     checks.module("model", model)
     if callable(getattr(model, "merge_and_unload", None)) and hasattr(model, "peft_config"):
         return model.merge_and_unload()
-    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLinear, QLoraLinear))]:
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LORA_LAYERS)]:
         if isinstance(layer, QLoraLinear):
             merged = layer.merged_linear()
+        elif isinstance(layer, LoraEmbedding):
+            merged = nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx,
+                                  device=layer.weight.device, dtype=layer.weight.dtype)
+            with torch.no_grad():
+                weight = layer.weight.float()
+                if not layer.merged and not layer._adapter_disabled:
+                    weight = weight + layer.delta_weight().float()
+                merged.weight.copy_(weight)
         else:
             merged = _plain_layer(layer)
             with torch.no_grad():

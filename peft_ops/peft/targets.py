@@ -44,8 +44,14 @@ def is_all_linear(target_modules: object) -> bool:
 
 
 def is_linear_layer(module: nn.Module) -> bool:
-    """A layer LoRA wraps: ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2, weight [in, out])."""
+    """A linear layer LoRA wraps: ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2, weight [in, out])."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def is_lora_target(module: nn.Module) -> bool:
+    """A layer ``target_modules`` may name: a linear layer, or an ``nn.Embedding`` (PEFT's
+    embedding LoRA; "all-linear" never takes one)."""
+    return is_linear_layer(module) or isinstance(module, nn.Embedding)
 
 
 SEQ_CLS_HEADS = ("score", "classifier")  # PEFT's names for a sequence classifier's head
@@ -152,7 +158,7 @@ def find_targets(model: nn.Module, target_modules, kind=None, *, exclude_modules
     if not found:
         names = [name for name, _ in candidates]
         what = "module" if kind is None else f"{kind.__module__}.{kind.__name__} layer" if isinstance(kind, type) \
-            else "linear layer (nn.Linear or transformers' Conv1D)"
+            else "layer LoRA takes (nn.Linear, transformers' Conv1D, nn.Embedding)"
         shown = ", ".join(names[:40]) + (f", … ({len(names)} in all)" if len(names) > 40 else "")
         raise ValueError(f"target_modules {target_modules!r} matches no {what} of {type(model).__name__}; "
                          f"its {what} names are: {shown or '(none)'}")

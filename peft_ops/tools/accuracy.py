@@ -37,6 +37,7 @@ from ..nf4 import quantize
 from ..ops.autograd import eager_seed, torch_keep_mask
 from ..ops.bottleneck import BottleneckAdapterFunction
 from ..ops.dora import DoraLinearFunction, QDoraLinearFunction, squared_row_norms
+from ..ops.embedding import LoraEmbeddingFunction
 from ..ops.lora import LoraLinearFunction
 from ..ops.paths import (
     KernelDoraOps,
@@ -618,3 +619,61 @@ def run_bottleneck_case(case: BottleneckCase, path: str, device="cpu", seed: int
         name = BOTTLENECK_GRAD_NAMES[k]
         results.append(Compared(name, tensors[k].grad, out["value"][name], out["scale"][name], case.dtype))
     return results
+
+
+# --------------------------------------------------------------------------------------
+# Embedding LoRA cases: ids with a repeated id (the scatter-add sums several rows) and, when
+# given, padding_idx; the table frozen (PEFT's embedding LoRA trains A and B only).
+# --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingCase:
+    M: int  # tokens
+    V: int  # num_embeddings
+    D: int  # embedding_dim
+    r: int
+    dtype: torch.dtype
+    adapter_dtype: torch.dtype | None = None  # None: the table's dtype
+    padding_idx: int | None = None
+    scaling: float = 1.5
+    dropout_p: float = 0.0  # always: PEFT applies no dropout to an embedding's adapter (a field the harnesses share)
+
+    def tolerance(self, tensor: str = "y") -> float:
+        return tolerance(self.dtype, self.adapter_dtype, tensor)
+
+    def label(self) -> str:
+        return f"embedding {self.M} of {self.V}×{self.D} r{self.r}" + \
+            (f" pad{self.padding_idx}" if self.padding_idx is not None else "")
+
+
+def make_embedding_inputs(case: EmbeddingCase, device="cpu", seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    adapter_dtype = case.adapter_dtype or case.dtype
+    ids = torch.randint(0, case.V, (case.M,), generator=gen)
+    ids[: min(6, case.M)] = min(7, case.V - 1)  # one id several times: its column of dA sums those rows
+    return dict(ids=ids.to(device),
+                weight=torch.randn(case.V, case.D, generator=gen).to(device=device, dtype=case.dtype),
+                lora_A=(torch.randn(case.r, case.V, generator=gen) * 0.5).to(device=device, dtype=adapter_dtype),
+                lora_B=(torch.randn(case.D, case.r, generator=gen) * case.r ** -0.5).to(device=device,
+                                                                                       dtype=adapter_dtype),
+                grad_out=torch.randn(case.M, case.D, generator=gen).to(device=device, dtype=case.dtype))
+
+
+def run_embedding_case(case: EmbeddingCase, path: str, device="cpu", seed: int = 0) -> list[Compared]:
+    """lora_embedding's autograd Function on `path` ("triton" / "torch") against the float64
+    reference on the same inputs: y, dA, dB."""
+    inp = make_embedding_inputs(case, device, seed)
+    A, B = inp["lora_A"].clone().requires_grad_(), inp["lora_B"].clone().requires_grad_()
+    with kernels_must_run(path):
+        y = LoraEmbeddingFunction.apply(inp["ids"], inp["weight"], A, B, case.scaling, case.padding_idx,
+                                        eager_ops("embedding", path))
+        y.backward(inp["grad_out"])
+    out = {}
+    for kind, f in (("value", lambda t: t), ("scale", torch.abs)):
+        a, b = f(inp["lora_A"].double()).requires_grad_(), f(inp["lora_B"].double()).requires_grad_()
+        ref = reference.lora_embedding(inp["ids"], f(inp["weight"].double()), a, b,
+                                       case.scaling if kind == "value" else abs(case.scaling), case.padding_idx)
+        ref.backward(f(inp["grad_out"].double()))
+        out[kind] = {"y": ref.detach(), "dA": a.grad, "dB": b.grad}
+    return [Compared(name, actual, out["value"][name], out["scale"][name], case.dtype)
+            for name, actual in (("y", y), ("dA", A.grad), ("dB", B.grad))]

@@ -20,10 +20,12 @@ from ..ops.paths import TorchLoraOps
 from .accuracy import (
     BottleneckCase,
     DoraCase,
+    EmbeddingCase,
     LoraCase,
     QLoraCase,
     run_bottleneck_case,
     run_dora_case,
+    run_embedding_case,
     run_lora_case,
     run_qlora_case,
 )
@@ -111,6 +113,20 @@ def bottleneck_cases(quick: bool) -> list[BottleneckCase]:
     return cases
 
 
+def embedding_cases(quick: bool) -> list[EmbeddingCase]:
+    """Embedding LoRA rows: a repeated id (the deterministic scatter-add), padding_idx, odd
+    sizes, PEFT's fp32 adapters, and two rank chunks (r = 80)."""
+    cases = []
+    for dtype in DTYPES:
+        cases += [EmbeddingCase(M=45, V=70, D=40, r=8, dtype=dtype, padding_idx=3),
+                  EmbeddingCase(M=19, V=33, D=24, r=3, dtype=dtype)]
+        if dtype != torch.float32:
+            cases += [EmbeddingCase(M=30, V=50, D=48, r=8, dtype=dtype, adapter_dtype=torch.float32)]
+        if not quick:
+            cases += [EmbeddingCase(M=65, V=130, D=96, r=80, dtype=dtype, padding_idx=0)]
+    return cases
+
+
 @dataclasses.dataclass
 class Row:
     op: str
@@ -127,7 +143,7 @@ class Row:
 
 
 def _rows(op: str, path: str, case: LoraCase | BottleneckCase, results) -> list[Row]:
-    label = case.label() + (f" p={case.dropout_p}" if case.dropout_p else "")
+    label = case.label() + (f" p={case.dropout_p}" if getattr(case, "dropout_p", 0) else "")
     dtype = DTYPE_NAMES[case.dtype] + ("+fp32 A,B" if getattr(case, "adapter_dtype", None) else "")
     return [Row(op, path, label, dtype, r.name, r.error(), case.tolerance(r.name)) for r in results]
 
@@ -154,6 +170,10 @@ def run_checks(device: torch.device, paths: list[str], quick: bool = False, prog
                 progress(rows)
         for case in bottleneck_cases(quick):
             rows += _rows("bottleneck_adapter", path, case, run_bottleneck_case(case, path, device=device))
+            if progress:
+                progress(rows)
+        for case in embedding_cases(quick):
+            rows += _rows("lora_embedding", path, case, run_embedding_case(case, path, device=device))
             if progress:
                 progress(rows)
     return rows

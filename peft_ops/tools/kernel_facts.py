@@ -266,8 +266,8 @@ def _source_lines(path: str) -> list[str]:
 
 
 def _loop_source(fn: Function, first: int, last: int) -> tuple[str, str]:
-    """(file:line, source text) of the loop's `for`: the .loc of the back edge, or else the
-    nearest earlier .loc in the loop that points at a `for` line."""
+    """(file:line, source text) of the loop's `for` (or `while`): the .loc of the back edge, or
+    else the nearest earlier .loc in the loop that points at such a line."""
     candidates = [fn.instructions[last].loc] + [fn.instructions[i].loc for i in range(last - 1, first - 1, -1)]
     seen = []
     for loc in candidates:
@@ -277,7 +277,7 @@ def _loop_source(fn: Function, first: int, last: int) -> tuple[str, str]:
         path = fn.files.get(loc[0], "?")
         lines = _source_lines(path)
         text = lines[loc[1] - 1].strip() if 0 < loc[1] <= len(lines) else ""
-        if text.startswith("for "):
+        if text.startswith(("for ", "while ")):
             return f"{path.rsplit('/', 1)[-1]}:{loc[1]}", text
     loc = fn.instructions[last].loc
     return (f"{fn.files.get(loc[0], '?').rsplit('/', 1)[-1]}:{loc[1]}" if loc else "?"), ""

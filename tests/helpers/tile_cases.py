@@ -11,11 +11,13 @@ import torch
 from peft_ops.tools.accuracy import (
     BottleneckCase,
     DoraCase,
+    EmbeddingCase,
     LoraCase,
     QLoraCase,
     assert_paths_agree,
     run_bottleneck_case,
     run_dora_case,
+    run_embedding_case,
     run_lora_case,
     run_qlora_case,
 )
@@ -63,6 +65,12 @@ def dora_cublas_case(family):
     return DoraCase(M=37, K=70, N=45, r=8, dtype=dtype, dropout_p=0.3, gemm="cublas")
 
 
+def embedding_case(family):
+    dtype = torch.float32 if family == "fp32" else torch.bfloat16
+    return EmbeddingCase(M=37, V=50, D=45, r=8, dtype=dtype, padding_idx=3,
+                         adapter_dtype=torch.float32 if family == "mixed" else None)
+
+
 def bottleneck_case(family):
     operand, width = family.split("/")
     dtype = torch.float32 if operand == "fp32" else torch.bfloat16
@@ -88,6 +96,7 @@ KERNELS = {
     "_nf4_gemv_kernel": (split_gemv_case, ["half", "fp32", "general"]),
     "_nf4_decode_gemv_kernel": (decode_gemv_case, ["half", "mixed"]),
     "_nf4_backward_dx_kernel": (qlora_case(37), ["half", "general"]),
+    "_lora_embedding_forward_kernel": (embedding_case, ["half", "mixed", "fp32"]),
     "_bottleneck_forward_kernel": (bottleneck_case, ["half/b64", "half/b256", "fp32/b128"]),
     "_bottleneck_backward_dh_kernel": (bottleneck_case, ["half/b128", "fp32/b64"]),
 }
@@ -113,6 +122,8 @@ def run_case(case, path):
         return run_qlora_case(case, path, device=DEVICE)
     if isinstance(case, BottleneckCase):
         return run_bottleneck_case(case, path, device=DEVICE)
+    if isinstance(case, EmbeddingCase):
+        return run_embedding_case(case, path, device=DEVICE)
     return run_lora_case(case, lora_ops(path), device=DEVICE)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from peft_ops.kernels import bottleneck as bottleneck_kernels
 from peft_ops.kernels import common
+from peft_ops.kernels import embedding as embedding_kernels  # noqa: F401  (registers its tuned kernel)
 from peft_ops.kernels import lora as lora_kernels
 from peft_ops.kernels import nf4 as nf4_kernels
 from peft_ops.tools.accuracy import QLoraCase

@@ -12,6 +12,7 @@ from peft_ops.tools.accuracy import (
     make_lora_inputs,
     run_bottleneck_case,
     run_dora_case,
+    run_embedding_case,
     run_lora_case,
     run_qlora_case,
 )
@@ -26,7 +27,8 @@ pytestmark = pytest.mark.gpu
 CHECK_CASES = [("lora", c) for c in check.lora_cases(quick=False)] + \
     [("qlora", c) for c in check.qlora_cases(quick=False)] + \
     [("dora", c) for c in check.dora_cases(quick=False)] + \
-    [("bottleneck", c) for c in check.bottleneck_cases(quick=False)]
+    [("bottleneck", c) for c in check.bottleneck_cases(quick=False)] + \
+    [("embedding", c) for c in check.embedding_cases(quick=False)]
 
 
 def _case_id(item):
@@ -42,7 +44,8 @@ def test_every_check_case_matches_float64_on_the_gpu(item):
     run = {"lora": lambda: run_lora_case(case, lora_ops("triton"), device="cuda"),
            "qlora": lambda: run_qlora_case(case, "triton", device="cuda"),
            "dora": lambda: run_dora_case(case, "triton", device="cuda"),
-           "bottleneck": lambda: run_bottleneck_case(case, "triton", device="cuda")}[op]
+           "bottleneck": lambda: run_bottleneck_case(case, "triton", device="cuda"),
+           "embedding": lambda: run_embedding_case(case, "triton", device="cuda")}[op]
     for result in run():
         result.check(f"cuda {case.label()}", case.tolerance(result.name))
 
@@ -141,7 +144,7 @@ def test_custom_ops_on_the_kernels_pass_opcheck():
 def test_every_autotune_config(kernel, monkeypatch):
     """Every config of every family of `kernel` on this GPU's target, forced one at a time, at
     small odd shapes: against float64, and in half precision against the PyTorch path."""
-    from peft_ops.kernels import bottleneck, common, lora, nf4  # noqa: F401  (register the kernels)
+    from peft_ops.kernels import bottleneck, common, embedding, lora, nf4  # noqa: F401  (register the kernels)
 
     from helpers.tile_cases import gemm_for, run_checked
 

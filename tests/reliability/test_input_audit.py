@@ -43,6 +43,11 @@ def adapter_args():
                 up_bias=inp["up_bias"], activation="gelu", scaling=0.5, dropout_p=0.1)
 
 
+def embedding_args():
+    return dict(ids=torch.tensor([[1, 2, 2]]), weight=f32(10, 16), lora_A=f32(4, 10), lora_B=f32(16, 4), scaling=2.0,
+                padding_idx=None)
+
+
 class Tiny(nn.Module):
     def __init__(self):
         super().__init__()
@@ -64,6 +69,13 @@ AUDIT = {
         ("x", "tensor", TypeError), ("x", f32(5, 15), ValueError), ("weight", f32(12, 16).half(), TypeError),
         ("lora_A", meta(f32(4, 16)), ValueError), ("lora_B", f32(12, 5), ValueError), ("scaling", NAN, ValueError),
         ("dropout_p", NAN, ValueError), ("bias", [0.0] * 12, TypeError)]),
+    "lora_embedding": (peft_ops.lora_embedding, embedding_args, [
+        ("ids", torch.tensor([10]), ValueError), ("ids", f32(3), TypeError), ("weight", f32(10), ValueError),
+        ("lora_A", f32(4, 9), ValueError), ("lora_B", f32(16, 4).double(), TypeError), ("scaling", NAN, ValueError),
+        ("padding_idx", 10, ValueError), ("padding_idx", "0", TypeError)]),
+    "LoraEmbedding": (peft_ops.LoraEmbedding, lambda: dict(num_embeddings=10, embedding_dim=8), [
+        ("num_embeddings", 0, ValueError), ("r", 2.5, TypeError), ("lora_alpha", NAN, ValueError),
+        ("padding_idx", 10, ValueError), ("use_rslora", 1, TypeError)]),
     "qlora_linear": (peft_ops.qlora_linear, qlora_args, [
         ("qweight", f32(12, 16), TypeError), ("x", f32(5, 15), ValueError), ("lora_A", f32(4, 15), ValueError),
         ("lora_B", meta(f32(12, 4)), ValueError), ("scaling", NAN, ValueError), ("x", f32(5, 16).double(), TypeError)]),
@@ -155,7 +167,8 @@ AUDIT = {
 # a result record; `reference` holds the unchecked float64 math the tests compare against;
 # `nf4` is the module audited through nf4.quantize / nf4.dequantize.
 EXEMPT = {"LoraLinearFunction", "NF4LinearFunction", "QLoraLinearFunction", "BottleneckAdapterFunction",
-          "DoraLinearFunction", "QDoraLinearFunction", "get_backend", "FromPeftReport", "reference", "nf4"}
+          "DoraLinearFunction", "QDoraLinearFunction", "LoraEmbeddingFunction",
+          "get_backend", "FromPeftReport", "reference", "nf4"}
 
 CASES = [(name, i) for name, (_, _, bad) in AUDIT.items() for i in range(len(bad))]
 

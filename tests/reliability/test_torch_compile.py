@@ -168,3 +168,51 @@ def _dora_opcheck_cases():
 def test_dora_custom_ops_pass_opcheck(name):
     op, args = _dora_opcheck_cases()[name]
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+class EmbeddingModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = peft_ops.LoraEmbedding.from_embedding(nn.Embedding(40, 32, padding_idx=0), r=4)
+        self.lora = peft_ops.LoraLinear.from_linear(nn.Linear(32, 24), r=4)
+        with torch.no_grad():
+            self.embed.lora_embedding_A.normal_()
+            self.lora.lora_B.normal_(0, 0.3)
+
+    def forward(self, ids):
+        return self.lora(self.embed(ids))
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_compiled_embedding_lora_equals_eager(path):
+    """LoraEmbedding compiles with fullgraph=True (its ids range check left to eager calls) and
+    gives eager's outputs and adapter gradients, padding and repeated ids included."""
+    if path == "triton" and torch.cuda.is_available():
+        pytest.skip("interpreted kernels (GPU: tests/reliability/test_gpu.py)")
+    model = EmbeddingModel()
+    ids = torch.tensor([[0, 5, 5, 39, 5], [1, 2, 3, 0, 7]])
+
+    def run_ids(m):
+        for p in model.parameters():
+            p.grad = None
+        y = m(ids)
+        y.square().mean().backward()
+        return [y.detach()] + [p.grad for p in model.parameters() if p.requires_grad]
+
+    with peft_ops.use_backend(path):
+        eager = run_ids(model)
+        compiled = run_ids(torch.compile(model, fullgraph=True, backend="inductor" if path == "torch" else "aot_eager"))
+    for a, b in zip(eager, compiled):
+        assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_custom_ops_pass_opcheck():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.tensor([3, 1, 3, 0, 9])
+    W, A, B = torch.randn(10, 12, generator=gen), torch.randn(4, 10, generator=gen), torch.randn(12, 4, generator=gen)
+    xa, dy = torch.randn(5, 4, generator=gen), torch.randn(5, 12, generator=gen)
+    for op, args in ((custom_ops.lora_embedding_forward, (ids, W, A, B, 0.5, "torch")),
+                     (custom_ops.lora_embedding_backward, (dy, ids, A, B, xa, 0.5, 3, True, True, "torch")),
+                     (custom_ops.lora_embedding_backward, (dy, ids, A, B, xa, 0.5, None, False, True, "torch"))):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
