@@ -32,7 +32,19 @@ from .ops.qlora import NF4LinearFunction, QLoraLinearFunction, nf4_linear, qlora
 from .ops.workspace import free_workspaces, workspace_bytes
 from .peft.files import load_peft_adapter, save_peft_adapter
 from .peft.from_peft import FromPeftReport, from_peft
-from .peft.model import apply_adapters, apply_lora, merge_and_unload, trainable_parameters, trainable_summary
+from .peft.model import (
+    active_adapter,
+    adapter_names,
+    add_adapter,
+    apply_adapters,
+    apply_lora,
+    delete_adapter,
+    disable_adapters,
+    merge_and_unload,
+    set_adapter,
+    trainable_parameters,
+    trainable_summary,
+)
 from .peft.prompt import PromptLearningModel, apply_prompt_learning, load_prompt_learning, save_prompt_learning
 
 __all__ = [
@@ -54,10 +66,15 @@ __all__ = [
     "QDoraLinearFunction",
     "QLoraLinearFunction",
     "WithAdapter",
+    "active_adapter",
+    "adapter_names",
+    "add_adapter",
     "apply_adapters",
     "apply_lora",
     "apply_prompt_learning",
     "bottleneck_adapter",
+    "delete_adapter",
+    "disable_adapters",
     "dora_linear",
     "free_workspaces",
     "from_peft",
@@ -74,6 +91,7 @@ __all__ = [
     "reference",
     "save_peft_adapter",
     "save_prompt_learning",
+    "set_adapter",
     "set_backend",
     "squared_row_norms",
     "trainable_parameters",

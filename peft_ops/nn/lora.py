@@ -48,34 +48,168 @@ def _adapter_dtype(adapter_dtype, weight_dtype: torch.dtype) -> torch.dtype:
     return adapter_dtype
 
 
-class _LoraAdapter:
+ADAPTER_SETTINGS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "scaling")
+
+
+def check_adapter_name(name: object, arg: str = "adapter_name") -> str:
+    """An adapter's name: a non-empty str without "." (it becomes a module key)."""
+    if not isinstance(name, str):
+        raise TypeError(f"{arg} must be a str, got {type(name).__name__}")
+    if not name or "." in name or not name.isprintable():
+        raise ValueError(f"{arg} must be a non-empty name without '.', got {name!r}")
+    return name
+
+
+def checked_settings(r, lora_alpha, lora_dropout, use_rslora, use_dora) -> dict:
+    """One adapter's validated settings, its scaling (lora_alpha/r, or /√r with rsLoRA) included."""
+    r = checks.positive_int("r", r)
+    lora_alpha = checks.real_number("lora_alpha", lora_alpha)
+    lora_dropout = checks.probability("lora_dropout", lora_dropout)
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"use_dora must be a bool, got {type(use_dora).__name__}")
+    return dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora, use_dora=use_dora,
+                scaling=lora_alpha / (math.sqrt(r) if use_rslora else r))
+
+
+class AdapterWeights(nn.Module):
+    """One named adapter of a layer beyond its first: its parameters under the layer's own
+    names (``lora_A``, ``lora_B``, ``lora_magnitude_vector``; an embedding's
+    ``lora_embedding_A`` / ``lora_embedding_B``) and its settings (``r``, ``lora_alpha``,
+    ``lora_dropout``, ``use_rslora``, ``use_dora``, ``scaling``)."""
+
+    def __init__(self, parameters: dict, settings: dict):
+        super().__init__()
+        for name, param in parameters.items():
+            if param is None:
+                self.register_parameter(name, None)
+            else:
+                setattr(self, name, param)
+        for name in ADAPTER_SETTINGS:
+            setattr(self, name, settings[name])
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, use_dora={self.use_dora}"
+
+
+class _NamedAdapters:
+    """Several named adapters on one layer, as PEFT's (``add_adapter``, ``set_adapter``,
+    ``delete_adapter``). The layer's first adapter lives in its own attributes — ``lora_A`` …,
+    ``r``, ``scaling`` …, so a one-adapter layer's state_dict keys stay plain — and any other in
+    ``named_adapters[name]`` (an `AdapterWeights` with the same names). ``active_adapter``
+    names the one the forward runs; a layer that does not hold it runs its base alone, as PEFT's
+    does. Each class names its parameters (``PARAMETERS``) and builds a new adapter's
+    (``_new_parameters``: PEFT's initialization)."""
+
+    PARAMETERS: tuple = ()
+
+    def _init_adapters(self, name: str = "default") -> None:
+        self.adapter_name = check_adapter_name(name)  # the adapter in the layer's own attributes (None: none)
+        self.active_adapter = self.adapter_name
+        self.named_adapters = nn.ModuleDict()
+        self._merged_name = None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return ([self.adapter_name] if self.adapter_name is not None else []) + list(self.named_adapters)
+
+    def adapter(self, name: str | None = None):
+        """Adapter `name` (default: the active one) — the layer itself for its first, an
+        `AdapterWeights` for another — or None where this layer does not hold it."""
+        name = self.active_adapter if name is None else name
+        if name is not None and name == self.adapter_name:
+            return self
+        return self.named_adapters[name] if name in self.named_adapters else None
+
+    def _held(self, name: str | None):
+        adapter = self.adapter(name)
+        if adapter is None:
+            raise ValueError(f"adapter {name or self.active_adapter!r} is not on this layer (it holds "
+                             f"{self.adapter_names})")
+        return adapter
+
+    def adapter_parameters(self, name: str | None = None) -> list[nn.Parameter]:
+        """The trained parameters of adapter `name` (default: the active one); none if absent."""
+        adapter = self.adapter(name)
+        return [] if adapter is None else [p for p in (getattr(adapter, n) for n in self.PARAMETERS) if p is not None]
+
+    def set_adapter(self, name: str) -> None:
+        """Run adapter `name` from now on (this layer's base alone if it does not hold it)."""
+        name = check_adapter_name(name)
+        if self.merged and name != self.active_adapter:
+            raise RuntimeError("set_adapter on a merged layer: unmerge() first")
+        self.active_adapter = name
+
+    def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, use_dora: bool = False, adapter_dtype: torch.dtype | None = None) -> None:
+        """Add adapter `name` beside the others, initialized as PEFT initializes a new one; the
+        active adapter does not change."""
+        name = check_adapter_name(name)
+        if name in self.adapter_names:
+            raise ValueError(f"adapter_name {name!r} is already on this layer")
+        if self.merged:
+            raise RuntimeError("add_adapter on a merged layer: unmerge() first")
+        settings = checked_settings(r, lora_alpha, lora_dropout, use_rslora, use_dora)
+        parameters = self._new_parameters(settings, _adapter_dtype(adapter_dtype, self._base_dtype()))
+        if self.adapter_name is None:  # the layer's own attributes are free: it goes there
+            self._hold(parameters, settings)
+            self.adapter_name = name
+        else:
+            self.named_adapters[name] = AdapterWeights(parameters, settings)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name` (the next one moves into the layer's own attributes if it was
+        there); a layer left without adapters runs its base alone."""
+        self._held(name)
+        if self.merged:
+            raise RuntimeError("delete_adapter on a merged layer: unmerge() first")
+        if name != self.adapter_name:
+            del self.named_adapters[name]
+        elif self.named_adapters:
+            following = next(iter(self.named_adapters))
+            moved = self.named_adapters.pop(following)
+            self._hold({n: getattr(moved, n) for n in self.PARAMETERS},
+                       {setting: getattr(moved, setting) for setting in ADAPTER_SETTINGS})
+            self.adapter_name = following
+        else:
+            self._hold({n: None for n in self.PARAMETERS}, {})
+            self.adapter_name = None
+
+    def _hold(self, parameters: dict, settings: dict) -> None:
+        for name, param in parameters.items():
+            if param is None:
+                self.register_parameter(name, None)
+            else:
+                setattr(self, name, param)
+        for name, value in settings.items():
+            setattr(self, name, value)
+
+
+class _LoraAdapter(_NamedAdapters):
     """What LoraLinear and QLoraLinear share: configuration checks, the adapter parameters and
     their initialization, ΔW = scaling·B·A, and DoRA's magnitude (``use_dora``)."""
+
+    PARAMETERS = ("lora_A", "lora_B", "lora_magnitude_vector")
 
     @staticmethod
     def _checked_config(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, use_dora=False) -> tuple:
         """The validated configuration (each error names its argument); sets nothing."""
         in_features = checks.positive_int("in_features", in_features)
         out_features = checks.positive_int("out_features", out_features)
-        r = checks.positive_int("r", r)
-        lora_alpha = checks.real_number("lora_alpha", lora_alpha)
-        lora_dropout = checks.probability("lora_dropout", lora_dropout)
-        if not isinstance(use_rslora, bool):
-            raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
-        if not isinstance(use_dora, bool):
-            raise TypeError(f"use_dora must be a bool, got {type(use_dora).__name__}")
-        return in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, use_dora
+        settings = checked_settings(r, lora_alpha, lora_dropout, use_rslora, use_dora)
+        return in_features, out_features, *(settings[k] for k in ADAPTER_SETTINGS[:5])
 
-    def _configure(self, *config) -> None:
+    def _configure(self, *config, adapter_name: str = "default") -> None:
         # Every check runs before any attribute is set or any parameter is frozen.
         in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, use_dora = self._checked_config(*config)
-        self.in_features, self.out_features, self.r = in_features, out_features, r
-        self.lora_alpha, self.lora_dropout, self.use_rslora = lora_alpha, lora_dropout, use_rslora
-        self.use_dora = use_dora
-        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        adapter_name = check_adapter_name(adapter_name)
+        self.in_features, self.out_features = in_features, out_features
+        self._hold({}, checked_settings(r, lora_alpha, lora_dropout, use_rslora, use_dora))
         self.merged = False
         self._adapter_disabled = False
         self._sq_norms = RowNormCache()  # DoRA: ‖W_n‖² of the frozen weight, per compute dtype
+        self._init_adapters(adapter_name)
 
     def _create_adapter(self, device, dtype) -> None:
         self.lora_A = nn.Parameter(torch.empty((self.r, self.in_features), device=device, dtype=dtype))
@@ -93,14 +227,30 @@ class _LoraAdapter:
         self.reset_magnitude()
 
     @torch.no_grad()
-    def reset_magnitude(self) -> None:
-        """DoRA: set the magnitude to the current ‖W + s·B·A‖ per output row (PEFT does this
-        when it adds a DoRA adapter). No-op without DoRA."""
-        if self.use_dora:
-            self.lora_magnitude_vector.copy_(self.weight_norm())
+    def reset_magnitude(self, name: str | None = None) -> None:
+        """DoRA: set adapter `name`'s magnitude (default: the active adapter's) to the current
+        ‖W + s·B·A‖ per output row (PEFT does this when it adds a DoRA adapter). No-op without
+        DoRA."""
+        adapter = self._held(name)
+        if adapter.use_dora:
+            adapter.lora_magnitude_vector.copy_(self.weight_norm(name=name))
 
-    def _delta_weight_fp32(self) -> torch.Tensor:
-        return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+    def _new_parameters(self, settings: dict, dtype: torch.dtype) -> dict:
+        """A new adapter's parameters, PEFT's initialization (A kaiming-uniform, B zeros, the
+        magnitude ‖W‖)."""
+        device = self._base_device()
+        lora_A = nn.Parameter(torch.empty((settings["r"], self.in_features), device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        lora_B = nn.Parameter(torch.zeros((self.out_features, settings["r"]), device=device, dtype=dtype))
+        magnitude = None
+        if settings["use_dora"]:
+            probe = AdapterWeights(dict(lora_A=lora_A, lora_B=lora_B, lora_magnitude_vector=None), settings)
+            magnitude = nn.Parameter(self._norm(probe).to(dtype))
+        return dict(lora_A=lora_A, lora_B=lora_B, lora_magnitude_vector=magnitude)
+
+    def _delta_weight_fp32(self, name: str | None = None) -> torch.Tensor:
+        adapter = self._held(name)
+        return adapter.scaling * (adapter.lora_B.detach().float() @ adapter.lora_A.detach().float())
 
 
 class _Unmergeable:
@@ -160,16 +310,18 @@ class LoraLinear(_Unmergeable, _LoraAdapter, nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False, adapter_dtype: torch.dtype | None = None,
-                    use_dora: bool = False) -> "LoraLinear":
+                    use_dora: bool = False, adapter_name: str = "default") -> "LoraLinear":
         """Wrap ``linear`` — an ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2; the layer then
         has ``fan_in_fan_out=True``): its weight and bias Parameters are shared (not copied) and
         frozen. ``adapter_dtype``: the adapters' dtype, the weight's (default) or float32 (PEFT's
-        default on a half-precision base)."""
+        default on a half-precision base). ``adapter_name``: the first adapter's name (more with
+        ``add_adapter``)."""
         in_features, out_features, fan_in_fan_out = linear_features(linear)
         adapter_dtype = _adapter_dtype(adapter_dtype, linear.weight.dtype)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._configure(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, use_dora)
+        layer._configure(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, use_dora,
+                         adapter_name=adapter_name)
         layer.fan_in_fan_out = fan_in_fan_out
         layer.weight = linear.weight.requires_grad_(False)
         if linear.bias is not None:
@@ -194,63 +346,78 @@ class LoraLinear(_Unmergeable, _LoraAdapter, nn.Module):
         """W [out, in]: ``weight`` itself, or with ``fan_in_fan_out`` its transposed view."""
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
-    def delta_weight(self) -> torch.Tensor:
-        """``scaling·B·A`` computed in fp32, returned in the weight's dtype and layout ([out, in];
-        [in, out] with ``fan_in_fan_out``, as PEFT's ``get_delta_weight``)."""
-        delta = self._delta_weight_fp32().to(self.weight.dtype)
-        return delta.t() if self.fan_in_fan_out else delta
+    def _base_dtype(self) -> torch.dtype:
+        return self.weight.dtype
 
-    def weight_norm(self) -> torch.Tensor:
-        """‖W_n + scaling·B_n·A‖ per output row, fp32 [out] (of the unmerged weight), without
-        building W + s·B·A."""
-        if self.merged:
-            raise RuntimeError("weight_norm() of a merged layer: unmerge() first (W holds the merged weight)")
-        return dora_weight_norm(self.base_weight, self.lora_A, self.lora_B, self.scaling,
+    def _base_device(self) -> torch.device:
+        return self.weight.device
+
+    def _norm(self, adapter) -> torch.Tensor:
+        return dora_weight_norm(self.base_weight, adapter.lora_A, adapter.lora_B, adapter.scaling,
                                 weight_sq_norm=self._sq_norms(self.base_weight, self.weight.dtype))
 
-    def merged_weight_fp32(self) -> torch.Tensor:
-        """The weight a merge writes, in fp32, [out, in] in either layout: W + s·B·A, or with DoRA
-        m/‖W + s·B·A‖ ⊙ (W + s·B·A) (per output row, as PEFT merges it)."""
-        weight = self.base_weight.detach().float() + self._delta_weight_fp32()
-        if self.use_dora:
-            weight *= (self.lora_magnitude_vector.detach().float() / self.weight_norm())[:, None]
+    def delta_weight(self, name: str | None = None) -> torch.Tensor:
+        """``scaling·B·A`` of adapter `name` (default: the active one) computed in fp32, returned
+        in the weight's dtype and layout ([out, in]; [in, out] with ``fan_in_fan_out``, as PEFT's
+        ``get_delta_weight``)."""
+        delta = self._delta_weight_fp32(name).to(self.weight.dtype)
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def weight_norm(self, name: str | None = None) -> torch.Tensor:
+        """‖W_n + scaling·B_n·A‖ per output row of adapter `name` (default: the active one), fp32
+        [out] (of the unmerged weight), without building W + s·B·A."""
+        if self.merged:
+            raise RuntimeError("weight_norm() of a merged layer: unmerge() first (W holds the merged weight)")
+        return self._norm(self._held(name))
+
+    def merged_weight_fp32(self, name: str | None = None) -> torch.Tensor:
+        """The weight a merge of adapter `name` (default: the active one) writes, in fp32,
+        [out, in] in either layout: W + s·B·A, or with DoRA m/‖W + s·B·A‖ ⊙ (W + s·B·A) (per
+        output row, as PEFT merges it)."""
+        adapter = self._held(name)
+        weight = self.base_weight.detach().float() + self._delta_weight_fp32(name)
+        if adapter.use_dora:
+            weight *= (adapter.lora_magnitude_vector.detach().float() / self.weight_norm(name))[:, None]
         return weight
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into ``weight`` (in place; W + s·B·A, or with DoRA
+        """Fold the active adapter into ``weight`` (in place; W + s·B·A, or with DoRA
         m/‖W + s·B·A‖ ⊙ (W + s·B·A), summed in fp32 and rounded once); the forward then runs the
-        base alone."""
-        if self.merged:
+        base alone. No-op when merged, or when this layer does not hold the active adapter."""
+        adapter = self.adapter()
+        if self.merged or adapter is None:
             return
-        if self.use_dora:
-            self._merge_scale = self.lora_magnitude_vector.float() / self.weight_norm()  # unmerge divides by it
+        if adapter.use_dora:  # unmerge divides by it
+            self._merge_scale = adapter.lora_magnitude_vector.float() / self.weight_norm()
         self.base_weight.copy_(self.merged_weight_fp32())
-        self.merged = True
+        self.merged, self._merged_name = True, self.active_adapter
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the adapter out of ``weight`` again (exact in fp32, one rounding per element in
-        half precision, as in PEFT; DoRA divides by the scale the merge applied)."""
+        """Take the merged adapter out of ``weight`` again (exact in fp32, one rounding per element
+        in half precision, as in PEFT; DoRA divides by the scale the merge applied)."""
         if not self.merged:
             return
-        if self.use_dora:
+        name, self.merged = self._merged_name, False
+        if self._held(name).use_dora:
             weight = self.base_weight
-            weight.copy_(weight.float() / self._merge_scale[:, None] - self._delta_weight_fp32())
+            weight.copy_(weight.float() / self._merge_scale[:, None] - self._delta_weight_fp32(name))
             del self._merge_scale
         else:
-            self.weight.sub_(self.delta_weight())
-        self.merged = False
+            self.weight.sub_(self.delta_weight(name))
+        self._merged_name = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.base_weight  # [out, in]: a view of a Conv1D's [in, out] weight, read in place
-        if self.merged or self._adapter_disabled:
+        adapter = self.adapter()
+        if self.merged or self._adapter_disabled or adapter is None:
             return F.linear(x, weight, self.bias)
-        dropout_p = self.lora_dropout if self.training else 0.0
-        if self.use_dora:
-            return dora_linear(x, weight, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
-                               self.bias, dropout_p, weight_sq_norm=self._sq_norms(weight, x.dtype))
-        return lora_linear(x, weight, self.lora_A, self.lora_B, self.scaling, self.bias, dropout_p)
+        dropout_p = adapter.lora_dropout if self.training else 0.0
+        if adapter.use_dora:
+            return dora_linear(x, weight, adapter.lora_A, adapter.lora_B, adapter.lora_magnitude_vector,
+                               adapter.scaling, self.bias, dropout_p, weight_sq_norm=self._sq_norms(weight, x.dtype))
+        return lora_linear(x, weight, adapter.lora_A, adapter.lora_B, adapter.scaling, self.bias, dropout_p)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
@@ -275,7 +442,7 @@ class QLoraLinear(_LoraAdapter, nn.Module):
 
     def __init__(self, qweight: NF4Weight, bias: torch.Tensor | None = None, r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, use_rslora: bool = False, adapter_dtype: torch.dtype | None = None,
-                 use_dora: bool = False) -> None:
+                 use_dora: bool = False, adapter_name: str = "default") -> None:
         if not isinstance(qweight, NF4Weight):
             raise TypeError(f"qweight must be a peft_ops.nf4.NF4Weight, got {type(qweight).__name__}")
         checks.optional_tensor("bias", bias, ndim=1)
@@ -285,7 +452,8 @@ class QLoraLinear(_LoraAdapter, nn.Module):
         if adapter_dtype not in checks.FLOAT_DTYPES:
             raise TypeError(f"adapter_dtype must be float32, float16 or bfloat16, got {adapter_dtype}")
         super().__init__()
-        self._configure(qweight.in_features, qweight.out_features, r, lora_alpha, lora_dropout, use_rslora, use_dora)
+        self._configure(qweight.in_features, qweight.out_features, r, lora_alpha, lora_dropout, use_rslora, use_dora,
+                        adapter_name=adapter_name)
         self.qweight = qweight
         if bias is not None:
             self.bias = nn.Parameter(bias.detach(), requires_grad=False)
@@ -297,7 +465,8 @@ class QLoraLinear(_LoraAdapter, nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False, blocksize: int = 64, double_quant: bool = True,
-                    adapter_dtype: torch.dtype | None = None, use_dora: bool = False) -> "QLoraLinear":
+                    adapter_dtype: torch.dtype | None = None, use_dora: bool = False,
+                    adapter_name: str = "default") -> "QLoraLinear":
         """Quantize ``linear.weight`` to NF4 (bitsandbytes' bytes) and add an adapter; the bias
         is kept as is (frozen). ``linear`` itself is left untouched. A transformers ``Conv1D``
         (weight [in, out]) is quantized as W [out, in], the layout bitsandbytes' ``Linear4bit``
@@ -309,7 +478,7 @@ class QLoraLinear(_LoraAdapter, nn.Module):
         weight = linear.weight.detach()
         qweight = quantize(weight.t() if fan_in_fan_out else weight, blocksize=blocksize, double_quant=double_quant)
         bias = linear.bias.detach() if linear.bias is not None else None
-        return cls(qweight, bias, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, use_dora)
+        return cls(qweight, bias, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, use_dora, adapter_name)
 
     @classmethod
     def from_bnb(cls, module: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
@@ -328,28 +497,39 @@ class QLoraLinear(_LoraAdapter, nn.Module):
         bias = bias.detach().to(qweight.dtype) if bias is not None else None
         return cls(qweight, bias, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, use_dora)
 
-    def delta_weight(self) -> torch.Tensor:
-        """``scaling·B·A`` [out, in] in fp32."""
-        return self._delta_weight_fp32()
+    def _base_dtype(self) -> torch.dtype:
+        return self.qweight.dtype
 
-    def weight_norm(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """‖W_n + scaling·B_n·A‖ per output row, fp32 [out], W decoded to `dtype` (default: the
-        quantized weight's own; the compute dtype), without building W + s·B·A."""
+    def _base_device(self) -> torch.device:
+        return self.qweight.device
+
+    def _norm(self, adapter, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or self.qweight.dtype
-        return dora_weight_norm(self.qweight, self.lora_A, self.lora_B, self.scaling, dtype,
+        return dora_weight_norm(self.qweight, adapter.lora_A, adapter.lora_B, adapter.scaling, dtype,
                                 weight_sq_norm=self._sq_norms(self.qweight, dtype))
+
+    def delta_weight(self, name: str | None = None) -> torch.Tensor:
+        """``scaling·B·A`` [out, in] of adapter `name` (default: the active one) in fp32."""
+        return self._delta_weight_fp32(name)
+
+    def weight_norm(self, dtype: torch.dtype | None = None, name: str | None = None) -> torch.Tensor:
+        """‖W_n + scaling·B_n·A‖ per output row of adapter `name` (default: the active one), fp32
+        [out], W decoded to `dtype` (default: the quantized weight's own; the compute dtype),
+        without building W + s·B·A."""
+        return self._norm(self._held(name), dtype)
 
     @torch.no_grad()
     def merged_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """A dense ``nn.Linear`` with weight dequant(W) + scaling·B·A (summed in fp32, rounded
-        once to `dtype`, default the quantized weight's dtype) and this layer's bias: for
-        export. This layer is unchanged."""
+        """A dense ``nn.Linear`` with weight dequant(W) + scaling·B·A of the active adapter
+        (summed in fp32, rounded once to `dtype`, default the quantized weight's dtype) and this
+        layer's bias: for export. This layer is unchanged."""
         dtype = self.qweight.dtype if dtype is None else dtype
         weight = self.qweight.dequantize(torch.float32)
-        if not self._adapter_disabled:
+        adapter = self.adapter()
+        if not self._adapter_disabled and adapter is not None:
             weight += self.delta_weight()
-            if self.use_dora:
-                weight *= (self.lora_magnitude_vector.float() / self.weight_norm())[:, None]
+            if adapter.use_dora:
+                weight *= (adapter.lora_magnitude_vector.float() / self.weight_norm())[:, None]
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=weight.device, dtype=dtype)
         linear.weight.copy_(weight)
@@ -368,13 +548,14 @@ class QLoraLinear(_LoraAdapter, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None and self.bias.dtype != x.dtype else self.bias
-        if self._adapter_disabled:
+        adapter = self.adapter()
+        if self._adapter_disabled or adapter is None:
             return nf4_linear(x, self.qweight, bias)
-        dropout_p = self.lora_dropout if self.training else 0.0
-        if self.use_dora:
-            return qdora_linear(x, self.qweight, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scaling,
-                                bias, dropout_p, weight_sq_norm=self._sq_norms(self.qweight, x.dtype))
-        return qlora_linear(x, self.qweight, self.lora_A, self.lora_B, self.scaling, bias, dropout_p)
+        dropout_p = adapter.lora_dropout if self.training else 0.0
+        if adapter.use_dora:
+            return qdora_linear(x, self.qweight, adapter.lora_A, adapter.lora_B, adapter.lora_magnitude_vector,
+                                adapter.scaling, bias, dropout_p, weight_sq_norm=self._sq_norms(self.qweight, x.dtype))
+        return qlora_linear(x, self.qweight, adapter.lora_A, adapter.lora_B, adapter.scaling, bias, dropout_p)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
@@ -382,7 +563,7 @@ class QLoraLinear(_LoraAdapter, nn.Module):
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}, use_dora={self.use_dora}")
 
 
-class LoraEmbedding(_Unmergeable, nn.Module):
+class LoraEmbedding(_Unmergeable, _NamedAdapters, nn.Module):
     """``nn.Embedding`` with a LoRA adapter, PEFT's ``lora.Embedding``:
     ``y = E[ids] + scaling·(A[:, ids])ᵀ·Bᵀ``.
 
@@ -425,13 +606,32 @@ class LoraEmbedding(_Unmergeable, nn.Module):
             padding_idx %= num_embeddings
         return num_embeddings, embedding_dim, r, lora_alpha, lora_dropout, use_rslora, padding_idx
 
-    def _configure(self, *config) -> None:
-        (self.num_embeddings, self.embedding_dim, self.r, self.lora_alpha, self.lora_dropout, self.use_rslora,
-         self.padding_idx) = self._checked_config(*config)
-        self.scaling = self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-        self.use_dora = False
+    PARAMETERS = ("lora_embedding_A", "lora_embedding_B")
+
+    def _configure(self, *config, adapter_name: str = "default") -> None:
+        num_embeddings, embedding_dim, r, lora_alpha, lora_dropout, use_rslora, padding_idx = \
+            self._checked_config(*config)
+        adapter_name = check_adapter_name(adapter_name)
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self._hold({}, checked_settings(r, lora_alpha, lora_dropout, use_rslora, False))
         self.merged = False
         self._adapter_disabled = False
+        self._init_adapters(adapter_name)
+
+    def _base_dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, use_dora: bool = False, adapter_dtype: torch.dtype | None = None) -> None:
+        if use_dora:
+            raise ValueError("use_dora: DoRA here is for linear layers, not embeddings")
+        super().add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, False, adapter_dtype)
+
+    def _new_parameters(self, settings: dict, dtype: torch.dtype) -> dict:
+        """PEFT's initialization for an embedding: A zeros, B standard normal."""
+        factory = dict(device=self.weight.device, dtype=dtype)
+        return dict(lora_embedding_A=nn.Parameter(torch.zeros((settings["r"], self.num_embeddings), **factory)),
+                    lora_embedding_B=nn.Parameter(torch.randn((self.embedding_dim, settings["r"]), **factory)))
 
     def _create_adapter(self, device, dtype) -> None:
         self.lora_embedding_A = nn.Parameter(torch.empty((self.r, self.num_embeddings), device=device, dtype=dtype))
@@ -439,7 +639,8 @@ class LoraEmbedding(_Unmergeable, nn.Module):
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                       use_rslora: bool = False, adapter_dtype: torch.dtype | None = None) -> "LoraEmbedding":
+                       use_rslora: bool = False, adapter_dtype: torch.dtype | None = None,
+                       adapter_name: str = "default") -> "LoraEmbedding":
         """Wrap ``embedding``: its weight Parameter is shared (not copied) and frozen. An
         embedding whose lookup changes its table or its gradient (``max_norm``,
         ``scale_grad_by_freq``, ``sparse``) is refused: the fused gather does neither."""
@@ -452,7 +653,7 @@ class LoraEmbedding(_Unmergeable, nn.Module):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._configure(embedding.num_embeddings, embedding.embedding_dim, r, lora_alpha, lora_dropout, use_rslora,
-                         embedding.padding_idx)
+                         embedding.padding_idx, adapter_name=adapter_name)
         layer.weight = embedding.weight.requires_grad_(False)
         layer._create_adapter(embedding.weight.device, adapter_dtype)
         layer.reset_lora_parameters()
@@ -463,28 +664,33 @@ class LoraEmbedding(_Unmergeable, nn.Module):
         nn.init.zeros_(self.lora_embedding_A)
         nn.init.normal_(self.lora_embedding_B)
 
-    def delta_weight(self) -> torch.Tensor:
-        """``scaling·(B·A)ᵀ`` [V, D] computed in fp32, returned in the table's dtype."""
-        delta = self.scaling * (self.lora_embedding_B.detach().float() @ self.lora_embedding_A.detach().float())
+    def delta_weight(self, name: str | None = None) -> torch.Tensor:
+        """``scaling·(B·A)ᵀ`` [V, D] of adapter `name` (default: the active one) computed in fp32,
+        returned in the table's dtype."""
+        adapter = self._held(name)
+        B, A = adapter.lora_embedding_B.detach().float(), adapter.lora_embedding_A.detach().float()
+        delta = adapter.scaling * (B @ A)
         return delta.t().to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into ``weight`` (in place); the forward then runs the lookup alone."""
-        if not self.merged:
+        """Fold the active adapter into ``weight`` (in place); the forward then runs the lookup
+        alone. No-op when merged, or when this layer does not hold the active adapter."""
+        if not self.merged and self.adapter() is not None:
             self.weight.copy_(self.weight.float() + self.delta_weight().float())
-            self.merged = True
+            self.merged, self._merged_name = True, self.active_adapter
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.weight.sub_(self.delta_weight())
-            self.merged = False
+            self.weight.sub_(self.delta_weight(self._merged_name))
+            self.merged, self._merged_name = False, None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.merged or self._adapter_disabled:
+        adapter = self.adapter()
+        if self.merged or self._adapter_disabled or adapter is None:
             return F.embedding(ids, self.weight, self.padding_idx)
-        return lora_embedding(ids, self.weight, self.lora_embedding_A, self.lora_embedding_B, self.scaling,
+        return lora_embedding(ids, self.weight, adapter.lora_embedding_A, adapter.lora_embedding_B, adapter.scaling,
                               self.padding_idx)
 
     def extra_repr(self) -> str:

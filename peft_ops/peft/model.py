@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 
 from ..nf4 import NF4Weight
 from ..nn.bottleneck import BottleneckAdapter, WithAdapter
-from ..nn.lora import LoraEmbedding, LoraLinear, QLoraLinear, linear_features
+from ..nn.lora import LoraEmbedding, LoraLinear, QLoraLinear, check_adapter_name, checked_settings, linear_features
 from ..ops import checks
 from ..ops.bottleneck import check_activation
 from .config import BIAS_MODES, TASK_HEADS, config_dict, is_config, lora_settings
@@ -111,71 +113,166 @@ LORA_LAYERS = (LoraLinear, QLoraLinear, LoraEmbedding)
 
 
 def replace_linears(model: nn.Module, layers: list, quantize: str | None) -> nn.Module:
-    """Put a LoraLinear (QLoraLinear when quantize == "nf4") in place of each nn.Linear / Conv1D,
-    and a LoraEmbedding in place of each nn.Embedding, named in `layers` = [(name, layer keyword
-    arguments, (lora_A, lora_B[, magnitude]) or None)], then freeze every other parameter. Each
-    configuration is checked before anything changes. A DoRA layer given adapters but no
+    """Put adapter ``kw["adapter_name"]`` (default "default") on each layer named in `layers` =
+    [(name, layer keyword arguments, (lora_A, lora_B[, magnitude]) or None)]: a LoraLinear
+    (QLoraLinear when quantize == "nf4") in place of an nn.Linear / Conv1D, a LoraEmbedding in
+    place of an nn.Embedding, or one more named adapter on one of our LoRA layers. Then every
+    other parameter is frozen, and of the adapters only the active one trains (PEFT's rule).
+    Each configuration is checked before anything changes. A DoRA layer given adapters but no
     magnitude starts it at ‖W + s·B·A‖, as PEFT does."""
     layer_class = QLoraLinear if quantize == "nf4" else LoraLinear
     for name, kw, _ in layers:
         module = model.get_submodule(name)
-        if isinstance(module, nn.Embedding):
-            if kw.get("use_dora"):
-                raise ValueError(f"use_dora: {name} is an embedding; DoRA here is for linear layers")
+        adapter_name = check_adapter_name(kw.get("adapter_name", "default"))
+        if isinstance(module, (nn.Embedding, LoraEmbedding)) and kw.get("use_dora"):
+            raise ValueError(f"use_dora: {name} is an embedding; DoRA here is for linear layers")
+        if isinstance(module, LORA_LAYERS):
+            if adapter_name in module.adapter_names:
+                raise ValueError(f"adapter_name {adapter_name!r} is already on {name}")
+            checked_settings(kw["r"], kw["lora_alpha"], kw["lora_dropout"], kw["use_rslora"], kw.get("use_dora", False))
+        elif isinstance(module, nn.Embedding):
             LoraEmbedding._checked_config(module.num_embeddings, module.embedding_dim, kw["r"], kw["lora_alpha"],
                                           kw["lora_dropout"], kw["use_rslora"], module.padding_idx)
             for option in ("max_norm", "scale_grad_by_freq", "sparse"):
                 if getattr(module, option):
                     raise ValueError(f"{name} has {option}={getattr(module, option)!r}: LoraEmbedding takes a plain "
                                      "lookup")
-            continue
-        in_features, out_features, _ = linear_features(module, name)
-        layer_class._checked_config(in_features, out_features, kw["r"], kw["lora_alpha"],
-                                    kw["lora_dropout"], kw["use_rslora"], kw.get("use_dora", False))
+        else:
+            in_features, out_features, _ = linear_features(module, name)
+            layer_class._checked_config(in_features, out_features, kw["r"], kw["lora_alpha"],
+                                        kw["lora_dropout"], kw["use_rslora"], kw.get("use_dora", False))
+    existing = [m for m in model.modules() if isinstance(m, LORA_LAYERS)]
+    active = existing[0].active_adapter if existing else None  # the model's active adapter stays active
     built = []
     for name, kw, weights in layers:
         module = model.get_submodule(name)
-        if isinstance(module, nn.Embedding):
+        adapter_name = kw.get("adapter_name", "default")
+        if isinstance(module, LORA_LAYERS):
+            module.add_adapter(adapter_name, **{k: v for k, v in kw.items() if k != "adapter_name"})
+            layer = module
+        elif isinstance(module, nn.Embedding):
             layer = LoraEmbedding.from_embedding(module, **{k: v for k, v in kw.items() if k != "use_dora"})
-            if weights is not None:
-                with torch.no_grad():
-                    layer.lora_embedding_A.copy_(weights[0])
-                    layer.lora_embedding_B.copy_(weights[1])
             built.append((name, layer))
-            continue
-        layer = layer_class.from_linear(module, **kw)
+        else:
+            layer = layer_class.from_linear(module, **kw)
+            built.append((name, layer))
         if weights is not None:
+            adapter = layer.adapter(adapter_name)
             with torch.no_grad():
-                layer.lora_A.copy_(weights[0])
-                layer.lora_B.copy_(weights[1])
-                if layer.use_dora and len(weights) > 2:
-                    layer.lora_magnitude_vector.copy_(weights[2])
-                else:
-                    layer.reset_magnitude()
-        built.append((name, layer))
+                for param, value in zip(layer.adapter_parameters(adapter_name), weights):
+                    param.copy_(value)
+                if isinstance(layer, (LoraLinear, QLoraLinear)) and adapter.use_dora and len(weights) < 3:
+                    layer.reset_magnitude(adapter_name)
+        if active is not None:
+            layer.set_adapter(active)
     model.requires_grad_(False)
     for name, layer in built:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-    for layer in model.modules():  # these adapters, and those an earlier call put in
-        for param in adapter_parameters(layer):
-            param.requires_grad_(True)
+    mark_active_trainable(model)
     return mark_extras_trainable(model, {"modules_to_save": None, "bias": "none"})
 
 
+def mark_active_trainable(model: nn.Module) -> None:
+    """Of every LoRA layer's adapters, the active one trains and the others are frozen (PEFT's
+    set_adapter rule)."""
+    for layer in model.modules():
+        if isinstance(layer, LORA_LAYERS):
+            for name in layer.adapter_names:
+                for param in layer.adapter_parameters(name):
+                    param.requires_grad_(name == layer.active_adapter)
+
+
 def adapter_parameters(layer: nn.Module) -> list[nn.Parameter]:
-    """The trained parameters of one of our LoRA layers (none for any other module)."""
-    if isinstance(layer, LoraEmbedding):
-        return [layer.lora_embedding_A, layer.lora_embedding_B]
-    if isinstance(layer, (LoraLinear, QLoraLinear)):
-        return [layer.lora_A, layer.lora_B] + ([layer.lora_magnitude_vector] if layer.use_dora else [])
-    return []
+    """The trained parameters of one of our LoRA layers' active adapter (none for any other module)."""
+    return layer.adapter_parameters() if isinstance(layer, LORA_LAYERS) else []
+
+
+# --------------------------------------------------------------------------------------
+# Named adapters on a model (PEFT's add_adapter / set_adapter / delete_adapter / disable_adapter)
+# --------------------------------------------------------------------------------------
+
+def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LORA_LAYERS)]
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the adapters on `model`'s LoRA layers, in the order they were added."""
+    checks.module("model", model)
+    return list(dict.fromkeys(n for _, layer in lora_layers(model) for n in layer.adapter_names))
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The adapter `model`'s LoRA layers run (None without LoRA layers)."""
+    checks.module("model", model)
+    layers = lora_layers(model)
+    return layers[0][1].active_adapter if layers else None
+
+
+def add_adapter(model: nn.Module, adapter_name: str, target_modules, **settings) -> nn.Module:
+    """PEFT's ``add_adapter``: a new named adapter on the modules `target_modules` names (a
+    ``peft.LoraConfig`` or its dict, or target names with :func:`apply_lora`'s settings),
+    beside the adapters already there; the active adapter does not change (the new one trains
+    once :func:`set_adapter` makes it active). Returns the model."""
+    checks.module("model", model)
+    if check_adapter_name(adapter_name) in adapter_names(model):
+        raise ValueError(f"adapter_name {adapter_name!r} is already on the model (delete_adapter it first)")
+    return apply_lora(model, target_modules, adapter_name=adapter_name, **settings)
+
+
+def set_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Make `adapter_name` the active adapter of every LoRA layer (a layer without it runs its
+    base alone) and the only one that trains, as PEFT's ``set_adapter``."""
+    checks.module("model", model)
+    adapter_name = check_adapter_name(adapter_name)
+    layers = lora_layers(model)
+    if adapter_name not in adapter_names(model):
+        raise ValueError(f"adapter_name {adapter_name!r} is not on the model; its adapters: {adapter_names(model)}")
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        raise RuntimeError(f"set_adapter with merged layers ({merged[0]}, …): unmerge them first")
+    for _, layer in layers:
+        layer.set_adapter(adapter_name)
+    mark_active_trainable(model)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove adapter `adapter_name` from every LoRA layer (a layer left without adapters runs
+    its base alone, as PEFT's); if it was active, the first remaining adapter becomes active."""
+    checks.module("model", model)
+    adapter_name = check_adapter_name(adapter_name)
+    names = adapter_names(model)
+    if adapter_name not in names:
+        raise ValueError(f"adapter_name {adapter_name!r} is not on the model; its adapters: {names}")
+    layers = lora_layers(model)
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        raise RuntimeError(f"delete_adapter with merged layers ({merged[0]}, …): unmerge them first")
+    was_active = active_adapter(model) == adapter_name
+    for _, layer in layers:
+        if adapter_name in layer.adapter_names:
+            layer.delete_adapter(adapter_name)
+    remaining = [n for n in names if n != adapter_name]
+    if was_active and remaining:
+        set_adapter(model, remaining[0])
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run every LoRA layer's base alone inside the block (merged layers unmerged for its
+    duration), as PEFT's ``disable_adapter`` context."""
+    checks.module("model", model)
+    with contextlib.ExitStack() as stack:
+        for _, layer in lora_layers(model):
+            stack.enter_context(layer.disable_adapter())
+        yield model
 
 
 def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                use_rslora: bool = False, quantize: str | None = None, rank_pattern: dict | None = None,
                alpha_pattern: dict | None = None, use_dora: bool = False, exclude_modules=None,
-               layers_to_transform=None, layers_pattern=None, modules_to_save=None, bias: str = "none") -> nn.Module:
+               layers_to_transform=None, layers_pattern=None, modules_to_save=None, bias: str = "none",
+               adapter_name: str = "default") -> nn.Module:
     """Replace each ``nn.Linear`` (or transformers ``Conv1D``: GPT-2) of `model` that
     `target_modules` names with a :class:`LoraLinear` sharing its weight and bias (a Conv1D's
     [in, out] weight read in place: ``fan_in_fan_out``; a :class:`QLoraLinear` holding its NF4
@@ -198,6 +295,10 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
     saved with them. ``bias``: "none", "lora_only" (the biases of the LoRA layers train) or "all"
     (every parameter named ``bias``), as PEFT.
 
+    ``adapter_name`` (default "default"): the adapter's name; on a model that already has LoRA
+    layers it is added beside theirs (:func:`add_adapter`, :func:`set_adapter`), and layers that
+    already hold it are left as they are.
+
     ``apply_lora(model, config)``: a ``peft.LoraConfig`` (or its dict) in place of
     `target_modules` and the settings, each field honoured (those above, and ``task_type``:
     "all-linear"'s output layer, and the head PEFT's task models train — ``classifier`` /
@@ -217,22 +318,18 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float =
             raise TypeError(f"apply_lora got a config and {sorted(given)} too: set them in the config")
         cfg = lora_settings(config_dict(target_modules), "config", creating=True)
         task_type = cfg.pop("task_type")
-        return _apply_lora(model, quantize=quantize, task_type=task_type, **cfg)
+        return _apply_lora(model, quantize=quantize, task_type=task_type, adapter_name=adapter_name, **cfg)
     return _apply_lora(model, target_modules, r, lora_alpha, lora_dropout, use_rslora, quantize, rank_pattern,
                        alpha_pattern, use_dora, exclude_modules, layers_to_transform, layers_pattern,
-                       modules_to_save=modules_to_save, bias=bias)
+                       modules_to_save=modules_to_save, bias=bias, adapter_name=adapter_name)
 
 
 def _apply_lora(model, target_modules, r, lora_alpha, lora_dropout, use_rslora, quantize, rank_pattern, alpha_pattern,
                 use_dora, exclude_modules, layers_to_transform, layers_pattern, task_type=None, modules_to_save=None,
-                bias="none"):
-    r = checks.positive_int("r", r)
-    lora_alpha = checks.real_number("lora_alpha", lora_alpha)
-    lora_dropout = checks.probability("lora_dropout", lora_dropout)
-    if not isinstance(use_rslora, bool):
-        raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
-    if not isinstance(use_dora, bool):
-        raise TypeError(f"use_dora must be a bool, got {type(use_dora).__name__}")
+                bias="none", adapter_name="default"):
+    adapter_name = check_adapter_name(adapter_name)
+    settings = checked_settings(r, lora_alpha, lora_dropout, use_rslora, use_dora)
+    r, lora_alpha, lora_dropout = settings["r"], settings["lora_alpha"], settings["lora_dropout"]
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     rank_pattern, alpha_pattern = check_patterns(rank_pattern, alpha_pattern)
@@ -240,12 +337,19 @@ def _apply_lora(model, target_modules, r, lora_alpha, lora_dropout, use_rslora, 
                                                        exclude_modules=exclude_modules,
                                                        layers_to_transform=layers_to_transform,
                                                        layers_pattern=layers_pattern, task_type=task_type)
-               if not isinstance(m, LORA_LAYERS)]
+               if not (isinstance(m, LORA_LAYERS) and adapter_name in m.adapter_names)]  # (already there: kept)
     layers = [(name, dict(r=pattern_value(rank_pattern, name, r),
                           lora_alpha=pattern_value(alpha_pattern, name, lora_alpha),
-                          lora_dropout=lora_dropout, use_rslora=use_rslora, use_dora=use_dora), None)
+                          lora_dropout=lora_dropout, use_rslora=use_rslora, use_dora=use_dora,
+                          adapter_name=adapter_name), None)
               for name, _ in targets]
     extras = check_extras(model, modules_to_save, bias, task_type, [name for name, _, _ in layers])
+    others = [n for n in adapter_names(model) if n != adapter_name]
+    recorded = getattr(model, EXTRAS, None) or {"modules_to_save": None, "bias": "none"}
+    if others and (extras["modules_to_save"] or extras["bias"] != "none" or recorded["modules_to_save"]
+                   or recorded["bias"] != "none"):
+        raise ValueError("modules_to_save and trained biases (bias != 'none') with several adapters are not "
+                         f"supported (the model has {others}): PEFT keeps a copy of each per adapter")
     replace_linears(model, layers, quantize)
     return mark_extras_trainable(model, extras)
 

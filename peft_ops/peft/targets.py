@@ -7,7 +7,7 @@ import re
 
 import torch.nn as nn
 
-from ..nn.lora import is_conv1d
+from ..nn.lora import LoraEmbedding, LoraLinear, QLoraLinear, is_conv1d
 from ..ops import checks
 
 
@@ -49,9 +49,9 @@ def is_linear_layer(module: nn.Module) -> bool:
 
 
 def is_lora_target(module: nn.Module) -> bool:
-    """A layer ``target_modules`` may name: a linear layer, or an ``nn.Embedding`` (PEFT's
-    embedding LoRA; "all-linear" never takes one)."""
-    return is_linear_layer(module) or isinstance(module, nn.Embedding)
+    """A layer ``target_modules`` may name: a linear layer, an ``nn.Embedding`` (PEFT's embedding
+    LoRA; "all-linear" never takes one), or one of our LoRA layers (another named adapter)."""
+    return is_linear_layer(module) or isinstance(module, (nn.Embedding, LoraLinear, QLoraLinear, LoraEmbedding))
 
 
 SEQ_CLS_HEADS = ("score", "classifier")  # PEFT's names for a sequence classifier's head
@@ -61,7 +61,8 @@ def all_linear_names(model: nn.Module, task_type: str | None = None) -> tuple[st
     """PEFT's "all-linear": the full names of every ``nn.Linear`` and ``Conv1D`` of `model`
     except its output layer (a transformers model's ``get_output_embeddings()``: the LM head;
     without one and with task_type "SEQ_CLS", the classifier head ``score`` / ``classifier``)."""
-    names = [name for name, module in model.named_modules() if name and is_linear_layer(module)]
+    names = [name for name, module in model.named_modules()
+             if name and (is_linear_layer(module) or isinstance(module, (LoraLinear, QLoraLinear)))]
     head = None
     if callable(getattr(model, "get_output_embeddings", None)):
         try:

@@ -410,7 +410,7 @@ def test_from_peft_hands_mismatched_dtypes_to_peft(monkeypatch):
 @pytest.mark.parametrize("setting, reason", [
     ("two adapters", "active adapters"),
     ("lora_bias", "lora_bias"),
-    ("embedding target", "no fused op"),
+    ("DoRA on an embedding", "LoRA variant"),
 ])
 def test_from_peft_reports_each_skip_reason(setting, reason):
     base = llama()
@@ -420,12 +420,13 @@ def test_from_peft_reports_each_skip_reason(setting, reason):
         model.base_model.set_adapter(["default", "second"])
     elif setting == "lora_bias":
         model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=["q_proj"], lora_bias=True))
-    else:
-        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=["q_proj", "embed_tokens"]))
+    else:  # (plain LoRA on an embedding is swapped: tests/peft/test_embedding_lora.py)
+        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=["q_proj", "embed_tokens"],
+                                                                         use_dora=True))
     with pytest.warns(UserWarning, match="left these layers to PEFT"):
         report = peft_ops.from_peft(model)
     assert report.skipped and all(reason in why for why in report.skipped.values()), report.skipped
-    if setting == "embedding target":
+    if setting == "DoRA on an embedding":
         assert set(report.skipped) == {"base_model.model.model.embed_tokens"} and len(report.swapped) == 2
 
 

@@ -137,14 +137,29 @@ AUDIT = {
         ("quantize", "int4", ValueError), ("use_dora", "yes", TypeError), ("exclude_modules", 7, TypeError),
         ("layers_to_transform", "0", TypeError), ("layers_pattern", 3, TypeError),
         ("modules_to_save", 3, TypeError), ("modules_to_save", ["no_such_head"], ValueError),
-        ("bias", "some", ValueError)]),
+        ("bias", "some", ValueError), ("adapter_name", "a.b", ValueError), ("adapter_name", 7, TypeError)]),
+    "add_adapter": (peft_ops.add_adapter, lambda: dict(model=peft_ops.apply_lora(Tiny(), ["proj"]), adapter_name="b",
+                                                       target_modules=["proj"]), [
+        ("model", "m", TypeError), ("adapter_name", "default", ValueError), ("adapter_name", "", ValueError),
+        ("target_modules", ["nope"], ValueError)]),
+    "set_adapter": (peft_ops.set_adapter, lambda: dict(model=peft_ops.apply_lora(Tiny(), ["proj"]),
+                                                       adapter_name="default"), [
+        ("model", 1, TypeError), ("adapter_name", "other", ValueError), ("adapter_name", None, TypeError)]),
+    "delete_adapter": (peft_ops.delete_adapter, lambda: dict(model=peft_ops.apply_lora(Tiny(), ["proj"]),
+                                                             adapter_name="default"), [
+        ("model", 1, TypeError), ("adapter_name", "other", ValueError)]),
+    "disable_adapters": (lambda model: peft_ops.disable_adapters(model).__enter__(), lambda: dict(model=Tiny()), [
+        ("model", "m", TypeError)]),
+    "adapter_names": (peft_ops.adapter_names, lambda: dict(model=Tiny()), [("model", 2, TypeError)]),
+    "active_adapter": (peft_ops.active_adapter, lambda: dict(model=Tiny()), [("model", 2, TypeError)]),
     "apply_prompt_learning": (peft_ops.apply_prompt_learning, lambda: dict(model=Tiny(), method="prompt_tuning",
                                                                            num_virtual_tokens=4), [
         ("model", nn.Linear(4, 4), ValueError), ("num_virtual_tokens", 0, ValueError), ("method", "x", ValueError)]),
-    "save_peft_adapter": (peft_ops.save_peft_adapter, lambda: dict(model=Tiny(), path="/nonexistent/never"), [
-        ("model", 3, TypeError)]),
+    "save_peft_adapter": (peft_ops.save_peft_adapter, lambda: dict(model=peft_ops.apply_lora(Tiny(), ["proj"]),
+                                                                   path="/nonexistent/never"), [
+        ("model", 3, TypeError), ("adapter_name", "other", ValueError), ("adapter_name", 1, TypeError)]),
     "load_peft_adapter": (peft_ops.load_peft_adapter, lambda: dict(model=Tiny(), path="/nonexistent/never"), [
-        ("model", 3, TypeError), ("quantize", "fp8", ValueError)]),
+        ("model", 3, TypeError), ("quantize", "fp8", ValueError), ("adapter_name", "x.y", ValueError)]),
     "save_prompt_learning": (peft_ops.save_prompt_learning, lambda: dict(wrapper=Tiny(), path="/nonexistent/x"), [
         ("wrapper", Tiny(), TypeError)]),
     "load_prompt_learning": (peft_ops.load_prompt_learning, lambda: dict(model=Tiny(), path="/nonexistent/never"), [
@@ -185,10 +200,12 @@ def test_bad_input_names_the_argument(name, index):
     kwargs = good() | {argument: value}
     models = [v for v in kwargs.values() if isinstance(v, nn.Module)]
     before = [copy.deepcopy(m.state_dict()) for m in models]
+    trainable = [[p.requires_grad for p in m.parameters()] for m in models]
     with pytest.raises(exc) as raised:
         fn(**kwargs)
     message = str(raised.value)
     assert argument in message or (argument == "model" and "model" in message.lower()), message
-    for model, state in zip(models, before):  # nothing changed
+    for model, state, flags in zip(models, before, trainable):  # nothing changed
+        assert model.state_dict().keys() == state.keys()
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-        assert all(p.requires_grad for p in model.parameters())
+        assert [p.requires_grad for p in model.parameters()] == flags
