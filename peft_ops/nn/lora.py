@@ -186,6 +186,13 @@ class _NamedAdapters:
             setattr(self, name, value)
 
 
+def _adapters_repr(layer) -> str:
+    """", adapters=[…], active='…'" for a layer with other than one adapter (else "")."""
+    names = layer.adapter_names
+    return "" if len(names) == 1 and names[0] == layer.active_adapter else \
+        f", adapters={names}, active={layer.active_adapter!r}"
+
+
 class _LoraAdapter(_NamedAdapters):
     """What LoraLinear and QLoraLinear share: configuration checks, the adapter parameters and
     their initialization, ΔW = scaling·B·A, and DoRA's magnitude (``use_dora``)."""
@@ -423,7 +430,8 @@ class LoraLinear(_Unmergeable, _LoraAdapter, nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout:g}, "
                 f"bias={self.bias is not None}, use_rslora={self.use_rslora}, use_dora={self.use_dora}, "
-                f"merged={self.merged}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
+                f"merged={self.merged}" + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
+                + _adapters_repr(self))
 
 
 class QLoraLinear(_LoraAdapter, nn.Module):
@@ -560,7 +568,8 @@ class QLoraLinear(_LoraAdapter, nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout:g}, "
-                f"bias={self.bias is not None}, use_rslora={self.use_rslora}, use_dora={self.use_dora}")
+                f"bias={self.bias is not None}, use_rslora={self.use_rslora}, use_dora={self.use_dora}"
+                + _adapters_repr(self))
 
 
 class LoraEmbedding(_Unmergeable, _NamedAdapters, nn.Module):
@@ -696,4 +705,4 @@ class LoraEmbedding(_Unmergeable, _NamedAdapters, nn.Module):
     def extra_repr(self) -> str:
         return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, padding_idx={self.padding_idx}, "
-                f"use_rslora={self.use_rslora}, merged={self.merged}")
+                f"use_rslora={self.use_rslora}, merged={self.merged}" + _adapters_repr(self))

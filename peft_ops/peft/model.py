@@ -415,7 +415,8 @@ def mark_extras_trainable(model: nn.Module, extras: dict) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """For export: replace each :class:`LoraLinear` by an ``nn.Linear`` whose weight is
+    """For export (the active adapter; a layer without it keeps its base weight): replace each
+    :class:`LoraLinear` by an ``nn.Linear`` whose weight is
     W + scaling·B·A (summed in fp32, rounded once; a ``Conv1D`` for a ``fan_in_fan_out`` layer),
     each :class:`LoraEmbedding` by an ``nn.Embedding`` with E + scaling·(B·A)ᵀ, and each
     :class:`QLoraLinear` by an ``nn.Linear`` with
@@ -434,14 +435,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                                   device=layer.weight.device, dtype=layer.weight.dtype)
             with torch.no_grad():
                 weight = layer.weight.float()
-                if not layer.merged and not layer._adapter_disabled:
+                if not layer.merged and not layer._adapter_disabled and layer.adapter() is not None:
                     weight = weight + layer.delta_weight().float()
                 merged.weight.copy_(weight)
         else:
             merged = _plain_layer(layer)
             with torch.no_grad():
                 weight = layer.base_weight.float()
-                if not layer.merged and not layer._adapter_disabled:
+                if not layer.merged and not layer._adapter_disabled and layer.adapter() is not None:
                     weight = layer.merged_weight_fp32()
                 (merged.weight.t() if layer.fan_in_fan_out else merged.weight).copy_(weight)
                 if layer.bias is not None:

@@ -197,3 +197,17 @@ def test_bad_names_change_nothing(case):
     assert ours.state_dict().keys() == before.keys()
     assert all(torch.equal(v, ours.state_dict()[k]) for k, v in before.items())
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == trained
+
+
+def test_merge_and_unload_takes_the_active_adapter():
+    """merge_and_unload folds the active adapter; a layer that does not hold it keeps its base
+    weight (PEFT's merge of the active adapter)."""
+    base = llama()
+    theirs, ours = peft_pair(base)
+    theirs.set_adapter("b")
+    set_adapter(ours, "b")
+    expected = logits(theirs)
+    assert "adapters=['default', 'b']" in repr(ours.model.layers[0].self_attn.q_proj)
+    merged = peft_ops.merge_and_unload(ours)
+    assert not any(isinstance(m, LoraLinear) for m in merged.modules())
+    assert relative(logits(merged), expected) <= FP32_TOL
