@@ -18,6 +18,9 @@ UNSUPPORTED = {
     "lora_bias": "lora_bias", "target_parameters": "target_parameters",
     "trainable_token_indices": "trainable_token_indices", "use_qalora": "QALoRA",
     "alora_invocation_tokens": "aLoRA", "megatron_config": "Megatron layers",
+    # variants that change what a trained adapter computes (a file of one must not load as LoRA)
+    "use_bdlora": "BD-LoRA", "arrow_config": "Arrow routing", "kasa_config": "KaSA", "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA", "layer_replication": "layer_replication",
 }
 
 
