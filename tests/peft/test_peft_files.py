@@ -306,7 +306,8 @@ DAMAGES = {"missing key": None, "extra key": None, "wrong shape": None, "int wei
            "prompt config": "peft_type", "rank mismatch": None, "no target_modules": "target_modules",
            "modules_to_save": "lm_head", "fan_in_fan_out not a bool": "fan_in_fan_out",
            # (layers_to_transform is supported: here it leaves layer 0's weights in the file unexpected)
-           "layers_to_transform": "unexpected", "unknown bias mode": "bias", "a variant's config": "use_bdlora", "truncated": None, "pickle": None,
+           "layers_to_transform": "unexpected", "unknown bias mode": "bias",
+           "a variant's config": "use_bdlora", "truncated": None, "pickle": None,
            "bad json": None}
 
 
