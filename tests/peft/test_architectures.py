@@ -233,3 +233,21 @@ def test_trained_biases_equal_peft(name, bias, tmp_path):
     assert relative(logits(ours, arch), logits(theirs, arch)) <= FP32_TOL
     assert_same_adapters(ours, theirs)
     assert_files_both_ways(arch, base, ours, theirs, tmp_path)
+
+
+def test_sequence_classification_task_type_trains_the_head_as_peft(tmp_path):
+    """task_type="SEQ_CLS" without modules_to_save: PEFT's task model trains the classifier head
+    too; so does apply_lora(model, config) — the same trainable set, three steps equal, and the
+    files both ways (PEFT's config then lists "classifier" and "score")."""
+    arch = ARCHITECTURES["bert_seq_cls"]
+    base = arch.build()
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=arch.targets, task_type="SEQ_CLS")
+    ours = apply_lora(copy.deepcopy(base), copy.deepcopy(config))
+    theirs = peft_model(arch, base, config)
+    assert any(n.startswith("classifier.") for n in trainable(ours))
+    copy_adapters(theirs, ours)  # asserts the same trainable set
+    train(theirs, arch)
+    train(ours, arch)
+    assert relative(logits(ours, arch), logits(theirs, arch)) <= FP32_TOL
+    assert_same_adapters(ours, theirs)
+    assert_files_both_ways(arch, base, ours, theirs, tmp_path)
