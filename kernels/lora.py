@@ -1140,11 +1140,13 @@ def aot_specs(target: str) -> list:
                       dict(X=dt, W=dt, XA="fp32", B=rt, BIAS=dt, Y=dt, SCALE="fp32", PRE=dt),
                       dict(HAS_BIAS=True, DORA=dora, W_KN=False), variant=f"{variant}, DoRA" if dora else variant,
                       unit_strides=("stride_br", "stride_bias"), float_args=("scaling",))
-            # W stored [K, N] (Conv1D): the same GEMM with the B operand's tiles N-major
-            build("lora_forward_tma", _lora_forward_tma_kernel, FORWARD_TMA_CONFIGS,
-                  dict(X=dt, W=dt, XA="fp32", B=rt, BIAS=dt, Y=dt, SCALE="fp32", PRE=dt),
-                  dict(HAS_BIAS=True, DORA=False, W_KN=True), variant=f"{variant}, W [K, N]",
-                  unit_strides=("stride_br", "stride_bias"), float_args=("scaling",))
+            # W stored [K, N] (Conv1D): the same GEMM with the B operand's tiles N-major (LoRA, DoRA)
+            for dora in (False, True):
+                build("lora_forward_tma", _lora_forward_tma_kernel, FORWARD_TMA_CONFIGS,
+                      dict(X=dt, W=dt, XA="fp32", B=rt, BIAS=dt, Y=dt, SCALE="fp32", PRE=dt),
+                      dict(HAS_BIAS=True, DORA=dora, W_KN=True),
+                      variant=f"{variant}, DoRA, W [K, N]" if dora else f"{variant}, W [K, N]",
+                      unit_strides=("stride_br", "stride_bias"), float_args=("scaling",))
             rank_block_m, rank_block_c = RANK_ITEM_TILE[target][fp32_rank]
             # without dropout, dX holds its first rank chunk across the loop; W [K, N]: Conv1D's layout
             for dropout, w_kn in ((True, False), (False, False), (True, True)):

@@ -256,3 +256,19 @@ def test_reference_backend_and_autocast(device):
     assert y.dtype == torch.bfloat16
     expected = reference.dora_linear(*(t.double() if isinstance(t, torch.Tensor) else t for t in args))
     assert ((y.double() - expected).abs().max() / expected.abs().max()) < 3 * UNIT_ROUNDOFF[torch.bfloat16]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter: forces the sm_90a kernels' choice here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tma_gemms_with_a_weight_stored_kn(dtype, monkeypatch, device):
+    """DoRA over W stored [K, N] (GPT-2's Conv1D) on sm_90a's persistent TMA GEMMs: the forward's
+    scale epilogue and dX in their W_KN layout, every gradient against float64 (dropout on: the
+    correction GEMM too)."""
+    from peft_ops.kernels import lora as lora_kernels
+    from peft_ops.tools.launches import KernelsRan
+
+    monkeypatch.setattr(lora_kernels, "TMA_TARGETS", {"interpreter"})
+    with KernelsRan() as ran:
+        check_case(DoraCase(M=37, K=72, N=40, r=8, dtype=dtype, dropout_p=0.2, train_base=True, weight_kn=True),
+                   "triton", device)
+    assert {"_lora_forward_tma_kernel", "_lora_backward_dx_tma_kernel"} <= set(ran.names)
