@@ -83,3 +83,25 @@ def module(name: str, value: object, kind: type = torch.nn.Module) -> torch.nn.M
         where = "torch.nn" if kind.__module__.startswith("torch.nn") else kind.__module__
         raise TypeError(f"{name} must be a {where}.{kind.__qualname__}, got {type(value).__name__}")
     return value
+
+
+def adapter_factors(lora_A, lora_B, in_features: int, out_features: int, base_dtype: torch.dtype,
+                    names: tuple[str, str, str] = ("in_features", "out_features", "x's")) -> int:
+    """lora_A [r, in] and lora_B [out, r] of one adapter, in `base_dtype` or float32 (PEFT's fp32
+    adapters); `names`: how the errors call in, out and the base dtype's owner. Returns r."""
+    tensor("lora_A", lora_A, ndim=2)
+    tensor("lora_B", lora_B, ndim=2)
+    in_name, out_name, owner = names
+    r = lora_A.shape[0]
+    if r <= 0:
+        raise ValueError(f"lora_A has shape {tuple(lora_A.shape)}: the rank r (its first dimension) must be ≥ 1")
+    if lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A must be [r, {in_name}] = [{r}, {in_features}], got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"lora_B must be [{out_name}, r] = [{out_features}, {r}], got {tuple(lora_B.shape)}")
+    float_dtype("lora_A", lora_A)
+    same_dtype("lora_B", lora_B, "lora_A", lora_A)
+    if lora_A.dtype not in (base_dtype, torch.float32):
+        raise TypeError(f"lora_A has dtype {lora_A.dtype}: adapter weights must have {owner} dtype "
+                        f"({base_dtype}) or float32")
+    return r

@@ -25,20 +25,8 @@ def check_lora_embedding_args(ids, weight, lora_A, lora_B, scaling, padding_idx)
     num_embeddings, dim = weight.shape
     if num_embeddings == 0 or dim == 0:
         raise ValueError(f"weight has shape {tuple(weight.shape)}: num_embeddings and embedding_dim must be ≥ 1")
-    checks.tensor("lora_A", lora_A, ndim=2)
-    checks.tensor("lora_B", lora_B, ndim=2)
-    r = lora_A.shape[0]
-    if r <= 0:
-        raise ValueError(f"lora_A has shape {tuple(lora_A.shape)}: the rank r (its first dimension) must be ≥ 1")
-    if lora_A.shape[1] != num_embeddings:
-        raise ValueError(f"lora_A must be [r, num_embeddings] = [{r}, {num_embeddings}], got {tuple(lora_A.shape)}")
-    if tuple(lora_B.shape) != (dim, r):
-        raise ValueError(f"lora_B must be [embedding_dim, r] = [{dim}, {r}], got {tuple(lora_B.shape)}")
-    checks.float_dtype("lora_A", lora_A)
-    checks.same_dtype("lora_B", lora_B, "lora_A", lora_A)
-    if lora_A.dtype not in (weight.dtype, torch.float32):
-        raise TypeError(f"lora_A has dtype {lora_A.dtype}: adapter weights must have the table's dtype "
-                        f"({weight.dtype}) or float32")
+    checks.adapter_factors(lora_A, lora_B, num_embeddings, dim, weight.dtype,
+                           names=("num_embeddings", "embedding_dim", "the table's"))
     scaling = checks.real_number("scaling", scaling)
     if padding_idx is not None:
         if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):

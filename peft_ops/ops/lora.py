@@ -44,22 +44,9 @@ def check_lora_args(x, out_features, in_features, lora_A, lora_B, scaling, dropo
     """The checks lora_linear and qlora_linear share once x, the base weight and the bias are
     checked: the adapters, scaling, dropout_p, and that every tensor (x, `base_tensors`, the
     adapters) is on one device. Returns (scaling, dropout_p)."""
-    checks.tensor("lora_A", lora_A, ndim=2)
-    checks.tensor("lora_B", lora_B, ndim=2)
     scaling = checks.real_number("scaling", scaling)
     dropout_p = checks.probability("dropout_p", dropout_p)
-    r = lora_A.shape[0]
-    if r <= 0:
-        raise ValueError(f"lora_A has shape {tuple(lora_A.shape)}: the rank r (its first dimension) must be ≥ 1")
-    if lora_A.shape[1] != in_features:
-        raise ValueError(f"lora_A must be [r, in_features] = [{r}, {in_features}], got {tuple(lora_A.shape)}")
-    if tuple(lora_B.shape) != (out_features, r):
-        raise ValueError(f"lora_B must be [out_features, r] = [{out_features}, {r}], got {tuple(lora_B.shape)}")
-    checks.float_dtype("lora_A", lora_A)
-    checks.same_dtype("lora_B", lora_B, "lora_A", lora_A)
-    if lora_A.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"lora_A has dtype {lora_A.dtype}: adapter weights must have x's dtype "
-                        f"({x.dtype}) or float32")
+    checks.adapter_factors(lora_A, lora_B, in_features, out_features, x.dtype)
     checks.same_device({"x": x, **base_tensors, "lora_A": lora_A, "lora_B": lora_B})
     return scaling, dropout_p
 

@@ -22,6 +22,7 @@ from .model import (
     LORA_LAYERS,
     adapter_names,
     check_extras,
+    lora_layers,
     mark_extras_trainable,
     replace_linears,
     saved_module_names,
@@ -81,11 +82,6 @@ def base_model_name(model: nn.Module) -> str | None:
 # LoRA files
 # --------------------------------------------------------------------------------------
 
-def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, (LoraLinear, QLoraLinear, LoraEmbedding))]
-
-
 def _most_common(values):
     return collections.Counter(values).most_common(1)[0][0]
 
@@ -122,7 +118,7 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: s
 
 def _adapter_folder(model: nn.Module, name: str) -> tuple[dict, dict]:
     """(adapter_config.json's dict, the tensors) of adapter `name`."""
-    layers = [(n, layer, layer.adapter(name)) for n, layer in _lora_layers(model) if name in layer.adapter_names]
+    layers = [(n, layer, layer.adapter(name)) for n, layer in lora_layers(model) if name in layer.adapter_names]
     rslora = {a.use_rslora for _, _, a in layers}
     if len(rslora) > 1:
         raise ValueError(f"adapter {name!r}: some layers use rsLoRA and some do not: PEFT's config has one "

@@ -183,11 +183,6 @@ def mark_active_trainable(model: nn.Module) -> None:
                     param.requires_grad_(name == layer.active_adapter)
 
 
-def adapter_parameters(layer: nn.Module) -> list[nn.Parameter]:
-    """The trained parameters of one of our LoRA layers' active adapter (none for any other module)."""
-    return layer.adapter_parameters() if isinstance(layer, LORA_LAYERS) else []
-
-
 # --------------------------------------------------------------------------------------
 # Named adapters on a model (PEFT's add_adapter / set_adapter / delete_adapter / disable_adapter)
 # --------------------------------------------------------------------------------------
