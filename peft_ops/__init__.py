@@ -7,6 +7,7 @@
     qlayer = peft_ops.QLoraLinear.from_linear(linear, r=16, lora_alpha=32)   # NF4 base (QLoRA)
     y = peft_ops.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, "gelu", scaling)
     model = peft_ops.apply_adapters(model, ["self_attn", "mlp"], bottleneck_size=64)  # Houlsby
+    peft_ops.prepare_fsdp(model)  # FSDP-QLoRA: fully_shard then shards the NF4 weights too
     wrapped = peft_ops.apply_prompt_learning(causal_lm, "prefix_tuning", num_virtual_tokens=20)
 
 Kernels are imported lazily, on the first op that runs them: set TRITON_INTERPRET=1 before
@@ -32,6 +33,7 @@ from .ops.qlora import NF4LinearFunction, QLoraLinearFunction, nf4_linear, qlora
 from .ops.workspace import free_workspaces, workspace_bytes
 from .peft.files import load_peft_adapter, save_peft_adapter
 from .peft.from_peft import FromPeftReport, from_peft
+from .peft.fsdp import load_base_weights, prepare_fsdp
 from .peft.model import (
     active_adapter,
     adapter_names,
@@ -79,6 +81,7 @@ __all__ = [
     "free_workspaces",
     "from_peft",
     "get_backend",
+    "load_base_weights",
     "load_peft_adapter",
     "load_prompt_learning",
     "lora_embedding",
@@ -88,6 +91,7 @@ __all__ = [
     "nf4_linear",
     "qdora_linear",
     "qlora_linear",
+    "prepare_fsdp",
     "reference",
     "save_peft_adapter",
     "save_prompt_learning",

@@ -21,6 +21,7 @@ blocksize 64), plus a few bytes per matrix.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from typing import NamedTuple
 
@@ -28,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from .backend import kernel_modules, resolve
+from .nf4_tensor import INNER_NAMES, NF4Tensor, flat_start, row_quantum, shard_problem, shard_start_row, sharded_flat
 from .ops import checks
 
 # bitsandbytes' NF4 code table (quantiles of N(0, 1) normalized to [-1, 1]), index 0 … 15.
@@ -133,6 +135,12 @@ class NF4Weight(nn.Module):
     It never holds a dequantized copy: :meth:`dequantize` returns a new tensor each time.
     ``.to(device)`` moves it; a dtype conversion of its module (``model.half()``) leaves its
     buffers as they are (an fp16 absmax would not be this format).
+
+    **Parameter storage** (for FSDP2, :meth:`to_parameter_storage`): the same tensors move into
+    one frozen ``nn.Parameter`` ``weight``, an :class:`~peft_ops.nf4_tensor.NF4Tensor` that
+    FSDP2 shards by rows and all-gathers in 4 bits. ``packed``, ``absmax``… still read the
+    tensors, and the state dict keeps the same keys (as DTensors sharded on dim 0 once FSDP2 has
+    sharded the weight, so ``torch.distributed.checkpoint`` saves and reshards them).
     """
 
     def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: torch.dtype = torch.float32,
@@ -180,10 +188,12 @@ class NF4Weight(nn.Module):
             self.register_buffer("absmax_offset", absmax_offset.detach().reshape(()).contiguous())
         else:
             self.absmax_scale = self.absmax_offset = None
-        meta = (out_features, in_features, blocksize, int(double_quant), _DTYPE_CODES[dtype])
-        self.register_buffer("quant_meta", torch.tensor(meta, dtype=torch.int64, device=packed.device))
         self.out_features, self.in_features = out_features, in_features
         self.blocksize, self.double_quant, self.dtype = blocksize, double_quant, dtype
+        self.register_buffer("quant_meta", torch.tensor(self._meta(), dtype=torch.int64, device=packed.device))
+
+    def _meta(self) -> tuple:
+        return (self.out_features, self.in_features, self.blocksize, int(self.double_quant), _DTYPE_CODES[self.dtype])
 
     # ---- properties ------------------------------------------------------------------
 
@@ -200,8 +210,84 @@ class NF4Weight(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every buffer this weight holds (what it costs in memory and on disk)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes this weight holds in this process (what it costs in memory and on disk); with
+        parameter storage sharded by FSDP2, this rank's shard (plus ``quant_meta``)."""
+        own = sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+        if self.storage == "parameter":
+            own += sum(t.numel() * t.element_size() for t in self._local_nf4().inner().values())
+        return own
+
+    # ---- parameter storage (FSDP2) -----------------------------------------------------
+
+    @property
+    def storage(self) -> str:
+        """"buffers" (the default) or "parameter" (one NF4Tensor Parameter that FSDP2 shards)."""
+        return "parameter" if "weight" in self._parameters else "buffers"
+
+    def to_parameter_storage(self) -> "NF4Weight":
+        """Move the tensors (not copied) into one frozen ``nn.Parameter`` ``weight`` holding an
+        :class:`~peft_ops.nf4_tensor.NF4Tensor`, so that ``fully_shard`` shards it by rows. In
+        place; returns self. A no-op when already done. Call it before ``fully_shard``."""
+        if self.storage == "parameter":
+            return self
+        inner = {name: self._buffers.pop(name, None) for name in INNER_NAMES}
+        for name in ("absmax_scale", "absmax_offset"):
+            self.__dict__.pop(name, None)
+        tensor = NF4Tensor(inner["packed"], inner["absmax"], inner["absmax_scale"], inner["absmax_offset"],
+                           self.shape, self.dtype, self.blocksize)
+        self.weight = nn.Parameter(tensor, requires_grad=False)
+        return self
+
+    def row_quantum(self) -> int:
+        """Rows per shard unit: FSDP2's row shards must hold a whole multiple of this many rows
+        (whole blocks, and whole 256-block scale groups with double quantization)."""
+        return row_quantum(self.in_features, self.blocksize, self.double_quant)
+
+    def shard_problem(self, world_size: int) -> str | None:
+        """Why this weight cannot be sharded by rows over `world_size` ranks, or None."""
+        return shard_problem(self.out_features, self.in_features, self.blocksize, self.double_quant, world_size)
+
+    def local_tensors(self) -> dict[str, torch.Tensor]:
+        """The format's tensors this process holds, by name: the whole weight's, or with
+        parameter storage sharded by FSDP2, this rank's rows of each (block-aligned slices)."""
+        if self.storage == "buffers":
+            return {n: b for n in INNER_NAMES if (b := self._buffers.get(n)) is not None}
+        return self._local_nf4().inner()
+
+    def local_view(self) -> NF4Tensors:
+        """:meth:`tensors` over this rank's rows only (``out_features`` = the rows held)."""
+        local = self.local_tensors()
+        return NF4Tensors(local["packed"], local["absmax"], local.get("absmax_scale"), local.get("absmax_offset"),
+                          self.shard_rows()[1], self.in_features, self.blocksize, self.dtype)
+
+    def shard_rows(self) -> tuple[int, int]:
+        """(first row, rows) this process holds: (0, out_features) unless sharded by FSDP2."""
+        if self.storage == "buffers":
+            return 0, self.out_features
+        weight = self._parameters["weight"]
+        return shard_start_row(weight), self._local_nf4().shape[0]
+
+    def shard_group(self):
+        """The process group over which FSDP2 shards this weight, or None when it is whole here."""
+        weight = self._parameters.get("weight")
+        return weight.device_mesh.get_group() if hasattr(weight, "_local_tensor") else None
+
+    def _local_nf4(self) -> NF4Tensor:
+        weight = self._parameters["weight"]
+        return weight._local_tensor if hasattr(weight, "_local_tensor") else weight  # sharded: a DTensor
+
+    def _unsharded_nf4(self) -> NF4Tensor:
+        weight = self._parameters["weight"]
+        if hasattr(weight, "_local_tensor") or tuple(weight.shape) != tuple(self.shape):
+            raise RuntimeError(f"this NF4 weight {tuple(self.shape)} is sharded by FSDP2 ({self._local_nf4()!r} on "
+                               "this rank): its whole value exists only inside the forward/backward of the module "
+                               "that was fully_shard-ed (or after that module's unshard())")
+        return weight
+
+    def __getattr__(self, name: str):
+        if name in INNER_NAMES and "weight" in self.__dict__.get("_parameters", {}):
+            return getattr(self._unsharded_nf4(), name)
+        return super().__getattr__(name)
 
     @property
     def bits_per_weight(self) -> float:
@@ -272,7 +358,24 @@ class NF4Weight(nn.Module):
             if moved.dtype != buf.dtype:
                 moved = buf.to(moved.device)
             self._buffers[name] = moved
+        # quant_meta always says what the attributes say (to_empty() would leave it unfilled)
+        self._buffers["quant_meta"] = torch.tensor(self._meta(), dtype=torch.int64, device=self.quant_meta.device)
+        if self.storage == "parameter":
+            self._parameters["weight"] = nn.Parameter(_apply_inner(self._parameters["weight"], fn),
+                                                      requires_grad=False)
         return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.storage == "buffers":
+            return
+        destination.pop(prefix + "weight", None)
+        weight = self._parameters["weight"]
+        local = self._local_nf4()
+        for name, value in local.inner().items():
+            if hasattr(weight, "_local_tensor") and name != "absmax_offset":  # FSDP2 shard: a dim-0 DTensor
+                value = sharded_flat(value, weight)
+            destination[prefix + name] = value if keep_vars else value.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -281,8 +384,38 @@ class NF4Weight(nn.Module):
             error_msgs.append(f"{prefix}quant_meta: the state dict holds an NF4 weight with (out, in, blocksize, "
                               f"double_quant, dtype) = {meta.tolist()}, this module has {self.quant_meta.tolist()}")
             return
+        if self.storage == "parameter":
+            self._load_parameter_storage(state_dict, prefix, missing_keys, error_msgs)
+            state_dict = {k: v for k, v in state_dict.items()
+                          if not (k.startswith(prefix) and k[len(prefix):] in INNER_NAMES)}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if self.storage == "parameter" and prefix + "weight" in missing_keys:  # its tensors come by their own keys
+            missing_keys.remove(prefix + "weight")
+
+    def _load_parameter_storage(self, state_dict, prefix, missing_keys, error_msgs) -> None:
+        """Copy the format's tensors into this rank's part: from DTensors sharded as ours, or from
+        whole tensors (a single-process state dict), whose rows this shard holds are taken."""
+        weight = self._parameters["weight"]
+        local = self._local_nf4()
+        start = shard_start_row(weight)
+        for name, target in local.inner().items():
+            key = prefix + name
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            value = state_dict[key]
+            if hasattr(value, "_local_tensor"):  # sharded as this weight is (what state_dict() gave)
+                value = value._local_tensor
+            elif name != "absmax_offset" and value.numel() != target.numel():  # whole: this shard's range
+                begin = flat_start(name, start, self.in_features, self.blocksize)
+                value = value.reshape(-1)[begin: begin + target.numel()]
+            if value.shape != target.shape:
+                error_msgs.append(f"{key}: shape {tuple(value.shape)} in the state dict, {tuple(target.shape)} "
+                                  "in this shard")
+                continue
+            with torch.no_grad():
+                target.copy_(value)
 
     @classmethod
     def from_state_dict(cls, state_dict: dict, prefix: str = "") -> "NF4Weight":
@@ -298,6 +431,24 @@ class NF4Weight(nn.Module):
             else (None, None)
         return cls(state_dict[prefix + "packed"], state_dict[prefix + "absmax"], (out_features, in_features),
                    _CODE_DTYPES[dtype_code], blocksize, *extra)
+
+
+def _apply_inner(weight: torch.Tensor, fn) -> torch.Tensor:
+    """`fn` (a Module._apply function: a move, maybe with a cast) on each of an NF4Tensor's own
+    tensors, keeping their dtypes; a DTensor shard stays a DTensor of the same placement."""
+    local = weight._local_tensor if hasattr(weight, "_local_tensor") else weight
+
+    def move(t):
+        moved = fn(t)
+        return moved if moved.dtype == t.dtype else t.to(moved.device)
+
+    inner = {name: move(value) for name, value in local.inner().items()}
+    new = NF4Tensor(inner["packed"], inner["absmax"], inner.get("absmax_scale"), inner.get("absmax_offset"),
+                    local.shape, local.dtype, local.blocksize)
+    if local is weight:
+        return new
+    return type(weight).from_local(new, weight.device_mesh, weight.placements, run_check=False, shape=weight.shape,
+                                   stride=weight.stride())
 
 
 def _check_shape(shape) -> tuple[int, int]:
@@ -326,18 +477,75 @@ def quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = Tru
         raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
     if weight.numel() == 0:
         raise ValueError(f"weight has shape {tuple(weight.shape)}: it must have at least one element")
+    if weight.is_meta:  # a model built on the meta device: the format's tensors, empty, to fill when loading
+        return empty(tuple(weight.shape), weight.dtype, blocksize, double_quant, weight.device)
     if not torch.isfinite(weight).all():
         raise ValueError("weight has NaN or infinite values: they have no NF4 code")
     flat = weight.detach().reshape(-1).float()
     codes, absmax = _blockwise_absmax_quantize(flat, blocksize, nf4_code(weight.device))
-    if codes.numel() % 2:  # an odd count pads with the code of 0.0, as bitsandbytes does
-        codes = torch.cat([codes, codes.new_full((1,), NF4_ZERO_INDEX)])
-    packed = (codes[0::2] << 4) | codes[1::2]  # even element in the high nibble
+    packed = _pack(codes)
     scale = offset = None
     if double_quant:
         offset = absmax.mean()
         absmax, scale = _blockwise_absmax_quantize(absmax - offset, ABSMAX_BLOCKSIZE, dynamic_map(weight.device))
     return NF4Weight(packed, absmax, tuple(weight.shape), weight.dtype, blocksize, scale, offset)
+
+
+def _pack(codes: torch.Tensor) -> torch.Tensor:
+    if codes.numel() % 2:  # an odd count pads with the code of 0.0, as bitsandbytes does
+        codes = torch.cat([codes, codes.new_full((1,), NF4_ZERO_INDEX)])
+    return (codes[0::2] << 4) | codes[1::2]  # even element in the high nibble
+
+
+def empty(shape, dtype: torch.dtype = torch.float32, blocksize: int = 64, double_quant: bool = True,
+          device="cpu") -> NF4Weight:
+    """An NF4Weight of `shape` whose tensors are allocated, not filled (on the meta device: not
+    even allocated): what a model built without its weights holds until they are loaded."""
+    out_features, in_features = _check_shape(shape)
+    numel = out_features * in_features
+    blocks = -(-numel // check_blocksize(blocksize))
+    packed = torch.zeros((numel + 1) // 2, dtype=torch.uint8, device=device)
+    if not double_quant:
+        return NF4Weight(packed, torch.zeros(blocks, device=device), shape, dtype, blocksize)
+    return NF4Weight(packed, torch.zeros(blocks, dtype=torch.uint8, device=device), shape, dtype, blocksize,
+                     torch.zeros(-(-blocks // ABSMAX_BLOCKSIZE), device=device), torch.zeros((), device=device))
+
+
+def quantize_rows_into(target: NF4Tensors, first_row: int, read_rows, gather_absmax=None,
+                       chunk_elements: int = 1 << 18) -> None:
+    """Quantize rows [first_row, first_row + rows) of a weight into `target` (that row range's
+    tensors: ``packed``/``absmax``/… of an FSDP2 shard), reading the dense rows in chunks through
+    ``read_rows(start, stop) -> Tensor [stop - start, in]`` so that only a chunk of them (≈ 256K
+    weights) exists at a time. The bytes equal those of :func:`quantize` on the whole weight,
+    sliced: with double quantization the offset is the mean absmax of the **whole** weight,
+    which ``gather_absmax(local_fp32_absmax) -> whole fp32 absmax`` provides (e.g. an all-gather
+    over the ranks holding the other rows; None when this range is the whole weight).
+    `first_row` and the range must sit on :func:`~peft_ops.nf4_tensor.row_quantum` boundaries."""
+    rows = target.packed.numel() * 2 // target.in_features
+    cols, blocksize = target.in_features, target.blocksize
+    step = blocksize // math.gcd(cols, blocksize)  # rows that fill whole blocks
+    chunk = max(step, chunk_elements // cols // step * step)
+    code = nf4_code(target.packed.device)
+    absmax = torch.empty(rows * cols // blocksize, dtype=torch.float32, device=target.packed.device)
+    for start in range(0, rows, chunk):
+        stop = min(rows, start + chunk)
+        dense = read_rows(first_row + start, first_row + stop).to(target.packed.device)
+        if tuple(dense.shape) != (stop - start, cols):
+            raise ValueError(f"read_rows gave {tuple(dense.shape)} for rows {first_row + start}…{first_row + stop}, "
+                             f"expected {(stop - start, cols)}")
+        if not torch.isfinite(dense).all():
+            raise ValueError(f"rows {first_row + start}…{first_row + stop} have NaN or infinite values")
+        codes, chunk_absmax = _blockwise_absmax_quantize(dense.reshape(-1).float(), blocksize, code)
+        target.packed[start * cols // 2: stop * cols // 2] = _pack(codes)
+        absmax[start * cols // blocksize: stop * cols // blocksize] = chunk_absmax
+    if target.absmax_scale is None:
+        target.absmax.copy_(absmax)
+        return
+    offset = (absmax if gather_absmax is None else gather_absmax(absmax)).mean()
+    codes8, scale = _blockwise_absmax_quantize(absmax - offset, ABSMAX_BLOCKSIZE, dynamic_map(absmax.device))
+    target.absmax.copy_(codes8)
+    target.absmax_scale.copy_(scale)
+    target.absmax_offset.copy_(offset)
 
 
 def dequantize(qweight: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -20,7 +20,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERS = {"kernels": 0, "ops": 1, "nn": 2, "peft": 3, "tools": 4}
-TOP_LEVEL = {"peft_ops.backend": 1, "peft_ops.nf4": 1, "peft_ops.reference": 1, "peft_ops": 5}
+TOP_LEVEL = {"peft_ops.backend": 1, "peft_ops.nf4": 1, "peft_ops.nf4_tensor": 1, "peft_ops.reference": 1, "peft_ops": 5}
 # Optional packages some functions use, imported where used: installing them is the user's
 # choice, and importing PEFT or bitsandbytes takes 10-15 s.
 OPTIONAL = {"peft", "bitsandbytes", "transformers", "matplotlib"}

@@ -172,6 +172,12 @@ AUDIT = {
                                                                     ("name", 1, TypeError)]),
     "use_backend": (lambda name: peft_ops.use_backend(name).__enter__(), lambda: dict(name="auto"), [
         ("name", "gpu", ValueError)]),
+    "prepare_fsdp": (peft_ops.prepare_fsdp, lambda: dict(model=peft_ops.apply_lora(Tiny(), ["proj"], quantize="nf4"),
+                                                         world_size=1), [
+        ("model", 3, TypeError), ("world_size", 0, ValueError), ("world_size", 1.5, TypeError),
+        ("world_size", 2, ValueError)]),
+    "load_base_weights": (peft_ops.load_base_weights, lambda: dict(model=Tiny(), checkpoint="/nonexistent/never"), [
+        ("model", 3, TypeError), ("checkpoint", "/nonexistent/never", FileNotFoundError)]),
     "free_workspaces": (peft_ops.free_workspaces, lambda: dict(device="cpu"), [
         ("device", 2.5, TypeError), ("device", "gpu7", ValueError), ("device", True, TypeError)]),
     "workspace_bytes": (peft_ops.workspace_bytes, lambda: dict(device="cpu"), [

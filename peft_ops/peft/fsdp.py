@@ -1,0 +1,246 @@
+"""FSDP-QLoRA: NF4 base weights sharded by FSDP2, and base checkpoints loaded shard by shard.
+
+    model = peft_ops.apply_lora(model_on_meta, targets, r=16, quantize="nf4")   # nothing allocated
+    peft_ops.prepare_fsdp(model)          # NF4 weights become FSDP2-shardable parameters
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    model.to_empty(device=device)         # this rank's shards only
+    peft_ops.load_base_weights(model, "path/to/checkpoint")   # dense or bnb 4-bit safetensors
+    # … then initialise or load the adapters (reset_lora_parameters / load_peft_adapter)
+
+:func:`prepare_fsdp` turns every :class:`~peft_ops.nf4.NF4Weight` into parameter storage: FSDP2
+then shards its packed codes and statistics by output rows and all-gathers them in 4 bits per
+module (see :mod:`peft_ops.nf4_tensor`). :func:`load_base_weights` fills a (sharded) model from
+safetensors files, reading only the rows each rank holds: dense weights of an NF4 layer are
+quantized on the rank that holds them (the mean absmax of double quantization all-gathered, so
+the bytes equal a single-process :func:`~peft_ops.nf4.quantize`), bitsandbytes 4-bit weights
+are read as byte ranges.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors import safe_open
+
+from ..nf4 import NF4Weight, quantize_rows_into
+from ..nf4_tensor import INNER_NAMES, flat_start, shard_start_row
+from ..ops import checks
+
+BNB_META = ".quant_state.bitsandbytes__nf4"  # the key suffix bitsandbytes packs its QuantState's fields under
+
+
+def nf4_weights(model: nn.Module) -> dict[str, NF4Weight]:
+    """Every NF4Weight of `model` by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, NF4Weight)}
+
+
+def prepare_fsdp(model: nn.Module, world_size: int | None = None) -> nn.Module:
+    """Make every NF4 weight of `model` shardable by FSDP2 (call before ``fully_shard``).
+
+    Each :class:`~peft_ops.nf4.NF4Weight` moves its tensors into one frozen Parameter (no copy).
+    `world_size` (default: the initialized process group's, else 1) is checked first: every NF4
+    weight must split by rows into that many equal shards of whole blocks (and whole 256-block
+    scale groups with double quantization). If one cannot, a ValueError names each such layer
+    and nothing is changed. Returns `model`."""
+    checks.module("model", model)
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world_size = checks.positive_int("world_size", world_size)
+    weights = nf4_weights(model)
+    problems = [f"{name}: {problem}" for name, w in weights.items() if (problem := w.shard_problem(world_size))]
+    if problems:
+        raise ValueError(f"model: {len(problems)} NF4 weight(s) cannot be sharded over world_size={world_size}:\n"
+                         + "\n".join(problems))
+    for weight in weights.values():
+        weight.to_parameter_storage()
+    return model
+
+
+# ---- base checkpoints ------------------------------------------------------------------
+
+
+def checkpoint_index(checkpoint: str | os.PathLike) -> dict[str, str]:
+    """{tensor name: file} of a safetensors checkpoint: one file, or a folder of them."""
+    path = os.fspath(checkpoint)
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise FileNotFoundError(f"checkpoint {path!r} is neither a safetensors file nor a folder")
+    if not files:
+        raise FileNotFoundError(f"checkpoint folder {path!r} holds no *.safetensors file")
+    index = {}
+    for file in files:
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                index[key] = file
+    return index
+
+
+class _Reader:
+    """Reads row ranges of tensors from the checkpoint's files, one tensor at a time (each file is
+    opened per read, so no mapping outlives the read)."""
+
+    def __init__(self, index: dict[str, str]):
+        self.index = index
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        with safe_open(self.index[key], "pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> str:
+        with safe_open(self.index[key], "pt") as f:
+            return f.get_slice(key).get_dtype()
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        with safe_open(self.index[key], "pt") as f:
+            return f.get_slice(key)[start:stop]
+
+    def whole(self, key: str) -> torch.Tensor:
+        with safe_open(self.index[key], "pt") as f:
+            return f.get_tensor(key)
+
+
+def _bnb_fields(reader: _Reader, base: str) -> dict:
+    raw = reader.whole(base + BNB_META)
+    return json.loads(bytes(raw.tolist()).decode("utf-8"))
+
+
+def _nf4_plan(name: str, weight: NF4Weight, base: str, reader: _Reader) -> tuple[str, str | None]:
+    """("dense" | "bnb" | "ours", a problem or None) for one NF4 weight."""
+    index = reader.index
+    want = (weight.out_features, weight.in_features)
+    if base + BNB_META in index:
+        fields = _bnb_fields(reader, base)
+        got = (tuple(fields.get("shape", ())), fields.get("blocksize"), fields.get("nested_blocksize") is not None,
+               fields.get("quant_type"))
+        expected = (want, weight.blocksize, weight.double_quant, "nf4")
+        if got != expected:
+            return "bnb", (f"{base}: the checkpoint holds a 4-bit weight with (shape, blocksize, double_quant, "
+                           f"quant_type) = {got}, the model expects {expected}")
+        if reader.dtype(base) != "U8":
+            return "bnb", f"{base}: packed as {reader.dtype(base)} (bitsandbytes quant_storage); only uint8 is read"
+        return "bnb", None
+    if name + ".quant_meta" in index:
+        meta = reader.whole(name + ".quant_meta")
+        if not torch.equal(meta.cpu(), weight.quant_meta.cpu()):
+            return "ours", (f"{name}.quant_meta: the checkpoint holds an NF4 weight with (out, in, blocksize, "
+                            f"double_quant, dtype) = {meta.tolist()}, the model has {weight.quant_meta.tolist()}")
+        return "ours", None
+    if base in index:
+        shape = reader.shape(base)
+        if shape != want:
+            return "dense", f"{base}: shape {shape} in the checkpoint, the model's NF4 weight is {want}"
+        return "dense", None
+    return "dense", f"{base}: not in the checkpoint (as a dense weight, bitsandbytes 4-bit or {name}.packed)"
+
+
+def _gather_absmax(group):
+    if group is None:
+        return None
+
+    def gather(local: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        return torch.cat(parts)
+
+    return gather
+
+
+def _load_nf4(name: str, weight: NF4Weight, base: str, kind: str, reader: _Reader) -> None:
+    local = weight.local_tensors()
+    first_row = weight.shard_rows()[0]
+    if kind == "dense":
+        quantize_rows_into(weight.local_view(), first_row, lambda a, b: reader.rows(base, a, b),
+                           _gather_absmax(weight.shard_group()))
+        return
+    sources = ({"packed": base, "absmax": base + ".absmax", "absmax_scale": base + ".nested_absmax"}
+               if kind == "bnb" else {n: f"{name}.{n}" for n in INNER_NAMES})
+    for inner in ("packed", "absmax", "absmax_scale"):
+        if inner not in local:
+            continue
+        begin = flat_start(inner, first_row, weight.in_features, weight.blocksize)
+        local[inner].copy_(reader.rows(sources[inner], begin, begin + local[inner].numel()).reshape(-1))
+    if weight.double_quant:
+        offset = (torch.tensor(_bnb_fields(reader, base)["nested_offset"], dtype=torch.float32) if kind == "bnb"
+                  else reader.whole(sources["absmax_offset"]))
+        local["absmax_offset"].copy_(offset.reshape(()))
+
+
+def load_base_weights(model: nn.Module, checkpoint: str | os.PathLike) -> dict[str, list[str]]:
+    """Fill `model`'s frozen base weights from a safetensors checkpoint (a file or a folder of
+    them, e.g. a Hugging Face model folder), reading only the rows this rank holds.
+
+    - An NF4 layer (``….qweight``) reads ``<layer>.weight``: dense (quantized here, on the rows of
+      this rank's shard; the bytes equal :func:`~peft_ops.nf4.quantize` of the whole weight), or
+      bitsandbytes 4-bit as transformers saves it (``<layer>.weight`` uint8 with its
+      ``.absmax`` / ``.nested_absmax`` / ``.quant_state.bitsandbytes__nf4``), or this package's
+      own keys (``<layer>.qweight.packed`` …).
+    - Every other frozen parameter and persistent buffer reads the key of its own name; one
+      sharded by FSDP2 on dim 0 reads its rows only.
+    - Trainable parameters (the adapters) are not read.
+
+    Everything is checked before anything is loaded: a missing key, another shape, blocksize or
+    double-quantization setting raises ValueError listing each, and the model is unchanged.
+    Collective under FSDP2 (double quantization all-gathers the absmax): call on every rank.
+    Returns {"loaded": [...keys], "skipped": [...trainable names]}."""
+    checks.module("model", model)
+    reader = _Reader(checkpoint_index(checkpoint))
+    weights = nf4_weights(model)
+    problems, nf4_jobs = [], []
+    for name, weight in weights.items():
+        base = (name.rsplit(".", 1)[0] + "." if "." in name else "") + "weight"
+        kind, problem = _nf4_plan(name, weight, base, reader)
+        if problem:
+            problems.append(problem)
+        nf4_jobs.append((name, weight, base, kind))
+    dense_jobs, skipped, seen = [], [], set()
+    nf4_prefixes = tuple(name + "." for name in weights)
+    for key, tensor in _named_state(model):
+        if key.startswith(nf4_prefixes) or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if tensor.requires_grad:
+            skipped.append(key)
+            continue
+        if key not in reader.index:
+            problems.append(f"{key}: not in the checkpoint")
+            continue
+        if reader.shape(key) != tuple(tensor.shape):
+            problems.append(f"{key}: shape {reader.shape(key)} in the checkpoint, {tuple(tensor.shape)} in the model")
+            continue
+        dense_jobs.append((key, tensor))
+    if problems:
+        raise ValueError(f"checkpoint {os.fspath(checkpoint)!r} does not fit the model ({len(problems)} problem(s); "
+                         "nothing was loaded):\n" + "\n".join(problems))
+    with torch.no_grad():
+        for name, weight, base, kind in nf4_jobs:
+            _load_nf4(name, weight, base, kind, reader)
+        for key, tensor in dense_jobs:
+            local = tensor._local_tensor if hasattr(tensor, "_local_tensor") else tensor
+            start = shard_start_row(tensor)
+            value = reader.rows(key, start, start + local.shape[0]) if local.dim() else reader.whole(key)
+            local.copy_(value)
+    return {"loaded": [job[2] for job in nf4_jobs] + [job[0] for job in dense_jobs], "skipped": skipped}
+
+
+def _named_state(model: nn.Module):
+    """(state-dict name, tensor) of every parameter and persistent buffer, tied ones once."""
+    for module_name, module in model.named_modules():
+        if isinstance(module, NF4Weight):
+            continue
+        prefix = module_name + "." if module_name else ""
+        for name, param in module._parameters.items():
+            if param is not None:
+                yield prefix + name, param
+        for name, buf in module._buffers.items():
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                yield prefix + name, buf

@@ -1,0 +1,197 @@
+"""Run as a script: FSDP-QLoRA on CPU processes (gloo, loopback). A model of NF4 layers (QLoRA,
+QDoRA) and a dense LoRA layer, 256/512 wide so that every NF4 weight splits into 2 or 4 row
+shards of whole 256-block scale groups.
+
+    python fsdp_qlora_worker.py single OUT          # one process, the global batch
+    python fsdp_qlora_worker.py fsdp WORLD OUT PORT  # WORLD ranks, each its share of the batch
+
+`single` writes OUT/single.safetensors (gradients, updated adapters, the NF4 tensors) and the
+base checkpoints the ranks load: OUT/dense.safetensors (the float weights, as a Hugging Face
+checkpoint holds them) and OUT/bnb.safetensors (the NF4 weights in bitsandbytes' serialized
+layout). `fsdp` writes OUT/fsdp{WORLD}.safetensors (the same tensors, gathered) and
+OUT/fsdp{WORLD}.rank{R}.json per rank: the NF4 bytes it holds, its DCP round trip, and the
+loading runs (bytes equal, peak memory).
+"""
+
+import json
+import os
+import resource
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import peft_ops
+
+BATCH = 8
+LOADING_LAYERS = 6  # the model the loading test builds: 6 layers of 1024 × 2048 fp32 (48 MiB dense)
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q1 = peft_ops.QLoraLinear.from_linear(nn.Linear(256, 512), r=4, lora_alpha=8)
+        self.q2 = peft_ops.QLoraLinear.from_linear(nn.Linear(512, 256), r=4, lora_alpha=8, use_dora=True)
+        self.lora = peft_ops.LoraLinear.from_linear(nn.Linear(256, 256), r=4, lora_alpha=8)
+        with torch.no_grad():  # past the zero init, so every gradient is nonzero
+            for layer in (self.q1, self.q2, self.lora):
+                layer.lora_B.normal_(0, 0.1)
+            self.q2.lora_magnitude_vector.mul_(1.1)
+
+    def forward(self, x):
+        return self.lora(torch.relu(self.q2(torch.relu(self.q1(x)))))
+
+
+def batch():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(BATCH, 256, generator=gen), torch.randn(BATCH, 256, generator=gen)
+
+
+def step(model, x, target):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = (model(x) - target).square().mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt.step()
+    return grads
+
+
+def full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def nf4_state(model):
+    """Every NF4 tensor of the model, whole (gathered from the shards)."""
+    return {f"nf4.{k}": full(v).clone() for k, v in model.state_dict().items() if ".qweight." in k}
+
+
+def loading_model(device="cpu"):
+    """Layers of QLoRA over 1024 → 2048 weights, on `device` (meta: nothing allocated)."""
+    with torch.device(device):
+        layers = nn.Sequential(*[nn.Linear(2048, 1024, bias=False) for _ in range(LOADING_LAYERS)])
+    return peft_ops.apply_lora(layers, [str(i) for i in range(LOADING_LAYERS)], r=4, quantize="nf4")
+
+
+def single(out):
+    from safetensors.torch import save_file
+
+    model = Model()
+    nf4 = nf4_state(model)
+    grads = step(model, *batch())
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    save_file({**{"grad." + k: v for k, v in grads.items()}, **{"param." + k: v for k, v in params.items()},
+               **nf4}, os.path.join(out, "single.safetensors"))
+    # base checkpoints for loading: dense floats, and bitsandbytes' serialized 4-bit layout
+    torch.manual_seed(2)
+    dense = {f"{i}.weight": torch.randn(1024, 2048) * 0.02 for i in range(LOADING_LAYERS)}
+    save_file(dense, os.path.join(out, "dense.safetensors"))
+    bnb, expected = {}, {}
+    for key, weight in dense.items():
+        q = peft_ops.nf4.quantize(weight)
+        packed, fields = q.to_bnb()
+        meta = dict(quant_type="nf4", blocksize=q.blocksize, dtype="float32", shape=list(q.shape),
+                    nested_blocksize=256, nested_dtype="float32", nested_offset=q.absmax_offset.item())
+        bnb.update({key: packed, key + ".absmax": q.absmax, key + ".quant_map": fields["code"].clone(),
+                    key + ".nested_absmax": q.absmax_scale, key + ".nested_quant_map": fields["state2"]["code"].clone(),
+                    key + ".quant_state.bitsandbytes__nf4": torch.tensor(list(json.dumps(meta).encode()),
+                                                                         dtype=torch.uint8)})
+        layer = key.split(".")[0]
+        expected.update({f"{layer}.qweight.{n}": t for n, t in q.state_dict().items()})
+    save_file(bnb, os.path.join(out, "bnb.safetensors"))
+    save_file(expected, os.path.join(out, "expected_nf4.safetensors"))
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def load_run(out, source, fully_shard):
+    """Build the loading model on meta, shard it, allocate this rank's part, load `source`:
+    (whole NF4 tensors, peak RSS growth during the load in bytes)."""
+    model = peft_ops.prepare_fsdp(loading_model("meta"))
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    model.to_empty(device="cpu")
+    before = rss_bytes()
+    peft_ops.load_base_weights(model, os.path.join(out, source))
+    # the process's high-water mark over its resident size before the load: an upper bound of
+    # what loading added at its peak (an earlier, higher peak only makes it larger)
+    peak_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return {k.removeprefix("nf4."): v for k, v in nf4_state(model).items()}, peak_growth
+
+
+def worker(rank, world, out, port):
+    from safetensors.torch import load_file, save_file
+    from torch.distributed.fsdp import fully_shard
+    import torch.distributed.checkpoint as dcp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    report = {}
+    # loading first, while this process's peak memory is still low
+    expected = load_file(os.path.join(out, "expected_nf4.safetensors"))
+    for source in ("dense.safetensors", "bnb.safetensors"):
+        got, peak_growth = load_run(out, source, fully_shard)
+        report[source] = {"equal": sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k])
+                                                                          for k in expected),
+                          "peak_growth_bytes": peak_growth}
+    report["dense_model_bytes"] = LOADING_LAYERS * 1024 * 2048 * 4
+
+    x, target = batch()
+    share = BATCH // world
+    rows = slice(rank * share, (rank + 1) * share)
+    model = Model()
+    whole_bytes = {n: w.nbytes for n, w in peft_ops.peft.fsdp.nf4_weights(model).items()}
+    peft_ops.prepare_fsdp(model)
+    for layer in (model.q1, model.q2, model.lora):
+        fully_shard(layer)
+    fully_shard(model)
+    weights = peft_ops.peft.fsdp.nf4_weights(model)
+    report["nf4_bytes"] = {n: {"whole": whole_bytes[n], "here": w.nbytes,
+                               "tensors": {k: t.numel() * t.element_size() for k, t in w.local_tensors().items()}}
+                           for n, w in weights.items()}
+    grads = step(model, x[rows], target[rows])
+    grads = {n: full(g) for n, g in grads.items()}
+    params = {n: full(p.detach()) for n, p in model.named_parameters() if p.requires_grad}
+    nf4 = nf4_state(model)
+
+    # a distributed checkpoint of the whole sharded model, NF4 included, round-trips bit for bit
+    ckpt = os.path.join(out, f"dcp{world}")
+    state = model.state_dict()
+    output = model(x[rows]).detach()
+    dcp.save(state, checkpoint_id=ckpt)
+    before = {k: v._local_tensor.clone() if hasattr(v, "_local_tensor") else v.clone() for k, v in state.items()}
+    with torch.no_grad():
+        for v in state.values():
+            (v._local_tensor if hasattr(v, "_local_tensor") else v).zero_()
+    fresh = model.state_dict()
+    dcp.load(fresh, checkpoint_id=ckpt)
+    after = {k: v._local_tensor if hasattr(v, "_local_tensor") else v for k, v in model.state_dict().items()}
+    report["dcp_keys"] = sorted(before)
+    report["dcp_equal"] = all(torch.equal(before[k], after[k]) for k in before)
+    report["dcp_forward_equal"] = bool(torch.equal(model(x[rows]).detach(), output))
+
+    with open(os.path.join(out, f"fsdp{world}.rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    if rank == 0:
+        save_file({**{"grad." + k: v.contiguous() for k, v in grads.items()},
+                   **{"param." + k: v.contiguous() for k, v in params.items()}, **nf4},
+                  os.path.join(out, f"fsdp{world}.safetensors"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main():
+    if sys.argv[1] == "single":
+        single(sys.argv[2])
+        return
+    world, out, port = int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    torch.multiprocessing.spawn(worker, args=(world, out, port), nprocs=world, join=True)
+
+
+if __name__ == "__main__":
+    main()

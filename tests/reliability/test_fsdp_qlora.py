@@ -1,0 +1,211 @@
+"""FSDP-QLoRA (gloo, 2 and 4 CPU processes on loopback; tests/helpers/fsdp_qlora_worker.py):
+
+- after ``prepare_fsdp`` + ``fully_shard`` each rank holds 1/world of every NF4 weight's bytes,
+  measured from its tensors;
+- one step on each rank's share of the batch equals a single process on the whole batch
+  (gradients and updated adapters, QLoRA and QDoRA layers, through our NF4 kernels on the
+  gathered weight);
+- a distributed checkpoint (``torch.distributed.checkpoint``) of the sharded model, NF4
+  included, round-trips bit for bit;
+- ``load_base_weights`` on a model built on the meta device fills each rank's shard from a
+  dense checkpoint (quantized on the rank) and from bitsandbytes' serialized 4-bit layout, bytes
+  equal to a single-process ``quantize``, with a peak below the dense model's size;
+- bad input (a world size that does not split the rows into whole scale groups, a checkpoint of
+  another shape / blocksize / format) raises before anything changes.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import peft_ops
+from peft_ops.nf4_tensor import NF4Tensor, row_quantum
+
+WORKER = pathlib.Path(__file__).parents[1] / "helpers" / "fsdp_qlora_worker.py"
+TOL = 1e-5  # fp32: the shares' mean gradients against the whole batch's, relative to the largest
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def run(*args) -> None:
+    done = subprocess.run([sys.executable, str(WORKER), *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    from safetensors.torch import load_file
+
+    out = tmp_path_factory.mktemp("fsdp_qlora")
+    run("single", out)
+    return out, load_file(out / "single.safetensors")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp_qlora(world, single):
+    from safetensors.torch import load_file
+
+    out, expected = single
+    run("fsdp", world, out, free_port())
+    got = load_file(out / f"fsdp{world}.safetensors")
+    assert set(got) == set(expected)
+    assert {"grad.q1.lora_A", "grad.q2.lora_magnitude_vector", "param.lora.lora_B",
+            "nf4.q1.qweight.packed", "nf4.q2.qweight.absmax_scale"} <= set(expected)
+    for key, value in expected.items():
+        if key.startswith("nf4."):  # the NF4 tensors gathered from the shards are the whole weight's bytes
+            assert torch.equal(got[key], value), key
+            continue
+        error = ((got[key] - value).abs().max() / value.abs().max()).item()
+        assert error <= TOL, (world, key, error)
+    for rank in range(world):
+        report = json.loads((out / f"fsdp{world}.rank{rank}.json").read_text())
+        for name, sizes in report["nf4_bytes"].items():
+            tensors = sizes["tensors"]
+            whole = {k.removeprefix(f"nf4.{name}."): v.numel() * v.element_size()
+                     for k, v in expected.items() if k.startswith(f"nf4.{name}.")}
+            for inner in ("packed", "absmax", "absmax_scale"):  # exactly 1/world: the shards are block-aligned
+                assert tensors[inner] * world == whole[inner], (rank, name, inner)
+            assert tensors["absmax_offset"] == whole["absmax_offset"] == 4  # the one mean, on every rank
+            assert sizes["here"] == sizes["whole"] - (world - 1) * (whole["packed"] + whole["absmax"]
+                                                                     + whole["absmax_scale"]) // world
+        assert report["dcp_equal"] and report["dcp_forward_equal"], rank
+        assert any(".qweight.packed" in k for k in report["dcp_keys"])
+        for source in ("dense.safetensors", "bnb.safetensors"):
+            assert report[source]["equal"], (rank, source)
+            assert report[source]["peak_growth_bytes"] < report["dense_model_bytes"], (rank, source, report[source])
+
+
+# ---- single process: the shard arithmetic and bad input ---------------------------------
+
+
+def qlora_model(out_features=512, in_features=256, **kw):
+    torch.manual_seed(0)
+    return nn.Sequential(peft_ops.QLoraLinear.from_linear(nn.Linear(in_features, out_features), r=4, **kw))
+
+
+def test_row_quantum_is_whole_scale_groups():
+    assert row_quantum(4096, 64, True) == 4      # 4 rows · 4096 = 16384 = 256 blocks of 64
+    assert row_quantum(11008, 64, True) == 64    # Llama-2 down_proj: gcd(11008, 16384) = 256
+    assert row_quantum(14336, 64, False) == 1    # without double quant: whole 64-blocks per row
+    assert row_quantum(100, 64, False) == 16     # 16 · 100 = 1600 = 25 blocks
+
+
+def test_a_row_slice_is_a_byte_slice_of_every_tensor():
+    model = qlora_model()
+    weight = model[0].qweight
+    dense = weight.dequantize()
+    weight.to_parameter_storage()
+    quantum = weight.row_quantum()
+    assert quantum == 64
+    for start, stop in ((0, 64), (128, 320), (448, 512)):
+        part = weight.weight[start:stop]
+        assert isinstance(part, NF4Tensor) and tuple(part.shape) == (stop - start, 256)
+        assert part.packed.data_ptr() == weight.weight.packed.data_ptr() + start * 128  # a view, not a copy
+        decoded = peft_ops.nf4.decode(peft_ops.nf4.NF4Tensors(part.packed, part.absmax, part.absmax_scale,
+                                                              part.absmax_offset, stop - start, 256, 64, weight.dtype))
+        assert torch.equal(decoded, dense[start:stop])
+    with pytest.raises(ValueError, match="whole groups of 64 rows"):
+        weight.weight[32:96]
+    with pytest.raises(ValueError, match="3 equal shards"):
+        torch.chunk(weight.weight, 3)
+
+
+def test_prepare_fsdp_refuses_a_world_size_that_does_not_divide_the_groups():
+    model = qlora_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as raised:
+        peft_ops.prepare_fsdp(model, world_size=3)
+    message = str(raised.value)
+    assert "0.qweight" in message and "world_size=3" in message and "whole groups of 64 rows" in message
+    assert model[0].qweight.storage == "buffers"  # nothing changed
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert peft_ops.prepare_fsdp(model, world_size=8) is model  # 512 rows = 8 groups of 64
+    assert model[0].qweight.storage == "parameter"
+
+
+def test_parameter_storage_keeps_the_math_and_the_state_dict():
+    model = qlora_model(use_dora=True)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(3))
+    expected = model(x).detach()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    nbytes = model[0].qweight.nbytes
+    peft_ops.prepare_fsdp(model, world_size=1)
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["0.bias", "0.qweight.weight"]
+    assert torch.equal(model(x), expected)
+    assert model[0].qweight.nbytes == nbytes
+    assert model.state_dict().keys() == state.keys()  # the same keys as buffer storage
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    other = qlora_model(use_dora=True)
+    with torch.no_grad():
+        other[0].qweight.packed.zero_()
+    peft_ops.prepare_fsdp(other, world_size=1)
+    other.load_state_dict(state)  # a buffer-storage state dict loads into parameter storage
+    assert torch.equal(other(x), expected)
+    with pytest.raises(TypeError, match="cannot be cast"):
+        model[0].qweight.weight.to(torch.float16)
+    model.half()  # a module cast leaves the format's tensors as they are
+    assert model[0].qweight.absmax_scale.dtype == torch.float32
+
+
+def bnb_file(path, weight, **changes):
+    """A bitsandbytes-layout checkpoint of one NF4 weight, with fields of its metadata changed."""
+    from safetensors.torch import save_file
+
+    q = peft_ops.nf4.quantize(weight)
+    meta = dict(quant_type="nf4", blocksize=q.blocksize, dtype="float32", shape=list(q.shape), nested_blocksize=256,
+                nested_dtype="float32", nested_offset=q.absmax_offset.item()) | changes
+    meta = {k: v for k, v in meta.items() if v is not None}
+    save_file({"0.weight": q.packed.view(-1, 1), "0.weight.absmax": q.absmax, "0.weight.nested_absmax": q.absmax_scale,
+               "0.weight.quant_state.bitsandbytes__nf4": torch.tensor(list(json.dumps(meta).encode()),
+                                                                      dtype=torch.uint8),
+               "0.bias": torch.zeros(weight.shape[0])}, path)
+    return q
+
+
+def test_load_base_weights_single_process_and_bad_checkpoints(tmp_path):
+    from safetensors.torch import save_file
+
+    weight = torch.randn(512, 256, generator=torch.Generator().manual_seed(4)) * 0.02
+    bias = torch.randn(512, generator=torch.Generator().manual_seed(5))
+    save_file({"0.weight": weight, "0.bias": bias}, tmp_path / "dense.safetensors")
+    expected = peft_ops.nf4.quantize(weight)
+    model = qlora_model()
+    report = peft_ops.load_base_weights(model, tmp_path / "dense.safetensors")
+    assert report["loaded"] == ["0.weight", "0.bias"] and set(report["skipped"]) == {"0.lora_A", "0.lora_B"}
+    for name, value in expected.state_dict().items():
+        assert torch.equal(getattr(model[0].qweight, name), value), name
+    assert torch.equal(model[0].bias, bias)
+    q = bnb_file(tmp_path / "bnb.safetensors", weight)
+    model = qlora_model()
+    peft_ops.load_base_weights(model, tmp_path / "bnb.safetensors")
+    assert torch.equal(model[0].qweight.packed, q.packed) and torch.equal(model[0].qweight.absmax, q.absmax)
+
+    bad = {
+        "shape": ({"0.weight": torch.zeros(512, 128), "0.bias": bias}, "shape (512, 128)"),
+        "missing": ({"0.weight": weight}, "0.bias: not in the checkpoint"),
+        "bias shape": ({"0.weight": weight, "0.bias": torch.zeros(3)}, "0.bias: shape (3,)"),
+    }
+    for case, (tensors, words) in bad.items():
+        save_file(tensors, tmp_path / f"{case}.safetensors")
+    bnb_file(tmp_path / "blocksize.safetensors", weight, blocksize=128)
+    bnb_file(tmp_path / "plain.safetensors", weight, nested_blocksize=None)
+    files = {**{case: words for case, (_, words) in bad.items()}, "blocksize": "128", "plain": "double_quant"}
+    model = qlora_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for case, words in files.items():
+        with pytest.raises(ValueError, match="nothing was loaded") as raised:
+            peft_ops.load_base_weights(model, tmp_path / f"{case}.safetensors")
+        assert words in str(raised.value), (case, str(raised.value))
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()), case  # unchanged
