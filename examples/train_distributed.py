@@ -1,10 +1,16 @@
 """Train LoRA (or QLoRA) adapters on several GPUs with DDP or FSDP2, then save them in PEFT's
 format from rank 0. On a CPU-only machine the same script runs on CPU processes (gloo).
 
-    torchrun --nproc-per-node 8 examples/train_distributed.py --strategy fsdp2 --quantize nf4
+    torchrun --nproc-per-node 8 examples/train_distributed.py --strategy fsdp2 --quantize nf4   # FSDP-QLoRA
     torchrun --nproc-per-node 2 examples/train_distributed.py --strategy ddp --steps 3     # CPU: gloo
 
+FSDP-QLoRA: `prepare_fsdp` makes the NF4 base weights FSDP2 parameters, so `fully_shard` splits
+them by rows: each rank holds 1/world of the 4-bit bytes, gathered per block for its forward and
+backward. (A model too big for one rank is built on the meta device and filled with
+`peft_ops.load_base_weights`, shard by shard: docs/distributed.md.)
+
 The model is a small Llama built from a config (no download); put your own in `build_model`.
+Its widths (512, 1024) split every NF4 weight into 8 row shards of whole scale groups.
 """
 
 from __future__ import annotations
@@ -21,9 +27,9 @@ import peft_ops
 
 def build_model() -> torch.nn.Module:
     torch.manual_seed(0)  # every rank builds the same model
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      initializer_range=0.15, bos_token_id=None, eos_token_id=None)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                                      initializer_range=0.05, bos_token_id=None, eos_token_id=None)
     return transformers.LlamaForCausalLM(config)
 
 
@@ -51,9 +57,13 @@ def main() -> None:
     else:
         from torch.distributed.fsdp import fully_shard
 
+        peft_ops.prepare_fsdp(model)  # the NF4 weights become parameters FSDP2 shards (no-op without NF4)
         for block in model.model.layers:  # shard block by block, then the root
             fully_shard(block)
         inner = model = fully_shard(model)
+        if rank == 0 and args.quantize:
+            held = sum(w.nbytes for w in peft_ops.peft.fsdp.nf4_weights(inner).values())
+            print(f"NF4 bytes on this rank: {held} (1/{world} of the model's)", flush=True)
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     gen = torch.Generator().manual_seed(1)

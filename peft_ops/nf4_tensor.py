@@ -65,6 +65,18 @@ def shard_problem(rows: int, cols: int, blocksize: int, double_quant: bool, part
             f"this layer with another blocksize or without double quantization")
 
 
+def shard_bytes(rows: int, cols: int, blocksize: int = 64, double_quant: bool = True, world_size: int = 1) -> int:
+    """Bytes one rank holds of an NF4 weight [rows, cols] sharded by rows over `world_size` ranks
+    (parameter storage): its 1/world of the codes, absmax and scales, plus what every rank keeps
+    whole: the offset (4 bytes, with double quantization) and ``quant_meta`` (5 int64). At
+    world_size 1, the whole weight's ``NF4Weight.nbytes``."""
+    numel = rows * cols
+    blocks = -(-numel // blocksize)
+    sharded = (numel + 1) // 2 + blocks * (1 if double_quant else 4)
+    sharded += -(-blocks // ABSMAX_BLOCKSIZE) * 4 if double_quant else 0
+    return sharded // world_size + (4 if double_quant else 0) + 40
+
+
 def flat_start(name: str, row: int, cols: int, blocksize: int) -> int:
     """Index in the flat tensor `name` (one of INNER_NAMES but the offset) where row `row` starts
     (`row` on a row_quantum boundary)."""

@@ -44,6 +44,9 @@ def test_distributed_example_under_torchrun(strategy, quantize, tmp_path):
     losses = [float(v) for v in re.findall(r"loss ([\d.]+)", out.stdout)]
     assert len(losses) == 2 and losses[1] < losses[0], out.stdout
     assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    if quantize:  # FSDP-QLoRA: 14 NF4 weights of 2,705,256 bytes in all; each rank holds half of all but
+        # the 44 bytes every shard keeps whole (quant_meta and the offset)
+        assert "NF4 bytes on this rank: 1352936 (1/2" in out.stdout, out.stdout
 
 
 def test_trainer_example_trains_and_peft_loads_its_file(tmp_path):

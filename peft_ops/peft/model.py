@@ -90,10 +90,14 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     the same way), so the share is comparable across LoRA and QLoRA."""
     checks.module("model", model)
     trainable = total = 0
+    nf4 = [m for m in model.modules() if isinstance(m, NF4Weight)]
+    nf4_params = {id(p) for m in nf4 for p in m.parameters(recurse=False)}  # parameter storage (FSDP2)
     for param in model.parameters():
+        if id(param) in nf4_params:
+            continue
         total += param.numel()
         trainable += param.numel() if param.requires_grad else 0
-    total += sum(m.numel() for m in model.modules() if isinstance(m, NF4Weight))
+    total += sum(m.numel() for m in nf4)
     return trainable, total
 
 

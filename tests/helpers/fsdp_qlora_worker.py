@@ -125,9 +125,9 @@ def load_run(out, source, fully_shard):
 
 
 def worker(rank, world, out, port):
+    import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file, save_file
     from torch.distributed.fsdp import fully_shard
-    import torch.distributed.checkpoint as dcp
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 import peft_ops
-from peft_ops.nf4_tensor import NF4Tensor, row_quantum
+from peft_ops.nf4_tensor import NF4Tensor, row_quantum, shard_bytes
 
 WORKER = pathlib.Path(__file__).parents[1] / "helpers" / "fsdp_qlora_worker.py"
 TOL = 1e-5  # fp32: the shares' mean gradients against the whole batch's, relative to the largest
@@ -78,8 +78,9 @@ def test_fsdp_qlora(world, single):
             for inner in ("packed", "absmax", "absmax_scale"):  # exactly 1/world: the shards are block-aligned
                 assert tensors[inner] * world == whole[inner], (rank, name, inner)
             assert tensors["absmax_offset"] == whole["absmax_offset"] == 4  # the one mean, on every rank
-            assert sizes["here"] == sizes["whole"] - (world - 1) * (whole["packed"] + whole["absmax"]
-                                                                     + whole["absmax_scale"]) // world
+            shape = {"q1.qweight": (512, 256), "q2.qweight": (256, 512)}[name]
+            assert sizes["whole"] == shard_bytes(*shape)  # the formula of the docs' memory table, measured
+            assert sizes["here"] == shard_bytes(*shape, world_size=world)
         assert report["dcp_equal"] and report["dcp_forward_equal"], rank
         assert any(".qweight.packed" in k for k in report["dcp_keys"])
         for source in ("dense.safetensors", "bnb.safetensors"):
@@ -141,7 +142,9 @@ def test_parameter_storage_keeps_the_math_and_the_state_dict():
     expected = model(x).detach()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     nbytes = model[0].qweight.nbytes
+    counts = peft_ops.trainable_parameters(model)
     peft_ops.prepare_fsdp(model, world_size=1)
+    assert peft_ops.trainable_parameters(model) == counts  # the NF4 weight counts once, as out × in
     assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["0.bias", "0.qweight.weight"]
     assert torch.equal(model(x), expected)
     assert model[0].qweight.nbytes == nbytes
@@ -209,3 +212,11 @@ def test_load_base_weights_single_process_and_bad_checkpoints(tmp_path):
             peft_ops.load_base_weights(model, tmp_path / f"{case}.safetensors")
         assert words in str(raised.value), (case, str(raised.value))
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()), case  # unchanged
+
+
+def test_the_docs_memory_table_is_the_formulas():
+    root = pathlib.Path(__file__).parents[2]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "fsdp_qlora_memory.py")], capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.strip() in (root / "docs" / "distributed.md").read_text()
+    assert "| Llama-3 70B | 131.42 GiB | 36.80 GiB | 18.40 GiB | 9.20 GiB | 4.60 GiB |" in done.stdout
