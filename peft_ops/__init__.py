@@ -33,7 +33,7 @@ from .ops.qlora import NF4LinearFunction, QLoraLinearFunction, nf4_linear, qlora
 from .ops.workspace import free_workspaces, workspace_bytes
 from .peft.files import load_peft_adapter, save_peft_adapter
 from .peft.from_peft import FromPeftReport, from_peft
-from .peft.fsdp import load_base_weights, prepare_fsdp
+from .peft.fsdp import load_base_weights, load_sharded_checkpoint, prepare_fsdp, save_sharded_checkpoint
 from .peft.model import (
     active_adapter,
     adapter_names,
@@ -84,6 +84,7 @@ __all__ = [
     "load_base_weights",
     "load_peft_adapter",
     "load_prompt_learning",
+    "load_sharded_checkpoint",
     "lora_embedding",
     "lora_linear",
     "merge_and_unload",
@@ -95,6 +96,7 @@ __all__ = [
     "reference",
     "save_peft_adapter",
     "save_prompt_learning",
+    "save_sharded_checkpoint",
     "set_adapter",
     "set_backend",
     "squared_row_norms",

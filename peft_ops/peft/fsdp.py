@@ -26,6 +26,7 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from safetensors import safe_open
 
@@ -48,7 +49,8 @@ def prepare_fsdp(model: nn.Module, world_size: int | None = None) -> nn.Module:
     `world_size` (default: the initialized process group's, else 1) is checked first: every NF4
     weight must split by rows into that many equal shards of whole blocks (and whole 256-block
     scale groups with double quantization). If one cannot, a ValueError names each such layer
-    and nothing is changed. Returns `model`."""
+    and nothing is changed. `model` wrapped in DDP instead also works: DDP is told to leave the
+    NF4 parameters alone (every rank holds the same bytes). Returns `model`."""
     checks.module("model", model)
     if world_size is None:
         world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -60,6 +62,10 @@ def prepare_fsdp(model: nn.Module, world_size: int | None = None) -> nn.Module:
                          + "\n".join(problems))
     for weight in weights.values():
         weight.to_parameter_storage()
+    # DDP broadcasts every parameter from rank 0 at wrap time, which a 4-bit NF4Tensor cannot
+    # take part in; each rank quantized the same weights, so DDP may skip them (its own opt-out)
+    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    model._ddp_params_and_buffers_to_ignore = sorted(ignored | {f"{name}.weight" for name in weights})
     return model
 
 
@@ -244,3 +250,44 @@ def _named_state(model: nn.Module):
         for name, buf in module._buffers.items():
             if buf is not None and name not in module._non_persistent_buffers_set:
                 yield prefix + name, buf
+
+
+# ---- distributed checkpoints of the whole (sharded) model -------------------------------
+
+
+def save_sharded_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """``torch.distributed.checkpoint.save`` of `model`'s state dict (each rank writes its shards,
+    NF4 weights included as their packed / absmax / scale tensors). Collective under FSDP2."""
+    checks.module("model", model)
+    dcp.save(model.state_dict(), checkpoint_id=os.fspath(path))
+
+
+def load_sharded_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a checkpoint written by :func:`save_sharded_checkpoint` (or ``dcp.save`` of a state
+    dict) into `model` in place, at any world size (the flat NF4 tensors reshard as any DTensor).
+
+    Checked first, on the checkpoint's metadata and its ``quant_meta`` values: every key of the
+    model present with the same size, and every NF4 weight of the same (out, in, blocksize,
+    double quantization, dtype). A mismatch raises ValueError listing each, and nothing is loaded.
+    Collective under FSDP2: call on every rank."""
+    checks.module("model", model)
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"path {path!r} is not a distributed-checkpoint folder")
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    state = model.state_dict()
+    problems = [f"{key}: not in the checkpoint" for key in state if key not in saved]
+    problems += [f"{key}: size {tuple(saved[key].size)} in the checkpoint, {tuple(value.shape)} in the model"
+                 for key, value in state.items() if key in saved and hasattr(saved[key], "size")
+                 and tuple(saved[key].size) != tuple(value.shape)]
+    metas = {key: torch.empty_like(value) for key, value in state.items()
+             if key.endswith(".quant_meta") and key in saved and tuple(saved[key].size) == tuple(value.shape)}
+    if metas:
+        dcp.load(metas, checkpoint_id=path)
+        problems += [f"{key}: (out, in, blocksize, double_quant, dtype) = {value.tolist()} in the checkpoint, "
+                     f"{state[key].tolist()} in the model" for key, value in metas.items()
+                     if not torch.equal(value.cpu(), state[key].cpu())]
+    if problems:
+        raise ValueError(f"checkpoint {path!r} does not fit the model ({len(problems)} problem(s); nothing was "
+                         "loaded):\n" + "\n".join(problems))
+    dcp.load(state, checkpoint_id=path)

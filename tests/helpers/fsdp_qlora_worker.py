@@ -125,7 +125,6 @@ def load_run(out, source, fully_shard):
 
 
 def worker(rank, world, out, port):
-    import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file, save_file
     from torch.distributed.fsdp import fully_shard
 
@@ -163,17 +162,21 @@ def worker(rank, world, out, port):
     ckpt = os.path.join(out, f"dcp{world}")
     state = model.state_dict()
     output = model(x[rows]).detach()
-    dcp.save(state, checkpoint_id=ckpt)
+    peft_ops.save_sharded_checkpoint(model, ckpt)
     before = {k: v._local_tensor.clone() if hasattr(v, "_local_tensor") else v.clone() for k, v in state.items()}
-    with torch.no_grad():
-        for v in state.values():
-            (v._local_tensor if hasattr(v, "_local_tensor") else v).zero_()
-    fresh = model.state_dict()
-    dcp.load(fresh, checkpoint_id=ckpt)
+    with torch.no_grad():  # every value lost but the NF4 weights' format (which the load checks first)
+        for k, v in state.items():
+            if not k.endswith(".quant_meta"):
+                (v._local_tensor if hasattr(v, "_local_tensor") else v).zero_()
+    peft_ops.load_sharded_checkpoint(model, ckpt)
     after = {k: v._local_tensor if hasattr(v, "_local_tensor") else v for k, v in model.state_dict().items()}
     report["dcp_keys"] = sorted(before)
     report["dcp_equal"] = all(torch.equal(before[k], after[k]) for k in before)
     report["dcp_forward_equal"] = bool(torch.equal(model(x[rows]).detach(), output))
+
+    if world == 2:
+        report["from_peft_bnb_equal"] = from_peft_bnb(x, fully_shard)
+        ddp_grads, ddp_params = ddp_step(x[rows], target[rows])
 
     with open(os.path.join(out, f"fsdp{world}.rank{rank}.json"), "w") as f:
         json.dump(report, f)
@@ -181,8 +184,52 @@ def worker(rank, world, out, port):
         save_file({**{"grad." + k: v.contiguous() for k, v in grads.items()},
                    **{"param." + k: v.contiguous() for k, v in params.items()}, **nf4},
                   os.path.join(out, f"fsdp{world}.safetensors"))
+    if world == 2 and rank == 0:
+        save_file({**{"grad." + k: v.contiguous() for k, v in ddp_grads.items()},
+                   **{"param." + k: v.contiguous() for k, v in ddp_params.items()}},
+                  os.path.join(out, "ddp2.safetensors"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def ddp_step(x, target):
+    """The same model with its NF4 weights in parameter storage, under DDP: one step."""
+    model = peft_ops.prepare_fsdp(Model())
+    wrapped = nn.parallel.DistributedDataParallel(model)
+    grads = {n.removeprefix("module."): g for n, g in step(wrapped, x, target).items()}
+    return grads, {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def from_peft_bnb(x, fully_shard):
+    """PEFT's LoRA over bitsandbytes' Linear4bit, swapped by from_peft, then sharded: the sharded
+    model's output equals the unsharded one's bit for bit."""
+    import copy
+
+    import bitsandbytes as bnb
+    import peft
+
+    torch.manual_seed(3)
+    dense = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256))
+    model = nn.Sequential(*[bnb.nn.Linear4bit(m.in_features, m.out_features, compute_dtype=torch.float32,
+                                              compress_statistics=True, quant_type="nf4") if isinstance(m, nn.Linear)
+                            else m for m in dense])
+    for index in (0, 2):
+        model[index].weight = bnb.nn.Params4bit(dense[index].weight.data, requires_grad=False, quant_type="nf4",
+                                                compress_statistics=True)._quantize("cpu")
+        model[index].bias = nn.Parameter(dense[index].bias.data)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(target_modules=["0", "2"], r=4, lora_alpha=8))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    peft_ops.from_peft(peft_model)
+    whole = copy.deepcopy(peft_model)
+    expected = whole(x).detach()
+    peft_ops.prepare_fsdp(peft_model)
+    for layer in (peft_model.base_model.model[0], peft_model.base_model.model[2]):
+        fully_shard(layer)
+    fully_shard(peft_model)
+    return bool(torch.equal(peft_model(x).detach(), expected))
 
 
 def main():

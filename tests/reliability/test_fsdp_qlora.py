@@ -69,8 +69,17 @@ def test_fsdp_qlora(world, single):
             continue
         error = ((got[key] - value).abs().max() / value.abs().max()).item()
         assert error <= TOL, (world, key, error)
+    if world == 2:
+        resharded_checkpoint_loads_in_one_process(out, got)
+    if world == 2:  # parameter storage under DDP too (its broadcast told to skip the NF4 weights)
+        ddp = load_file(out / "ddp2.safetensors")
+        for key in ddp:
+            error = ((ddp[key] - expected[key]).abs().max() / expected[key].abs().max()).item()
+            assert error <= TOL, ("ddp", key, error)
     for rank in range(world):
         report = json.loads((out / f"fsdp{world}.rank{rank}.json").read_text())
+        if world == 2:  # from_peft over bitsandbytes' Linear4bit, then sharded: the same output
+            assert report["from_peft_bnb_equal"], rank
         for name, sizes in report["nf4_bytes"].items():
             tensors = sizes["tensors"]
             whole = {k.removeprefix(f"nf4.{name}."): v.numel() * v.element_size()
@@ -86,6 +95,32 @@ def test_fsdp_qlora(world, single):
         for source in ("dense.safetensors", "bnb.safetensors"):
             assert report[source]["equal"], (rank, source)
             assert report[source]["peak_growth_bytes"] < report["dense_model_bytes"], (rank, source, report[source])
+
+
+def resharded_checkpoint_loads_in_one_process(out, got):
+    """The 2-rank distributed checkpoint loads whole into one process (resharded 2 → 1): the NF4
+    bytes and the trained adapters are the ranks'. A model of another blocksize is refused first."""
+    sys.path.insert(0, str(WORKER.parent))
+    import fsdp_qlora_worker as worker
+
+    model = peft_ops.prepare_fsdp(worker.Model(), world_size=1)
+    peft_ops.load_sharded_checkpoint(model, out / "dcp2")
+    state, params = model.state_dict(), dict(model.named_parameters())
+    for key, value in got.items():
+        if key.startswith("nf4."):
+            assert torch.equal(state[key.removeprefix("nf4.")], value), key
+        elif key.startswith("param."):
+            assert torch.equal(params[key.removeprefix("param.")], value), key
+    other = worker.Model()
+    other.q1 = peft_ops.QLoraLinear.from_linear(nn.Linear(256, 512), r=4, blocksize=128)
+    peft_ops.prepare_fsdp(other, world_size=1)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="nothing was loaded") as raised:
+        peft_ops.load_sharded_checkpoint(other, out / "dcp2")
+    assert "q1.qweight.absmax: size (2048,) in the checkpoint, (1024,)" in str(raised.value)
+    assert ("q1.qweight.quant_meta: (out, in, blocksize, double_quant, dtype) = [512, 256, 64, 1, 0] in the "
+            "checkpoint, [512, 256, 128, 1, 0] in the model") in str(raised.value)
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
 
 
 # ---- single process: the shard arithmetic and bad input ---------------------------------

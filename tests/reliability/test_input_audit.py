@@ -178,6 +178,10 @@ AUDIT = {
         ("world_size", 2, ValueError)]),
     "load_base_weights": (peft_ops.load_base_weights, lambda: dict(model=Tiny(), checkpoint="/nonexistent/never"), [
         ("model", 3, TypeError), ("checkpoint", "/nonexistent/never", FileNotFoundError)]),
+    "save_sharded_checkpoint": (peft_ops.save_sharded_checkpoint, lambda: dict(model=Tiny(), path="/nonexistent/x"), [
+        ("model", 3, TypeError)]),
+    "load_sharded_checkpoint": (peft_ops.load_sharded_checkpoint, lambda: dict(model=Tiny(), path="/nonexistent/x"), [
+        ("model", 3, TypeError), ("path", "/nonexistent/never", FileNotFoundError)]),
     "free_workspaces": (peft_ops.free_workspaces, lambda: dict(device="cpu"), [
         ("device", 2.5, TypeError), ("device", "gpu7", ValueError), ("device", True, TypeError)]),
     "workspace_bytes": (peft_ops.workspace_bytes, lambda: dict(device="cpu"), [
