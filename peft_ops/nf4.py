@@ -29,7 +29,17 @@ import torch
 import torch.nn as nn
 
 from .backend import kernel_modules, resolve
-from .nf4_tensor import INNER_NAMES, NF4Tensor, flat_start, row_quantum, shard_problem, shard_start_row, sharded_flat
+from .nf4_tensor import (
+    INNER_NAMES,
+    NF4Tensor,
+    flat_range,
+    is_sharded,
+    row_quantum,
+    shard_group,
+    shard_problem,
+    shard_start_row,
+    sharded_flat,
+)
 from .ops import checks
 
 # bitsandbytes' NF4 code table (quantiles of N(0, 1) normalized to [-1, 1]), index 0 … 15.
@@ -254,6 +264,14 @@ class NF4Weight(nn.Module):
             return {n: b for n in INNER_NAMES if (b := self._buffers.get(n)) is not None}
         return self._local_nf4().inner()
 
+    def whole_sizes(self) -> dict[str, int]:
+        """Element count of each of the format's tensors for the whole weight (sharded or not)."""
+        blocks = -(-self.numel() // self.blocksize)
+        sizes = {"packed": (self.numel() + 1) // 2, "absmax": blocks}
+        if self.double_quant:
+            sizes.update(absmax_scale=-(-blocks // ABSMAX_BLOCKSIZE), absmax_offset=1)
+        return sizes
+
     def local_view(self) -> NF4Tensors:
         """:meth:`tensors` over this rank's rows only (``out_features`` = the rows held)."""
         local = self.local_tensors()
@@ -270,15 +288,15 @@ class NF4Weight(nn.Module):
     def shard_group(self):
         """The process group over which FSDP2 shards this weight, or None when it is whole here."""
         weight = self._parameters.get("weight")
-        return weight.device_mesh.get_group() if hasattr(weight, "_local_tensor") else None
+        return shard_group(weight) if weight is not None else None
 
     def _local_nf4(self) -> NF4Tensor:
         weight = self._parameters["weight"]
-        return weight._local_tensor if hasattr(weight, "_local_tensor") else weight  # sharded: a DTensor
+        return weight.to_local() if is_sharded(weight) else weight
 
     def _unsharded_nf4(self) -> NF4Tensor:
         weight = self._parameters["weight"]
-        if hasattr(weight, "_local_tensor") or tuple(weight.shape) != tuple(self.shape):
+        if is_sharded(weight) or tuple(weight.shape) != tuple(self.shape):
             raise RuntimeError(f"this NF4 weight {tuple(self.shape)} is sharded by FSDP2 ({self._local_nf4()!r} on "
                                "this rank): its whole value exists only inside the forward/backward of the module "
                                "that was fully_shard-ed (or after that module's unshard())")
@@ -373,7 +391,7 @@ class NF4Weight(nn.Module):
         weight = self._parameters["weight"]
         local = self._local_nf4()
         for name, value in local.inner().items():
-            if hasattr(weight, "_local_tensor") and name != "absmax_offset":  # FSDP2 shard: a dim-0 DTensor
+            if is_sharded(weight) and name != "absmax_offset":  # FSDP2 shard: a dim-0 DTensor
                 value = sharded_flat(value, weight)
             destination[prefix + name] = value if keep_vars else value.detach()
 
@@ -396,20 +414,19 @@ class NF4Weight(nn.Module):
     def _load_parameter_storage(self, state_dict, prefix, missing_keys, error_msgs) -> None:
         """Copy the format's tensors into this rank's part: from DTensors sharded as ours, or from
         whole tensors (a single-process state dict), whose rows this shard holds are taken."""
-        weight = self._parameters["weight"]
         local = self._local_nf4()
-        start = shard_start_row(weight)
+        start, rows = self.shard_rows()
         for name, target in local.inner().items():
             key = prefix + name
             if key not in state_dict:
                 missing_keys.append(key)
                 continue
             value = state_dict[key]
-            if hasattr(value, "_local_tensor"):  # sharded as this weight is (what state_dict() gave)
-                value = value._local_tensor
+            if is_sharded(value):  # sharded as this weight is (what state_dict() gave)
+                value = value.to_local()
             elif name != "absmax_offset" and value.numel() != target.numel():  # whole: this shard's range
-                begin = flat_start(name, start, self.in_features, self.blocksize)
-                value = value.reshape(-1)[begin: begin + target.numel()]
+                value = value.reshape(-1)[slice(*flat_range(name, start, start + rows, self.out_features,
+                                                            self.in_features, self.blocksize))]
             if value.shape != target.shape:
                 error_msgs.append(f"{key}: shape {tuple(value.shape)} in the state dict, {tuple(target.shape)} "
                                   "in this shard")
@@ -436,7 +453,7 @@ class NF4Weight(nn.Module):
 def _apply_inner(weight: torch.Tensor, fn) -> torch.Tensor:
     """`fn` (a Module._apply function: a move, maybe with a cast) on each of an NF4Tensor's own
     tensors, keeping their dtypes; a DTensor shard stays a DTensor of the same placement."""
-    local = weight._local_tensor if hasattr(weight, "_local_tensor") else weight
+    local = weight.to_local() if is_sharded(weight) else weight
 
     def move(t):
         moved = fn(t)
@@ -445,7 +462,7 @@ def _apply_inner(weight: torch.Tensor, fn) -> torch.Tensor:
     inner = {name: move(value) for name, value in local.inner().items()}
     new = NF4Tensor(inner["packed"], inner["absmax"], inner.get("absmax_scale"), inner.get("absmax_offset"),
                     local.shape, local.dtype, local.blocksize)
-    if local is weight:
+    if not is_sharded(weight):
         return new
     return type(weight).from_local(new, weight.device_mesh, weight.placements, run_check=False, shape=weight.shape,
                                    stride=weight.stride())
@@ -499,8 +516,8 @@ def _pack(codes: torch.Tensor) -> torch.Tensor:
 
 def empty(shape, dtype: torch.dtype = torch.float32, blocksize: int = 64, double_quant: bool = True,
           device="cpu") -> NF4Weight:
-    """An NF4Weight of `shape` whose tensors are allocated, not filled (on the meta device: not
-    even allocated): what a model built without its weights holds until they are loaded."""
+    """An NF4Weight of `shape` whose tensors are zeros (on the meta device: not allocated): what a
+    model built without its weights holds until they are loaded."""
     out_features, in_features = _check_shape(shape)
     numel = out_features * in_features
     blocks = -(-numel // check_blocksize(blocksize))
@@ -521,12 +538,14 @@ def quantize_rows_into(target: NF4Tensors, first_row: int, read_rows, gather_abs
     which ``gather_absmax(local_fp32_absmax) -> whole fp32 absmax`` provides (e.g. an all-gather
     over the ranks holding the other rows; None when this range is the whole weight).
     `first_row` and the range must sit on :func:`~peft_ops.nf4_tensor.row_quantum` boundaries."""
-    rows = target.packed.numel() * 2 // target.in_features
-    cols, blocksize = target.in_features, target.blocksize
+    rows, cols, blocksize = target.out_features, target.in_features, target.blocksize
+    if first_row % row_quantum(cols, blocksize, target.absmax_scale is not None):
+        raise ValueError(f"first_row {first_row} is not on a block (and scale-group) boundary of a weight of "
+                         f"{cols} columns")
     step = blocksize // math.gcd(cols, blocksize)  # rows that fill whole blocks
     chunk = max(step, chunk_elements // cols // step * step)
     code = nf4_code(target.packed.device)
-    absmax = torch.empty(rows * cols // blocksize, dtype=torch.float32, device=target.packed.device)
+    absmax = torch.empty(target.absmax.numel(), dtype=torch.float32, device=target.packed.device)
     for start in range(0, rows, chunk):
         stop = min(rows, start + chunk)
         dense = read_rows(first_row + start, first_row + stop).to(target.packed.device)
@@ -536,8 +555,9 @@ def quantize_rows_into(target: NF4Tensors, first_row: int, read_rows, gather_abs
         if not torch.isfinite(dense).all():
             raise ValueError(f"rows {first_row + start}…{first_row + stop} have NaN or infinite values")
         codes, chunk_absmax = _blockwise_absmax_quantize(dense.reshape(-1).float(), blocksize, code)
-        target.packed[start * cols // 2: stop * cols // 2] = _pack(codes)
-        absmax[start * cols // blocksize: stop * cols // blocksize] = chunk_absmax
+        # the range's last chunk may end in a partial block / padding byte (only the weight's last rows do)
+        target.packed[slice(*flat_range("packed", start, stop, rows, cols, blocksize))] = _pack(codes)
+        absmax[slice(*flat_range("absmax", start, stop, rows, cols, blocksize))] = chunk_absmax
     if target.absmax_scale is None:
         target.absmax.copy_(absmax)
         return

@@ -54,6 +54,8 @@ def row_quantum(cols: int, blocksize: int, double_quant: bool) -> int:
 
 def shard_problem(rows: int, cols: int, blocksize: int, double_quant: bool, parts: int) -> str | None:
     """Why [rows, cols] cannot be cut into `parts` equal row shards on block boundaries, or None."""
+    if parts == 1:
+        return None
     quantum = row_quantum(cols, blocksize, double_quant)
     groups = rows // quantum if rows % quantum == 0 else None
     if groups is not None and groups % parts == 0:
@@ -77,27 +79,49 @@ def shard_bytes(rows: int, cols: int, blocksize: int = 64, double_quant: bool = 
     return sharded // world_size + (4 if double_quant else 0) + 40
 
 
-def flat_start(name: str, row: int, cols: int, blocksize: int) -> int:
-    """Index in the flat tensor `name` (one of INNER_NAMES but the offset) where row `row` starts
-    (`row` on a row_quantum boundary)."""
-    elements = row * cols
-    return {"packed": elements // 2, "absmax": elements // blocksize,
-            "absmax_scale": elements // (blocksize * ABSMAX_BLOCKSIZE)}[name]
+def flat_range(name: str, start: int, stop: int, rows: int, cols: int, blocksize: int) -> tuple[int, int]:
+    """[begin, end) in the flat tensor `name` (``packed``, ``absmax`` or ``absmax_scale``) of rows
+    [start, stop) of a [rows, cols] weight; `start` on a row_quantum boundary, `stop` too or the
+    last row (then the range takes the partial last block / scale group and the padding byte)."""
+    per = {"packed": 2, "absmax": blocksize, "absmax_scale": blocksize * ABSMAX_BLOCKSIZE}[name]
+    end = -(-stop * cols // per) if stop == rows else stop * cols // per  # the tail's partial unit
+    return start * cols // per, end
+
+
+def is_sharded(weight: torch.Tensor) -> bool:
+    """Whether `weight` is a DTensor: FSDP2's sharded parameter."""
+    return DTensor is not None and isinstance(weight, DTensor)
+
+
+def shard_dim(weight: torch.Tensor) -> int:
+    """The mesh dimension over which a DTensor is sharded on its dim 0 (FSDP2: the last for HSDP)."""
+    dims = [i for i, p in enumerate(weight.placements) if isinstance(p, Shard) and p.dim == 0]
+    if len(dims) != 1:
+        raise ValueError(f"an NF4 weight shards on dim 0 over one mesh dimension, got placements {weight.placements}")
+    return dims[0]
 
 
 def shard_start_row(weight: torch.Tensor) -> int:
-    """First row of this rank's shard of an FSDP2-sharded weight (a DTensor sharded on dim 0 in
-    equal parts), 0 for a whole one."""
-    if DTensor is None or not isinstance(weight, DTensor):
+    """First row of this rank's part of a tensor FSDP2 shards on dim 0 (``torch.chunk``: parts of
+    ⌈rows/world⌉ rows, the last shorter or empty); 0 for a whole one."""
+    if not is_sharded(weight):
         return 0
-    return weight._local_tensor.shape[0] * weight.device_mesh.get_coordinate()[-1]
+    dim = shard_dim(weight)
+    part = -(-weight.shape[0] // weight.device_mesh.size(dim))
+    return min(weight.shape[0], part * weight.device_mesh.get_coordinate()[dim])
+
+
+def shard_group(weight: torch.Tensor):
+    """The process group over which `weight` is sharded on dim 0, or None when it is whole."""
+    return weight.device_mesh.get_group(shard_dim(weight)) if is_sharded(weight) else None
 
 
 def sharded_flat(local: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """This rank's part of one flat NF4 tensor as a DTensor sharded on dim 0 like `weight`
-    (equal parts): what a distributed checkpoint saves and reshards."""
-    parts = weight.device_mesh.size(-1)
-    return DTensor.from_local(local, weight.device_mesh, [Shard(0)], run_check=False,
+    """This rank's part of one flat NF4 tensor as a DTensor placed like `weight` (equal parts on
+    its shard dimension, replicated on the others): what a distributed checkpoint saves and
+    reshards."""
+    parts = weight.device_mesh.size(shard_dim(weight))
+    return DTensor.from_local(local, weight.device_mesh, weight.placements, run_check=False,
                               shape=torch.Size((local.numel() * parts,)), stride=(1,))
 
 
@@ -165,10 +189,17 @@ class NF4Tensor(torch.Tensor):
 
     def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
         """The unsharded weight over FSDP2's all-gather outputs (its data are views of them: FSDP
-        frees and refills them; a later call with ``out`` finds them already in place)."""
+        frees and refills them). On later gathers FSDP passes that weight back as ``out``: its
+        tensors must still be views of the same outputs (checked), and it takes this shard's
+        offset (which a device move may have replaced)."""
         offset, shape, blocksize, dtype = metadata
         packed, absmax, *scale = outputs
         if out is not None:
+            for mine, gathered in zip((out.packed, out.absmax, out.absmax_scale), outputs):
+                if mine.untyped_storage().data_ptr() != gathered.untyped_storage().data_ptr():
+                    raise RuntimeError("FSDP2 re-gathered an NF4 weight into buffers its unsharded tensor does not "
+                                       "view")
+            out.absmax_offset = offset
             return None
         full = NF4Tensor(packed, absmax, scale[0] if scale else None, offset, shape, dtype, blocksize)
         return full, tuple(outputs)
@@ -189,12 +220,10 @@ def _rows(t: NF4Tensor, start: int, stop: int) -> NF4Tensor:
             raise ValueError(shard_problem(rows, cols, t.blocksize, t.double_quant, parts)
                              or f"an NF4 weight [{rows}, {cols}] splits by rows only in whole groups of {quantum} "
                                 f"rows: row {edge} is not on a group boundary")
-    blocks_per_row = cols / t.blocksize  # whole blocks per quantum, so products below are integers
-    b0, b1 = round(start * blocks_per_row), round(stop * blocks_per_row)
-    scale = None
-    if t.double_quant:
-        scale = t.absmax_scale[b0 // ABSMAX_BLOCKSIZE: -(-b1 // ABSMAX_BLOCKSIZE)]
-    return NF4Tensor(t.packed[start * cols // 2: stop * cols // 2], t.absmax[b0:b1], scale, t.absmax_offset,
+    parts = {name: slice(*flat_range(name, start, stop, rows, cols, t.blocksize))
+             for name in ("packed", "absmax", "absmax_scale")}
+    scale = t.absmax_scale[parts["absmax_scale"]] if t.double_quant else None
+    return NF4Tensor(t.packed[parts["packed"]], t.absmax[parts["absmax"]], scale, t.absmax_offset,
                      (stop - start, cols), t.dtype, t.blocksize)
 
 
@@ -273,7 +302,7 @@ def _map_inner(t, fn) -> NF4Tensor:
 def _to_copy(t, *, dtype=None, device=None, non_blocking=False, **kwargs):
     if dtype is not None and dtype != t.dtype:
         raise TypeError(f"an NF4 weight keeps its format: it cannot be cast to {dtype} (dequantize it instead)")
-    return _map_inner(t, lambda v: v.to(device=device, non_blocking=non_blocking))
+    return _map_inner(t, lambda v: v.to(device=device, non_blocking=non_blocking, copy=True))
 
 
 def _empty_like(t, **kwargs):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 
 import torch
@@ -29,9 +30,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from safetensors import safe_open
+from torch.distributed.fsdp import FSDPModule
 
 from ..nf4 import NF4Weight, quantize_rows_into
-from ..nf4_tensor import INNER_NAMES, flat_start, shard_start_row
+from ..nf4_tensor import INNER_NAMES, flat_range, is_sharded, shard_start_row
 from ..ops import checks
 
 BNB_META = ".quant_state.bitsandbytes__nf4"  # the key suffix bitsandbytes packs its QuantState's fields under
@@ -120,64 +122,99 @@ def _bnb_fields(reader: _Reader, base: str) -> dict:
     return json.loads(bytes(raw.tolist()).decode("utf-8"))
 
 
-def _nf4_plan(name: str, weight: NF4Weight, base: str, reader: _Reader) -> tuple[str, str | None]:
-    """("dense" | "bnb" | "ours", a problem or None) for one NF4 weight."""
+def _stored_sources(name: str, weight: NF4Weight, base: str, kind: str) -> dict[str, str]:
+    """{our tensor name: checkpoint key} of a stored (already quantized) NF4 weight."""
+    if kind == "bnb":
+        keys = {"packed": base, "absmax": base + ".absmax", "absmax_scale": base + ".nested_absmax"}
+    else:
+        keys = {n: f"{name}.{n}" for n in INNER_NAMES}
+    return {n: k for n, k in keys.items() if n in weight.local_tensors() and (kind != "bnb" or n != "absmax_offset")}
+
+
+_SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.float32: "F32"}
+
+
+def _nf4_plan(name: str, weight: NF4Weight, base: str, reader: _Reader) -> tuple[str, list[str]]:
+    """("dense" | "bnb" | "ours", the problems found) for one NF4 weight."""
     index = reader.index
     want = (weight.out_features, weight.in_features)
     if base + BNB_META in index:
-        fields = _bnb_fields(reader, base)
+        kind, fields = "bnb", _bnb_fields(reader, base)
         got = (tuple(fields.get("shape", ())), fields.get("blocksize"), fields.get("nested_blocksize") is not None,
                fields.get("quant_type"))
         expected = (want, weight.blocksize, weight.double_quant, "nf4")
         if got != expected:
-            return "bnb", (f"{base}: the checkpoint holds a 4-bit weight with (shape, blocksize, double_quant, "
-                           f"quant_type) = {got}, the model expects {expected}")
-        if reader.dtype(base) != "U8":
-            return "bnb", f"{base}: packed as {reader.dtype(base)} (bitsandbytes quant_storage); only uint8 is read"
-        return "bnb", None
-    if name + ".quant_meta" in index:
-        meta = reader.whole(name + ".quant_meta")
+            return kind, [f"{base}: the checkpoint holds a 4-bit weight with (shape, blocksize, double_quant, "
+                          f"quant_type) = {got}, the model expects {expected}"]
+        if weight.double_quant and "nested_offset" not in fields:
+            return kind, [f"{base}{BNB_META}: no nested_offset"]
+    elif name + ".quant_meta" in index:
+        kind, meta = "ours", reader.whole(name + ".quant_meta")
         if not torch.equal(meta.cpu(), weight.quant_meta.cpu()):
-            return "ours", (f"{name}.quant_meta: the checkpoint holds an NF4 weight with (out, in, blocksize, "
-                            f"double_quant, dtype) = {meta.tolist()}, the model has {weight.quant_meta.tolist()}")
-        return "ours", None
-    if base in index:
+            return kind, [f"{name}.quant_meta: the checkpoint holds an NF4 weight with (out, in, blocksize, "
+                          f"double_quant, dtype) = {meta.tolist()}, the model has {weight.quant_meta.tolist()}"]
+    elif base in index:
         shape = reader.shape(base)
         if shape != want:
-            return "dense", f"{base}: shape {shape} in the checkpoint, the model's NF4 weight is {want}"
-        return "dense", None
-    return "dense", f"{base}: not in the checkpoint (as a dense weight, bitsandbytes 4-bit or {name}.packed)"
+            return "dense", [f"{base}: shape {shape} in the checkpoint, the model's NF4 weight is {want}"]
+        return "dense", []
+    else:
+        return "dense", [f"{base}: not in the checkpoint (as a dense weight, bitsandbytes 4-bit or {name}.packed)"]
+    # a stored weight: every tensor present, of its dtype and whole size (a wrong one must not broadcast)
+    problems, whole = [], weight.whole_sizes()
+    for inner, key in _stored_sources(name, weight, base, kind).items():
+        if key not in index:
+            problems.append(f"{key}: not in the checkpoint")
+            continue
+        numel = math.prod(reader.shape(key))
+        dtype = _SAFETENSORS_DTYPES[weight.local_tensors()[inner].dtype]
+        if (numel, reader.dtype(key)) != (whole[inner], dtype):
+            problems.append(f"{key}: {numel} values of {reader.dtype(key)} in the checkpoint, the model's "
+                            f"{inner} needs {whole[inner]} of {dtype}")
+    return kind, problems
 
 
-def _gather_absmax(group):
-    if group is None:
-        return None
-
-    def gather(local: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, local.contiguous(), group=group)
-        return torch.cat(parts)
-
-    return gather
+def _agree(failed: bool, device: torch.device, group) -> bool:
+    """Whether any rank of `group` failed (a collective every rank calls once per weight, so that a
+    rank that raises never leaves the others waiting in the all-gather)."""
+    flag = torch.tensor([int(failed)], device=device)
+    dist.all_reduce(flag, group=group)
+    return bool(flag.item())
 
 
 def _load_nf4(name: str, weight: NF4Weight, base: str, kind: str, reader: _Reader) -> None:
     local = weight.local_tensors()
-    first_row = weight.shard_rows()[0]
+    first_row, rows = weight.shard_rows()
+    group = weight.shard_group()
     if kind == "dense":
-        quantize_rows_into(weight.local_view(), first_row, lambda a, b: reader.rows(base, a, b),
-                           _gather_absmax(weight.shard_group()))
+        agreed = False
+
+        def gather(part: torch.Tensor) -> torch.Tensor:
+            nonlocal agreed
+            agreed = True
+            if _agree(False, part.device, group):
+                raise RuntimeError(f"{base}: another rank failed to read or quantize its rows")
+            parts = [torch.empty_like(part) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, part.contiguous(), group=group)
+            return torch.cat(parts)
+
+        try:
+            quantize_rows_into(weight.local_view(), first_row, lambda a, b: reader.rows(base, a, b),
+                               gather if group is not None and weight.double_quant else None)
+        except Exception:
+            if group is not None and weight.double_quant and not agreed:
+                _agree(True, weight.device, group)
+            raise
         return
-    sources = ({"packed": base, "absmax": base + ".absmax", "absmax_scale": base + ".nested_absmax"}
-               if kind == "bnb" else {n: f"{name}.{n}" for n in INNER_NAMES})
-    for inner in ("packed", "absmax", "absmax_scale"):
-        if inner not in local:
+    for inner, key in _stored_sources(name, weight, base, kind).items():
+        if inner == "absmax_offset":
             continue
-        begin = flat_start(inner, first_row, weight.in_features, weight.blocksize)
-        local[inner].copy_(reader.rows(sources[inner], begin, begin + local[inner].numel()).reshape(-1))
+        begin, end = flat_range(inner, first_row, first_row + rows, weight.out_features, weight.in_features,
+                                weight.blocksize)
+        local[inner].copy_(reader.rows(key, begin, end).reshape(-1))
     if weight.double_quant:
         offset = (torch.tensor(_bnb_fields(reader, base)["nested_offset"], dtype=torch.float32) if kind == "bnb"
-                  else reader.whole(sources["absmax_offset"]))
+                  else reader.whole(f"{name}.absmax_offset"))
         local["absmax_offset"].copy_(offset.reshape(()))
 
 
@@ -194,19 +231,23 @@ def load_base_weights(model: nn.Module, checkpoint: str | os.PathLike) -> dict[s
       sharded by FSDP2 on dim 0 reads its rows only.
     - Trainable parameters (the adapters) are not read.
 
-    Everything is checked before anything is loaded: a missing key, another shape, blocksize or
-    double-quantization setting raises ValueError listing each, and the model is unchanged.
+    Everything but the values is checked before anything is loaded: a missing key, another shape,
+    size, dtype, blocksize or double-quantization setting raises ValueError listing each, and the
+    model is unchanged. A NaN / infinite dense value is found while its rows are quantized: the
+    ValueError then comes on every rank holding that weight, layers before it already loaded.
     Collective under FSDP2 (double quantization all-gathers the absmax): call on every rank.
     Returns {"loaded": [...keys], "skipped": [...trainable names]}."""
     checks.module("model", model)
     reader = _Reader(checkpoint_index(checkpoint))
+    for module in model.modules():  # write into the shards themselves, not into gathered copies FSDP2 frees
+        if isinstance(module, FSDPModule):
+            module.reshard()
     weights = nf4_weights(model)
     problems, nf4_jobs = [], []
     for name, weight in weights.items():
         base = (name.rsplit(".", 1)[0] + "." if "." in name else "") + "weight"
-        kind, problem = _nf4_plan(name, weight, base, reader)
-        if problem:
-            problems.append(problem)
+        kind, found = _nf4_plan(name, weight, base, reader)
+        problems += found
         nf4_jobs.append((name, weight, base, kind))
     dense_jobs, skipped, seen = [], [], set()
     nf4_prefixes = tuple(name + "." for name in weights)
@@ -231,7 +272,7 @@ def load_base_weights(model: nn.Module, checkpoint: str | os.PathLike) -> dict[s
         for name, weight, base, kind in nf4_jobs:
             _load_nf4(name, weight, base, kind, reader)
         for key, tensor in dense_jobs:
-            local = tensor._local_tensor if hasattr(tensor, "_local_tensor") else tensor
+            local = tensor.to_local() if is_sharded(tensor) else tensor
             start = shard_start_row(tensor)
             value = reader.rows(key, start, start + local.shape[0]) if local.dim() else reader.whole(key)
             local.copy_(value)

@@ -68,10 +68,18 @@ def nf4_state(model):
 
 
 def loading_model(device="cpu"):
-    """Layers of QLoRA over 1024 → 2048 weights, on `device` (meta: nothing allocated)."""
+    """Layers of QLoRA over 1024 → 2048 weights, and a frozen dense 2048 → 3 head whose 3 rows FSDP2
+    shards unevenly, on `device` (meta: nothing allocated)."""
     with torch.device(device):
-        layers = nn.Sequential(*[nn.Linear(2048, 1024, bias=False) for _ in range(LOADING_LAYERS)])
+        layers = nn.Sequential(*[nn.Linear(2048, 1024, bias=False) for _ in range(LOADING_LAYERS)],
+                               nn.Linear(2048, 3))
     return peft_ops.apply_lora(layers, [str(i) for i in range(LOADING_LAYERS)], r=4, quantize="nf4")
+
+
+def head():
+    gen = torch.Generator().manual_seed(8)
+    return {f"{LOADING_LAYERS}.weight": torch.randn(3, 2048, generator=gen),
+            f"{LOADING_LAYERS}.bias": torch.randn(3, generator=gen)}
 
 
 def single(out):
@@ -86,7 +94,7 @@ def single(out):
     # base checkpoints for loading: dense floats, and bitsandbytes' serialized 4-bit layout
     torch.manual_seed(2)
     dense = {f"{i}.weight": torch.randn(1024, 2048) * 0.02 for i in range(LOADING_LAYERS)}
-    save_file(dense, os.path.join(out, "dense.safetensors"))
+    save_file(dense | head(), os.path.join(out, "dense.safetensors"))
     bnb, expected = {}, {}
     for key, weight in dense.items():
         q = peft_ops.nf4.quantize(weight)
@@ -99,7 +107,7 @@ def single(out):
                                                                          dtype=torch.uint8)})
         layer = key.split(".")[0]
         expected.update({f"{layer}.qweight.{n}": t for n, t in q.state_dict().items()})
-    save_file(bnb, os.path.join(out, "bnb.safetensors"))
+    save_file(bnb | head(), os.path.join(out, "bnb.safetensors"))
     save_file(expected, os.path.join(out, "expected_nf4.safetensors"))
 
 
@@ -121,7 +129,8 @@ def load_run(out, source, fully_shard):
     # the process's high-water mark over its resident size before the load: an upper bound of
     # what loading added at its peak (an earlier, higher peak only makes it larger)
     peak_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    return {k.removeprefix("nf4."): v for k, v in nf4_state(model).items()}, peak_growth
+    dense = {f"{LOADING_LAYERS}.{n}": full(p.detach()) for n, p in model[LOADING_LAYERS].named_parameters()}
+    return {k.removeprefix("nf4."): v for k, v in nf4_state(model).items()}, peak_growth, dense
 
 
 def worker(rank, world, out, port):
@@ -134,9 +143,10 @@ def worker(rank, world, out, port):
     # loading first, while this process's peak memory is still low
     expected = load_file(os.path.join(out, "expected_nf4.safetensors"))
     for source in ("dense.safetensors", "bnb.safetensors"):
-        got, peak_growth = load_run(out, source, fully_shard)
+        got, peak_growth, dense = load_run(out, source, fully_shard)
         report[source] = {"equal": sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k])
                                                                           for k in expected),
+                          "dense_equal": all(torch.equal(v, head()[k]) for k, v in dense.items()) and len(dense) == 2,
                           "peak_growth_bytes": peak_growth}
     report["dense_model_bytes"] = LOADING_LAYERS * 1024 * 2048 * 4
 

@@ -94,6 +94,7 @@ def test_fsdp_qlora(world, single):
         assert any(".qweight.packed" in k for k in report["dcp_keys"])
         for source in ("dense.safetensors", "bnb.safetensors"):
             assert report[source]["equal"], (rank, source)
+            assert report[source]["dense_equal"], (rank, source)  # a frozen 3-row head, sharded unevenly
             assert report[source]["peak_growth_bytes"] < report["dense_model_bytes"], (rank, source, report[source])
 
 
@@ -255,3 +256,62 @@ def test_the_docs_memory_table_is_the_formulas():
                           text=True, check=True)
     assert done.stdout.strip() in (root / "docs" / "distributed.md").read_text()
     assert "| Llama-3 70B | 131.42 GiB | 36.80 GiB | 18.40 GiB | 9.20 GiB | 4.60 GiB |" in done.stdout
+
+
+@pytest.mark.parametrize("shape, double_quant", [((3, 100), False), ((3, 100), True), ((65, 33), True),
+                                                 ((3, 1), False), ((20, 100), False), ((65, 32), False),
+                                                 ((65, 33), False)])
+def test_partial_last_blocks_quantize_and_slice_exactly(shape, double_quant):
+    """Weights whose last block (and byte) is partial: quantizing a row range in chunks, and slicing
+    the last rows, give the whole weight's bytes."""
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(6))
+    expected = peft_ops.nf4.quantize(weight, double_quant=double_quant)
+    target = peft_ops.nf4.empty(shape, double_quant=double_quant)
+    peft_ops.nf4.quantize_rows_into(target.tensors(), 0, lambda a, b: weight[a:b], chunk_elements=64)
+    for name, value in expected.local_tensors().items():
+        assert torch.equal(target.local_tensors()[name], value), name
+    model = peft_ops.apply_lora(nn.Sequential(nn.Linear(shape[1], shape[0])), ["0"], r=2, quantize="nf4")
+    peft_ops.prepare_fsdp(model, world_size=1)  # one rank: any shape, nothing to split
+    assert model[0].qweight.storage == "parameter"
+    expected.to_parameter_storage()
+    quantum = expected.row_quantum()
+    start = (shape[0] - 1) // quantum * quantum  # the last group of rows, partial block and all
+    tail = expected.weight[start:]
+    decoded = peft_ops.nf4.decode(peft_ops.nf4.NF4Tensors(tail.packed, tail.absmax, tail.absmax_scale,
+                                                          tail.absmax_offset, shape[0] - start, shape[1], 64,
+                                                          torch.float32))
+    assert torch.equal(decoded, expected.dequantize()[start:])  # the last rows: partial block, padding byte
+    if quantum > 1:
+        with pytest.raises(ValueError, match="first_row"):
+            peft_ops.nf4.quantize_rows_into(target.tensors(), 1, lambda a, b: weight[a:b])
+
+
+def test_stored_checkpoints_are_checked_whole_before_loading(tmp_path):
+    from safetensors.torch import save_file
+
+    weight = torch.randn(512, 256, generator=torch.Generator().manual_seed(7)) * 0.02
+    q = peft_ops.nf4.quantize(weight)
+    ours = {f"0.qweight.{k}": v for k, v in q.state_dict().items()} | {"0.bias": torch.zeros(512)}
+    save_file(ours, tmp_path / "ours.safetensors")
+    model = qlora_model()
+    peft_ops.load_base_weights(model, tmp_path / "ours.safetensors")
+    assert torch.equal(model[0].qweight.packed, q.packed) and torch.equal(model[0].qweight.absmax_offset,
+                                                                          q.absmax_offset)
+    save_file({k: v for k, v in ours.items() if not k.endswith("absmax_scale")}, tmp_path / "no_scale.safetensors")
+    save_file(ours | {"0.qweight.absmax": q.absmax[:1].clone()}, tmp_path / "short.safetensors")
+    save_file(ours | {"0.qweight.absmax": q.absmax.float()}, tmp_path / "float.safetensors")
+    dense = {"0.weight": weight.clone(), "0.bias": torch.zeros(512)}
+    dense["0.weight"][100, 3] = float("nan")
+    save_file(dense, tmp_path / "nan.safetensors")
+    cases = {"no_scale": "0.qweight.absmax_scale: not in the checkpoint",
+             "short": "0.qweight.absmax: 1 values of U8 in the checkpoint, the model's absmax needs 2048 of U8",
+             "float": "0.qweight.absmax: 2048 values of F32"}
+    model = qlora_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for case, words in cases.items():
+        with pytest.raises(ValueError, match="nothing was loaded") as raised:
+            peft_ops.load_base_weights(model, tmp_path / f"{case}.safetensors")
+        assert words in str(raised.value), (case, str(raised.value))
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()), case
+    with pytest.raises(ValueError, match="NaN or infinite"):  # values are checked as their rows are read
+        peft_ops.load_base_weights(model, tmp_path / "nan.safetensors")
