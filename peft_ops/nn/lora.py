@@ -438,8 +438,9 @@ class QLoraLinear(_LoraAdapter, nn.Module):
     """QLoRA: a frozen NF4 base weight plus a LoRA adapter,
     ``y = x·dequant(W)ᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ``.
 
-    ``qweight`` is an :class:`~peft_ops.nf4.NF4Weight` (bitsandbytes' format; buffers, part of
-    ``state_dict``, never dequantized in place), ``bias`` a frozen Parameter; ``lora_A`` /
+    ``qweight`` is an :class:`~peft_ops.nf4.NF4Weight` (bitsandbytes' format; buffers, or one
+    frozen Parameter FSDP2 shards after :func:`peft_ops.prepare_fsdp`; part of ``state_dict``,
+    never dequantized in place), ``bias`` a frozen Parameter; ``lora_A`` /
     ``lora_B`` train, initialized and scaled as in :class:`LoraLinear`. The forward is one call
     to :func:`peft_ops.qlora_linear` (or :func:`peft_ops.nf4_linear` with the adapter disabled).
     Merging into 4 bits would lose the adapter's precision, so there is no ``merge``:
