@@ -379,8 +379,10 @@ class NF4Weight(nn.Module):
         # quant_meta always says what the attributes say (to_empty() would leave it unfilled)
         self._buffers["quant_meta"] = torch.tensor(self._meta(), dtype=torch.int64, device=self.quant_meta.device)
         if self.storage == "parameter":
-            self._parameters["weight"] = nn.Parameter(_apply_inner(self._parameters["weight"], fn),
-                                                      requires_grad=False)
+            weight = self._parameters["weight"]
+            moved = _apply_inner(weight, fn)
+            if moved is not weight:  # replaced only when a tensor moved (FSDP2 then re-reads it)
+                self._parameters["weight"] = nn.Parameter(moved, requires_grad=False)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -460,6 +462,8 @@ def _apply_inner(weight: torch.Tensor, fn) -> torch.Tensor:
         return moved if moved.dtype == t.dtype else t.to(moved.device)
 
     inner = {name: move(value) for name, value in local.inner().items()}
+    if all(inner[name] is value for name, value in local.inner().items()):
+        return weight
     new = NF4Tensor(inner["packed"], inner["absmax"], inner.get("absmax_scale"), inner.get("absmax_offset"),
                     local.shape, local.dtype, local.blocksize)
     if not is_sharded(weight):

@@ -153,6 +153,14 @@ def test_a_row_slice_is_a_byte_slice_of_every_tensor():
         decoded = peft_ops.nf4.decode(peft_ops.nf4.NF4Tensors(part.packed, part.absmax, part.absmax_scale,
                                                               part.absmax_offset, stop - start, 256, 64, weight.dtype))
         assert torch.equal(decoded, dense[start:stop])
+    # what FSDP2 all-gathers for a shard: its 4-bit codes, 8-bit absmax codes and fp32 scales, no dense copy
+    shard = weight.weight[128:320]
+    inputs, metadata = shard.fsdp_pre_all_gather(None, weight.weight.shape, (256, 1), None, None)
+    assert [t.dtype for t in inputs] == [torch.uint8, torch.uint8, torch.float32]
+    assert [t.data_ptr() for t in inputs] == [shard.packed.data_ptr(), shard.absmax.data_ptr(),
+                                              shard.absmax_scale.data_ptr()]
+    gathered_bits = 8 * sum(t.numel() * t.element_size() for t in inputs) / shard.numel()
+    assert gathered_bits == 4 + 8 / 64 + 32 / (64 * 256)  # 4.127 bits per weight
     with pytest.raises(ValueError, match="whole groups of 64 rows"):
         weight.weight[32:96]
     with pytest.raises(ValueError, match="3 equal shards"):
