@@ -3,8 +3,8 @@
 - after ``prepare_fsdp`` + ``fully_shard`` each rank holds 1/world of every NF4 weight's bytes,
   measured from its tensors;
 - one step on each rank's share of the batch equals a single process on the whole batch
-  (gradients and updated adapters, QLoRA and QDoRA layers, through our NF4 kernels on the
-  gathered weight);
+  (gradients and updated adapters, QLoRA and QDoRA layers; through our NF4 kernels on the
+  gathered weight at 2 ranks, the PyTorch path at 4);
 - a distributed checkpoint (``torch.distributed.checkpoint``) of the sharded model, NF4
   included, round-trips bit for bit;
 - ``load_base_weights`` on a model built on the meta device fills each rank's shard from a
@@ -38,9 +38,10 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def run(*args) -> None:
+def run(*args, kernels=True) -> None:
+    env = {k: v for k, v in os.environ.items() if kernels or k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(WORKER), *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ))
+                          timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
 
 
@@ -58,7 +59,9 @@ def test_fsdp_qlora(world, single):
     from safetensors.torch import load_file
 
     out, expected = single
-    run("fsdp", world, out, free_port())
+    # our NF4 kernels (interpreted) run on the gathered weights at 2 ranks; at 4 the PyTorch path
+    # reads the same gathered tensors, which keeps 4 interpreted processes on CI's 2 cores out
+    run("fsdp", world, out, free_port(), kernels=world == 2)
     got = load_file(out / f"fsdp{world}.safetensors")
     assert set(got) == set(expected)
     assert {"grad.q1.lora_A", "grad.q2.lora_magnitude_vector", "param.lora.lora_B",
