@@ -29,6 +29,7 @@ from .ops.bottleneck import BottleneckAdapterFunction, bottleneck_adapter
 from .ops.dora import DoraLinearFunction, QDoraLinearFunction, dora_linear, qdora_linear, squared_row_norms
 from .ops.embedding import LoraEmbeddingFunction, lora_embedding
 from .ops.lora import LoraLinearFunction, lora_linear
+from .ops.multi_lora import MultiLoraLinearFunction, multi_lora_linear
 from .ops.qlora import NF4LinearFunction, QLoraLinearFunction, nf4_linear, qlora_linear
 from .ops.workspace import free_workspaces, workspace_bytes
 from .peft.files import load_peft_adapter, save_peft_adapter
@@ -58,6 +59,7 @@ __all__ = [
     "LoraEmbeddingFunction",
     "LoraLinear",
     "LoraLinearFunction",
+    "MultiLoraLinearFunction",
     "NF4LinearFunction",
     "NF4Weight",
     "PrefixTuning",
@@ -88,6 +90,7 @@ __all__ = [
     "lora_embedding",
     "lora_linear",
     "merge_and_unload",
+    "multi_lora_linear",
     "nf4",
     "nf4_linear",
     "qdora_linear",

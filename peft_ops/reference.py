@@ -33,6 +33,29 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     return base + (scaling * lora).to(base.dtype)
 
 
+def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_As, lora_Bs, scalings, adapter_ids: torch.Tensor,
+                      bias: torch.Tensor | None = None, dropout_ps=None, *,
+                      dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """x·Wᵀ + bias, plus on each row m the LoRA term of its adapter k = adapter_ids[m] (−1: none):
+    scalings[k]·(dropout_k(x_m)·lora_As[k]ᵀ)·lora_Bs[k]ᵀ — one masked pass per adapter.
+    ``dropout_mask`` (bool, x's shape): the keep mask to replay."""
+    x2d = x.reshape(-1, x.shape[-1])
+    ids = adapter_ids.reshape(-1)
+    mask = None if dropout_mask is None else dropout_mask.reshape(x2d.shape)
+    y = F.linear(x2d, weight, bias)
+    delta = torch.zeros(y.shape, dtype=torch.promote_types(y.dtype, lora_As[0].dtype), device=y.device)
+    for k, (lora_A, lora_B, scaling) in enumerate(zip(lora_As, lora_Bs, scalings)):
+        rows = (ids == k).nonzero().reshape(-1)
+        p = dropout_ps[k] if dropout_ps is not None else 0.0
+        lora_in = x2d[rows].to(lora_A.dtype)
+        if mask is not None:
+            lora_in = lora_in * mask[rows].to(lora_in.dtype) / (1.0 - p)
+        elif p > 0:
+            lora_in = F.dropout(lora_in, p=p, training=True)
+        delta = delta.index_put((rows,), scaling * (lora_in @ lora_A.t()) @ lora_B.t())
+    return (y + delta.to(y.dtype)).view(*x.shape[:-1], -1)
+
+
 def lora_embedding(ids: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                    scaling: float, padding_idx: int | None = None) -> torch.Tensor:
     """E[ids] + scaling·(A[:, ids])ᵀ·Bᵀ in E's dtype (the LoRA term in the adapters' dtype when it

@@ -86,22 +86,25 @@ def module(name: str, value: object, kind: type = torch.nn.Module) -> torch.nn.M
 
 
 def adapter_factors(lora_A, lora_B, in_features: int, out_features: int, base_dtype: torch.dtype,
-                    names: tuple[str, str, str] = ("in_features", "out_features", "x's")) -> int:
+                    names: tuple[str, str, str] = ("in_features", "out_features", "x's"),
+                    factors: tuple[str, str] = ("lora_A", "lora_B")) -> int:
     """lora_A [r, in] and lora_B [out, r] of one adapter, in `base_dtype` or float32 (PEFT's fp32
-    adapters); `names`: how the errors call in, out and the base dtype's owner. Returns r."""
-    tensor("lora_A", lora_A, ndim=2)
-    tensor("lora_B", lora_B, ndim=2)
+    adapters); `names`: how the errors call in, out and the base dtype's owner; `factors`: how
+    they call the two tensors. Returns r."""
+    a_name, b_name = factors
+    tensor(a_name, lora_A, ndim=2)
+    tensor(b_name, lora_B, ndim=2)
     in_name, out_name, owner = names
     r = lora_A.shape[0]
     if r <= 0:
-        raise ValueError(f"lora_A has shape {tuple(lora_A.shape)}: the rank r (its first dimension) must be ≥ 1")
+        raise ValueError(f"{a_name} has shape {tuple(lora_A.shape)}: the rank r (its first dimension) must be ≥ 1")
     if lora_A.shape[1] != in_features:
-        raise ValueError(f"lora_A must be [r, {in_name}] = [{r}, {in_features}], got {tuple(lora_A.shape)}")
+        raise ValueError(f"{a_name} must be [r, {in_name}] = [{r}, {in_features}], got {tuple(lora_A.shape)}")
     if tuple(lora_B.shape) != (out_features, r):
-        raise ValueError(f"lora_B must be [{out_name}, r] = [{out_features}, {r}], got {tuple(lora_B.shape)}")
-    float_dtype("lora_A", lora_A)
-    same_dtype("lora_B", lora_B, "lora_A", lora_A)
+        raise ValueError(f"{b_name} must be [{out_name}, r] = [{out_features}, {r}], got {tuple(lora_B.shape)}")
+    float_dtype(a_name, lora_A)
+    same_dtype(b_name, lora_B, a_name, lora_A)
     if lora_A.dtype not in (base_dtype, torch.float32):
-        raise TypeError(f"lora_A has dtype {lora_A.dtype}: adapter weights must have {owner} dtype "
+        raise TypeError(f"{a_name} has dtype {lora_A.dtype}: adapter weights must have {owner} dtype "
                         f"({base_dtype}) or float32")
     return r

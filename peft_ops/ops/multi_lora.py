@@ -1,0 +1,235 @@
+"""Many LoRA adapters in one batch: ``multi_lora_linear``, each row (token) with its own adapter.
+
+The base product runs once for every row; the adapters' terms run per segment of rows that
+share an adapter (rows grouped once by a stable sort of their ids), so the LoRA work is that of
+one adapter per row — no pass over all of x per adapter — and the base weight is read once for
+all K adapters. Adapters may have different ranks, scalings and dropout rates; a row with id −1
+gets no adapter.
+
+This module is the op's PyTorch path (every backend but "reference" runs it today): each segment's shrink and
+expand are two GEMMs over its rows, gathered with ``index_select`` and written back with
+``index_add_`` into rows no other segment touches, so the result does not depend on the order of
+the adds (deterministic, no atomics on shared rows).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .. import reference
+from ..backend import resolve
+from ..nf4 import NF4Weight, dequantize
+from . import checks
+from .autograd import eager_seed, mm32, pack_keep_bits, torch_keep_mask, unpack_keep_bits
+from .lora import check_bias
+from .paths import rank_dtype
+
+
+class AdapterSegments(NamedTuple):
+    """Rows grouped by adapter: ``order`` [M] int64, the row indices sorted by adapter id (stable;
+    rows with id −1 first), and ``offsets`` (K + 1 ints): adapter k's rows are
+    ``order[offsets[k]:offsets[k + 1]]``."""
+
+    order: torch.Tensor
+    offsets: tuple[int, ...]
+
+    def rows(self, k: int) -> torch.Tensor:
+        return self.order[self.offsets[k]: self.offsets[k + 1]]
+
+    def count(self, k: int) -> int:
+        return self.offsets[k + 1] - self.offsets[k]
+
+
+def adapter_segments(adapter_ids: torch.Tensor, num_adapters: int) -> AdapterSegments:
+    """Group rows by adapter id (ids in −1 … num_adapters − 1, any shape: flattened). One stable
+    sort and one bincount; the segment sizes come to the host once (they size the GEMMs)."""
+    checks.tensor("adapter_ids", adapter_ids)
+    if adapter_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"adapter_ids must be an int32 or int64 tensor, got {adapter_ids.dtype}")
+    num_adapters = checks.positive_int("num_adapters", num_adapters)
+    ids = adapter_ids.reshape(-1).long()
+    if ids.numel():
+        low, high = torch.stack(torch.aminmax(ids)).tolist()
+        if low < -1 or high >= num_adapters:
+            raise ValueError(f"adapter_ids must lie in -1 … {num_adapters - 1} (-1: no adapter), got values from "
+                             f"{low} to {high}")
+    counts = torch.bincount(ids + 1, minlength=num_adapters + 1).tolist()
+    offsets, total = [], counts[0]
+    for count in counts[1:]:
+        offsets.append(total)
+        total += count
+    offsets.append(total)
+    return AdapterSegments(torch.argsort(ids, stable=True), tuple(offsets))
+
+
+def check_multi_lora_args(x, weight, lora_As, lora_Bs, scalings, adapter_ids, bias, dropout_ps):
+    """Validate every argument; returns (segments, scalings, dropout_ps) with floats."""
+    checks.tensor("x", x, min_ndim=1)
+    checks.float_dtype("x", x)
+    if isinstance(weight, NF4Weight):
+        out_features, in_features = weight.out_features, weight.in_features
+        base = {"weight": weight.packed}
+    else:
+        checks.tensor("weight", weight, ndim=2)
+        checks.same_dtype("weight", weight, "x", x)
+        out_features, in_features = weight.shape
+        base = {"weight": weight}
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight expects "
+                         f"in_features={in_features}")
+    check_bias(bias, out_features, x)
+    for name, value in (("lora_As", lora_As), ("lora_Bs", lora_Bs), ("scalings", scalings)):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple, got {type(value).__name__}")
+    count = len(lora_As)
+    if count == 0:
+        raise ValueError("lora_As must hold at least one adapter")
+    if dropout_ps is None:
+        dropout_ps = [0.0] * count
+    elif not isinstance(dropout_ps, (list, tuple)):
+        raise TypeError(f"dropout_ps must be a list or tuple (or None), got {type(dropout_ps).__name__}")
+    for name, value in (("lora_Bs", lora_Bs), ("scalings", scalings), ("dropout_ps", dropout_ps)):
+        if len(value) != count:
+            raise ValueError(f"{name} has {len(value)} entries, lora_As {count}: one per adapter")
+    for k, (lora_A, lora_B) in enumerate(zip(lora_As, lora_Bs)):
+        checks.adapter_factors(lora_A, lora_B, in_features, out_features, x.dtype,
+                               factors=(f"lora_As[{k}]", f"lora_Bs[{k}]"))
+    scalings = [checks.real_number(f"scalings[{k}]", s) for k, s in enumerate(scalings)]
+    dropout_ps = [checks.probability(f"dropout_ps[{k}]", p) for k, p in enumerate(dropout_ps)]
+    checks.tensor("adapter_ids", adapter_ids)
+    if adapter_ids.shape != x.shape[:-1] and tuple(adapter_ids.shape) != (x.numel() // max(1, x.shape[-1]),):
+        raise ValueError(f"adapter_ids must give one id per row of x: shape {tuple(x.shape[:-1])}, got "
+                         f"{tuple(adapter_ids.shape)}")
+    checks.same_device({"x": x, **base, "bias": bias, "adapter_ids": adapter_ids,
+                        **{f"lora_As[{k}]": a for k, a in enumerate(lora_As)},
+                        **{f"lora_Bs[{k}]": b for k, b in enumerate(lora_Bs)}})
+    return adapter_segments(adapter_ids, count), scalings, dropout_ps
+
+
+def dense_weight(weight, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight [out, in] for this call: itself, or an NF4 weight decoded (transient)."""
+    return dequantize(weight, dtype) if isinstance(weight, NF4Weight) else weight
+
+
+class MultiLoraLinearFunction(torch.autograd.Function):
+    """y_m = x_m·Wᵀ + b + s_k·(drop_k(x_m)·A_kᵀ)·B_kᵀ for row m of adapter k (no term for id −1),
+    drop_k(x) = x⊙keep/(1 − p_k).
+
+    Forward, per segment S_k (its rows gathered):
+              xa_k = drop_k(x_{S_k})·A_kᵀ        [n_k, r_k], fp32
+              y    = x·Wᵀ + b;  y_{S_k} += s_k·xa_k·B_kᵀ
+    Backward, with g_k = dY_{S_k}·B_k [n_k, r_k]:
+              dX   = dY·W;  dX_{S_k} += s_k/(1 − p_k)·(g_k·A_k)⊙keep
+              dA_k = s_k/(1 − p_k)·g_kᵀ·(x_{S_k}⊙keep)
+              dB_k = s_k·dY_{S_k}ᵀ·xa_k
+              dW   = dYᵀ·x (when W requires grad),  db = Σ_m dY_m
+    Saved: x itself (no copy), every xa_k (Σ_k n_k·r_k fp32: each row its own rank), the row
+    order (M int64), and with dropout each segment's keep mask bit-packed (x/16 bytes in bf16).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, segments, scalings, dropout_ps, *factors):
+        count = len(scalings)
+        lora_As, lora_Bs = factors[:count], factors[count:]
+        x2d = x.reshape(-1, x.shape[-1])
+        dense = dense_weight(weight, x.dtype)
+        y = mm32(x2d, dense.t())
+        if bias is not None:
+            y += bias
+        xas, keeps = [], []
+        for k in range(count):
+            if segments.count(k) == 0:
+                xas.append(None)
+                keeps.append(None)
+                continue
+            rows = segments.rows(k)
+            xk = x2d.index_select(0, rows)
+            rank = rank_dtype(x.dtype, lora_As[k].dtype)
+            keep = None
+            if dropout_ps[k] > 0:  # one seed per segment, drawn in adapter order
+                mask = torch_keep_mask(eager_seed(), *xk.shape, dropout_ps[k], x.device)
+                xk = xk * mask
+                keep = pack_keep_bits(mask)
+            xa = mm32(xk, lora_As[k].to(rank).t()).mul_(1.0 / (1.0 - dropout_ps[k]))
+            y.index_add_(0, rows, mm32((xa * scalings[k]).to(rank), lora_Bs[k].to(rank).t()))
+            xas.append(xa)
+            keeps.append(keep)
+        present = [k for k in range(count) if xas[k] is not None]
+        masked = [k for k in present if keeps[k] is not None]
+        dense_saved = (weight,) if isinstance(weight, torch.Tensor) else ()
+        ctx.save_for_backward(x, *dense_saved, segments.order, *lora_As, *lora_Bs, *(xas[k] for k in present),
+                              *(keeps[k] for k in masked))
+        ctx.weight = weight if isinstance(weight, NF4Weight) else None
+        ctx.present, ctx.masked = present, masked
+        ctx.offsets, ctx.scalings, ctx.dropout_ps = segments.offsets, scalings, dropout_ps
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        saved = ctx.saved_tensors
+        count = len(ctx.scalings)
+        if ctx.weight is None:
+            x, weight, order, *rest = saved
+        else:
+            (x, order, *rest), weight = saved, ctx.weight
+        lora_As, lora_Bs = rest[:count], rest[count: 2 * count]
+        xas = dict(zip(ctx.present, rest[2 * count: 2 * count + len(ctx.present)]))
+        keeps = dict(zip(ctx.masked, rest[2 * count + len(ctx.present):]))
+        segments = AdapterSegments(order, ctx.offsets)
+        need_dx, need_dW, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        x2d = x.reshape(-1, x.shape[-1])
+        dy2d = dy.reshape(x2d.shape[0], -1)
+        dense = dense_weight(weight, x.dtype)
+        dx = mm32(dy2d, dense) if need_dx else None
+        dAs, dBs = [None] * count, [None] * count
+        for k in range(count):
+            need_dA, need_dB = ctx.needs_input_grad[6 + k], ctx.needs_input_grad[6 + count + k]
+            if segments.count(k) == 0:
+                dAs[k] = torch.zeros_like(lora_As[k]) if need_dA else None
+                dBs[k] = torch.zeros_like(lora_Bs[k]) if need_dB else None
+                continue
+            rows, scaling = segments.rows(k), ctx.scalings[k]
+            lora_scale = scaling / (1.0 - ctx.dropout_ps[k])
+            rank = rank_dtype(dy.dtype, lora_As[k].dtype)
+            dyk = dy2d.index_select(0, rows)
+            keep = unpack_keep_bits(keeps[k], x2d.shape[1]) if k in keeps else None
+            if need_dB:
+                dBs[k] = mm32(dyk.t(), xas[k].to(rank)).mul_(scaling).to(lora_Bs[k].dtype)
+            if need_dx or need_dA:
+                g = mm32(dyk, lora_Bs[k].to(rank))
+            if need_dx:
+                term = mm32((g * lora_scale).to(rank), lora_As[k].to(rank))
+                dx.index_add_(0, rows, term if keep is None else term * keep)
+            if need_dA:
+                xk = x2d.index_select(0, rows)
+                dAs[k] = mm32(g.to(rank).t(), xk if keep is None else xk * keep).mul_(lora_scale).to(
+                    lora_As[k].dtype)
+        dW = mm32(dy2d.t(), x2d).to(weight.dtype) if need_dW else None
+        db = dy2d.sum(dim=0) if need_db else None
+        return (dx.to(x.dtype).view(x.shape) if dx is not None else None, dW, db, None, None, None, *dAs, *dBs)
+
+
+def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Weight, lora_As: Sequence[torch.Tensor],
+                      lora_Bs: Sequence[torch.Tensor], scalings: Sequence[float], adapter_ids: torch.Tensor,
+                      bias: torch.Tensor | None = None, dropout_ps: Sequence[float] | None = None) -> torch.Tensor:
+    """``x·weightᵀ + bias`` plus, on each row, the LoRA term of that row's adapter:
+    ``scalings[k]·(dropout_k(x_m)·lora_As[k]ᵀ)·lora_Bs[k]ᵀ`` with k = ``adapter_ids[m]`` (−1: none).
+
+    x [..., in]; weight [out, in] in x's dtype, or an :class:`~peft_ops.nf4.NF4Weight` (QLoRA);
+    lora_As[k] [r_k, in] and lora_Bs[k] [out, r_k] (ranks may differ) in x's dtype or float32;
+    adapter_ids an int tensor with one id per row of x (shape x.shape[:-1], or flat); bias [out]
+    or None; dropout_ps one rate per adapter (or None). Gradients flow to x, the weight (dense),
+    the bias and every adapter; an adapter with no rows gets zero gradients. Each adapter's
+    result equals :func:`peft_ops.lora_linear` on its own rows (same dropout masks when the
+    adapters draw their seeds in the same order)."""
+    segments, scalings, dropout_ps = check_multi_lora_args(x, weight, lora_As, lora_Bs, scalings, adapter_ids, bias,
+                                                           dropout_ps)
+    if resolve(x.device) == "reference":
+        dense = dense_weight(weight, x.dtype)
+        return reference.multi_lora_linear(x, dense, lora_As, lora_Bs, scalings, adapter_ids, bias, dropout_ps)
+    # every other backend: the PyTorch path (grouped Triton kernels are not built yet)
+    return MultiLoraLinearFunction.apply(x, weight, bias, segments, scalings, dropout_ps, *lora_As, *lora_Bs)

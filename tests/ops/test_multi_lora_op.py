@@ -1,0 +1,182 @@
+"""multi_lora_linear: K adapters in one batch, each row its own adapter (−1: none).
+
+- every output and gradient equals K separate single-adapter ``lora_linear`` calls on each
+  adapter's rows (dropout on, the same masks: the seeds are drawn in adapter order), for K in
+  {1, 2, 5}, ranks {4, 8, 16}, uneven segments (one adapter with 1 row, one with none);
+- against the float64 reference per dtype (tolerances from measured errors);
+- an NF4 base equals ``qlora_linear`` per segment; saved activations are x + Σ_k n_k·r_k;
+- determinism, and bad input named before anything runs.
+"""
+
+import pytest
+import torch
+
+import peft_ops
+from peft_ops import reference
+from peft_ops.ops.multi_lora import adapter_segments
+
+IN, OUT = 24, 20
+# measured worst relative errors against float64 (torch path, outputs and every gradient, 5 seeds,
+# adapters in x's dtype and fp32): fp32 1.9e-7, bf16 5.1e-3
+TOL = {torch.float32: 1e-6, torch.bfloat16: 2e-2}
+
+
+def relative(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
+
+
+def make(count, dtype=torch.float32, seed=0, ranks=(4, 8, 16, 4, 8)):
+    gen = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(OUT, IN, generator=gen) / 4).to(dtype)
+    bias = torch.randn(OUT, generator=gen).to(dtype)
+    lora_As = [(torch.randn(ranks[k], IN, generator=gen) / 4).to(dtype) for k in range(count)]
+    lora_Bs = [(torch.randn(OUT, ranks[k], generator=gen) / 4).to(dtype) for k in range(count)]
+    scalings = [0.5, 2.0, 1.0, 0.25, 1.5][:count]
+    return weight, bias, lora_As, lora_Bs, scalings
+
+
+IDS = {  # uneven: K=5 has adapter 3 with no row and adapter 4 with one; −1 rows get the base alone
+    1: [0, -1, 0, 0, 0, -1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    2: [1, 0, 1, 1, -1, 0, 0, 1, 1, 1, 0, 1, 1, -1, 0, 1, 1, 1],
+    5: [0, 1, 2, 2, -1, 0, 1, 1, 2, 0, 4, 2, 0, 1, 0, -1, 2, 2],
+}
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+@pytest.mark.parametrize("count", [1, 2, 5])
+def test_equals_separate_single_adapter_runs_with_dropout(count):
+    weight, bias, lora_As, lora_Bs, scalings = make(count)
+    dropout_ps = [0.1, 0.0, 0.3, 0.2, 0.5][:count]
+    ids = torch.tensor(IDS[count]).view(3, 6)  # x [3, 6, IN]: ids in x's leading shape
+    x = torch.randn(3, 6, IN, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(3, 6, OUT, generator=torch.Generator().manual_seed(2))
+
+    params = [leaf(t) for t in (x, bias, *lora_As, *lora_Bs)]
+    torch.manual_seed(7)
+    y = peft_ops.multi_lora_linear(params[0], weight, params[2:2 + count], params[2 + count:], scalings, ids,
+                                   params[1], dropout_ps)
+    got = torch.autograd.grad(y, params, grad)
+
+    singles = [leaf(t) for t in (x, bias, *lora_As, *lora_Bs)]
+    x2d, flat = singles[0].reshape(-1, IN), ids.reshape(-1)
+    torch.manual_seed(7)  # the same seeds, drawn in adapter order by the segments that have rows
+    expected = torch.nn.functional.linear(x2d, weight, singles[1])
+    with peft_ops.use_backend("torch"):  # lora_linear's PyTorch path draws its masks as the multi op does
+        for k in range(count):
+            rows = (flat == k).nonzero().reshape(-1)
+            if len(rows):
+                part = peft_ops.lora_linear(x2d[rows], weight, singles[2 + k], singles[2 + count + k], scalings[k],
+                                            singles[1], dropout_ps[k])
+                expected = expected.index_put((rows,), part)
+    want = torch.autograd.grad(expected.view(3, 6, OUT), singles, grad, allow_unused=True)
+    assert relative(y, expected.view(3, 6, OUT)) <= TOL[torch.float32]
+    for index, (a, b) in enumerate(zip(got, want)):
+        b = torch.zeros_like(a) if b is None else b
+        assert a.shape == b.shape
+        assert relative(a, b) <= TOL[torch.float32] or a.abs().max() == b.abs().max() == 0, index
+    if count == 5:  # the adapter without rows gets exact zeros
+        assert torch.equal(got[2 + 3], torch.zeros_like(lora_As[3])) and torch.equal(got[2 + 5 + 3],
+                                                                                      torch.zeros_like(lora_Bs[3]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("adapter_dtype", ["same", "fp32"])
+def test_against_float64(dtype, adapter_dtype):
+    weight, bias, lora_As, lora_Bs, scalings = make(5, dtype)
+    if adapter_dtype == "fp32":
+        lora_As, lora_Bs = [a.float() for a in lora_As], [b.float() for b in lora_Bs]
+    ids = torch.tensor(IDS[5])
+    x = torch.randn(18, IN, generator=torch.Generator().manual_seed(3)).to(dtype)
+    grad = torch.randn(18, OUT, generator=torch.Generator().manual_seed(4)).to(dtype)
+    params = [leaf(t) for t in (x, weight, bias, *lora_As, *lora_Bs)]
+    y = peft_ops.multi_lora_linear(params[0], params[1], params[3:8], params[8:], scalings, ids, params[2])
+    got = torch.autograd.grad(y, params, grad)
+    exact = [leaf(t.double()) for t in (x, weight, bias, *lora_As, *lora_Bs)]
+    y64 = reference.multi_lora_linear(exact[0], exact[1], exact[3:8], exact[8:], scalings, ids, exact[2])
+    want = torch.autograd.grad(y64, exact, grad.double())
+    assert y.dtype == dtype and relative(y, y64) <= TOL[dtype]
+    for index, (a, b) in enumerate(zip(got, want)):
+        if index == 3 + 3 or index == 8 + 3:  # adapter 3 has no rows
+            assert torch.equal(a, torch.zeros_like(a))
+            continue
+        assert a.dtype == params[index].dtype
+        assert relative(a, b) <= TOL[dtype], (index, relative(a, b))
+
+
+def test_nf4_base_equals_qlora_per_segment():
+    torch.manual_seed(0)
+    qweight = peft_ops.nf4.quantize(torch.randn(OUT * 4, IN * 4) / 4)
+    _, _, lora_As, lora_Bs, scalings = make(2)
+    lora_As = [torch.randn(r, IN * 4) / 4 for r in (4, 8)]
+    lora_Bs = [torch.randn(OUT * 4, r) / 4 for r in (4, 8)]
+    ids = torch.tensor([1, 0, -1, 1, 1, 0, 0, 1])
+    x = torch.randn(8, IN * 4)
+    y = peft_ops.multi_lora_linear(x, qweight, lora_As, lora_Bs, scalings, ids)
+    for k in range(2):
+        rows = (ids == k).nonzero().reshape(-1)
+        part = peft_ops.qlora_linear(x[rows], qweight, lora_As[k], lora_Bs[k], scalings[k])
+        assert relative(y[rows], part) <= TOL[torch.float32]
+    assert relative(y[2], peft_ops.nf4_linear(x[2:3], qweight)[0]) <= TOL[torch.float32]
+
+
+def test_saved_activations_are_x_and_each_rows_own_rank():
+    weight, bias, lora_As, lora_Bs, scalings = make(5)
+    params = [leaf(t) for t in (*lora_As, *lora_Bs)]
+    x = torch.randn(18, IN)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        peft_ops.multi_lora_linear(x, weight, params[:5], params[5:], scalings, torch.tensor(IDS[5]), bias)
+    ids = torch.tensor(IDS[5])
+    counts = [(ids == k).sum().item() for k in range(5)]
+    activations = [t for t in saved if not any(t is p for p in (*params, weight))]
+    assert activations[0] is x  # x itself, no copy
+    xa_bytes = sum(t.numel() * t.element_size() for t in activations[2:])
+    assert xa_bytes == sum(n * a.shape[0] * 4 for n, a in zip(counts, lora_As))  # fp32 xa of each row's rank
+    assert activations[1].numel() == 18 and activations[1].dtype == torch.int64  # the row order
+
+
+def test_deterministic_and_segments():
+    weight, bias, lora_As, lora_Bs, scalings = make(5)
+    ids = torch.tensor(IDS[5])
+    x = torch.randn(18, IN)
+    torch.manual_seed(3)
+    first = peft_ops.multi_lora_linear(x, weight, lora_As, lora_Bs, scalings, ids, bias, [0.2] * 5)
+    torch.manual_seed(3)
+    assert torch.equal(first, peft_ops.multi_lora_linear(x, weight, lora_As, lora_Bs, scalings, ids, bias, [0.2] * 5))
+    segments = adapter_segments(ids, 5)
+    assert segments.offsets == (2, 7, 11, 17, 17, 18)
+    assert segments.rows(4).tolist() == [10] and segments.count(3) == 0
+
+
+@pytest.mark.parametrize("change, exc, words", [
+    (dict(adapter_ids=torch.tensor([0] * 17 + [5])), ValueError, "adapter_ids must lie in -1 … 4"),
+    (dict(adapter_ids=torch.tensor([0] * 17 + [-2])), ValueError, "adapter_ids"),
+    (dict(adapter_ids=torch.zeros(18)), TypeError, "adapter_ids"),
+    (dict(adapter_ids=torch.zeros(17, dtype=torch.long)), ValueError, "adapter_ids"),
+    (dict(scalings=[1.0] * 4), ValueError, "scalings"),
+    (dict(dropout_ps=[0.1] * 4 + [1.0]), ValueError, "dropout_ps[4]"),
+    (dict(lora_Bs="b"), TypeError, "lora_Bs"),
+    (dict(lora_As=[]), ValueError, "lora_As"),
+])
+def test_bad_input_is_named(change, exc, words):
+    weight, bias, lora_As, lora_Bs, scalings = make(5)
+    args = dict(x=torch.randn(18, IN), weight=weight, lora_As=lora_As, lora_Bs=lora_Bs, scalings=scalings,
+                adapter_ids=torch.tensor(IDS[5]), bias=bias, dropout_ps=None) | change
+    with pytest.raises(exc) as raised:
+        peft_ops.multi_lora_linear(**args)
+    assert words in str(raised.value), str(raised.value)
+
+
+def test_a_wrong_adapter_shape_names_its_index():
+    weight, bias, lora_As, lora_Bs, scalings = make(5)
+    lora_Bs[2] = torch.randn(OUT, 3)
+    with pytest.raises(ValueError, match=r"lora_Bs\[2\] must be"):
+        peft_ops.multi_lora_linear(torch.randn(18, IN), weight, lora_As, lora_Bs, scalings, torch.tensor(IDS[5]))
