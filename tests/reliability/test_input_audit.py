@@ -21,6 +21,13 @@ def lora_args():
                 bias=inp["bias"], dropout_p=0.1)
 
 
+def multi_lora_args():
+    inp = lora_args()
+    return dict(x=inp["x"], weight=inp["weight"], lora_As=[inp["lora_A"], inp["lora_A"][:2].clone()],
+                lora_Bs=[inp["lora_B"], inp["lora_B"][:, :2].clone()], scalings=[0.5, 2.0],
+                adapter_ids=torch.tensor([0, 1, -1, 1, 0]), bias=inp["bias"], dropout_ps=[0.1, 0.0])
+
+
 def qlora_args(lora=True):
     args = lora_args()
     args["qweight"] = peft_ops.nf4.quantize(args.pop("weight"))
@@ -69,6 +76,11 @@ AUDIT = {
         ("x", "tensor", TypeError), ("x", f32(5, 15), ValueError), ("weight", f32(12, 16).half(), TypeError),
         ("lora_A", meta(f32(4, 16)), ValueError), ("lora_B", f32(12, 5), ValueError), ("scaling", NAN, ValueError),
         ("dropout_p", NAN, ValueError), ("bias", [0.0] * 12, TypeError)]),
+    "multi_lora_linear": (peft_ops.multi_lora_linear, multi_lora_args, [
+        ("x", "tensor", TypeError), ("x", f32(5, 15), ValueError), ("weight", f32(12, 16).half(), TypeError),
+        ("lora_As", "a", TypeError), ("lora_Bs", [f32(12, 4)], ValueError), ("scalings", [NAN, 1.0], ValueError),
+        ("dropout_ps", [0.1, 1.5], ValueError), ("adapter_ids", torch.tensor([0, 2, 0, 0, 0]), ValueError),
+        ("adapter_ids", torch.zeros(5), TypeError), ("bias", [0.0] * 12, TypeError)]),
     "lora_embedding": (peft_ops.lora_embedding, embedding_args, [
         ("ids", torch.tensor([10]), ValueError), ("ids", f32(3), TypeError), ("weight", f32(10), ValueError),
         ("lora_A", f32(4, 9), ValueError), ("lora_B", f32(16, 4).double(), TypeError), ("scaling", NAN, ValueError),
@@ -191,7 +203,7 @@ AUDIT = {
 # functions check their input, then call them); get_backend takes nothing; FromPeftReport is
 # a result record; `reference` holds the unchecked float64 math the tests compare against;
 # `nf4` is the module audited through nf4.quantize / nf4.dequantize.
-EXEMPT = {"LoraLinearFunction", "NF4LinearFunction", "QLoraLinearFunction", "BottleneckAdapterFunction",
+EXEMPT = {"LoraLinearFunction", "MultiLoraLinearFunction", "NF4LinearFunction", "QLoraLinearFunction", "BottleneckAdapterFunction",
           "DoraLinearFunction", "QDoraLinearFunction", "LoraEmbeddingFunction",
           "get_backend", "FromPeftReport", "reference", "nf4"}
 
