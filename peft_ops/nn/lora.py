@@ -16,7 +16,10 @@ from ..ops import checks
 from ..ops.dora import RowNormCache, dora_linear, dora_weight_norm, qdora_linear
 from ..ops.embedding import lora_embedding
 from ..ops.lora import lora_linear
+from ..ops.multi_lora import multi_lora_linear
 from ..ops.qlora import nf4_linear, qlora_linear
+
+BASE_ADAPTER = "__base__"  # PEFT's name, in a mixed batch, for the rows that run the base layer alone
 
 
 def is_conv1d(module: object) -> bool:
@@ -109,6 +112,7 @@ class _NamedAdapters:
         self.active_adapter = self.adapter_name
         self.named_adapters = nn.ModuleDict()
         self._merged_name = None
+        self.batch_adapters = None  # a mixed batch: one adapter name per sample (mixed_adapter_batch sets it)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -254,6 +258,30 @@ class _LoraAdapter(_NamedAdapters):
             probe = AdapterWeights(dict(lora_A=lora_A, lora_B=lora_B, lora_magnitude_vector=None), settings)
             magnitude = nn.Parameter(self._norm(probe).to(dtype))
         return dict(lora_A=lora_A, lora_B=lora_B, lora_magnitude_vector=magnitude)
+
+    def _mixed_forward(self, x: torch.Tensor, weight, bias) -> torch.Tensor:
+        """A mixed batch: sample i (x's first dimension) runs adapter ``batch_adapters[i]`` — the
+        base alone for ``"__base__"`` or an adapter this layer does not hold — through one
+        :func:`peft_ops.multi_lora_linear` call over the adapters present in the batch."""
+        names = self.batch_adapters
+        if x.dim() < 2 or x.shape[0] != len(names):
+            raise ValueError(f"a mixed batch names {len(names)} samples' adapters, but this layer's input has shape "
+                             f"{tuple(x.shape)} (samples on its first dimension)")
+        if getattr(self, "merged", False):
+            raise RuntimeError("a mixed batch on a merged layer: unmerge() first")
+        present = [n for n in dict.fromkeys(names) if n in self.adapter_names]  # batch order, each once
+        adapters = [self.adapter(n) for n in present]
+        dora = [n for n, a in zip(present, adapters) if a.use_dora]
+        if dora:
+            raise NotImplementedError(f"mixed batches of DoRA adapters are not supported (adapters {dora})")
+        index = {n: k for k, n in enumerate(present)}
+        per_sample = torch.tensor([index.get(n, -1) for n in names], device=x.device)
+        adapter_ids = per_sample.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+        if not adapters:
+            return nf4_linear(x, weight, bias) if not isinstance(weight, torch.Tensor) else F.linear(x, weight, bias)
+        return multi_lora_linear(x, weight, [a.lora_A for a in adapters], [a.lora_B for a in adapters],
+                                 [a.scaling for a in adapters], adapter_ids, bias,
+                                 [a.lora_dropout if self.training else 0.0 for a in adapters])
 
     def _delta_weight_fp32(self, name: str | None = None) -> torch.Tensor:
         adapter = self._held(name)
@@ -417,6 +445,8 @@ class LoraLinear(_Unmergeable, _LoraAdapter, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.base_weight  # [out, in]: a view of a Conv1D's [in, out] weight, read in place
+        if self.batch_adapters is not None and not self._adapter_disabled:
+            return self._mixed_forward(x, weight, self.bias)
         adapter = self.adapter()
         if self.merged or self._adapter_disabled or adapter is None:
             return F.linear(x, weight, self.bias)
@@ -557,6 +587,8 @@ class QLoraLinear(_LoraAdapter, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None and self.bias.dtype != x.dtype else self.bias
+        if self.batch_adapters is not None and not self._adapter_disabled:
+            return self._mixed_forward(x, self.qweight, bias)
         adapter = self.adapter()
         if self._adapter_disabled or adapter is None:
             return nf4_linear(x, self.qweight, bias)

@@ -5,13 +5,17 @@ Each supported layer keeps its object, its submodules and its Parameters — so 
 ``state_dict`` keys, ``save_pretrained``, ``merge_and_unload`` and ``disable_adapter`` keep
 working — and only its class changes, to a subclass of PEFT's own whose ``forward`` calls
 :func:`peft_ops.lora_linear` (or :func:`peft_ops.qlora_linear` over a bitsandbytes 4-bit
-base). Any call the fused op does not cover (adapters disabled or merged, a mixed-adapter
-batch, a dtype it does not take) goes to PEFT's forward, so results never silently differ.
+base). Any call the fused op does not cover (adapters disabled or merged, a dtype it does not
+take, DoRA in a mixed-adapter batch) goes to PEFT's forward, so results never silently differ.
+A mixed-adapter batch (``model(…, adapter_names=[…])``) runs :func:`peft_ops.multi_lora_linear`
+in each layer, in training mode too (PEFT alone refuses it there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import warnings
 
 import torch
@@ -23,7 +27,10 @@ from ..ops import checks
 from ..ops.dora import RowNormCache, dora_linear, qdora_linear
 from ..ops.embedding import lora_embedding
 from ..ops.lora import lora_linear
+from ..ops.multi_lora import multi_lora_linear
 from ..ops.qlora import qlora_linear
+
+BASE_ADAPTER = "__base__"  # PEFT's name for the samples of a mixed batch that run the base alone
 
 
 @dataclasses.dataclass
@@ -44,7 +51,11 @@ class _FusedLoraForward:
         active = [a for a in self.active_adapters if a in self.lora_A]
         if len(active) != 1:
             return None
-        adapter = active[0]
+        return self._adapter_plan(active[0], x)
+
+    def _adapter_plan(self, adapter: str, x: torch.Tensor):
+        """(adapter, dropout p, DoRA magnitude or None) when the fused op computes adapter's term
+        exactly as PEFT does, else None."""
         magnitude = None
         variant = getattr(self, "lora_variant", {}).get(adapter)
         if variant is not None:
@@ -71,12 +82,37 @@ class _FusedLoraForward:
         return super(_FusedLoraForward, self).forward(x, *args, **kwargs)  # PEFT's own class, next in the MRO
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
+        if not args and set(kwargs) == {"adapter_names"} and not self.disable_adapters and not self.merged:
+            mixed = self._fused_mixed(x, kwargs["adapter_names"])
+            if mixed is not None:
+                return mixed
         plan = self._fused_plan(x, args, kwargs)
         if plan is None:
             return self._peft_forward(x, *args, **kwargs)
         adapter, p, magnitude = plan
         return self._fused_forward(x, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                                    self.scaling[adapter], p, magnitude)
+
+    def _fused_mixed(self, x: torch.Tensor, adapter_names):
+        """PEFT's mixed batch (sample i runs ``adapter_names[i]``; "__base__" or an adapter this
+        layer lacks: the base alone) as one :func:`peft_ops.multi_lora_linear` call, when every
+        adapter in it is plain LoRA the fused op computes exactly; else None (PEFT's forward)."""
+        if x.dim() < 2 or len(adapter_names) != x.shape[0]:
+            return None
+        present = [n for n in dict.fromkeys(adapter_names) if n in self.lora_A]
+        plans = [self._adapter_plan(n, x) for n in present]
+        if not present or any(plan is None or plan[2] is not None for plan in plans):
+            return None
+        base = self._mixed_base(x)
+        if base is None:
+            return None
+        weight, bias = base
+        index = {n: k for k, n in enumerate(present)}
+        per_sample = torch.tensor([index.get(n, -1) for n in adapter_names], device=x.device)
+        adapter_ids = per_sample.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+        return multi_lora_linear(x, weight, [self.lora_A[n].weight for n in present],
+                                 [self.lora_B[n].weight for n in present], [self.scaling[n] for n in present],
+                                 adapter_ids, bias, [p for _, p, _ in plans])
 
 
 class _FusedLinear(_FusedLoraForward):
@@ -91,7 +127,22 @@ class _FusedLinear(_FusedLoraForward):
         return lora_linear(x, weight, lora_A, lora_B, scaling, base.bias, p)
 
 
+    def _mixed_base(self, x):
+        """(weight [out, in], bias) for the grouped op, or None when x's dtype is not the weight's."""
+        base = self.base_layer
+        if x.dtype != base.weight.dtype:
+            return None
+        return (base.weight.t() if self.fan_in_fan_out else base.weight), base.bias
+
+
 class _FusedLinear4bit(_FusedLoraForward):
+    def _mixed_base(self, x):
+        qweight = self._peft_ops_nf4
+        if x.dtype != qweight.dtype:
+            return None
+        bias = self.get_base_layer().bias
+        return qweight, (bias.to(x.dtype) if bias is not None and bias.dtype != x.dtype else bias)
+
     def _fused_forward(self, x, lora_A, lora_B, scaling, p, magnitude):
         qweight = self._peft_ops_nf4  # NF4Weight over the layer's own bitsandbytes tensors
         if x.dtype != qweight.dtype:
@@ -220,10 +271,50 @@ def from_peft(peft_model: nn.Module) -> FromPeftReport:
         report.swapped.append(name)
     if not plans and not report.skipped:
         raise ValueError(f"{type(peft_model).__name__} has no PEFT LoRA layer")
+    _allow_mixed_batches_in_training(peft_model, lora_layers.LoraLayer)
     if report.skipped:
         warnings.warn("peft_ops.from_peft left these layers to PEFT: " +
                       "; ".join(f"{n}: {why}" for n, why in report.skipped.items()), stacklevel=2)
     return report
+
+
+def _allow_mixed_batches_in_training(peft_model: nn.Module, lora_layer_class: type) -> None:
+    """PEFT injects ``adapter_names=`` into its LoRA layers' forward in inference only; in
+    training mode its ``LoraModel`` refuses it. Let the call through in training too: the same
+    names checked, then handed to every LoRA layer (the fused ones run the grouped op)."""
+    lora_model = getattr(peft_model, "base_model", None)
+    original = getattr(lora_model, "_enable_peft_forward_hooks", None)
+    if original is None or getattr(original, "_peft_ops_mixed", False):
+        return
+
+    @contextlib.contextmanager
+    def hooks(*args, **kwargs):
+        names = kwargs.get("adapter_names")
+        if names is None or not lora_model.training:
+            with original(*args, **kwargs):
+                yield
+            return
+        layers = [m for m in lora_model.modules() if isinstance(m, lora_layer_class)]
+        known = {n for layer in layers for n in list(layer.lora_A) + list(getattr(layer, "lora_embedding_A", {}))}
+        unknown = sorted({n for n in names if n != BASE_ADAPTER} - known)
+        if unknown:
+            raise ValueError(f"adapter_names names adapters the model does not hold: {unknown} (it holds "
+                             f"{sorted(known)})")
+        handles = [layer.register_forward_pre_hook(functools.partial(_inject_adapter_names, names=list(names)),
+                                                   with_kwargs=True) for layer in layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    hooks._peft_ops_mixed = True
+    object.__setattr__(lora_model, "_enable_peft_forward_hooks", hooks)
+
+
+def _inject_adapter_names(module, args, kwargs, names):
+    kwargs["adapter_names"] = names
+    return args, kwargs
 
 
 def _nf4_of(base_layer):

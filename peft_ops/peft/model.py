@@ -11,7 +11,15 @@ import torch.nn as nn
 
 from ..nf4 import NF4Weight
 from ..nn.bottleneck import BottleneckAdapter, WithAdapter
-from ..nn.lora import LoraEmbedding, LoraLinear, QLoraLinear, check_adapter_name, checked_settings, linear_features
+from ..nn.lora import (
+    BASE_ADAPTER,
+    LoraEmbedding,
+    LoraLinear,
+    QLoraLinear,
+    check_adapter_name,
+    checked_settings,
+    linear_features,
+)
 from ..ops import checks
 from ..ops.bottleneck import check_activation
 from .config import BIAS_MODES, TASK_HEADS, config_dict, is_config, lora_settings
@@ -265,6 +273,41 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         for _, layer in lora_layers(model):
             stack.enter_context(layer.disable_adapter())
         yield model
+
+
+@contextlib.contextmanager
+def mixed_adapter_batch(model: nn.Module, adapter_names) -> Iterator[nn.Module]:
+    """Inside the block, sample i of every batch (the first dimension of each LoRA layer's
+    input) runs adapter ``adapter_names[i]``, in training as in inference — PEFT's
+    ``adapter_names=`` argument, which PEFT itself refuses in training mode. ``"__base__"``, or
+    an adapter a layer does not hold, runs that layer's base alone. Every linear LoRA layer makes
+    one :func:`peft_ops.multi_lora_linear` call: the base weight once for all the adapters. Each
+    adapter trains on its own samples (make their parameters trainable: only the active
+    adapter's are after ``apply_lora`` / ``add_adapter``). DoRA adapters and embedding LoRA
+    layers are refused in a mixed batch. Under activation checkpointing, recompute inside the
+    block (the names are not kept for a recompute outside it)."""
+    checks.module("model", model)
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+        raise TypeError(f"adapter_names must be a list of adapter names, one per sample, got "
+                        f"{type(adapter_names).__name__}")
+    if not adapter_names:
+        raise ValueError("adapter_names must name at least one sample's adapter")
+    names = [n if n == BASE_ADAPTER else check_adapter_name(n, "adapter_names") for n in adapter_names]
+    layers = lora_layers(model)
+    known = {n for _, layer in layers for n in layer.adapter_names}
+    unknown = sorted({n for n in names if n != BASE_ADAPTER} - known)
+    if unknown:
+        raise ValueError(f"adapter_names names adapters no layer holds: {unknown} (the model's: {sorted(known)})")
+    embeddings = [name for name, layer in layers if isinstance(layer, LoraEmbedding)]
+    if embeddings:
+        raise NotImplementedError(f"mixed adapter batches over embedding LoRA layers are not supported: {embeddings}")
+    try:
+        for _, layer in layers:
+            layer.batch_adapters = names
+        yield model
+    finally:
+        for _, layer in layers:
+            layer.batch_adapters = None
 
 
 def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,

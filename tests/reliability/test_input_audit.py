@@ -162,6 +162,10 @@ AUDIT = {
         ("model", 1, TypeError), ("adapter_name", "other", ValueError)]),
     "disable_adapters": (lambda model: peft_ops.disable_adapters(model).__enter__(), lambda: dict(model=Tiny()), [
         ("model", "m", TypeError)]),
+    "mixed_adapter_batch": (lambda model, adapter_names: peft_ops.mixed_adapter_batch(model, adapter_names).__enter__(),
+                            lambda: dict(model=peft_ops.apply_lora(Tiny(), ["proj"]), adapter_names=["default"]), [
+        ("model", 3, TypeError), ("adapter_names", "default", TypeError), ("adapter_names", [], ValueError),
+        ("adapter_names", ["nope"], ValueError), ("adapter_names", ["a.b"], ValueError)]),
     "adapter_names": (peft_ops.adapter_names, lambda: dict(model=Tiny()), [("model", 2, TypeError)]),
     "active_adapter": (peft_ops.active_adapter, lambda: dict(model=Tiny()), [("model", 2, TypeError)]),
     "apply_prompt_learning": (peft_ops.apply_prompt_learning, lambda: dict(model=Tiny(), method="prompt_tuning",
@@ -203,8 +207,8 @@ AUDIT = {
 # functions check their input, then call them); get_backend takes nothing; FromPeftReport is
 # a result record; `reference` holds the unchecked float64 math the tests compare against;
 # `nf4` is the module audited through nf4.quantize / nf4.dequantize.
-EXEMPT = {"LoraLinearFunction", "MultiLoraLinearFunction", "NF4LinearFunction", "QLoraLinearFunction", "BottleneckAdapterFunction",
-          "DoraLinearFunction", "QDoraLinearFunction", "LoraEmbeddingFunction",
+EXEMPT = {"LoraLinearFunction", "MultiLoraLinearFunction", "NF4LinearFunction", "QLoraLinearFunction",
+          "BottleneckAdapterFunction", "DoraLinearFunction", "QDoraLinearFunction", "LoraEmbeddingFunction",
           "get_backend", "FromPeftReport", "reference", "nf4"}
 
 CASES = [(name, i) for name, (_, _, bad) in AUDIT.items() for i in range(len(bad))]
