@@ -64,3 +64,26 @@ def test_trainer_example_trains_and_peft_loads_its_file(tmp_path):
     difference = float(re.search(r"logits within ([\d.e+-]+)", out.stdout).group(1))
     assert difference <= 1e-4
     assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+
+
+def test_multi_adapter_example_equals_separate_runs_and_peft_loads_each(tmp_path):
+    """examples/train_multi_adapter.py: 4 adapters (ranks 4, 8, 16, 8) trained in mixed batches
+    equal each adapter trained alone, and PEFT's PeftModel.from_pretrained loads each folder."""
+    peft = pytest.importorskip("peft")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "train_multi_adapter.py"), "--steps", "3",
+                          "--out", str(tmp_path / "adapters")], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = re.findall(r"(\w+): r=(\d+), (\d+) tensors, mixed vs alone max relative difference ([\d.e+-]+) "
+                      r"\(moved ([\d.]+)\)", out.stdout)
+    assert [(task, int(r)) for task, r, *_ in rows] == [("add3", 4), ("twice", 8), ("times5", 16), ("mirror", 8)]
+    for task, _, tensors, difference, moved in rows:
+        assert int(tensors) == 28 and float(difference) <= 1e-6 and float(moved) > 0.01, out.stdout
+    sys.path.insert(0, str(ROOT / "examples"))
+    import train_multi_adapter as example
+
+    for task, rank, *_ in rows:
+        model = peft.PeftModel.from_pretrained(example.base_model(), str(tmp_path / "adapters" / task))
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        assert layer.r["default"] == int(rank)
+        assert layer.lora_B["default"].weight.abs().max() > 0  # trained (B starts at zero)

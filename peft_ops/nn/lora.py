@@ -60,6 +60,8 @@ def check_adapter_name(name: object, arg: str = "adapter_name") -> str:
         raise TypeError(f"{arg} must be a str, got {type(name).__name__}")
     if not name or "." in name or not name.isprintable():
         raise ValueError(f"{arg} must be a non-empty name without '.', got {name!r}")
+    if hasattr(nn.ModuleDict, name):  # a module key cannot shadow a method (e.g. "double", "train")
+        raise ValueError(f"{arg} {name!r} is the name of an nn.Module attribute: choose another")
     return name
 
 

@@ -153,7 +153,7 @@ AUDIT = {
     "add_adapter": (peft_ops.add_adapter, lambda: dict(model=peft_ops.apply_lora(Tiny(), ["proj"]), adapter_name="b",
                                                        target_modules=["proj"]), [
         ("model", "m", TypeError), ("adapter_name", "default", ValueError), ("adapter_name", "", ValueError),
-        ("target_modules", ["nope"], ValueError)]),
+        ("adapter_name", "double", ValueError), ("target_modules", ["nope"], ValueError)]),
     "set_adapter": (peft_ops.set_adapter, lambda: dict(model=peft_ops.apply_lora(Tiny(), ["proj"]),
                                                        adapter_name="default"), [
         ("model", 1, TypeError), ("adapter_name", "other", ValueError), ("adapter_name", None, TypeError)]),
