@@ -277,7 +277,7 @@ class _LoraAdapter(_NamedAdapters):
         if dora:
             raise NotImplementedError(f"mixed batches of DoRA adapters are not supported (adapters {dora})")
         index = {n: k for k, n in enumerate(present)}
-        per_sample = torch.tensor([index.get(n, -1) for n in names], device=x.device)
+        per_sample = torch.tensor([index.get(n, -1) for n in names])  # on the CPU: grouped without a device sync
         adapter_ids = per_sample.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
         if not adapters:
             return nf4_linear(x, weight, bias) if not isinstance(weight, torch.Tensor) else F.linear(x, weight, bias)

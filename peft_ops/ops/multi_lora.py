@@ -43,9 +43,11 @@ class AdapterSegments(NamedTuple):
         return self.offsets[k + 1] - self.offsets[k]
 
 
-def adapter_segments(adapter_ids: torch.Tensor, num_adapters: int) -> AdapterSegments:
+def adapter_segments(adapter_ids: torch.Tensor, num_adapters: int, device=None) -> AdapterSegments:
     """Group rows by adapter id (ids in −1 … num_adapters − 1, any shape: flattened). One stable
-    sort and one bincount; the segment sizes come to the host once (they size the GEMMs)."""
+    sort and one bincount where the ids are; the segment sizes come to the host once (they size
+    the GEMMs) — no device sync at all for ids on the CPU, whose order is then copied to
+    `device` (default: the ids' own)."""
     checks.tensor("adapter_ids", adapter_ids)
     if adapter_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"adapter_ids must be an int32 or int64 tensor, got {adapter_ids.dtype}")
@@ -62,7 +64,8 @@ def adapter_segments(adapter_ids: torch.Tensor, num_adapters: int) -> AdapterSeg
         offsets.append(total)
         total += count
     offsets.append(total)
-    return AdapterSegments(torch.argsort(ids, stable=True), tuple(offsets))
+    order = torch.argsort(ids, stable=True)
+    return AdapterSegments(order if device is None else order.to(device, non_blocking=True), tuple(offsets))
 
 
 def check_multi_lora_args(x, weight, lora_As, lora_Bs, scalings, adapter_ids, bias, dropout_ps):
@@ -103,10 +106,11 @@ def check_multi_lora_args(x, weight, lora_As, lora_Bs, scalings, adapter_ids, bi
     if adapter_ids.shape != x.shape[:-1] and tuple(adapter_ids.shape) != (x.numel() // max(1, x.shape[-1]),):
         raise ValueError(f"adapter_ids must give one id per row of x: shape {tuple(x.shape[:-1])}, got "
                          f"{tuple(adapter_ids.shape)}")
-    checks.same_device({"x": x, **base, "bias": bias, "adapter_ids": adapter_ids,
+    ids_device = {"adapter_ids": adapter_ids} if adapter_ids.device.type != "cpu" else {}  # CPU ids: no sync
+    checks.same_device({"x": x, **base, "bias": bias, **ids_device,
                         **{f"lora_As[{k}]": a for k, a in enumerate(lora_As)},
                         **{f"lora_Bs[{k}]": b for k, b in enumerate(lora_Bs)}})
-    return adapter_segments(adapter_ids, count), scalings, dropout_ps
+    return adapter_segments(adapter_ids, count, x.device), scalings, dropout_ps
 
 
 def dense_weight(weight, dtype: torch.dtype) -> torch.Tensor:
@@ -221,9 +225,10 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Weight, lora_As
 
     x [..., in]; weight [out, in] in x's dtype, or an :class:`~peft_ops.nf4.NF4Weight` (QLoRA);
     lora_As[k] [r_k, in] and lora_Bs[k] [out, r_k] (ranks may differ) in x's dtype or float32;
-    adapter_ids an int tensor with one id per row of x (shape x.shape[:-1], or flat); bias [out]
-    or None; dropout_ps one rate per adapter (or None). Gradients flow to x, the weight (dense),
-    the bias and every adapter; an adapter with no rows gets zero gradients. Each adapter's
+    adapter_ids an int tensor with one id per row of x (shape x.shape[:-1], or flat), on x's
+    device or on the CPU (then the rows are grouped with no device sync); bias [out] or None;
+    dropout_ps one rate per adapter (or None). Gradients flow to x, the weight (dense), the bias
+    and every adapter; an adapter with no rows gets zero gradients. Each adapter's
     result equals :func:`peft_ops.lora_linear` on its own rows (same dropout masks when the
     adapters draw their seeds in the same order)."""
     segments, scalings, dropout_ps = check_multi_lora_args(x, weight, lora_As, lora_Bs, scalings, adapter_ids, bias,

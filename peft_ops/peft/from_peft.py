@@ -108,7 +108,7 @@ class _FusedLoraForward:
             return None
         weight, bias = base
         index = {n: k for k, n in enumerate(present)}
-        per_sample = torch.tensor([index.get(n, -1) for n in adapter_names], device=x.device)
+        per_sample = torch.tensor([index.get(n, -1) for n in adapter_names])  # CPU: no device sync
         adapter_ids = per_sample.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
         return multi_lora_linear(x, weight, [self.lora_A[n].weight for n in present],
                                  [self.lora_B[n].weight for n in present], [self.scaling[n] for n in present],

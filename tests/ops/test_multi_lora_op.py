@@ -161,6 +161,7 @@ def test_deterministic_and_segments():
     (dict(adapter_ids=torch.tensor([0] * 17 + [-2])), ValueError, "adapter_ids"),
     (dict(adapter_ids=torch.zeros(18)), TypeError, "adapter_ids"),
     (dict(adapter_ids=torch.zeros(17, dtype=torch.long)), ValueError, "adapter_ids"),
+    (dict(adapter_ids=torch.zeros(18, dtype=torch.long, device="meta")), ValueError, "adapter_ids"),
     (dict(scalings=[1.0] * 4), ValueError, "scalings"),
     (dict(dropout_ps=[0.1] * 4 + [1.0]), ValueError, "dropout_ps[4]"),
     (dict(lora_Bs="b"), TypeError, "lora_Bs"),
