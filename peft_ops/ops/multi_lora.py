@@ -6,10 +6,14 @@ one adapter per row — no pass over all of x per adapter — and the base weigh
 all K adapters. Adapters may have different ranks, scalings and dropout rates; a row with id −1
 gets no adapter.
 
-This module is the op's PyTorch path (every backend but "reference" runs it today): each segment's shrink and
-expand are two GEMMs over its rows, gathered with ``index_select`` and written back with
-``index_add_`` into rows no other segment touches, so the result does not depend on the order of
-the adds (deterministic, no atomics on shared rows).
+This module is the op's PyTorch path (every backend but "reference" runs it today). Each
+segment's shrink and expand are two small GEMMs over its rows (fp32 accumulation, the rank
+operands rounded as the LoRA kernels round them), gathered with ``index_select`` and written
+back with ``index_add_`` into rows no other segment touches, so the result does not depend on
+the order of the adds (deterministic, no atomics on shared rows). The big products (x·Wᵀ, dY·W,
+dYᵀ·x) are one ``addmm`` / ``mm`` each in x's dtype (cuBLAS on a GPU, fp32 accumulation), the
+LoRA terms and the bias passed as their C: each LoRA term is rounded to x's dtype before that
+sum, as on the LoRA op's cuBLAS path.
 """
 
 from __future__ import annotations
@@ -140,9 +144,11 @@ class MultiLoraLinearFunction(torch.autograd.Function):
         lora_As, lora_Bs = factors[:count], factors[count:]
         x2d = x.reshape(-1, x.shape[-1])
         dense = dense_weight(weight, x.dtype)
-        y = mm32(x2d, dense.t())
+        # the LoRA terms and the bias go into C, which the one base GEMM (cuBLAS on a GPU, in x's
+        # dtype with fp32 accumulation) adds in its epilogue: y = x·Wᵀ + C
+        c = torch.zeros((x2d.shape[0], dense.shape[0]), dtype=x.dtype, device=x.device)
         if bias is not None:
-            y += bias
+            c += bias
         xas, keeps = [], []
         for k in range(count):
             if segments.count(k) == 0:
@@ -158,7 +164,8 @@ class MultiLoraLinearFunction(torch.autograd.Function):
                 xk = xk * mask
                 keep = pack_keep_bits(mask)
             xa = mm32(xk, lora_As[k].to(rank).t()).mul_(1.0 / (1.0 - dropout_ps[k]))
-            y.index_add_(0, rows, mm32((xa * scalings[k]).to(rank), lora_Bs[k].to(rank).t()))
+            term = mm32((xa * scalings[k]).to(rank), lora_Bs[k].to(rank).t())
+            c.index_add_(0, rows, term.to(x.dtype))
             xas.append(xa)
             keeps.append(keep)
         present = [k for k in range(count) if xas[k] is not None]
@@ -169,7 +176,7 @@ class MultiLoraLinearFunction(torch.autograd.Function):
         ctx.weight = weight if isinstance(weight, NF4Weight) else None
         ctx.present, ctx.masked = present, masked
         ctx.offsets, ctx.scalings, ctx.dropout_ps = segments.offsets, scalings, dropout_ps
-        return y.to(x.dtype).view(*x.shape[:-1], -1)
+        return torch.addmm(c, x2d, dense.t()).view(*x.shape[:-1], -1)
 
     @staticmethod
     @once_differentiable
@@ -188,7 +195,8 @@ class MultiLoraLinearFunction(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         dy2d = dy.reshape(x2d.shape[0], -1)
         dense = dense_weight(weight, x.dtype)
-        dx = mm32(dy2d, dense) if need_dx else None
+        # each segment's LoRA term of dX goes into the C of the one base GEMM dY·W, as forward
+        dx = torch.zeros_like(x2d) if need_dx else None
         dAs, dBs = [None] * count, [None] * count
         for k in range(count):
             need_dA, need_dB = ctx.needs_input_grad[6 + k], ctx.needs_input_grad[6 + count + k]
@@ -207,14 +215,16 @@ class MultiLoraLinearFunction(torch.autograd.Function):
                 g = mm32(dyk, lora_Bs[k].to(rank))
             if need_dx:
                 term = mm32((g * lora_scale).to(rank), lora_As[k].to(rank))
-                dx.index_add_(0, rows, term if keep is None else term * keep)
+                dx.index_add_(0, rows, (term if keep is None else term * keep).to(x.dtype))
             if need_dA:
                 xk = x2d.index_select(0, rows)
                 dAs[k] = mm32(g.to(rank).t(), xk if keep is None else xk * keep).mul_(lora_scale).to(
                     lora_As[k].dtype)
-        dW = mm32(dy2d.t(), x2d).to(weight.dtype) if need_dW else None
+        dW = torch.mm(dy2d.t(), x2d) if need_dW else None
         db = dy2d.sum(dim=0) if need_db else None
-        return (dx.to(x.dtype).view(x.shape) if dx is not None else None, dW, db, None, None, None, *dAs, *dBs)
+        if dx is not None:
+            dx = torch.addmm(dx, dy2d, dense).view(x.shape)
+        return (dx, dW, db, None, None, None, *dAs, *dBs)
 
 
 def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Weight, lora_As: Sequence[torch.Tensor],
