@@ -176,7 +176,7 @@ class MultiLoraLinearFunction(torch.autograd.Function):
         ctx.weight = weight if isinstance(weight, NF4Weight) else None
         ctx.present, ctx.masked = present, masked
         ctx.offsets, ctx.scalings, ctx.dropout_ps = segments.offsets, scalings, dropout_ps
-        return torch.addmm(c, x2d, dense.t()).view(*x.shape[:-1], -1)
+        return c.addmm_(x2d, dense.t()).view(*x.shape[:-1], -1)  # in place: no second M×N buffer
 
     @staticmethod
     @once_differentiable
@@ -223,7 +223,7 @@ class MultiLoraLinearFunction(torch.autograd.Function):
         dW = torch.mm(dy2d.t(), x2d) if need_dW else None
         db = dy2d.sum(dim=0) if need_db else None
         if dx is not None:
-            dx = torch.addmm(dx, dy2d, dense).view(x.shape)
+            dx = dx.addmm_(dy2d, dense).view(x.shape)
         return (dx, dW, db, None, None, None, *dAs, *dBs)
 
 
