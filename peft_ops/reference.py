@@ -43,7 +43,10 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_As, lora_Bs, s
     ids = adapter_ids.reshape(-1)
     mask = None if dropout_mask is None else dropout_mask.reshape(x2d.shape)
     y = F.linear(x2d, weight, bias)
-    delta = torch.zeros(y.shape, dtype=torch.promote_types(y.dtype, lora_As[0].dtype), device=y.device)
+    dtype = y.dtype
+    for lora_A in lora_As:  # the widest of x's and the adapters' dtypes
+        dtype = torch.promote_types(dtype, lora_A.dtype)
+    delta = torch.zeros(y.shape, dtype=dtype, device=y.device)
     for k, (lora_A, lora_B, scaling) in enumerate(zip(lora_As, lora_Bs, scalings)):
         rows = (ids == k).nonzero().reshape(-1)
         p = dropout_ps[k] if dropout_ps is not None else 0.0
@@ -52,7 +55,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_As, lora_Bs, s
             lora_in = lora_in * mask[rows].to(lora_in.dtype) / (1.0 - p)
         elif p > 0:
             lora_in = F.dropout(lora_in, p=p, training=True)
-        delta = delta.index_put((rows,), scaling * (lora_in @ lora_A.t()) @ lora_B.t())
+        delta = delta.index_put((rows,), (scaling * (lora_in @ lora_A.t()) @ lora_B.t()).to(dtype))
     return (y + delta.to(y.dtype)).view(*x.shape[:-1], -1)
 
 

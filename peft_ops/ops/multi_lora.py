@@ -27,7 +27,15 @@ from .. import reference
 from ..backend import resolve
 from ..nf4 import NF4Weight, dequantize
 from . import checks
-from .autograd import eager_seed, mm32, pack_keep_bits, torch_keep_mask, unpack_keep_bits
+from .autograd import (
+    autocast_dtype,
+    call_without_autocast,
+    eager_seed,
+    mm32,
+    pack_keep_bits,
+    torch_keep_mask,
+    unpack_keep_bits,
+)
 from .lora import check_bias
 from .paths import rank_dtype
 
@@ -241,6 +249,11 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Weight, lora_As
     and every adapter; an adapter with no rows gets zero gradients. Each adapter's
     result equals :func:`peft_ops.lora_linear` on its own rows (same dropout masks when the
     adapters draw their seeds in the same order)."""
+    if (dtype := autocast_dtype(x)) is not None:  # as F.linear under autocast; fp32 adapters stay fp32
+        return call_without_autocast(multi_lora_linear, dtype, dict(
+            x=x, weight=weight, lora_As=[a if a.dtype == torch.float32 else a.to(dtype) for a in lora_As],
+            lora_Bs=[b if b.dtype == torch.float32 else b.to(dtype) for b in lora_Bs], scalings=scalings,
+            adapter_ids=adapter_ids, bias=bias, dropout_ps=dropout_ps))
     segments, scalings, dropout_ps = check_multi_lora_args(x, weight, lora_As, lora_Bs, scalings, adapter_ids, bias,
                                                            dropout_ps)
     if resolve(x.device) == "reference":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import types
 import warnings
 
 import torch
@@ -133,7 +134,6 @@ class _FusedLinear(_FusedLoraForward):
         if x.dtype != base.weight.dtype:
             return None
         return (base.weight.t() if self.fan_in_fan_out else base.weight), base.bias
-
 
 class _FusedLinear4bit(_FusedLoraForward):
     def _mixed_base(self, x):
@@ -271,45 +271,57 @@ def from_peft(peft_model: nn.Module) -> FromPeftReport:
         report.swapped.append(name)
     if not plans and not report.skipped:
         raise ValueError(f"{type(peft_model).__name__} has no PEFT LoRA layer")
-    _allow_mixed_batches_in_training(peft_model, lora_layers.LoraLayer)
+    _allow_mixed_batches_in_training(peft_model)
     if report.skipped:
         warnings.warn("peft_ops.from_peft left these layers to PEFT: " +
                       "; ".join(f"{n}: {why}" for n, why in report.skipped.items()), stacklevel=2)
     return report
 
 
-def _allow_mixed_batches_in_training(peft_model: nn.Module, lora_layer_class: type) -> None:
+def _allow_mixed_batches_in_training(peft_model: nn.Module) -> None:
     """PEFT injects ``adapter_names=`` into its LoRA layers' forward in inference only; in
-    training mode its ``LoraModel`` refuses it. Let the call through in training too: the same
-    names checked, then handed to every LoRA layer (the fused ones run the grouped op)."""
+    training mode its ``LoraModel`` refuses it. Let the call through in training too: the names
+    checked, then handed to every LoRA layer (the fused ones run the grouped op) and every
+    ``modules_to_save`` wrapper, as PEFT's own hooks do in inference. Installed as a bound method
+    of the ``LoraModel``, so a deep copy of the model binds its own."""
     lora_model = getattr(peft_model, "base_model", None)
-    original = getattr(lora_model, "_enable_peft_forward_hooks", None)
-    if original is None or getattr(original, "_peft_ops_mixed", False):
+    if lora_model is None or not hasattr(lora_model, "_enable_peft_forward_hooks") \
+            or isinstance(lora_model.__dict__.get("_enable_peft_forward_hooks"), types.MethodType):
         return
+    object.__setattr__(lora_model, "_enable_peft_forward_hooks", types.MethodType(_mixed_batch_hooks, lora_model))
 
-    @contextlib.contextmanager
-    def hooks(*args, **kwargs):
-        names = kwargs.get("adapter_names")
-        if names is None or not lora_model.training:
-            with original(*args, **kwargs):
-                yield
-            return
-        layers = [m for m in lora_model.modules() if isinstance(m, lora_layer_class)]
-        known = {n for layer in layers for n in list(layer.lora_A) + list(getattr(layer, "lora_embedding_A", {}))}
-        unknown = sorted({n for n in names if n != BASE_ADAPTER} - known)
-        if unknown:
-            raise ValueError(f"adapter_names names adapters the model does not hold: {unknown} (it holds "
-                             f"{sorted(known)})")
-        handles = [layer.register_forward_pre_hook(functools.partial(_inject_adapter_names, names=list(names)),
-                                                   with_kwargs=True) for layer in layers]
-        try:
+
+@contextlib.contextmanager
+def _mixed_batch_hooks(lora_model, *args, **kwargs):
+    """The replacement of ``LoraModel._enable_peft_forward_hooks`` (see above)."""
+    from peft.tuners.lora.layer import LoraLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    names = kwargs.get("adapter_names")
+    if names is None or not lora_model.training:
+        with type(lora_model)._enable_peft_forward_hooks(lora_model, *args, **kwargs):  # PEFT's own
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    hooks._peft_ops_mixed = True
-    object.__setattr__(lora_model, "_enable_peft_forward_hooks", hooks)
+        return
+    if kwargs.get("alora_offsets") is not None:
+        raise NotImplementedError("adapter_names with alora_offsets in training mode is not supported")
+    checkpointed = [name for name, m in lora_model.named_modules() if getattr(m, "gradient_checkpointing", False)]
+    if checkpointed:  # the recompute in backward would run outside these hooks, every sample on one adapter
+        raise NotImplementedError("a mixed adapter batch in training under gradient checkpointing is not supported "
+                                  f"(checkpointed: {checkpointed[:3]}…): disable it for mixed batches")
+    layers = [m for m in lora_model.modules() if isinstance(m, LoraLayer)]
+    known = {n for layer in layers for n in list(layer.lora_A) + list(getattr(layer, "lora_embedding_A", {}))}
+    unknown = sorted({n for n in names if n != BASE_ADAPTER} - known)
+    if unknown:
+        raise ValueError(f"adapter_names names adapters the model does not hold: {unknown} (it holds "
+                         f"{sorted(known)})")
+    hooked = [m for m in lora_model.modules() if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
+    handles = [m.register_forward_pre_hook(functools.partial(_inject_adapter_names, names=list(names)),
+                                           with_kwargs=True) for m in hooked]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _inject_adapter_names(module, args, kwargs, names):

@@ -284,8 +284,8 @@ def mixed_adapter_batch(model: nn.Module, adapter_names) -> Iterator[nn.Module]:
     one :func:`peft_ops.multi_lora_linear` call: the base weight once for all the adapters. Each
     adapter trains on its own samples (make their parameters trainable: only the active
     adapter's are after ``apply_lora`` / ``add_adapter``). DoRA adapters and embedding LoRA
-    layers are refused in a mixed batch. Under activation checkpointing, recompute inside the
-    block (the names are not kept for a recompute outside it)."""
+    layers are refused in a mixed batch, and so is gradient checkpointing in training (its
+    backward recompute would run outside the block). Blocks nest: the outer names come back."""
     checks.module("model", model)
     if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
         raise TypeError(f"adapter_names must be a list of adapter names, one per sample, got "
@@ -301,13 +301,18 @@ def mixed_adapter_batch(model: nn.Module, adapter_names) -> Iterator[nn.Module]:
     embeddings = [name for name, layer in layers if isinstance(layer, LoraEmbedding)]
     if embeddings:
         raise NotImplementedError(f"mixed adapter batches over embedding LoRA layers are not supported: {embeddings}")
+    checkpointed = [name for name, m in model.named_modules() if getattr(m, "gradient_checkpointing", False)]
+    if checkpointed and model.training:  # a backward recompute would run outside the block
+        raise NotImplementedError(f"mixed adapter batches in training under gradient checkpointing are not supported "
+                                  f"(checkpointed: {checkpointed[:3]})")
+    previous = [layer.batch_adapters for _, layer in layers]  # nested blocks: the outer names come back
     try:
         for _, layer in layers:
             layer.batch_adapters = names
         yield model
     finally:
-        for _, layer in layers:
-            layer.batch_adapters = None
+        for (_, layer), before in zip(layers, previous):
+            layer.batch_adapters = before
 
 
 def apply_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,

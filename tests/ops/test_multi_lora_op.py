@@ -181,3 +181,18 @@ def test_a_wrong_adapter_shape_names_its_index():
     lora_Bs[2] = torch.randn(OUT, 3)
     with pytest.raises(ValueError, match=r"lora_Bs\[2\] must be"):
         peft_ops.multi_lora_linear(torch.randn(18, IN), weight, lora_As, lora_Bs, scalings, torch.tensor(IDS[5]))
+
+
+def test_reference_takes_adapters_of_mixed_dtypes_and_the_op_autocasts():
+    weight, bias, lora_As, lora_Bs, scalings = make(2, torch.bfloat16)
+    lora_As[1], lora_Bs[1] = lora_As[1].float(), lora_Bs[1].float()  # one adapter fp32, one bf16
+    x = torch.randn(18, IN).bfloat16()
+    ids = torch.tensor(IDS[2])
+    y = peft_ops.multi_lora_linear(x, weight, lora_As, lora_Bs, scalings, ids, bias)
+    exact = reference.multi_lora_linear(x.double(), weight.double(), [a.double() for a in lora_As],
+                                        [b.double() for b in lora_Bs], scalings, ids, bias.double())
+    assert relative(y, exact) <= TOL[torch.bfloat16]
+    assert reference.multi_lora_linear(x, weight, lora_As, lora_Bs, scalings, ids, bias).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 x and weight computed in bf16, as F.linear
+        cast = peft_ops.multi_lora_linear(x.float(), weight.float(), lora_As, lora_Bs, scalings, ids, bias.float())
+    assert cast.dtype == torch.bfloat16 and relative(cast, exact) <= TOL[torch.bfloat16]

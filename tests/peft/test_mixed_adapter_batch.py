@@ -157,3 +157,49 @@ def test_from_peft_mixed_batch_in_training_mode():
             assert relative(got[name], want[name]) <= TOL, (adapter, name)
     with pytest.raises(ValueError, match="'z'"):
         model(input_ids=batch(), adapter_names=["t1", "z", "t2", "t3", "t1", "t2"])
+
+
+def test_mixed_batch_nests_casts_under_autocast_and_refuses_checkpointing():
+    model = three_adapters()
+    ids = batch()
+    with peft_ops.use_backend("torch"):
+        with peft_ops.mixed_adapter_batch(model, NAMES):
+            outer = model(ids).logits
+            with peft_ops.mixed_adapter_batch(model, ["t2"] * len(NAMES)):
+                model(ids)
+            assert torch.equal(model(ids).logits, outer)  # the outer names came back
+        with torch.autocast("cpu", dtype=torch.bfloat16), peft_ops.mixed_adapter_batch(model, NAMES):
+            cast = model(ids).logits  # as F.linear under autocast: the layers compute in bf16
+        assert relative(cast.float(), outer) <= 0.1 and not torch.equal(cast.float(), outer)
+    model.gradient_checkpointing_enable()
+    with pytest.raises(NotImplementedError, match="gradient checkpointing"):
+        with peft_ops.mixed_adapter_batch(model, NAMES):
+            pass
+
+
+def test_from_peft_mixed_batch_with_modules_to_save_and_a_copy():
+    """PEFT's modules_to_save wrappers get the names too (their per-sample copies), and a deep
+    copy of the model binds its own hooks; in training mode, with dropout 0, the logits equal
+    PEFT's own mixed batch in eval mode. Gradient checkpointing is refused, not run wrong."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], r=4, lora_alpha=8)
+    model = peft.get_peft_model(llama(), peft.LoraConfig(**config), "t1")
+    model.add_adapter("t2", peft.LoraConfig(**config))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "modules_to_save.t2" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    names = ["t1", "t2", "__base__", "t2", "t1", "t1"]
+    ids = batch()
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids, adapter_names=names).logits  # PEFT's own, in eval mode
+    peft_ops.from_peft(model)
+    copied = copy.deepcopy(model).train()
+    with torch.no_grad():
+        got = copied(input_ids=ids, adapter_names=names).logits
+    assert relative(got, expected) <= TOL
+    copied.gradient_checkpointing_enable()
+    with pytest.raises(NotImplementedError, match="gradient checkpointing"):
+        copied(input_ids=ids, adapter_names=names)
