@@ -203,10 +203,12 @@ def worker(rank, world, out, port):
 
 
 def ddp_step(x, target):
-    """The same model with its NF4 weights in parameter storage, under DDP: one step."""
+    """The same model with its NF4 weights in parameter storage, under DDP: one step (on the
+    PyTorch path: the FSDP2 step of this run already drove the kernels)."""
     model = peft_ops.prepare_fsdp(Model())
     wrapped = nn.parallel.DistributedDataParallel(model)
-    grads = {n.removeprefix("module."): g for n, g in step(wrapped, x, target).items()}
+    with peft_ops.use_backend("torch"):
+        grads = {n.removeprefix("module."): g for n, g in step(wrapped, x, target).items()}
     return grads, {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
