@@ -16,7 +16,7 @@ from ..ops import checks
 from ..ops.dora import RowNormCache, dora_linear, dora_weight_norm, qdora_linear
 from ..ops.embedding import lora_embedding
 from ..ops.lora import lora_linear
-from ..ops.multi_lora import multi_lora_linear
+from ..ops.multi_lora import multi_lora_linear, sample_adapter_ids
 from ..ops.qlora import nf4_linear, qlora_linear
 
 BASE_ADAPTER = "__base__"  # PEFT's name, in a mixed batch, for the rows that run the base layer alone
@@ -276,9 +276,7 @@ class _LoraAdapter(_NamedAdapters):
         dora = [n for n, a in zip(present, adapters) if a.use_dora]
         if dora:
             raise NotImplementedError(f"mixed batches of DoRA adapters are not supported (adapters {dora})")
-        index = {n: k for k, n in enumerate(present)}
-        per_sample = torch.tensor([index.get(n, -1) for n in names])  # on the CPU: grouped without a device sync
-        adapter_ids = per_sample.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+        adapter_ids = sample_adapter_ids(names, present, x)
         if not adapters:
             return nf4_linear(x, weight, bias) if not isinstance(weight, torch.Tensor) else F.linear(x, weight, bias)
         return multi_lora_linear(x, weight, [a.lora_A for a in adapters], [a.lora_B for a in adapters],

@@ -80,6 +80,15 @@ def adapter_segments(adapter_ids: torch.Tensor, num_adapters: int, device=None) 
     return AdapterSegments(order if device is None else order.to(device, non_blocking=True), tuple(offsets))
 
 
+def sample_adapter_ids(sample_adapters: Sequence[str], adapters: Sequence[str], x: torch.Tensor) -> torch.Tensor:
+    """Per-row adapter ids for a mixed batch: sample i (x's first dimension) runs
+    ``sample_adapters[i]``, id = its index in `adapters` (−1 when absent: the base alone), repeated
+    over x's other leading dimensions. Built on the CPU, so the rows group with no device sync."""
+    index = {name: k for k, name in enumerate(adapters)}
+    per_sample = torch.tensor([index.get(name, -1) for name in sample_adapters])
+    return per_sample.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+
+
 def check_multi_lora_args(x, weight, lora_As, lora_Bs, scalings, adapter_ids, bias, dropout_ps):
     """Validate every argument; returns (segments, scalings, dropout_ps) with floats."""
     checks.tensor("x", x, min_ndim=1)

@@ -23,15 +23,13 @@ import torch
 import torch.nn as nn
 
 from ..nf4 import NF4Weight
-from ..nn.lora import is_conv1d
+from ..nn.lora import BASE_ADAPTER, is_conv1d
 from ..ops import checks
 from ..ops.dora import RowNormCache, dora_linear, qdora_linear
 from ..ops.embedding import lora_embedding
 from ..ops.lora import lora_linear
-from ..ops.multi_lora import multi_lora_linear
+from ..ops.multi_lora import multi_lora_linear, sample_adapter_ids
 from ..ops.qlora import qlora_linear
-
-BASE_ADAPTER = "__base__"  # PEFT's name for the samples of a mixed batch that run the base alone
 
 
 @dataclasses.dataclass
@@ -108,9 +106,7 @@ class _FusedLoraForward:
         if base is None:
             return None
         weight, bias = base
-        index = {n: k for k, n in enumerate(present)}
-        per_sample = torch.tensor([index.get(n, -1) for n in adapter_names])  # CPU: no device sync
-        adapter_ids = per_sample.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+        adapter_ids = sample_adapter_ids(adapter_names, present, x)
         return multi_lora_linear(x, weight, [self.lora_A[n].weight for n in present],
                                  [self.lora_B[n].weight for n in present], [self.scaling[n] for n in present],
                                  adapter_ids, bias, [p for _, p, _ in plans])

@@ -38,6 +38,11 @@ def three_adapters(quantize=None, **size):
     model = peft_ops.apply_lora(llama(**size), TARGETS, r=4, lora_alpha=8, adapter_name="t1", quantize=quantize)
     peft_ops.add_adapter(model, "t2", TARGETS, r=8, lora_alpha=8)
     peft_ops.add_adapter(model, "t3", TARGETS[:2], r=16, lora_alpha=32)  # t3 on the attention layers only
+    return train_every_adapter(model)
+
+
+def train_every_adapter(model):
+    """Every LoRA parameter trainable, each lora_B past its zero init (so every gradient is nonzero)."""
     torch.manual_seed(1)
     for name, param in model.named_parameters():
         if "lora_" in name:
@@ -112,14 +117,7 @@ def test_from_peft_mixed_batch_in_training_mode():
     model = peft.get_peft_model(llama(), peft.LoraConfig(target_modules=TARGETS, r=4, lora_alpha=8), "t1")
     model.add_adapter("t2", peft.LoraConfig(target_modules=TARGETS, r=8, lora_alpha=8))
     model.add_adapter("t3", peft.LoraConfig(target_modules=TARGETS[:2], r=16, lora_alpha=32))
-    torch.manual_seed(1)
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            param.requires_grad_(True)
-            if "lora_B" in name:
-                with torch.no_grad():
-                    param.normal_(0, 0.1)
-    model.train()
+    train_every_adapter(model)
     reference = copy.deepcopy(model)
     report = peft_ops.from_peft(model)
     assert len(report.swapped) == 8 and not report.skipped

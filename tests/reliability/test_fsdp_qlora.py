@@ -224,6 +224,19 @@ def bnb_file(path, weight, **changes):
     return q
 
 
+def assert_refused_unchanged(folder, cases: dict) -> nn.Module:
+    """Each folder/<case>.safetensors is refused with "nothing was loaded" and its words, and the
+    model stays as it was; returns the model."""
+    model = qlora_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for case, words in cases.items():
+        with pytest.raises(ValueError, match="nothing was loaded") as raised:
+            peft_ops.load_base_weights(model, folder / f"{case}.safetensors")
+        assert words in str(raised.value), (case, str(raised.value))
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()), case  # unchanged
+    return model
+
+
 def test_load_base_weights_single_process_and_bad_checkpoints(tmp_path):
     from safetensors.torch import save_file
 
@@ -252,13 +265,7 @@ def test_load_base_weights_single_process_and_bad_checkpoints(tmp_path):
     bnb_file(tmp_path / "blocksize.safetensors", weight, blocksize=128)
     bnb_file(tmp_path / "plain.safetensors", weight, nested_blocksize=None)
     files = {**{case: words for case, (_, words) in bad.items()}, "blocksize": "128", "plain": "double_quant"}
-    model = qlora_model()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    for case, words in files.items():
-        with pytest.raises(ValueError, match="nothing was loaded") as raised:
-            peft_ops.load_base_weights(model, tmp_path / f"{case}.safetensors")
-        assert words in str(raised.value), (case, str(raised.value))
-        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()), case  # unchanged
+    assert_refused_unchanged(tmp_path, files)
 
 
 def test_the_docs_memory_table_is_the_formulas():
@@ -317,12 +324,6 @@ def test_stored_checkpoints_are_checked_whole_before_loading(tmp_path):
     cases = {"no_scale": "0.qweight.absmax_scale: not in the checkpoint",
              "short": "0.qweight.absmax: 1 values of U8 in the checkpoint, the model's absmax needs 2048 of U8",
              "float": "0.qweight.absmax: 2048 values of F32"}
-    model = qlora_model()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    for case, words in cases.items():
-        with pytest.raises(ValueError, match="nothing was loaded") as raised:
-            peft_ops.load_base_weights(model, tmp_path / f"{case}.safetensors")
-        assert words in str(raised.value), (case, str(raised.value))
-        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()), case
+    model = assert_refused_unchanged(tmp_path, cases)
     with pytest.raises(ValueError, match="NaN or infinite"):  # values are checked as their rows are read
         peft_ops.load_base_weights(model, tmp_path / "nan.safetensors")
