@@ -98,7 +98,8 @@ def resolve(device: torch.device) -> str:
 
 def kernel_modules():
     """The package ``peft_ops.kernels`` with its kernel modules imported (``.lora``, ``.nf4``,
-    ``.bottleneck``, ``.dora``, ``.embedding``, ``.dropout``, ``.calibration``, ``.common``): on first use, never when
+    ``.bottleneck``, ``.dora``, ``.embedding``, ``.multi_lora``, ``.dropout``, ``.calibration``,
+    ``.common``): on first use, never when
     peft_ops is imported. (A module, not a namespace object: torch.compile traces through it.)"""
     # The one import inside a function in peft_ops: @triton.jit reads TRITON_INTERPRET when a
     # kernel module is first imported, so the kernels must wait until an op runs, by which time
@@ -111,6 +112,7 @@ def kernel_modules():
         dropout,
         embedding,
         lora,
+        multi_lora,
         nf4,
     )
 

@@ -6,14 +6,15 @@ one adapter per row — no pass over all of x per adapter — and the base weigh
 all K adapters. Adapters may have different ranks, scalings and dropout rates; a row with id −1
 gets no adapter.
 
-This module is the op's PyTorch path (every backend but "reference" runs it today). Each
-segment's shrink and expand are two small GEMMs over its rows (fp32 accumulation, the rank
-operands rounded as the LoRA kernels round them), gathered with ``index_select`` and written
-back with ``index_add_`` into rows no other segment touches, so the result does not depend on
-the order of the adds (deterministic, no atomics on shared rows). The big products (x·Wᵀ, dY·W,
-dYᵀ·x) are one ``addmm`` / ``mm`` each in x's dtype (cuBLAS on a GPU, fp32 accumulation), the
-LoRA terms and the bias passed as their C: each LoRA term is rounded to x's dtype before that
-sum, as on the LoRA op's cuBLAS path.
+On the Triton backend the LoRA terms run as grouped kernels (``peft_ops.kernels.multi_lora``):
+each kernel's programs cover every segment at once, so the launches per call do not grow with
+K. On the PyTorch path each segment's shrink and expand are two small GEMMs over its rows (fp32
+accumulation, the rank operands rounded as the LoRA kernels round them), gathered with
+``index_select`` and written back with ``index_add_`` into rows no other segment touches, so
+the result does not depend on the order of the adds (deterministic, no atomics on shared
+rows). On both, the big products (x·Wᵀ, dY·W, dYᵀ·x) are one ``addmm`` / ``mm`` each in x's
+dtype (cuBLAS on a GPU, fp32 accumulation), the LoRA terms and the bias passed as their C: each
+LoRA term is rounded to x's dtype before that sum, as on the LoRA op's cuBLAS path.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import reference
-from ..backend import resolve
+from ..backend import kernel_modules, resolve
 from ..nf4 import NF4Weight, dequantize
 from . import checks
 from .autograd import (
@@ -55,11 +56,11 @@ class AdapterSegments(NamedTuple):
         return self.offsets[k + 1] - self.offsets[k]
 
 
-def adapter_segments(adapter_ids: torch.Tensor, num_adapters: int, device=None) -> AdapterSegments:
+def adapter_segments(adapter_ids: torch.Tensor, num_adapters: int) -> AdapterSegments:
     """Group rows by adapter id (ids in −1 … num_adapters − 1, any shape: flattened). One stable
     sort and one bincount where the ids are; the segment sizes come to the host once (they size
-    the GEMMs) — no device sync at all for ids on the CPU, whose order is then copied to
-    `device` (default: the ids' own)."""
+    the launches) — no device sync at all for ids on the CPU, whose order stays there until the
+    op copies it to x's device (the kernels' with their table: one copy)."""
     checks.tensor("adapter_ids", adapter_ids)
     if adapter_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"adapter_ids must be an int32 or int64 tensor, got {adapter_ids.dtype}")
@@ -77,7 +78,7 @@ def adapter_segments(adapter_ids: torch.Tensor, num_adapters: int, device=None) 
         total += count
     offsets.append(total)
     order = torch.argsort(ids, stable=True)
-    return AdapterSegments(order if device is None else order.to(device, non_blocking=True), tuple(offsets))
+    return AdapterSegments(order, tuple(offsets))
 
 
 def sample_adapter_ids(sample_adapters: Sequence[str], adapters: Sequence[str], x: torch.Tensor) -> torch.Tensor:
@@ -131,12 +132,38 @@ def check_multi_lora_args(x, weight, lora_As, lora_Bs, scalings, adapter_ids, bi
     checks.same_device({"x": x, **base, "bias": bias, **ids_device,
                         **{f"lora_As[{k}]": a for k, a in enumerate(lora_As)},
                         **{f"lora_Bs[{k}]": b for k, b in enumerate(lora_Bs)}})
-    return adapter_segments(adapter_ids, count, x.device), scalings, dropout_ps
+    return adapter_segments(adapter_ids, count), scalings, dropout_ps
 
 
 def dense_weight(weight, dtype: torch.dtype) -> torch.Tensor:
     """The base weight [out, in] for this call: itself, or an NF4 weight decoded (transient)."""
     return dequantize(weight, dtype) if isinstance(weight, NF4Weight) else weight
+
+
+def factor_dtype(factors: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype the grouped kernels take the adapters' factors in: theirs when they share one,
+    else fp32 (adapters are in x's dtype or fp32: the wider one)."""
+    dtypes = {f.dtype for f in factors}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def flat_factors(lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor], dtype: torch.dtype):
+    """(A, B): the adapters' factors concatenated flat, each row-major (the grouped kernels'
+    layout), in `dtype`. One launch (one concatenation, A's then B's, split into two views), none
+    for a single adapter already in `dtype`."""
+    if len(lora_As) == 1 and lora_As[0].dtype == lora_Bs[0].dtype == dtype:
+        return lora_As[0].reshape(-1), lora_Bs[0].reshape(-1)
+    flat = torch.cat([f.reshape(-1).to(dtype) for f in (*lora_As, *lora_Bs)])
+    return flat.split([sum(a.numel() for a in lora_As), sum(b.numel() for b in lora_Bs)])
+
+
+def split_flat(flat: torch.Tensor | None, factors: Sequence[torch.Tensor], needed: Sequence[bool]) -> list:
+    """Views of a flat gradient laid out as `flat_factors` (each cast to its factor's dtype), None
+    where not needed."""
+    if flat is None:
+        return [None] * len(factors)
+    parts = torch.split(flat, [f.numel() for f in factors])
+    return [part.view(f.shape).to(f.dtype) if need else None for part, f, need in zip(parts, factors, needed)]
 
 
 class MultiLoraLinearFunction(torch.autograd.Function):
@@ -151,18 +178,36 @@ class MultiLoraLinearFunction(torch.autograd.Function):
               dA_k = s_k/(1 − p_k)·g_kᵀ·(x_{S_k}⊙keep)
               dB_k = s_k·dY_{S_k}ᵀ·xa_k
               dW   = dYᵀ·x (when W requires grad),  db = Σ_m dY_m
-    Saved: x itself (no copy), every xa_k (Σ_k n_k·r_k fp32: each row its own rank), the row
-    order (M int64), and with dropout each segment's keep mask bit-packed (x/16 bytes in bf16).
+    Saved: x itself (no copy), every xa_k (Σ_k n_k·r_k fp32: each row its own rank; one flat
+    tensor on the kernels), the row order (M int64), and with dropout the keep mask bit-packed
+    (x/16 bytes in bf16: each segment's on the PyTorch path, one by sorted position on the kernels).
+    The factors are concatenated again in the backward rather than saved (parameter-sized).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, segments, scalings, dropout_ps, *factors):
+    def forward(ctx, x, weight, bias, segments, scalings, dropout_ps, kernels, *factors):
         count = len(scalings)
         lora_As, lora_Bs = factors[:count], factors[count:]
         x2d = x.reshape(-1, x.shape[-1])
         dense = dense_weight(weight, x.dtype)
+        dense_saved = (weight,) if isinstance(weight, torch.Tensor) else ()
+        ctx.weight = weight if isinstance(weight, NF4Weight) else None
+        ctx.kernels, ctx.offsets, ctx.scalings, ctx.dropout_ps = kernels, segments.offsets, scalings, dropout_ps
+        if kernels:  # the grouped kernels: launches independent of K
+            # one seed per adapter with rows and dropout, drawn in adapter order (as the PyTorch path)
+            seeds = [eager_seed() if segments.count(k) and dropout_ps[k] > 0 else 0 for k in range(count)]
+            dtype = factor_dtype(factors)
+            ctx.plan = kernel_modules().multi_lora.GroupPlan(
+                segments.order, segments.offsets, [a.shape[0] for a in lora_As], seeds, scalings, dropout_ps,
+                x.shape[-1], dense.shape[0], x.dtype, dtype, x.device)
+            y, xa, keep = kernel_modules().multi_lora.forward(x2d, dense, *flat_factors(lora_As, lora_Bs, dtype), bias,
+                                                              ctx.plan)
+            ctx.save_for_backward(x, *dense_saved, ctx.plan.order, *lora_As, *lora_Bs, xa,
+                                  *(() if keep is None else (keep,)))
+            return y.view(*x.shape[:-1], -1)
         # the LoRA terms and the bias go into C, which the one base GEMM (cuBLAS on a GPU, in x's
         # dtype with fp32 accumulation) adds in its epilogue: y = x·Wᵀ + C
+        segments = AdapterSegments(segments.order.to(x.device, non_blocking=True), segments.offsets)
         c = torch.zeros((x2d.shape[0], dense.shape[0]), dtype=x.dtype, device=x.device)
         if bias is not None:
             c += bias
@@ -187,12 +232,9 @@ class MultiLoraLinearFunction(torch.autograd.Function):
             keeps.append(keep)
         present = [k for k in range(count) if xas[k] is not None]
         masked = [k for k in present if keeps[k] is not None]
-        dense_saved = (weight,) if isinstance(weight, torch.Tensor) else ()
         ctx.save_for_backward(x, *dense_saved, segments.order, *lora_As, *lora_Bs, *(xas[k] for k in present),
                               *(keeps[k] for k in masked))
-        ctx.weight = weight if isinstance(weight, NF4Weight) else None
         ctx.present, ctx.masked = present, masked
-        ctx.offsets, ctx.scalings, ctx.dropout_ps = segments.offsets, scalings, dropout_ps
         return c.addmm_(x2d, dense.t()).view(*x.shape[:-1], -1)  # in place: no second M×N buffer
 
     @staticmethod
@@ -205,18 +247,29 @@ class MultiLoraLinearFunction(torch.autograd.Function):
         else:
             (x, order, *rest), weight = saved, ctx.weight
         lora_As, lora_Bs = rest[:count], rest[count: 2 * count]
-        xas = dict(zip(ctx.present, rest[2 * count: 2 * count + len(ctx.present)]))
-        keeps = dict(zip(ctx.masked, rest[2 * count + len(ctx.present):]))
-        segments = AdapterSegments(order, ctx.offsets)
         need_dx, need_dW, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        need_dAs, need_dBs = ctx.needs_input_grad[7: 7 + count], ctx.needs_input_grad[7 + count:]
         x2d = x.reshape(-1, x.shape[-1])
         dy2d = dy.reshape(x2d.shape[0], -1)
         dense = dense_weight(weight, x.dtype)
+        dW = torch.mm(dy2d.t(), x2d) if need_dW else None
+        db = dy2d.sum(dim=0) if need_db else None
+        if ctx.kernels:
+            xa, keep = rest[2 * count], (rest[2 * count + 1] if len(rest) > 2 * count + 1 else None)
+            dtype = factor_dtype(lora_As)
+            dx, dA, dB = kernel_modules().multi_lora.backward(
+                dy2d, x2d, dense, order, *flat_factors(lora_As, lora_Bs, dtype), xa, keep, ctx.plan, need_dx,
+                any(need_dAs), any(need_dBs))
+            return (dx.view(x.shape) if dx is not None else None, dW, db, None, None, None, None,
+                    *split_flat(dA, lora_As, need_dAs), *split_flat(dB, lora_Bs, need_dBs))
+        xas = dict(zip(ctx.present, rest[2 * count: 2 * count + len(ctx.present)]))
+        keeps = dict(zip(ctx.masked, rest[2 * count + len(ctx.present):]))
+        segments = AdapterSegments(order, ctx.offsets)
         # each segment's LoRA term of dX goes into the C of the one base GEMM dY·W, as forward
         dx = torch.zeros_like(x2d) if need_dx else None
         dAs, dBs = [None] * count, [None] * count
         for k in range(count):
-            need_dA, need_dB = ctx.needs_input_grad[6 + k], ctx.needs_input_grad[6 + count + k]
+            need_dA, need_dB = need_dAs[k], need_dBs[k]
             if segments.count(k) == 0:
                 dAs[k] = torch.zeros_like(lora_As[k]) if need_dA else None
                 dBs[k] = torch.zeros_like(lora_Bs[k]) if need_dB else None
@@ -237,11 +290,9 @@ class MultiLoraLinearFunction(torch.autograd.Function):
                 xk = x2d.index_select(0, rows)
                 dAs[k] = mm32(g.to(rank).t(), xk if keep is None else xk * keep).mul_(lora_scale).to(
                     lora_As[k].dtype)
-        dW = torch.mm(dy2d.t(), x2d) if need_dW else None
-        db = dy2d.sum(dim=0) if need_db else None
         if dx is not None:
             dx = dx.addmm_(dy2d, dense).view(x.shape)
-        return (dx, dW, db, None, None, None, *dAs, *dBs)
+        return (dx, dW, db, None, None, None, None, *dAs, *dBs)
 
 
 def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Weight, lora_As: Sequence[torch.Tensor],
@@ -265,8 +316,9 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Weight, lora_As
             adapter_ids=adapter_ids, bias=bias, dropout_ps=dropout_ps))
     segments, scalings, dropout_ps = check_multi_lora_args(x, weight, lora_As, lora_Bs, scalings, adapter_ids, bias,
                                                            dropout_ps)
-    if resolve(x.device) == "reference":
+    backend = resolve(x.device)
+    if backend == "reference":
         dense = dense_weight(weight, x.dtype)
         return reference.multi_lora_linear(x, dense, lora_As, lora_Bs, scalings, adapter_ids, bias, dropout_ps)
-    # every other backend: the PyTorch path (grouped Triton kernels are not built yet)
-    return MultiLoraLinearFunction.apply(x, weight, bias, segments, scalings, dropout_ps, *lora_As, *lora_Bs)
+    return MultiLoraLinearFunction.apply(x, weight, bias, segments, scalings, dropout_ps, backend == "triton", *lora_As,
+                                         *lora_Bs)

@@ -34,7 +34,7 @@ from . import kernel_facts, launches
 from .records import text_table, write_json
 
 # The kernel modules with builds (peft_ops.kernels.<name>.aot_specs).
-KERNEL_MODULES = ("lora", "nf4", "bottleneck", "dropout", "dora", "embedding")
+KERNEL_MODULES = ("lora", "nf4", "bottleneck", "dropout", "dora", "embedding", "multi_lora")
 TARGETS = ("sm80", "sm90")
 # Largest shared memory a block may opt into: A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
 SHARED_LIMIT_BYTES = {"sm80": 166912, "sm90": 232448}

@@ -41,6 +41,7 @@ from ..ops import gemm_choice
 from ..ops.bottleneck import bottleneck_adapter
 from ..ops.dora import dora_linear, qdora_linear, squared_row_norms
 from ..ops.lora import lora_linear
+from ..ops.multi_lora import multi_lora_linear
 from ..ops.qlora import nf4_linear, qlora_linear
 from . import estimate, roofline, tune
 from .accuracy import saved_activation_bytes
@@ -321,6 +322,61 @@ def saved_activation_rows(dtype=torch.bfloat16) -> list[dict]:
     return rows
 
 
+def timed_multi_adapter(scenario: dict, dtype: torch.dtype, device: torch.device, measure) -> dict:
+    """fwd+bwd milliseconds of one ``estimate.MULTI_LORA_SCENARIOS`` entry: the grouped call, one
+    adapter's ``lora_linear`` over all the rows, and the adapters' calls one after the other."""
+    adapters, rows, d, r = (scenario[k] for k in ("adapters", "rows", "d", "r"))
+    if device.type != "cuda":  # --time-anyway on a CPU checks the code path: tiny shapes
+        rows, d = min(rows, 8), min(d, 64)
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0, grad=False):
+        return (torch.randn(*shape, generator=gen) * scale).to(device, dtype).requires_grad_(grad)
+
+    x, weight, dy = rand(adapters * rows, d, grad=True), rand(d, d, scale=d ** -0.5), rand(adapters * rows, d)
+    lora_As = [rand(r, d, scale=d ** -0.5, grad=True) for _ in range(adapters)]
+    lora_Bs = [rand(d, r, scale=r ** -0.5, grad=True) for _ in range(adapters)]
+    ids = torch.arange(adapters).repeat_interleave(rows)  # on the CPU, as the layers pass them
+
+    def grouped():
+        multi_lora_linear(x, weight, lora_As, lora_Bs, [2.0] * adapters, ids).backward(dy)
+
+    def one_adapter():
+        lora_linear(x, weight, lora_As[0], lora_Bs[0], 2.0).backward(dy)
+
+    def sequential():
+        for k in range(adapters):
+            part = slice(k * rows, (k + 1) * rows)
+            lora_linear(x[part], weight, lora_As[k], lora_Bs[k], 2.0).backward(dy[part])
+
+    return {"grouped_ms": measure(grouped), "one_adapter_ms": measure(one_adapter),
+            "sequential_ms": measure(sequential)}
+
+
+def multi_adapter_rows(dtype: torch.dtype, device: torch.device, measure, gpu_name: str | None, jobs) -> list[dict]:
+    """The grouped op's targets (``estimate.MULTI_LORA_SCENARIOS``): timed when `measure` is given
+    (a GPU), the static estimate on `gpu_name` unless None."""
+    est = estimate.Estimator(gpu_name, jobs) if gpu_name in estimate.GPUS else None
+    out = []
+    for scenario in estimate.MULTI_LORA_SCENARIOS:
+        row = {k: scenario[k] for k in ("name", "adapters", "rows", "d", "r", "compare", "relation", "goal")}
+        if measure is not None:
+            row.update(timed_multi_adapter(scenario, dtype, device, measure))
+            row["measured_ratio"] = (row["grouped_ms"] / row["one_adapter_ms"] if scenario["compare"] == "one adapter"
+                                     else row["sequential_ms"] / row["grouped_ms"])
+        if est is not None:
+            found = estimate.multi_lora_estimate(est, scenario)
+            row.update({"estimate_grouped_ms": found["grouped_s"] * 1e3,
+                        "estimate_one_adapter_ms": found["one_adapter_s"] * 1e3,
+                        "estimate_sequential_ms": found["sequential_s"] * 1e3, "estimate_ratio": found["ratio"],
+                        "estimate_launches": found["grouped_launches"],
+                        "estimate_sequential_launches": found["sequential_launches"],
+                        "estimate_kernels": "; ".join(f"{p['name'].strip('_').removesuffix('_kernel')} "
+                                                      f"{p['seconds'] * 1e6:.1f} µs" for p in found["parts"])})
+        out.append(row)
+    return out
+
+
 def add_estimates(rows: list[dict], shapes: list[OpShape], gpu_name: str, gpu: dict, dtype, jobs, progress) -> list:
     """The static estimate (peft_ops.tools.estimate) beside each row, in place; returns the aot
     rows of the builds it chose. An estimate, not a measurement: it times the launches each op
@@ -413,7 +469,7 @@ def write_plot(path: pathlib.Path, rows: list[dict], timed: bool) -> bool:
     return True
 
 
-def targets_report(rows: list[dict], saved: list[dict], on_gpu: bool) -> list[dict]:
+def targets_report(rows: list[dict], saved: list[dict], on_gpu: bool, multi: list[dict] = ()) -> list[dict]:
     """The performance targets (benchmarks/README.md) at their shapes: what this run measured
     (timings count only from a CUDA GPU) and what the static estimate says; a missed target
     says by how much."""
@@ -467,6 +523,9 @@ def targets_report(rows: list[dict], saved: list[dict], on_gpu: bool) -> list[di
         got = values(selected, fn, needed) if measured else []
         est = values(selected, est_fn, est_needed) if est_fn is not None else []
         report.append(_target(name, relation, goal, worst(got) if got else None, worst(est) if est else None))
+    for row in multi:  # the grouped op's rows (many adapters in one batch)
+        report.append(_target(row["name"], row["relation"], row["goal"],
+                              row.get("measured_ratio") if measured else None, row.get("estimate_ratio")))
     report.append(_target("activation bytes saved per LoRA layer ÷ (x + x·Aᵀ + mask bits)",
                           "=", 1, max([r["saved_per_x"] / r["budget_per_x"] for r in lora_saved], default=None), None,
                           measured_anywhere=True))
@@ -596,23 +655,28 @@ def main(argv: list[str]) -> int:
             progress(f"  [{i}/{len(shapes)}] {s.op} {s.label()}")
     shapes = [s for s in shapes if s not in skipped]
 
+    multi = []
+    if "lora" in ops:
+        progress("many adapters in one batch (multi_lora_linear) …")
+        multi = multi_adapter_rows(dtype, device, measure if timing else None,
+                                   None if args.no_estimate else gpu_name, args.jobs)
     progress("saved activation bytes (measured here) …")
     saved = saved_activation_rows(dtype)
     args.out.mkdir(parents=True, exist_ok=True)
     origin = provenance("peft-ops bench " + " ".join(argv))
 
     def write(builds: list, calibration: list) -> str:
-        targets = targets_report(rows, saved, device.type == "cuda")
+        targets = targets_report(rows, saved, device.type == "cuda", multi)
         record = {**origin, "dtype": args.dtype, "roofline_gpu": {"name": gpu_name, **gpu}, "timed": timing,
                   "gemm_tuning": gemm_tuning,
-                  "rows": rows,
+                  "rows": rows, "multi_adapter": multi,
                   "saved_activations": saved, "estimate_builds": builds, "estimate_calibration": calibration,
                   "targets": targets, "skipped_shapes": [f"{s.op} {s.label()}" for s in skipped]}
         write_json(args.out / "bench.json", record)
         provenance = {k: record[k] for k in ("device", "torch", "triton", "date", "command")}
         write_csv(args.out / "bench.csv", [{**row, **provenance} for row in rows])  # each row says where it came from
         plotted = write_plot(args.out / "bench.png", rows, timing)
-        text = summary(rows, saved, builds, targets, timing, gpu_name, calibration)
+        text = summary(rows, saved, builds, targets, timing, gpu_name, calibration, multi)
         (args.out / "bench.txt").write_text(text + "\n")
         return text + (f"\n\nwrote {args.out / 'bench.csv'}, {args.out / 'bench.json'}, {args.out / 'bench.txt'}"
                        + (f", {args.out / 'bench.png'}" if plotted else " (no plot: pip install matplotlib)"))
@@ -633,7 +697,7 @@ def _ms(value) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
-def summary(rows, saved, builds, targets, timed, gpu_name="", calibration=()) -> str:
+def summary(rows, saved, builds, targets, timed, gpu_name="", calibration=(), multi=()) -> str:
     lines = []
     show = [r for r in rows if r["phase"] == "fwd+bwd"]
     estimated = any("estimate_ms" in r for r in show)
@@ -657,6 +721,21 @@ def summary(rows, saved, builds, targets, timed, gpu_name="", calibration=()) ->
               "it)" + (f"; 'est.': the static estimate on {gpu_name} from the compiled kernels (an estimate, not a "
                        "measurement)" if estimated else "") + ("; measured timings last" if timed else ""),
               text_table(header, body)]
+    if multi:
+        estimated_multi = any("estimate_ratio" in m for m in multi)
+        lines += ["\nmany adapters in one batch (multi_lora_linear, bf16, d = 4096, r = 16), fwd+bwd ms"
+                  + (f"; 'est.': the static estimate on {gpu_name}" if estimated_multi else ""),
+                  text_table(("scenario", "goal", "grouped", "one adapter", "sequential", "ratio", "est. grouped",
+                              "est. one adapter", "est. sequential", "est. ratio", "est. launches"),
+                             [(m["name"], f"{m['relation']} {m['goal']:g}", _ms(m.get("grouped_ms")),
+                               _ms(m.get("one_adapter_ms")), _ms(m.get("sequential_ms")),
+                               "" if "measured_ratio" not in m else f"{m['measured_ratio']:.3f}",
+                               _ms(m.get("estimate_grouped_ms")), _ms(m.get("estimate_one_adapter_ms")),
+                               _ms(m.get("estimate_sequential_ms")),
+                               "" if "estimate_ratio" not in m else f"{m['estimate_ratio']:.3f}",
+                               "" if "estimate_launches" not in m else
+                               f"{m['estimate_launches']} (sequential {m['estimate_sequential_launches']})")
+                              for m in multi])]
     lines += ["\nactivation bytes saved for backward (measured here), in units of x",
               text_table(("layer", "shape", "dropout", "saved ÷ x", "x + x·Aᵀ (+ mask bits) ÷ x"),
                          [(r["layer"], r["shape"], r["dropout"], f"{r['saved_per_x']:.3f}",

@@ -370,6 +370,46 @@ class Estimator:
 
 
 # --------------------------------------------------------------------------------------
+# Many adapters in one batch (multi_lora_linear)
+# --------------------------------------------------------------------------------------
+
+# The grouped op's two targets (bf16, d = 4096 → 4096, r = 16): K adapters over M rows split evenly
+# against one adapter's LoRA over the same rows, and K small batches in one call against K
+# single-adapter calls one after the other (each reading the base weight again).
+MULTI_LORA_SCENARIOS = (
+    dict(name="8 adapters, M = 8192 split evenly: fwd+bwd ÷ one adapter's LoRA over the same rows",
+         adapters=8, rows=1024, d=4096, r=16, compare="one adapter", relation="≤", goal=1.15),
+    dict(name="8 adapters × 128 rows: speedup of one call over 8 sequential single-adapter calls",
+         adapters=8, rows=128, d=4096, r=16, compare="sequential", relation="≥", goal=1.5),
+)
+
+
+def multi_lora_estimate(est: "Estimator", scenario: dict) -> dict:
+    """The static estimate of one MULTI_LORA_SCENARIOS entry: fwd+bwd of the grouped call, of one
+    adapter's ``lora_linear`` over all its rows, and of the adapters' calls one after the other
+    (each over its own rows), in seconds, with the launches and the target's ratio."""
+    adapters, rows, d, r = (scenario[k] for k in ("adapters", "rows", "d", "r"))
+    grouped = launch_plans.call_launches(*launch_plans.multi_lora_call(adapters, rows, d, r), est.device.target,
+                                         est.device.sms)
+    one = launch_plans.op_launches(launch_plans.OpShape("lora", adapters * rows, d, d, r), est.device.target,
+                                   est.device.sms)
+    single = launch_plans.op_launches(launch_plans.OpShape("lora", rows, d, d, r), est.device.target, est.device.sms)
+    est.prepare([*grouped.values(), *one.values(), *single.values()])
+
+    def fwd_bwd(phases):
+        timed = [est.sequence_seconds(found) for found in phases.values()]
+        return sum(t["seconds"] for t in timed), sum(t["launches"] for t in timed), timed
+
+    grouped_s, grouped_launches, parts = fwd_bwd(grouped)
+    one_s, _, _ = fwd_bwd(one)
+    single_s, single_launches, _ = fwd_bwd(single)
+    ratio = grouped_s / one_s if scenario["compare"] == "one adapter" else adapters * single_s / grouped_s
+    return {"grouped_s": grouped_s, "grouped_launches": grouped_launches, "one_adapter_s": one_s,
+            "sequential_s": adapters * single_s, "sequential_launches": adapters * single_launches,
+            "ratio": ratio, "parts": [p for phase in parts for p in phase["parts"]]}
+
+
+# --------------------------------------------------------------------------------------
 # cuBLAS, the base layer's bar
 # --------------------------------------------------------------------------------------
 

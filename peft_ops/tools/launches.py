@@ -31,6 +31,7 @@ from ..nf4 import ABSMAX_BLOCKSIZE, NF4Weight
 from ..ops.bottleneck import bottleneck_adapter
 from ..ops.dora import dora_linear, qdora_linear
 from ..ops.lora import lora_linear
+from ..ops.multi_lora import multi_lora_linear
 from ..ops.qlora import nf4_linear, qlora_linear
 from .roofline import OpShape
 
@@ -71,7 +72,8 @@ def _launches_a_kernel(func, args, kwargs, out, device_type: str) -> bool:
     return any(t.device.type == device_type for t in _tensors((args, kwargs, out)))
 
 
-_MATRIX_PRODUCTS = {"aten.mm.default": 0, "aten.mm.out": 0, "aten.addmm.default": 1, "aten.addmm.out": 1}
+_MATRIX_PRODUCTS = {"aten.mm.default": 0, "aten.mm.out": 0, "aten.addmm.default": 1, "aten.addmm.out": 1,
+                    "aten.addmm_.default": 1}
 
 
 def _gemm_shape(func, args) -> tuple | None:
@@ -253,7 +255,28 @@ def op_launches(s, target: str = "sm90", sm_count: int = 132, dtype=torch.bfloat
     """{"forward": […], "backward": […]}: the launches of one call of op `s` (forward, then
     the backward of its output) on a GPU of `target` with `sm_count` SMs, planned, in steady
     state (after a first call)."""
-    forward, grad_out = op_call(s, dtype, dropout_p, bias)
+    return call_launches(*op_call(s, dtype, dropout_p, bias), target, sm_count)
+
+
+def multi_lora_call(adapters: int, rows_per_adapter: int, d: int, r: int, dtype=torch.bfloat16,
+                    dropout_p: float = 0.0):
+    """(forward function, output gradient) of one ``multi_lora_linear`` call on meta tensors: a
+    d → d base weight, `adapters` adapters of rank r, each over its own `rows_per_adapter` rows
+    (contiguous runs; the ids on the CPU, as the layers pass them). x and the adapters require grad."""
+    meta = dict(device="meta", dtype=dtype)
+    M = adapters * rows_per_adapter
+    x = torch.empty(M, d, **meta).requires_grad_()
+    weight = torch.empty(d, d, **meta)
+    lora_As = [torch.empty(r, d, **meta).requires_grad_() for _ in range(adapters)]
+    lora_Bs = [torch.empty(d, r, **meta).requires_grad_() for _ in range(adapters)]
+    ids = torch.arange(adapters).repeat_interleave(rows_per_adapter)
+    return (lambda: multi_lora_linear(x, weight, lora_As, lora_Bs, [2.0] * adapters, ids,
+                                      dropout_ps=[dropout_p] * adapters)), torch.empty(M, d, **meta)
+
+
+def call_launches(forward, grad_out, target: str = "sm90", sm_count: int = 132) -> dict[str, list[Launch]]:
+    """{"forward": […], "backward": […]}: the launches of `forward()` and of its output's backward,
+    planned, in steady state (after a first call)."""
     # one call first, not recorded: what the first call alone does (the zero-fill of the decode
     # GEMVs' split-K counters, allocated once per device and stream) is not a per-call launch
     plan(forward, target, sm_count)

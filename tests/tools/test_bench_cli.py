@@ -64,6 +64,11 @@ def test_quick_cpu_mode_writes_every_op(tmp_path):
             assert saved[("PEFT LoRA (fp32 adapters)", dropout)]["saved_per_x"] > 1.9
     targets = {t["target"]: t for t in record["targets"]}
     assert all(t["status"].startswith("not measured") for name, t in targets.items() if "saved" not in name)
+    # many adapters in one batch: its two target rows, neither timed nor estimated here
+    from peft_ops.tools.estimate import MULTI_LORA_SCENARIOS
+
+    assert [m["name"] for m in record["multi_adapter"]] == [s["name"] for s in MULTI_LORA_SCENARIOS]
+    assert all(m["name"] in targets and "grouped_ms" not in m for m in record["multi_adapter"])
     # a bytes-only figure is never shown as "% of roofline" without saying it is an upper bound
     text = (tmp_path / "bench.txt").read_text()
     assert "upper bound" in text and "pred." not in text
@@ -91,6 +96,9 @@ def test_timing_code_path_on_tiny_shapes(tmp_path):
     assert {"fused", "eager", "base"} | ({"bitsandbytes"} if has_bnb else set()) <= impls["nf4"]
     assert {"fused", "eager"} <= impls["bottleneck"]
     assert all(math.isfinite(r["ms_fused"]) and r["ms_fused"] > 0 for r in rows)
+    for m in record["multi_adapter"]:  # the grouped op's rows, timed on tiny shapes here
+        assert all(math.isfinite(m[k]) and m[k] > 0 for k in ("grouped_ms", "one_adapter_ms", "sequential_ms"))
+        assert m["measured_ratio"] > 0
     lora = next(r for r in record["rows"] if r["op"] == "lora" and r["phase"] == "forward")
     x_bytes = lora["M"] * lora["K"] * 2
     assert lora["saved_bytes_fused"] == x_bytes + lora["M"] * lora["r"] * 4
