@@ -186,3 +186,64 @@ def test_tune_caches_winners_the_ops_then_use(tmp_path, monkeypatch):
             assert gemm_choice.choose_nf4(phase, dtype, M, N, K, r, torch.device("cuda")) == chosen[key]["path"]
         else:
             assert gemm_choice.choose(phase, dtype, M, N, K, r, torch.device("cuda")) == chosen[key]["gemm"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_multi_lora_at_model_shapes_matches_float64_and_is_deterministic(dtype):
+    """The grouped kernels at a model's shapes (4096 → 1024; ranks 16, 8, 64, 4 — the last one
+    unaligned —, one adapter with a single row, one with none, rows without an adapter): within
+    the op tests' tolerance of float64, equal to lora_linear's kernels per adapter under
+    dropout (the same masks), and bitwise deterministic."""
+    import peft_ops
+
+    gen = torch.Generator().manual_seed(0)
+    ranks, counts = (16, 8, 64, 4, 8), (700, 1, 300, 0, 210)
+    ids = torch.cat([torch.full((n,), k) for k, n in enumerate(counts)] + [torch.full((23,), -1)])
+    ids = ids[torch.randperm(len(ids), generator=gen)]
+    M, K, N = len(ids), 4096, 1024
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to("cuda", dtype)
+
+    x, weight, bias, dy = rand(M, K), rand(N, K, scale=K ** -0.5), rand(N), rand(M, N)
+    lora_As = [rand(r, K, scale=K ** -0.5) for r in ranks]
+    lora_Bs = [rand(N, r, scale=r ** -0.5) for r in ranks]
+    scalings = [2.0, 0.5, 1.0, 4.0, 1.5]
+
+    def run(dropout_ps, seed=3):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, *lora_As, *lora_Bs)]
+        torch.manual_seed(seed)
+        y = peft_ops.multi_lora_linear(leaves[0], weight, leaves[1:6], leaves[6:], scalings, ids, bias, dropout_ps)
+        return y, torch.autograd.grad(y, leaves, dy)
+
+    def relative(a, b):
+        return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
+
+    y, grads = run(None)
+    exact = [t.double().requires_grad_() for t in (x, *lora_As, *lora_Bs)]
+    y64 = peft_ops.reference.multi_lora_linear(exact[0], weight.double(), exact[1:6], exact[6:], scalings, ids.cuda(),
+                                               bias.double())
+    want = torch.autograd.grad(y64, exact, dy.double())
+    assert relative(y, y64) <= 2e-2
+    for index, (a, b) in enumerate(zip(grads, want)):
+        if index in (4, 9):  # adapter 3 has no rows: exact zeros
+            assert torch.equal(a, torch.zeros_like(a))
+        else:
+            assert relative(a, b) <= 2e-2, index
+    dropout_ps = [0.1, 0.2, 0.05, 0.3, 0.0]
+    first, again = run(dropout_ps), run(dropout_ps)
+    assert torch.equal(first[0], again[0]) and all(torch.equal(a, b) for a, b in zip(first[1], again[1]))
+    singles = [t.detach().clone().requires_grad_() for t in (x, *lora_As, *lora_Bs)]
+    torch.manual_seed(3)  # the same seeds, in adapter order, for the adapters with rows
+    expected = torch.nn.functional.linear(singles[0], weight, bias)
+    for k in range(5):
+        rows = (ids == k).nonzero().reshape(-1).cuda()
+        if len(rows):
+            part = peft_ops.lora_linear(singles[0][rows], weight, singles[1 + k], singles[6 + k], scalings[k], bias,
+                                        dropout_ps[k])
+            expected = expected.index_put((rows,), part)
+    single_grads = torch.autograd.grad(expected, singles, dy, allow_unused=True)
+    assert relative(first[0], expected) <= 2e-2
+    for index, (a, b) in enumerate(zip(first[1], single_grads)):
+        if b is not None:
+            assert relative(a, b) <= 2e-2, index
