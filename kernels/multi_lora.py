@@ -83,6 +83,10 @@ TILES = {
     "interpreter": dict(BLOCK_M=16, SHRINK_K=32, G_N=32, PIECE_N=32, RANK_M=16, RANK_C=32, num_warps=4),
 }
 NUM_STAGES = 3
+# Integer arguments the JIT must not specialize on (== 1, % 16): the table's tile offset, and the
+# sizes only the static estimate's loop bounds read (a new batch size or adapter count would
+# otherwise compile another variant).
+UNSPECIALIZED = ["M", "ADAPTERS", "R_MAX", "TILES_AT"]
 # For a static estimate (peft_ops.tools.estimate): the loops' bounds (read from the table at run
 # time) for an even split of the rows: every adapter of rank R_MAX with M/ADAPTERS rows.
 _RANK_LOOP = {"rank": "R_MAX"}
@@ -129,11 +133,11 @@ def tile_rows(TABLE, ORDER, TILES_AT, tile, ALIGNED: tl.constexpr, BLOCK_M: tl.c
     positions = start + tl.arange(0, BLOCK_M)
     p_mask = positions < end
     rows = tl.load(ORDER + positions, mask=p_mask, other=0)
-    local = positions - adapter_layout(TABLE, k, 4, ALIGNED)  # 4 = SEGMENT_START
+    local = positions - adapter_int(TABLE, k, 4)  # 4 = SEGMENT_START (any count: no alignment hint)
     return k, rank, positions, p_mask, rows, local
 
 
-@triton.jit(do_not_specialize=["TILES_AT"])
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _multi_lora_shrink_kernel(
     X, ORDER, A, TABLE, XA, KEEP, M, K, ADAPTERS, R_MAX, TILES_AT, stride_xm, stride_xk,
     HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr,
@@ -199,7 +203,7 @@ def rank_product(LEFT, RIGHT, k, rank, local, p_mask, cols, stride_right_c, stri
     return acc
 
 
-@triton.jit(do_not_specialize=["TILES_AT"])
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _multi_lora_expand_kernel(
     XA, B, BIAS, TABLE, ORDER, C, M, N, ADAPTERS, R_MAX, TILES_AT, stride_bias,
     HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr,
@@ -222,7 +226,7 @@ def _multi_lora_expand_kernel(
              mask=p_mask[:, None] & (offs_n < N)[None, :])
 
 
-@triton.jit(do_not_specialize=["TILES_AT"])
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _multi_lora_backward_g_kernel(
     DY, ORDER, B, TABLE, G, M, N, ADAPTERS, R_MAX, TILES_AT, stride_dym, stride_dyn,
     ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr,
@@ -254,7 +258,7 @@ def _multi_lora_backward_g_kernel(
     tl.store(g_base + local[:, None] * rank + offs_r[None, :], g, mask=p_mask[:, None] & r_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["TILES_AT"])
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _multi_lora_dx_term_kernel(
     G, A, KEEP, TABLE, ORDER, C, M, K, ADAPTERS, R_MAX, TILES_AT,
     HAS_DROPOUT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr,
@@ -271,7 +275,8 @@ def _multi_lora_dx_term_kernel(
                        WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M,
                        BLOCK_N=BLOCK_N)  # 0 = A_OFFSET, 8 = LORA_SCALE
     if HAS_DROPOUT:
-        if adapter_float(TABLE, k, 9) > 0:  # 9 = DROPOUT_P: this adapter's rows have mask bits
+        # rows with an adapter whose DROPOUT_P (9) > 0 have mask bits; other rows' words were never written
+        if (rank > 0) & (adapter_float(TABLE, k, 9) > 0):
             keep = keep_from_bits(KEEP=KEEP, rows=positions, row_mask=p_mask, k0=k0, n_cols=K, BLOCK_M=BLOCK_M,
                                   BLOCK_K=BLOCK_N)
             acc = tl.where(keep, acc, 0.0)
@@ -279,7 +284,7 @@ def _multi_lora_dx_term_kernel(
              mask=p_mask[:, None] & (offs_k < K)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _multi_lora_backward_rank_kernel(
     X, DY, ORDER, KEEP, G, XA, TABLE, DA, DB, M, N, K, ADAPTERS, R_MAX,
     stride_xm, stride_xk, stride_dym, stride_dyn,
@@ -305,7 +310,7 @@ def _multi_lora_backward_rank_kernel(
     cols = (tl.where(is_a, item, item - a_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     c_mask = cols < tl.where(is_a, K, N)
     rank = adapter_layout(TABLE, k, 2, ALIGNED)  # 2 = RANK
-    seg_start = adapter_layout(TABLE, k, 4, ALIGNED)  # 4 = SEGMENT_START
+    seg_start = adapter_int(TABLE, k, 4)  # 4 = SEGMENT_START (any count: no alignment hint)
     seg_end = adapter_int(TABLE, k, 5)  # 5 = SEGMENT_END
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank

@@ -56,7 +56,7 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_As, lora_Bs, s
         elif p > 0:
             lora_in = F.dropout(lora_in, p=p, training=True)
         delta = delta.index_put((rows,), (scaling * (lora_in @ lora_A.t()) @ lora_B.t()).to(dtype))
-    return (y + delta.to(y.dtype)).view(*x.shape[:-1], -1)
+    return (y + delta.to(y.dtype)).view(*x.shape[:-1], y.shape[-1])
 
 
 def lora_embedding(ids: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,

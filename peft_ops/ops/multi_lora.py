@@ -179,7 +179,8 @@ class MultiLoraLinearFunction(torch.autograd.Function):
               dB_k = s_k·dY_{S_k}ᵀ·xa_k
               dW   = dYᵀ·x (when W requires grad),  db = Σ_m dY_m
     Saved: x itself (no copy), every xa_k (Σ_k n_k·r_k fp32: each row its own rank; one flat
-    tensor on the kernels), the row order (M int64), and with dropout the keep mask bit-packed
+    tensor on the kernels, with their table: 11 int64 per adapter, 3 per 64-row tile, the row
+    order inside it for ids on the CPU), the row order (M int64), and with dropout the keep mask bit-packed
     (x/16 bytes in bf16: each segment's on the PyTorch path, one by sorted position on the kernels).
     The factors are concatenated again in the backward rather than saved (parameter-sized).
     """
@@ -202,9 +203,10 @@ class MultiLoraLinearFunction(torch.autograd.Function):
                 x.shape[-1], dense.shape[0], x.dtype, dtype, x.device)
             y, xa, keep = kernel_modules().multi_lora.forward(x2d, dense, *flat_factors(lora_As, lora_Bs, dtype), bias,
                                                               ctx.plan)
-            ctx.save_for_backward(x, *dense_saved, ctx.plan.order, *lora_As, *lora_Bs, xa,
+            ctx.save_for_backward(x, *dense_saved, ctx.plan.order, *lora_As, *lora_Bs, xa, ctx.plan.table,
                                   *(() if keep is None else (keep,)))
-            return y.view(*x.shape[:-1], -1)
+            ctx.plan.table = ctx.plan.order = None  # both travel as saved tensors
+            return y.view(*x.shape[:-1], dense.shape[0])  # explicit sizes: M may be 0
         # the LoRA terms and the bias go into C, which the one base GEMM (cuBLAS on a GPU, in x's
         # dtype with fp32 accumulation) adds in its epilogue: y = x·Wᵀ + C
         segments = AdapterSegments(segments.order.to(x.device, non_blocking=True), segments.offsets)
@@ -235,7 +237,7 @@ class MultiLoraLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, *dense_saved, segments.order, *lora_As, *lora_Bs, *(xas[k] for k in present),
                               *(keeps[k] for k in masked))
         ctx.present, ctx.masked = present, masked
-        return c.addmm_(x2d, dense.t()).view(*x.shape[:-1], -1)  # in place: no second M×N buffer
+        return c.addmm_(x2d, dense.t()).view(*x.shape[:-1], dense.shape[0])  # in place: no second M×N buffer
 
     @staticmethod
     @once_differentiable
@@ -250,12 +252,14 @@ class MultiLoraLinearFunction(torch.autograd.Function):
         need_dx, need_dW, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         need_dAs, need_dBs = ctx.needs_input_grad[7: 7 + count], ctx.needs_input_grad[7 + count:]
         x2d = x.reshape(-1, x.shape[-1])
-        dy2d = dy.reshape(x2d.shape[0], -1)
+        dy2d = dy.reshape(x2d.shape[0], dy.shape[-1])
         dense = dense_weight(weight, x.dtype)
         dW = torch.mm(dy2d.t(), x2d) if need_dW else None
         db = dy2d.sum(dim=0) if need_db else None
         if ctx.kernels:
-            xa, keep = rest[2 * count], (rest[2 * count + 1] if len(rest) > 2 * count + 1 else None)
+            xa, ctx.plan.table = rest[2 * count], rest[2 * count + 1]
+            keep = rest[2 * count + 2] if len(rest) > 2 * count + 2 else None
+            ctx.plan.order = order
             dtype = factor_dtype(lora_As)
             dx, dA, dB = kernel_modules().multi_lora.backward(
                 dy2d, x2d, dense, order, *flat_factors(lora_As, lora_Bs, dtype), xa, keep, ctx.plan, need_dx,

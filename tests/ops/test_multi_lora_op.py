@@ -160,9 +160,13 @@ def test_saved_activations_are_x_and_each_rows_own_rank(path):
     counts = [(ids == k).sum().item() for k in range(5)]
     activations = [t for t in saved if not any(t is p for p in (*params, weight))]
     assert activations[0] is x  # x itself, no copy
-    xa_bytes = sum(t.numel() * t.element_size() for t in activations[2:])
+    xa_bytes = sum(t.numel() * t.element_size() for t in activations[2:] if t.is_floating_point())
     assert xa_bytes == sum(n * a.shape[0] * 4 for n, a in zip(counts, lora_As))  # fp32 xa of each row's rank
     assert activations[1].numel() == 18 and activations[1].dtype == torch.int64  # the row order
+    tables = [t for t in activations[2:] if not t.is_floating_point()]
+    # the kernels' table: 11 int64 per adapter, 3 per row tile (16 rows in the interpreter: one per
+    # adapter with rows, one for the rows without an adapter)
+    assert [t.numel() for t in tables] == ([11 * 5 + 3 * 5] if path == "kernels" else [])
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -288,3 +292,20 @@ def test_kernel_launches_do_not_grow_with_the_adapters(dropout_p):
     assert found[8]["backward"] == ["aten.cat.default", "_multi_lora_backward_g_kernel", "_multi_lora_dx_term_kernel",
                                     "aten.addmm_.default", "_multi_lora_backward_rank_kernel"]
     assert found[1]["forward"] == [name for name in found[8]["forward"] if name != "aten.cat.default"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_an_empty_batch(path):
+    """No rows (x [2, 0, in]): an empty output of the right shape, zero gradients, on both paths."""
+    weight, bias, lora_As, lora_Bs, scalings = make(2)
+    params = [leaf(t) for t in (torch.randn(2, 0, IN), *lora_As, *lora_Bs)]
+    with on_path(path):
+        y = peft_ops.multi_lora_linear(params[0], weight, params[1:3], params[3:], scalings,
+                                       torch.zeros(2, 0, dtype=torch.long), bias, [0.1, 0.1])
+        assert y.shape == (2, 0, OUT)
+        grads = torch.autograd.grad(y, params, torch.ones_like(y))
+    assert grads[0].shape == (2, 0, IN)
+    assert all(torch.equal(g, torch.zeros_like(p)) for g, p in zip(grads[1:], params[1:]))
+    exact = reference.multi_lora_linear(params[0], weight, lora_As, lora_Bs, scalings,
+                                        torch.zeros(2, 0, dtype=torch.long), bias)
+    assert exact.shape == (2, 0, OUT)
