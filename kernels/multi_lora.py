@@ -49,10 +49,12 @@ evenly, H200: 4.8 TB/s, ≈ 790 TFLOP/s in cuBLAS):
   spilled 600 bytes under dropout's Philox).
 
 Static estimate (`peft_ops.tools.estimate`, H200, 8 adapters of r = 16 over M = 8192, 4096 → 4096):
-forward 5 launches (table copy 2.5 µs, factors' cat 3.5, shrink 25, expand 23, cuBLAS 356),
-backward 5 (cat 3.5, g 18, dX term 31, cuBLAS 356, rank pass 34): 853 µs, 1.118× one adapter's
-fused LoRA over the same rows (763 µs). 8 adapters × 128 rows: 163 µs against 516 µs for 8
-single-adapter calls (3.18×): the base weight is read once instead of 8 times.
+forward 5 launches (table copy 2.5 µs, factors' cat 3.5, shrink 25, expand 31, cuBLAS 356),
+backward 5 (cat 3.5, g 18, dX term 31, cuBLAS 356, rank pass 34): 861 µs, 1.128× one adapter's
+fused LoRA over the same rows (763 µs). 8 adapters × 128 rows: 165 µs against 516 µs for 8
+single-adapter calls (3.13×): the base weight is read once instead of 8 times. The shrink and
+the two pieces run 8 warps in half precision: at 4 they spilled under triton 3.6 (48, 1516 and
+2088 bytes on sm_90a; 0 under 3.9, where 4 warps estimate the expand 8 µs faster).
 """
 
 from __future__ import annotations
@@ -77,10 +79,13 @@ TILE_COLUMNS = 3  # adapter (−1: rows without one), first position, end positi
 # operands: tf32x3 splits each in two, so narrower tiles). BLOCK_M = the tile map's rows; the
 # column tiles are multiples of 32 (one keep-mask word per 32 columns).
 TILES = {
-    "half": dict(BLOCK_M=64, SHRINK_K=64, G_N=128, PIECE_N=128, RANK_M=64, RANK_C=128, num_warps=4),
-    "fp32": dict(BLOCK_M=64, SHRINK_K=32, G_N=64, PIECE_N=64, RANK_M=32, RANK_C=64, num_warps=4),
+    "half": dict(BLOCK_M=64, SHRINK_K=64, G_N=128, PIECE_N=128, RANK_M=64, RANK_C=128,
+                 SHRINK_WARPS=8, G_WARPS=4, PIECE_WARPS=8, RANK_WARPS=4),
+    "fp32": dict(BLOCK_M=64, SHRINK_K=32, G_N=64, PIECE_N=64, RANK_M=32, RANK_C=64,
+                 SHRINK_WARPS=4, G_WARPS=4, PIECE_WARPS=4, RANK_WARPS=4),
     # small tiles in the interpreter, so small test shapes still span several tiles per segment
-    "interpreter": dict(BLOCK_M=16, SHRINK_K=32, G_N=32, PIECE_N=32, RANK_M=16, RANK_C=32, num_warps=4),
+    "interpreter": dict(BLOCK_M=16, SHRINK_K=32, G_N=32, PIECE_N=32, RANK_M=16, RANK_C=32,
+                        SHRINK_WARPS=4, G_WARPS=4, PIECE_WARPS=4, RANK_WARPS=4),
 }
 NUM_STAGES = 3
 # Integer arguments the JIT must not specialize on (== 1, % 16): the table's tile offset, and the
@@ -429,12 +434,12 @@ def forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B:
             launch(_multi_lora_shrink_kernel, (plan.lora_tiles, plan.rank_chunks),
                 x, order, lora_A, plan.table, xa, keep if keep is not None else xa, M, K, plan.adapters, plan.r_max,
                 plan.tiles_at, x.stride(0), x.stride(1), HAS_DROPOUT=plan.has_dropout, **plan.flags,
-                BLOCK_M=tiles["BLOCK_M"], BLOCK_K=tiles["SHRINK_K"], num_warps=tiles["num_warps"],
+                BLOCK_M=tiles["BLOCK_M"], BLOCK_K=tiles["SHRINK_K"], num_warps=tiles["SHRINK_WARPS"],
                 num_stages=NUM_STAGES)
         launch(_multi_lora_expand_kernel, (plan.all_tiles, triton.cdiv(N, tiles["PIECE_N"])),
             xa, lora_B, bias if bias is not None else c, plan.table, order, c, M, N, plan.adapters, plan.r_max,
             plan.tiles_at, bias.stride(0) if bias is not None else 0, HAS_BIAS=bias is not None, **plan.flags,
-            BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["PIECE_N"], num_warps=tiles["num_warps"], num_stages=2)
+            BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["PIECE_N"], num_warps=tiles["PIECE_WARPS"], num_stages=2)
         # cuBLAS (torch's matmul elsewhere) adds the base product in place: y = x·Wᵀ + C
         return c.addmm_(x, weight.t()), xa, keep
 
@@ -464,12 +469,12 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, order: tor
             launch(_multi_lora_backward_g_kernel, (plan.lora_tiles, plan.rank_chunks),
                 dy, order, lora_B, plan.table, g, M, N, plan.adapters, plan.r_max, plan.tiles_at, dy.stride(0),
                 dy.stride(1), **plan.flags, BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["G_N"],
-                num_warps=tiles["num_warps"], num_stages=NUM_STAGES)
+                num_warps=tiles["G_WARPS"], num_stages=NUM_STAGES)
         if need_dx:
             launch(_multi_lora_dx_term_kernel, (plan.all_tiles, triton.cdiv(K, tiles["PIECE_N"])),
                 g if g is not None else xa, lora_A, keep if keep is not None else xa, plan.table, order, dx, M, K,
                 plan.adapters, plan.r_max, plan.tiles_at, HAS_DROPOUT=keep is not None, **plan.flags,
-                BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["PIECE_N"], num_warps=tiles["num_warps"], num_stages=2)
+                BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["PIECE_N"], num_warps=tiles["PIECE_WARPS"], num_stages=2)
             dx.addmm_(dy, weight)  # cuBLAS adds the base product in place: dX = dY·W + C
         if need_dA or need_dB:
             blocks = triton.cdiv(K, tiles["RANK_C"]) * need_dA + triton.cdiv(N, tiles["RANK_C"]) * need_dB
@@ -478,7 +483,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, order: tor
                 dA if dA is not None else xa, dB if dB is not None else xa, M, N, K, plan.adapters, plan.r_max,
                 x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), COMPUTE_DA=need_dA, COMPUTE_DB=need_dB,
                 HAS_DROPOUT=keep is not None, **plan.flags, BLOCK_M=tiles["RANK_M"], BLOCK_C=tiles["RANK_C"],
-                num_warps=tiles["num_warps"], num_stages=NUM_STAGES)
+                num_warps=tiles["RANK_WARPS"], num_stages=NUM_STAGES)
     return dx, dA, dB
 
 
@@ -499,22 +504,25 @@ def aot_specs(target: str) -> list:
         fp32_rank = rt == "fp32"
         common = dict(BLOCK_R=block_r(64, fp32_rank), WIDEN_BF16_DOT=False, RANK_FP32=fp32_rank, ALIGNED=True,
                       DOT_PRECISION="tf32x3", BLOCK_M=tiles["BLOCK_M"])
-        config = triton.Config({}, num_warps=tiles["num_warps"], num_stages=NUM_STAGES)
-        pieces = triton.Config({}, num_warps=tiles["num_warps"], num_stages=2)
+
+        def config(warps_key, stages=NUM_STAGES):
+            return triton.Config({}, num_warps=tiles[warps_key], num_stages=stages)
 
         def build(name, kernel, cfg, pointers, constexprs, **kw):
             specs.append(KernelBuild(f"{name} [{variant}]", kernel, cfg, {**pointers, "TABLE": "i64", "ORDER": "i64"},
                                      {**common, **constexprs}, plain_ints=plain, **kw))
 
-        build("multi_lora_shrink", _multi_lora_shrink_kernel, config, dict(X=dt, A=rt, XA="fp32", KEEP="i32"),
-              dict(HAS_DROPOUT=True, BLOCK_K=tiles["SHRINK_K"]), unit_strides=("stride_xk",))
-        build("multi_lora_expand", _multi_lora_expand_kernel, pieces, dict(XA="fp32", B=rt, BIAS=dt, C=dt),
-              dict(HAS_BIAS=True, BLOCK_N=tiles["PIECE_N"]), unit_strides=("stride_bias",))
-        build("multi_lora_backward_g", _multi_lora_backward_g_kernel, config, dict(DY=dt, B=rt, G="fp32"),
+        build("multi_lora_shrink", _multi_lora_shrink_kernel, config("SHRINK_WARPS"),
+              dict(X=dt, A=rt, XA="fp32", KEEP="i32"), dict(HAS_DROPOUT=True, BLOCK_K=tiles["SHRINK_K"]),
+              unit_strides=("stride_xk",))
+        build("multi_lora_expand", _multi_lora_expand_kernel, config("PIECE_WARPS", 2),
+              dict(XA="fp32", B=rt, BIAS=dt, C=dt), dict(HAS_BIAS=True, BLOCK_N=tiles["PIECE_N"]),
+              unit_strides=("stride_bias",))
+        build("multi_lora_backward_g", _multi_lora_backward_g_kernel, config("G_WARPS"), dict(DY=dt, B=rt, G="fp32"),
               dict(BLOCK_N=tiles["G_N"]), unit_strides=("stride_dyn",))
-        build("multi_lora_dx_term", _multi_lora_dx_term_kernel, pieces, dict(G="fp32", A=rt, KEEP="i32", C=dt),
-              dict(HAS_DROPOUT=True, BLOCK_N=tiles["PIECE_N"]))
-        build("multi_lora_backward_rank", _multi_lora_backward_rank_kernel, config,
+        build("multi_lora_dx_term", _multi_lora_dx_term_kernel, config("PIECE_WARPS", 2),
+              dict(G="fp32", A=rt, KEEP="i32", C=dt), dict(HAS_DROPOUT=True, BLOCK_N=tiles["PIECE_N"]))
+        build("multi_lora_backward_rank", _multi_lora_backward_rank_kernel, config("RANK_WARPS"),
               dict(X=dt, DY=dt, KEEP="i32", G="fp32", XA="fp32", DA=rt, DB=rt),
               dict(COMPUTE_DA=True, COMPUTE_DB=True, HAS_DROPOUT=True, BLOCK_M=tiles["RANK_M"],
                    BLOCK_C=tiles["RANK_C"]), unit_strides=("stride_xk", "stride_dyn"))

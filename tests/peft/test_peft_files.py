@@ -381,15 +381,18 @@ def test_from_peft_hands_merged_adapters_to_peft(monkeypatch):
     assert not calls  # merged: the base layer already holds the adapter, PEFT's forward runs
 
 
-def test_from_peft_hands_mixed_adapter_batches_to_peft(monkeypatch):
-    """`adapter_names` (one adapter per row) goes to PEFT's forward, with PEFT's result."""
+def test_from_peft_runs_mixed_adapter_batches_as_peft_does(monkeypatch):
+    """`adapter_names` (one adapter per row) runs the grouped op (not lora_linear), with PEFT's
+    result: within fp32 rounding (measured worst over 5 seeds, kernels in the interpreter:
+    2.3e-7 relative), the row without an adapter exactly the base model's."""
     reference_model, fused = _swapped_and_reference(r=4, lora_alpha=8)
     calls = _forward_spy(monkeypatch)
     x = ids()
     names = ["default", "__base__"]  # row 0 with the adapter, row 1 without
     with torch.no_grad():
         ours = fused(input_ids=x, adapter_names=names).logits
-        assert torch.equal(ours, reference_model(input_ids=x, adapter_names=names).logits)
+        theirs = reference_model(input_ids=x, adapter_names=names).logits
+        assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= 1e-6
         with reference_model.disable_adapter():
             plain = reference_model(input_ids=x).logits
         assert torch.equal(ours[1], plain[1]) and not torch.equal(ours[0], plain[0])

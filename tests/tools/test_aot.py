@@ -116,6 +116,7 @@ def test_every_loop_is_found_and_named(compile_rows):
                 (r["kernel"], loop["source"])
         # one tile per program, only the loop over rank chunks: the cuBLAS path's LoRA pieces
         loopless = r["kernel"].startswith(("nf4_dequantize", "dropout_mask", "lora_expand", "lora_dx_term",
+                                            "multi_lora_expand", "multi_lora_dx_term",
                                             "dora_scale", "dora_dropout_split", "dora_dropout_dx",
                                             "lora_embedding_gather", "lora_embedding_forward"))
         assert bool(facts["main_loops"]) != loopless, r["kernel"]
@@ -133,6 +134,11 @@ def test_static_facts_today(compile_rows):
     for r in dense:  # no byte loads, no gathers: whole-vector loads and 16-byte (or 8/4-byte edge) copies
         loop = r["main_loop"]
         assert loop["gathers"] == 0 and "8" not in loop["ld_global_by_bits"], r["kernel"]
+    # the grouped multi-LoRA kernels (ALIGNED: ranks and features multiples of 8): rows gathered
+    # through the order, yet x, dY and the factors stream as 16-byte cp.async, no synchronous loads
+    for k in ("multi_lora_shrink", "multi_lora_backward_g"):
+        assert all(set(r["main_loop"]["cp_async_by_bytes"]) == {"16"} and not r["main_loop"]["ld_global_by_bits"]
+                   for r in _rows(compile_rows, k, variant="bf16]")), k
     for k in ("lora_shrink", "lora_forward", "lora_backward_dx"):  # the GEMM operands: 16-byte cp.async only
         assert all(set(r["main_loop"]["cp_async_by_bytes"]) == {"16"} and not r["main_loop"]["ld_global_by_bits"]
                    for r in _rows(compile_rows, k)), k
