@@ -324,5 +324,14 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor | NF4Weight, lora_As
     if backend == "reference":
         dense = dense_weight(weight, x.dtype)
         return reference.multi_lora_linear(x, dense, lora_As, lora_Bs, scalings, adapter_ids, bias, dropout_ps)
-    return MultiLoraLinearFunction.apply(x, weight, bias, segments, scalings, dropout_ps, backend == "triton", *lora_As,
-                                         *lora_Bs)
+    if backend == "triton":
+        return grouped_kernels(x, weight, bias, segments, scalings, dropout_ps, *lora_As, *lora_Bs)
+    return MultiLoraLinearFunction.apply(x, weight, bias, segments, scalings, dropout_ps, False, *lora_As, *lora_Bs)
+
+
+def grouped_kernels(x, weight, bias, segments, scalings, dropout_ps, *factors):
+    """The op on the grouped Triton kernels (validated arguments). Their launches are not custom
+    ops: inside torch.compile they run eagerly, at a graph break. (``torch.compiler.disable`` is
+    applied here, at the call, not at import: it imports torch._dynamo, and with it triton.)"""
+    return torch.compiler.disable(MultiLoraLinearFunction.apply)(x, weight, bias, segments, scalings, dropout_ps, True,
+                                                                  *factors)

@@ -216,3 +216,33 @@ def test_embedding_custom_ops_pass_opcheck():
                      (custom_ops.lora_embedding_backward, (dy, ids, A, B, xa, 0.5, 3, True, True, "torch")),
                      (custom_ops.lora_embedding_backward, (dy, ids, A, B, xa, 0.5, None, False, True, "torch"))):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"], ids=["pytorch-path", "kernels"])
+def test_mixed_adapter_batch_runs_in_a_compiled_model_at_a_graph_break(backend):
+    """multi_lora_linear groups rows by their ids on the host (data-dependent sizes), so inside
+    torch.compile it runs eagerly at a graph break — on the PyTorch path and on the grouped
+    kernels — with eager's outputs and gradients; fullgraph=True refuses it, naming the reason."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 32, generator=gen) / 4
+    lora_As = [(torch.randn(r, 32, generator=gen) / 4).requires_grad_() for r in (4, 8)]
+    lora_Bs = [(torch.randn(24, r, generator=gen) / 4).requires_grad_() for r in (4, 8)]
+    ids = torch.tensor([0, 1, -1, 1, 0, 0])
+
+    def step(x):
+        return torch.relu(peft_ops.multi_lora_linear(x * 2, weight, lora_As, lora_Bs, [2.0, 1.0], ids)).sum()
+
+    def grads(fn, x):
+        x = x.detach().requires_grad_()
+        out = fn(x)
+        return [out.detach(), *torch.autograd.grad(out, [x, *lora_As, *lora_Bs])]
+
+    x = torch.randn(6, 32, generator=gen)
+    with peft_ops.use_backend(backend):
+        eager = grads(step, x)
+        compiled = grads(torch.compile(step, backend="aot_eager"), x)
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="data-dependent"):  # the ids' range, checked on the host
+            torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+    for a, b in zip(eager, compiled):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
