@@ -49,10 +49,10 @@ evenly, H200: 4.8 TB/s, ≈ 790 TFLOP/s in cuBLAS):
   spilled 600 bytes under dropout's Philox).
 
 Static estimate (`peft_ops.tools.estimate`, H200, 8 adapters of r = 16 over M = 8192, 4096 → 4096):
-forward 5 launches (table copy 2.5 µs, factors' cat 3.5, shrink 25, expand 31, cuBLAS 356),
-backward 5 (cat 3.5, g 18, dX term 31, cuBLAS 356, rank pass 34): 861 µs, 1.128× one adapter's
-fused LoRA over the same rows (763 µs). 8 adapters × 128 rows: 165 µs against 516 µs for 8
-single-adapter calls (3.13×): the base weight is read once instead of 8 times. The shrink and
+forward 5 launches (table copy 2.5 µs, factors' cat 3.5, shrink 18, expand 31, cuBLAS 356),
+backward 5 (cat 3.5, g 18, dX term 31, cuBLAS 356, rank pass 34): 854 µs, 1.119× one adapter's
+fused LoRA over the same rows (763 µs). 8 adapters × 128 rows: 155 µs against 516 µs for 8
+single-adapter calls (3.34×): the base weight is read once instead of 8 times. The shrink and
 the two pieces run 8 warps in half precision: at 4 they spilled under triton 3.6 (48, 1516 and
 2088 bytes on sm_90a; 0 under 3.9, where 4 warps estimate the expand 8 µs faster).
 """
@@ -87,7 +87,11 @@ TILES = {
     "interpreter": dict(BLOCK_M=16, SHRINK_K=32, G_N=32, PIECE_N=32, RANK_M=16, RANK_C=32,
                         SHRINK_WARPS=4, G_WARPS=4, PIECE_WARPS=4, RANK_WARPS=4),
 }
-NUM_STAGES = 3
+NUM_STAGES = 3  # the rank pass
+# The shrink's and g's loops stream x / dY: one stage more, so at small batches (few programs,
+# each looping over all of K or N) a step waits a third of a memory latency, not half (static
+# estimate, 8 adapters × 128 rows: shrink 25 → 18 µs, g 15 → 11 µs; M = 8192: shrink 25 → 18 µs)
+STREAM_STAGES = 4
 # Integer arguments the JIT must not specialize on (== 1, % 16): the table's tile offset, and the
 # sizes only the static estimate's loop bounds read (a new batch size or adapter count would
 # otherwise compile another variant).
@@ -435,7 +439,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B:
                 x, order, lora_A, plan.table, xa, keep if keep is not None else xa, M, K, plan.adapters, plan.r_max,
                 plan.tiles_at, x.stride(0), x.stride(1), HAS_DROPOUT=plan.has_dropout, **plan.flags,
                 BLOCK_M=tiles["BLOCK_M"], BLOCK_K=tiles["SHRINK_K"], num_warps=tiles["SHRINK_WARPS"],
-                num_stages=NUM_STAGES)
+                num_stages=STREAM_STAGES)
         launch(_multi_lora_expand_kernel, (plan.all_tiles, triton.cdiv(N, tiles["PIECE_N"])),
             xa, lora_B, bias if bias is not None else c, plan.table, order, c, M, N, plan.adapters, plan.r_max,
             plan.tiles_at, bias.stride(0) if bias is not None else 0, HAS_BIAS=bias is not None, **plan.flags,
@@ -469,7 +473,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, order: tor
             launch(_multi_lora_backward_g_kernel, (plan.lora_tiles, plan.rank_chunks),
                 dy, order, lora_B, plan.table, g, M, N, plan.adapters, plan.r_max, plan.tiles_at, dy.stride(0),
                 dy.stride(1), **plan.flags, BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["G_N"],
-                num_warps=tiles["G_WARPS"], num_stages=NUM_STAGES)
+                num_warps=tiles["G_WARPS"], num_stages=STREAM_STAGES)
         if need_dx:
             launch(_multi_lora_dx_term_kernel, (plan.all_tiles, triton.cdiv(K, tiles["PIECE_N"])),
                 g if g is not None else xa, lora_A, keep if keep is not None else xa, plan.table, order, dx, M, K,
@@ -512,14 +516,14 @@ def aot_specs(target: str) -> list:
             specs.append(KernelBuild(f"{name} [{variant}]", kernel, cfg, {**pointers, "TABLE": "i64", "ORDER": "i64"},
                                      {**common, **constexprs}, plain_ints=plain, **kw))
 
-        build("multi_lora_shrink", _multi_lora_shrink_kernel, config("SHRINK_WARPS"),
+        build("multi_lora_shrink", _multi_lora_shrink_kernel, config("SHRINK_WARPS", STREAM_STAGES),
               dict(X=dt, A=rt, XA="fp32", KEEP="i32"), dict(HAS_DROPOUT=True, BLOCK_K=tiles["SHRINK_K"]),
               unit_strides=("stride_xk",))
         build("multi_lora_expand", _multi_lora_expand_kernel, config("PIECE_WARPS", 2),
               dict(XA="fp32", B=rt, BIAS=dt, C=dt), dict(HAS_BIAS=True, BLOCK_N=tiles["PIECE_N"]),
               unit_strides=("stride_bias",))
-        build("multi_lora_backward_g", _multi_lora_backward_g_kernel, config("G_WARPS"), dict(DY=dt, B=rt, G="fp32"),
-              dict(BLOCK_N=tiles["G_N"]), unit_strides=("stride_dyn",))
+        build("multi_lora_backward_g", _multi_lora_backward_g_kernel, config("G_WARPS", STREAM_STAGES),
+              dict(DY=dt, B=rt, G="fp32"), dict(BLOCK_N=tiles["G_N"]), unit_strides=("stride_dyn",))
         build("multi_lora_dx_term", _multi_lora_dx_term_kernel, config("PIECE_WARPS", 2),
               dict(G="fp32", A=rt, KEEP="i32", C=dt), dict(HAS_DROPOUT=True, BLOCK_N=tiles["PIECE_N"]))
         build("multi_lora_backward_rank", _multi_lora_backward_rank_kernel, config("RANK_WARPS"),

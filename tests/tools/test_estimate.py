@@ -186,13 +186,13 @@ def test_the_target_rows_today(headline):
 def test_many_adapters_in_one_batch(headline):
     """The grouped op's targets (bf16, d = 4096, r = 16): 8 adapters over 8192 rows split evenly
     ≤ 1.15× one adapter's LoRA over the same rows — the grouped passes (shrink, expand, g, dX
-    term, rank: x and dY read twice, C written and read per phase) ≈ 150 µs beside cuBLAS's two
+    term, rank: x and dY read twice, C written and read per phase) ≈ 143 µs beside cuBLAS's two
     ≈ 355 µs GEMMs, against the fused LoRA kernels' ≈ 763 µs —, and 8 × 128 rows in one call
     ≥ 1.5× faster than 8 single-adapter calls (the base weight read once, 10 launches for 32)."""
     est = headline[0]
     even, small = (estimate.multi_lora_estimate(est, s) for s in estimate.MULTI_LORA_SCENARIOS)
-    assert 1.0 < even["ratio"] <= 1.15  # 1.128 when written
-    assert small["ratio"] >= 1.5  # 3.13 when written
+    assert 1.0 < even["ratio"] <= 1.15  # 1.119 when written
+    assert small["ratio"] >= 1.5  # 3.34 when written
     assert even["grouped_launches"] == small["grouped_launches"] == 10
     assert small["sequential_launches"] == 32
 
