@@ -43,10 +43,11 @@ evenly, H200: 4.8 TB/s, ≈ 790 TFLOP/s in cuBLAS):
   operands (or kept fp32: RANK_FP32, fp32 adapters on a half-precision x).
 - Tiles are fixed per compute family (the tile map is built before the launch, so BLOCK_M cannot
   be autotuned). Read from the sm_90a / sm_80 builds (`peft-ops aot --only multi_lora`): every
-  main-loop load of x, dY, the factors, xa and g is a 16-byte ``cp.async`` when ranks and
-  features are multiples of 8 (ALIGNED: otherwise the factor rows' alignment is unknown and
-  those loads go one element at a time); 0 spills, 2-4 CTAs per SM; shrink BLOCK_K = 64 (128
-  spilled 600 bytes under dropout's Philox).
+  main-loop load of x, dY and the factors is a 16-byte ``cp.async`` when ranks and features are
+  multiples of 8 (ALIGNED: otherwise the factor rows' alignment is unknown and those loads go
+  one element at a time; the rank pass's fp32 xa / g rows load 4 bytes at a time, as in the
+  LoRA rank kernel); 0 spills; 1 CTA per SM for the shrink (8 warps), 2 for the others in half
+  precision, 3-4 in fp32; shrink BLOCK_K = 64 (128 spilled 600 bytes under dropout's Philox).
 
 Static estimate (`peft_ops.tools.estimate`, H200, 8 adapters of r = 16 over M = 8192, 4096 → 4096):
 forward 5 launches (table copy 2.5 µs, factors' cat 3.5, shrink 18, expand 31, cuBLAS 356),
