@@ -46,29 +46,39 @@ figure below is the static estimate of ``peft_ops.tools.estimate``, not a measur
   BLOCK_N rows of W over a slice of K (W read once for all M ≤ 16 rows of x, which stays in
   L1/L2). W goes from registers straight into the tensor cores: the dot is the same for any
   order of k and of W's rows, so `nf4_fragment_tile` decodes W in the order of the `mma`
-  operand's registers (x is read in the same permuted k order, 4- or 8-byte pieces): a lane
-  loads 64 consecutive weights of each of its two rows as 16-byte vectors, builds one block
-  table per row (`cvt.rn.bf16x2.f32`: 24 instructions), and its prmt lookups (with their 5
-  selector instructions per word) leave the 16-bit values packed two per register, as the
-  tensor cores take them. Per weight ≈ 4.8 PTX instructions (sm_90a, `mma.sync`, 2 warps;
-  sm_80 4.7): prmt 2.1, selectors 0.6, tables 0.2, loads and address arithmetic the rest.
+  operand's registers: a lane loads 64 consecutive weights of each of its two rows as 16-byte
+  vectors, builds one block table per row (`cvt.rn.bf16x2.f32`: 24 instructions), and its prmt
+  lookups (with their 5 selector instructions per word) leave the 16-bit values packed two per
+  register, as the tensor cores take them. x is loaded in k order ([BLOCK_M, 256]: 16-byte
+  `cp.async` on Triton 3.6 and 3.9 alike) and put in the tile's k order by a bit permutation of
+  the register tile (`nf4_fragment_x`); loaded in that order directly, its 4–8-byte runs were
+  2-byte synchronous `ld.global` under Triton 3.6 (64 per iteration, a memory latency each).
+  x rows past M are masked, not repeated: zero-filled copies move no bytes, so M = 1 reads x
+  once per program, not BLOCK_M times. BLOCK_M is 8 up to M = 8 (one n8 tensor-core tile:
+  half the `mma` and x loads) and 16 above. Per weight (PTX, sm_90a, `mma.sync`, 2 warps):
+  4.30 instructions at M ≤ 8, 4.62 at M ≤ 16 (4.75 before; sm_80 4.22 / 4.48): prmt 2.1,
+  selectors 0.6, tables 0.5, the rest the tensor cores, loads and address arithmetic.
   Narrow layers split K (`split_k_for`: the fewest power-of-two slices that give 2 programs
   per SM, slices of whole 256-column tiles; 1, 4 and 8 per SM were worse in the estimate):
-  each program stores its fp32 partial ([16 × BLOCK_N], in a scratch reused across calls) and
-  the tile's last program — found by an atomic counter, release/acquire — sums the partials
-  in slice order (deterministic) and runs the epilogue; no PyTorch tail, no memset (the
-  counters are zeroed once, and each launch leaves them zero). 4096 × 14336 at M = 1: 15.1 µs
-  = 41 % of HBM (no split: 448 programs; bound by instruction issue; 17.4 µs under Triton 3.6,
-  whose x loads are 2-byte); 4096 → 4096: 7.1 µs
-  (split 2; 9.7 unsplit, 128 programs for 132 SMs); 14336 → 4096: 13.6 µs (45 %; 22.7
-  unsplit); 11008 → 4096: 11.6 µs (18.4). Before the register-operand decode: 20.4 / 18.3 /
-  53.0 µs (the decoded tile went through shared memory, a 2-byte store per weight). 85 % of
-  HBM needs ≤ 2.6 instructions per weight: below the 2 prmt per weight that any exact lookup
-  of a 16-bit value in a per-block table costs with 3-bit `prmt` indices (one per output
-  byte), so this design cannot reach it. `wgmma` (4 warps) was measured in the estimate at
-  5.6 instructions per weight: its register operands cost a `mov` each. `_nf4_gemv_kernel`
-  (the same split-K and reduction over `nf4_word_tile`, 64-column tiles) serves fp32 x and K
-  not a multiple of 256.
+  each program stores its fp32 partial ([BLOCK_M × BLOCK_N], in a scratch reused across calls)
+  and the tile's last program — found by an atomic counter, release/acquire — sums the
+  partials in slice order (deterministic) and runs the epilogue; no PyTorch tail, no memset
+  (the counters are zeroed once, and each launch leaves them zero). Static estimate, H200,
+  M = 1: 4096 × 14336 13.9 µs = 45 % of HBM (15.1 µs before the x tile changes; Triton 3.6,
+  the GPU image's, 13.9 µs against 17.4; no split: 448 programs, bound by instruction issue);
+  4096 → 4096 6.8 µs (split 2); 4096 → 11008 11.6 µs. Before the register-operand decode:
+  20.4 / 18.3 µs (the decoded tile went through shared memory, a 2-byte store per weight).
+  Where this stops. The estimate charges every launch 2.5 µs and streams HBM at 0.9 of its
+  peak, so no kernel of any design can be estimated above 66 % of HBM here (30.3 MB: 7.0 +
+  2.5 µs); 85 % of HBM is 7.4 µs in all. Of the kernel itself, 85 % needs ≤ 2.6 instructions
+  per weight, below the 2 prmt per weight that any exact lookup of a 16-bit value in a
+  per-block table costs with 3-bit `prmt` indices (one per output byte), plus 0.6 for the
+  selectors and 0.5 for the tables: exact bitsandbytes rounding and 85 % exclude each other
+  in this model. Factoring absmax out of the dot (a constant table, one multiply per block)
+  would save the tables, not the lookups, and changes the rounding. `wgmma` (4 warps) was
+  measured in the estimate at 5.6 instructions per weight: its register operands cost a `mov`
+  each. `_nf4_gemv_kernel` (the same split-K and reduction over `nf4_word_tile`, 64-column
+  tiles) serves fp32 x and K not a multiple of 256.
 - dX at decode sizes: `_nf4_backward_dx_kernel`, the dense dX kernel over `nf4_word_tile`.
 - Bit-exactness: the absmax decode ``map·scale + offset`` must round twice, as in
   bitsandbytes; a fused multiply-add would round once and differ in the last bit. Every
@@ -111,7 +121,9 @@ from .lora import (
 
 # M at or below which the forward takes the split-K GEMV (decode) path.
 DECODE_MAX_M = 16
-GEMV_BLOCK_M = 16  # tl.dot's smallest M; rows past M are masked
+GEMV_BLOCK_M = 16  # x rows per GEMV program, at most; rows past M are masked
+# the word GEMV's x tile at M ≤ 8: one n8 tensor-core tile instead of two (half the mma and x loads)
+DECODE_GEMV_SMALL_M = 8
 # No fused multiply-add: the absmax decode must round twice, as bitsandbytes does.
 NF4_LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
@@ -691,7 +703,7 @@ def nf4_fragment_tile(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, ro
     already holds its own part of the tensor-core operand (the dot's first operand, 4 warps,
     `mma.sync` or `wgmma` with W from registers): no shared-memory round trip for W.
 
-    The dot is the same for any order of k (x is loaded in the same order, `nf4_fragment_k`)
+    The dot is the same for any order of k (x is put in the same order, `nf4_fragment_x`)
     and of the rows, so both are chosen to match the operand's layout: in it a lane holds rows
     r, r + 8 (and + 64 in a 128-row tile) and pairs of k two apart in groups of 8. A lane here
     loads 64 consecutive weights of each of its rows (one NF4 block of 64: one table per row),
@@ -711,6 +723,19 @@ def nf4_fragment_tile(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, ro
     else:  # h·128 + word·32 + half·16 + t·4 + j1·2 + j0
         tile = tl.permute(tile, (0, 8, 1, 7, 3, 4, 2, 5, 6))
     return tl.reshape(tile, (BLOCK_N, 256))
+
+
+@triton.jit
+def nf4_fragment_x(x, K_WIDTH: tl.constexpr):
+    """x [rows, 256] (k in order) as [256, rows] in the tile's k order (`nf4_fragment_k`): a bit
+    permutation of k, done on the register tile (x is loaded contiguously: 16-byte loads)."""
+    ROWS: tl.constexpr = x.shape[0]
+    bits = tl.reshape(x, (ROWS, 2, 2, 2, 2, 2, 2, 2, 2))  # axes 1-8: k's bits 7 … 0, then
+    if K_WIDTH == 2:  # kappa's bits 7 … 0 are k's 5 4 3 2 1 7 6 0
+        bits = tl.permute(bits, (3, 4, 5, 6, 7, 1, 2, 8, 0))
+    else:  # k's 5 4 3 2 7 6 1 0
+        bits = tl.permute(bits, (3, 4, 5, 6, 1, 2, 7, 8, 0))
+    return tl.reshape(bits, (256, ROWS))
 
 
 @autotuned(DECODE_GEMV_CONFIGS, dtype_family("X"),
@@ -741,18 +766,16 @@ def _nf4_decode_gemv_kernel(
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = (offs_m % M).to(tl.int64)  # x rows past M repeat a valid one (the store is masked)
     cols = (offs_n % N).to(tl.int64)  # W rows past N likewise
-    # xᵀ [BLOCK_K, BLOCK_M] in the tile's k order: runs of K_WIDTH adjacent k (4- or 8-byte loads),
-    # loaded as [run, row, K_WIDTH] (the contiguous axis last) and permuted into place in registers
-    RUNS: tl.constexpr = BLOCK_K // K_WIDTH
-    run_start = tl.multiple_of(nf4_fragment_k(tl.arange(0, RUNS) * K_WIDTH, K_WIDTH), K_WIDTH)
-    x_ptrs = (X + rows[None, :, None] * stride_xm
-              + (k_begin + run_start[:, None, None] + tl.arange(0, K_WIDTH)[None, None, :]).to(tl.int64) * stride_xk)
+    # x [BLOCK_M, BLOCK_K] loaded in order (16-byte copies) and permuted in registers; rows past M
+    # are masked (zero-filled copies move no bytes: M = 1 reads x once, not BLOCK_M times)
+    x_ptrs = X + rows[:, None] * stride_xm + (k_begin + tl.arange(0, BLOCK_K))[None, :].to(tl.int64) * stride_xk
+    x_rows = (offs_m < M)[:, None]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     # The loop's own stage count pipelines every load in it, the block scales too (their 8-bit
     # codes and the map lookup they index): by default only loads feeding the dot are, and the
     # scales' two dependent loads waited two memory latencies per iteration.
     for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=GEMV_STAGES):
-        x = tl.reshape(tl.permute(tl.load(x_ptrs), (0, 2, 1)), (BLOCK_K, BLOCK_M))
+        x = nf4_fragment_x(tl.load(x_ptrs, mask=x_rows, other=0.0), K_WIDTH)
         w = nf4_fragment_tile(WORDS=WORDS, ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
                               ABSMAX_OFFSET=ABSMAX_OFFSET, row0=pid * BLOCK_N, N=N, k0=k0, K=K, row_words=row_words,
                               BLOCK_N=BLOCK_N, K_WIDTH=K_WIDTH, BLOCKSIZE=BLOCKSIZE, NESTED=NESTED,
@@ -978,9 +1001,10 @@ def _forward(x, qw, xa, lora_B, scaling, bias, regime, split_k, tables, scratch,
         partials, counters = split_k_scratch(x.device, split, N, scratch) if split > 1 else (y, y)
         kernel = _nf4_decode_gemv_kernel if word else _nf4_gemv_kernel
         extra = (K // 8,) if word else ()  # the word GEMV's row length in words
+        block_m = DECODE_GEMV_SMALL_M if word and M <= DECODE_GEMV_SMALL_M else GEMV_BLOCK_M
         launch(kernel, lambda META: (triton.cdiv(N, META["BLOCK_N"]), split), x, *_format_args(qw, tables),
                *lora_args, bias if bias is not None else y, *outputs, partials, counters, M, N, K, R, *extra, *tail,
-               BLOCK_M=GEMV_BLOCK_M, SPLIT_K=split, EMULATE=emulate_ptx(), **common)
+               BLOCK_M=block_m, SPLIT_K=split, EMULATE=emulate_ptx(), **common)
     return y, pre
 
 
@@ -1070,13 +1094,15 @@ def aot_specs(target: str) -> list:
                       dict(HAS_LORA=True, HAS_BIAS=True, DORA=dora, BLOCK_M=GEMV_BLOCK_M, SPLIT_K=4), variant=tag,
                       unit_strides=("stride_xk", "stride_br", "stride_bias"), float_args=("scaling",))
                 if fmt == "aligned" and family != "fp32":
-                    for cfg in DECODE_GEMV_CONFIGS[target][family]:
+                    for cfg, block_m in ((c, m) for c in DECODE_GEMV_CONFIGS[target][family]
+                                         for m in (GEMV_BLOCK_M, DECODE_GEMV_SMALL_M)):
                         specs.append(KernelBuild(
-                            f"nf4_decode_gemv [{tag}]", _nf4_decode_gemv_kernel, cfg,
+                            f"nf4_decode_gemv [{tag}{', M ≤ 8' if block_m < GEMV_BLOCK_M else ''}]",
+                            _nf4_decode_gemv_kernel, cfg,
                             {**fmt_pointers, "X": dt, "XA": "fp32", "B": rt, "BIAS": dt, **outputs,
                              "PARTIALS": "fp32", "COUNTERS": "i32"},
                             {**common, **fmt_flags, "HAS_LORA": True, "HAS_BIAS": True, "DORA": dora,
-                             "BLOCK_M": GEMV_BLOCK_M, "SPLIT_K": 2},
+                             "BLOCK_M": block_m, "SPLIT_K": 2},
                             plain_ints=plain, options=options,
                             unit_strides=("stride_xk", "stride_br", "stride_bias"), float_args=("scaling",)))
             build("nf4_backward_dx", _nf4_backward_dx_kernel, BACKWARD_DX_CONFIGS,

@@ -97,6 +97,17 @@ def test_the_word_decoding_gemv(variant, dtype, M, device):
     assert "_nf4_decode_gemv_kernel" in ran.names
 
 
+@pytest.mark.parametrize("M", [2, 8, 9, 15])
+def test_the_decode_gemv_x_tile_at_either_side_of_eight_rows(M, device):
+    """The word GEMV takes an 8-row x tile up to M = 8 and a 16-row one above; rows past M are
+    masked (zero-filled, never read): full and partial tiles of both sizes against float64."""
+    from peft_ops.tools.launches import KernelsRan
+
+    with KernelsRan() as ran:
+        check(QLoraCase(M=M, K=256, N=45, r=8, dtype=torch.bfloat16, blocksize=64), "triton", device)
+    assert "_nf4_decode_gemv_kernel" in ran.names
+
+
 # (N·K / 64 blocks a multiple of 4: the 8-bit absmax codes are read as words in place, not
 # through a padded copy)
 @pytest.mark.parametrize("kernel, N, K, dtype", [("_nf4_decode_gemv_kernel", 45, 1024, torch.bfloat16),
