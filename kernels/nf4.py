@@ -636,22 +636,6 @@ def _nf4_gemv_kernel(
 
 
 @triton.jit
-def nf4_fragment_k(kappa, K_WIDTH: tl.constexpr):
-    """The k offset (within a 256-wide tile of W) of position `kappa` of the tensor-core tile
-    (`nf4_fragment_tile`), where k = 64·t + 32·h + 8·w + v (t: the lane, w: the word of a 4-word
-    load, v: the weight in the word, h: which of the two loads). kappa's bits, from bit 0:
-    K_WIDTH = 2 (`wgmma`): v0, t0, t1, v1, v2, w0, w1, h; K_WIDTH = 4 (`mma.sync` as Triton
-    feeds it on sm_80): v0, v1, t0, t1, v2, w0, w1, h."""
-    if K_WIDTH == 2:
-        t = (kappa >> 1) & 3
-        v = (kappa & 1) | (((kappa >> 3) & 3) << 1)
-    else:
-        t = (kappa >> 2) & 3
-        v = (kappa & 3) | (((kappa >> 4) & 1) << 2)
-    return t * 64 + (kappa >> 7) * 32 + ((kappa >> 5) & 3) * 8 + v
-
-
-@triton.jit
 def nf4_fragment_half(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, row0, row_add, N, k0, K, row_words, h,
                       planes, HALF: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
                       OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
@@ -698,7 +682,7 @@ def nf4_fragment_rows(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, ro
 def nf4_fragment_tile(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, row0, N, k0, K, row_words,
                       BLOCK_N: tl.constexpr, K_WIDTH: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
                       OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """W[row0 : row0 + BLOCK_N, k0 + nf4_fragment_k(kappa)] for kappa = 0..255, in OUT_DTYPE (16-bit),
+    """W[row0 : row0 + BLOCK_N, k0 + k(kappa)] for kappa = 0..255 (k(kappa): `nf4_fragment_x`), in OUT_DTYPE (16-bit),
     decoded in registers from 16-byte loads of packed words, laid out so that every thread
     already holds its own part of the tensor-core operand (the dot's first operand, 4 warps,
     `mma.sync` or `wgmma` with W from registers): no shared-memory round trip for W.
@@ -716,7 +700,7 @@ def nf4_fragment_tile(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, ro
                               HALF, BLOCKSIZE, NESTED, OUT_DTYPE, EMULATE)
     # [r_hi, r_lo, t, word, half, j1, j0, h, row8]
     tile = tl.reshape(tl.join(upper, lower), (HALF // 8, 8, 4, 4, 2, 2, 2, 2, 2))
-    # rows r_hi·16 + row8·8 + r_lo; k positions as `nf4_fragment_k` orders them (the operand's
+    # rows r_hi·16 + row8·8 + r_lo; k positions as `nf4_fragment_x` orders them (the operand's
     # K_WIDTH consecutive positions per lane: j0 alone, or j1 j0)
     if K_WIDTH == 2:  # h·128 + word·32 + half·16 + j1·8 + t·2 + j0
         tile = tl.permute(tile, (0, 8, 1, 7, 3, 4, 5, 2, 6))
@@ -727,8 +711,12 @@ def nf4_fragment_tile(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, ro
 
 @triton.jit
 def nf4_fragment_x(x, K_WIDTH: tl.constexpr):
-    """x [rows, 256] (k in order) as [256, rows] in the tile's k order (`nf4_fragment_k`): a bit
-    permutation of k, done on the register tile (x is loaded contiguously: 16-byte loads)."""
+    """x [rows, 256] (k in order) as [256, rows] in the tile's k order, a bit permutation of k done
+    on the register tile (x is loaded contiguously: 16-byte loads). Position kappa of the
+    tensor-core tile (`nf4_fragment_tile`) holds k = 64·t + 32·h + 8·w + v (t: the lane, w: the
+    word of a 4-word load, v: the weight in the word, h: which of the two loads); kappa's bits,
+    from bit 0: K_WIDTH = 2 (`wgmma`): v0, t0, t1, v1, v2, w0, w1, h; K_WIDTH = 4 (`mma.sync` as
+    Triton feeds it): v0, v1, t0, t1, v2, w0, w1, h."""
     ROWS: tl.constexpr = x.shape[0]
     bits = tl.reshape(x, (ROWS, 2, 2, 2, 2, 2, 2, 2, 2))  # axes 1-8: k's bits 7 … 0, then
     if K_WIDTH == 2:  # kappa's bits 7 … 0 are k's 5 4 3 2 1 7 6 0
@@ -764,8 +752,8 @@ def _nf4_decode_gemv_kernel(
     k_end = tl.minimum(K, k_begin + k_per_split)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = (offs_m % M).to(tl.int64)  # x rows past M repeat a valid one (the store is masked)
-    cols = (offs_n % N).to(tl.int64)  # W rows past N likewise
+    rows = (offs_m % M).to(tl.int64)  # rows past M repeat a valid one (x loads and the store are masked)
+    cols = (offs_n % N).to(tl.int64)  # W rows past N repeat a valid one (the store is masked)
     # x [BLOCK_M, BLOCK_K] loaded in order (16-byte copies) and permuted in registers; rows past M
     # are masked (zero-filled copies move no bytes: M = 1 reads x once, not BLOCK_M times)
     x_ptrs = X + rows[:, None] * stride_xm + (k_begin + tl.arange(0, BLOCK_K))[None, :].to(tl.int64) * stride_xk
