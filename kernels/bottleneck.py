@@ -47,11 +47,13 @@ Design, from a cost model (bf16, M = 8192, d = 4096, m = 64):
   kernel at 0.9 of HBM plus 2.5 µs per launch gives ≈ 103 µs (68 %). Reading dY once needs a
   row slice's dh before that slice's dX programs read dY again (from L2): one launch whose dX
   work items wait on their slice's dh items, items taken in order from an atomic counter (so
-  every awaited item belongs to a program already running: no deadlock); by hand, ≈ 90 µs
-  (78 %): 201 MB at 0.9 of HBM, one launch, ≈ 5 µs of waiting for the first slices' dh.
-  Not built yet: its correctness rests on memory ordering
-  between programs, which the interpreter (one program at a time) cannot exercise; it waits
-  for a GPU to validate it.
+  every awaited item belongs to a program already running: no deadlock). Its bytes (201 MB at
+  0.9 of HBM: ≈ 51 µs) suggest ≈ 90 µs with the forward, but the same model without its HBM term
+  puts the two passes' SM time above that: dh 13.9 µs (bound by L2→SM bytes) + dX 47.1 µs
+  (bound by shared-memory operand bytes) = 61 µs, so fwd + one backward launch with the
+  finishing work folded in is ≈ 98 µs (72 %), still under 80 %. Not built: that gain does not
+  reach the target, and its correctness rests on memory ordering between programs, which the
+  interpreter (one program at a time) cannot exercise; it waits for a GPU to validate it.
 - W_down and W_up are not staged in shared memory for many row blocks: together they are
   4·d·m bytes (1 MiB at the shape above, 192 KiB at d = 768, m = 64) against 228 KiB of shared
   memory per SM, and Triton keeps a loop-invariant tile in registers, not shared memory. At

@@ -22,6 +22,8 @@ from . import interface
 # (major, minor) of the installed triton: a few tile tables differ by version, where an older
 # triton's register allocation spilled (ptxas) on a tile a newer one builds clean.
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+# Before 3.9 (the GPU image has 3.6), a few tiles spill that 3.9 builds clean: those tables drop them.
+OLD_TRITON = TRITON_VERSION < (3, 9)
 
 # @triton.jit reads TRITON_INTERPRET when it decorates a function, i.e. when this package is
 # imported; remember the mode so a launch can refuse a mismatch instead of crashing obscurely.
@@ -292,14 +294,17 @@ class KernelBuild:
     pointers 16-byte aligned, unit inner strides (contiguous tensors), other integers
     divisible by 16 unless listed in `plain_ints` (what Triton's JIT specializes on).
 
-    Plain data (the kernel by module and name), so builds travel to aot worker processes."""
+    Plain data (the kernel by module and name), so builds travel to aot worker processes.
+    `vector_loads`: the build promises no synchronous global load narrower than 4 bytes in its
+    main loop (`peft-ops aot` reports one as a problem: such loads wait a memory latency each)."""
 
     def __init__(self, name, kernel, config, pointer_dtypes, constexprs, unit_strides=(), float_args=(),
-                 plain_ints=(), uses_tensor_cores=True, options=None, int64_args=()):
+                 plain_ints=(), uses_tensor_cores=True, options=None, int64_args=(), vector_loads=False):
         self.name = name
         fn = interface.python_function(kernel)
         self.module, self.function = fn.__module__, fn.__name__
         self.uses_tensor_cores = uses_tensor_cores
+        self.vector_loads = vector_loads
         self.options = {"enable_fp_fusion": True, **(options or {})}
         self.config_kwargs = dict(config.kwargs)
         self.num_warps = config.num_warps

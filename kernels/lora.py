@@ -74,6 +74,7 @@ from triton.runtime import _allocation  # the scratch allocator's default, to le
 
 from .common import (
     INTERPRETED,
+    OLD_TRITON,
     KernelBuild,
     autotuned,
     current_target,
@@ -161,7 +162,9 @@ def dx_tma_family(named_args: dict, constexprs: dict) -> str:
 SHRINK_CONFIGS = {
     "sm80": _families(_SHRINK, base=[(64, 64, 4, 3), (16, 128, 4, 4)], wide=[(128, 64, 8, 3), (32, 128, 4, 3)],
                       fp32=[(32, 32, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2)]),
-    "sm90": _families(_SHRINK, base=[(64, 64, 4, 4), (128, 64, 8, 3), (16, 128, 8, 4)], wide=[(32, 128, 4, 4)],
+    # Triton 3.6 spilled 24 bytes on the 32×128 tile (sm_90a)
+    "sm90": _families(_SHRINK, base=[(64, 64, 4, 4), (128, 64, 8, 3), (16, 128, 8, 4)],
+                      wide=[] if OLD_TRITON else [(32, 128, 4, 4)],
                       fp32=[(32, 32, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2)]),
     "interpreter": tile_configs(_SHRINK, [(32, 32, 4, 1)]),
 }
@@ -195,12 +198,14 @@ BACKWARD_DX_CONFIGS = {
 # Their half-precision tiles are 128 rows (two 64-row wgmma warpgroups at 8 warps) by 128 or
 # 256 columns; the lists are per family as above. On sm_80 they are never launched (no TMA):
 # the entry only gives the autotuner of an sm_80 process a list.
+# fp32 on Triton before 3.9: the 128-row tiles only (the 64-row, 4-warp ones spilled 16 bytes on
+# sm_90a under 3.6: the forward with DoRA's epilogue, the dX without dropout)
 _TMA_FORWARD = _families(_GEMM, base=[(128, 128, 64, 8, 8, 3)], wide=[(128, 256, 64, 8, 8, 2)],
-                         fp32=[(128, 128, 32, 8, 8, 3), (64, 128, 32, 8, 4, 3)])
+                         fp32=[(128, 128, 32, 8, 8, 3)] + ([] if OLD_TRITON else [(64, 128, 32, 8, 4, 3)]))
 FORWARD_TMA_CONFIGS = {"sm80": _TMA_FORWARD, "sm90": _TMA_FORWARD,
                        "interpreter": tile_configs(_GEMM, [(32, 32, 32, 8, 4, 1)])}
 _TMA_DX = _families(_DX, base=[(128, 64, 128, 8, 8, 3)], wide=[(128, 64, 256, 8, 8, 2)],
-                    fp32=[(128, 32, 128, 8, 8, 3), (64, 32, 128, 8, 4, 3)])
+                    fp32=[(128, 32, 128, 8, 8, 3)] + ([] if OLD_TRITON else [(64, 32, 128, 8, 4, 3)]))
 # W stored [K, N] (Conv1D) in half precision: the base tile only (the 128×256 tile spilled 16
 # bytes on sm_90a, at 255 registers, with the B tiles transposed in shared memory).
 _TMA_DX["kn"] = _TMA_DX["mixed"]

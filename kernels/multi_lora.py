@@ -44,10 +44,14 @@ evenly, H200: 4.8 TB/s, ≈ 790 TFLOP/s in cuBLAS):
 - Tiles are fixed per compute family (the tile map is built before the launch, so BLOCK_M cannot
   be autotuned). Read from the sm_90a / sm_80 builds (`peft-ops aot --only multi_lora`): every
   main-loop load of x, dY and the factors is a 16-byte ``cp.async`` when ranks and features are
-  multiples of 8 (ALIGNED: otherwise the factor rows' alignment is unknown and those loads go
-  one element at a time; the rank pass's fp32 xa / g rows load 4 bytes at a time, as in the
-  LoRA rank kernel); 0 spills; 1 CTA per SM for the shrink (8 warps), 2 for the others in half
-  precision, 3-4 in fp32; shrink BLOCK_K = 64 (128 spilled 600 bytes under dropout's Philox).
+  multiples of 8 (ALIGNED), under Triton 3.6 as under 3.9. Unaligned, the factor rows'
+  alignment is unknown and those loads go one element at a time. (Under 3.6 they did so aligned
+  too while the hint was a ``tl.multiple_of`` on the loaded offset, which 3.6 drops: 64
+  synchronous 2-byte loads per step in the g kernel at r = 64, 16 in the shrink;
+  `adapter_layout` now states it arithmetically.) The rank pass's fp32 xa / g rows load 4 bytes
+  at a time, as in the LoRA rank kernel. 0 spills; 1 CTA per SM for the shrink (8 warps), 2 for
+  the others in half precision, 3-4 in fp32; shrink BLOCK_K = 64 (128 spilled 600 bytes under
+  dropout's Philox).
 
 Static estimate (`peft_ops.tools.estimate`, H200, 8 adapters of r = 16 over M = 8192, 4096 → 4096):
 forward 5 launches (table copy 2.5 µs, factors' cat 3.5, shrink 18, expand 31, cuBLAS 356),
@@ -117,7 +121,9 @@ def adapter_layout(TABLE, k, column, ALIGNED: tl.constexpr):
     16-byte aligned, and their loads can be vector loads instead of one per element."""
     value = adapter_int(TABLE, k, column)
     if ALIGNED:
-        value = tl.multiple_of(value, 8)
+        # (v >> 3)·8, the identity on a multiple of 8, not tl.multiple_of: Triton 3.6 drops that
+        # hint on a loaded scalar, and the factors' loads were then 2 bytes each, synchronous
+        value = (value >> 3) * 8
     return value
 
 
@@ -449,10 +455,11 @@ def forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B:
         return c.addmm_(x, weight.t()), xa, keep
 
 
-def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, lora_A: torch.Tensor,
-             lora_B: torch.Tensor, xa: torch.Tensor, keep: torch.Tensor | None, plan: GroupPlan, need_dx: bool,
-             need_dA: bool, need_dB: bool):
-    """(dx [M, K] in x's dtype, dA flat, dB flat in the factors' dtype), None where not needed:
+def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, order: torch.Tensor,
+             lora_A: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, keep: torch.Tensor | None, plan: GroupPlan,
+             need_dx: bool, need_dA: bool, need_dB: bool):
+    """(dx [M, K] in x's dtype, dA flat, dB flat in the factors' dtype), None where not needed
+    (`weight` may be None when dx is not):
 
         dX    = dY·W + s_k/(1−p_k)·(g_k·A_k)⊙keep on adapter k's rows,  g_k = dY_k·B_k
         dA_k  = s_k/(1−p_k)·g_kᵀ·(x_k⊙keep),   dB_k = s_k·dY_kᵀ·xa_k   (zeros for an adapter without rows)
@@ -467,7 +474,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, order: tor
     dB = alloc(plan.b_numel, device=device, dtype=lora_B.dtype) if need_dB else None
     if M == 0:
         return (dx.zero_() if dx is not None else None), dA, dB
-    with launch_guard(dy, x, weight, lora_A, lora_B):
+    with launch_guard(dy, x, lora_A, lora_B, *(() if weight is None else (weight,))):
         g = None
         if (need_dx or need_dA) and plan.lora_tiles:
             g = torch.empty(max(plan.xa_numel, 1), device=device, dtype=torch.float32)
@@ -514,8 +521,9 @@ def aot_specs(target: str) -> list:
             return triton.Config({}, num_warps=tiles[warps_key], num_stages=stages)
 
         def build(name, kernel, cfg, pointers, constexprs, **kw):
+            # ALIGNED: every main-loop load is a vector (Triton 3.6 once made the factors' 2-byte loads)
             specs.append(KernelBuild(f"{name} [{variant}]", kernel, cfg, {**pointers, "TABLE": "i64", "ORDER": "i64"},
-                                     {**common, **constexprs}, plain_ints=plain, **kw))
+                                     {**common, **constexprs}, plain_ints=plain, vector_loads=True, **kw))
 
         build("multi_lora_shrink", _multi_lora_shrink_kernel, config("SHRINK_WARPS", STREAM_STAGES),
               dict(X=dt, A=rt, XA="fp32", KEEP="i32"), dict(HAS_DROPOUT=True, BLOCK_K=tiles["SHRINK_K"]),

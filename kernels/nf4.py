@@ -96,7 +96,7 @@ import triton.language as tl
 from . import interface
 from .common import (
     INTERPRETED,
-    TRITON_VERSION,
+    OLD_TRITON,
     KernelBuild,
     autotuned,
     current_target,
@@ -486,9 +486,8 @@ MATMUL_CONFIGS = {"sm80": _MATMUL_GPU, "sm90": _MATMUL_GPU, "interpreter": tile_
 _GEMV = ("BLOCK_N", "BLOCK_K")
 # 64 columns in every family, so that the split-K rule (`split_k_for`) knows the tile count;
 # Triton before 3.9 spilled (176 B) on the fp32 tile at 4 warps (3.9 spills 12 B at 8).
-_OLD_TRITON = TRITON_VERSION < (3, 9)
 _GEMV_GPU = _lists(_GEMV, half=[(64, 64, 4, 3)], mixed=[(64, 64, 4, 3)],
-                   fp32=[(64, 64, 8, 3)] if _OLD_TRITON else [(64, 64, 4, 3)], general=[(64, 32, 4, 2)])
+                   fp32=[(64, 64, 8, 3)] if OLD_TRITON else [(64, 64, 4, 3)], general=[(64, 32, 4, 2)])
 GEMV_CONFIGS = {"sm80": _GEMV_GPU, "sm90": _GEMV_GPU, "interpreter": tile_configs(_GEMV, [(32, 32, 4, 1)])}
 GEMV_BLOCK_N_FOR_SPLIT = 64  # the split-K GEMV's column tile on a GPU (every config's: the split follows it)
 # The word-decoding GEMV (16-bit x, K % BLOCK_K == 0): (BLOCK_N, BLOCK_K, warps, stages), one W
@@ -511,7 +510,7 @@ _DX = ("BLOCK_N", "BLOCK_K", "GROUP_M")
 # Triton before 3.9 spilled (16–40 B, sm_80) on the 32×32 "general" tile: a 16-row one without
 # pipelining there (0 spills under 3.6).
 _DX_GPU = _lists(_DX, half=[(64, 64, 8, 4, 3)], mixed=[(64, 64, 8, 4, 3)], fp32=[(32, 32, 8, 4, 3), (16, 64, 8, 4, 3)],
-                 general=[(16, 32, 8, 4, 1)] if _OLD_TRITON else [(32, 32, 8, 4, 2)])
+                 general=[(16, 32, 8, 4, 1)] if OLD_TRITON else [(32, 32, 8, 4, 2)])
 BACKWARD_DX_CONFIGS = {"sm80": _DX_GPU, "sm90": _DX_GPU, "interpreter": tile_configs(_DX, [(32, 32, 8, 4, 1)])}
 
 

@@ -253,7 +253,8 @@ class MultiLoraLinearFunction(torch.autograd.Function):
         need_dAs, need_dBs = ctx.needs_input_grad[7: 7 + count], ctx.needs_input_grad[7 + count:]
         x2d = x.reshape(-1, x.shape[-1])
         dy2d = dy.reshape(x2d.shape[0], dy.shape[-1])
-        dense = dense_weight(weight, x.dtype)
+        # only dX reads the base weight: an NF4 one is decoded for it alone
+        dense = dense_weight(weight, x.dtype) if need_dx else None
         dW = torch.mm(dy2d.t(), x2d) if need_dW else None
         db = dy2d.sum(dim=0) if need_db else None
         if ctx.kernels:

@@ -66,7 +66,8 @@ def build_facts(build, target: str) -> dict:
     shared = compiled.metadata.shared
     row = {
         "kernel": build.name, "function": build.function, "target": target,
-        "needs_tensor_cores": build.uses_tensor_cores, "config": build.config_label,
+        "needs_tensor_cores": build.uses_tensor_cores, "vector_loads": build.vector_loads,
+        "config": build.config_label,
         "num_warps": build.num_warps, "num_stages": build.num_stages,
         **usage,
         "shared_bytes": shared,
@@ -110,7 +111,7 @@ def _sources_hash() -> str:
 
 
 def _cache_file(build, target: str) -> pathlib.Path:
-    key = hashlib.sha256(repr((build.key(), target, build.name, build.uses_tensor_cores)).encode()).hexdigest()
+    key = hashlib.sha256(repr((build.key(), target, build.name, build.uses_tensor_cores, build.vector_loads)).encode()).hexdigest()
     return cache_dir() / _sources_hash() / f"{key[:32]}.json"
 
 
@@ -183,6 +184,10 @@ def problems(row: dict) -> list[str]:
         found.append(f"needs {row['shared_bytes']} B of shared memory, over the {row['target']} limit")
     if row["needs_tensor_cores"] and not (row["wgmma"] or row["mma_sync"]):
         found.append("no tensor-core instruction")
+    narrow = {bits: n for bits, n in row["main_loop"].get("ld_global_by_bits", {}).items() if int(bits) < 32}
+    if row.get("vector_loads") and narrow:
+        found.append("synchronous " + ", ".join(f"{n}× {bits}-bit" for bits, n in sorted(narrow.items()))
+                     + " global loads per main-loop iteration")
     return found
 
 

@@ -144,6 +144,38 @@ def test_nf4_base_equals_qlora_per_segment(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_nf4_base_is_decoded_in_the_backward_only_for_dx(path, monkeypatch):
+    """The backward reads the base weight only for dX: with x not needing a gradient an NF4 base
+    is not decoded again (a transient out × in buffer and a pass over it), and the adapters'
+    gradients are those of a run where x needs one."""
+    import peft_ops.ops.multi_lora as op
+
+    decoded = []
+    real = op.dequantize
+    monkeypatch.setattr(op, "dequantize", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    torch.manual_seed(1)
+    qweight = peft_ops.nf4.quantize(torch.randn(OUT * 4, IN * 4) / 4)
+    ids = torch.tensor([1, 0, -1, 1, 1, 0, 0, 1])
+    x = torch.randn(8, IN * 4)
+    dy = torch.randn(8, OUT * 4)
+    grads = {}
+    for x_grad in (False, True):
+        lora_As = [leaf(torch.randn(r, IN * 4, generator=torch.Generator().manual_seed(r)) / 4) for r in (4, 8)]
+        lora_Bs = [leaf(torch.randn(OUT * 4, r, generator=torch.Generator().manual_seed(9 + r)) / 4) for r in (4, 8)]
+        xin = leaf(x) if x_grad else x
+        with on_path(path):
+            y = peft_ops.multi_lora_linear(xin, qweight, lora_As, lora_Bs, [0.5, 2.0], ids)
+            assert len(decoded) == 1  # the forward's decode
+            y.backward(dy)
+        assert len(decoded) == 1 + x_grad  # the backward's only for dX
+        assert (xin.grad is not None) == x_grad
+        grads[x_grad] = [t.grad for t in (*lora_As, *lora_Bs)]
+        decoded.clear()
+    for without, with_dx in zip(grads[False], grads[True]):
+        assert torch.equal(without, with_dx)
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_saved_activations_are_x_and_each_rows_own_rank(path):
     weight, bias, lora_As, lora_Bs, scalings = make(5)
     params = [leaf(t) for t in (*lora_As, *lora_Bs)]

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from peft_ops.tools.aot import SHARED_LIMIT_BYTES, format_table
+from peft_ops.tools.aot import SHARED_LIMIT_BYTES, format_table, problems
 
 pytestmark = pytest.mark.aot
 
@@ -59,6 +59,24 @@ def test_compile_report(compile_rows, capsys):
 def test_no_spills(compile_rows):
     spilling = [(r["kernel"], r["target"], r["config"], r["spill_bytes"]) for r in compile_rows if r["spill_bytes"]]
     assert not spilling
+
+
+def test_builds_that_promise_vector_loads_keep_it(compile_rows):
+    """The grouped multi-LoRA kernels promise no narrow synchronous load in their main loops
+    (under Triton 3.6 a dropped alignment hint once made their factors' loads 2 bytes each):
+    `peft-ops aot` reports a broken promise as a problem, which fails CI's 3.6 leg too."""
+    promised = [r for r in compile_rows if r.get("vector_loads")]
+    assert {r["kernel"].split(" [")[0] for r in promised} >= {"multi_lora_shrink", "multi_lora_backward_g",
+                                                               "multi_lora_backward_rank"}
+    assert [(r["kernel"], r["target"], problems(r)) for r in promised if problems(r)] == []
+
+
+def test_a_narrow_synchronous_load_is_a_problem_only_where_vectors_were_promised():
+    row = {"spill_bytes": 0, "shared_bytes": 0, "target": "sm90", "needs_tensor_cores": False, "wgmma": 0,
+           "mma_sync": 0, "main_loop": {"ld_global_by_bits": {"16": 64, "128": 2}}, "vector_loads": True}
+    assert problems(row) == ["synchronous 64× 16-bit global loads per main-loop iteration"]
+    assert problems({**row, "vector_loads": False}) == []
+    assert problems({**row, "main_loop": {"ld_global_by_bits": {"32": 2}}}) == []
 
 
 def test_tensor_cores_used(compile_rows):
