@@ -14,8 +14,20 @@ Design, from a cost model (bf16, M = 8192, K = N = 4096, r = 16, H200: 4.8 TB/s,
   (a) is cheaper for every r ≥ 5, so: `_lora_shrink_kernel`, then `_lora_forward_kernel` =
   the GEMM x·Wᵀ with s·xa·Bᵀ + b added in its epilogue (y is written once, no M×N
   intermediate; the epilogue costs r/K of the GEMM: 0.4 %).
+- The shrink at decode sizes (M ≤ SHRINK_SPLIT_MAX_M = 16): one program over all of K waits
+  K/BLOCK_K pipelined steps in a row (static estimate, H200, M = 1, K = 4096: 11.4 µs, against
+  15 µs for the NF4 decode GEMV after it). `_lora_shrink_split_kernel` splits K over up to 32
+  programs of whole tiles; the last to finish (an atomic ticket, `split_k_total`) adds their
+  fp32 partials in slice order — deterministic — and stores xa: 5.1 µs (the estimate does not
+  charge the ticket and the partials' reload, ≈ 1 µs on a GPU). `qlora_linear` at M = 1,
+  4096 → 14336, r = 16: 26.3 → 20.0 µs, still 2 launches (the partials and counters are the
+  decode GEMV's reusable scratch: no memset).
 - Backward, g = dY·B [M, r], in three launches (two on sm_90a; no PyTorch tail):
-  `_lora_backward_g_kernel`: g, one read of dY (64 MiB ≈ 15 µs).
+  `_lora_backward_g_kernel`: g, one read of dY (64 MiB ≈ 15 µs). At r = 8 (PEFT's default)
+  Triton's JIT marks neither R nor B's row stride aligned (it marks multiples of 16), so B's
+  tiles were loaded 2 bytes at a time, synchronously, a memory latency per step; the launcher
+  now states both multiples of 8 (B_ROWS_ALIGNED) and they are 16-byte `cp.async` (static
+  estimate, H200, r = 8: 25.2 → 18.1 µs at M = 8192, 25.2 → 14.8 µs at M = 512, as at r = 16).
   `_lora_backward_rank_kernel`: every reduction over M, each program owning BLOCK_C columns
   of one output and summing all M rows in order: dA = s/(1-p)·gᵀ·(x⊙keep) (reads x once),
   dB = s·dYᵀ·xa and db = Σ dY (read dY once more), written final — scaled, in the
@@ -86,6 +98,7 @@ from .common import (
     m_bucket,
     mma,
     multiprocessor_count,
+    split_k_total,
     tile_configs,
 )
 from .dropout import keep_from_bits, keep_tile, store_keep_bits
@@ -168,6 +181,17 @@ SHRINK_CONFIGS = {
                       fp32=[(32, 32, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2)]),
     "interpreter": tile_configs(_SHRINK, [(32, 32, 4, 1)]),
 }
+# The shrink at decode sizes (`_lora_shrink_split_kernel`, M ≤ SHRINK_SPLIT_MAX_M): a fixed tile
+# (the partials' layout follows it), K split into up to SHRINK_MAX_SPLIT slices of whole tiles.
+SHRINK_SPLIT_MAX_M = 16
+SHRINK_MAX_SPLIT = 32
+# Keyed by whether the rank products take fp32 operands: tf32x3 splits each in two, and the
+# 128-column tile spilled 12 bytes there (sm_90a, fp32 x).
+_SHRINK_SPLIT = {False: dict(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=2),
+                 True: dict(BLOCK_M=16, BLOCK_K=64, num_warps=4, num_stages=2)}
+_SHRINK_SPLIT_INTERPRETED = dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1)
+SHRINK_SPLIT_TILE = {"sm80": _SHRINK_SPLIT, "sm90": _SHRINK_SPLIT,
+                     "interpreter": {False: _SHRINK_SPLIT_INTERPRETED, True: _SHRINK_SPLIT_INTERPRETED}}
 BACKWARD_G_CONFIGS = {
     "sm80": _families(_G, base=[(64, 64, 4, 3), (64, 64, 4, 4)], wide=[(64, 128, 8, 3), (128, 64, 8, 3)],
                       fp32=[(64, 32, 4, 3), (64, 32, 8, 3), (64, 16, 4, 3)]),
@@ -234,6 +258,9 @@ _DX_WORK = {"dx_tiles": "cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K)",
             "rank_items": "(cdiv(K, RANK_BLOCK_C) * COMPUTE_DA"
                           " + cdiv(N, RANK_BLOCK_C) * max(COMPUTE_DB, COMPUTE_DBIAS)) * cdiv(R, BLOCK_R)"}
 LOOP_BOUNDS = {"_lora_forward_tma_kernel": {"k_steps": "cdiv(K, BLOCK_K)"},
+               "_lora_shrink_kernel": {"k_begin": "0", "k_end": "K"},
+               "_lora_shrink_split_kernel": {"k_begin": "0",
+                                             "k_end": "min(K, cdiv(cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K)"},
                "_lora_backward_dx_tma_kernel": {"n_steps": "cdiv(N, BLOCK_N)", **_DX_WORK},
                "_lora_backward_rank_kernel": {"RANK_BLOCK_M": "BLOCK_M"}}
 PERSISTENT_TILES = {
@@ -245,6 +272,40 @@ LOOP_SHARES = {"_lora_backward_dx_tma_kernel": {
     "for n in range(0, n_steps):": _DX_SHARE, "for r0 in range(0, R, BLOCK_R):": _DX_SHARE,
     "for r0 in range(BLOCK_R, R, BLOCK_R):": _DX_SHARE,
     "for m0 in range(0, M, RANK_BLOCK_M):": "rank_items / (dx_tiles + rank_items)"}}
+
+
+@triton.jit
+def shrink_partial(X, A, KEEP, rows, m_mask, offs_r, r_mask, K, k_begin, k_end, stride_xm, stride_xk, stride_ar,
+                   stride_ak, seed, dropout_p, store_keep, HAS_DROPOUT: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr,
+                   RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(X[rows, k_begin:k_end] ⊙ keep)·A[offs_r, k_begin:k_end]ᵀ in fp32 [BLOCK_M, BLOCK_R], k_begin a
+    multiple of BLOCK_K; with `store_keep` the keep mask of those columns is stored bit-packed."""
+    lanes = tl.arange(0, BLOCK_K)
+    offs_k = k_begin + lanes
+    # pointers advanced each step (not rebuilt from k0): the compiler then keeps x's rows
+    # contiguous and 16-byte aligned along K, so the loads stay vectorized
+    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+    a_ptrs = A + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None].to(tl.int64) * stride_ak
+    x_step = BLOCK_K * tl.cast(stride_xk, tl.int64)
+    a_step = BLOCK_K * tl.cast(stride_ak, tl.int64)
+    rank_dtype = tl.float32 if RANK_FP32 else X.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k_mask = (k0 + lanes) < k_end
+        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = keep_tile(seed=seed, rows=rows, k0=k0, n_cols=K, dropout_p=dropout_p, BLOCK_M=BLOCK_M,
+                             BLOCK_K=BLOCK_K)
+            x = tl.where(keep, x, 0.0)  # zeroing is exact; the 1/(1-p) is applied to the fp32 sum
+            if store_keep:
+                store_keep_bits(KEEP=KEEP, keep=keep & k_mask[None, :], rows=rows, row_mask=m_mask, k0=k0, n_cols=K,
+                                BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+        a = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = mma(x.to(rank_dtype), a.to(rank_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+        x_ptrs += x_step
+        a_ptrs += a_step
+    return acc
 
 
 @autotuned(SHRINK_CONFIGS, dtype_family("X"), key=["M_BUCKET", "K", "R", "HAS_DROPOUT", "RANK_FP32"])
@@ -263,34 +324,55 @@ def _lora_shrink_kernel(
     pid_r = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
     rows = offs_m.to(tl.int64)
     m_mask = offs_m < M
     r_mask = offs_r < R
-    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
-    a_ptrs = A + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None].to(tl.int64) * stride_ak
-    x_step = BLOCK_K * tl.cast(stride_xk, tl.int64)
-    a_step = BLOCK_K * tl.cast(stride_ak, tl.int64)
-    rank_dtype = tl.float32 if RANK_FP32 else X.dtype.element_ty
-    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = (k0 + offs_k) < K
-        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if HAS_DROPOUT:
-            keep = keep_tile(seed=seed, rows=rows, k0=k0, n_cols=K, dropout_p=dropout_p, BLOCK_M=BLOCK_M,
-                             BLOCK_K=BLOCK_K)
-            x = tl.where(keep, x, 0.0)  # zeroing is exact; the 1/(1-p) is applied to the fp32 sum
-            if pid_r == 0:
-                store_keep_bits(KEEP=KEEP, keep=keep & k_mask[None, :], rows=rows, row_mask=m_mask, k0=k0, n_cols=K,
-                                BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
-        a = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = mma(x.to(rank_dtype), a.to(rank_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
-        x_ptrs += x_step
-        a_ptrs += a_step
+    acc = shrink_partial(X=X, A=A, KEEP=KEEP, rows=rows, m_mask=m_mask, offs_r=offs_r, r_mask=r_mask, K=K, k_begin=0,
+                         k_end=K, stride_xm=stride_xm, stride_xk=stride_xk, stride_ar=stride_ar, stride_ak=stride_ak,
+                         seed=seed, dropout_p=dropout_p, store_keep=pid_r == 0, HAS_DROPOUT=HAS_DROPOUT,
+                         WIDEN_BF16_DOT=WIDEN_BF16_DOT, RANK_FP32=RANK_FP32, DOT_PRECISION=DOT_PRECISION,
+                         BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K)
     if HAS_DROPOUT:
         acc = acc * keep_scale
-    xa_ptrs = XA + rows[:, None] * R + offs_r[None, :]
-    tl.store(xa_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
+    tl.store(XA + rows[:, None] * R + offs_r[None, :], acc, mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _lora_shrink_split_kernel(
+    X, A, XA, KEEP, PARTIALS, COUNTERS, M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak,
+    seed, dropout_p, keep_scale,
+    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+    WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The shrink at decode sizes (M ≤ SHRINK_SPLIT_MAX_M), K split over programs: program (m, r, s)
+    sums slice s of K (whole BLOCK_K tiles; its keep bits stored by the first R-chunk), and the
+    tile's last program adds the slices' fp32 partials in slice order (`split_k_total`:
+    deterministic) and stores XA. One program over all of K waited K/BLOCK_K pipelined steps
+    in a row (static estimate, H200, M = 1, K = 4096: 11.4 µs, the LoRA decode's costliest launch)."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = offs_m.to(tl.int64)
+    m_mask = offs_m < M
+    r_mask = offs_r < R
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_begin = pid_s * k_per_split
+    k_end = tl.minimum(K, k_begin + k_per_split)
+    acc = shrink_partial(X=X, A=A, KEEP=KEEP, rows=rows, m_mask=m_mask, offs_r=offs_r, r_mask=r_mask, K=K,
+                         k_begin=k_begin, k_end=k_end, stride_xm=stride_xm, stride_xk=stride_xk, stride_ar=stride_ar,
+                         stride_ak=stride_ak, seed=seed, dropout_p=dropout_p, store_keep=pid_r == 0,
+                         HAS_DROPOUT=HAS_DROPOUT, WIDEN_BF16_DOT=WIDEN_BF16_DOT, RANK_FP32=RANK_FP32,
+                         DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K)
+    acc, last = split_k_total(acc, PARTIALS, COUNTERS, pid_m * tl.num_programs(1) + pid_r, pid_s, SPLIT_K, BLOCK_M,
+                              BLOCK_R)
+    if last:
+        if HAS_DROPOUT:
+            acc = acc * keep_scale
+        tl.store(XA + rows[:, None] * R + offs_r[None, :], acc, mask=m_mask[:, None] & r_mask[None, :])
 
 
 @triton.jit
@@ -437,9 +519,17 @@ def _lora_backward_g_kernel(
     DY, B, G, M, N, R, M_BUCKET,
     stride_dym, stride_dyn, stride_bn, stride_br,
     BLOCK_R: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    B_ROWS_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """G[M, R] = dY·B in fp32, one program per (M-block, R-chunk): one read of dY."""
+    """G[M, R] = dY·B in fp32, one program per (M-block, R-chunk): one read of dY.
+    B_ROWS_ALIGNED: R and B's row stride are multiples of 8 (the launcher's check)."""
+    if B_ROWS_ALIGNED:
+        # (v >> 3)·8, the identity here, tells the compiler what Triton's JIT does not (it marks
+        # multiples of 16 only): at r = 8, PEFT's default, B's rows and the rank mask then come
+        # in runs of 8, and B's tiles load as 16-byte vectors, not a synchronous 2-byte load each
+        R = (R >> 3) * 8
+        stride_bn = (stride_bn >> 3) * 8
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -792,10 +882,22 @@ def keep_words(K: int) -> int:
     return triton.cdiv(K, 32)
 
 
-def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int):
+def shrink_split_k(M: int, K: int, fp32_rank: bool = False) -> int:
+    """K slices of the shrink: 1 (the autotuned `_lora_shrink_kernel`) above SHRINK_SPLIT_MAX_M
+    rows, else the largest power of two ≤ SHRINK_MAX_SPLIT with at least one K tile per slice
+    (`fp32_rank`: the rank products take fp32 operands, a narrower tile)."""
+    if M > SHRINK_SPLIT_MAX_M:
+        return 1
+    tiles = triton.cdiv(K, SHRINK_SPLIT_TILE[current_target()][fp32_rank]["BLOCK_K"])
+    return min(SHRINK_MAX_SPLIT, 1 << (tiles.bit_length() - 1))
+
+
+def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int, *, scratch=None):
     """(xa, keep): xa = dropout(x)·lora_Aᵀ in fp32 [M, r]; keep the dropout keep mask, bit-packed
     ([M, ⌈K/32⌉] int32, bit b of word j = column 32j + b), or None without dropout. x is 2-D
-    [M, K] with any strides."""
+    [M, K] with any strides. At decode sizes K is split over programs (`shrink_split_k`);
+    `scratch(device, floats, counters)` gives their reusable partials and zeroed counters
+    (``peft_ops.ops.workspace``: no memset per call); without it they are allocated per call."""
     M, K = x.shape
     R = lora_A.shape[0]
     xa = torch.empty((M, R), device=x.device, dtype=torch.float32)
@@ -803,14 +905,25 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int):
     if M == 0:
         return xa, keep
     flags = launch_flags(x.dtype, lora_A.dtype, R)
-    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(R, META["BLOCK_R"]))  # noqa: E731
+    fp32_rank = torch.float32 in (x.dtype, lora_A.dtype)
+    split = shrink_split_k(M, K, fp32_rank)
+    args = (x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), seed, dropout_p, 1.0 / (1.0 - dropout_p))
     with launch_guard(x, lora_A):
-        launch(_lora_shrink_kernel, grid,
-            x, lora_A, xa, keep if keep is not None else xa, M, K, R, m_bucket(M),
-            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
-            seed, dropout_p, 1.0 / (1.0 - dropout_p),
-            HAS_DROPOUT=dropout_p > 0, **flags,
-        )
+        if split == 1:
+            grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(R, META["BLOCK_R"]))  # noqa: E731
+            launch(_lora_shrink_kernel, grid, x, lora_A, xa, keep if keep is not None else xa, M, K, R, m_bucket(M),
+                   *args, HAS_DROPOUT=dropout_p > 0, **flags)
+            return xa, keep
+        tile = SHRINK_SPLIT_TILE[current_target()][fp32_rank]
+        tiles = triton.cdiv(M, tile["BLOCK_M"]) * triton.cdiv(R, flags["BLOCK_R"])
+        floats, counters = split * tiles * tile["BLOCK_M"] * flags["BLOCK_R"], tiles
+        partials, counts = scratch(x.device, floats, counters) if scratch is not None else (
+            torch.empty(floats, device=x.device, dtype=torch.float32),
+            torch.zeros(counters, device=x.device, dtype=torch.int32))
+        launch(_lora_shrink_split_kernel, (triton.cdiv(M, tile["BLOCK_M"]), triton.cdiv(R, flags["BLOCK_R"]), split),
+               x, lora_A, xa, keep if keep is not None else xa, partials, counts, M, K, R, *args,
+               HAS_DROPOUT=dropout_p > 0, **flags, SPLIT_K=split, BLOCK_M=tile["BLOCK_M"], BLOCK_K=tile["BLOCK_K"],
+               num_warps=tile["num_warps"], num_stages=tile["num_stages"])
     return xa, keep
 
 
@@ -1002,6 +1115,12 @@ def rank_items(M: int, N: int, K: int, block_r: int, R: int, block_c: int, rank:
     return columns * triton.cdiv(R, block_r)
 
 
+def b_rows_aligned(lora_B: torch.Tensor) -> bool:
+    """Whether B's [N, r] rows are runs of a multiple of 8 elements, 8-aligned (the g kernel's
+    B_ROWS_ALIGNED)."""
+    return lora_B.shape[1] % 8 == 0 and lora_B.stride(0) % 8 == 0 and lora_B.stride(1) == 1
+
+
 def g_and_dB(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scaling: float, need_g: bool, need_dB: bool,
              adapter_dtype: torch.dtype):
     """(g = dY·B [M, r] fp32, dB = scaling·dYᵀ·xa [N, r] in lora_B's dtype), None where not
@@ -1018,7 +1137,7 @@ def g_and_dB(dy: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scaling: 
     if need_g:
         launch(_lora_backward_g_kernel, lambda META: (triton.cdiv(M, META["BLOCK_M"]), rank_chunks),
             dy, lora_B, g, M, N, R, m_bucket(M), dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
-            **flags)
+            B_ROWS_ALIGNED=b_rows_aligned(lora_B), **flags)
     if need_dB:
         launch(_lora_backward_rank_kernel, lambda META: (triton.cdiv(N, META["BLOCK_C"]), rank_chunks),
             dy, xa, xa, dy, xa, xa, dB, dy, M, N, N, R, m_bucket(M), dy.stride(0), dy.stride(1),  # X: dY's type
@@ -1055,7 +1174,7 @@ def backward_with(launch_dx, dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Te
         g = torch.empty((M, R), device=device, dtype=torch.float32)
         launch(_lora_backward_g_kernel, lambda META: (triton.cdiv(M, META["BLOCK_M"]), rank_chunks),
             dy, lora_B, g, M, N, R, m_bucket(M), dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
-            **flags)
+            B_ROWS_ALIGNED=b_rows_aligned(lora_B), **flags)
     rank = None
     if need_dA or need_dB or need_db:
         unused = xa  # any tensor, for pointers the constexprs switch off
@@ -1096,14 +1215,24 @@ def aot_specs(target: str) -> list:
         common = dict(BLOCK_R=block_r(64, fp32_rank), WIDEN_BF16_DOT=False, RANK_FP32=fp32_rank and dt != "fp32",
                       DOT_PRECISION="tf32x3")
 
-        def build(name, kernel, configs, pointers, constexprs, family=family, variant=variant, common=common, **kw):
+        def build(name, kernel, configs, pointers, constexprs, family=family, variant=variant, common=common,
+                  plain_ints=plain, **kw):
             for cfg in configs[target][family]:
                 specs.append(KernelBuild(f"{name} [{variant}]", kernel, cfg, pointers, {**common, **constexprs},
-                                         plain_ints=plain, **kw))
+                                         plain_ints=plain_ints, vector_loads=True, **kw))
 
         build("lora_shrink", _lora_shrink_kernel, SHRINK_CONFIGS, dict(X=dt, A=rt, XA="fp32", KEEP="i32"),
               dict(HAS_DROPOUT=True), unit_strides=("stride_xk", "stride_ak"),
               float_args=("dropout_p", "keep_scale"))
+        split_tile = SHRINK_SPLIT_TILE[target][family != "half"]
+        specs.append(KernelBuild(
+            f"lora_shrink_split [{variant}]", _lora_shrink_split_kernel,
+            triton.Config({}, num_warps=split_tile["num_warps"], num_stages=split_tile["num_stages"]),
+            dict(X=dt, A=rt, XA="fp32", KEEP="i32", PARTIALS="fp32", COUNTERS="i32"),
+            {**common, "HAS_DROPOUT": True, "SPLIT_K": SHRINK_MAX_SPLIT, "BLOCK_M": split_tile["BLOCK_M"],
+             "BLOCK_K": split_tile["BLOCK_K"]},
+            plain_ints=plain, unit_strides=("stride_xk", "stride_ak"), float_args=("dropout_p", "keep_scale"),
+            vector_loads=True))
         build("lora_forward", _lora_forward_kernel, FORWARD_CONFIGS,
               dict(X=dt, W=dt, XA="fp32", B=rt, BIAS=dt, Y=dt, SCALE="fp32", PRE=dt), dict(HAS_BIAS=True, DORA=False),
               unit_strides=("stride_xk", "stride_wk", "stride_br", "stride_bias"), float_args=("scaling",))
@@ -1112,8 +1241,10 @@ def aot_specs(target: str) -> list:
               variant=f"{variant}, DoRA", family="dora" if family == "half" else family,
               unit_strides=("stride_xk", "stride_wk", "stride_br", "stride_bias"),
               float_args=("scaling",))
-        build("lora_backward_g", _lora_backward_g_kernel, BACKWARD_G_CONFIGS, dict(DY=dt, B=rt, G="fp32"), {},
-              unit_strides=("stride_dyn", "stride_br"))
+        # as at r = 8 (PEFT's default): R and B's row stride multiples of 8, not 16
+        build("lora_backward_g", _lora_backward_g_kernel, BACKWARD_G_CONFIGS, dict(DY=dt, B=rt, G="fp32"),
+              dict(B_ROWS_ALIGNED=True), unit_strides=("stride_dyn", "stride_br"),
+              plain_ints=plain + ("R", "stride_bn"))
         build("lora_backward_rank", _lora_backward_rank_kernel, BACKWARD_RANK_CONFIGS,
               dict(X=dt, KEEP="i32", G="fp32", DY=dt, XA="fp32", DA=rt, DB=rt, DBIAS=dt),
               dict(COMPUTE_DA=True, COMPUTE_DB=True, COMPUTE_DBIAS=True, HAS_DROPOUT=True),

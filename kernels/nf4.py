@@ -1065,7 +1065,7 @@ def aot_specs(target: str) -> list:
                 for cfg in configs[target][family if fmt == "aligned" else "general"]:
                     specs.append(KernelBuild(f"{name} [{variant}, {fmt}]", kernel, cfg, {**fmt_pointers, **pointers},
                                              {**common, **fmt_flags, **constexprs}, plain_ints=plain,
-                                             options=options, **kw))
+                                             options=options, vector_loads=True, **kw))
 
             outputs = dict(Y=dt, SCALE="fp32", PRE=dt)
             # DoRA's epilogue (PRE stored, Y scaled) on the half-precision builds of the real-model format
@@ -1090,7 +1090,7 @@ def aot_specs(target: str) -> list:
                              "PARTIALS": "fp32", "COUNTERS": "i32"},
                             {**common, **fmt_flags, "HAS_LORA": True, "HAS_BIAS": True, "DORA": dora,
                              "BLOCK_M": block_m, "SPLIT_K": 2},
-                            plain_ints=plain, options=options,
+                            plain_ints=plain, options=options, vector_loads=True,
                             unit_strides=("stride_xk", "stride_br", "stride_bias"), float_args=("scaling",)))
             build("nf4_backward_dx", _nf4_backward_dx_kernel, BACKWARD_DX_CONFIGS,
                   dict(DY=dt, G="fp32", A=rt, KEEP="i32", DX=dt),

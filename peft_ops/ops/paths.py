@@ -87,7 +87,7 @@ class KernelLoraOps:
 
     @staticmethod
     def shrink(x, lora_A, dropout_p, seed):
-        return kernel_modules().lora.shrink(x, lora_A, dropout_p, seed)
+        return kernel_modules().lora.shrink(x, lora_A, dropout_p, seed, scratch=workspace.split_k_scratch)
 
     def forward(self, x, weight, xa, lora_B, scaling, bias):
         gemm = self._gemm("forward", x, x.dtype, x.shape[0], weight.shape[0], x.shape[1], lora_B.shape[1])
@@ -142,7 +142,7 @@ class KernelNF4Ops:
 
     @staticmethod
     def shrink(x, lora_A, dropout_p, seed):
-        return kernel_modules().lora.shrink(x, lora_A, dropout_p, seed)
+        return kernel_modules().lora.shrink(x, lora_A, dropout_p, seed, scratch=workspace.split_k_scratch)
 
     def forward(self, x, qw: NF4Tensors, xa, lora_B, scaling, bias):
         r = lora_B.shape[1] if lora_B is not None else 0

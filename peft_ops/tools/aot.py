@@ -111,7 +111,8 @@ def _sources_hash() -> str:
 
 
 def _cache_file(build, target: str) -> pathlib.Path:
-    key = hashlib.sha256(repr((build.key(), target, build.name, build.uses_tensor_cores, build.vector_loads)).encode()).hexdigest()
+    identity = (build.key(), target, build.name, build.uses_tensor_cores, build.vector_loads)
+    key = hashlib.sha256(repr(identity).encode()).hexdigest()
     return cache_dir() / _sources_hash() / f"{key[:32]}.json"
 
 

@@ -82,12 +82,16 @@ def test_pytorch_path_mask_depends_on_every_seed_bit():
         assert 0.3 < changed < 0.7, (bit, changed)
 
 
+@pytest.mark.parametrize("M", [37, 5])
 @pytest.mark.parametrize("K", [45, 64, 97])
-def test_lora_shrink_kernel_draws_the_reference_mask(K):
+def test_lora_shrink_kernel_draws_the_reference_mask(K, M):
     """x = 1 and A = I make xa = keep/(1 − p) exactly: the forward kernel's own mask, read out;
     and the bit-packed mask it keeps for the backward is that mask, packed (bit 31 included,
-    columns past K zero)."""
-    M, p = 37, 0.4
+    columns past K zero). M = 5: the decode shrink, K split over programs, each slice's
+    programs storing their own words of the mask."""
+    p = 0.4
+    # the interpreter's 32-column tiles: slices of whole tiles, a power of two of them
+    assert lora_kernels.shrink_split_k(M, K) == (1 if M == 37 else {45: 2, 64: 2, 97: 4}[K])
     x = torch.ones(M, K, device=DEVICE)
     eye = torch.eye(K, device=DEVICE)
     xa, keep = lora_kernels.shrink(x, eye, p, SEED)

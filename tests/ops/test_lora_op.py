@@ -49,6 +49,38 @@ def test_forward_and_gradients(shape, dtype, path, device):
     check_case(LoraCase(M, K, N, r, dtype), path, device)
 
 
+def test_the_decode_shrink_splits_k(device):
+    """At M ≤ 16 the shrink splits K over programs and the tile's last one sums their partials
+    (in the interpreter's 32-column tiles, K = 130 is 4 slices): outputs and every gradient
+    against float64 with dropout and two rank chunks (r = 80); the same bits again (the sum's
+    order is fixed), and the reusable counters left at zero for the next call."""
+    from peft_ops.kernels import lora as lora_kernels
+    from peft_ops.ops import workspace
+
+    assert lora_kernels.shrink_split_k(16, 130) == 4 and lora_kernels.shrink_split_k(17, 130) == 1
+    check_case(LoraCase(M=16, K=130, N=40, r=80, dtype=torch.float32, dropout_p=0.3), "triton", device)
+    x = torch.randn(3, 130, generator=torch.Generator().manual_seed(3)).to(device, torch.bfloat16)
+    lora_A = torch.randn(24, 130, generator=torch.Generator().manual_seed(4)).to(device, torch.bfloat16)
+    first, _ = lora_kernels.shrink(x, lora_A, 0.0, 0, scratch=workspace.split_k_scratch)
+    again, _ = lora_kernels.shrink(x, lora_A, 0.0, 0, scratch=workspace.split_k_scratch)
+    assert torch.equal(first, again)
+    assert not workspace.split_k_scratch(x.device, 0, 1)[1].any()
+    expected = x.double() @ lora_A.double().t()
+    assert ((first.double() - expected).abs().max() / expected.abs().max()).item() < 1e-6  # fp32 sums of bf16 products
+
+
+@pytest.mark.parametrize("fp32", [False, True], ids=["half", "fp32"])
+def test_the_decode_shrink_at_its_gpu_tile(fp32, monkeypatch, device):
+    """The split shrink at the tile a GPU runs (128 columns; 64 for fp32 rank operands), K = 300
+    in 2 / 4 slices, the last one partial: outputs and gradients against float64, dropout on."""
+    from peft_ops.kernels import lora as lora_kernels
+
+    monkeypatch.setitem(lora_kernels.SHRINK_SPLIT_TILE, "interpreter", lora_kernels.SHRINK_SPLIT_TILE["sm90"])
+    assert lora_kernels.shrink_split_k(5, 300, fp32) == (4 if fp32 else 2)
+    check_case(LoraCase(M=5, K=300, N=24, r=16, dtype=torch.float32 if fp32 else torch.bfloat16, dropout_p=0.2),
+               "triton", device)
+
+
 VARIANTS = {
     "dropout": dict(dropout_p=0.3),
     "no_bias": dict(bias=False),

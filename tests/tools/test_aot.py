@@ -42,8 +42,8 @@ def test_compile_report(compile_rows, capsys):
     with capsys.disabled():  # the registers / shared-memory table, in the test output
         print("\n" + format_table(compile_rows))
     builds = {r["kernel"] for r in compile_rows}  # "lora_forward [bf16]", …
-    for kernel in ("lora_shrink", "lora_forward", "lora_backward_g", "lora_backward_rank", "lora_backward_dx",
-                   "lora_forward_tma", "lora_backward_dx_tma"):
+    for kernel in ("lora_shrink", "lora_shrink_split", "lora_forward", "lora_backward_g", "lora_backward_rank",
+                   "lora_backward_dx", "lora_forward_tma", "lora_backward_dx_tma"):
         for variant in ("bf16", "bf16+fp32 A,B", "fp32"):
             assert f"{kernel} [{variant}]" in builds
     def kernel_and_variant(name):  # without the dX kernel's launch role, which differs by target
@@ -62,12 +62,14 @@ def test_no_spills(compile_rows):
 
 
 def test_builds_that_promise_vector_loads_keep_it(compile_rows):
-    """The grouped multi-LoRA kernels promise no narrow synchronous load in their main loops
-    (under Triton 3.6 a dropped alignment hint once made their factors' loads 2 bytes each):
-    `peft-ops aot` reports a broken promise as a problem, which fails CI's 3.6 leg too."""
+    """The LoRA, NF4 and grouped multi-LoRA kernels promise no narrow synchronous load in their
+    main loops (under Triton 3.6 a dropped alignment hint once made the multi-LoRA factors' loads
+    2 bytes each; at r = 8 the g kernel's B loads were): `peft-ops aot` reports a broken promise
+    as a problem, which fails CI's 3.6 leg too."""
     promised = [r for r in compile_rows if r.get("vector_loads")]
-    assert {r["kernel"].split(" [")[0] for r in promised} >= {"multi_lora_shrink", "multi_lora_backward_g",
-                                                               "multi_lora_backward_rank"}
+    assert {r["kernel"].split(" [")[0] for r in promised} >= {
+        "multi_lora_shrink", "multi_lora_backward_g", "multi_lora_backward_rank", "lora_backward_g", "lora_shrink",
+        "lora_forward_tma", "lora_backward_dx_tma", "nf4_matmul", "nf4_decode_gemv", "nf4_backward_dx"}
     assert [(r["kernel"], r["target"], problems(r)) for r in promised if problems(r)] == []
 
 

@@ -26,8 +26,9 @@ EXPECTED = {
     # training sizes: W decoded into the workspace, then the dense LoRA kernels (again in the
     # backward: the decoded weight is never saved)
     ("qlora", 8192, 4096, 4096, 16): ([SHRINK, DEQUANTIZE, "_lora_forward_tma_kernel"], [DEQUANTIZE, *TMA_BACKWARD]),
-    # decode: one GEMV launch (no split-K partials, no PyTorch tail), the shrink before it
-    ("qlora", 1, 4096, 4096, 16): ([SHRINK, "_nf4_decode_gemv_kernel"],
+    # decode: one GEMV launch (no split-K partials, no PyTorch tail), the shrink before it (K split
+    # over programs at decode sizes, their partials summed by the last: still one launch)
+    ("qlora", 1, 4096, 4096, 16): (["_lora_shrink_split_kernel", "_nf4_decode_gemv_kernel"],
                                    [x.replace(DX, "_nf4_backward_dx_kernel") for x in LORA_BACKWARD]),
     ("nf4", 1, 4096, 14336, 0): (["_nf4_decode_gemv_kernel"], ["_nf4_backward_dx_kernel"]),
     ("nf4", 8192, 4096, 14336, 0): ([DEQUANTIZE, "aten.mm.default"], [DEQUANTIZE, "aten.mm.default"]),
