@@ -281,18 +281,17 @@ def shrink_partial(X, A, KEEP, rows, m_mask, offs_r, r_mask, K, k_begin, k_end, 
                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """(X[rows, k_begin:k_end] ⊙ keep)·A[offs_r, k_begin:k_end]ᵀ in fp32 [BLOCK_M, BLOCK_R], k_begin a
     multiple of BLOCK_K; with `store_keep` the keep mask of those columns is stored bit-packed."""
-    lanes = tl.arange(0, BLOCK_K)
-    offs_k = k_begin + lanes
+    offs_k = tl.arange(0, BLOCK_K)
     # pointers advanced each step (not rebuilt from k0): the compiler then keeps x's rows
     # contiguous and 16-byte aligned along K, so the loads stay vectorized
-    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
-    a_ptrs = A + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None].to(tl.int64) * stride_ak
+    x_ptrs = X + rows[:, None] * stride_xm + (k_begin + offs_k)[None, :].to(tl.int64) * stride_xk
+    a_ptrs = A + offs_r[None, :].to(tl.int64) * stride_ar + (k_begin + offs_k)[:, None].to(tl.int64) * stride_ak
     x_step = BLOCK_K * tl.cast(stride_xk, tl.int64)
     a_step = BLOCK_K * tl.cast(stride_ak, tl.int64)
     rank_dtype = tl.float32 if RANK_FP32 else X.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        k_mask = (k0 + lanes) < k_end
+        k_mask = (k0 + offs_k) < k_end
         x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = keep_tile(seed=seed, rows=rows, k0=k0, n_cols=K, dropout_p=dropout_p, BLOCK_M=BLOCK_M,
@@ -319,22 +318,41 @@ def _lora_shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """XA[M, R] (fp32) = (X ⊙ keep)·Aᵀ · keep_scale, one program per (M-block, R-chunk); the
-    programs of the first R-chunk also store the keep mask bit-packed in KEEP, for the backward."""
+    programs of the first R-chunk also store the keep mask bit-packed in KEEP, for the backward.
+    Its loop is `shrink_partial`'s written out: through the helper (the same PTX, reordered)
+    ptxas spilled 8 bytes in two tiles' builds of the headline launches."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
     rows = offs_m.to(tl.int64)
     m_mask = offs_m < M
     r_mask = offs_r < R
-    acc = shrink_partial(X=X, A=A, KEEP=KEEP, rows=rows, m_mask=m_mask, offs_r=offs_r, r_mask=r_mask, K=K, k_begin=0,
-                         k_end=K, stride_xm=stride_xm, stride_xk=stride_xk, stride_ar=stride_ar, stride_ak=stride_ak,
-                         seed=seed, dropout_p=dropout_p, store_keep=pid_r == 0, HAS_DROPOUT=HAS_DROPOUT,
-                         WIDEN_BF16_DOT=WIDEN_BF16_DOT, RANK_FP32=RANK_FP32, DOT_PRECISION=DOT_PRECISION,
-                         BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K)
+    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+    a_ptrs = A + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None].to(tl.int64) * stride_ak
+    x_step = BLOCK_K * tl.cast(stride_xk, tl.int64)
+    a_step = BLOCK_K * tl.cast(stride_ak, tl.int64)
+    rank_dtype = tl.float32 if RANK_FP32 else X.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + offs_k) < K
+        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = keep_tile(seed=seed, rows=rows, k0=k0, n_cols=K, dropout_p=dropout_p, BLOCK_M=BLOCK_M,
+                             BLOCK_K=BLOCK_K)
+            x = tl.where(keep, x, 0.0)  # zeroing is exact; the 1/(1-p) is applied to the fp32 sum
+            if pid_r == 0:
+                store_keep_bits(KEEP=KEEP, keep=keep & k_mask[None, :], rows=rows, row_mask=m_mask, k0=k0, n_cols=K,
+                                BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+        a = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = mma(x.to(rank_dtype), a.to(rank_dtype), acc, WIDEN_BF16_DOT, DOT_PRECISION)
+        x_ptrs += x_step
+        a_ptrs += a_step
     if HAS_DROPOUT:
         acc = acc * keep_scale
-    tl.store(XA + rows[:, None] * R + offs_r[None, :], acc, mask=m_mask[:, None] & r_mask[None, :])
+    xa_ptrs = XA + rows[:, None] * R + offs_r[None, :]
+    tl.store(xa_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
 
 
 @triton.jit(do_not_specialize=["seed"])
