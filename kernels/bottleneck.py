@@ -99,14 +99,18 @@ def _configs(rows):
 
 
 # Autotune lists (BLOCK_M, BLOCK_D, warps, stages) per target and tile family; `peft-ops
-# aot` proves every one spill-free. fp32 stops at m ≤ 128 (max_bottleneck). The
-# forward and the dh kernel share the half-precision lists; fp32 (tf32x3) differs: the dh
-# kernel's 64-row tile spilled on sm_80, the forward's 128-column one.
+# aot` proves every one spill-free, with and without biases and dropout. fp32 stops at m ≤ 128
+# (max_bottleneck). The forward and the dh kernel share the half-precision lists; fp32
+# (tf32x3) differs: the dh kernel's 64-row tile spilled on sm_80, the forward's 128-column one.
+# sm_90a m ≤ 64 starts at 16×128 with 4 warps and 4 stages: without biases or dropout the
+# forward spilled 24 bytes at 8 warps and at 4 warps with 3 stages (0 at 4 stages, 79
+# registers), and 4 warps estimate faster for both kernels (forward 79.0 → 70.8 µs, dh 42.5 →
+# 34.3 µs at M = 8192, d = 4096, 3 stages; neither is the fastest tile there).
 _HALF = {
     "sm80": {"half/b64": [(16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3), (16, 64, 4, 4)],
              "half/b128": [(16, 64, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3)],
              "half/b256": [(16, 32, 4, 3), (16, 64, 8, 3), (32, 32, 8, 3)]},
-    "sm90": {"half/b64": [(16, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3)],
+    "sm90": {"half/b64": [(16, 128, 4, 4), (32, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3)],
              "half/b128": [(16, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3)],
              "half/b256": [(16, 32, 4, 3), (16, 64, 8, 3), (32, 64, 8, 3)]},
 }
@@ -136,14 +140,16 @@ BACKWARD_DH_CONFIGS = _tables({
 # ("dx", "dw"; one launch), which costs one more read of dY. The sm_90 half-precision tiles
 # are the fastest spill-free ones in the static estimate (M = 8192, d = 4096): m = 64 at
 # 64×64 with 4 warps (2 CTAs per SM, `wgmma m64n64k16`) 52 µs against 70 µs at 8 warps;
-# m = 128 at 64×64 (97 µs against 299 µs at 32×32); m = 256 at 64×32 (280 µs against 1,011
-# at 32×16). 4 warps at m = 128 spilled (848 bytes).
+# m = 128 at 64×64 (97 µs against 299 µs at 32×32); m = 256 at 32×64 (232 µs against 1,011
+# at 32×16; 64×32 estimated 280 µs but spilled 460 bytes without dropout, 255 registers). 4
+# warps at m = 128 spilled (848 bytes). sm_80 fp32 m ≤ 64 at 16×32: 32×32 spilled 460 bytes
+# without dropout (255 registers; 16×32 195 / 214 registers, 0 spills).
 _ONE = (16, 16, 4, 1)
 BACKWARD_DX_TILES = {
     "sm80": {"half/b64": (32, 32, 8, 3), "half/b128": (16, 32, 8, 3),
              "half/b256": {"dx": (32, 64, 8, 3), "dw": (16, 32, 8, 2)},
-             "fp32/b64": (32, 32, 8, 2), "fp32/b128": (16, 16, 8, 2)},
-    "sm90": {"half/b64": (64, 64, 4, 3), "half/b128": (64, 64, 8, 2), "half/b256": (64, 32, 8, 2),
+             "fp32/b64": (16, 32, 8, 2), "fp32/b128": (16, 16, 8, 2)},
+    "sm90": {"half/b64": (64, 64, 4, 3), "half/b128": (64, 64, 8, 2), "half/b256": (32, 64, 8, 2),
              "fp32/b64": (32, 32, 8, 2), "fp32/b128": (16, 16, 8, 2)},
     # the split variant here too, so that the CPU tests run it
     "interpreter": {"half/b64": _ONE, "half/b128": _ONE, "half/b256": {"dx": _ONE, "dw": _ONE},
@@ -599,7 +605,9 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
 
 def aot_specs(target: str) -> list:
     """Every kernel of this file at every config of `target`, in each tile family (bf16 for
-    "half", and fp32) at its widest bottleneck tile, with dropout, biases and all gradients."""
+    "half", and fp32) at its widest bottleneck tile, with dropout, biases and all gradients,
+    and the forward and dX kernels also without (ptxas allocates each specialization anew:
+    the plain ones spilled where the full ones did not)."""
     plain = ("M", "seed", "rows_per_slice")
     specs = []
     for family, dx_tiles in BACKWARD_DX_TILES[target].items():
@@ -607,13 +615,15 @@ def aot_specs(target: str) -> list:
         block_b = {"b64": 64, "b128": 128, "b256": 256}[family.split("/")[1]]
         common = dict(BLOCK_B=block_b, WIDEN_BF16_DOT=False, DOT_PRECISION="tf32x3", ACTIVATION=1, HAS_DROPOUT=True)
         variant = f"{dt}, m≤{block_b}"
-        for cfg in FORWARD_CONFIGS[target][family]:
-            specs.append(KernelBuild(
-                f"bottleneck_forward [{variant}]", _bottleneck_forward_kernel, cfg,
-                dict(X=dt, W_DOWN=dt, B_DOWN=dt, W_UP=dt, B_UP=dt, Y=dt, H="fp32"),
-                {**common, "HAS_DOWN_BIAS": True, "HAS_UP_BIAS": True, "SAVE_H": True},
-                unit_strides=("stride_xd", "stride_down_d", "stride_up_b"),
-                float_args=("scaling", "dropout_p", "keep_scale"), plain_ints=plain))
+        for full in (True, False):  # biases and dropout, or neither
+            for cfg in FORWARD_CONFIGS[target][family]:
+                specs.append(KernelBuild(
+                    f"bottleneck_forward [{variant}{'' if full else ', no biases or dropout'}]",
+                    _bottleneck_forward_kernel, cfg,
+                    dict(X=dt, W_DOWN=dt, B_DOWN=dt, W_UP=dt, B_UP=dt, Y=dt, H="fp32"),
+                    {**common, "HAS_DROPOUT": full, "HAS_DOWN_BIAS": full, "HAS_UP_BIAS": full, "SAVE_H": True},
+                    unit_strides=("stride_xd", "stride_down_d", "stride_up_b"),
+                    float_args=("scaling", "dropout_p", "keep_scale"), plain_ints=plain))
         for cfg in BACKWARD_DH_CONFIGS[target][family]:
             specs.append(KernelBuild(
                 f"bottleneck_backward_dh [{variant}]", _bottleneck_backward_dh_kernel, cfg,
@@ -624,16 +634,18 @@ def aot_specs(target: str) -> list:
         # ("dX, dW": programs of either role, the tiles of each)
         split = isinstance(dx_tiles, dict)
         dx_t, dw_t = (dx_tiles["dx"], dx_tiles["dw"]) if split else (dx_tiles, dx_tiles)
-        specs.append(KernelBuild(
-            f"bottleneck_backward_dx [{variant}, {'dX, dW' if split else 'dX+dW'}]", _bottleneck_backward_dx_kernel,
-            triton.Config(dict(BLOCK_M=dx_t[0], BLOCK_D=dx_t[1]), num_warps=dx_t[2],
-                          num_stages=min(dx_t[3], dw_t[3])),
-            dict(DY=dt, X=dt, ACT=dt, DH="fp32", W_DOWN=dt, DX=dt, DW_DOWN_PARTIAL="fp32",
-                 DW_UP_PARTIAL="fp32", DB_UP_PARTIAL="fp32", DB_DOWN_PARTIAL="fp32"),
-            {**common, "COMPUTE_DX": True, "COMPUTE_DW": True, "SPLIT": split, "DW_BLOCK_M": dw_t[0],
-             "DW_BLOCK_D": dw_t[1]},
-            unit_strides=("stride_dyd", "stride_xd", "stride_down_d"), float_args=("dropout_p",),
-            plain_ints=plain + ("dw_rows_per_slice", "dx_programs")))
+        for dropout in (True, False):  # fixed tiles: what a GPU runs, so both specializations
+            specs.append(KernelBuild(
+                f"bottleneck_backward_dx [{variant}, {'dX, dW' if split else 'dX+dW'}"
+                f"{'' if dropout else ', no dropout'}]", _bottleneck_backward_dx_kernel,
+                triton.Config(dict(BLOCK_M=dx_t[0], BLOCK_D=dx_t[1]), num_warps=dx_t[2],
+                              num_stages=min(dx_t[3], dw_t[3])),
+                dict(DY=dt, X=dt, ACT=dt, DH="fp32", W_DOWN=dt, DX=dt, DW_DOWN_PARTIAL="fp32",
+                     DW_UP_PARTIAL="fp32", DB_UP_PARTIAL="fp32", DB_DOWN_PARTIAL="fp32"),
+                {**common, "HAS_DROPOUT": dropout, "COMPUTE_DX": True, "COMPUTE_DW": True, "SPLIT": split,
+                 "DW_BLOCK_M": dw_t[0], "DW_BLOCK_D": dw_t[1]},
+                unit_strides=("stride_dyd", "stride_xd", "stride_down_d"), float_args=("dropout_p",),
+                plain_ints=plain + ("dw_rows_per_slice", "dx_programs")))
     for dt in ("bf16", "fp32"):
         specs.append(KernelBuild(
             f"bottleneck_finish [{dt}]", _bottleneck_finish_kernel,

@@ -8,6 +8,7 @@ import importlib
 import inspect
 import io
 import os
+import re
 import sys
 
 import torch
@@ -299,11 +300,11 @@ class KernelBuild:
     main loop (`peft-ops aot` reports one as a problem: such loads wait a memory latency each)."""
 
     def __init__(self, name, kernel, config, pointer_dtypes, constexprs, unit_strides=(), float_args=(),
-                 plain_ints=(), uses_tensor_cores=True, options=None, int64_args=(), vector_loads=False):
+                 plain_ints=(), uses_tensor_cores=None, options=None, int64_args=(), vector_loads=False):
         self.name = name
         fn = interface.python_function(kernel)
         self.module, self.function = fn.__module__, fn.__name__
-        self.uses_tensor_cores = uses_tensor_cores
+        self.uses_tensor_cores = _issues_dot(kernel) if uses_tensor_cores is None else uses_tensor_cores
         self.vector_loads = vector_loads
         self.options = {"enable_fp_fusion": True, **(options or {})}
         self.config_kwargs = dict(config.kwargs)
@@ -406,6 +407,21 @@ def _jit_setting(kernel, name: str):
             return fn.kwargs[name]
         fn = getattr(fn, "fn", None)
     return None
+
+
+def _issues_dot(kernel, seen: set | None = None) -> bool:
+    """Whether a kernel, or a @triton.jit function it calls, issues ``tl.dot`` (a build
+    whose PTX then lacks tensor-core instructions is broken; one without a dot is not)."""
+    fn = interface.python_function(kernel)
+    seen = set() if seen is None else seen
+    if fn in seen:
+        return False
+    seen.add(fn)
+    source = inspect.getsource(fn)
+    if re.search(r"\btl\.dot\(", source):
+        return True
+    called = (fn.__globals__.get(name) for name in set(re.findall(r"\b(\w+)\(", source)))
+    return any(_issues_dot(f, seen) for f in called if hasattr(f, "fn") and callable(getattr(f, "fn")))
 
 
 def _constexpr_names(kernel) -> set[str]:

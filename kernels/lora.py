@@ -166,6 +166,12 @@ def forward_family(named_args: dict, constexprs: dict) -> str:
     return family
 
 
+def forward_tma_family(named_args: dict, constexprs: dict) -> str:
+    """dtype_family("X"), with half-precision DoRA launches in their own list ("dora")."""
+    family = dtype_family("X")(named_args, constexprs)
+    return "dora" if family == "half" and constexprs.get("DORA") else family
+
+
 def dx_tma_family(named_args: dict, constexprs: dict) -> str:
     """dtype_family("DY"), with half-precision launches over W stored [K, N] in their own list ("kn")."""
     family = dtype_family("DY")(named_args, constexprs)
@@ -226,6 +232,9 @@ BACKWARD_DX_CONFIGS = {
 # sm_90a under 3.6: the forward with DoRA's epilogue, the dX without dropout)
 _TMA_FORWARD = _families(_GEMM, base=[(128, 128, 64, 8, 8, 3)], wide=[(128, 256, 64, 8, 8, 2)],
                          fp32=[(128, 128, 32, 8, 8, 3)] + ([] if OLD_TRITON else [(64, 128, 32, 8, 4, 3)]))
+# DoRA (PRE stored beside Y) in half precision: the base tile only, as in the pointer GEMM (the
+# 128×256 tile spilled 48 bytes on sm_90a at 255 registers without a bias).
+_TMA_FORWARD["dora"] = _TMA_FORWARD["mixed"]
 FORWARD_TMA_CONFIGS = {"sm80": _TMA_FORWARD, "sm90": _TMA_FORWARD,
                        "interpreter": tile_configs(_GEMM, [(32, 32, 32, 8, 4, 1)])}
 _TMA_DX = _families(_DX, base=[(128, 64, 128, 8, 8, 3)], wide=[(128, 64, 256, 8, 8, 2)],
@@ -635,7 +644,7 @@ def rank_reduction(pid, pid_r, X, KEEP, G, DY, XA, DA, DB, DBIAS, M, N, K, R,
 
 @autotuned(BACKWARD_RANK_CONFIGS, dtype_family("X"),
            key=["M_BUCKET", "N", "K", "R", "COMPUTE_DA", "COMPUTE_DB", "COMPUTE_DBIAS", "HAS_DROPOUT", "RANK_FP32"])
-@triton.jit
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])  # M = 1 as a constant: ptxas spilled 24-40 bytes at 56 registers
 def _lora_backward_rank_kernel(
     X, KEEP, G, DY, XA, DA, DB, DBIAS, M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_dym, stride_dyn, da_scale, db_scale,
@@ -693,7 +702,7 @@ def _lora_backward_dx_kernel(
     tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
 
 
-@autotuned(FORWARD_TMA_CONFIGS, dtype_family("X"),
+@autotuned(FORWARD_TMA_CONFIGS, forward_tma_family,
            key=["M_BUCKET", "N", "K", "R", "HAS_BIAS", "DORA", "W_KN", "RANK_FP32"])
 @triton.jit
 def _lora_forward_tma_kernel(
@@ -1289,10 +1298,13 @@ def aot_specs(target: str) -> list:
         build("lora_dx_term", _lora_dx_term_kernel, PIECE_CONFIGS, dict(G="fp32", A=rt, KEEP="i32", C=dt),
               dict(HAS_DROPOUT=True), unit_strides=("stride_ak",), float_args=("lora_scale",))
         if target in TMA_TARGETS:  # the persistent TMA GEMMs (sm_90a only: TMA)
-            for dora in (False, True):
+            # DoRA with and without a bias (without one the wide tile spilled where it did not with)
+            for dora, bias in ((False, True), (True, True), (True, False)):
                 build("lora_forward_tma", _lora_forward_tma_kernel, FORWARD_TMA_CONFIGS,
                       dict(X=dt, W=dt, XA="fp32", B=rt, BIAS=dt, Y=dt, SCALE="fp32", PRE=dt),
-                      dict(HAS_BIAS=True, DORA=dora, W_KN=False), variant=f"{variant}, DoRA" if dora else variant,
+                      dict(HAS_BIAS=bias, DORA=dora, W_KN=False),
+                      variant=variant + (", DoRA" if dora else "") + ("" if bias else ", no bias"),
+                      family="dora" if dora and family == "half" else family,
                       unit_strides=("stride_br", "stride_bias"), float_args=("scaling",))
             # W stored [K, N] (Conv1D): the same GEMM with the B operand's tiles N-major (LoRA, DoRA)
             for dora in (False, True):
@@ -1300,6 +1312,7 @@ def aot_specs(target: str) -> list:
                       dict(X=dt, W=dt, XA="fp32", B=rt, BIAS=dt, Y=dt, SCALE="fp32", PRE=dt),
                       dict(HAS_BIAS=True, DORA=dora, W_KN=True),
                       variant=f"{variant}, DoRA, W [K, N]" if dora else f"{variant}, W [K, N]",
+                      family="dora" if dora and family == "half" else family,
                       unit_strides=("stride_br", "stride_bias"), float_args=("scaling",))
             rank_block_m, rank_block_c = RANK_ITEM_TILE[target][fp32_rank]
             # without dropout, dX holds its first rank chunk across the loop; W [K, N]: Conv1D's layout

@@ -45,7 +45,7 @@ from ..ops.multi_lora import multi_lora_linear
 from ..ops.qlora import nf4_linear, qlora_linear
 from . import estimate, roofline, tune
 from .accuracy import saved_activation_bytes
-from .aot import format_table
+from .aot import format_table, problems
 from .presets import PRESETS
 from .records import provenance, text_table, write_csv, write_json
 from .roofline import ADAPTER_OPS, NF4_OPS, OPS, PHASES, OpShape
@@ -412,10 +412,9 @@ def add_estimates(rows: list[dict], shapes: list[OpShape], gpu_name: str, gpu: d
             row["estimate_peft_ms"] = theirs[row["phase"]]["seconds"] * 1e3
             row["estimate_peft_launches"] = theirs[row["phase"]]["launches"]
         for part in phase["parts"]:
-            if not part["name"].startswith("aten."):
-                chosen[(part["name"], part["config"])] = part
-    by_key = {(r["function"], r["config"]): r for r in est.build_rows()}
-    return [{**by_key[key], "bound": part["bound"]} for key, part in chosen.items() if key in by_key]
+            if est.chosen_row(part) is not None:
+                chosen[part["build"]] = part
+    return [{**est.chosen_row(part), "bound": part["bound"]} for part in chosen.values()]
 
 
 # --------------------------------------------------------------------------------------
@@ -741,8 +740,11 @@ def summary(rows, saved, builds, targets, timed, gpu_name="", calibration=(), mu
                          [(r["layer"], r["shape"], r["dropout"], f"{r['saved_per_x']:.3f}",
                            "" if r["budget_per_x"] is None else f"{r['budget_per_x']:.3f}") for r in saved])]
     if builds:
+        found = [f"{b['kernel']} {b['target']} {b['config']}: {'; '.join(problems(b))}" for b in builds if problems(b)]
         lines += [f"\nthe builds the estimate chose ({len(builds)}; per main-loop iteration and thread)",
-                  format_table(builds)]
+                  format_table(builds),
+                  "problems (peft-ops aot's rules: spills, shared memory, tensor cores, promised vector loads): "
+                  + ("none" if not found else f"{len(found)}\n  " + "\n  ".join(found))]
     if calibration:
         lines += ["\nthe static estimate against its calibration anchors",
                   text_table(("anchor", "reference", "model", "within"),

@@ -335,7 +335,7 @@ class Estimator:
             ctas, persistent = _grid_ctas(launch, config, module, names)
             timed = build_seconds(row, names, ctas, _distinct_bytes(launch.args), self.device, persistent)
             if best is None or timed["seconds"] < best["seconds"]:
-                best = {"name": launch.name, "config": row["config"], **timed}
+                best = {"name": launch.name, "config": row["config"], "build": key, **timed}
         return best
 
     def sequence_seconds(self, launch_list: list) -> dict:
@@ -367,6 +367,11 @@ class Estimator:
     def build_rows(self) -> list[dict]:
         """The compile rows of every build compiled so far."""
         return list(self._rows.values())
+
+    def chosen_row(self, part: dict) -> dict | None:
+        """The compile row of the build a timed launch (`part`) chose: that launch's own
+        specialization, which a (function, config) pair alone does not name."""
+        return self._rows.get(part.get("build"))
 
 
 # --------------------------------------------------------------------------------------
