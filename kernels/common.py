@@ -307,6 +307,8 @@ class KernelBuild:
         self.uses_tensor_cores = _issues_dot(kernel) if uses_tensor_cores is None else uses_tensor_cores
         self.vector_loads = vector_loads
         self.options = {"enable_fp_fusion": True, **(options or {})}
+        if getattr(config, "maxnreg", None):  # a config's register cap (the autotuner passes it on)
+            self.options.setdefault("maxnreg", config.maxnreg)
         self.config_kwargs = dict(config.kwargs)
         self.num_warps = config.num_warps
         self.num_stages = config.num_stages
@@ -358,7 +360,8 @@ class KernelBuild:
                     plain.append(arg)
         num_warps = options.pop("num_warps", config.num_warps)
         num_stages = options.pop("num_stages", config.num_stages)
-        config = triton.Config(dict(config.kwargs), num_warps=num_warps, num_stages=num_stages)
+        maxnreg = options.pop("maxnreg", getattr(config, "maxnreg", None))
+        config = triton.Config(dict(config.kwargs), num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
         return cls(name, kernel, config, pointers, constexprs, unit_strides=units, float_args=floats, plain_ints=plain,
                    int64_args=int64, options=options)
 

@@ -500,9 +500,32 @@ _DECODE_GEMV = ("BLOCK_N", "BLOCK_K", "K_WIDTH")
 # each (5.6 instructions per weight against 4.8).
 _DECODE_GEMV_HALF = {"sm80": [(64, 256, 4, 4, 3)], "sm90": [(32, 256, 4, 2, 3)]}
 DECODE_GEMV_BLOCK_N = {"sm80": 64, "sm90": 32, "interpreter": 32}  # each target's one config's (split-K follows it)
-DECODE_GEMV_CONFIGS = {**{t: {family: tile_configs(_DECODE_GEMV, rows) for family in ("half", "mixed")}
-                          for t, rows in _DECODE_GEMV_HALF.items()},
+# The 8-row tile (M ≤ 8) has lists of its own ("half/m8", "mixed/m8"): on sm_90a with a register
+# cap, since uncapped, ptxas left the build without LoRA or a bias at 80 registers with 8 bytes
+# spilled (a local load per iteration). At 128: 102-128 registers, no spill in any variant (at
+# 96 / 104 the LoRA / fp32-rank ones spilled 8 bytes); 8 CTAs per SM, more than a decode grid
+# puts on one (N / 32 programs: 448 over 132 SMs at N = 14336). The 16-row builds (144
+# registers) stay uncapped: at 128 or 144 they spilled 40-108 bytes.
+_DECODE_GEMV_M8_MAXNREG = {"sm80": None, "sm90": 128}
+
+
+def _decode_gemv_lists(target: str) -> dict:
+    lists = {}
+    for family in ("half", "mixed"):
+        lists[family] = tile_configs(_DECODE_GEMV, _DECODE_GEMV_HALF[target])
+        lists[f"{family}/m8"] = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages,
+                                               maxnreg=_DECODE_GEMV_M8_MAXNREG[target]) for c in lists[family]]
+    return lists
+
+
+DECODE_GEMV_CONFIGS = {**{t: _decode_gemv_lists(t) for t in _DECODE_GEMV_HALF},
                        "interpreter": tile_configs(_DECODE_GEMV, [(32, 256, 2, 1, 1)])}
+
+
+def decode_gemv_family(named_args: dict, constexprs: dict) -> str:
+    """dtype_family("X"), with the 8-row tile's launches in their own lists ("half/m8", "mixed/m8")."""
+    family = dtype_family("X")(named_args, constexprs)
+    return f"{family}/m8" if constexprs.get("BLOCK_M") == DECODE_GEMV_SMALL_M else family
 # dX: BLOCK_M is DX_BLOCK_M (each M-block decodes every W tile once: a wider one halves the
 # decode work but the tile then holds a 128-row accumulator next to the decode).
 DX_BLOCK_M = {"sm80": 64, "sm90": 64, "interpreter": 32}
@@ -725,7 +748,7 @@ def nf4_fragment_x(x, K_WIDTH: tl.constexpr):
     return tl.reshape(bits, (256, ROWS))
 
 
-@autotuned(DECODE_GEMV_CONFIGS, dtype_family("X"),
+@autotuned(DECODE_GEMV_CONFIGS, decode_gemv_family,
            key=["M", "N", "K", "R", "HAS_LORA", "HAS_BIAS", "DORA"] + _NF4_KEY)
 @triton.jit
 def _nf4_decode_gemv_kernel(
@@ -1081,14 +1104,20 @@ def aot_specs(target: str) -> list:
                       dict(HAS_LORA=True, HAS_BIAS=True, DORA=dora, BLOCK_M=GEMV_BLOCK_M, SPLIT_K=4), variant=tag,
                       unit_strides=("stride_xk", "stride_br", "stride_bias"), float_args=("scaling",))
                 if fmt == "aligned" and family != "fp32":
-                    for cfg, block_m in ((c, m) for c in DECODE_GEMV_CONFIGS[target][family]
-                                         for m in (GEMV_BLOCK_M, DECODE_GEMV_SMALL_M)):
+                    # with LoRA and a bias, and (nf4_linear's plain launch) without either: ptxas
+                    # allocates each anew, and the plain 8-row build spilled where the full one did
+                    # not (one plain build: without LoRA, DoRA and the rank dtype do not exist)
+                    plain_too = (True, False) if not (dora or fp32_rank) else (True,)
+                    tiles = {GEMV_BLOCK_M: family, DECODE_GEMV_SMALL_M: f"{family}/m8"}
+                    for cfg, block_m, full in ((c, m, f) for m, listed in tiles.items()
+                                               for c in DECODE_GEMV_CONFIGS[target][listed] for f in plain_too):
                         specs.append(KernelBuild(
-                            f"nf4_decode_gemv [{tag}{', M ≤ 8' if block_m < GEMV_BLOCK_M else ''}]",
+                            f"nf4_decode_gemv [{tag}{', M ≤ 8' if block_m < GEMV_BLOCK_M else ''}"
+                            f"{'' if full else ', no LoRA or bias'}]",
                             _nf4_decode_gemv_kernel, cfg,
                             {**fmt_pointers, "X": dt, "XA": "fp32", "B": rt, "BIAS": dt, **outputs,
                              "PARTIALS": "fp32", "COUNTERS": "i32"},
-                            {**common, **fmt_flags, "HAS_LORA": True, "HAS_BIAS": True, "DORA": dora,
+                            {**common, **fmt_flags, "HAS_LORA": full, "HAS_BIAS": full, "DORA": dora,
                              "BLOCK_M": block_m, "SPLIT_K": 2},
                             plain_ints=plain, options=options, vector_loads=True,
                             unit_strides=("stride_xk", "stride_br", "stride_bias"), float_args=("scaling",)))

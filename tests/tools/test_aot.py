@@ -98,7 +98,19 @@ def test_nf4_kernels_are_covered(compile_rows):
             for fmt in ("aligned", "odd K"):
                 assert f"{kernel} [{variant}, {fmt}]" in builds
     assert {"nf4_dequantize [bf16]", "nf4_dequantize [fp32]", "nf4_decode_gemv [bf16]",
-            "nf4_decode_gemv [bf16+fp32 A,B]"} <= builds
+            "nf4_decode_gemv [bf16+fp32 A,B]", "nf4_decode_gemv [bf16, M ≤ 8, no LoRA or bias]"} <= builds
+
+
+def test_a_configs_register_cap_reaches_the_build(compile_rows):
+    """The sm_90a decode GEMV's 8-row configs carry maxnreg = 128 (uncapped, ptxas spilled the
+    build without LoRA or a bias at 80 registers); the builds honour it, the 16-row ones have none."""
+    small = [r for r in compile_rows if r["target"] == "sm90" and r["kernel"].startswith("nf4_decode_gemv [")
+             and "M ≤ 8" in r["kernel"]]
+    wide = [r for r in compile_rows if r["target"] == "sm90" and r["kernel"].startswith("nf4_decode_gemv [")
+            and "M ≤ 8" not in r["kernel"]]
+    assert len(small) >= 5 and len(wide) >= 5
+    assert all(r["registers"] <= 128 and not r["spill_bytes"] for r in small)
+    assert max(r["registers"] for r in wide) > 128  # (what the cap would have cut: those spilled at 128)
 
 
 def test_shared_memory_fits(compile_rows):
