@@ -72,7 +72,7 @@ def _lora_embedding_forward_kernel(
     acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=XA, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
                         stride_br=stride_br, stride_bias=0, scaling=scaling, HAS_LORA=True, HAS_BIAS=False,
                         BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
-                        DOT_PRECISION=DOT_PRECISION)
+                        DOT_PRECISION=DOT_PRECISION, B_ROWS_ALIGNED=False)
     y_ptrs = Y + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 

@@ -28,6 +28,9 @@ Design, from a cost model (bf16, M = 8192, K = N = 4096, r = 16, H200: 4.8 TB/s,
   tiles were loaded 2 bytes at a time, synchronously, a memory latency per step; the launcher
   now states both multiples of 8 (B_ROWS_ALIGNED) and they are 16-byte `cp.async` (static
   estimate, H200, r = 8: 25.2 → 18.1 µs at M = 8192, 25.2 → 14.8 µs at M = 512, as at r = 16).
+  The forward epilogues that load xa and B after their main loop (`lora_epilogue`: the NF4
+  GEMVs, the cuBLAS path's expand) take the same flag: NF4 decode GEMV at r = 8, M = 1, 4096 →
+  14336: 15.23 → 14.91 µs (as at r = 16); the expand's 167 → 103 registers.
   `_lora_backward_rank_kernel`: every reduction over M, each program owning BLOCK_C columns
   of one output and summing all M rows in order: dA = s/(1-p)·gᵀ·(x⊙keep) (reads x once),
   dB = s·dYᵀ·xa and db = Σ dY (read dY once more), written final — scaled, in the
@@ -436,10 +439,16 @@ def rank_term(acc, left0, right0, LEFT, RIGHT, rows, row_mask, cols, R, stride_r
 @triton.jit
 def lora_epilogue(acc, XA, B, BIAS, rows, cols, R, stride_bn, stride_br, stride_bias, scaling,
                   HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, RANK_FP32: tl.constexpr,
-                  WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, B_ROWS_ALIGNED: tl.constexpr):
     """acc [+ scaling·XA[rows]·B[cols]ᵀ] [+ BIAS[cols]]: the epilogue of the forward output tiles
     that load their rank operands after the main loop (NF4, the cuBLAS path's expand; rows,
-    cols are valid int64 indices). The term accumulates straight into acc (no second M×N tile)."""
+    cols are valid int64 indices). The term accumulates straight into acc (no second M×N tile).
+    B_ROWS_ALIGNED: R and B's row stride are multiples of 8 (`b_rows_aligned`)."""
+    if HAS_LORA and B_ROWS_ALIGNED:
+        # as in the g kernel: at r = 8 (PEFT's default) xa's and B's rows then load as 16-byte
+        # vectors (32-byte for fp32 xa), not a synchronous 2- or 4-byte load per element
+        R = (R >> 3) * 8
+        stride_bn = (stride_bn >> 3) * 8
     if HAS_LORA:
         # (rank_operands' loads, written out: its address arithmetic spilled sm_80's 128×256 tile)
         rank_dtype = B.dtype.element_ty
@@ -529,7 +538,7 @@ def _lora_forward_kernel(
     acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
                         stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=True,
                         HAS_BIAS=HAS_BIAS and not DORA, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32,
-                        WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
+                        WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, B_ROWS_ALIGNED=False)
 
     out_rows = offs_m.to(tl.int64)
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -751,7 +760,7 @@ def _lora_forward_tma_kernel(
         acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
                             stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=False,
                             HAS_BIAS=HAS_BIAS and not DORA, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32,
-                            WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
+                            WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, B_ROWS_ALIGNED=False)
         if DORA:
             pre_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(PRE.dtype.element_ty))
             acc = dora_scale(acc, SCALE, BIAS, cols, stride_bias, HAS_BIAS)
@@ -846,7 +855,7 @@ def _lora_backward_dx_tma_kernel(
 def _lora_expand_kernel(
     XA, B, BIAS, C, M, N, R, M_BUCKET, stride_bn, stride_br, stride_bias, scaling,
     HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
-    WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, B_ROWS_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """C[M, N] = scaling·XA·Bᵀ + BIAS in C's dtype: the LoRA term and bias of the cuBLAS path's
@@ -857,7 +866,8 @@ def _lora_expand_kernel(
     acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=(offs_m % M).to(tl.int64), cols=(offs_n % N).to(tl.int64),
                         R=R, stride_bn=stride_bn, stride_br=stride_br, stride_bias=stride_bias, scaling=scaling,
                         HAS_LORA=True, HAS_BIAS=HAS_BIAS, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32,
-                        WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
+                        WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION,
+                        B_ROWS_ALIGNED=B_ROWS_ALIGNED)
     c_ptrs = C + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -1035,7 +1045,8 @@ def _forward(x, weight, xa, lora_B, scaling, bias, gemm, col_scale):
             launch(_lora_expand_kernel, lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(N, META["BLOCK_N"])),
                 xa, lora_B, expand_bias if expand_bias is not None else c, c, M, N, R, m_bucket(M), lora_B.stride(0),
                 lora_B.stride(1), expand_bias.stride(0) if expand_bias is not None else 0, float(scaling),
-                HAS_BIAS=expand_bias is not None, **launch_flags(x.dtype, lora_B.dtype, R))
+                HAS_BIAS=expand_bias is not None, B_ROWS_ALIGNED=b_rows_aligned(lora_B),
+                **launch_flags(x.dtype, lora_B.dtype, R))
         y = torch.addmm(c, x, weight.t())
         if not dora:
             return y, None
@@ -1289,7 +1300,8 @@ def aot_specs(target: str) -> list:
                   variant=f"{variant}, W [K, N]", unit_strides=("stride_dyn", "stride_wn", "stride_ak"),
                   float_args=("lora_scale",))
         build("lora_expand", _lora_expand_kernel, PIECE_CONFIGS, dict(XA="fp32", B=rt, BIAS=dt, C=dt),
-              dict(HAS_BIAS=True), unit_strides=("stride_br", "stride_bias"), float_args=("scaling",))
+              dict(HAS_BIAS=True, B_ROWS_ALIGNED=True), unit_strides=("stride_br", "stride_bias"),
+              float_args=("scaling",))
         if not fp32_rank or dt == "fp32":  # no rank operands: the fp32-adapter variant is the bf16 build
             for cfg in PIECE_CONFIGS[target][family]:
                 specs.append(KernelBuild(f"dora_scale [{dt}]", _dora_scale_kernel, cfg,

@@ -111,6 +111,7 @@ from .common import (
     tile_configs,
 )
 from .lora import (
+    b_rows_aligned,
     backward_with,
     block_r,
     dora_scale,
@@ -582,7 +583,7 @@ def _nf4_matmul_kernel(
     acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
                         stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=HAS_LORA,
                         HAS_BIAS=HAS_BIAS and not DORA, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32,
-                        WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
+                        WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, B_ROWS_ALIGNED=False)
     store_output(acc, Y, SCALE, PRE, BIAS, cols, offs_m, offs_n, M, N, stride_bias, HAS_BIAS, DORA)
 
 
@@ -603,8 +604,8 @@ def store_output(acc, Y, SCALE, PRE, BIAS, cols, offs_m, offs_n, M, N, stride_bi
 def gemv_finish(acc, PARTIALS, COUNTERS, tile, pid_s, XA, B, BIAS, Y, SCALE, PRE, rows, cols, offs_m, offs_n, M, N,
                 R, stride_bn, stride_br, stride_bias, scaling, SPLIT_K: tl.constexpr, HAS_LORA: tl.constexpr,
                 HAS_BIAS: tl.constexpr, DORA: tl.constexpr, BLOCK_R: tl.constexpr, RANK_FP32: tl.constexpr,
-                WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, B_ROWS_ALIGNED: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The GEMVs' last step: Y[offs_m, offs_n] = acc [+ scaling·XA·Bᵀ] + BIAS on the whole sum
     (DORA: `store_output`'s PRE and scaled Y) — with SPLIT_K > 1 by the tile's last program
     only, on the slices' sum (`split_k_total`)."""
@@ -615,7 +616,8 @@ def gemv_finish(acc, PARTIALS, COUNTERS, tile, pid_s, XA, B, BIAS, Y, SCALE, PRE
         acc = lora_epilogue(acc=acc, XA=XA, B=B, BIAS=BIAS, rows=rows, cols=cols, R=R, stride_bn=stride_bn,
                             stride_br=stride_br, stride_bias=stride_bias, scaling=scaling, HAS_LORA=HAS_LORA,
                             HAS_BIAS=HAS_BIAS and not DORA, BLOCK_R=BLOCK_R, RANK_FP32=RANK_FP32,
-                            WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
+                            WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION,
+                            B_ROWS_ALIGNED=B_ROWS_ALIGNED)
         store_output(acc, Y, SCALE, PRE, BIAS, cols, offs_m, offs_n, M, N, stride_bias, HAS_BIAS, DORA)
 
 
@@ -628,7 +630,8 @@ def _nf4_gemv_kernel(
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_K: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DORA: tl.constexpr, BLOCK_R: tl.constexpr,
     WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    B_ROWS_ALIGNED: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Y[M, N] = X·dequant(W)ᵀ [+ scaling·XA·Bᵀ] + BIAS for M ≤ BLOCK_M rows, one launch: program
     (n, s) decodes its [BLOCK_N × K-slice s] of W once; with SPLIT_K > 1 the tile's last program
@@ -654,7 +657,7 @@ def _nf4_gemv_kernel(
                    WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION)
     gemv_finish(acc, PARTIALS, COUNTERS, pid_n, pid_s, XA, B, BIAS, Y, SCALE, PRE, rows, cols, offs_m, offs_n, M, N,
                 R, stride_bn, stride_br, stride_bias, scaling, SPLIT_K, HAS_LORA, HAS_BIAS, DORA, BLOCK_R, RANK_FP32,
-                WIDEN_BF16_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                WIDEN_BF16_DOT, DOT_PRECISION, B_ROWS_ALIGNED, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -757,8 +760,8 @@ def _nf4_decode_gemv_kernel(
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, EVEN_K: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DORA: tl.constexpr, BLOCK_R: tl.constexpr,
     WIDEN_BF16_DOT: tl.constexpr, RANK_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    K_WIDTH: tl.constexpr,
+    B_ROWS_ALIGNED: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, K_WIDTH: tl.constexpr,
 ):
     """Y[M, N] = X·dequant(W)ᵀ [+ scaling·XA·Bᵀ] + BIAS for M ≤ BLOCK_M rows, in one launch: program
     (n, s) owns BLOCK_N columns of Y (rows of W) over the s-th of SPLIT_K slices of K, so W is
@@ -796,7 +799,7 @@ def _nf4_decode_gemv_kernel(
     acc = tl.trans(acc)
     gemv_finish(acc, PARTIALS, COUNTERS, pid, pid_s, XA, B, BIAS, Y, SCALE, PRE, rows, cols, offs_m, offs_n, M, N, R,
                 stride_bn, stride_br, stride_bias, scaling, SPLIT_K, HAS_LORA, HAS_BIAS, DORA, BLOCK_R, RANK_FP32,
-                WIDEN_BF16_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                WIDEN_BF16_DOT, DOT_PRECISION, B_ROWS_ALIGNED, BLOCK_M, BLOCK_N)
 
 
 @autotuned(BACKWARD_DX_CONFIGS, dtype_family("DY", _unaligned),
@@ -1014,7 +1017,8 @@ def _forward(x, qw, xa, lora_B, scaling, bias, regime, split_k, tables, scratch,
         block_m = DECODE_GEMV_SMALL_M if word and M <= DECODE_GEMV_SMALL_M else GEMV_BLOCK_M
         launch(kernel, lambda META: (triton.cdiv(N, META["BLOCK_N"]), split), x, *_format_args(qw, tables),
                *lora_args, bias if bias is not None else y, *outputs, partials, counters, M, N, K, R, *extra, *tail,
-               BLOCK_M=block_m, SPLIT_K=split, EMULATE=emulate_ptx(), **common)
+               BLOCK_M=block_m, SPLIT_K=split, EMULATE=emulate_ptx(),
+               B_ROWS_ALIGNED=has_lora and b_rows_aligned(lora_B), **common)
     return y, pre
 
 
@@ -1101,7 +1105,8 @@ def aot_specs(target: str) -> list:
                 # (split-K builds: the in-kernel reduction of the partials compiled in)
                 build("nf4_gemv", _nf4_gemv_kernel, GEMV_CONFIGS,
                       dict(X=dt, XA="fp32", B=rt, BIAS=dt, **outputs, PARTIALS="fp32", COUNTERS="i32"),
-                      dict(HAS_LORA=True, HAS_BIAS=True, DORA=dora, BLOCK_M=GEMV_BLOCK_M, SPLIT_K=4), variant=tag,
+                      dict(HAS_LORA=True, HAS_BIAS=True, DORA=dora, BLOCK_M=GEMV_BLOCK_M, SPLIT_K=4,
+                           B_ROWS_ALIGNED=True), variant=tag,
                       unit_strides=("stride_xk", "stride_br", "stride_bias"), float_args=("scaling",))
                 if fmt == "aligned" and family != "fp32":
                     # with LoRA and a bias, and (nf4_linear's plain launch) without either: ptxas
@@ -1118,7 +1123,7 @@ def aot_specs(target: str) -> list:
                             {**fmt_pointers, "X": dt, "XA": "fp32", "B": rt, "BIAS": dt, **outputs,
                              "PARTIALS": "fp32", "COUNTERS": "i32"},
                             {**common, **fmt_flags, "HAS_LORA": full, "HAS_BIAS": full, "DORA": dora,
-                             "BLOCK_M": block_m, "SPLIT_K": 2},
+                             "BLOCK_M": block_m, "SPLIT_K": 2, "B_ROWS_ALIGNED": full},
                             plain_ints=plain, options=options, vector_loads=True,
                             unit_strides=("stride_xk", "stride_br", "stride_bias"), float_args=("scaling",)))
             build("nf4_backward_dx", _nf4_backward_dx_kernel, BACKWARD_DX_CONFIGS,

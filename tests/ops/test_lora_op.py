@@ -503,7 +503,7 @@ def test_operands_tma_cannot_address_take_the_pointer_gemms(monkeypatch):
 # ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", [(3, 33, 17, 8), (127, 64, 257, 64), (20, 48, 40, 80)],
+@pytest.mark.parametrize("shape", [(3, 33, 17, 8), (127, 64, 257, 64), (20, 48, 40, 80), (5, 24, 30, 5)],
                          ids=lambda s: "M{}_K{}_N{}_r{}".format(*s))
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_cublas_path(shape, dtype, dropout_p, device):

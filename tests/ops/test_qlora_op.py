@@ -79,6 +79,7 @@ WORD_GEMV_CASES = {
     "bs128_K512_odd_N": dict(blocksize=128, K=512, N=67),  # a lane's block shared with its neighbour
     "bs256_no_bias_nf4_only": dict(blocksize=256, bias=False, lora=False, train_base=True, r=1),
     "dropout_fp32_adapters": dict(dropout_p=0.3, adapter_dtype=torch.float32),
+    "r12": dict(r=12),  # B's rows not a multiple of 8: the epilogue's rank loads without B_ROWS_ALIGNED
 }
 
 
