@@ -42,6 +42,8 @@ def test_check_exits_1_on_a_failure(monkeypatch, capsys):
     monkeypatch.setattr(check, "lora_cases", lambda quick: one_case)
     monkeypatch.setattr(check, "qlora_cases", lambda quick: [])
     monkeypatch.setattr(check, "bottleneck_cases", lambda quick: [])
+    monkeypatch.setattr(check, "dora_cases", lambda quick: [])
+    monkeypatch.setattr(check, "embedding_cases", lambda quick: [])
     assert check.main(["--quick"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
