@@ -511,6 +511,7 @@ _DECODE_GEMV_M8_MAXNREG = {"sm80": None, "sm90": 128}
 
 
 def _decode_gemv_lists(target: str) -> dict:
+    """{family: configs} of the word GEMV on `target`: each 16-bit family, and its 8-row lists."""
     lists = {}
     for family in ("half", "mixed"):
         lists[family] = tile_configs(_DECODE_GEMV, _DECODE_GEMV_HALF[target])
@@ -527,6 +528,8 @@ def decode_gemv_family(named_args: dict, constexprs: dict) -> str:
     """dtype_family("X"), with the 8-row tile's launches in their own lists ("half/m8", "mixed/m8")."""
     family = dtype_family("X")(named_args, constexprs)
     return f"{family}/m8" if constexprs.get("BLOCK_M") == DECODE_GEMV_SMALL_M else family
+
+
 # dX: BLOCK_M is DX_BLOCK_M (each M-block decodes every W tile once: a wider one halves the
 # decode work but the tile then holds a 128-row accumulator next to the decode).
 DX_BLOCK_M = {"sm80": 64, "sm90": 64, "interpreter": 32}
