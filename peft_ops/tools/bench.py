@@ -412,9 +412,10 @@ def add_estimates(rows: list[dict], shapes: list[OpShape], gpu_name: str, gpu: d
             row["estimate_peft_ms"] = theirs[row["phase"]]["seconds"] * 1e3
             row["estimate_peft_launches"] = theirs[row["phase"]]["launches"]
         for part in phase["parts"]:
-            if est.chosen_row(part) is not None:
-                chosen[part["build"]] = part
-    return [{**est.chosen_row(part), "bound": part["bound"]} for part in chosen.values()]
+            row = est.chosen_row(part)  # None for a PyTorch op (aten.*): nothing compiled
+            if row is not None:
+                chosen[part["build"]] = {**row, "bound": part["bound"]}
+    return list(chosen.values())
 
 
 # --------------------------------------------------------------------------------------
