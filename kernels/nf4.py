@@ -56,17 +56,24 @@ figure below is the static estimate of ``peft_ops.tools.estimate``, not a measur
   x rows past M are masked, not repeated: zero-filled copies move no bytes, so M = 1 reads x
   once per program, not BLOCK_M times. BLOCK_M is 8 up to M = 8 (one n8 tensor-core tile:
   half the `mma` and x loads) and 16 above. Per weight (PTX, sm_90a, `mma.sync`, 2 warps):
-  4.30 instructions at M ≤ 8, 4.62 at M ≤ 16 (4.75 before; sm_80 4.22 / 4.48): prmt 2.1,
-  selectors 0.6, tables 0.5, the rest the tensor cores, loads and address arithmetic.
+  4.13 instructions at M ≤ 8, 4.44 at M ≤ 16 (sm_80 4.05 / 4.31): prmt 2.1, selectors 0.6,
+  tables 0.5, the rest the tensor cores, loads and address arithmetic. The block and word
+  indices are divided as unsigned (`index_div`): a signed // by a power of two rounds toward
+  zero, four 64-bit instructions where one shift does (4.30 / 4.62 before; 3–16 % fewer loop
+  instructions in every NF4 kernel).
   Narrow layers split K (`split_k_for`: the fewest power-of-two slices that give 2 programs
   per SM, slices of whole 256-column tiles; 1, 4 and 8 per SM were worse in the estimate):
   each program stores its fp32 partial ([BLOCK_M × BLOCK_N], in a scratch reused across calls)
   and the tile's last program — found by an atomic counter, release/acquire — sums the
   partials in slice order (deterministic) and runs the epilogue; no PyTorch tail, no memset
   (the counters are zeroed once, and each launch leaves them zero). Static estimate, H200,
-  M = 1: 4096 × 14336 13.9 µs = 45 % of HBM (15.1 µs before the x tile changes; Triton 3.6,
-  the GPU image's, 13.9 µs against 17.4; no split: 448 programs, bound by instruction issue);
-  4096 → 4096 6.8 µs (split 2); 4096 → 11008 11.6 µs. Before the register-operand decode:
+  M = 1: 4096 × 14336 13.5 µs = 45 % of HBM (13.9 µs with signed indices, 15.1 µs before the
+  x tile changes; Triton 3.6, the GPU image's, the same; no split: 448 programs, bound by
+  instruction issue); 4096 → 4096 6.7 µs (split 4); 4096 → 11008 11.3 µs. 448 programs put
+  4 on some SMs and 3 on others: a split of 2 (896, 7 or 6 per SM) is 1.2 µs faster where all
+  fit at once (the 8-row tile, 8 CTAs per SM) and slower where they do not (the 16-row tile,
+  6 per SM: a second wave), so the rule stays at 2 programs per SM until it knows the build's
+  residency. Before the register-operand decode:
   20.4 / 18.3 µs (the decoded tile went through shared memory, a 2-byte store per weight).
   Where this stops. The estimate charges every launch 2.5 µs and streams HBM at 0.9 of its
   peak, so no kernel of any design can be estimated above 66 % of HBM here (30.3 MB: 7.0 +
@@ -130,19 +137,32 @@ NF4_LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit
+def index_div(index, divisor: tl.constexpr):
+    """index // divisor for nonnegative int64 indices and a power-of-two divisor: one shift (a
+    signed // rounds toward zero, three more 64-bit instructions per element)."""
+    return (index.to(tl.uint64) // divisor).to(tl.int64)
+
+
+@triton.jit
+def index_mod(index, divisor: tl.constexpr):
+    """index % divisor for nonnegative int64 indices and a power-of-two divisor: one mask."""
+    return (index.to(tl.uint64) % divisor).to(tl.int64)
+
+
+@triton.jit
 def nf4_block_absmax(ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, blocks, NESTED: tl.constexpr,
                      CODE_WORDS: tl.constexpr = False):
     """fp32 absmax of NF4 blocks `blocks` (int64 indices, any shape). CODE_WORDS: ABSMAX is the
     8-bit codes (NESTED) as int32 words, read 4 bytes at a time: a load the pipeliner streams
     (it leaves 1-byte loads synchronous)."""
     if NESTED and CODE_WORDS:
-        code8 = (tl.load(ABSMAX + blocks // 4) >> ((blocks % 4) * 8).to(tl.int32)) & 0xFF
-        absmax = tl.load(ABSMAX_MAP + code8) * tl.load(ABSMAX_SCALE + blocks // 256)
+        code8 = (tl.load(ABSMAX + index_div(blocks, 4)) >> (index_mod(blocks, 4) * 8).to(tl.int32)) & 0xFF
+        absmax = tl.load(ABSMAX_MAP + code8) * tl.load(ABSMAX_SCALE + index_div(blocks, 256))
         absmax = absmax + tl.load(ABSMAX_OFFSET)
     elif NESTED:
         code8 = tl.load(ABSMAX + blocks)
         # one fp32 scale per 256 absmax values (peft_ops.nf4.ABSMAX_BLOCKSIZE)
-        absmax = tl.load(ABSMAX_MAP + code8) * tl.load(ABSMAX_SCALE + blocks // 256)
+        absmax = tl.load(ABSMAX_MAP + code8) * tl.load(ABSMAX_SCALE + index_div(blocks, 256))
         absmax = absmax + tl.load(ABSMAX_OFFSET)  # a separate rounding (fp fusion is off)
     else:
         absmax = tl.load(ABSMAX + blocks)
@@ -379,9 +399,9 @@ def nf4_word_tile(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, rows, 
         GROUPS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K > BLOCKSIZE else 1  # blocks across the tile
         GROUP_WORDS: tl.constexpr = BLOCK_K // 8 // GROUPS
         group = tl.arange(0, GROUPS)
-        word = ((start // 8)[:, None, None] + (group * GROUP_WORDS)[None, :, None]
+        word = (index_div(start, 8)[:, None, None] + (group * GROUP_WORDS)[None, :, None]
                 + tl.arange(0, GROUP_WORDS)[None, None, :])
-        blocks = (start // BLOCKSIZE)[:, None] + group[None, :]
+        blocks = index_div(start, BLOCKSIZE)[:, None] + group[None, :]
         if BLOCK_K > BLOCKSIZE:  # K need not be a multiple of BLOCK_K: the last row's tile may pass the end
             word = tl.minimum(word, last_word)
             blocks = tl.minimum(blocks, last_block)
@@ -399,14 +419,14 @@ def nf4_word_tile(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, rows, 
     else:
         tl.static_assert(BLOCK_K <= BLOCKSIZE, "a row segment touches at most two blocks")
         WORDS_PER_ROW: tl.constexpr = BLOCK_K // 8
-        word = tl.minimum((start // 8)[:, None] + tl.arange(0, WORDS_PER_ROW)[None, :], last_word)
+        word = tl.minimum(index_div(start, 8)[:, None] + tl.arange(0, WORDS_PER_ROW)[None, :], last_word)
         low = swap_nibbles(tl.load(WORDS + word)).to(tl.uint32, bitcast=True).to(tl.uint64)
         high = swap_nibbles(tl.load(WORDS + tl.minimum(word + 1, last_word))).to(tl.uint32, bitcast=True)
-        shift = ((start % 8) * 4).to(tl.uint64)[:, None]
+        shift = (index_mod(start, 8) * 4).to(tl.uint64)[:, None]
         words = ((low | (high.to(tl.uint64) << 32)) >> shift).to(tl.uint32).to(tl.int32, bitcast=True)
         codes = (words[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 0xF  # element e at nibble e
         # the segment's two blocks: the first weight's, and the next (past the end: the last)
-        first_block = start // BLOCKSIZE
+        first_block = index_div(start, BLOCKSIZE)
         first = nf4_block_absmax(ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
                                  ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=first_block, NESTED=NESTED, CODE_WORDS=True)
         second = nf4_block_absmax(ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
@@ -454,7 +474,7 @@ def _nf4_dequantize_kernel(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSE
     # a group's first weight names its block (the tail's groups past numel: any valid block)
     first = tl.minimum(pid * BLOCK_WORDS * 8 + group * (WORDS_PER_GROUP * 8), numel - 1)
     absmax = nf4_block_absmax(ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
-                              ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=first // BLOCKSIZE, NESTED=NESTED,
+                              ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=index_div(first, BLOCKSIZE), NESTED=NESTED,
                               CODE_WORDS=True)
     if PAIRS:
         p0, p1, p2, p3 = nf4_word_pairs(words, absmax[:, None], OUT.dtype.element_ty, EMULATE)
@@ -679,7 +699,7 @@ def nf4_fragment_half(WORDS, ABSMAX, ABSMAX_SCALE, ABSMAX_MAP, ABSMAX_OFFSET, ro
     t = q % 4
     rows = ((row0 + (r >> 3) * 16 + (r & 7) + row_add) % N).to(tl.int64)
     if planes is None:
-        blocks = (rows * K + k0) // BLOCKSIZE + (t * 64 + h * 32) // BLOCKSIZE
+        blocks = index_div(rows * K + k0, BLOCKSIZE) + (t * 64 + h * 32) // BLOCKSIZE
         absmax = nf4_block_absmax(ABSMAX=ABSMAX, ABSMAX_SCALE=ABSMAX_SCALE, ABSMAX_MAP=ABSMAX_MAP,
                                   ABSMAX_OFFSET=ABSMAX_OFFSET, blocks=blocks, NESTED=NESTED, CODE_WORDS=True)
         planes = nf4_byte_planes(tl.reshape(absmax, (HALF, 4))[:, :, None], OUT_DTYPE, EMULATE)
