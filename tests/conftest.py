@@ -41,8 +41,40 @@ def round_bf16_to_nearest_in_the_interpreter() -> None:
     interpreter.InterpreterBuilder.cast_impl = cast_impl
 
 
+def list_the_interpreters_builtins_once() -> None:
+    """The interpreter patches triton.language's builtins again at every call of a @triton.jit
+    helper (`_patch_builtin`: `inspect.getmembers` of four modules, ≈ 0.1 ms each), thousands
+    of calls per kernel launch here. Listed once, before anything is patched, the builtins'
+    names make each call a walk over those names, with the same patches (a member already
+    patched is no builtin, and skipped, as before): 13–14 % less time per interpreted test.
+    Left alone where the interpreter's helpers are not the ones this was written against."""
+    import inspect
+
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    patch_builtin, patch_attr = getattr(interpreter, "_patch_builtin", None), getattr(interpreter, "_patch_attr", None)
+    if patch_builtin is None or patch_attr is None or \
+            list(inspect.signature(patch_builtin).parameters) != ["pkg", "builder", "scope"]:
+        return
+    packages = [tl, tl.core, tl.tensor, tl.math, getattr(tl.core, "tensor_descriptor_base", None)]
+    names = {pkg: [name for name, member in inspect.getmembers(pkg) if tl.core.is_builtin(member)]
+             for pkg in packages if pkg is not None}
+
+    def _patch_builtin(pkg, builder, scope):
+        if pkg not in names:
+            return patch_builtin(pkg, builder, scope)
+        for name in names[pkg]:
+            member = getattr(pkg, name)
+            if tl.core.is_builtin(member):
+                patch_attr(pkg, name, member, builder, scope)
+
+    interpreter._patch_builtin = _patch_builtin
+
+
 if not HAS_CUDA:
     round_bf16_to_nearest_in_the_interpreter()
+    list_the_interpreters_builtins_once()
 os.environ.pop("PEFT_OPS_BACKEND", None)  # tests choose their backend explicitly
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
