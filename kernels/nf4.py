@@ -62,18 +62,19 @@ figure below is the static estimate of ``peft_ops.tools.estimate``, not a measur
   zero, four 64-bit instructions where one shift does (4.30 / 4.62 before; 3–16 % fewer loop
   instructions in every NF4 kernel).
   Narrow layers split K (`split_k_for`: the fewest power-of-two slices that give 2 programs
-  per SM, slices of whole 256-column tiles; 1, 4 and 8 per SM were worse in the estimate):
+  per SM, slices of whole 256-column tiles; 1, 4 and 8 per SM were worse in the estimate),
+  and wide ones too where the column tiles fall unevenly on the SMs and twice the programs
+  still fit on them at once (DECODE_GEMV_RESIDENT):
   each program stores its fp32 partial ([BLOCK_M × BLOCK_N], in a scratch reused across calls)
   and the tile's last program — found by an atomic counter, release/acquire — sums the
   partials in slice order (deterministic) and runs the epilogue; no PyTorch tail, no memset
   (the counters are zeroed once, and each launch leaves them zero). Static estimate, H200,
-  M = 1: 4096 × 14336 13.5 µs = 45 % of HBM (13.9 µs with signed indices, 15.1 µs before the
-  x tile changes; Triton 3.6, the GPU image's, the same; no split: 448 programs, bound by
-  instruction issue); 4096 → 4096 6.7 µs (split 4); 4096 → 11008 11.3 µs. 448 programs put
-  4 on some SMs and 3 on others: a split of 2 (896, 7 or 6 per SM) is 1.2 µs faster where all
-  fit at once (the 8-row tile, 8 CTAs per SM) and slower where they do not (the 16-row tile,
-  6 per SM: a second wave), so the rule stays at 2 programs per SM until it knows the build's
-  residency. Before the register-operand decode:
+  M = 1: 4096 × 14336 12.4 µs = 51 % of HBM, bound by instruction issue (split 2: 448 column
+  tiles put 4 programs on some SMs and 3 on others, 896 put 7 or 6; unsplit 13.5 µs, 13.9
+  with signed indices, 15.1 before the x tile changes; Triton 3.6, the GPU image's, the same);
+  4096 → 4096 6.7 µs (split 4); 4096 → 11008 11.3 µs (unsplit: 688 programs, 6 or 5 per SM, even nothing).
+  M = 9–16 (the 16-row tile, 6 CTAs per SM) stays unsplit at 448: 896 would take two waves.
+  Before the register-operand decode:
   20.4 / 18.3 µs (the decoded tile went through shared memory, a 2-byte store per weight).
   Where this stops. The estimate charges every launch 2.5 µs and streams HBM at 0.9 of its
   peak, so no kernel of any design can be estimated above 66 % of HBM here (30.3 MB: 7.0 +
@@ -951,11 +952,14 @@ DECODE_GEMV_PROGRAMS_PER_SM = 2  # the word GEMV's split-K target (see the modul
 
 
 def split_k_for(N: int, K: int, device: torch.device, block_n: int = GEMV_BLOCK_N_FOR_SPLIT,
-                k_tile: int = 512, programs_per_sm: int = 2) -> int:
-    """K slices of a decode GEMV: the fewest (a power of two) that give `programs_per_sm`
-    programs per SM over column tiles of `block_n`, each slice at least `k_tile` columns
-    (shorter ones would not amortize their partial sums; the word GEMV's slices are whole
-    256-column tiles). 1 off a GPU."""
+                k_tile: int = 512, programs_per_sm: int = 2, resident: int | None = None) -> int:
+    """K slices of a decode GEMV (a power of two), 1 off a GPU: the fewest that give
+    `programs_per_sm` programs per SM over column tiles of `block_n`, each slice at least
+    `k_tile` columns (shorter ones would not amortize their partial sums; the word GEMV's
+    slices are whole 256-column tiles). With `resident` (the CTAs of the kernel one SM holds at
+    once), then the fewest more that bring the busiest SM's work within SPLIT_BALANCE of the
+    least any split allows while all programs still fit at once: 448 column tiles on 132 SMs
+    put 4 on some and 3 on others, 896 half-length ones 7 or 6 (3.5 tiles' work, not 4)."""
     sms = multiprocessor_count(device)
     if sms is None:
         return 1
@@ -963,7 +967,21 @@ def split_k_for(N: int, K: int, device: torch.device, block_n: int = GEMV_BLOCK_
     split = 1
     while split < MAX_SPLIT_K and tiles * split < programs_per_sm * sms and K // (2 * split) >= k_tile:
         split *= 2
-    return split
+    if resident is None:
+        return split
+    splits = [split]
+    while splits[-1] < MAX_SPLIT_K and K // (2 * splits[-1]) >= k_tile and tiles * 2 * splits[-1] <= resident * sms:
+        splits.append(2 * splits[-1])
+    busiest = {s: triton.cdiv(tiles * s, sms) / s for s in splits}  # in full-K tiles
+    return next(s for s in splits if busiest[s] <= SPLIT_BALANCE * min(busiest.values()))
+
+
+SPLIT_BALANCE = 1.05  # a further K split pays for its partial sums when it evens the SMs' work by more
+# CTAs of the word GEMV one SM holds at once, per target and x tile height (its builds'
+# registers; tests/tools/test_aot.py holds every build to these): a split into more programs
+# than fit at once leaves a second wave, slower than the imbalance it evens.
+# (no split off a GPU: the interpreter's are sm_90a's)
+DECODE_GEMV_RESIDENT = {"sm80": {8: 6, 16: 4}, "sm90": {8: 8, 16: 6}, "interpreter": {8: 8, 16: 6}}
 
 
 def split_k_scratch(device: torch.device, split: int, N: int, scratch=None) -> tuple:
@@ -1027,9 +1045,11 @@ def _forward(x, qw, xa, lora_B, scaling, bias, regime, split_k, tables, scratch,
                    **common)
             return y, pre
         word = split_k is None and word_gemv_fits(x, qw)
+        block_m = DECODE_GEMV_SMALL_M if word and M <= DECODE_GEMV_SMALL_M else GEMV_BLOCK_M
         if word:
-            block_n = DECODE_GEMV_BLOCK_N[current_target()]
-            split = split_k_for(N, K, x.device, block_n, DECODE_GEMV_K_MULTIPLE, DECODE_GEMV_PROGRAMS_PER_SM)
+            target = current_target()
+            split = split_k_for(N, K, x.device, DECODE_GEMV_BLOCK_N[target], DECODE_GEMV_K_MULTIPLE,
+                                DECODE_GEMV_PROGRAMS_PER_SM, DECODE_GEMV_RESIDENT[target][block_m])
         else:
             split = split_k or split_k_for(N, K, x.device)
             if split not in SPLIT_K_CHOICES:
@@ -1037,7 +1057,6 @@ def _forward(x, qw, xa, lora_B, scaling, bias, regime, split_k, tables, scratch,
         partials, counters = split_k_scratch(x.device, split, N, scratch) if split > 1 else (y, y)
         kernel = _nf4_decode_gemv_kernel if word else _nf4_gemv_kernel
         extra = (K // 8,) if word else ()  # the word GEMV's row length in words
-        block_m = DECODE_GEMV_SMALL_M if word and M <= DECODE_GEMV_SMALL_M else GEMV_BLOCK_M
         launch(kernel, lambda META: (triton.cdiv(N, META["BLOCK_N"]), split), x, *_format_args(qw, tables),
                *lora_args, bias if bias is not None else y, *outputs, partials, counters, M, N, K, R, *extra, *tail,
                BLOCK_M=block_m, SPLIT_K=split, EMULATE=emulate_ptx(),

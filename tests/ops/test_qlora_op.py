@@ -154,6 +154,33 @@ def test_split_k_partials_are_summed_in_the_same_launch(kernel, N, K, dtype, dev
     assert len(scratch) == 2 and scratch[0] is partials and scratch[1] is counters
 
 
+def test_the_word_gemv_splits_wide_layers_to_even_the_sms_where_all_programs_fit(device, monkeypatch):
+    """On 132 SMs, 448 column tiles (4096 → 14336) put 4 programs on some SMs and 3 on others:
+    two K slices (896 programs: 7 or 6, 3.5 tiles' work) where 8 fit on an SM at once, none
+    where 6 do (a second wave); 344 tiles (→ 11008) gain nothing from 688 programs (6 or 5);
+    narrow layers keep the split of the 2-per-SM rule; the launcher asks with its tile's
+    residency (the 8-row tile at M ≤ 8, the 16-row one above)."""
+    from peft_ops.kernels import nf4 as nf4_kernels
+
+    monkeypatch.setattr(nf4_kernels, "multiprocessor_count", lambda device: 132)
+
+    def split(N, K, resident):
+        return nf4_kernels.split_k_for(N, K, device, 32, nf4_kernels.DECODE_GEMV_K_MULTIPLE, 2, resident)
+
+    assert [split(14336, 4096, r) for r in (None, 6, 8)] == [1, 1, 2]
+    assert split(11008, 4096, 8) == 1
+    assert split(4096, 4096, 8) == split(4096, 4096, None) == 4  # 512 programs: 4 on all SMs but 16
+    assert split(14336, 256, 8) == 1  # slices are whole 256-column tiles
+    assert nf4_kernels.DECODE_GEMV_RESIDENT["sm90"] == {8: 8, 16: 6}
+
+    asked = []
+    monkeypatch.setattr(nf4_kernels, "split_k_for", lambda *args: asked.append(args[-1]) or 1)
+    for M in (1, 8, 9, 16):
+        check(QLoraCase(M=M, K=256, N=45, r=8, dtype=torch.bfloat16), "triton", device)
+    resident = nf4_kernels.DECODE_GEMV_RESIDENT["interpreter"]
+    assert asked == [resident[8], resident[8], resident[16], resident[16]]
+
+
 def test_a_split_k_that_is_not_a_power_of_two_is_refused(device):
     from peft_ops.kernels import nf4 as nf4_kernels
 

@@ -113,6 +113,19 @@ def test_a_configs_register_cap_reaches_the_build(compile_rows):
     assert max(r["registers"] for r in wide) > 128  # (what the cap would have cut: those spilled at 128)
 
 
+def test_the_decode_gemv_holds_the_ctas_per_sm_its_split_rule_counts_on(compile_rows):
+    """`split_k_for` splits a wide layer's K only while all the programs fit on the SMs at once,
+    counting DECODE_GEMV_RESIDENT CTAs per SM for each x tile: every build of that tile, in
+    every variant, holds at least that many (else the split would leave a second wave)."""
+    from peft_ops.kernels.nf4 import DECODE_GEMV_RESIDENT, DECODE_GEMV_SMALL_M, GEMV_BLOCK_M
+
+    rows = [r for r in compile_rows if r["kernel"].startswith("nf4_decode_gemv [")]
+    assert {r["target"] for r in rows} == {"sm80", "sm90"}
+    for r in rows:
+        block_m = DECODE_GEMV_SMALL_M if "M ≤ 8" in r["kernel"] else GEMV_BLOCK_M
+        assert r["ctas_per_sm"] >= DECODE_GEMV_RESIDENT[r["target"]][block_m], (r["kernel"], r["target"])
+
+
 def test_shared_memory_fits(compile_rows):
     for r in compile_rows:
         assert r["shared_bytes"] <= SHARED_LIMIT_BYTES[r["target"]], r

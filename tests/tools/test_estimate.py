@@ -174,10 +174,11 @@ def test_the_target_rows_today(headline):
     assert 1.02 < qlora <= 1.08
     w_bytes = 4096 * 14336 // 2
     gemv_pct = 100 * w_bytes / got["gemv"]["forward"]["seconds"] / dev.bandwidth
-    # target ≥ 85 %: the word-decoding GEMV (≈ 4.8 instructions per weight, 2.1 of them the prmt
+    # target ≥ 85 %: the word-decoding GEMV (≈ 4.1 instructions per weight, 2.1 of them the prmt
     # lookups; W decoded straight into the tensor cores' operand registers) is bound by
-    # instruction issue (31 % when its 16-bit values went through shared memory)
-    assert 35 < gemv_pct < 50
+    # instruction issue: 49 % with K split in two to even the SMs' programs (45 % unsplit, 31 %
+    # when its 16-bit values went through shared memory)
+    assert 45 < gemv_pct < 55
     # the launches: LoRA 2 + 2 (the rank pass rides in the dX launch), the decode GEMV 1
     assert (got["lora"]["forward"]["launches"], got["lora"]["backward"]["launches"]) == (2, 2)
     assert got["gemv"]["forward"]["launches"] == 1
