@@ -37,8 +37,13 @@ Design, from a cost model (bf16, M = 8192, d = 4096, m = 64):
   casts); the slice count and the backward tiles are fixed per target and shape (never
   autotuned), so the order never changes. No float atomics. db_down = Σ_M dh: the first column
   block's programs sum their slice's dh rows after their main loop. Backward: 3 launches, also
-  where one program doing dX and the partials spilled (sm_80 at m > 128): there the dX
-  kernel's launch runs the two roles as two sets of programs, each with its own tiles.
+  where the dX kernel's launch runs its two roles as two sets of programs, each with its own
+  tiles (m ≥ 128 on sm_90, m = 256 on sm_80: one program doing dX and the partials either
+  spilled or had to take tiles too small for the dX GEMM; see BACKWARD_DX_TILES).
+- The dh kernel also writes dh in x's dtype (fp16/bf16: the dX kernel's dot operand, rounded
+  there before): the dX kernel's ⌈d/BLOCK_D⌉ column blocks each re-read dh, and read half the
+  bytes (static estimate, H200, bf16, d = 4096, M = 4096, m = 256: dX kernel 119 → 83 µs at its
+  tiles then; m = 128: 52 → 38 µs). The fp32 dh stays for db_down's sum.
 - Where this design stops (static estimate, same shape; `peft_ops.tools.estimate`). The HBM
   roofline reads x and writes y (forward), reads dY and x and writes dX (backward): 5 passes,
   336 MB, 70.5 µs at 4.8 TB/s; the ≥ 80 % target means ≤ 88 µs. Here: forward 35.0 µs, dh
@@ -79,7 +84,6 @@ import triton
 import triton.language as tl
 
 from .common import (
-    OLD_TRITON,
     KernelBuild,
     autotuned,
     current_target,
@@ -146,24 +150,30 @@ BACKWARD_DH_CONFIGS = _tables({
     "sm90": {"fp32/b64": [(16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3)],
              "fp32/b128": [(16, 64, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3)]},
 })
-# The dX kernel's fixed tiles: programs computing dX and the parameter gradients, or — where
-# that spilled (ptxas) — dX programs and parameter-gradient programs with tiles of their own
-# ("dx", "dw"; one launch), which costs one more read of dY. The sm_90 half-precision tiles
-# are the fastest spill-free ones in the static estimate (M = 8192, d = 4096): m = 64 at
-# 64×64 with 4 warps (2 CTAs per SM, `wgmma m64n64k16`) 52 µs against 70 µs at 8 warps;
-# m = 128 at 64×64 (97 µs against 299 µs at 32×32); m = 256 at 32×64 (232 µs against 1,011
-# at 32×16; 64×32 estimated 280 µs but spilled 460 bytes without dropout, 255 registers). 4
-# warps at m = 128 spilled (848 bytes). sm_80 fp32 m ≤ 64 at 16×32: 32×32 spilled 460 bytes
-# without dropout (255 registers; 16×32 195 / 214 registers, 0 spills). Triton 3.6 (the GPU
-# image's) runs sm_90 m = 256 at 16×64: its 32×64 spilled 20 bytes without dropout (3.9's 16×64
-# 36 bytes; 3.6's 16×64 255 / 252 registers, 0 spills).
+# The dX kernel's fixed tiles: programs computing dX and the parameter gradients, or dX
+# programs and parameter-gradient programs with tiles of their own ("dx", "dw"; one launch),
+# which costs one more read of dY but lets the dX role take GEMM tiles while the partials'
+# role keeps its two [m, BLOCK_D] accumulators in registers. The fastest spill-free choice in
+# the static estimate (H200 / A100, bf16, d = 4096, µs at M = 4096 / 8192, each role timed as
+# its own launch at the launch's occupancy; `split_roles`):
+# - sm_90 m = 64: one role, 64×64 with 4 warps (2 CTAs per SM, `wgmma m64n64k16`): HBM-bound
+#   from M = 8192; 8 warps 70 against 52 µs at M = 8192.
+# - sm_90 m = 128: split, 64×128 | 32×128 with 8 warps: 34.3 / 66.0, against one role at
+#   64×64: 38.1 / 69.8 (4 warps spilled 848 bytes); partials at 64×128 (31.7 / 60.9) spilled
+#   100 bytes with dropout (8 under triton 3.6).
+# - sm_90 m = 256: split, 64×128 | 32×64 with 8 warps, 3 stages: 61.6 / 116.9, against one
+#   role at 32×64: 83.2 / 160.0 (64×32 spilled 460 bytes; partials at 32×128 spilled 3,124, at
+#   64×64 their shared memory does not fit). Triton 3.6 (the GPU image's) builds the same.
+# - sm_80 m = 256: split, 64×128 | 16×64, 2 stages: 216.6 / 391.5, against 32×64 | 16×32:
+#   339.6 / 665.9. sm_80 fp32 m ≤ 64 at 16×32: 32×32 spilled 460 bytes without dropout (255
+#   registers; 16×32 195 / 214 registers, 0 spills).
 _ONE = (16, 16, 4, 1)
 BACKWARD_DX_TILES = {
     "sm80": {"half/b64": (32, 32, 8, 3), "half/b128": (16, 32, 8, 3),
-             "half/b256": {"dx": (32, 64, 8, 3), "dw": (16, 32, 8, 2)},
+             "half/b256": {"dx": (64, 128, 8, 2), "dw": (16, 64, 8, 2)},
              "fp32/b64": (16, 32, 8, 2), "fp32/b128": (16, 16, 8, 2)},
-    "sm90": {"half/b64": (64, 64, 4, 3), "half/b128": (64, 64, 8, 2),
-             "half/b256": (16, 64, 8, 2) if OLD_TRITON else (32, 64, 8, 2),
+    "sm90": {"half/b64": (64, 64, 4, 3), "half/b128": {"dx": (64, 128, 8, 3), "dw": (32, 128, 8, 3)},
+             "half/b256": {"dx": (64, 128, 8, 3), "dw": (32, 64, 8, 3)},
              "fp32/b64": (32, 32, 8, 2), "fp32/b128": (16, 16, 8, 2)},
     # the split variant here too, so that the CPU tests run it
     "interpreter": {"half/b64": _ONE, "half/b128": _ONE, "half/b256": {"dx": _ONE, "dw": _ONE},
@@ -174,13 +184,29 @@ BACKWARD_DX_TILES = {
 LOOP_BOUNDS = {"_bottleneck_backward_dx_kernel": {"row_start": "0", "row_end": "min(M, rows_per_slice)"}}
 # Loops that only some programs run (for the static estimate): the dX kernel's Σ dh pass (the
 # first column block), and the finishing kernel's four slice sums (each program runs one).
-# With SPLIT each program runs one of two inlined copies of the row loop (same source line):
-# each copy is charged to half of the programs, both at the dX role's tiles (an approximation).
 LOOP_SHARES = {
-    "_bottleneck_backward_dx_kernel": {"for m1 in range(row_start, row_end, BLOCK_M):": "1 / cdiv(D, BLOCK_D)",
-                                       "for m0 in range(row_start, row_end, BLOCK_M):": "1 / (1 + SPLIT)"},
+    "_bottleneck_backward_dx_kernel": {"for m1 in range(row_start, row_end, BLOCK_M):": "1 / cdiv(D, BLOCK_D)"},
     "_bottleneck_finish_kernel": {"for s in tl.range(0, slices, num_stages=RESIDUAL_STAGES):": "1 / 4"},
 }
+
+
+def split_roles(args: dict) -> list[tuple[dict, tuple]] | None:
+    """For the static estimate: a SPLIT launch of the dX kernel as its two roles, each the
+    launch of that role alone ([(arguments, grid)]: the dX programs, then the partials'), since
+    both roles inline the same row loop (one source line) at different tiles; None otherwise."""
+    if not args.get("SPLIT"):
+        return None
+    D, M = args["D"], args["M"]
+    one = {**args, "SPLIT": False, "dx_programs": 0}
+    dx_columns = triton.cdiv(D, args["BLOCK_D"])
+    dx = ({**one, "COMPUTE_DW": False}, (dx_columns, args["dx_programs"] // dx_columns))
+    dw = ({**one, "COMPUTE_DX": False, "BLOCK_M": args["DW_BLOCK_M"], "BLOCK_D": args["DW_BLOCK_D"],
+           "rows_per_slice": args["dw_rows_per_slice"]},
+          (triton.cdiv(D, args["DW_BLOCK_D"]), triton.cdiv(M, args["dw_rows_per_slice"])))
+    return [dx, dw]
+
+
+LAUNCH_ROLES = {"_bottleneck_backward_dx_kernel": split_roles}
 RESIDUAL_STAGES = tl.constexpr(3)  # pipeline depth of loops whose loads do not all feed a dot (see the forward)
 ROWS_PER_SLICE = 1024  # the dX kernel's row slices: at least this many rows each …
 TARGET_PROGRAMS = 256  # … and no more slices than it takes to reach this many programs
@@ -318,16 +344,19 @@ def _bottleneck_forward_kernel(
            key=["M_BUCKET", "D", "BOTTLENECK", "HAS_DROPOUT", "ACTIVATION"])
 @triton.jit(do_not_specialize=["seed"])
 def _bottleneck_backward_dh_kernel(
-    DY, W_UP, H, DH, ACT, M, D, BOTTLENECK, M_BUCKET,
+    DY, W_UP, H, DH, DH_OPERAND, ACT, M, D, BOTTLENECK, M_BUCKET,
     stride_dym, stride_dyd, stride_up_d, stride_up_b,
     branch_scale, seed, dropout_p,
-    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, SAVE_ACT: tl.constexpr, BLOCK_B: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, SAVE_ACT: tl.constexpr, SAVE_DH_OPERAND: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """DH[M, m] (fp32) = branch_scale·((dY⊙keep)·W_up)⊙act′(H), branch_scale = s/(1-p); with
     SAVE_ACT also ACT[M, m] = act(H) in ACT's dtype (x's), rounded as the forward fed it to
-    W_up: the dX kernel's column blocks load it instead of each recomputing the activation."""
+    W_up: the dX kernel's column blocks load it instead of each recomputing the activation; with
+    SAVE_DH_OPERAND also DH_OPERAND = DH in x's (half-precision) dtype, the dX kernel's dot
+    operand: its column blocks then read half the bytes of dh (they cast it so anyway)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_b = tl.arange(0, BLOCK_B)
     rows = offs_m.to(tl.int64)
@@ -341,15 +370,18 @@ def _bottleneck_backward_dh_kernel(
     h_ptrs = rows[:, None] * BOTTLENECK + offs_b[None, :]
     hb_mask = m_mask[:, None] & b_mask[None, :]
     h = tl.load(H + h_ptrs, mask=hb_mask, other=0.0)
-    tl.store(DH + h_ptrs, branch_scale * grad_act * activation_grad(h, ACTIVATION), mask=hb_mask)
+    dh = branch_scale * grad_act * activation_grad(h, ACTIVATION)
+    tl.store(DH + h_ptrs, dh, mask=hb_mask)
+    if SAVE_DH_OPERAND:
+        tl.store(DH_OPERAND + h_ptrs, dh.to(DH_OPERAND.dtype.element_ty), mask=hb_mask)
     if SAVE_ACT:
         tl.store(ACT + h_ptrs, activation(h, ACTIVATION).to(ACT.dtype.element_ty), mask=hb_mask)
 
 
 @triton.jit
 def dx_slice(
-    pid_d, pid_s, DY, X, ACT, DH, W_DOWN, DX, DW_DOWN_PARTIAL, DW_UP_PARTIAL, DB_UP_PARTIAL, DB_DOWN_PARTIAL,
-    M, D, BOTTLENECK, rows_per_slice,
+    pid_d, pid_s, DY, X, ACT, DH, DH_OPERAND, W_DOWN, DX, DW_DOWN_PARTIAL, DW_UP_PARTIAL, DB_UP_PARTIAL,
+    DB_DOWN_PARTIAL, M, D, BOTTLENECK, rows_per_slice,
     stride_dym, stride_dyd, stride_xm, stride_xd, stride_down_b, stride_down_d,
     seed, dropout_p,
     HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
@@ -359,7 +391,8 @@ def dx_slice(
     """For the columns of column block pid_d and the rows of slice pid_s:
     DX = dY + DH·W_down, and the slice's partials DW_DOWN = DHᵀ·X, DW_UP = (dY⊙keep)ᵀ·ACT,
     DB_UP = Σ dY⊙keep, and (column block 0) DB_DOWN = Σ DH; `_bottleneck_finish_kernel` sums
-    the slices and applies s/(1-p) to DW_UP and DB_UP."""
+    the slices and applies s/(1-p) to DW_UP and DB_UP. The dots read DH_OPERAND (DH in X's
+    dtype), the sum DH itself (fp32)."""
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_b = tl.arange(0, BLOCK_B)
     offs_r = tl.arange(0, BLOCK_M)
@@ -382,7 +415,7 @@ def dx_slice(
         hb_mask = m_mask[:, None] & b_mask[None, :]
         # Rows past the slice load as zero (not wrapped): they must add nothing to the sums.
         dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyd, mask=io_mask, other=0.0)
-        dh = tl.load(DH + rows[:, None] * BOTTLENECK + offs_b[None, :], mask=hb_mask, other=0.0).to(dtype)
+        dh = tl.load(DH_OPERAND + rows[:, None] * BOTTLENECK + offs_b[None, :], mask=hb_mask, other=0.0).to(dtype)
         if COMPUTE_DX:
             dx = mma(dh, w_down, dy.to(tl.float32), WIDEN_BF16_DOT, DOT_PRECISION)
             tl.store(DX + rows[:, None] * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=io_mask)
@@ -415,7 +448,7 @@ def dx_slice(
 
 @triton.jit(do_not_specialize=["seed"])
 def _bottleneck_backward_dx_kernel(
-    DY, X, ACT, DH, W_DOWN, DX, DW_DOWN_PARTIAL, DW_UP_PARTIAL, DB_UP_PARTIAL, DB_DOWN_PARTIAL,
+    DY, X, ACT, DH, DH_OPERAND, W_DOWN, DX, DW_DOWN_PARTIAL, DW_UP_PARTIAL, DB_UP_PARTIAL, DB_DOWN_PARTIAL,
     M, D, BOTTLENECK, rows_per_slice, dw_rows_per_slice, dx_programs,
     stride_dym, stride_dyd, stride_xm, stride_xd, stride_down_b, stride_down_d,
     seed, dropout_p,
@@ -433,11 +466,11 @@ def _bottleneck_backward_dx_kernel(
         pid = tl.program_id(0)
         if pid < dx_programs:
             dx_columns = tl.cdiv(D, BLOCK_D)
-            dx_slice(pid_d=pid % dx_columns, pid_s=pid // dx_columns, DY=DY, X=X, ACT=ACT, DH=DH, W_DOWN=W_DOWN,
-                     DX=DX, DW_DOWN_PARTIAL=DW_DOWN_PARTIAL, DW_UP_PARTIAL=DW_UP_PARTIAL,
-                     DB_UP_PARTIAL=DB_UP_PARTIAL, DB_DOWN_PARTIAL=DB_DOWN_PARTIAL, M=M, D=D, BOTTLENECK=BOTTLENECK,
-                     rows_per_slice=rows_per_slice, stride_dym=stride_dym, stride_dyd=stride_dyd,
-                     stride_xm=stride_xm, stride_xd=stride_xd, stride_down_b=stride_down_b,
+            dx_slice(pid_d=pid % dx_columns, pid_s=pid // dx_columns, DY=DY, X=X, ACT=ACT, DH=DH,
+                     DH_OPERAND=DH_OPERAND, W_DOWN=W_DOWN, DX=DX, DW_DOWN_PARTIAL=DW_DOWN_PARTIAL,
+                     DW_UP_PARTIAL=DW_UP_PARTIAL, DB_UP_PARTIAL=DB_UP_PARTIAL, DB_DOWN_PARTIAL=DB_DOWN_PARTIAL,
+                     M=M, D=D, BOTTLENECK=BOTTLENECK, rows_per_slice=rows_per_slice, stride_dym=stride_dym,
+                     stride_dyd=stride_dyd, stride_xm=stride_xm, stride_xd=stride_xd, stride_down_b=stride_down_b,
                      stride_down_d=stride_down_d, seed=seed, dropout_p=dropout_p,
                      HAS_DROPOUT=HAS_DROPOUT, COMPUTE_DX=True, COMPUTE_DW=False, BLOCK_B=BLOCK_B,
                      WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
@@ -445,21 +478,21 @@ def _bottleneck_backward_dx_kernel(
             dw_columns = tl.cdiv(D, DW_BLOCK_D)
             item = pid - dx_programs
             dx_slice(pid_d=item % dw_columns, pid_s=item // dw_columns, DY=DY, X=X, ACT=ACT, DH=DH,
-                     W_DOWN=W_DOWN, DX=DX, DW_DOWN_PARTIAL=DW_DOWN_PARTIAL, DW_UP_PARTIAL=DW_UP_PARTIAL,
-                     DB_UP_PARTIAL=DB_UP_PARTIAL, DB_DOWN_PARTIAL=DB_DOWN_PARTIAL, M=M, D=D, BOTTLENECK=BOTTLENECK,
-                     rows_per_slice=dw_rows_per_slice, stride_dym=stride_dym, stride_dyd=stride_dyd,
-                     stride_xm=stride_xm, stride_xd=stride_xd, stride_down_b=stride_down_b,
+                     DH_OPERAND=DH_OPERAND, W_DOWN=W_DOWN, DX=DX, DW_DOWN_PARTIAL=DW_DOWN_PARTIAL,
+                     DW_UP_PARTIAL=DW_UP_PARTIAL, DB_UP_PARTIAL=DB_UP_PARTIAL, DB_DOWN_PARTIAL=DB_DOWN_PARTIAL,
+                     M=M, D=D, BOTTLENECK=BOTTLENECK, rows_per_slice=dw_rows_per_slice, stride_dym=stride_dym,
+                     stride_dyd=stride_dyd, stride_xm=stride_xm, stride_xd=stride_xd, stride_down_b=stride_down_b,
                      stride_down_d=stride_down_d, seed=seed, dropout_p=dropout_p,
                      HAS_DROPOUT=HAS_DROPOUT, COMPUTE_DX=False, COMPUTE_DW=True, BLOCK_B=BLOCK_B,
                      WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=DW_BLOCK_M,
                      BLOCK_D=DW_BLOCK_D)
     else:
-        dx_slice(pid_d=tl.program_id(0), pid_s=tl.program_id(1), DY=DY, X=X, ACT=ACT, DH=DH, W_DOWN=W_DOWN, DX=DX,
-                 DW_DOWN_PARTIAL=DW_DOWN_PARTIAL, DW_UP_PARTIAL=DW_UP_PARTIAL, DB_UP_PARTIAL=DB_UP_PARTIAL,
-                 DB_DOWN_PARTIAL=DB_DOWN_PARTIAL, M=M, D=D, BOTTLENECK=BOTTLENECK, rows_per_slice=rows_per_slice,
-                 stride_dym=stride_dym, stride_dyd=stride_dyd, stride_xm=stride_xm, stride_xd=stride_xd,
-                 stride_down_b=stride_down_b, stride_down_d=stride_down_d, seed=seed, dropout_p=dropout_p,
-                 HAS_DROPOUT=HAS_DROPOUT, COMPUTE_DX=COMPUTE_DX, COMPUTE_DW=COMPUTE_DW,
+        dx_slice(pid_d=tl.program_id(0), pid_s=tl.program_id(1), DY=DY, X=X, ACT=ACT, DH=DH, DH_OPERAND=DH_OPERAND,
+                 W_DOWN=W_DOWN, DX=DX, DW_DOWN_PARTIAL=DW_DOWN_PARTIAL, DW_UP_PARTIAL=DW_UP_PARTIAL,
+                 DB_UP_PARTIAL=DB_UP_PARTIAL, DB_DOWN_PARTIAL=DB_DOWN_PARTIAL, M=M, D=D, BOTTLENECK=BOTTLENECK,
+                 rows_per_slice=rows_per_slice, stride_dym=stride_dym, stride_dyd=stride_dyd, stride_xm=stride_xm,
+                 stride_xd=stride_xd, stride_down_b=stride_down_b, stride_down_d=stride_down_d, seed=seed,
+                 dropout_p=dropout_p, HAS_DROPOUT=HAS_DROPOUT, COMPUTE_DX=COMPUTE_DX, COMPUTE_DW=COMPUTE_DW,
                  BLOCK_B=BLOCK_B, WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
                  BLOCK_D=BLOCK_D)
 
@@ -570,6 +603,9 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
         return dx, zeros(B, D), zeros(B), zeros(D, B), zeros(D)
     dh = torch.empty((M, B), device=device, dtype=torch.float32)
     act = torch.empty((M, B), device=device, dtype=x.dtype) if need_dw else dh  # act(h), for dW_up
+    # dh as the dX kernel's dots take it (x's dtype): half the bytes its column blocks re-read
+    half = x.dtype != torch.float32
+    dh_operand = torch.empty((M, B), device=device, dtype=x.dtype) if half else dh
     tiles = BACKWARD_DX_TILES[current_target()][tile_family(x.dtype, flags["BLOCK_B"])]
     # the dX kernel's tiles: one role's, or (split tables, both roles wanted) dX's and the partials'
     dx_tiles, dw_tiles = (tiles, tiles) if isinstance(tiles, tuple) else (tiles["dx"], tiles["dw"])
@@ -585,9 +621,9 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
     with launch_guard(dy, x, down_weight, up_weight):
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)  # noqa: E731
         launch(_bottleneck_backward_dh_kernel, grid,
-            dy, up_weight, h, dh, act, M, D, B, m_bucket(M),
+            dy, up_weight, h, dh, dh_operand, act, M, D, B, m_bucket(M),
             dy.stride(0), dy.stride(1), up_weight.stride(0), up_weight.stride(1),
-            branch_scale, seed, dropout_p, SAVE_ACT=need_dw, **flags,
+            branch_scale, seed, dropout_p, SAVE_ACT=need_dw, SAVE_DH_OPERAND=half, **flags,
         )
         block_m, block_d, warps, stages = dx_tiles if need_dx else dw_tiles
         dx_slices, rows_per_slice = row_slices(M, D, block_m, block_d)
@@ -600,8 +636,8 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
             dx_programs = 0
             grid = (triton.cdiv(D, block_d), dx_slices)
         launch(_bottleneck_backward_dx_kernel, grid,
-            dy, x, act, dh, down_weight, dx if need_dx else dy, dw_down_partial, dw_up_partial, db_up_partial,
-            db_down_partial, M, D, B, rows_per_slice, dw_rows_per_slice, dx_programs,
+            dy, x, act, dh, dh_operand, down_weight, dx if need_dx else dy, dw_down_partial, dw_up_partial,
+            db_up_partial, db_down_partial, M, D, B, rows_per_slice, dw_rows_per_slice, dx_programs,
             dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), down_weight.stride(0), down_weight.stride(1),
             seed, dropout_p, COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, SPLIT=split, BLOCK_M=block_m, BLOCK_D=block_d,
             DW_BLOCK_M=dw_tiles[0], DW_BLOCK_D=dw_tiles[1], num_warps=warps, num_stages=stages, **flags,
@@ -641,7 +677,8 @@ def aot_specs(target: str) -> list:
         for cfg in BACKWARD_DH_CONFIGS[target][family]:
             specs.append(KernelBuild(
                 f"bottleneck_backward_dh [{variant}]", _bottleneck_backward_dh_kernel, cfg,
-                dict(DY=dt, W_UP=dt, H="fp32", DH="fp32", ACT=dt), {**common, "SAVE_ACT": True},
+                dict(DY=dt, W_UP=dt, H="fp32", DH="fp32", DH_OPERAND=dt, ACT=dt),
+                {**common, "SAVE_ACT": True, "SAVE_DH_OPERAND": dt != "fp32"},
                 unit_strides=("stride_dyd", "stride_up_b"), float_args=("branch_scale", "dropout_p"),
                 plain_ints=plain))
         # one role per program ("dX+dW"), or where that spilled the two roles of one launch
@@ -654,7 +691,7 @@ def aot_specs(target: str) -> list:
                 f"{'' if dropout else ', no dropout'}]", _bottleneck_backward_dx_kernel,
                 triton.Config(dict(BLOCK_M=dx_t[0], BLOCK_D=dx_t[1]), num_warps=dx_t[2],
                               num_stages=min(dx_t[3], dw_t[3])),
-                dict(DY=dt, X=dt, ACT=dt, DH="fp32", W_DOWN=dt, DX=dt, DW_DOWN_PARTIAL="fp32",
+                dict(DY=dt, X=dt, ACT=dt, DH="fp32", DH_OPERAND=dt, W_DOWN=dt, DX=dt, DW_DOWN_PARTIAL="fp32",
                      DW_UP_PARTIAL="fp32", DB_UP_PARTIAL="fp32", DB_DOWN_PARTIAL="fp32"),
                 {**common, "HAS_DROPOUT": dropout, "COMPUTE_DX": True, "COMPUTE_DW": True, "SPLIT": split,
                  "DW_BLOCK_M": dw_t[0], "DW_BLOCK_D": dw_t[1]},

@@ -336,7 +336,35 @@ class Estimator:
             timed = build_seconds(row, names, ctas, _distinct_bytes(launch.args), self.device, persistent)
             if best is None or timed["seconds"] < best["seconds"]:
                 best = {"name": launch.name, "config": row["config"], "build": key, **timed}
-        return best
+        module = self._builds[best["build"]].module
+        roles = getattr(sys.modules[module], "LAUNCH_ROLES", {}).get(launch.name)
+        split = roles(launch.args) if roles else None
+        return self._roles_seconds(launch, split, best, module) if split else best
+
+    def _roles_seconds(self, launch, split: list, whole: dict, module: str) -> dict:
+        """A launch whose programs take roles with tiles and grids of their own (the module's
+        LAUNCH_ROLES: [(arguments, grid)] per role): each role timed as a launch of its own at
+        the whole build's occupancy (one binary: the larger role's registers), the roles' SM
+        times summed (they share the SMs), one launch charge, and the whole launch's HBM floor."""
+        occupancy = self._rows[whole["build"]]["ctas_per_sm"]
+        compute, ctas, parts = 0.0, 0, []
+        for args, grid in split:
+            role = dataclasses.replace(launch, args=args, grid=grid)
+            config = _candidates(role, self.device.target)[0]  # fixed tiles: the launch's own config
+            key = self._build(role, config)
+            if key not in self._rows:
+                self.prepare([[role]])
+            row = {**self._rows[key], "ctas_per_sm": min(self._rows[key]["ctas_per_sm"], occupancy)}
+            names = _loop_names(launch.name, module, args, dict(config.kwargs))
+            role_ctas, persistent = _grid_ctas(role, config, module, names)
+            timed = build_seconds(row, names, role_ctas, 0, self.device, persistent)
+            compute += timed["seconds"] - LAUNCH_SECONDS
+            ctas += role_ctas
+            parts.append(timed)
+        memory = _distinct_bytes(launch.args) / self.device.hbm_bytes_per_second
+        bound = "HBM bandwidth" if memory > compute else max(parts, key=lambda t: t["seconds"])["bound"]
+        return {**whole, "seconds": max(compute, memory) + LAUNCH_SECONDS, "bound": bound, "ctas": ctas,
+                "waves": sum(t["waves"] for t in parts), "roles": parts}
 
     def sequence_seconds(self, launch_list: list) -> dict:
         parts = [self.launch_seconds(launch) for launch in launch_list]

@@ -139,16 +139,22 @@ def fused_bytes(s: OpShape, phase: str) -> int:
 def _bottleneck_fused_bytes(M: int, d: int, m: int, e: int) -> dict:
     """Bottleneck adapter kernels (kernels/bottleneck.py): forward reads x once (its
     second read from L2), writes y and h [M, m] fp32; backward: the dh kernel reads dY and h
-    and writes dh, the dX kernel reads dY, x, h, dh and writes dX and fp32 row-slice partials
-    (one more read of dY where the sm_90 table splits the dX kernel in two launches)."""
+    and writes dh (fp32, and in x's dtype when that is half precision) and act(h), the dX
+    kernel reads dY, x, act(h), dh (its dot operand, and the fp32 dh once for Σ dh) and writes
+    dX and fp32 row-slice partials (one more read of dY where the sm_90 table splits the dX
+    kernel's programs in two roles)."""
     kernels = kernel_modules().bottleneck
-    act, h, weights = M * d * e, M * m * 4, (2 * m * d + m + d) * e
+    act, weights = M * d * e, (2 * m * d + m + d) * e
+    # per element of [M, m]: h read, dh written and read (fp32), act(h) written and read, and
+    # the half-precision dh operand written and read
+    saved_h = M * m * 4
+    h = M * m * (12 + 2 * e + (2 * e if e < 4 else e))
     family = kernels.tile_family(torch.float32 if e == 4 else torch.bfloat16, kernels.block_bottleneck(m))
     tiles = kernels.BACKWARD_DX_TILES["sm90"][family]
     split = isinstance(tiles, dict)
     block_m, block_d = (tiles["dw"] if split else tiles)[:2]
     partials = 2 * kernels.row_slices(M, d, block_m, block_d)[0] * (2 * m * d + d) * 4
-    return {"forward": 2 * act + h + weights, "backward": (4 + split) * act + 4 * h + 2 * weights + partials}
+    return {"forward": 2 * act + saved_h + weights, "backward": (4 + split) * act + h + 2 * weights + partials}
 
 
 # --------------------------------------------------------------------------------------

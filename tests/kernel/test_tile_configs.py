@@ -53,10 +53,11 @@ def test_nf4_backward_at_production_row_blocks(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("target", ["sm80", "sm90"])
-@pytest.mark.parametrize("family", ["half/b64", "half/b256", "fp32/b128"])
+@pytest.mark.parametrize("family", ["half/b64", "half/b128", "half/b256", "fp32/b128"])
 def test_adapter_backward_at_production_tiles(family, target, monkeypatch):
-    """The adapter dX kernel's fixed tiles (one role per program, or sm_80's half/b256 dX and
-    dW roles as two sets of programs of one launch) at their GPU sizes."""
+    """The adapter dX kernel's fixed tiles (one role per program, or the dX and dW roles as two
+    sets of programs of one launch: sm_90 half/b128 and half/b256, sm_80 half/b256) at their GPU
+    sizes."""
     monkeypatch.setitem(bottleneck_kernels.BACKWARD_DX_TILES, "interpreter",
                         dict(bottleneck_kernels.BACKWARD_DX_TILES[target]))
     with KernelsRan() as ran:

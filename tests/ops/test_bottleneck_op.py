@@ -23,7 +23,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
 # (M, d, m): odd sizes; m = 1, 20 (one 32-wide tile), 64, and each dtype's widest tile class
-# ("wide": fp16/bf16 m = 130, the 256-wide tile whose backward runs as two launches; fp32
+# ("wide": fp16/bf16 m = 130, the 256-wide tile whose dX kernel runs two roles of programs; fp32
 # m = 100, its 128-wide tile). Past the widest tile the PyTorch path runs: its own test below.
 SHAPES = [(1, 3, 1), (37, 70, 20), (45, 33, 64), (20, 40, "wide")]
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from test_bench_cli import run_bench
 
-from peft_ops.tools import estimate
+from peft_ops.kernels import bottleneck as bottleneck_kernels
+from peft_ops.tools import estimate, launches
 from peft_ops.tools.aot import problems
 from peft_ops.tools.roofline import OpShape
 
@@ -210,6 +211,34 @@ def test_each_launch_gets_the_fastest_config_of_its_family(headline):
     assert [p["name"] for p in parts][:2] == ["_bottleneck_backward_dh_kernel",
                                                "_bottleneck_backward_dx_kernel"]
     assert all(p["seconds"] >= estimate.LAUNCH_SECONDS for p in parts)
+
+
+@pytest.mark.aot
+def test_a_launch_of_two_roles_is_timed_role_by_role():
+    """The adapter's dX launch at m = 256 (sm_90a) runs dX programs and partials' programs, each
+    role at tiles of its own through one source loop: each role is timed as its own launch at
+    the launch's occupancy, their SM times summed under one launch charge and the HBM floor."""
+    s = OpShape("bottleneck", 4096, 4096, 4096, 256)
+    dx = next(p for p in launches.op_launches(s, "sm90", 132)["backward"] if p.name == "_bottleneck_backward_dx_kernel")
+    assert dx.args["SPLIT"]
+    dx_role, dw_role = bottleneck_kernels.split_roles(dx.args)
+    # the roles' grids cover the launch's programs: the dX programs first, then the partials'
+    assert math.prod(dx_role[1]) == dx.args["dx_programs"]
+    assert math.prod(dx_role[1]) + math.prod(dw_role[1]) == math.prod(dx.grid)
+    assert (dw_role[0]["BLOCK_M"], dw_role[0]["BLOCK_D"]) == (dx.args["DW_BLOCK_M"], dx.args["DW_BLOCK_D"])
+    assert not dx_role[0]["COMPUTE_DW"] and not dw_role[0]["COMPUTE_DX"]
+    est = estimate.Estimator("H200")
+    timed = est.launch_seconds(dx)
+    parts = timed["roles"]
+    assert len(parts) == 2 and timed["ctas"] == math.prod(dx.grid)
+    occupancy = est.chosen_row(timed)["ctas_per_sm"]
+    assert all(p["ctas_per_sm"] <= max(1, occupancy) for p in parts)
+    launch = estimate.LAUNCH_SECONDS
+    floor = estimate._distinct_bytes(dx.args) / est.device.hbm_bytes_per_second
+    assert timed["seconds"] == pytest.approx(max(sum(p["seconds"] - launch for p in parts), floor) + launch)
+    plain = next(p for p in launches.op_launches(OpShape("bottleneck", 4096, 4096, 4096, 64), "sm90", 132)["backward"]
+                 if p.name == "_bottleneck_backward_dx_kernel")
+    assert bottleneck_kernels.split_roles(plain.args) is None and "roles" not in est.launch_seconds(plain)
 
 
 def test_a_plan_is_for_the_gpu_whatever_this_process_runs():

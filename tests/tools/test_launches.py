@@ -103,16 +103,17 @@ def test_backward_scratch_is_g_alone(op):
 
 
 @pytest.mark.parametrize("target", ["sm80", "sm90"])
-@pytest.mark.parametrize("m", [64, 256])
+@pytest.mark.parametrize("m", [64, 128, 256])
 def test_adapter_backward_is_three_launches(target, m):
-    """dh, dX with the partials, the finishing kernel — also where one dX program doing both
-    spilled (sm_80, m > 128): that launch then runs its two roles as two sets of programs."""
+    """dh, dX with the partials, the finishing kernel — also where the dX kernel's launch runs
+    its two roles as two sets of programs with tiles of their own (sm_90 m ≥ 128, sm_80
+    m = 256: one program doing both spilled or took tiles too small for the dX GEMM)."""
     planned = launches.op_launches(OpShape("bottleneck", 8192, 4096, 4096, m), target, 108 if target == "sm80" else 132,
                                    dropout_p=0.1)
     assert [str(x) for x in planned["backward"]] == [
         "_bottleneck_backward_dh_kernel", "_bottleneck_backward_dx_kernel", "_bottleneck_finish_kernel"]
     dx = planned["backward"][1]
-    split = target == "sm80" and m == 256
+    split = m == 256 or (target == "sm90" and m == 128)
     assert dx.args["SPLIT"] is split and dx.args["COMPUTE_DX"] and dx.args["COMPUTE_DW"]
     if split:  # the dX programs, then the partials' programs, each over their own tiles
         dx_programs = dx.args["dx_programs"]

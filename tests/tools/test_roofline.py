@@ -42,6 +42,11 @@ def test_adapter_by_hand():
     assert roofline.min_bytes(s, "backward") == 3 * 4 * 8 * 2 + 2 * params
     # forward: x read (second read from L2), y written, h [M, m] fp32 written, weights read
     assert roofline.fused_bytes(s, "forward") == 2 * 64 + 4 * 4 * 2 + params
+    # backward (sm_90 m ≤ 64: one role, one row slice): dY twice, x, dX; per [M, m] element h
+    # read, dh written and read (fp32), act(h) and the bf16 dh operand written and read; the
+    # weights twice; the slice's fp32 partials of dW_down, dW_up, db_up written and read
+    per_h = 3 * 4 + 2 * 2 + 2 * 2
+    assert roofline.fused_bytes(s, "backward") == 4 * 64 + 4 * 2 * per_h + 2 * params + 2 * (2 * 2 * 8 + 8) * 4
 
 
 def test_eager_bytes_are_counted_op_by_op():
