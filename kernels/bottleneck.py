@@ -144,12 +144,20 @@ FORWARD_CONFIGS = _tables({
 })
 # The dh kernel reduces over d inside one row block, so its tiles may be tuned (like the LoRA
 # dY kernel); the dX kernel sums over rows, so its tiles are fixed (see the module docstring).
-BACKWARD_DH_CONFIGS = _tables({
-    "sm80": {"fp32/b64": [(16, 128, 4, 3), (32, 64, 4, 3), (16, 64, 4, 4)],
-             "fp32/b128": [(16, 64, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3)]},
-    "sm90": {"fp32/b64": [(16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3)],
-             "fp32/b128": [(16, 64, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3)]},
-})
+# Its programs are DH_BLOCK_B = 64 bottleneck columns wide whatever the bottleneck, so it has
+# the b64 families only. sm_90 drops the forward's 32×64 (it spilled 32 bytes here, writing
+# the dh operand) and adds 128×128 (176–185 registers, 0 spills), the fastest at m = 256:
+# static estimate, H200, bf16, d = 4096, M = 4096 / 8192: 22.4 / 42.2 µs, against 32.4 / 62.4
+# with one program per row block (32-row `mma.sync` tiles: 64 rows spilled 224 bytes); m = 128:
+# 16.4 / 22.4 against 25.2 / 25.2 (128-wide programs: 22.4 / 22.4).
+DH_BLOCK_B = 64
+BACKWARD_DH_CONFIGS = {
+    "sm80": {"half/b64": _configs(_HALF["sm80"]["half/b64"]),
+             "fp32/b64": _configs([(16, 128, 4, 3), (32, 64, 4, 3), (16, 64, 4, 4)])},
+    "sm90": {"half/b64": _configs([(16, 128, 4, 4), (64, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 3)]),
+             "fp32/b64": _configs([(16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3)])},
+    "interpreter": _configs([(16, 32, 4, 1)]),
+}
 # The dX kernel's fixed tiles: programs computing dX and the parameter gradients, or dX
 # programs and parameter-gradient programs with tiles of their own ("dx", "dw"; one launch),
 # which costs one more read of dY but lets the dX role take GEMM tiles while the partials'
@@ -356,13 +364,21 @@ def _bottleneck_backward_dh_kernel(
     SAVE_ACT also ACT[M, m] = act(H) in ACT's dtype (x's), rounded as the forward fed it to
     W_up: the dX kernel's column blocks load it instead of each recomputing the activation; with
     SAVE_DH_OPERAND also DH_OPERAND = DH in x's (half-precision) dtype, the dX kernel's dot
-    operand: its column blocks then read half the bytes of dh (they cast it so anyway)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_b = tl.arange(0, BLOCK_B)
+    operand: its column blocks then read half the bytes of dh (they cast it so anyway). Each
+    program owns BLOCK_M rows and BLOCK_B (DH_BLOCK_B) bottleneck columns: a wider bottleneck
+    runs as several programs per row block, each the GEMM tile dY·W_up[:, its columns], which
+    keeps 64- and 128-row tiles within the registers."""
+    bottleneck_blocks = tl.cdiv(BOTTLENECK, BLOCK_B)
+    pid = tl.program_id(0)
+    # a row block's bottleneck blocks are neighbours in launch order: they share its dY rows in L2
+    b0 = (pid % bottleneck_blocks) * BLOCK_B
+    offs_m = (pid // bottleneck_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_b = b0 + tl.arange(0, BLOCK_B)
     rows = offs_m.to(tl.int64)
     m_mask = offs_m < M
     b_mask = offs_b < BOTTLENECK
-    grad_act = rows_times_d_by_m(ACT=DY, stride_am=stride_dym, stride_ad=stride_dyd, MAT=W_UP,
+    grad_act = rows_times_d_by_m(ACT=DY, stride_am=stride_dym, stride_ad=stride_dyd,
+                                 MAT=W_UP + b0.to(tl.int64) * stride_up_b,
                                  stride_mat_d=stride_up_d, stride_mat_b=stride_up_b, rows=rows, m_mask=m_mask,
                                  b_mask=b_mask, D=D, seed=seed, dropout_p=dropout_p, HAS_DROPOUT=HAS_DROPOUT,
                                  EVICTION="", WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION,
@@ -619,11 +635,12 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
     else:
         dw_down_partial = dw_up_partial = db_up_partial = db_down_partial = dh  # not written
     with launch_guard(dy, x, down_weight, up_weight):
-        grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)  # noqa: E731
+        dh_block_b = min(flags["BLOCK_B"], DH_BLOCK_B)
+        grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(B, dh_block_b),)  # noqa: E731
         launch(_bottleneck_backward_dh_kernel, grid,
             dy, up_weight, h, dh, dh_operand, act, M, D, B, m_bucket(M),
             dy.stride(0), dy.stride(1), up_weight.stride(0), up_weight.stride(1),
-            branch_scale, seed, dropout_p, SAVE_ACT=need_dw, SAVE_DH_OPERAND=half, **flags,
+            branch_scale, seed, dropout_p, SAVE_ACT=need_dw, SAVE_DH_OPERAND=half, **{**flags, "BLOCK_B": dh_block_b},
         )
         block_m, block_d, warps, stages = dx_tiles if need_dx else dw_tiles
         dx_slices, rows_per_slice = row_slices(M, D, block_m, block_d)
@@ -674,11 +691,12 @@ def aot_specs(target: str) -> list:
                     {**common, "HAS_DROPOUT": full, "HAS_DOWN_BIAS": full, "HAS_UP_BIAS": full, "SAVE_H": True},
                     unit_strides=("stride_xd", "stride_down_d", "stride_up_b"),
                     float_args=("scaling", "dropout_p", "keep_scale"), plain_ints=plain))
-        for cfg in BACKWARD_DH_CONFIGS[target][family]:
+        for cfg in BACKWARD_DH_CONFIGS[target].get(family, ()):  # DH_BLOCK_B wide: the b64 families
             specs.append(KernelBuild(
-                f"bottleneck_backward_dh [{variant}]", _bottleneck_backward_dh_kernel, cfg,
+                f"bottleneck_backward_dh [{dt}, {DH_BLOCK_B} bottleneck columns per program]",
+                _bottleneck_backward_dh_kernel, cfg,
                 dict(DY=dt, W_UP=dt, H="fp32", DH="fp32", DH_OPERAND=dt, ACT=dt),
-                {**common, "SAVE_ACT": True, "SAVE_DH_OPERAND": dt != "fp32"},
+                {**common, "BLOCK_B": DH_BLOCK_B, "SAVE_ACT": True, "SAVE_DH_OPERAND": dt != "fp32"},
                 unit_strides=("stride_dyd", "stride_up_b"), float_args=("branch_scale", "dropout_p"),
                 plain_ints=plain))
         # one role per program ("dX+dW"), or where that spilled the two roles of one launch

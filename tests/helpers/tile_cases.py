@@ -78,6 +78,12 @@ def bottleneck_case(family):
     return BottleneckCase(M=37, d=70, m=m, dtype=dtype, activation="gelu", dropout_p=0.2)
 
 
+def wide_bottleneck_case(family):
+    """The dh kernel's programs are DH_BLOCK_B = 64 bottleneck columns wide whatever the
+    bottleneck: its family's widest case, so that a row block spans several programs."""
+    return bottleneck_case(family.split("/")[0] + ("/b256" if family.startswith("half") else "/b128"))
+
+
 # kernel → (the case for a family, the families whose largest sm_90 tile runs in the interpreter)
 KERNELS = {
     "_lora_shrink_kernel": (lora_case, ["half", "fp32"]),
@@ -98,7 +104,7 @@ KERNELS = {
     "_nf4_backward_dx_kernel": (qlora_case(37), ["half", "general"]),
     "_lora_embedding_forward_kernel": (embedding_case, ["half", "mixed", "fp32"]),
     "_bottleneck_forward_kernel": (bottleneck_case, ["half/b64", "half/b256", "fp32/b128"]),
-    "_bottleneck_backward_dh_kernel": (bottleneck_case, ["half/b128", "fp32/b64"]),
+    "_bottleneck_backward_dh_kernel": (wide_bottleneck_case, ["half/b64", "fp32/b64"]),
 }
 
 
