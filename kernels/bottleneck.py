@@ -22,6 +22,18 @@ Design, from a cost model (bf16, M = 8192, d = 4096, m = 64):
   stream x's tiles with `cp.async` like W_up's; by default it pipelines only loads that feed a
   dot, and the residual load waited a full memory latency per iteration (static estimate,
   H200, bf16, M = 8192, d = 4096, m = 64: 37.8 → 35.0 µs, now bound by L2→SM bytes).
+- Two-pass forward, where FORWARD_TWO_PASS_ROWS takes it (m ≥ 128, and on sm_90 bf16/fp16
+  m = 128 below 8192 rows): the one kernel streams all of W_down and W_up through every row
+  block (4 MiB per block at m = 256, d = 4096) in row tiles its m-wide registers keep small
+  (32 rows, `mma.sync`): bound by shared-memory operand bytes, and below M = 8192 its row
+  blocks leave SMs idle. `_bottleneck_down_kernel` computes h by GEMM tiles of 64 bottleneck
+  columns (the dh kernel's shape: 64–128 rows, `wgmma`; a row block's programs are neighbours,
+  sharing its x rows in L2) and writes h (saved) and act(h) in x's dtype (scratch, M×m);
+  `_bottleneck_up_kernel` owns a column block of d over a row slice, loads W_up[cols, :] and
+  b_up[cols] once for the whole slice, and per 64-row block forms act(h)·W_upᵀ (`wgmma`, K = m)
+  with the residual, bias and dropout in its epilogue. x crosses HBM twice instead of once
+  (+M·d·2 B), which the one kernel wins back only once its row blocks fill the GPU (see the
+  table). Static estimate, H200, bf16, d = 4096, M = 4096, m = 256: 82.4 → 42.5 µs.
 - Backward (dz = s·dY⊙keep/(1-p), the gradient reaching the branch's output):
   `_bottleneck_backward_dh_kernel` reads dY once per row block: dh = (dz·W_up)⊙act′(h)
   [M, m] fp32, and act(h) [M, m] in x's dtype (computed once per element: the dX kernel's
@@ -43,11 +55,13 @@ Design, from a cost model (bf16, M = 8192, d = 4096, m = 64):
 - The dh kernel also writes dh in x's dtype (fp16/bf16: the dX kernel's dot operand, rounded
   there before): the dX kernel's ⌈d/BLOCK_D⌉ column blocks each re-read dh, and read half the
   bytes (static estimate, H200, bf16, d = 4096, M = 4096, m = 256: dX kernel 119 → 83 µs at its
-  tiles then; m = 128: 52 → 38 µs). The fp32 dh stays for db_down's sum.
+  tiles then; m = 128: 52 → 38 µs). The fp32 dh stays for db_down's sum. Its programs own 64
+  bottleneck columns (DH_BLOCK_B), several per row block when m > 64: GEMM tiles of 64–128 rows
+  on `wgmma` instead of 32-row `mma.sync` tiles m wide (m = 256: 32.4 → 22.4 µs).
 - Where this design stops (static estimate, same shape; `peft_ops.tools.estimate`). The HBM
   roofline reads x and writes y (forward), reads dY and x and writes dX (backward): 5 passes,
   336 MB, 70.5 µs at 4.8 TB/s; the ≥ 80 % target means ≤ 88 µs. Here: forward 35.0 µs, dh
-  19.4, dX 51.9 (HBM-bound), finishing kernel 5.8: 112 µs = 63 %. The backward reads dY twice
+  19.6, dX 52.2 (HBM-bound), finishing kernel 5.8: 112.5 µs = 63 %. The backward reads dY twice
   (the dh pass owns rows, the dX pass owns columns), so the design's floor is 6 passes: every
   kernel at 0.9 of HBM plus 2.5 µs per launch gives ≈ 103 µs (68 %). Reading dY once needs a
   row slice's dh before that slice's dX programs read dY again (from L2): one launch whose dX
@@ -59,11 +73,13 @@ Design, from a cost model (bf16, M = 8192, d = 4096, m = 64):
   finishing work folded in is ≈ 98 µs (72 %), still under 80 %. Not built: that gain does not
   reach the target, and its correctness rests on memory ordering between programs, which the
   interpreter (one program at a time) cannot exercise; it waits for a GPU to validate it.
-- W_down and W_up are not staged in shared memory for many row blocks: together they are
+- The one-kernel forward does not stage W_down and W_up for many row blocks: together they are
   4·d·m bytes (1 MiB at the shape above, 192 KiB at d = 768, m = 64) against 228 KiB of shared
-  memory per SM, and Triton keeps a loop-invariant tile in registers, not shared memory. At
-  M = 8192 the 64-row blocks give 128 programs for 132 SMs, so each SM already reads W once
-  per launch (from L2: 40 % of the forward's L2→SM bytes, which bound it there). From
+  memory per SM. At M = 8192 the 64-row blocks give 128 programs for 132 SMs, so each SM
+  already reads W once per launch (from L2: 40 % of the forward's L2→SM bytes, which bound it
+  there). What a program can hold for a whole row slice is a column block's slice of W (the
+  up kernel's W_up[cols, :], the dX kernel's W_down[:, cols]): the two-pass forward and the
+  backward are built that way. From
   M = 16384 the forward is HBM-bound (65.9 µs: 0.9 of HBM plus the launch), and a 128-row
   tile, which would halve W's share (it builds: 185 registers, 0 spills), won nowhere in the
   estimate, so the tables leave it out. Below M = 8192 row blocks leave SMs idle (M = 4096:
@@ -78,6 +94,8 @@ Design, from a cost model (bf16, M = 8192, d = 4096, m = 64):
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -189,7 +207,41 @@ BACKWARD_DX_TILES = {
 }
 # The bounds of loops over kernel-local names, as expressions of the launch arguments (for the
 # static estimate, peft_ops.tools.estimate): the dX kernel's row loop covers one slice.
-LOOP_BOUNDS = {"_bottleneck_backward_dx_kernel": {"row_start": "0", "row_end": "min(M, rows_per_slice)"}}
+# The two-pass forward: below FORWARD_TWO_PASS_ROWS[target][tile family] rows (a family not
+# listed: never). Static estimate, µs, forward, d = 4096, M = 512 / 4096 / 8192, one kernel →
+# two passes: H200 bf16 m = 256: 68.5 / 82.4 / 162.2 → 28.7 / 42.5 / 80.0; m = 128: 46.7 / 52.8
+# / 52.8 → 23.8 / 34.9 / 56.7 (at 8192 rows the one kernel's 64-row blocks fill the SMs, and it
+# reads x once from HBM where the two passes read it twice); m = 64: 21.5 / 35.0 / 35.0 → 20.1 /
+# 34.7 / 52.8 (not taken: within 7 % below 8192 rows); fp32 m = 100: 91.3 / 175.3 / 357.7 → 50.1
+# / 126.9 / 244.9. A100 bf16 m = 256: 106.5 / 283.7 / 425.4 → 41.0 / 134.7 / 211.1; m = 128:
+# 60.1 / 132.7 / 198.9 → 28.9 / 91.7 / 153.1; fp32 m = 100: 132.7 / 390.6 / 648.5 → 59.4 / 263.5
+# / 475.1.
+_EVERY_M = {"half/b128": math.inf, "half/b256": math.inf, "fp32/b128": math.inf}
+FORWARD_TWO_PASS_ROWS = {"sm80": _EVERY_M, "sm90": {**_EVERY_M, "half/b128": 8192}, "interpreter": _EVERY_M}
+# Its first pass is the dh kernel's GEMM shape ([M, d]·[d, 64] per program) and takes its tiles;
+# its second pass, the up kernel, owns a column block of d and a row slice (fixed tiles: the
+# slices follow them; the row loop's stages are the last number). The fastest spill-free in the
+# static estimate (H200 bf16 µs at M = 512 / 4096 / 8192): m = 256 64×128 with 8 warps, 12.3 /
+# 20.1 / 37.7 (4 warps, 11.2 / 19.0 / 35.0, spilled 348 bytes with bias and dropout; 128×128 does
+# not fit shared memory); m ≤ 128 64×64
+# with 4 warps, 7.4 / 18.5 (2 CTAs per SM; 128×128 spilled 48 bytes with bias and dropout);
+# fp32 32×64 with 8 warps (4 warps and every 64-row tile spilled 240–3,788 bytes). A100: m = 256
+# 64×128 with 4 warps, 2 stages, 17.5 / 58.9 / 87.1 (8 warps 20.3 / 70.0 / 103.7); m ≤ 128 64×64
+# with 4 warps, 10.1 / 40.9 / 77.4.
+# Its own lists where the dh kernel's spilled here (16×128: 8–108 bytes).
+DOWN_CONFIGS = {
+    "sm80": {"half/b64": _configs(_HALF["sm80"]["half/b64"]), "fp32/b64": _configs([(32, 64, 4, 3), (16, 64, 4, 4)])},
+    "sm90": {"half/b64": _configs([(16, 64, 4, 4), (32, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 3)]),
+             "fp32/b64": _configs([(32, 64, 4, 3), (64, 64, 8, 3)])},
+    "interpreter": BACKWARD_DH_CONFIGS["interpreter"],
+}
+UP_TILES = {
+    "sm80": {"half/b128": (64, 64, 4, 3), "half/b256": (64, 128, 4, 2), "fp32/b128": (32, 64, 8, 2)},
+    "sm90": {"half/b128": (64, 64, 4, 3), "half/b256": (64, 128, 8, 3), "fp32/b128": (32, 64, 8, 2)},
+    "interpreter": {"half/b128": _ONE, "half/b256": _ONE, "fp32/b128": _ONE},
+}
+LOOP_BOUNDS = {"_bottleneck_backward_dx_kernel": {"row_start": "0", "row_end": "min(M, rows_per_slice)"},
+               "_bottleneck_up_kernel": {"row_start": "0", "row_end": "min(M, rows_per_slice)"}}
 # Loops that only some programs run (for the static estimate): the dX kernel's Σ dh pass (the
 # first column block), and the finishing kernel's four slice sums (each program runs one).
 LOOP_SHARES = {
@@ -344,6 +396,87 @@ def _bottleneck_forward_kernel(
             z = tl.where(keep, z * keep_scale, 0.0)
         io_mask = m_mask[:, None] & d_mask[None, :]
         x = tl.load(x_row_ptrs + cols[None, :] * stride_xd, mask=io_mask, other=0.0, eviction_policy="evict_first")
+        y = x.to(tl.float32) + scaling * z
+        tl.store(Y + rows[:, None] * D + cols[None, :], y.to(Y.dtype.element_ty), mask=io_mask)
+
+
+@autotuned(DOWN_CONFIGS, _tile_family_of_launch, key=["M_BUCKET", "D", "BOTTLENECK", "SAVE_H", "ACTIVATION"])
+@triton.jit
+def _bottleneck_down_kernel(
+    X, W_DOWN, B_DOWN, H, ACT, M, D, BOTTLENECK, M_BUCKET,
+    stride_xm, stride_xd, stride_down_b, stride_down_d,
+    ACTIVATION: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr, SAVE_H: tl.constexpr, BLOCK_B: tl.constexpr,
+    WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The two-pass forward's first pass: H = X·W_downᵀ + b_down (fp32, when SAVE_H) and
+    ACT = act(H) in X's dtype (the up kernel's operand, rounded as the one-kernel forward rounds
+    it), BLOCK_M rows and BLOCK_B (DH_BLOCK_B) bottleneck columns per program — the dh kernel's
+    GEMM tile, neighbours in launch order sharing a row block of X in L2."""
+    bottleneck_blocks = tl.cdiv(BOTTLENECK, BLOCK_B)
+    pid = tl.program_id(0)
+    b0 = (pid % bottleneck_blocks) * BLOCK_B
+    offs_m = (pid // bottleneck_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_b = b0 + tl.arange(0, BLOCK_B)
+    rows = offs_m.to(tl.int64)
+    m_mask = offs_m < M
+    b_mask = offs_b < BOTTLENECK
+    h = rows_times_d_by_m(ACT=X, stride_am=stride_xm, stride_ad=stride_xd, MAT=W_DOWN + b0.to(tl.int64) * stride_down_b,
+                          stride_mat_d=stride_down_d, stride_mat_b=stride_down_b, rows=rows, m_mask=m_mask,
+                          b_mask=b_mask, D=D, seed=0, dropout_p=0.0, HAS_DROPOUT=False, EVICTION="",
+                          WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
+                          BLOCK_D=BLOCK_D, BLOCK_B=BLOCK_B)
+    if HAS_DOWN_BIAS:
+        h += tl.load(B_DOWN + offs_b, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+    h_ptrs = rows[:, None] * BOTTLENECK + offs_b[None, :]
+    hb_mask = m_mask[:, None] & b_mask[None, :]
+    if SAVE_H:
+        tl.store(H + h_ptrs, h, mask=hb_mask)
+    tl.store(ACT + h_ptrs, activation(h, ACTIVATION).to(ACT.dtype.element_ty), mask=hb_mask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _bottleneck_up_kernel(
+    X, ACT, W_UP, B_UP, Y, M, D, BOTTLENECK, rows_per_slice,
+    stride_xm, stride_xd, stride_up_d, stride_up_b,
+    scaling, seed, dropout_p, keep_scale,
+    HAS_UP_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_B: tl.constexpr,
+    WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+):
+    """The two-pass forward's second pass: Y = X + s·drop(ACT·W_upᵀ + b_up) for column block
+    program_id(0) over the rows of slice program_id(1). W_up[cols, :]ᵀ and b_up[cols] are
+    loaded once and serve every row block of the slice; a wave's programs share their slice's
+    ACT rows in L2 (column blocks vary fastest in launch order)."""
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_r = tl.arange(0, BLOCK_M)
+    cols = offs_d.to(tl.int64)
+    d_mask = offs_d < D
+    b_mask = offs_b < BOTTLENECK
+    w_up_t = tl.load(W_UP + cols[None, :] * stride_up_d + offs_b[:, None] * stride_up_b,
+                     mask=b_mask[:, None] & d_mask[None, :], other=0.0)
+    if HAS_UP_BIAS:
+        bias = tl.load(B_UP + cols, mask=d_mask, other=0.0).to(tl.float32)
+    row_start = pid_s.to(tl.int64) * rows_per_slice
+    row_end = tl.minimum(row_start + rows_per_slice, M)
+    # the loop's own stage count streams x's tiles too (cp.async), not only ACT's (see the forward)
+    for m0 in tl.range(row_start, row_end, BLOCK_M, num_stages=STAGES):
+        rows = m0 + offs_r
+        m_mask = rows < row_end
+        act = tl.load(ACT + rows[:, None] * BOTTLENECK + offs_b[None, :], mask=m_mask[:, None] & b_mask[None, :],
+                      other=0.0)
+        z = mma(act, w_up_t, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), WIDEN_BF16_DOT, DOT_PRECISION)
+        if HAS_UP_BIAS:
+            z += bias[None, :]
+        if HAS_DROPOUT:
+            keep = keep_tile(seed=seed, rows=rows, k0=pid_d * BLOCK_D, n_cols=D, dropout_p=dropout_p,
+                             BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_D)
+            z = tl.where(keep, z * keep_scale, 0.0)
+        io_mask = m_mask[:, None] & d_mask[None, :]
+        x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=io_mask, other=0.0)
         y = x.to(tl.float32) + scaling * z
         tl.store(Y + rows[:, None] * D + cols[None, :], y.to(Y.dtype.element_ty), mask=io_mask)
 
@@ -572,6 +705,10 @@ def forward(x, down_weight, down_bias, up_weight, up_bias, activation_name: str,
     h = torch.empty((M, B), device=x.device, dtype=torch.float32) if save_h else None
     if M == 0:
         return y, h
+    flags = _flags(x, B, activation_name, dropout_p)
+    if M < FORWARD_TWO_PASS_ROWS[current_target()].get(tile_family(x.dtype, flags["BLOCK_B"]), 0):
+        _two_pass_forward(x, down_weight, down_bias, up_weight, up_bias, scaling, dropout_p, seed, y, h, flags)
+        return y, h
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)  # noqa: E731
     with launch_guard(x, down_weight, up_weight):
         launch(_bottleneck_forward_kernel, grid,
@@ -580,10 +717,36 @@ def forward(x, down_weight, down_bias, up_weight, up_bias, activation_name: str,
             x.stride(0), x.stride(1), down_weight.stride(0), down_weight.stride(1),
             up_weight.stride(0), up_weight.stride(1),
             float(scaling), seed, dropout_p, 1.0 / (1.0 - dropout_p),
-            HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None, SAVE_H=save_h,
-            **_flags(x, B, activation_name, dropout_p),
+            HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None, SAVE_H=save_h, **flags,
         )
     return y, h
+
+
+def _two_pass_forward(x, down_weight, down_bias, up_weight, up_bias, scaling, dropout_p, seed, y, h, flags):
+    """Where FORWARD_TWO_PASS_ROWS takes it: the down kernel writes act(h) [M, m] in x's
+    dtype (and h when saved), the up kernel reads it back with x and writes y (2 launches; act(h)
+    is scratch, not saved: the backward recomputes it from h as before)."""
+    M, D = x.shape
+    B = down_weight.shape[0]
+    act = torch.empty((M, B), device=x.device, dtype=x.dtype)
+    dots = {"WIDEN_BF16_DOT": flags["WIDEN_BF16_DOT"], "DOT_PRECISION": flags["DOT_PRECISION"]}
+    block_m, block_d, warps, stages = UP_TILES[current_target()][tile_family(x.dtype, flags["BLOCK_B"])]
+    slices, rows_per_slice = row_slices(M, D, block_m, block_d)
+    down_grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(B, DH_BLOCK_B),)  # noqa: E731
+    with launch_guard(x, down_weight, up_weight):
+        launch(_bottleneck_down_kernel, down_grid,
+            x, down_weight, down_bias if down_bias is not None else act, h if h is not None else act, act,
+            M, D, B, m_bucket(M), x.stride(0), x.stride(1), down_weight.stride(0), down_weight.stride(1),
+            ACTIVATION=flags["ACTIVATION"], HAS_DOWN_BIAS=down_bias is not None, SAVE_H=h is not None,
+            BLOCK_B=DH_BLOCK_B, **dots,
+        )
+        launch(_bottleneck_up_kernel, (triton.cdiv(D, block_d), slices),
+            x, act, up_weight, up_bias if up_bias is not None else y, y, M, D, B, rows_per_slice,
+            x.stride(0), x.stride(1), up_weight.stride(0), up_weight.stride(1),
+            float(scaling), seed, dropout_p, 1.0 / (1.0 - dropout_p),
+            HAS_UP_BIAS=up_bias is not None, HAS_DROPOUT=flags["HAS_DROPOUT"], BLOCK_B=flags["BLOCK_B"],
+            BLOCK_M=block_m, BLOCK_D=block_d, STAGES=stages, num_warps=warps, num_stages=stages, **dots,
+        )
 
 
 def row_slices(M: int, D: int, block_m: int, block_d: int) -> tuple[int, int]:
@@ -699,6 +862,23 @@ def aot_specs(target: str) -> list:
                 {**common, "BLOCK_B": DH_BLOCK_B, "SAVE_ACT": True, "SAVE_DH_OPERAND": dt != "fp32"},
                 unit_strides=("stride_dyd", "stride_up_b"), float_args=("branch_scale", "dropout_p"),
                 plain_ints=plain))
+        dots = dict(WIDEN_BF16_DOT=False, DOT_PRECISION="tf32x3")
+        for full in (True, False):  # the two-pass forward: with biases (and dropout), or neither
+            for cfg in DOWN_CONFIGS[target].get(family, ()):  # DH_BLOCK_B wide: the b64 families
+                specs.append(KernelBuild(
+                    f"bottleneck_down [{dt}, {DH_BLOCK_B} bottleneck columns per program{'' if full else ', no bias'}]",
+                    _bottleneck_down_kernel, cfg, dict(X=dt, W_DOWN=dt, B_DOWN=dt, H="fp32", ACT=dt),
+                    {**dots, "BLOCK_B": DH_BLOCK_B, "ACTIVATION": 1, "HAS_DOWN_BIAS": full, "SAVE_H": True},
+                    unit_strides=("stride_xd", "stride_down_d"), plain_ints=plain))
+            if family in UP_TILES[target]:
+                block_m, block_d, warps, stages = UP_TILES[target][family]
+                specs.append(KernelBuild(
+                    f"bottleneck_up [{variant}{'' if full else ', no bias or dropout'}]", _bottleneck_up_kernel,
+                    triton.Config(dict(BLOCK_M=block_m, BLOCK_D=block_d), num_warps=warps, num_stages=stages),
+                    dict(X=dt, ACT=dt, W_UP=dt, B_UP=dt, Y=dt),
+                    {**dots, "BLOCK_B": block_b, "STAGES": stages, "HAS_UP_BIAS": full, "HAS_DROPOUT": full},
+                    unit_strides=("stride_xd", "stride_up_b"), float_args=("scaling", "dropout_p", "keep_scale"),
+                    plain_ints=plain))
         # one role per program ("dX+dW"), or where that spilled the two roles of one launch
         # ("dX, dW": programs of either role, the tiles of each)
         split = isinstance(dx_tiles, dict)

@@ -137,9 +137,10 @@ def fused_bytes(s: OpShape, phase: str) -> int:
 
 
 def _bottleneck_fused_bytes(M: int, d: int, m: int, e: int) -> dict:
-    """Bottleneck adapter kernels (kernels/bottleneck.py): forward reads x once (its
-    second read from L2), writes y and h [M, m] fp32; backward: the dh kernel reads dY and h
-    and writes dh (fp32, and in x's dtype when that is half precision) and act(h), the dX
+    """Bottleneck adapter kernels (kernels/bottleneck.py), as sm_90a runs them: forward reads x
+    once (its second read from L2), writes y and h [M, m] fp32 — or, where the two-pass forward
+    runs, reads x twice and writes and reads act(h) [M, m] besides; backward: the dh kernel
+    reads dY and h and writes dh (fp32, and in x's dtype when that is half precision) and act(h), the dX
     kernel reads dY, x, act(h), dh (its dot operand, and the fp32 dh once for Σ dh) and writes
     dX and fp32 row-slice partials (one more read of dY where the sm_90 table splits the dX
     kernel's programs in two roles)."""
@@ -154,7 +155,9 @@ def _bottleneck_fused_bytes(M: int, d: int, m: int, e: int) -> dict:
     split = isinstance(tiles, dict)
     block_m, block_d = (tiles["dw"] if split else tiles)[:2]
     partials = 2 * kernels.row_slices(M, d, block_m, block_d)[0] * (2 * m * d + d) * 4
-    return {"forward": 2 * act + saved_h + weights, "backward": (4 + split) * act + h + 2 * weights + partials}
+    two_pass = M < kernels.FORWARD_TWO_PASS_ROWS["sm90"].get(family, 0)
+    forward = (3 * act + 2 * M * m * e if two_pass else 2 * act) + saved_h + weights
+    return {"forward": forward, "backward": (4 + split) * act + h + 2 * weights + partials}
 
 
 # --------------------------------------------------------------------------------------

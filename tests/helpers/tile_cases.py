@@ -79,8 +79,8 @@ def bottleneck_case(family):
 
 
 def wide_bottleneck_case(family):
-    """The dh kernel's programs are DH_BLOCK_B = 64 bottleneck columns wide whatever the
-    bottleneck: its family's widest case, so that a row block spans several programs."""
+    """The dh and down kernels' programs are DH_BLOCK_B = 64 bottleneck columns wide whatever
+    the bottleneck: its family's widest case, so that a row block spans several programs."""
     return bottleneck_case(family.split("/")[0] + ("/b256" if family.startswith("half") else "/b128"))
 
 
@@ -105,6 +105,7 @@ KERNELS = {
     "_lora_embedding_forward_kernel": (embedding_case, ["half", "mixed", "fp32"]),
     "_bottleneck_forward_kernel": (bottleneck_case, ["half/b64", "half/b256", "fp32/b128"]),
     "_bottleneck_backward_dh_kernel": (wide_bottleneck_case, ["half/b64", "fp32/b64"]),
+    "_bottleneck_down_kernel": (wide_bottleneck_case, ["half/b64", "fp32/b64"]),
 }
 
 

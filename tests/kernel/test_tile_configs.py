@@ -37,6 +37,8 @@ def test_largest_production_tile(kernel, family, monkeypatch):
     if "_tma_" in kernel:  # the persistent TMA GEMMs run where sm_90a's would
         monkeypatch.setattr(lora_kernels, "TMA_TARGETS", {"interpreter"})
     monkeypatch.setenv("PEFT_OPS_GEMM", gemm_for(kernel))
+    if kernel == "_bottleneck_forward_kernel":  # the one-kernel forward also at widths the two passes take
+        monkeypatch.setitem(bottleneck_kernels.FORWARD_TWO_PASS_ROWS, "interpreter", {})
     config = largest(common.tile_families(kernel, "sm90")[family])
     with common.forced_config(kernel, config), KernelsRan() as ran:
         run_checked(case_of(family))
@@ -63,6 +65,18 @@ def test_adapter_backward_at_production_tiles(family, target, monkeypatch):
     with KernelsRan() as ran:
         run_checked(bottleneck_case(family))
     assert "_bottleneck_backward_dx_kernel" in ran.names
+
+
+@pytest.mark.parametrize("target", ["sm80", "sm90"])
+@pytest.mark.parametrize("family", ["half/b128", "half/b256", "fp32/b128"])
+def test_adapter_two_pass_forward_at_production_tiles(family, target, monkeypatch):
+    """The two-pass forward's up kernel at its fixed GPU tiles (a column block of d over a row
+    slice, W_up's columns loaded once), after the down kernel."""
+    monkeypatch.setitem(bottleneck_kernels.UP_TILES, "interpreter", dict(bottleneck_kernels.UP_TILES[target]))
+    with KernelsRan() as ran:
+        run_checked(bottleneck_case(family))
+    assert {"_bottleneck_down_kernel", "_bottleneck_up_kernel"} <= set(ran.names)
+    assert "_bottleneck_forward_kernel" not in ran.names
 
 
 def test_the_split_k_rules_know_the_gemv_tiles():

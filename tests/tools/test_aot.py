@@ -135,15 +135,25 @@ def test_adapter_kernels_are_covered(compile_rows):
     builds = {r["kernel"] for r in compile_rows}
     for variant in ("bf16, m≤64", "bf16, m≤128", "bf16, m≤256", "fp32, m≤64", "fp32, m≤128"):
         assert f"bottleneck_forward [{variant}]" in builds
-        assert f"bottleneck_backward_dh [{variant}]" in builds
         assert any(b.startswith(f"bottleneck_backward_dx [{variant}, ") for b in builds), variant
-    # where one program doing dX and the partials spilled (sm_80, m ≤ 256) the table splits the
-    # roles, both built into one kernel (programs of either role)
-    sm80 = {r["kernel"] for r in compile_rows if r["target"] == "sm80"}
-    assert "bottleneck_backward_dx [bf16, m≤256, dX, dW]" in sm80
-    # the 64-row tiles on sm_90 reach warpgroup MMA
-    assert any(r["wgmma"] for r in compile_rows
-               if r["target"] == "sm90" and r["kernel"].startswith("bottleneck_forward"))
+    for variant in ("bf16, m≤128", "bf16, m≤256", "fp32, m≤128"):  # the two-pass forward's second pass
+        assert f"bottleneck_up [{variant}]" in builds and f"bottleneck_up [{variant}, no bias or dropout]" in builds
+    for dt in ("bf16", "fp32"):  # the dh and down kernels: 64 bottleneck columns per program, any m
+        assert f"bottleneck_backward_dh [{dt}, 64 bottleneck columns per program]" in builds
+        assert f"bottleneck_down [{dt}, 64 bottleneck columns per program]" in builds
+    # the dX kernel's two roles built into one kernel (programs of either role) where the tables
+    # split them: sm_80 m ≤ 256, sm_90 m ≤ 128 and m ≤ 256
+    for target, variants in (("sm80", ("m≤256",)), ("sm90", ("m≤128", "m≤256"))):
+        on_target = {r["kernel"] for r in compile_rows if r["target"] == target}
+        for variant in variants:
+            assert f"bottleneck_backward_dx [bf16, {variant}, dX, dW]" in on_target
+    # the 64-row tiles on sm_90 reach warpgroup MMA: the forward, both passes of the two-pass
+    # forward, the dh kernel, and the dX role of the split dX kernel at 64×128 (N = 128)
+    sm90 = [r for r in compile_rows if r["target"] == "sm90"]
+    for kernel in ("bottleneck_forward", "bottleneck_down", "bottleneck_up", "bottleneck_backward_dh"):
+        assert any(r["wgmma"] for r in sm90 if r["kernel"].startswith(kernel + " [bf16")), kernel
+    split = [r for r in sm90 if r["kernel"].startswith("bottleneck_backward_dx [bf16, m≤256, dX, dW")]
+    assert split and all("wgmma.m64n128k16.half" in r["facts"]["tensor_core_instructions"] for r in split)
 
 
 def _rows(aot_rows, kernel, target=None, variant=None):

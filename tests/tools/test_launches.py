@@ -21,6 +21,8 @@ LORA_BACKWARD = [G, DX, RANK]
 # sm_90a: the persistent TMA dX GEMM runs the rank pass's items as extra programs
 TMA_BACKWARD = [G, "_lora_backward_dx_tma_kernel"]
 DEQUANTIZE = "_nf4_dequantize_kernel"
+BOTTLENECK_BACKWARD = ["_bottleneck_backward_dh_kernel", "_bottleneck_backward_dx_kernel", "_bottleneck_finish_kernel"]
+BOTTLENECK_TWO_PASS = ["_bottleneck_down_kernel", "_bottleneck_up_kernel"]
 EXPECTED = {
     ("lora", 8192, 4096, 4096, 16): ([SHRINK, "_lora_forward_tma_kernel"], TMA_BACKWARD),
     # training sizes: W decoded into the workspace, then the dense LoRA kernels (again in the
@@ -33,12 +35,16 @@ EXPECTED = {
     ("nf4", 1, 4096, 14336, 0): (["_nf4_decode_gemv_kernel"], ["_nf4_backward_dx_kernel"]),
     ("nf4", 8192, 4096, 14336, 0): ([DEQUANTIZE, "aten.mm.default"], [DEQUANTIZE, "aten.mm.default"]),
     # dh, dX with its row slices' partials, the finishing kernel (sums, scales, casts): no PyTorch tail
-    ("bottleneck", 8192, 4096, 4096, 64): (["_bottleneck_forward_kernel"], [
-        "_bottleneck_backward_dh_kernel", "_bottleneck_backward_dx_kernel", "_bottleneck_finish_kernel"]),
+    ("bottleneck", 8192, 4096, 4096, 64): (["_bottleneck_forward_kernel"], BOTTLENECK_BACKWARD),
+    # m = 256: the two-pass forward (h and act(h) by 64-wide bottleneck blocks, then y by column
+    # blocks over row slices); m = 128 on sm_90a: two passes below 8192 rows, one kernel from there
+    ("bottleneck", 4096, 4096, 4096, 256): (BOTTLENECK_TWO_PASS, BOTTLENECK_BACKWARD),
+    ("bottleneck", 4096, 4096, 4096, 128): (BOTTLENECK_TWO_PASS, BOTTLENECK_BACKWARD),
+    ("bottleneck", 8192, 4096, 4096, 128): (["_bottleneck_forward_kernel"], BOTTLENECK_BACKWARD),
 }
 
 
-@pytest.mark.parametrize("call", list(EXPECTED), ids=lambda c: f"{c[0]}-M{c[1]}")
+@pytest.mark.parametrize("call", list(EXPECTED), ids=lambda c: f"{c[0]}-M{c[1]}-r{c[4]}")
 @pytest.mark.parametrize("options", [{}, {"dropout_p": 0.1, "bias": True}], ids=["plain", "dropout+bias"])
 def test_planned_launches_per_call(call, options):
     op, M, K, N, r = call

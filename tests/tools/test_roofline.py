@@ -47,6 +47,10 @@ def test_adapter_by_hand():
     # weights twice; the slice's fp32 partials of dW_down, dW_up, db_up written and read
     per_h = 3 * 4 + 2 * 2 + 2 * 2
     assert roofline.fused_bytes(s, "backward") == 4 * 64 + 4 * 2 * per_h + 2 * params + 2 * (2 * 2 * 8 + 8) * 4
+    # m = 200 (sm_90a's two-pass forward): x twice, y, act(h) [M, m] written and read, h saved
+    wide = OpShape("bottleneck", M=4, K=8, N=8, r=200)
+    params = (2 * 8 * 200 + 200 + 8) * 2
+    assert roofline.fused_bytes(wide, "forward") == 3 * 64 + 2 * 4 * 200 * 2 + 4 * 200 * 4 + params
 
 
 def test_eager_bytes_are_counted_op_by_op():
