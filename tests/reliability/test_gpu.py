@@ -84,22 +84,27 @@ def test_backward_is_bitwise_deterministic():
         assert all(torch.equal(a, b) for a, b in zip(grads[0], later))
 
 
-@pytest.mark.parametrize("dtype, m", [(torch.float32, 64), (torch.float32, 128), (torch.bfloat16, 64),
-                                      (torch.bfloat16, 256)], ids=["fp32-m64", "fp32-m128", "bf16-m64", "bf16-m256"])
-def test_adapter_at_model_shapes_matches_float64(dtype, m):
+@pytest.mark.parametrize("dtype, m, M", [(torch.float32, 64, 1024), (torch.float32, 128, 1024),
+                                         (torch.bfloat16, 64, 1024), (torch.bfloat16, 128, 1024),
+                                         (torch.bfloat16, 128, 4096), (torch.bfloat16, 256, 1024)],
+                         ids=["fp32-m64", "fp32-m128", "bf16-m64", "bf16-m128", "bf16-m128-M8192", "bf16-m256"])
+def test_adapter_at_model_shapes_matches_float64(dtype, m, M):
     from peft_ops.tools.accuracy import BottleneckCase, run_bottleneck_case
 
-    # m = 128 (fp32) and 256 (bf16): each dtype's widest kernel tile; the harness fails if no kernel ran
-    case = BottleneckCase(M=1024, d=4096, m=m, dtype=dtype, activation="gelu", dropout_p=0.1, leading=(2,))
+    # m = 128 (fp32) and 256 (bf16): each dtype's widest kernel tile; m ≥ 128 takes the two-pass
+    # forward and the split dX kernel, bf16 m = 128 over 8192 rows (2 × 4096) the one-kernel
+    # forward on sm_90a; the harness fails if no kernel ran
+    case = BottleneckCase(M=M, d=4096, m=m, dtype=dtype, activation="gelu", dropout_p=0.1, leading=(2,))
     for result in run_bottleneck_case(case, "triton", device="cuda"):
         result.check(f"cuda {case.label()}", case.tolerance(result.name))
 
 
-def test_adapter_backward_is_bitwise_deterministic():
+@pytest.mark.parametrize("m", [64, 256])
+def test_adapter_backward_is_bitwise_deterministic(m):
     from peft_ops.ops.bottleneck import BottleneckAdapterFunction, _kernel_ops
     from peft_ops.tools.accuracy import BottleneckCase, make_bottleneck_inputs
 
-    inp = make_bottleneck_inputs(BottleneckCase(M=4096, d=4096, m=64, dtype=torch.bfloat16), "cuda")
+    inp = make_bottleneck_inputs(BottleneckCase(M=4096, d=4096, m=m, dtype=torch.bfloat16), "cuda")
     names = ("x", "down_weight", "down_bias", "up_weight", "up_bias")
     results = []
     for _ in range(5):
