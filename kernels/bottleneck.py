@@ -22,8 +22,8 @@ Design, from a cost model (bf16, M = 8192, d = 4096, m = 64):
   stream x's tiles with `cp.async` like W_up's; by default it pipelines only loads that feed a
   dot, and the residual load waited a full memory latency per iteration (static estimate,
   H200, bf16, M = 8192, d = 4096, m = 64: 37.8 → 35.0 µs, now bound by L2→SM bytes).
-- Two-pass forward, where FORWARD_TWO_PASS_ROWS takes it (m ≥ 128, and on sm_90 bf16/fp16
-  m = 128 below 8192 rows): the one kernel streams all of W_down and W_up through every row
+- Two-pass forward (`two_pass_forward`: m = 256 and fp32 m > 64 always, bf16/fp16 m ≤ 128 on
+  sm_80 always and on sm_90 below 8192 rows): the one kernel streams all of W_down and W_up through every row
   block (4 MiB per block at m = 256, d = 4096) in row tiles its m-wide registers keep small
   (32 rows, `mma.sync`): bound by shared-memory operand bytes, and below M = 8192 its row
   blocks leave SMs idle. `_bottleneck_down_kernel` computes h by GEMM tiles of 64 bottleneck
@@ -131,21 +131,19 @@ def _configs(rows):
     return tile_configs(("BLOCK_M", "BLOCK_D"), rows)
 
 
-# Autotune lists (BLOCK_M, BLOCK_D, warps, stages) per target and tile family; `peft-ops
-# aot` proves every one spill-free, with and without biases and dropout. fp32 stops at m ≤ 128
-# (max_bottleneck). The forward and the dh kernel share the half-precision lists; fp32
-# (tf32x3) differs: the dh kernel's 64-row tile spilled on sm_80, the forward's 128-column one.
+# The one-kernel forward's autotune lists (BLOCK_M, BLOCK_D, warps, stages) per target and tile
+# family; `peft-ops aot` proves every one spill-free, with and without biases and dropout. It
+# has no tiles for m = 256 (fp16/bf16) and m > 64 (fp32): the two-pass forward runs those
+# (FORWARD_TWO_PASS_ROWS), faster on every target and shape the estimate knows.
 # sm_90a m ≤ 64 starts at 16×128 with 4 warps and 4 stages: without biases or dropout the
 # forward spilled 24 bytes at 8 warps and at 4 warps with 3 stages (0 at 4 stages, 79
 # registers), and 4 warps estimate faster for both kernels (forward 79.0 → 70.8 µs, dh 42.5 →
 # 34.3 µs at M = 8192, d = 4096, 3 stages; neither is the fastest tile there).
 _HALF = {
     "sm80": {"half/b64": [(16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3), (16, 64, 4, 4)],
-             "half/b128": [(16, 64, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3)],
-             "half/b256": [(16, 32, 4, 3), (16, 64, 8, 3), (32, 32, 8, 3)]},
+             "half/b128": [(16, 64, 4, 3), (32, 64, 8, 3), (16, 128, 8, 3)]},
     "sm90": {"half/b64": [(16, 128, 4, 4), (32, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3)],
-             "half/b128": [(16, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3)],
-             "half/b256": [(16, 32, 4, 3), (16, 64, 8, 3), (32, 64, 8, 3)]},
+             "half/b128": [(16, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3)]},
 }
 
 
@@ -155,10 +153,8 @@ def _tables(fp32: dict) -> dict:
 
 
 FORWARD_CONFIGS = _tables({
-    "sm80": {"fp32/b64": [(16, 32, 4, 3), (32, 32, 8, 3)],
-             "fp32/b128": [(16, 32, 4, 3), (16, 32, 8, 3), (16, 64, 8, 3)]},
-    "sm90": {"fp32/b64": [(16, 32, 4, 3), (32, 32, 8, 3), (64, 64, 8, 3)],
-             "fp32/b128": [(16, 32, 4, 3), (16, 32, 8, 3), (16, 64, 8, 3)]},
+    "sm80": {"fp32/b64": [(16, 32, 4, 3), (32, 32, 8, 3)]},
+    "sm90": {"fp32/b64": [(16, 32, 4, 3), (32, 32, 8, 3), (64, 64, 8, 3)]},
 })
 # The dh kernel reduces over d inside one row block, so its tiles may be tuned (like the LoRA
 # dY kernel); the dX kernel sums over rows, so its tiles are fixed (see the module docstring).
@@ -205,41 +201,42 @@ BACKWARD_DX_TILES = {
     "interpreter": {"half/b64": _ONE, "half/b128": _ONE, "half/b256": {"dx": _ONE, "dw": _ONE},
                     "fp32/b64": _ONE, "fp32/b128": _ONE},
 }
-# The bounds of loops over kernel-local names, as expressions of the launch arguments (for the
-# static estimate, peft_ops.tools.estimate): the dX kernel's row loop covers one slice.
-# The two-pass forward: below FORWARD_TWO_PASS_ROWS[target][tile family] rows (a family not
-# listed: never). Static estimate, µs, forward, d = 4096, M = 512 / 4096 / 8192, one kernel →
-# two passes: H200 bf16 m = 256: 68.5 / 82.4 / 162.2 → 28.7 / 42.5 / 80.0; m = 128: 46.7 / 52.8
-# / 52.8 → 23.8 / 34.9 / 56.7 (at 8192 rows the one kernel's 64-row blocks fill the SMs, and it
-# reads x once from HBM where the two passes read it twice); m = 64: 21.5 / 35.0 / 35.0 → 20.1 /
-# 34.7 / 52.8 (not taken: within 7 % below 8192 rows); fp32 m = 100: 91.3 / 175.3 / 357.7 → 50.1
-# / 126.9 / 244.9. A100 bf16 m = 256: 106.5 / 283.7 / 425.4 → 41.0 / 134.7 / 211.1; m = 128:
-# 60.1 / 132.7 / 198.9 → 28.9 / 91.7 / 153.1; fp32 m = 100: 132.7 / 390.6 / 648.5 → 59.4 / 263.5
-# / 475.1.
-_EVERY_M = {"half/b128": math.inf, "half/b256": math.inf, "fp32/b128": math.inf}
-FORWARD_TWO_PASS_ROWS = {"sm80": _EVERY_M, "sm90": {**_EVERY_M, "half/b128": 8192}, "interpreter": _EVERY_M}
-# Its first pass is the dh kernel's GEMM shape ([M, d]·[d, 64] per program) and takes its tiles;
-# its second pass, the up kernel, owns a column block of d and a row slice (fixed tiles: the
-# slices follow them; the row loop's stages are the last number). The fastest spill-free in the
-# static estimate (H200 bf16 µs at M = 512 / 4096 / 8192): m = 256 64×128 with 8 warps, 12.3 /
-# 20.1 / 37.7 (4 warps, 11.2 / 19.0 / 35.0, spilled 348 bytes with bias and dropout; 128×128 does
-# not fit shared memory); m ≤ 128 64×64
-# with 4 warps, 7.4 / 18.5 (2 CTAs per SM; 128×128 spilled 48 bytes with bias and dropout);
-# fp32 32×64 with 8 warps (4 warps and every 64-row tile spilled 240–3,788 bytes). A100: m = 256
-# 64×128 with 4 warps, 2 stages, 17.5 / 58.9 / 87.1 (8 warps 20.3 / 70.0 / 103.7); m ≤ 128 64×64
-# with 4 warps, 10.1 / 40.9 / 77.4.
-# Its own lists where the dh kernel's spilled here (16×128: 8–108 bytes).
+# The two-pass forward: always for the families the one-kernel forward has no tiles for, and
+# below FORWARD_TWO_PASS_ROWS[target][tile family] rows for the others. Static estimate, µs,
+# forward, d = 4096, M = 512 / 4096 / 8192, one kernel → two passes:
+# - H200 bf16 m = 256: 68.5 / 82.4 / 162.2 → 28.7 / 42.5 / 80.0; m = 128: 46.7 / 52.8 / 52.8 →
+#   23.8 / 34.9 / 56.7 (at 8192 rows the one kernel's 64-row blocks fill the SMs, and it reads x
+#   once from HBM where the two passes read it twice); m = 64: 21.5 / 35.0 / 35.0 → 20.1 / 34.7
+#   / 52.8 (not taken: within 7 % below 8192 rows); fp32 m = 100: 91.3 / 175.3 / 357.7 → 50.1 /
+#   126.9 / 244.9.
+# - A100 bf16 m = 256: 106.5 / 283.7 / 425.4 → 41.0 / 134.7 / 211.1; m = 128: 60.1 / 132.7 /
+#   198.9 → 28.9 / 91.7 / 153.1; fp32 m = 100: 132.7 / 390.6 / 648.5 → 59.4 / 263.5 / 475.1.
+FORWARD_TWO_PASS_ROWS = {"sm80": {"half/b128": math.inf}, "sm90": {"half/b128": 8192},
+                         "interpreter": {"half/b128": math.inf, "half/b256": math.inf, "fp32/b128": math.inf}}
+# Its first pass is the dh kernel's GEMM shape ([M, d]·[d, 64] per program), with lists of its
+# own where the dh kernel's spilled here (16×128: 8–108 bytes).
 DOWN_CONFIGS = {
     "sm80": {"half/b64": _configs(_HALF["sm80"]["half/b64"]), "fp32/b64": _configs([(32, 64, 4, 3), (16, 64, 4, 4)])},
     "sm90": {"half/b64": _configs([(16, 64, 4, 4), (32, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 3)]),
              "fp32/b64": _configs([(32, 64, 4, 3), (64, 64, 8, 3)])},
     "interpreter": BACKWARD_DH_CONFIGS["interpreter"],
 }
+# Its second pass, the up kernel, owns a column block of d and a row slice (fixed tiles: the
+# slices follow them; the row loop's stages are the last number). The fastest spill-free in
+# the static estimate, µs at M = 512 / 4096 / 8192:
+# - H200 bf16 m = 256: 64×128 with 8 warps, 12.3 / 20.1 / 37.7 (4 warps, 11.2 / 19.0 / 35.0,
+#   spilled 348 bytes with bias and dropout; 128×128 does not fit shared memory); m ≤ 128: 64×64
+#   with 4 warps, 7.4 / 18.5 (2 CTAs per SM; 128×128 spilled 48 bytes with bias and dropout);
+#   fp32: 32×64 with 8 warps (4 warps and every 64-row tile spilled 240–3,788 bytes).
+# - A100 m = 256: 64×128 with 4 warps, 2 stages, 17.5 / 58.9 / 87.1 (8 warps 20.3 / 70.0 /
+#   103.7); m ≤ 128: 64×64 with 4 warps, 10.1 / 40.9 / 77.4.
 UP_TILES = {
     "sm80": {"half/b128": (64, 64, 4, 3), "half/b256": (64, 128, 4, 2), "fp32/b128": (32, 64, 8, 2)},
     "sm90": {"half/b128": (64, 64, 4, 3), "half/b256": (64, 128, 8, 3), "fp32/b128": (32, 64, 8, 2)},
     "interpreter": {"half/b128": _ONE, "half/b256": _ONE, "fp32/b128": _ONE},
 }
+# The bounds of loops over kernel-local names, as expressions of the launch arguments (for the
+# static estimate, peft_ops.tools.estimate): the dX and up kernels' row loops cover one slice.
 LOOP_BOUNDS = {"_bottleneck_backward_dx_kernel": {"row_start": "0", "row_end": "min(M, rows_per_slice)"},
                "_bottleneck_up_kernel": {"row_start": "0", "row_end": "min(M, rows_per_slice)"}}
 # Loops that only some programs run (for the static estimate): the dX kernel's Σ dh pass (the
@@ -277,6 +274,16 @@ def max_bottleneck(dtype: torch.dtype) -> int:
     ("b64" holds m ≤ 64, "b128" m ≤ 128, …); wider ones spilled (ptxas)."""
     family = tile_family(dtype, 16).split("/")[0] + "/b"
     return max(int(key[len(family):]) for key in BACKWARD_DX_TILES[current_target()] if key.startswith(family))
+
+
+def two_pass_forward(family: str, M: int, target: str | None = None) -> bool:
+    """Whether the forward of `family` (tile_family) over M rows runs as two passes on
+    `target` (the current one by default): FORWARD_TWO_PASS_ROWS, and always where the
+    one-kernel forward has no tiles."""
+    target = target or current_target()
+    tables = FORWARD_CONFIGS[target]
+    has_tiles = family in tables if isinstance(tables, dict) else True  # the interpreter: one list for all
+    return not has_tiles or M < FORWARD_TWO_PASS_ROWS[target].get(family, 0)
 
 
 def _tile_family_of_launch(named_args: dict, constexprs: dict) -> str:
@@ -706,7 +713,7 @@ def forward(x, down_weight, down_bias, up_weight, up_bias, activation_name: str,
     if M == 0:
         return y, h
     flags = _flags(x, B, activation_name, dropout_p)
-    if M < FORWARD_TWO_PASS_ROWS[current_target()].get(tile_family(x.dtype, flags["BLOCK_B"]), 0):
+    if two_pass_forward(tile_family(x.dtype, flags["BLOCK_B"]), M):
         _two_pass_forward(x, down_weight, down_bias, up_weight, up_bias, scaling, dropout_p, seed, y, h, flags)
         return y, h
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]),)  # noqa: E731
@@ -723,7 +730,7 @@ def forward(x, down_weight, down_bias, up_weight, up_bias, activation_name: str,
 
 
 def _two_pass_forward(x, down_weight, down_bias, up_weight, up_bias, scaling, dropout_p, seed, y, h, flags):
-    """Where FORWARD_TWO_PASS_ROWS takes it: the down kernel writes act(h) [M, m] in x's
+    """Where `two_pass_forward` takes it: the down kernel writes act(h) [M, m] in x's
     dtype (and h when saved), the up kernel reads it back with x and writes y (2 launches; act(h)
     is scratch, not saved: the backward recomputes it from h as before)."""
     M, D = x.shape
@@ -846,7 +853,7 @@ def aot_specs(target: str) -> list:
         common = dict(BLOCK_B=block_b, WIDEN_BF16_DOT=False, DOT_PRECISION="tf32x3", ACTIVATION=1, HAS_DROPOUT=True)
         variant = f"{dt}, m≤{block_b}"
         for full in (True, False):  # biases and dropout, or neither
-            for cfg in FORWARD_CONFIGS[target][family]:
+            for cfg in FORWARD_CONFIGS[target].get(family, ()):  # the one-kernel forward's families
                 specs.append(KernelBuild(
                     f"bottleneck_forward [{variant}{'' if full else ', no biases or dropout'}]",
                     _bottleneck_forward_kernel, cfg,

@@ -155,7 +155,7 @@ def _bottleneck_fused_bytes(M: int, d: int, m: int, e: int) -> dict:
     split = isinstance(tiles, dict)
     block_m, block_d = (tiles["dw"] if split else tiles)[:2]
     partials = 2 * kernels.row_slices(M, d, block_m, block_d)[0] * (2 * m * d + d) * 4
-    two_pass = M < kernels.FORWARD_TWO_PASS_ROWS["sm90"].get(family, 0)
+    two_pass = kernels.two_pass_forward(family, M, "sm90")
     forward = (3 * act + 2 * M * m * e if two_pass else 2 * act) + saved_h + weights
     return {"forward": forward, "backward": (4 + split) * act + h + 2 * weights + partials}
 

@@ -103,7 +103,7 @@ KERNELS = {
     "_nf4_decode_gemv_kernel": (decode_gemv_case, ["half", "mixed"]),
     "_nf4_backward_dx_kernel": (qlora_case(37), ["half", "general"]),
     "_lora_embedding_forward_kernel": (embedding_case, ["half", "mixed", "fp32"]),
-    "_bottleneck_forward_kernel": (bottleneck_case, ["half/b64", "half/b256", "fp32/b128"]),
+    "_bottleneck_forward_kernel": (bottleneck_case, ["half/b64", "half/b128", "fp32/b64"]),
     "_bottleneck_backward_dh_kernel": (wide_bottleneck_case, ["half/b64", "fp32/b64"]),
     "_bottleneck_down_kernel": (wide_bottleneck_case, ["half/b64", "fp32/b64"]),
 }

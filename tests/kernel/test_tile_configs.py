@@ -37,7 +37,7 @@ def test_largest_production_tile(kernel, family, monkeypatch):
     if "_tma_" in kernel:  # the persistent TMA GEMMs run where sm_90a's would
         monkeypatch.setattr(lora_kernels, "TMA_TARGETS", {"interpreter"})
     monkeypatch.setenv("PEFT_OPS_GEMM", gemm_for(kernel))
-    if kernel == "_bottleneck_forward_kernel":  # the one-kernel forward also at widths the two passes take
+    if kernel == "_bottleneck_forward_kernel":  # the one-kernel forward also where the interpreter takes two passes
         monkeypatch.setitem(bottleneck_kernels.FORWARD_TWO_PASS_ROWS, "interpreter", {})
     config = largest(common.tile_families(kernel, "sm90")[family])
     with common.forced_config(kernel, config), KernelsRan() as ran:
