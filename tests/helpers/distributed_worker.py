@@ -68,15 +68,16 @@ def main():
         save_file({**{"grad." + k: v for k, v in grads.items()}, **{"param." + k: v for k, v in params.items()}},
                   os.path.join(out, f"{mode}.safetensors"))
         return
-    port = sys.argv[3]
-    torch.multiprocessing.spawn(worker, args=(mode, out, port), nprocs=WORLD, join=True)
+    # a file rendezvous, new per run: a TCP port picked free beforehand can be taken by another
+    # job (another test's ranks) before rank 0 binds it, and the ranks then wait on a stranger
+    rendezvous = "file://" + os.path.join(out, f"rendezvous-{mode}-{os.getpid()}")
+    torch.multiprocessing.spawn(worker, args=(mode, out, rendezvous), nprocs=WORLD, join=True)
 
 
-def worker(rank, mode, out, port):
+def worker(rank, mode, out, rendezvous):
     from safetensors.torch import save_file
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=WORLD)
     x, target = batch()
     rows = slice(rank * 4, rank * 4 + 4)  # each rank its half of the global batch
     model = Model(dora=mode.endswith("+dora"))

@@ -133,12 +133,11 @@ def load_run(out, source, fully_shard):
     return {k.removeprefix("nf4."): v for k, v in nf4_state(model).items()}, peak_growth, dense
 
 
-def worker(rank, world, out, port):
+def worker(rank, world, out, rendezvous):
     from safetensors.torch import load_file, save_file
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     report = {}
     # loading first, while this process's peak memory is still low
     expected = load_file(os.path.join(out, "expected_nf4.safetensors"))
@@ -248,8 +247,10 @@ def main():
     if sys.argv[1] == "single":
         single(sys.argv[2])
         return
-    world, out, port = int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    torch.multiprocessing.spawn(worker, args=(world, out, port), nprocs=world, join=True)
+    world, out = int(sys.argv[2]), sys.argv[3]
+    # a file rendezvous, new per run (a TCP port picked free beforehand can be taken by another job)
+    rendezvous = "file://" + os.path.join(out, f"rendezvous-{world}-{os.getpid()}")
+    torch.multiprocessing.spawn(worker, args=(world, out, rendezvous), nprocs=world, join=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ buffers, so they stay replicated."""
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -17,14 +16,8 @@ WORKER = pathlib.Path(__file__).parents[1] / "helpers" / "distributed_worker.py"
 TOL = 1e-5  # fp32: the two halves' mean gradients against the whole batch's, relative to the largest
 
 
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def run(mode: str, out: pathlib.Path) -> None:
-    args = [sys.executable, str(WORKER), mode, str(out)] + ([free_port()] if not mode.startswith("single") else [])
+    args = [sys.executable, str(WORKER), mode, str(out)]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert done.returncode == 0, done.stderr[-4000:]
 

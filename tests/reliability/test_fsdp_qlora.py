@@ -17,7 +17,6 @@
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -30,12 +29,6 @@ from peft_ops.nf4_tensor import NF4Tensor, row_quantum, shard_bytes
 
 WORKER = pathlib.Path(__file__).parents[1] / "helpers" / "fsdp_qlora_worker.py"
 TOL = 1e-5  # fp32: the shares' mean gradients against the whole batch's, relative to the largest
-
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def run(*args, kernels=True) -> None:
@@ -61,7 +54,7 @@ def test_fsdp_qlora(world, single):
     out, expected = single
     # our NF4 kernels (interpreted) run on the gathered weights at 2 ranks; at 4 the PyTorch path
     # reads the same gathered tensors, which keeps 4 interpreted processes on CI's 2 cores out
-    run("fsdp", world, out, free_port(), kernels=world == 2)
+    run("fsdp", world, out, kernels=world == 2)
     got = load_file(out / f"fsdp{world}.safetensors")
     assert set(got) == set(expected)
     assert {"grad.q1.lora_A", "grad.q2.lora_magnitude_vector", "param.lora.lora_B",
