@@ -407,6 +407,19 @@ def _bottleneck_forward_kernel(
         tl.store(Y + rows[:, None] * D + cols[None, :], y.to(Y.dtype.element_ty), mask=io_mask)
 
 
+@triton.jit
+def row_and_bottleneck_block(M, BOTTLENECK, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
+    """This program's block of rows and of bottleneck columns (the down and dh kernels): a row
+    block's bottleneck blocks are neighbours in launch order, so they share its rows in L2.
+    (first bottleneck column, rows as int64, bottleneck columns, row mask, column mask)."""
+    bottleneck_blocks = tl.cdiv(BOTTLENECK, BLOCK_B)
+    pid = tl.program_id(0)
+    b0 = (pid % bottleneck_blocks) * BLOCK_B
+    offs_m = (pid // bottleneck_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_b = b0 + tl.arange(0, BLOCK_B)
+    return b0, offs_m.to(tl.int64), offs_b, offs_m < M, offs_b < BOTTLENECK
+
+
 @autotuned(DOWN_CONFIGS, _tile_family_of_launch, key=["M_BUCKET", "D", "BOTTLENECK", "SAVE_H", "ACTIVATION"])
 @triton.jit
 def _bottleneck_down_kernel(
@@ -420,14 +433,7 @@ def _bottleneck_down_kernel(
     ACT = act(H) in X's dtype (the up kernel's operand, rounded as the one-kernel forward rounds
     it), BLOCK_M rows and BLOCK_B (DH_BLOCK_B) bottleneck columns per program — the dh kernel's
     GEMM tile, neighbours in launch order sharing a row block of X in L2."""
-    bottleneck_blocks = tl.cdiv(BOTTLENECK, BLOCK_B)
-    pid = tl.program_id(0)
-    b0 = (pid % bottleneck_blocks) * BLOCK_B
-    offs_m = (pid // bottleneck_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_b = b0 + tl.arange(0, BLOCK_B)
-    rows = offs_m.to(tl.int64)
-    m_mask = offs_m < M
-    b_mask = offs_b < BOTTLENECK
+    b0, rows, offs_b, m_mask, b_mask = row_and_bottleneck_block(M, BOTTLENECK, BLOCK_M, BLOCK_B)
     h = rows_times_d_by_m(ACT=X, stride_am=stride_xm, stride_ad=stride_xd, MAT=W_DOWN + b0.to(tl.int64) * stride_down_b,
                           stride_mat_d=stride_down_d, stride_mat_b=stride_down_b, rows=rows, m_mask=m_mask,
                           b_mask=b_mask, D=D, seed=0, dropout_p=0.0, HAS_DROPOUT=False, EVICTION="",
@@ -508,15 +514,7 @@ def _bottleneck_backward_dh_kernel(
     program owns BLOCK_M rows and BLOCK_B (DH_BLOCK_B) bottleneck columns: a wider bottleneck
     runs as several programs per row block, each the GEMM tile dY·W_up[:, its columns], which
     keeps 64- and 128-row tiles within the registers."""
-    bottleneck_blocks = tl.cdiv(BOTTLENECK, BLOCK_B)
-    pid = tl.program_id(0)
-    # a row block's bottleneck blocks are neighbours in launch order: they share its dY rows in L2
-    b0 = (pid % bottleneck_blocks) * BLOCK_B
-    offs_m = (pid // bottleneck_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_b = b0 + tl.arange(0, BLOCK_B)
-    rows = offs_m.to(tl.int64)
-    m_mask = offs_m < M
-    b_mask = offs_b < BOTTLENECK
+    b0, rows, offs_b, m_mask, b_mask = row_and_bottleneck_block(M, BOTTLENECK, BLOCK_M, BLOCK_B)
     grad_act = rows_times_d_by_m(ACT=DY, stride_am=stride_dym, stride_ad=stride_dyd,
                                  MAT=W_UP + b0.to(tl.int64) * stride_up_b,
                                  stride_mat_d=stride_up_d, stride_mat_b=stride_up_b, rows=rows, m_mask=m_mask,
