@@ -6,6 +6,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -26,21 +27,31 @@ def test_finetune_example_short_run():
         assert after < before, line  # three steps already help
 
 
+def died_in_torchs_teardown(out) -> bool:
+    """A rank killed by std::terminate ("terminate called without an active exception") after
+    rank 0 saved the adapter and printed its summary: a C++ thread in torch's gloo/store
+    teardown, not the script's work (seen once in CI, under load, on 2 December 2026)."""
+    return out.returncode != 0 and "terminate called" in out.stderr and "saved " in out.stdout
+
+
 @pytest.mark.parametrize("strategy, quantize", [("ddp", []), ("fsdp2", ["--quantize", "nf4"])])
 def test_distributed_example_under_torchrun(strategy, quantize, tmp_path):
-    """The README's multi-GPU recipe, run as written with torchrun on 2 CPU processes (gloo)."""
+    """The README's multi-GPU recipe, run as written with torchrun on 2 CPU processes (gloo).
+    `--standalone`: torchrun picks its own free port (one picked here could be taken before
+    torchrun binds it). One more try only where a rank died in torch's teardown after the
+    script finished (its saved file and printed summary are there), never for a failure of
+    the script's own work."""
     pytest.importorskip("transformers")
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          port, str(ROOT / "examples" / "train_distributed.py"), "--strategy", strategy, "--steps", "3",
-                          "--out", str(tmp_path / "adapter"), *quantize], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+               str(ROOT / "examples" / "train_distributed.py"), "--strategy", strategy, "--steps", "3",
+               "--out", str(tmp_path / "adapter"), *quantize]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    if died_in_torchs_teardown(out):
+        warnings.warn(f"a rank aborted in torch's teardown after the script finished; one more run:\n"
+                      f"{out.stderr[-1500:]}")
+        out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"stdout:\n{out.stdout[-2000:]}\nstderr:\n{out.stderr[-3000:]}"
     losses = [float(v) for v in re.findall(r"loss ([\d.]+)", out.stdout)]
     assert len(losses) == 2 and losses[1] < losses[0], out.stdout
     assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size > 0
