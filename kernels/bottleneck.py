@@ -49,9 +49,14 @@ Design, from a cost model (bf16, M = 8192, d = 4096, m = 64):
   casts); the slice count and the backward tiles are fixed per target and shape (never
   autotuned), so the order never changes. No float atomics. db_down = Σ_M dh: the first column
   block's programs sum their slice's dh rows after their main loop. Backward: 3 launches, also
-  where the dX kernel's launch runs its two roles as two sets of programs, each with its own
-  tiles (m ≥ 128 on sm_90, m = 256 on sm_80: one program doing dX and the partials either
-  spilled or had to take tiles too small for the dX GEMM; see BACKWARD_DX_TILES).
+  where the dX kernel's launch runs its roles as sets of programs with tiles of their own
+  (m ≥ 128 on sm_90, every half-precision m on sm_80: one program doing dX and the partials
+  either spilled or had to take tiles too small for the dX GEMM): dX's, dW_down's and
+  db_down's partials', dW_up's and db_up's (apart, each partials' program holds one
+  [m, BLOCK_D] accumulator, not two: twice the columns; static estimate, bf16, d = 4096, the
+  launch at M = 4096 / 8192: H200 m = 256 61.6 / 116.9 µs with the partials in one role →
+  49.6 / 92.9; A100 m = 128 275.4 / 542.9 with one role for all → 110.2 / 189.9; see
+  BACKWARD_DX_TILES).
 - The dh kernel also writes dh in x's dtype (fp16/bf16: the dX kernel's dot operand, rounded
   there before): the dX kernel's ⌈d/BLOCK_D⌉ column blocks each re-read dh, and read half the
   bytes (static estimate, H200, bf16, d = 4096, M = 4096, m = 256: dX kernel 119 → 83 µs at its
@@ -172,30 +177,40 @@ BACKWARD_DH_CONFIGS = {
              "fp32/b64": _configs([(16, 128, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3)])},
     "interpreter": _configs([(16, 32, 4, 1)]),
 }
-# The dX kernel's fixed tiles: programs computing dX and the parameter gradients, or dX
-# programs and parameter-gradient programs with tiles of their own ("dx", "dw"; one launch),
-# which costs one more read of dY but lets the dX role take GEMM tiles while the partials'
-# role keeps its two [m, BLOCK_D] accumulators in registers. The fastest spill-free choice in
-# the static estimate (H200 / A100, bf16, d = 4096, µs at M = 4096 / 8192, each role timed as
-# its own launch at the launch's occupancy; `split_roles`):
+# The dX kernel's fixed tiles: programs computing dX and the parameter gradients, or ("dx",
+# "dw"; one launch) dX programs beside programs of dW_down's and db_down's partials and programs
+# of dW_up's and db_up's, the partials' two roles at one tile of their own ("dw with dropout"
+# where the mask's registers spilled at "dw"): one more read of dY and dh than one role, but the
+# dX role takes GEMM tiles and each partials' role holds one [m, BLOCK_D] fp32 accumulator, not
+# two, so takes twice the columns. The fastest spill-free choice in the static estimate (H200 /
+# A100, bf16, d = 4096, µs at M = 4096 / 8192, each role timed as its own launch at the
+# launch's occupancy; `split_roles`):
 # - sm_90 m = 64: one role, 64×64 with 4 warps (2 CTAs per SM, `wgmma m64n64k16`): HBM-bound
 #   from M = 8192; 8 warps 70 against 52 µs at M = 8192.
-# - sm_90 m = 128: split, 64×128 | 32×128 with 8 warps: 34.3 / 66.0, against one role at
-#   64×64: 38.1 / 69.8 (4 warps spilled 848 bytes); partials at 64×128 (31.7 / 60.9) spilled
-#   100 bytes with dropout (8 under triton 3.6).
-# - sm_90 m = 256: split, 64×128 | 32×64 with 8 warps, 3 stages: 61.6 / 116.9, against one
-#   role at 32×64: 83.2 / 160.0 (64×32 spilled 460 bytes; partials at 32×128 spilled 3,124, at
-#   64×64 their shared memory does not fit). Triton 3.6 (the GPU image's) builds the same.
-# - sm_80 m = 256: split, 64×128 | 16×64, 2 stages: 216.6 / 391.5, against 32×64 | 16×32:
-#   339.6 / 665.9. sm_80 fp32 m ≤ 64 at 16×32: 32×32 spilled 460 bytes without dropout (255
-#   registers; 16×32 195 / 214 registers, 0 spills).
+# - sm_90 m = 128: split, 64×128 | 64×128 with 8 warps: 34.4 / 62.3 (partials' roles at 32×128:
+#   41.0 / 75.6), against the partials in one role at 32×128: 34.3 / 66.0, and one role for
+#   all at 64×64: 38.1 / 69.8 (4 warps spilled 848 bytes).
+# - sm_90 m = 256: split, 64×128 | 64×128 with 8 warps, 3 stages: 49.6 / 92.9 (with dropout
+#   64×64: 64×128 spilled 392 bytes, 32×128 88), against the partials in one role at 32×64:
+#   61.6 / 116.9, one role for all at 32×64: 83.2 / 160.0 (the partials' roles at 32×128:
+#   51.9 / 101.2; 128×128 does not fit shared memory).
+# - sm_80 m = 256: split, 64×128 | 64×64, 2 stages: 200.6 / 357.8 (partials' roles at 32×64:
+#   232.3 / 421.0; 32×128 spilled 200 bytes), against the partials in one role at 16×64: 216.6 /
+#   391.5. m = 128: split, 64×128 | 64×128: 110.2 / 189.9 (at 64×64: 136.7 / 242.9), against
+#   one role for all at 16×32: 275.4 / 542.9. m = 64: split, 64×128 | 64×256 (64×128 with
+#   dropout: 64×256 spilled 300 bytes): 72.0 / 125.3 (partials' roles at 64×128: 79.4 / 138.2),
+#   against one role at 32×32: 161.3 / 314.6 — sm_80 is far from its HBM floor here, so the
+#   extra read of dY costs less than the tiles win (on sm_90 m = 64 the one role is HBM-bound).
+#   sm_80 fp32 m ≤ 64 at 16×32: 32×32 spilled 460 bytes without dropout (255 registers; 16×32
+#   195 / 214 registers, 0 spills).
 _ONE = (16, 16, 4, 1)
 BACKWARD_DX_TILES = {
-    "sm80": {"half/b64": (32, 32, 8, 3), "half/b128": (16, 32, 8, 3),
-             "half/b256": {"dx": (64, 128, 8, 2), "dw": (16, 64, 8, 2)},
+    "sm80": {"half/b64": {"dx": (64, 128, 8, 2), "dw": (64, 256, 8, 2), "dw with dropout": (64, 128, 8, 2)},
+             "half/b128": {"dx": (64, 128, 8, 2), "dw": (64, 128, 8, 2)},
+             "half/b256": {"dx": (64, 128, 8, 2), "dw": (64, 64, 8, 2)},
              "fp32/b64": (16, 32, 8, 2), "fp32/b128": (16, 16, 8, 2)},
-    "sm90": {"half/b64": (64, 64, 4, 3), "half/b128": {"dx": (64, 128, 8, 3), "dw": (32, 128, 8, 3)},
-             "half/b256": {"dx": (64, 128, 8, 3), "dw": (32, 64, 8, 3)},
+    "sm90": {"half/b64": (64, 64, 4, 3), "half/b128": {"dx": (64, 128, 8, 3), "dw": (64, 128, 8, 3)},
+             "half/b256": {"dx": (64, 128, 8, 3), "dw": (64, 128, 8, 3), "dw with dropout": (64, 64, 8, 3)},
              "fp32/b64": (32, 32, 8, 2), "fp32/b128": (16, 16, 8, 2)},
     # the split variant here too, so that the CPU tests run it
     "interpreter": {"half/b64": _ONE, "half/b128": _ONE, "half/b256": {"dx": _ONE, "dw": _ONE},
@@ -247,20 +262,27 @@ LOOP_SHARES = {
 }
 
 
+def partials_tiles(tiles: dict, dropout_p: float) -> tuple:
+    """The partials' roles' tiles of a split entry of BACKWARD_DX_TILES: its "dw with dropout"
+    where dropout is on and it has one (the mask's registers spilled at the wider tile)."""
+    return tiles.get("dw with dropout", tiles["dw"]) if dropout_p > 0 else tiles["dw"]
+
+
 def split_roles(args: dict) -> list[tuple[dict, tuple]] | None:
-    """For the static estimate: a SPLIT launch of the dX kernel as its two roles, each the
-    launch of that role alone ([(arguments, grid)]: the dX programs, then the partials'), since
-    both roles inline the same row loop (one source line) at different tiles; None otherwise."""
+    """For the static estimate: a SPLIT launch of the dX kernel as its three roles, each the
+    launch of that role alone ([(arguments, grid)]: the dX programs, then the dW_down partials',
+    then the dW_up partials'), since the roles inline the same row loop (one source line) at
+    different tiles; None otherwise."""
     if not args.get("SPLIT"):
         return None
     D, M = args["D"], args["M"]
     one = {**args, "SPLIT": False, "dx_programs": 0}
     dx_columns = triton.cdiv(D, args["BLOCK_D"])
     dx = ({**one, "COMPUTE_DW": False}, (dx_columns, args["dx_programs"] // dx_columns))
-    dw = ({**one, "COMPUTE_DX": False, "BLOCK_M": args["DW_BLOCK_M"], "BLOCK_D": args["DW_BLOCK_D"],
-           "rows_per_slice": args["dw_rows_per_slice"]},
-          (triton.cdiv(D, args["DW_BLOCK_D"]), triton.cdiv(M, args["dw_rows_per_slice"])))
-    return [dx, dw]
+    dw = {**one, "COMPUTE_DX": False, "BLOCK_M": args["DW_BLOCK_M"], "BLOCK_D": args["DW_BLOCK_D"],
+          "rows_per_slice": args["dw_rows_per_slice"]}
+    dw_grid = (triton.cdiv(D, args["DW_BLOCK_D"]), triton.cdiv(M, args["dw_rows_per_slice"]))
+    return [dx, ({**dw, "DW_PART": 1}, dw_grid), ({**dw, "DW_PART": 2}, dw_grid)]
 
 
 LAUNCH_ROLES = {"_bottleneck_backward_dx_kernel": split_roles}
@@ -538,15 +560,15 @@ def dx_slice(
     DB_DOWN_PARTIAL, M, D, BOTTLENECK, rows_per_slice,
     stride_dym, stride_dyd, stride_xm, stride_xd, stride_down_b, stride_down_d,
     seed, dropout_p,
-    HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, DW_PART: tl.constexpr,
     BLOCK_B: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """For the columns of column block pid_d and the rows of slice pid_s:
-    DX = dY + DH·W_down, and the slice's partials DW_DOWN = DHᵀ·X, DW_UP = (dY⊙keep)ᵀ·ACT,
-    DB_UP = Σ dY⊙keep, and (column block 0) DB_DOWN = Σ DH; `_bottleneck_finish_kernel` sums
-    the slices and applies s/(1-p) to DW_UP and DB_UP. The dots read DH_OPERAND (DH in X's
-    dtype), the sum DH itself (fp32)."""
+    DX = dY + DH·W_down, and the slice's partials DW_DOWN = DHᵀ·X and (column block 0)
+    DB_DOWN = Σ DH (unless DW_PART = 2), DW_UP = (dY⊙keep)ᵀ·ACT and DB_UP = Σ dY⊙keep (unless
+    DW_PART = 1); `_bottleneck_finish_kernel` sums the slices and applies s/(1-p) to DW_UP and
+    DB_UP. The dots read DH_OPERAND (DH in X's dtype), the sum DH itself (fp32)."""
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_b = tl.arange(0, BLOCK_B)
     offs_r = tl.arange(0, BLOCK_M)
@@ -573,9 +595,10 @@ def dx_slice(
         if COMPUTE_DX:
             dx = mma(dh, w_down, dy.to(tl.float32), WIDEN_BF16_DOT, DOT_PRECISION)
             tl.store(DX + rows[:, None] * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=io_mask)
-        if COMPUTE_DW:
+        if COMPUTE_DW and DW_PART != 2:
             x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=io_mask, other=0.0)
             dw_down = mma(tl.trans(dh), x, dw_down, WIDEN_BF16_DOT, DOT_PRECISION)
+        if COMPUTE_DW and DW_PART != 1:
             act = tl.load(ACT + rows[:, None] * BOTTLENECK + offs_b[None, :], mask=hb_mask, other=0.0)
             if HAS_DROPOUT:
                 keep = keep_tile(seed=seed, rows=rows, k0=pid_d * BLOCK_D, n_cols=D, dropout_p=dropout_p,
@@ -583,13 +606,14 @@ def dx_slice(
                 dy = tl.where(keep, dy, 0.0)
             dw_up = mma(tl.trans(dy), act, dw_up, WIDEN_BF16_DOT, DOT_PRECISION)
             db_up += tl.sum(dy.to(tl.float32), axis=0)
-    if COMPUTE_DW:
-        slice_base = pid_s.to(tl.int64) * BOTTLENECK * D
-        tl.store(DW_DOWN_PARTIAL + slice_base + offs_b[:, None] * D + cols[None, :], dw_down,
-                 mask=b_mask[:, None] & d_mask[None, :])
+    slice_base = pid_s.to(tl.int64) * BOTTLENECK * D
+    if COMPUTE_DW and DW_PART != 1:
         tl.store(DW_UP_PARTIAL + slice_base + cols[:, None] * BOTTLENECK + offs_b[None, :], dw_up,
                  mask=d_mask[:, None] & b_mask[None, :])
         tl.store(DB_UP_PARTIAL + pid_s.to(tl.int64) * D + cols, db_up, mask=d_mask)
+    if COMPUTE_DW and DW_PART != 2:
+        tl.store(DW_DOWN_PARTIAL + slice_base + offs_b[:, None] * D + cols[None, :], dw_down,
+                 mask=b_mask[:, None] & d_mask[None, :])
         if pid_d == 0:  # the slice's Σ dh for db_down: a second, light pass over its dh rows (from L2),
             # kept out of the main loop, whose registers are dead by now
             dh_sum = tl.zeros([BLOCK_M, BLOCK_B], dtype=tl.float32)
@@ -600,6 +624,24 @@ def dx_slice(
             tl.store(DB_DOWN_PARTIAL + pid_s.to(tl.int64) * BOTTLENECK + offs_b, tl.sum(dh_sum, axis=0), mask=b_mask)
 
 
+@triton.jit
+def dw_slice(item, dw_columns, DY, X, ACT, DH, DH_OPERAND, W_DOWN, DX, DW_DOWN_PARTIAL, DW_UP_PARTIAL,
+             DB_UP_PARTIAL, DB_DOWN_PARTIAL, M, D, BOTTLENECK, dw_rows_per_slice, stride_dym, stride_dyd, stride_xm,
+             stride_xd, stride_down_b, stride_down_d, seed, dropout_p, HAS_DROPOUT: tl.constexpr,
+             DW_PART: tl.constexpr, BLOCK_B: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, DW_BLOCK_M: tl.constexpr, DW_BLOCK_D: tl.constexpr):
+    """One partials' program of a SPLIT launch: work item `item` of its role (DW_PART 1: dW_down
+    and db_down; 2: dW_up and db_up), column block item % dw_columns of row slice item // dw_columns."""
+    dx_slice(pid_d=item % dw_columns, pid_s=item // dw_columns, DY=DY, X=X, ACT=ACT, DH=DH,
+             DH_OPERAND=DH_OPERAND, W_DOWN=W_DOWN, DX=DX, DW_DOWN_PARTIAL=DW_DOWN_PARTIAL,
+             DW_UP_PARTIAL=DW_UP_PARTIAL, DB_UP_PARTIAL=DB_UP_PARTIAL, DB_DOWN_PARTIAL=DB_DOWN_PARTIAL,
+             M=M, D=D, BOTTLENECK=BOTTLENECK, rows_per_slice=dw_rows_per_slice, stride_dym=stride_dym,
+             stride_dyd=stride_dyd, stride_xm=stride_xm, stride_xd=stride_xd, stride_down_b=stride_down_b,
+             stride_down_d=stride_down_d, seed=seed, dropout_p=dropout_p,
+             HAS_DROPOUT=HAS_DROPOUT, COMPUTE_DX=False, COMPUTE_DW=True, DW_PART=DW_PART, BLOCK_B=BLOCK_B,
+             WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=DW_BLOCK_M, BLOCK_D=DW_BLOCK_D)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _bottleneck_backward_dx_kernel(
     DY, X, ACT, DH, DH_OPERAND, W_DOWN, DX, DW_DOWN_PARTIAL, DW_UP_PARTIAL, DB_UP_PARTIAL, DB_DOWN_PARTIAL,
@@ -607,15 +649,19 @@ def _bottleneck_backward_dx_kernel(
     stride_dym, stride_dyd, stride_xm, stride_xd, stride_down_b, stride_down_d,
     seed, dropout_p,
     ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_B: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DW_BLOCK_M: tl.constexpr, DW_BLOCK_D: tl.constexpr,
+    DW_PART: tl.constexpr, SPLIT: tl.constexpr, BLOCK_B: tl.constexpr, WIDEN_BF16_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DW_BLOCK_M: tl.constexpr,
+    DW_BLOCK_D: tl.constexpr,
 ):
     """`dx_slice` for the (column block, row slice) of each program: one role (dX and the
-    parameter gradients' partials, or what COMPUTE_DX / COMPUTE_DW leave) over a 2-D grid; or,
-    with SPLIT (where one program doing both spilled, ptxas), programs [0, dx_programs) compute
-    dX in BLOCK_M × BLOCK_D tiles and the rest the partials in DW_BLOCK_M × DW_BLOCK_D tiles —
-    two roles in one launch (each program runs one branch, so the registers are the larger
-    branch's, not their sum), at the cost of one more read of dY."""
+    parameter gradients' partials, or what COMPUTE_DX / COMPUTE_DW / DW_PART leave: a SPLIT
+    launch's roles, each alone, for the static estimate) over a 2-D grid; or,
+    with SPLIT (where one program doing both spilled, ptxas), three roles in one launch:
+    programs [0, dx_programs) compute dX in BLOCK_M × BLOCK_D tiles, the next ⌈D/DW_BLOCK_D⌉ ×
+    slices the partials of dW_down and db_down, the last as many those of dW_up and db_up, both
+    in DW_BLOCK_M × DW_BLOCK_D tiles (each program runs one branch, so the registers are the
+    largest branch's, not their sum; apart, each partial's role holds one [m, DW_BLOCK_D] fp32
+    accumulator and can take twice the columns), at the cost of one more read of dY and dh."""
     if SPLIT:
         pid = tl.program_id(0)
         if pid < dx_programs:
@@ -626,20 +672,30 @@ def _bottleneck_backward_dx_kernel(
                      M=M, D=D, BOTTLENECK=BOTTLENECK, rows_per_slice=rows_per_slice, stride_dym=stride_dym,
                      stride_dyd=stride_dyd, stride_xm=stride_xm, stride_xd=stride_xd, stride_down_b=stride_down_b,
                      stride_down_d=stride_down_d, seed=seed, dropout_p=dropout_p,
-                     HAS_DROPOUT=HAS_DROPOUT, COMPUTE_DX=True, COMPUTE_DW=False, BLOCK_B=BLOCK_B,
+                     HAS_DROPOUT=HAS_DROPOUT, COMPUTE_DX=True, COMPUTE_DW=False, DW_PART=0, BLOCK_B=BLOCK_B,
                      WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
         else:
             dw_columns = tl.cdiv(D, DW_BLOCK_D)
+            per_part = dw_columns * tl.cdiv(M, dw_rows_per_slice)
             item = pid - dx_programs
-            dx_slice(pid_d=item % dw_columns, pid_s=item // dw_columns, DY=DY, X=X, ACT=ACT, DH=DH,
-                     DH_OPERAND=DH_OPERAND, W_DOWN=W_DOWN, DX=DX, DW_DOWN_PARTIAL=DW_DOWN_PARTIAL,
-                     DW_UP_PARTIAL=DW_UP_PARTIAL, DB_UP_PARTIAL=DB_UP_PARTIAL, DB_DOWN_PARTIAL=DB_DOWN_PARTIAL,
-                     M=M, D=D, BOTTLENECK=BOTTLENECK, rows_per_slice=dw_rows_per_slice, stride_dym=stride_dym,
-                     stride_dyd=stride_dyd, stride_xm=stride_xm, stride_xd=stride_xd, stride_down_b=stride_down_b,
-                     stride_down_d=stride_down_d, seed=seed, dropout_p=dropout_p,
-                     HAS_DROPOUT=HAS_DROPOUT, COMPUTE_DX=False, COMPUTE_DW=True, BLOCK_B=BLOCK_B,
-                     WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=DW_BLOCK_M,
-                     BLOCK_D=DW_BLOCK_D)
+            if item < per_part:
+                dw_slice(item, dw_columns, DY=DY, X=X, ACT=ACT, DH=DH, DH_OPERAND=DH_OPERAND, W_DOWN=W_DOWN, DX=DX,
+                         DW_DOWN_PARTIAL=DW_DOWN_PARTIAL, DW_UP_PARTIAL=DW_UP_PARTIAL, DB_UP_PARTIAL=DB_UP_PARTIAL,
+                         DB_DOWN_PARTIAL=DB_DOWN_PARTIAL, M=M, D=D, BOTTLENECK=BOTTLENECK,
+                         dw_rows_per_slice=dw_rows_per_slice, stride_dym=stride_dym, stride_dyd=stride_dyd,
+                         stride_xm=stride_xm, stride_xd=stride_xd, stride_down_b=stride_down_b,
+                         stride_down_d=stride_down_d, seed=seed, dropout_p=dropout_p, HAS_DROPOUT=HAS_DROPOUT,
+                         DW_PART=1, BLOCK_B=BLOCK_B, WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION,
+                         DW_BLOCK_M=DW_BLOCK_M, DW_BLOCK_D=DW_BLOCK_D)
+            else:
+                dw_slice(item - per_part, dw_columns, DY=DY, X=X, ACT=ACT, DH=DH, DH_OPERAND=DH_OPERAND,
+                         W_DOWN=W_DOWN, DX=DX, DW_DOWN_PARTIAL=DW_DOWN_PARTIAL, DW_UP_PARTIAL=DW_UP_PARTIAL,
+                         DB_UP_PARTIAL=DB_UP_PARTIAL, DB_DOWN_PARTIAL=DB_DOWN_PARTIAL, M=M, D=D,
+                         BOTTLENECK=BOTTLENECK, dw_rows_per_slice=dw_rows_per_slice, stride_dym=stride_dym,
+                         stride_dyd=stride_dyd, stride_xm=stride_xm, stride_xd=stride_xd,
+                         stride_down_b=stride_down_b, stride_down_d=stride_down_d, seed=seed, dropout_p=dropout_p,
+                         HAS_DROPOUT=HAS_DROPOUT, DW_PART=2, BLOCK_B=BLOCK_B, WIDEN_BF16_DOT=WIDEN_BF16_DOT,
+                         DOT_PRECISION=DOT_PRECISION, DW_BLOCK_M=DW_BLOCK_M, DW_BLOCK_D=DW_BLOCK_D)
     else:
         dx_slice(pid_d=tl.program_id(0), pid_s=tl.program_id(1), DY=DY, X=X, ACT=ACT, DH=DH, DH_OPERAND=DH_OPERAND,
                  W_DOWN=W_DOWN, DX=DX, DW_DOWN_PARTIAL=DW_DOWN_PARTIAL, DW_UP_PARTIAL=DW_UP_PARTIAL,
@@ -647,8 +703,8 @@ def _bottleneck_backward_dx_kernel(
                  rows_per_slice=rows_per_slice, stride_dym=stride_dym, stride_dyd=stride_dyd, stride_xm=stride_xm,
                  stride_xd=stride_xd, stride_down_b=stride_down_b, stride_down_d=stride_down_d, seed=seed,
                  dropout_p=dropout_p, HAS_DROPOUT=HAS_DROPOUT, COMPUTE_DX=COMPUTE_DX, COMPUTE_DW=COMPUTE_DW,
-                 BLOCK_B=BLOCK_B, WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
-                 BLOCK_D=BLOCK_D)
+                 DW_PART=DW_PART, BLOCK_B=BLOCK_B, WIDEN_BF16_DOT=WIDEN_BF16_DOT, DOT_PRECISION=DOT_PRECISION,
+                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
 
 
 @triton.jit
@@ -754,11 +810,13 @@ def _two_pass_forward(x, down_weight, down_bias, up_weight, up_bias, scaling, dr
         )
 
 
-def row_slices(M: int, D: int, block_m: int, block_d: int) -> tuple[int, int]:
+def row_slices(M: int, D: int, block_m: int, block_d: int, roles: int = 1) -> tuple[int, int]:
     """(slices, rows per slice) of the dX kernel: a function of the shapes only, so the
-    summation order of the parameter gradients is fixed. Rows per slice are whole row blocks."""
+    summation order of the parameter gradients is fixed. Rows per slice are whole row blocks.
+    `roles`: how many sets of programs share TARGET_PROGRAMS (a split launch's two partials'
+    roles: each takes half, so that the partials' bytes stay those of one role)."""
     col_blocks = triton.cdiv(D, block_d)
-    slices = max(1, min(triton.cdiv(M, ROWS_PER_SLICE), triton.cdiv(TARGET_PROGRAMS, col_blocks)))
+    slices = max(1, min(triton.cdiv(M, ROWS_PER_SLICE), triton.cdiv(TARGET_PROGRAMS // roles, col_blocks)))
     rows_per_slice = triton.cdiv(triton.cdiv(M, slices), block_m) * block_m
     return triton.cdiv(M, rows_per_slice), rows_per_slice
 
@@ -770,8 +828,8 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
              seed: int, need_dx: bool, need_dw: bool):
     """(dx, dW_down, db_down, dW_up, db_up): dx (None unless need_dx) and the parameter
     gradients (None unless need_dw) in x's dtype; the caller drops what it needs not. Three
-    launches: dh, dX with the row slices' partials (its two roles in one launch where the
-    tables split them), the finishing kernel (no PyTorch tail).
+    launches: dh, dX with the row slices' partials (its roles in one launch where the tables
+    split them), the finishing kernel (no PyTorch tail).
 
     dz = s/(1-p)·dY⊙keep,  dh = (dz·W_up)⊙act′(h)
     dx = dY + dh·W_down,  dW_down = dhᵀ·x,  db_down = Σ dh,  dW_up = dzᵀ·act(h),  db_up = Σ dz
@@ -792,9 +850,11 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
     dh_operand = torch.empty((M, B), device=device, dtype=x.dtype) if half else dh
     tiles = BACKWARD_DX_TILES[current_target()][tile_family(x.dtype, flags["BLOCK_B"])]
     # the dX kernel's tiles: one role's, or (split tables, both roles wanted) dX's and the partials'
-    dx_tiles, dw_tiles = (tiles, tiles) if isinstance(tiles, tuple) else (tiles["dx"], tiles["dw"])
-    split = isinstance(tiles, dict) and need_dx and need_dw
-    slices, dw_rows_per_slice = row_slices(M, D, dw_tiles[0], dw_tiles[1])  # the partials' row slices
+    dx_tiles, dw_tiles = (tiles, tiles) if isinstance(tiles, tuple) else (tiles["dx"], partials_tiles(tiles, dropout_p))
+    # split tables: the partials in their two roles, beside dX's programs where dX is wanted
+    split = isinstance(tiles, dict) and need_dw
+    # the partials' row slices (a split launch: two roles of partials' programs)
+    slices, dw_rows_per_slice = row_slices(M, D, dw_tiles[0], dw_tiles[1], 2 if split else 1)
     if need_dw:
         dw_down_partial = torch.empty((slices, B, D), device=device, dtype=torch.float32)
         dw_up_partial = torch.empty((slices, D, B), device=device, dtype=torch.float32)
@@ -810,12 +870,13 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
             dy.stride(0), dy.stride(1), up_weight.stride(0), up_weight.stride(1),
             branch_scale, seed, dropout_p, SAVE_ACT=need_dw, SAVE_DH_OPERAND=half, **{**flags, "BLOCK_B": dh_block_b},
         )
-        block_m, block_d, warps, stages = dx_tiles if need_dx else dw_tiles
+        # a split launch keeps dX's tiles even without dX: the build its partials' roles were checked in
+        block_m, block_d, warps, stages = dx_tiles if need_dx or split else dw_tiles
         dx_slices, rows_per_slice = row_slices(M, D, block_m, block_d)
-        if split:  # both roles in one launch: the dX programs, then the partials' programs
-            assert dw_tiles[2] == warps, "the two roles of one launch share its warps"
-            dx_programs = triton.cdiv(D, block_d) * dx_slices
-            grid = (dx_programs + triton.cdiv(D, dw_tiles[1]) * slices,)
+        if split:  # the roles in one launch: the dX programs (if wanted), then the partials' programs
+            assert dw_tiles[2] == warps, "the roles of one launch share its warps"
+            dx_programs = triton.cdiv(D, block_d) * dx_slices if need_dx else 0
+            grid = (dx_programs + 2 * triton.cdiv(D, dw_tiles[1]) * slices,)
             stages = min(stages, dw_tiles[3])
         else:
             dx_programs = 0
@@ -824,8 +885,9 @@ def backward(dy, x, h, down_weight, up_weight, activation_name: str, scaling: fl
             dy, x, act, dh, dh_operand, down_weight, dx if need_dx else dy, dw_down_partial, dw_up_partial,
             db_up_partial, db_down_partial, M, D, B, rows_per_slice, dw_rows_per_slice, dx_programs,
             dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), down_weight.stride(0), down_weight.stride(1),
-            seed, dropout_p, COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, SPLIT=split, BLOCK_M=block_m, BLOCK_D=block_d,
-            DW_BLOCK_M=dw_tiles[0], DW_BLOCK_D=dw_tiles[1], num_warps=warps, num_stages=stages, **flags,
+            seed, dropout_p, COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, DW_PART=0, SPLIT=split, BLOCK_M=block_m,
+            BLOCK_D=block_d, DW_BLOCK_M=dw_tiles[0], DW_BLOCK_D=dw_tiles[1], num_warps=warps, num_stages=stages,
+            **flags,
         )
         if not need_dw:
             return dx, None, None, None, None
@@ -884,11 +946,11 @@ def aot_specs(target: str) -> list:
                     {**dots, "BLOCK_B": block_b, "STAGES": stages, "HAS_UP_BIAS": full, "HAS_DROPOUT": full},
                     unit_strides=("stride_xd", "stride_up_b"), float_args=("scaling", "dropout_p", "keep_scale"),
                     plain_ints=plain))
-        # one role per program ("dX+dW"), or where that spilled the two roles of one launch
-        # ("dX, dW": programs of either role, the tiles of each)
+        # one role per program ("dX+dW"), or where that spilled the roles of one launch ("dX, dW":
+        # programs of any role — dX, dW_down's partials, dW_up's —, the tiles of each)
         split = isinstance(dx_tiles, dict)
-        dx_t, dw_t = (dx_tiles["dx"], dx_tiles["dw"]) if split else (dx_tiles, dx_tiles)
         for dropout in (True, False):  # fixed tiles: what a GPU runs, so both specializations
+            dx_t, dw_t = (dx_tiles["dx"], partials_tiles(dx_tiles, dropout)) if split else (dx_tiles, dx_tiles)
             specs.append(KernelBuild(
                 f"bottleneck_backward_dx [{variant}, {'dX, dW' if split else 'dX+dW'}"
                 f"{'' if dropout else ', no dropout'}]", _bottleneck_backward_dx_kernel,
@@ -896,8 +958,8 @@ def aot_specs(target: str) -> list:
                               num_stages=min(dx_t[3], dw_t[3])),
                 dict(DY=dt, X=dt, ACT=dt, DH="fp32", DH_OPERAND=dt, W_DOWN=dt, DX=dt, DW_DOWN_PARTIAL="fp32",
                      DW_UP_PARTIAL="fp32", DB_UP_PARTIAL="fp32", DB_DOWN_PARTIAL="fp32"),
-                {**common, "HAS_DROPOUT": dropout, "COMPUTE_DX": True, "COMPUTE_DW": True, "SPLIT": split,
-                 "DW_BLOCK_M": dw_t[0], "DW_BLOCK_D": dw_t[1]},
+                {**common, "HAS_DROPOUT": dropout, "COMPUTE_DX": True, "COMPUTE_DW": True, "DW_PART": 0,
+                 "SPLIT": split, "DW_BLOCK_M": dw_t[0], "DW_BLOCK_D": dw_t[1]},
                 unit_strides=("stride_dyd", "stride_xd", "stride_down_d"), float_args=("dropout_p",),
                 plain_ints=plain + ("dw_rows_per_slice", "dx_programs")))
     for dt in ("bf16", "fp32"):

@@ -389,7 +389,7 @@ def add_estimates(rows: list[dict], shapes: list[OpShape], gpu_name: str, gpu: d
     companion = {"qlora": "lora", "dora": "lora", "qdora": "qlora"}
     wanted = list(shapes) + [dataclasses.replace(s, op=companion[s.op]) for s in shapes if s.op in companion]
     results = est.ops(list(dict.fromkeys(wanted)), dtype, progress=progress)
-    peft_estimates = {}  # shape → PEFT's DoRA layer, op by op (None without peft)
+    peft_estimates = {}  # shape → PEFT's DoRA layer or the eager adapter, op by op (None without peft)
     chosen = {}
     for row in rows:
         s = next(s for s in shapes if s.op == row["op"] and s.label() == row["shape"])
@@ -408,6 +408,14 @@ def add_estimates(rows: list[dict], shapes: list[OpShape], gpu_name: str, gpu: d
         if s.op in companion:
             other = companion[s.op]
             row[f"estimate_{other}_ms"] = results[dataclasses.replace(s, op=other)][row["phase"]]["seconds"] * 1e3
+        if s.op == "bottleneck":  # beside ours: eager PyTorch, and the floor of any design on cuBLAS's GEMMs
+            eager = peft_estimates.setdefault(s, estimate.eager_adapter_seconds(s, est.device))
+            floor = estimate.adapter_gemm_floor_seconds(s, est.device)[row["phase"]]
+            row["estimate_eager_ms"] = eager[row["phase"]]["seconds"] * 1e3
+            row["estimate_eager_launches"] = eager[row["phase"]]["launches"]
+            row["estimate_cublas_gemms_ms"] = floor * 1e3
+            row["estimate_cublas_gemms_pct_roofline"] = \
+                100 * roofline.roofline_seconds(row["flops"], row["min_bytes"], gpu) / floor
         if s.op == "dora" and (theirs := peft_estimates.setdefault(s, estimate.peft_layer_seconds(s, est.device))):
             row["estimate_peft_ms"] = theirs[row["phase"]]["seconds"] * 1e3
             row["estimate_peft_launches"] = theirs[row["phase"]]["launches"]
@@ -721,6 +729,17 @@ def summary(rows, saved, builds, targets, timed, gpu_name="", calibration=(), mu
               "it)" + (f"; 'est.': the static estimate on {gpu_name} from the compiled kernels (an estimate, not a "
                        "measurement)" if estimated else "") + ("; measured timings last" if timed else ""),
               text_table(header, body)]
+    adapters = [r for r in show if "estimate_cublas_gemms_ms" in r]
+    if adapters:
+        lines += [f"\nthe bottleneck adapter's fwd+bwd, static estimate on {gpu_name}: ours, eager PyTorch (every op "
+                  "a launch), and its six matrix products alone by the cuBLAS model (nothing else: the floor of "
+                  "any design built on cuBLAS's GEMMs)",
+                  text_table(("shape", "ours ms", "ours % roofline", "eager ms", "eager launches", "6 GEMMs ms",
+                              "6 GEMMs % roofline"),
+                             [(r["shape"], _ms(r["estimate_ms"]), f"{r['estimate_pct_roofline']:.0f}",
+                               _ms(r["estimate_eager_ms"]), r["estimate_eager_launches"],
+                               _ms(r["estimate_cublas_gemms_ms"]), f"{r['estimate_cublas_gemms_pct_roofline']:.0f}")
+                              for r in adapters])]
     if multi:
         estimated_multi = any("estimate_ratio" in m for m in multi)
         lines += ["\nmany adapters in one batch (multi_lora_linear, bf16, d = 4096, r = 16), fwd+bwd ms"

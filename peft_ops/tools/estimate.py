@@ -60,6 +60,7 @@ import sys
 
 import torch
 
+from .. import reference
 from ..backend import kernel_modules
 from . import launches as launch_plans
 from .aot import run_builds
@@ -504,6 +505,23 @@ def eager_launch_seconds(launch: tuple, dev: Device) -> float:
     return memory + LAUNCH_SECONDS
 
 
+def _eager_phases(run, grad_out: torch.Tensor, dev: Device) -> dict:
+    """`run()` (a forward on meta tensors) and its backward from `grad_out`, each ATen op timed
+    as one launch (`eager_launch_seconds`): {phase: {seconds, launches, parts}}."""
+    with CountBytes() as forward:
+        y = run()
+    with CountBytes() as backward:
+        y.backward(grad_out)
+    out = {}
+    for phase, log in (("forward", forward), ("backward", backward)):
+        parts = [{"name": launch[0], "seconds": eager_launch_seconds(launch, dev)} for launch in log.launches]
+        out[phase] = {"seconds": sum(p["seconds"] for p in parts), "launches": len(parts), "parts": parts}
+    out["fwd+bwd"] = {"seconds": out["forward"]["seconds"] + out["backward"]["seconds"],
+                      "launches": out["forward"]["launches"] + out["backward"]["launches"],
+                      "parts": out["forward"]["parts"] + out["backward"]["parts"]}
+    return out
+
+
 def peft_layer_seconds(s, dev: Device, dropout_p: float = 0.0) -> dict | None:
     """PEFT's own layer at shape `s` (op "lora", or "dora": its DoRA layer), bf16 base and PEFT's
     default fp32 adapters, forward and backward run on meta tensors and each ATen op it
@@ -521,19 +539,33 @@ def peft_layer_seconds(s, dev: Device, dropout_p: float = 0.0) -> dict | None:
                              use_dora=s.op == "dora")
     layer = peft.get_peft_model(holder, config).base_model.model.proj
     x = torch.empty(s.M, s.K, device="meta", dtype=torch.bfloat16, requires_grad=True)
-    grad_out = torch.empty(s.M, s.N, device="meta", dtype=torch.bfloat16)
-    with CountBytes() as forward:
-        y = layer(x)
-    with CountBytes() as backward:
-        y.backward(grad_out)
-    out = {}
-    for phase, log in (("forward", forward), ("backward", backward)):
-        parts = [{"name": launch[0], "seconds": eager_launch_seconds(launch, dev)} for launch in log.launches]
-        out[phase] = {"seconds": sum(p["seconds"] for p in parts), "launches": len(parts), "parts": parts}
-    out["fwd+bwd"] = {"seconds": out["forward"]["seconds"] + out["backward"]["seconds"],
-                      "launches": out["forward"]["launches"] + out["backward"]["launches"],
-                      "parts": out["forward"]["parts"] + out["backward"]["parts"]}
-    return out
+    return _eager_phases(lambda: layer(x), torch.empty(s.M, s.N, device="meta", dtype=torch.bfloat16), dev)
+
+
+def eager_adapter_seconds(s, dev: Device) -> dict:
+    """The bottleneck adapter (op "bottleneck", x [M, d], bottleneck m = s.r) as eager PyTorch
+    runs it — `peft_ops.reference.bottleneck_adapter`, gelu, in x's dtype, every parameter
+    trained — op by op as `peft_layer_seconds` times PEFT's layers."""
+    if s.op != "bottleneck":
+        raise ValueError(f"s: an eager adapter estimate needs op 'bottleneck', got {s.op!r}")
+    meta = dict(device="meta", dtype={2: torch.bfloat16, 4: torch.float32}[s.element_bytes])
+    x = torch.empty(s.M, s.K, **meta, requires_grad=True)
+    params = [torch.empty(shape, **meta, requires_grad=True) for shape in ((s.r, s.K), (s.r,), (s.K, s.r), (s.K,))]
+    return _eager_phases(lambda: reference.bottleneck_adapter(x, *params, "gelu", 1.0, 0.0),
+                         torch.empty(s.M, s.K, **meta), dev)
+
+
+def adapter_gemm_floor_seconds(s, dev: Device) -> dict:
+    """The bottleneck adapter's six matrix products alone, each by the cuBLAS model — forward
+    h = x·W_downᵀ [M, m] and act(h)·W_upᵀ [M, d]; backward dz = dY·W_up, dX = dh·W_down,
+    dW_down = dhᵀ·x, dW_up = dYᵀ·act(h) — with nothing else (no activation, bias, residual or
+    Σ over rows, each of which eager PyTorch runs as launches of its own): the floor of any
+    implementation built on cuBLAS's GEMMs."""
+    M, d, m, e = s.M, s.K, s.r, s.element_bytes
+    forward = cublas_seconds(M, m, d, dev, e) + cublas_seconds(M, d, m, dev, e)
+    backward = (cublas_seconds(M, m, d, dev, e) + cublas_seconds(M, d, m, dev, e) + cublas_seconds(m, d, M, dev, e)
+                + cublas_seconds(d, m, M, dev, e))
+    return {"forward": forward, "backward": backward, "fwd+bwd": forward + backward}
 
 
 # --------------------------------------------------------------------------------------

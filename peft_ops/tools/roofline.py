@@ -142,8 +142,8 @@ def _bottleneck_fused_bytes(M: int, d: int, m: int, e: int) -> dict:
     runs, reads x twice and writes and reads act(h) [M, m] besides; backward: the dh kernel
     reads dY and h and writes dh (fp32, and in x's dtype when that is half precision) and act(h), the dX
     kernel reads dY, x, act(h), dh (its dot operand, and the fp32 dh once for Σ dh) and writes
-    dX and fp32 row-slice partials (one more read of dY where the sm_90 table splits the dX
-    kernel's programs in two roles)."""
+    dX and fp32 row-slice partials (one more read of dY where the tables split the dX kernel's
+    programs in roles: dX's, dW_down's, dW_up's)."""
     kernels = kernel_modules().bottleneck
     act, weights = M * d * e, (2 * m * d + m + d) * e
     # per element of [M, m]: h read, dh written and read (fp32), act(h) written and read, and
@@ -154,7 +154,7 @@ def _bottleneck_fused_bytes(M: int, d: int, m: int, e: int) -> dict:
     tiles = kernels.BACKWARD_DX_TILES["sm90"][family]
     split = isinstance(tiles, dict)
     block_m, block_d = (tiles["dw"] if split else tiles)[:2]
-    partials = 2 * kernels.row_slices(M, d, block_m, block_d)[0] * (2 * m * d + d) * 4
+    partials = 2 * kernels.row_slices(M, d, block_m, block_d, 2 if split else 1)[0] * (2 * m * d + d) * 4
     two_pass = kernels.two_pass_forward(family, M, "sm90")
     forward = (3 * act + 2 * M * m * e if two_pass else 2 * act) + saved_h + weights
     return {"forward": forward, "backward": (4 + split) * act + h + 2 * weights + partials}

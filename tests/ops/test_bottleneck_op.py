@@ -23,7 +23,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
 # (M, d, m): odd sizes; m = 1, 20 (one 32-wide tile), 64, and each dtype's widest tile class
-# ("wide": fp16/bf16 m = 130, the 256-wide tile whose dX kernel runs two roles of programs; fp32
+# ("wide": fp16/bf16 m = 130, the 256-wide tile whose dX kernel runs three roles of programs; fp32
 # m = 100, its 128-wide tile). Past the widest tile the PyTorch path runs: its own test below.
 SHAPES = [(1, 3, 1), (37, 70, 20), (45, 33, 64), (20, 40, "wide")]
 
@@ -104,8 +104,11 @@ def test_backward_is_bitwise_deterministic(path, device):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("needs", [("x",), ("down_weight",), ("up_bias",), ("x", "up_weight")])
-def test_gradients_only_where_required(needs, path, device):
-    case = BottleneckCase(M=9, d=24, m=8, dtype=torch.float32, activation="silu")
+@pytest.mark.parametrize("dtype, m", [(torch.float32, 8), (torch.bfloat16, 130)], ids=["fp32_m8", "bf16_m130"])
+def test_gradients_only_where_required(needs, dtype, m, path, device):
+    """bf16 m = 130: the 256-wide tile, whose dX launch splits its programs in roles — dX's
+    alone, the partials' roles alone (no dX programs), or all three."""
+    case = BottleneckCase(M=9, d=24, m=m, dtype=dtype, activation="silu")
     inp = make_bottleneck_inputs(case, device)
     names = ("x", "down_weight", "down_bias", "up_weight", "up_bias")
     tensors = {k: inp[k].clone().requires_grad_(k in needs) for k in names}
@@ -114,7 +117,7 @@ def test_gradients_only_where_required(needs, path, device):
     reference.bottleneck_adapter(*ref.values(), "silu", 0.75).backward(inp["grad_out"].double())
     for k in names:
         if k in needs:
-            assert_close(tensors[k].grad, ref[k].grad, torch.float32, k)
+            assert_close(tensors[k].grad, ref[k].grad, dtype, k)
         else:
             assert tensors[k].grad is None
 

@@ -142,9 +142,9 @@ def test_adapter_kernels_are_covered(compile_rows):
     for dt in ("bf16", "fp32"):  # the dh and down kernels: 64 bottleneck columns per program, any m
         assert f"bottleneck_backward_dh [{dt}, 64 bottleneck columns per program]" in builds
         assert f"bottleneck_down [{dt}, 64 bottleneck columns per program]" in builds
-    # the dX kernel's two roles built into one kernel (programs of either role) where the tables
-    # split them: sm_80 m ≤ 256, sm_90 m ≤ 128 and m ≤ 256
-    for target, variants in (("sm80", ("m≤256",)), ("sm90", ("m≤128", "m≤256"))):
+    # the dX kernel's roles built into one kernel (programs of any role) where the tables split
+    # them: sm_80 bf16 at every m, sm_90 m ≤ 128 and m ≤ 256
+    for target, variants in (("sm80", ("m≤64", "m≤128", "m≤256")), ("sm90", ("m≤128", "m≤256"))):
         on_target = {r["kernel"] for r in compile_rows if r["target"] == target}
         for variant in variants:
             assert f"bottleneck_backward_dx [bf16, {variant}, dX, dW]" in on_target

@@ -112,19 +112,21 @@ def test_backward_scratch_is_g_alone(op):
 @pytest.mark.parametrize("m", [64, 128, 256])
 def test_adapter_backward_is_three_launches(target, m):
     """dh, dX with the partials, the finishing kernel — also where the dX kernel's launch runs
-    its two roles as two sets of programs with tiles of their own (sm_90 m ≥ 128, sm_80
-    m = 256: one program doing both spilled or took tiles too small for the dX GEMM)."""
+    its roles as sets of programs with tiles of their own (sm_90 m ≥ 128, sm_80 any m: one
+    program doing both spilled or took tiles too small for the dX GEMM): dX's programs, then
+    dW_down's partials', then dW_up's, one program per column block and row slice each."""
     planned = launches.op_launches(OpShape("bottleneck", 8192, 4096, 4096, m), target, 108 if target == "sm80" else 132,
                                    dropout_p=0.1)
     assert [str(x) for x in planned["backward"]] == [
         "_bottleneck_backward_dh_kernel", "_bottleneck_backward_dx_kernel", "_bottleneck_finish_kernel"]
     dx = planned["backward"][1]
-    split = m == 256 or (target == "sm90" and m == 128)
+    split = m >= 128 or target == "sm80"
     assert dx.args["SPLIT"] is split and dx.args["COMPUTE_DX"] and dx.args["COMPUTE_DW"]
-    if split:  # the dX programs, then the partials' programs, each over their own tiles
+    if split:  # the dX programs, then the partials' two roles, each over their own tiles
         dx_programs = dx.args["dx_programs"]
-        assert len(dx.grid) == 1 and dx.grid[0] > dx_programs > 0
-        assert (dx.args["BLOCK_M"], dx.args["BLOCK_D"]) != (dx.args["DW_BLOCK_M"], dx.args["DW_BLOCK_D"])
+        assert dx_programs == -(-4096 // dx.args["BLOCK_D"]) * -(-8192 // dx.args["rows_per_slice"])
+        partials = -(-4096 // dx.args["DW_BLOCK_D"]) * -(-8192 // dx.args["dw_rows_per_slice"])
+        assert dx.grid == (dx_programs + 2 * partials,)
 
 
 def test_the_plan_records_grid_and_arguments():
