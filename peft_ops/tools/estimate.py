@@ -36,7 +36,10 @@ builds it really launches:
 5. PEFT's own LoRA / DoRA layer (``peft_layer_seconds``): its real code run on meta tensors,
    each ATen op one launch — half-precision matrix products by the cuBLAS model, fp32 ones
    (its default fp32 adapters) at the FP32 CUDA-core peak or their bytes, the rest their bytes
-   at 0.9 of HBM bandwidth — plus 2.5 µs each.
+   at 0.9 of HBM bandwidth — plus 2.5 µs each. The bottleneck adapter the same way as eager
+   PyTorch runs it (``eager_adapter_seconds``: the reference, op by op), and its six matrix
+   products alone by the cuBLAS model (``adapter_gemm_floor_seconds``: the floor of any design
+   built on cuBLAS's GEMMs).
 
 Calibration (``CALIBRATION``; tests hold the model to each within a few percent):
 - cuBLAS bf16 GEMM 8192³ on an H200: 790 TFLOP/s (measured on this workplace's H200);
